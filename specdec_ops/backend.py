@@ -1,0 +1,98 @@
+"""The one place that knows the three backends: NPU (triton-ascend), CUDA (Triton) and CPU (Triton's interpreter).
+
+A kernel runs on the backend of its tensors' device:
+
+- ``cuda`` tensors run the compiled Triton kernels;
+- ``npu`` tensors (``torch_npu`` imported) run the same kernels compiled by triton-ascend;
+- ``cpu`` tensors run the same kernels through Triton's interpreter. The interpreter is chosen here,
+  per device, so the user sets no ``TRITON_INTERPRET`` and CPU and GPU tensors can be mixed in one process.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import threading
+from types import ModuleType
+
+import torch
+
+_INTERPRET_ENV = "TRITON_INTERPRET"
+_env_lock = threading.Lock()
+
+try:  # An Ascend install: registers the "npu" device with torch.
+    import torch_npu  # noqa: F401
+except ImportError:
+    pass
+
+
+def default_device() -> torch.device:
+    """The device a new tensor goes to when the caller names none: npu, then cuda, then cpu."""
+    npu = getattr(torch, "npu", None)
+    if npu is not None and npu.is_available():
+        return torch.device("npu", npu.current_device())
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a no-op on cpu)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "npu":
+        torch.npu.synchronize(device)
+
+
+def is_interpreted(device: torch.device) -> bool:
+    """Whether kernels for ``device`` run through Triton's interpreter."""
+    return device.type == "cpu" or os.environ.get(_INTERPRET_ENV, "0") == "1"
+
+
+def kernels(module_name: str, device: torch.device) -> ModuleType:
+    """The kernel module ``specdec_ops.kernels.<module_name>`` built for ``device``'s backend."""
+    if device.type not in ("cpu", "cuda", "npu"):
+        raise ValueError(f"tensors must be on cpu, cuda or npu, got device {device}")
+    return _kernel_module(module_name, is_interpreted(device))
+
+
+@functools.cache
+def _kernel_module(module_name: str, interpreted: bool) -> ModuleType:
+    name = f"{__package__}.kernels.{module_name}"
+    if not interpreted or os.environ.get(_INTERPRET_ENV, "0") == "1":
+        return importlib.import_module(name)
+    # A private copy of the module whose @triton.jit functions were created in interpreter mode:
+    # Triton reads TRITON_INTERPRET when a function is decorated, so nested kernel calls interpret too.
+    spec = importlib.util.find_spec(name)
+    module = importlib.util.module_from_spec(spec)
+    with _env_lock:
+        previous = os.environ.get(_INTERPRET_ENV)
+        os.environ[_INTERPRET_ENV] = "1"
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            if previous is None:
+                del os.environ[_INTERPRET_ENV]
+            else:
+                os.environ[_INTERPRET_ENV] = previous
+    return module
+
+
+@functools.cache
+def num_cores(device: torch.device) -> int:
+    """Programs that run at once on ``device``: vector cores on Ascend, SMs on CUDA, 1 on cpu."""
+    if device.type == "npu":
+        import triton
+
+        props = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)
+        return int(props["num_vectorcore"])
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def prefers_persistent_grid(device: torch.device) -> bool:
+    """Ascend binds programs to cores: a grid of one program per core, looping over tiles, runs best."""
+    return device.type == "npu"

@@ -1,0 +1,264 @@
+"""Triton kernels that read the KV-cache slots of one speculative-decoding step out of ``req_to_token``.
+
+Every kernel walks tiles of ``TILE`` requests with a persistent loop
+(``for tile in range(pid, num_tiles, num_programs)``): with ``grid = num_tiles`` each program takes one
+tile, with ``grid = number of cores`` (Ascend) each program takes several. Programs never wait for one
+another; a program that needs the token count of earlier requests sums their window lengths itself.
+
+Lengths, positions and output offsets are int32 (Ascend's vector units are int32 machines; the host
+wrapper guarantees every output offset fits). Only table addresses (``row * row_stride``) are int64.
+Every load is masked against the bounds of its tensor and every store against the output's size, so
+bad index values give wrong numbers, never an access outside a tensor.
+
+Sums, maxima and the scan go through ``tl.reduce``/``tl.associative_scan`` with the combine functions
+below rather than ``tl.sum``/``tl.max``/``tl.cumsum`` (which lower to the same IR): those library
+functions are jitted when Triton is imported, so a CPU copy of this module that ``backend`` builds in
+interpreter mode could not call them.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _maximum(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _store_last_loc(req_to_token, rows, prefix_lens, last_loc, offs, in_batch, num_rows, max_context_len, row_stride):
+    """``last_loc[offs] = req_to_token[rows, prefix_lens - 1]`` where ``prefix_lens > 0``, else -1."""
+    row_ok = (rows >= 0) & (rows < num_rows)
+    has_prefix = in_batch & row_ok & (prefix_lens > 0) & (prefix_lens <= max_context_len)
+    addr = rows.to(tl.int64) * row_stride + (prefix_lens - 1)
+    slot = tl.load(req_to_token + addr, mask=has_prefix, other=-1)  # [TILE]
+    tl.store(last_loc + offs, slot.to(last_loc.dtype.element_ty), mask=in_batch)
+
+
+@triton.jit
+def _store_windows(
+    req_to_token,
+    rows,
+    starts,
+    lengths,
+    dst_base,
+    out_cache_loc,
+    in_batch,
+    num_cols,
+    num_rows,
+    max_context_len,
+    row_stride,
+    num_tokens,
+    BLOCK_N: tl.constexpr,
+):
+    """``out_cache_loc[dst_base[i] + j] = req_to_token[rows[i], starts[i] + j]`` for ``0 <= j < lengths[i]``."""
+    row_ok = (rows >= 0) & (rows < num_rows)
+    row_addr = rows.to(tl.int64) * row_stride  # [TILE]
+    cols = tl.arange(0, BLOCK_N)
+    for col0 in range(0, num_cols, BLOCK_N):
+        j = col0 + cols  # [BLOCK_N]
+        in_window = in_batch[:, None] & (j[None, :] < lengths[:, None])  # [TILE, BLOCK_N]
+        pos = starts[:, None] + j[None, :]
+        readable = in_window & row_ok[:, None] & (pos >= 0) & (pos < max_context_len)
+        slot = tl.load(req_to_token + (row_addr[:, None] + pos), mask=readable, other=-1)
+        dst = dst_base[:, None] + j[None, :]
+        writable = in_window & (dst >= 0) & (dst < num_tokens)
+        tl.store(out_cache_loc + dst, slot.to(out_cache_loc.dtype.element_ty), mask=writable)
+
+
+@triton.jit
+def _sum_window_lengths(start_offset, end_offset, lo, hi, SCAN_BLOCK: tl.constexpr):
+    """``sum(max(end_offset[k] - start_offset[k], 0) for k in range(lo, hi))`` in int32."""
+    acc = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
+    for k0 in range(lo, hi, SCAN_BLOCK):
+        k = k0 + tl.arange(0, SCAN_BLOCK)
+        mask = k < hi
+        starts = tl.load(start_offset + k, mask=mask, other=0).to(tl.int32)
+        ends = tl.load(end_offset + k, mask=mask, other=0).to(tl.int32)
+        acc += tl.maximum(ends - starts, 0)
+    return tl.reduce(acc, 0, _add)
+
+
+@triton.jit
+def _cache_locs_program(
+    req_to_token,
+    req_pool_indices,
+    start_offset,
+    end_offset,
+    out_cache_loc,
+    last_loc,
+    bs,
+    num_rows,
+    max_context_len,
+    row_stride,
+    num_tokens,
+    window_len,
+    TILE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr,
+    UNIFORM: tl.constexpr,
+    WITH_LAST_LOC: tl.constexpr,
+):
+    """One program of the window gather, optionally fused with ``last_loc``.
+
+    ``len_i = max(end_i - start_i, 0)`` (``window_len`` for every request when ``UNIFORM``),
+    ``excl_i = sum(len_k for k < i)`` (``i * window_len`` when ``UNIFORM``),
+    ``out_cache_loc[excl_i + j] = req_to_token[row_i, start_i + j]`` for ``j < len_i``, and with
+    ``WITH_LAST_LOC`` also ``last_loc[i] = req_to_token[row_i, start_i - 1]`` or -1 when ``start_i == 0``.
+    """
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    num_tiles = (bs + TILE - 1) // TILE
+    # Tokens of requests [0, scanned): carried from one tile of this program to its next.
+    prefix = tl.full([], 0, dtype=tl.int32)
+    scanned = tl.full([], 0, dtype=tl.int32)
+    for tile in range(pid, num_tiles, num_programs):
+        tile_start = tile * TILE
+        offs = tile_start + tl.arange(0, TILE)  # [TILE]
+        in_batch = offs < bs
+        rows = tl.load(req_pool_indices + offs, mask=in_batch, other=0).to(tl.int32)
+        starts = tl.load(start_offset + offs, mask=in_batch, other=0).to(tl.int32)
+        if WITH_LAST_LOC:
+            _store_last_loc(req_to_token, rows, starts, last_loc, offs, in_batch, num_rows, max_context_len, row_stride)
+        if UNIFORM:
+            lengths = tl.where(in_batch, window_len, 0)
+            dst_base = offs * window_len
+            num_cols = window_len
+        else:
+            ends = tl.load(end_offset + offs, mask=in_batch, other=0).to(tl.int32)
+            lengths = tl.maximum(ends - starts, 0)
+            prefix += _sum_window_lengths(start_offset, end_offset, scanned, tile_start, SCAN_BLOCK)
+            dst_base = prefix + tl.associative_scan(lengths, 0, _add) - lengths
+            prefix += tl.reduce(lengths, 0, _add)
+            scanned = tile_start + TILE
+            num_cols = tl.reduce(lengths, 0, _maximum)
+        _store_windows(
+            req_to_token,
+            rows,
+            starts,
+            lengths,
+            dst_base,
+            out_cache_loc,
+            in_batch,
+            num_cols,
+            num_rows,
+            max_context_len,
+            row_stride,
+            num_tokens,
+            BLOCK_N,
+        )
+
+
+_BATCH_ARGS = ["bs", "num_tokens"]
+
+
+@triton.jit(do_not_specialize=_BATCH_ARGS)
+def _get_last_loc_kernel(
+    req_to_token,
+    req_pool_indices,
+    prefix_lens,
+    last_loc,
+    bs,
+    num_rows,
+    max_context_len,
+    row_stride,
+    TILE: tl.constexpr,
+):
+    """``last_loc[i] = req_to_token[req_pool_indices[i], prefix_lens[i] - 1]`` if ``prefix_lens[i] > 0`` else -1."""
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    num_tiles = (bs + TILE - 1) // TILE
+    for tile in range(pid, num_tiles, num_programs):
+        offs = tile * TILE + tl.arange(0, TILE)  # [TILE]
+        in_batch = offs < bs
+        rows = tl.load(req_pool_indices + offs, mask=in_batch, other=0).to(tl.int32)
+        prefix = tl.load(prefix_lens + offs, mask=in_batch, other=0).to(tl.int32)
+        _store_last_loc(req_to_token, rows, prefix, last_loc, offs, in_batch, num_rows, max_context_len, row_stride)
+
+
+@triton.jit(do_not_specialize=_BATCH_ARGS + ["window_len"])
+def _assign_extend_cache_locs_kernel(
+    req_to_token,
+    req_pool_indices,
+    start_offset,
+    end_offset,
+    out_cache_loc,
+    bs,
+    num_rows,
+    max_context_len,
+    row_stride,
+    num_tokens,
+    window_len,
+    TILE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr,
+    UNIFORM: tl.constexpr,
+):
+    """``out_cache_loc[excl_i + j] = req_to_token[req_pool_indices[i], start_offset[i] + j]``, ``j < len_i``."""
+    _cache_locs_program(
+        req_to_token,
+        req_pool_indices,
+        start_offset,
+        end_offset,
+        out_cache_loc,
+        out_cache_loc,
+        bs,
+        num_rows,
+        max_context_len,
+        row_stride,
+        num_tokens,
+        window_len,
+        TILE,
+        BLOCK_N,
+        SCAN_BLOCK,
+        UNIFORM,
+        False,
+    )
+
+
+@triton.jit(do_not_specialize=_BATCH_ARGS + ["window_len"])
+def _get_last_loc_and_assign_extend_cache_locs_kernel(
+    req_to_token,
+    req_pool_indices,
+    start_offset,
+    end_offset,
+    out_cache_loc,
+    last_loc,
+    bs,
+    num_rows,
+    max_context_len,
+    row_stride,
+    num_tokens,
+    window_len,
+    TILE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr,
+    UNIFORM: tl.constexpr,
+):
+    """The window gather of ``_assign_extend_cache_locs_kernel`` and ``last_loc[i]`` (at ``start_offset[i]``)."""
+    _cache_locs_program(
+        req_to_token,
+        req_pool_indices,
+        start_offset,
+        end_offset,
+        out_cache_loc,
+        last_loc,
+        bs,
+        num_rows,
+        max_context_len,
+        row_stride,
+        num_tokens,
+        window_len,
+        TILE,
+        BLOCK_N,
+        SCAN_BLOCK,
+        UNIFORM,
+        True,
+    )

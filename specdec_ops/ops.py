@@ -1,0 +1,390 @@
+"""Host wrappers: check the inputs (metadata only, no sync), pick the launch configuration, launch.
+
+Names and semantics follow SGLang's ``get_last_loc`` and ``assign_extend_cache_locs``; the fused op
+``get_last_loc_and_assign_extend_cache_locs`` returns both from a single kernel launch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import triton
+
+from . import backend
+
+__all__ = [
+    "assign_extend_cache_locs",
+    "get_last_loc",
+    "get_last_loc_and_assign_extend_cache_locs",
+]
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_INT32_LIMIT = 2**31
+# Requests per program of get_last_loc.
+_LAST_LOC_TILE = 1024
+# Elements of the [TILE, BLOCK_N] gather tile; TILE = _GATHER_ELEMENTS // BLOCK_N.
+_GATHER_ELEMENTS = 4096
+# Window columns per gather step when windows are ragged.
+_RAGGED_BLOCK_N = 16
+_MAX_BLOCK_N = 64
+# Requests summed per step when a program adds up the windows of all earlier tiles.
+_SCAN_BLOCK = 2048
+
+
+def _check_table(req_to_token: torch.Tensor) -> None:
+    if not isinstance(req_to_token, torch.Tensor):
+        raise TypeError(f"req_to_token must be a torch.Tensor, got {type(req_to_token).__name__}")
+    if req_to_token.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"req_to_token must be int32 or int64, got {req_to_token.dtype}")
+    if req_to_token.dim() != 2:
+        shape = tuple(req_to_token.shape)
+        raise ValueError(f"req_to_token must be 2-D [max_requests, max_context_len], got shape {shape}")
+    if req_to_token.stride(1) != 1 and req_to_token.size(1) > 1:
+        raise ValueError(f"req_to_token must have unit stride along positions, got strides {req_to_token.stride()}")
+    if req_to_token.size(1) >= _INT32_LIMIT or req_to_token.size(0) >= _INT32_LIMIT:
+        raise ValueError(f"req_to_token dimensions must be below 2**31, got shape {tuple(req_to_token.shape)}")
+
+
+def _check_vector(name: str, tensor: torch.Tensor, device: torch.device, length: int | None) -> None:
+    """A 1-D int32/int64 tensor with unit stride on ``device``, of ``length`` elements when given."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"{name} must be int32 or int64, got {tensor.dtype}")
+    if tensor.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
+    if length is not None and tensor.size(0) != length:
+        raise ValueError(f"{name} has {tensor.size(0)} elements but req_pool_indices has {length}")
+    if tensor.device != device:
+        raise ValueError(f"{name} must be on the device of req_to_token ({device}), got {tensor.device}")
+    if tensor.stride(0) != 1 and tensor.size(0) > 1:
+        raise ValueError(f"{name} must have unit stride, got stride {tensor.stride(0)}")
+
+
+def _check_count(name: str, value: int | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+    if not 0 <= value < _INT32_LIMIT:
+        raise ValueError(f"{name} must be in [0, 2**31), got {value}")
+
+
+def _check_out(name: str, out: torch.Tensor, device: torch.device, min_len: int) -> None:
+    _check_vector(name, out, device, None)
+    if out.size(0) < min_len:
+        raise ValueError(f"{name} has {out.size(0)} elements but the call needs at least {min_len}")
+
+
+def _launch_grid(num_tiles: int, device: torch.device, persistent: bool | None) -> tuple[int]:
+    if persistent is None:
+        persistent = backend.prefers_persistent_grid(device)
+    if persistent:
+        return (max(1, min(num_tiles, backend.num_cores(device))),)
+    return (num_tiles,)
+
+
+def _gather_config(window_len: int | None) -> tuple[int, int]:
+    """(TILE, BLOCK_N) of the window gather: a [TILE, BLOCK_N] tile of about _GATHER_ELEMENTS slots."""
+    if window_len is None:
+        block_n = _RAGGED_BLOCK_N
+    else:
+        block_n = min(max(triton.next_power_of_2(window_len), 2), _MAX_BLOCK_N)
+    return _GATHER_ELEMENTS // block_n, block_n
+
+
+def _raise_first_violation(checks: list[tuple[torch.Tensor, Callable[[int], str]]]) -> None:
+    """Raise ValueError for the first check that has a violation; one device→host copy when all pass.
+
+    Each check is ``(bad, describe)``: ``bad`` a boolean tensor (per request, or 0-d), ``describe(i)`` the
+    message for the first bad request ``i``.
+    """
+    flags = torch.stack([bad.any() for bad, _ in checks]).tolist()
+    for flagged, (bad, describe) in zip(flags, checks):
+        if flagged:
+            raise ValueError(describe(int(bad.reshape(-1).nonzero()[0, 0])))
+
+
+def _row_check(req_pool_indices: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, Callable[[int], str]]:
+    def describe(i: int) -> str:
+        row = int(req_pool_indices[i])
+        return f"req_pool_indices[{i}] must be in [0, {num_rows}) (rows of req_to_token), got {row}"
+
+    return (req_pool_indices < 0) | (req_pool_indices >= num_rows), describe
+
+
+def _validate_windows(
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    start_offset: torch.Tensor,
+    end_offset: torch.Tensor,
+    num_tokens: int,
+    window_len: int | None,
+) -> None:
+    max_context_len = req_to_token.size(1)
+    lengths = end_offset.long() - start_offset.long()
+    checks = [
+        _row_check(req_pool_indices, req_to_token.size(0)),
+        (start_offset < 0, lambda i: f"start_offset[{i}] must be >= 0, got {int(start_offset[i])}"),
+        (
+            lengths < 0,
+            lambda i: (
+                f"end_offset[{i}] must be >= start_offset[{i}] = {int(start_offset[i])}, got {int(end_offset[i])}"
+            ),
+        ),
+        (
+            end_offset > max_context_len,
+            lambda i: f"end_offset[{i}] must be <= max_context_len = {max_context_len}, got {int(end_offset[i])}",
+        ),
+        (
+            lengths.clamp(min=0).sum() > num_tokens,
+            lambda _: (
+                f"the windows must hold at most num_tokens = {num_tokens} tokens, got {int(lengths.clamp(min=0).sum())}"
+            ),
+        ),
+    ]
+    if window_len is not None:
+        checks.append(
+            (
+                lengths != window_len,
+                lambda i: (
+                    f"end_offset[{i}] - start_offset[{i}] must equal window_len = {window_len}, got {int(lengths[i])}"
+                ),
+            )
+        )
+    _raise_first_violation(checks)
+
+
+def get_last_loc(
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    *,
+    validate: bool = False,
+    persistent: bool | None = None,
+) -> torch.Tensor:
+    """Slot of each request's last committed token: ``req_to_token[req_pool_indices, prefix_lens - 1]``.
+
+    Args:
+        req_to_token: ``[max_requests, max_context_len]`` int32/int64, unit stride along positions.
+        req_pool_indices: ``[bs]`` int32/int64, the table row of each request.
+        prefix_lens: ``[bs]`` int32/int64, committed tokens of each request.
+        validate: also check values (rows in range, ``0 <= prefix_lens <= max_context_len``);
+            costs one device→host sync.
+        persistent: one program per core looping over tiles (default: only on Ascend).
+
+    Returns:
+        ``[bs]`` tensor of ``prefix_lens.dtype``: the slot, or -1 where ``prefix_lens <= 0``.
+    """
+    _check_table(req_to_token)
+    device = req_to_token.device
+    _check_vector("req_pool_indices", req_pool_indices, device, None)
+    bs = req_pool_indices.size(0)
+    _check_vector("prefix_lens", prefix_lens, device, bs)
+    if validate and bs:
+        max_context_len = req_to_token.size(1)
+        _raise_first_violation(
+            [
+                _row_check(req_pool_indices, req_to_token.size(0)),
+                (
+                    (prefix_lens < 0) | (prefix_lens > max_context_len),
+                    lambda i: (
+                        f"prefix_lens[{i}] must be in [0, {max_context_len}] (max_context_len), "
+                        f"got {int(prefix_lens[i])}"
+                    ),
+                ),
+            ]
+        )
+    last_loc = torch.empty(bs, dtype=prefix_lens.dtype, device=device)
+    if bs == 0:
+        return last_loc
+    num_tiles = triton.cdiv(bs, _LAST_LOC_TILE)
+    backend.kernels("cache_locs", device)._get_last_loc_kernel[_launch_grid(num_tiles, device, persistent)](
+        req_to_token,
+        req_pool_indices,
+        prefix_lens,
+        last_loc,
+        bs,
+        req_to_token.size(0),
+        req_to_token.size(1),
+        req_to_token.stride(0),
+        TILE=_LAST_LOC_TILE,
+    )
+    return last_loc
+
+
+def _prepare_windows(
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    start_offset: torch.Tensor,
+    end_offset: torch.Tensor,
+    out_cache_loc: torch.Tensor | None,
+    last_loc: torch.Tensor | None,
+    num_tokens: int | None,
+    window_len: int | None,
+    validate: bool,
+) -> tuple[torch.Tensor, int]:
+    """Check the window arguments and return (out_cache_loc, num_tokens); syncs only when it must."""
+    _check_table(req_to_token)
+    device = req_to_token.device
+    _check_vector("req_pool_indices", req_pool_indices, device, None)
+    bs = req_pool_indices.size(0)
+    _check_vector("start_offset", start_offset, device, bs)
+    _check_vector("end_offset", end_offset, device, bs)
+    if last_loc is not None:
+        _check_vector("last_loc", last_loc, device, bs)
+    _check_count("num_tokens", num_tokens)
+    _check_count("window_len", window_len)
+    if window_len is not None:
+        if bs * window_len >= _INT32_LIMIT:
+            raise ValueError(f"bs * window_len must be below 2**31, got {bs} * {window_len}")
+        if num_tokens is None:
+            num_tokens = bs * window_len
+        elif num_tokens < bs * window_len:
+            raise ValueError(f"num_tokens must be at least bs * window_len = {bs * window_len}, got {num_tokens}")
+    if num_tokens is None:
+        # The one device→host sync of a call without num_tokens: the output's size.
+        num_tokens = int((end_offset.long() - start_offset.long()).clamp_(min=0).sum()) if bs else 0
+        _check_count("num_tokens (sum of end_offset - start_offset)", num_tokens)
+    if out_cache_loc is None:
+        out_cache_loc = torch.empty(num_tokens, dtype=torch.int64, device=device)
+    else:
+        _check_out("out_cache_loc", out_cache_loc, device, num_tokens)
+    if validate and bs:
+        _validate_windows(req_to_token, req_pool_indices, start_offset, end_offset, num_tokens, window_len)
+    return out_cache_loc, num_tokens
+
+
+def _window_launch(
+    kernel,
+    device: torch.device,
+    bs: int,
+    window_len: int | None,
+    persistent: bool | None,
+):
+    tile, block_n = _gather_config(window_len)
+    grid = _launch_grid(triton.cdiv(bs, tile), device, persistent)
+    constexprs = {"TILE": tile, "BLOCK_N": block_n, "SCAN_BLOCK": _SCAN_BLOCK, "UNIFORM": window_len is not None}
+    return kernel[grid], constexprs
+
+
+def assign_extend_cache_locs(
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    start_offset: torch.Tensor,
+    end_offset: torch.Tensor,
+    out_cache_loc: torch.Tensor | None = None,
+    *,
+    num_tokens: int | None = None,
+    window_len: int | None = None,
+    validate: bool = False,
+    persistent: bool | None = None,
+) -> torch.Tensor:
+    """Pack the slots of every request's window ``[start_offset, end_offset)`` into one vector.
+
+    ``out_cache_loc[excl_i + j] = req_to_token[req_pool_indices[i], start_offset[i] + j]`` for
+    ``0 <= j < end_offset[i] - start_offset[i]``, where ``excl_i`` is the exclusive prefix sum of the window
+    lengths in batch order. The prefix sum is exact integer arithmetic done on the device, in one launch.
+
+    Args:
+        req_to_token: ``[max_requests, max_context_len]`` int32/int64, unit stride along positions
+            (any row stride, e.g. a column slice of a wider table).
+        req_pool_indices: ``[bs]`` int32/int64 table rows; duplicates allowed.
+        start_offset: ``[bs]`` int32/int64, first position of each window.
+        end_offset: ``[bs]`` int32/int64, one past the last position of each window.
+        out_cache_loc: optional int32/int64 buffer of at least ``num_tokens`` elements; elements past
+            ``num_tokens``, and past the windows' total, are left untouched.
+        num_tokens: elements of ``out_cache_loc`` the call may write, at least the windows' total.
+            ``None`` sizes the output from the offsets, which costs one device→host sync (and so
+            cannot be captured in a CUDA graph); pass it on the hot path.
+        window_len: promise that every window has this length: offsets are ``i * window_len``, no scan,
+            ``end_offset`` is not read, and ``num_tokens`` defaults to ``bs * window_len`` (no sync).
+        validate: also check values (rows in range, ``0 <= start <= end <= max_context_len``, total
+            within ``num_tokens``, the ``window_len`` promise); costs one device→host sync.
+        persistent: one program per core looping over tiles (default: only on Ascend).
+
+    Returns:
+        ``out_cache_loc[:num_tokens]``: int64 unless the caller passed ``out_cache_loc``.
+    """
+    out_cache_loc, num_tokens = _prepare_windows(
+        req_to_token, req_pool_indices, start_offset, end_offset, out_cache_loc, None, num_tokens, window_len, validate
+    )
+    bs = req_pool_indices.size(0)
+    if bs:
+        device = req_to_token.device
+        kernel = backend.kernels("cache_locs", device)._assign_extend_cache_locs_kernel
+        launch, constexprs = _window_launch(kernel, device, bs, window_len, persistent)
+        launch(
+            req_to_token,
+            req_pool_indices,
+            start_offset,
+            end_offset,
+            out_cache_loc,
+            bs,
+            req_to_token.size(0),
+            req_to_token.size(1),
+            req_to_token.stride(0),
+            num_tokens,
+            window_len or 0,
+            **constexprs,
+        )
+    return out_cache_loc[:num_tokens]
+
+
+def get_last_loc_and_assign_extend_cache_locs(
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    start_offset: torch.Tensor,
+    end_offset: torch.Tensor,
+    out_cache_loc: torch.Tensor | None = None,
+    last_loc: torch.Tensor | None = None,
+    *,
+    num_tokens: int | None = None,
+    window_len: int | None = None,
+    validate: bool = False,
+    persistent: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``assign_extend_cache_locs`` and ``get_last_loc(..., start_offset)`` in one kernel launch.
+
+    Arguments are those of :func:`assign_extend_cache_locs`, plus ``last_loc``: an optional ``[bs]``
+    int32/int64 buffer. ``last_loc[i] = req_to_token[req_pool_indices[i], start_offset[i] - 1]``, or -1
+    where ``start_offset[i] == 0`` (a paged allocator continues that slot's page).
+
+    Returns:
+        ``(out_cache_loc[:num_tokens], last_loc)``; ``last_loc`` has ``start_offset.dtype`` unless given.
+    """
+    out_cache_loc, num_tokens = _prepare_windows(
+        req_to_token,
+        req_pool_indices,
+        start_offset,
+        end_offset,
+        out_cache_loc,
+        last_loc,
+        num_tokens,
+        window_len,
+        validate,
+    )
+    device = req_to_token.device
+    bs = req_pool_indices.size(0)
+    if last_loc is None:
+        last_loc = torch.empty(bs, dtype=start_offset.dtype, device=device)
+    if bs:
+        kernel = backend.kernels("cache_locs", device)._get_last_loc_and_assign_extend_cache_locs_kernel
+        launch, constexprs = _window_launch(kernel, device, bs, window_len, persistent)
+        launch(
+            req_to_token,
+            req_pool_indices,
+            start_offset,
+            end_offset,
+            out_cache_loc,
+            last_loc,
+            bs,
+            req_to_token.size(0),
+            req_to_token.size(1),
+            req_to_token.stride(0),
+            num_tokens,
+            window_len or 0,
+            **constexprs,
+        )
+    return out_cache_loc[:num_tokens], last_loc
