@@ -1,0 +1,347 @@
+"""Exact tests of get_last_loc, assign_extend_cache_locs and the fused op, on CPU (interpreter) and CUDA.
+
+Each op is checked three ways: against ``specdec_ops.reference``, against the Python loop below, and
+the fused op against the two components composed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import pytest
+import torch
+from conftest import SENTINEL, sentinel_like
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import specdec_ops
+from specdec_ops import backend, ops
+from specdec_ops.reference import (
+    assign_extend_cache_locs_torch,
+    get_last_loc_and_assign_extend_cache_locs_torch,
+    get_last_loc_torch,
+)
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+# Output elements past the windows' total that must stay untouched.
+TAIL = 5
+
+
+@dataclasses.dataclass
+class Batch:
+    req_to_token: torch.Tensor
+    req_pool_indices: torch.Tensor
+    start_offset: torch.Tensor
+    end_offset: torch.Tensor
+    window_len: int | None  # set when every window has this length
+
+    @property
+    def num_tokens(self) -> int:
+        return int((self.end_offset - self.start_offset).sum())
+
+
+def make_batch(
+    bs: int,
+    lengths: str,
+    n: int,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    table_dtype: torch.dtype = torch.int32,
+    index_dtype: torch.dtype = torch.int64,
+    offset_dtype: torch.dtype = torch.int64,
+    padded_rows: bool = False,
+    num_rows: int = 37,
+    large_slots: bool = False,
+) -> Batch:
+    """A random batch: ``lengths`` is "uniform" (all n), "ragged" (0..2n, zeros included) or "zero".
+
+    A quarter of the requests start at position 0. ``padded_rows`` makes the table a column slice of a
+    wider one (row stride > max_context_len); ``large_slots`` puts the slot values past 2**32.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    if lengths == "uniform":
+        lens = torch.full((bs,), n)
+    elif lengths == "ragged":
+        lens = torch.randint(0, 2 * n + 1, (bs,), generator=gen)
+        lens[::5] = 0
+    else:
+        lens = torch.zeros(bs, dtype=torch.int64)
+    max_len = int(lens.max()) if bs else 0
+    max_context_len = max_len + 40
+    starts = torch.randint(0, max_context_len - max_len + 1, (bs,), generator=gen)
+    starts[::4] = 0
+    slots = torch.randperm(num_rows * max_context_len, generator=gen).reshape(num_rows, max_context_len) + 1
+    if large_slots:
+        slots += 2**32
+    if padded_rows:
+        wide = torch.full((num_rows, max_context_len + 11), -99, dtype=torch.int64)
+        wide[:, 3 : 3 + max_context_len] = slots
+        table = wide.to(table_dtype).to(device)[:, 3 : 3 + max_context_len]
+    else:
+        table = slots.to(table_dtype).to(device)
+    return Batch(
+        req_to_token=table,
+        req_pool_indices=torch.randint(0, num_rows, (bs,), generator=gen).to(index_dtype).to(device),
+        start_offset=starts.to(offset_dtype).to(device),
+        end_offset=(starts + lens).to(offset_dtype).to(device),
+        window_len=n if lengths == "uniform" else (0 if lengths == "zero" else None),
+    )
+
+
+def loop_reference(batch: Batch) -> tuple[list[int], list[int]]:
+    """(out_cache_loc, last_loc) by a plain Python loop over requests."""
+    table = batch.req_to_token.cpu().tolist()
+    out_cache_loc, last_loc = [], []
+    for row, start, end in zip(batch.req_pool_indices.tolist(), batch.start_offset.tolist(), batch.end_offset.tolist()):
+        last_loc.append(table[row][start - 1] if start > 0 else -1)
+        out_cache_loc.extend(table[row][start:end])
+    return out_cache_loc, last_loc
+
+
+def as_list(t: torch.Tensor) -> list[int]:
+    return t.cpu().tolist()
+
+
+def run_fused(batch: Batch, *, out_dtype=torch.int64, last_dtype=None, use_window_len=True, **kwargs):
+    """The fused op on sentinel-filled buffers with a TAIL; returns (full out buffer, last_loc, num_tokens)."""
+    n = batch.num_tokens
+    device = batch.req_to_token.device
+    out = sentinel_like(n + TAIL, out_dtype, device)
+    last = sentinel_like(batch.req_pool_indices.numel(), last_dtype or batch.start_offset.dtype, device)
+    got_out, got_last = specdec_ops.get_last_loc_and_assign_extend_cache_locs(
+        batch.req_to_token,
+        batch.req_pool_indices,
+        batch.start_offset,
+        batch.end_offset,
+        out,
+        last,
+        num_tokens=n,
+        window_len=batch.window_len if use_window_len else None,
+        **kwargs,
+    )
+    assert got_out.untyped_storage().data_ptr() == out.untyped_storage().data_ptr() and got_out.numel() == n
+    assert got_last is last
+    return out, last, n
+
+
+WINDOWS = [
+    ("uniform", 1),
+    ("uniform", 4),
+    ("uniform", 70),  # more columns than one gather block
+    ("ragged", 8),
+    ("ragged", 40),  # windows up to 80: several 16-column blocks
+    ("zero", 0),
+]
+BATCH_SIZES = [1, 2, 7, 33, 130, 300]
+DTYPE_MIXES = list(itertools.product([torch.int32, torch.int64], repeat=3))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lengths,n", WINDOWS, ids=[f"{k}{n}" for k, n in WINDOWS])
+@pytest.mark.parametrize("bs", BATCH_SIZES, ids=[f"bs{b}" for b in BATCH_SIZES])
+def test_fused_matches_reference_loop_and_components(device, bs, lengths, n):
+    case = BATCH_SIZES.index(bs) + len(BATCH_SIZES) * [w[0] for w in WINDOWS].index(lengths)
+    table_dtype, index_dtype, offset_dtype = DTYPE_MIXES[case % len(DTYPE_MIXES)]
+    batch = make_batch(
+        bs,
+        lengths,
+        n,
+        seed=case,
+        device=device,
+        table_dtype=table_dtype,
+        index_dtype=index_dtype,
+        offset_dtype=offset_dtype,
+        padded_rows=case % 2 == 1,
+    )
+    loop_out, loop_last = loop_reference(batch)
+    ref_out, ref_last = get_last_loc_and_assign_extend_cache_locs_torch(
+        batch.req_to_token, batch.req_pool_indices, batch.start_offset, batch.end_offset
+    )
+    assert as_list(ref_out) == loop_out and as_list(ref_last) == loop_last
+
+    for use_window_len in (True, False):
+        out, last, n_tok = run_fused(batch, use_window_len=use_window_len)
+        assert torch.equal(out[:n_tok], ref_out)
+        assert as_list(out[n_tok:]) == [SENTINEL] * TAIL
+        assert torch.equal(last, ref_last)
+
+    comp_last = specdec_ops.get_last_loc(batch.req_to_token, batch.req_pool_indices, batch.start_offset)
+    comp_out = sentinel_like(n_tok + TAIL, torch.int64, device)
+    specdec_ops.assign_extend_cache_locs(
+        batch.req_to_token,
+        batch.req_pool_indices,
+        batch.start_offset,
+        batch.end_offset,
+        comp_out,
+        num_tokens=n_tok,
+    )
+    assert torch.equal(comp_out, out)
+    assert torch.equal(comp_last, last)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "table_dtype,index_dtype,offset_dtype", DTYPE_MIXES, ids=lambda d: str(d).replace("torch.", "")
+)
+@pytest.mark.parametrize("out_dtype", [torch.int32, torch.int64], ids=["out32", "out64"])
+def test_dtype_mixes(device, table_dtype, index_dtype, offset_dtype, out_dtype):
+    large = table_dtype == torch.int64 and out_dtype == torch.int64
+    batch = make_batch(
+        45,
+        "ragged",
+        6,
+        seed=3,
+        device=device,
+        table_dtype=table_dtype,
+        index_dtype=index_dtype,
+        offset_dtype=offset_dtype,
+        large_slots=large,
+    )
+    loop_out, loop_last = loop_reference(batch)
+    out, last, n_tok = run_fused(batch, out_dtype=out_dtype, last_dtype=out_dtype)
+    assert out.dtype == out_dtype and last.dtype == out_dtype
+    assert as_list(out[:n_tok]) == loop_out
+    assert as_list(last) == loop_last
+    comp = specdec_ops.get_last_loc(batch.req_to_token, batch.req_pool_indices, batch.start_offset)
+    assert comp.dtype == offset_dtype
+    assert torch.equal(comp, torch.tensor(loop_last, device=device).to(offset_dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_default_outputs_and_num_tokens_from_offsets(device):
+    batch = make_batch(19, "ragged", 5, seed=11, device=device, offset_dtype=torch.int32)
+    loop_out, loop_last = loop_reference(batch)
+    out, last = specdec_ops.get_last_loc_and_assign_extend_cache_locs(
+        batch.req_to_token, batch.req_pool_indices, batch.start_offset, batch.end_offset
+    )
+    assert out.dtype == torch.int64 and last.dtype == torch.int32
+    assert as_list(out) == loop_out and as_list(last) == loop_last
+    out2 = specdec_ops.assign_extend_cache_locs(
+        batch.req_to_token, batch.req_pool_indices, batch.start_offset, batch.end_offset
+    )
+    assert out2.dtype == torch.int64 and as_list(out2) == loop_out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_window_len_defaults_num_tokens(device):
+    batch = make_batch(9, "uniform", 3, seed=5, device=device)
+    loop_out, loop_last = loop_reference(batch)
+    out, last = specdec_ops.get_last_loc_and_assign_extend_cache_locs(
+        batch.req_to_token, batch.req_pool_indices, batch.start_offset, batch.end_offset, window_len=3
+    )
+    assert out.numel() == 27 and as_list(out) == loop_out and as_list(last) == loop_last
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_num_tokens_larger_than_total_leaves_the_rest_untouched(device):
+    """num_tokens is a capacity (e.g. a graph-captured buffer); elements past the total stay as they were."""
+    batch = make_batch(13, "ragged", 4, seed=2, device=device)
+    n = batch.num_tokens
+    out = sentinel_like(n + 9, torch.int64, device)
+    got = specdec_ops.assign_extend_cache_locs(
+        batch.req_to_token,
+        batch.req_pool_indices,
+        batch.start_offset,
+        batch.end_offset,
+        out,
+        num_tokens=n + 4,
+        validate=True,
+    )
+    assert got.numel() == n + 4
+    assert as_list(out[:n]) == loop_reference(batch)[0]
+    assert as_list(out[n:]) == [SENTINEL] * 9
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch_returns_empty_results(device):
+    batch = make_batch(0, "zero", 0, device=device)
+    out, last = specdec_ops.get_last_loc_and_assign_extend_cache_locs(
+        batch.req_to_token, batch.req_pool_indices, batch.start_offset, batch.end_offset
+    )
+    assert out.shape == (0,) and last.shape == (0,) and last.dtype == batch.start_offset.dtype
+    buf = sentinel_like(4, torch.int32, device)
+    got = specdec_ops.assign_extend_cache_locs(
+        batch.req_to_token, batch.req_pool_indices, batch.start_offset, batch.end_offset, buf, validate=True
+    )
+    assert got.numel() == 0 and as_list(buf) == [SENTINEL] * 4
+    assert specdec_ops.get_last_loc(batch.req_to_token, batch.req_pool_indices, batch.start_offset).numel() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lengths,n", [("uniform", 4), ("ragged", 6)], ids=["uniform4", "ragged6"])
+@pytest.mark.parametrize("cores", [1, 3], ids=["cores1", "cores3"])
+def test_persistent_grid_loops_over_tiles(device, lengths, n, cores, monkeypatch):
+    """Fewer programs than tiles: each program carries its prefix from one of its tiles to the next."""
+    monkeypatch.setattr(backend, "num_cores", lambda _device: cores)
+    monkeypatch.setattr(ops, "_SCAN_BLOCK", 64)  # several scan steps per earlier stretch
+    batch = make_batch(1100, lengths, n, seed=7, device=device)  # 5+ gather tiles, 2 last_loc tiles
+    loop_out, loop_last = loop_reference(batch)
+    out, last, n_tok = run_fused(batch, persistent=True)
+    assert as_list(out[:n_tok]) == loop_out and as_list(last) == loop_last
+    assert as_list(out[n_tok:]) == [SENTINEL] * TAIL
+    comp = specdec_ops.get_last_loc(batch.req_to_token, batch.req_pool_indices, batch.start_offset, persistent=True)
+    assert as_list(comp) == loop_last
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scan_over_many_earlier_tiles(device, monkeypatch):
+    """The last tiles sum the windows of thousands of earlier requests in several scan blocks."""
+    monkeypatch.setattr(ops, "_SCAN_BLOCK", 256)
+    batch = make_batch(2600, "ragged", 3, seed=13, device=device, num_rows=400)
+    loop_out, loop_last = loop_reference(batch)
+    out, last, n_tok = run_fused(batch)
+    assert as_list(out[:n_tok]) == loop_out and as_list(last) == loop_last
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_get_last_loc_semantics(device):
+    table = (torch.arange(4 * 6, dtype=torch.int32).reshape(4, 6) + 100).to(device)
+    rows = torch.tensor([0, 3, 3, 1, 2], device=device)
+    prefix = torch.tensor([0, 1, 6, 3, 0], dtype=torch.int32, device=device)
+    last = specdec_ops.get_last_loc(table, rows, prefix, validate=True)
+    assert last.dtype == torch.int32
+    assert as_list(last) == [-1, 118, 123, 108, -1]
+    assert torch.equal(last, get_last_loc_torch(table, rows, prefix))
+
+
+settings.register_profile("specdec", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def batches(draw):
+    bs = draw(st.integers(0, 70))
+    num_rows = draw(st.integers(1, 9))
+    max_context_len = draw(st.integers(1, 48))
+    rows = draw(st.lists(st.integers(0, num_rows - 1), min_size=bs, max_size=bs))
+    windows = []
+    for _ in range(bs):
+        start = draw(st.integers(0, max_context_len))
+        end = draw(st.integers(start, max_context_len))
+        windows.append((start, end))
+    dtypes = draw(st.tuples(*[st.sampled_from([torch.int32, torch.int64])] * 4))
+    pad = draw(st.integers(0, 3))
+    wide = torch.randperm(num_rows * (max_context_len + pad)).reshape(num_rows, max_context_len + pad)
+    return Batch(
+        req_to_token=wide.to(dtypes[0])[:, pad:],
+        req_pool_indices=torch.tensor(rows, dtype=dtypes[1]),
+        start_offset=torch.tensor([s for s, _ in windows], dtype=dtypes[2]),
+        end_offset=torch.tensor([e for _, e in windows], dtype=dtypes[2]),
+        window_len=None,
+    ), dtypes[3]
+
+
+@settings(settings.get_profile("specdec"), max_examples=40)
+@given(batches())
+def test_property_random_batches(case):
+    batch, out_dtype = case
+    loop_out, loop_last = loop_reference(batch)
+    out, last, n_tok = run_fused(batch, out_dtype=out_dtype, validate=True)
+    assert as_list(out[:n_tok]) == loop_out
+    assert as_list(last) == loop_last
+    assert as_list(out[n_tok:]) == [SENTINEL] * TAIL
+    ref = assign_extend_cache_locs_torch(
+        batch.req_to_token, batch.req_pool_indices, batch.start_offset, batch.end_offset, out_dtype=out_dtype
+    )
+    assert torch.equal(out[:n_tok], ref)
