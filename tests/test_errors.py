@@ -1,0 +1,276 @@
+"""Bad input: clear TypeError/ValueError that changes nothing, and no access outside any tensor otherwise."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import SENTINEL, sentinel_like
+
+import specdec_ops
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def good_args(device="cpu"):
+    table = (torch.arange(6 * 10, dtype=torch.int32).reshape(6, 10) + 1).to(device)
+    rows = torch.tensor([0, 5, 2, 2], device=device)
+    start = torch.tensor([0, 3, 9, 4], device=device)
+    end = torch.tensor([2, 6, 10, 4], device=device)
+    return {"req_to_token": table, "req_pool_indices": rows, "start_offset": start, "end_offset": end}
+
+
+def call_fused(**overrides):
+    args = good_args()
+    out = overrides.pop("out_cache_loc", sentinel_like(6, torch.int64, "cpu"))
+    last = overrides.pop("last_loc", sentinel_like(4, torch.int64, "cpu"))
+    kwargs = {"num_tokens": 6}
+    for key in ("num_tokens", "window_len", "validate"):
+        if key in overrides:
+            kwargs[key] = overrides.pop(key)
+    args.update(overrides)
+    before = (out.clone(), last.clone())
+    return (
+        out,
+        last,
+        before,
+        lambda: specdec_ops.get_last_loc_and_assign_extend_cache_locs(
+            **args, out_cache_loc=out, last_loc=last, **kwargs
+        ),
+    )
+
+
+METADATA_ERRORS = [
+    ("table-not-tensor", {"req_to_token": [[1, 2]]}, TypeError, "req_to_token must be a torch.Tensor, got list"),
+    (
+        "table-float",
+        {"req_to_token": torch.zeros(6, 10)},
+        TypeError,
+        "req_to_token must be int32 or int64, got torch.float32",
+    ),
+    ("table-1d", {"req_to_token": torch.zeros(60, dtype=torch.int32)}, ValueError, "req_to_token must be 2-D"),
+    (
+        "table-transposed",
+        {"req_to_token": torch.zeros(10, 6, dtype=torch.int32).t()},
+        ValueError,
+        "req_to_token must have unit stride along positions, got strides (1, 6)",
+    ),
+    ("rows-float", {"req_pool_indices": torch.zeros(4)}, TypeError, "req_pool_indices must be int32 or int64"),
+    (
+        "rows-2d",
+        {"req_pool_indices": torch.zeros(2, 2, dtype=torch.int64)},
+        ValueError,
+        "req_pool_indices must be 1-D, got shape (2, 2)",
+    ),
+    (
+        "rows-strided",
+        {"req_pool_indices": torch.zeros(8, dtype=torch.int64)[::2]},
+        ValueError,
+        "req_pool_indices must have unit stride, got stride 2",
+    ),
+    (
+        "start-length",
+        {"start_offset": torch.zeros(3, dtype=torch.int64)},
+        ValueError,
+        "start_offset has 3 elements but req_pool_indices has 4",
+    ),
+    (
+        "end-dtype",
+        {"end_offset": torch.zeros(4, dtype=torch.int16)},
+        TypeError,
+        "end_offset must be int32 or int64, got torch.int16",
+    ),
+    (
+        "end-device",
+        {"end_offset": torch.zeros(4, dtype=torch.int64, device="meta")},
+        ValueError,
+        "end_offset must be on the device of req_to_token (cpu), got meta",
+    ),
+    (
+        "out-small",
+        {"out_cache_loc": torch.zeros(5, dtype=torch.int64)},
+        ValueError,
+        "out_cache_loc has 5 elements but the call needs at least 6",
+    ),
+    (
+        "out-float",
+        {"out_cache_loc": torch.zeros(6)},
+        TypeError,
+        "out_cache_loc must be int32 or int64, got torch.float32",
+    ),
+    (
+        "last-length",
+        {"last_loc": torch.zeros(3, dtype=torch.int64)},
+        ValueError,
+        "last_loc has 3 elements but req_pool_indices has 4",
+    ),
+    ("num-tokens-negative", {"num_tokens": -1}, ValueError, "num_tokens must be in [0, 2**31), got -1"),
+    ("num-tokens-float", {"num_tokens": 6.0}, TypeError, "num_tokens must be an int or None, got float"),
+    ("num-tokens-bool", {"num_tokens": True}, TypeError, "num_tokens must be an int or None, got bool"),
+    ("window-negative", {"window_len": -2}, ValueError, "window_len must be in [0, 2**31), got -2"),
+    ("window-too-many", {"window_len": 2}, ValueError, "num_tokens must be at least bs * window_len = 8, got 6"),
+]
+
+
+@pytest.mark.parametrize("overrides,exc,message", [c[1:] for c in METADATA_ERRORS], ids=[c[0] for c in METADATA_ERRORS])
+def test_metadata_errors_name_the_argument_and_change_nothing(overrides, exc, message):
+    out, last, before, call = call_fused(**overrides)
+    with pytest.raises(exc) as info:
+        call()
+    assert message in str(info.value)
+    assert torch.equal(out, before[0]) and torch.equal(last, before[1])
+
+
+VALUE_ERRORS = [
+    (
+        "row-negative",
+        {"req_pool_indices": torch.tensor([0, -1, 2, 2])},
+        "req_pool_indices[1] must be in [0, 6) (rows of req_to_token), got -1",
+    ),
+    (
+        "row-too-big",
+        {"req_pool_indices": torch.tensor([0, 5, 6, 2])},
+        "req_pool_indices[2] must be in [0, 6) (rows of req_to_token), got 6",
+    ),
+    ("start-negative", {"start_offset": torch.tensor([0, 3, 9, -1])}, "start_offset[3] must be >= 0, got -1"),
+    (
+        "end-before-start",
+        {"end_offset": torch.tensor([2, 2, 10, 4])},
+        "end_offset[1] must be >= start_offset[1] = 3, got 2",
+    ),
+    (
+        "end-past-table",
+        {"end_offset": torch.tensor([2, 6, 11, 4])},
+        "end_offset[2] must be <= max_context_len = 10, got 11",
+    ),
+    (
+        "total-too-big",
+        {"num_tokens": 5, "out_cache_loc": sentinel_like(6, torch.int64, "cpu")},
+        "the windows must hold at most num_tokens = 5 tokens, got 6",
+    ),
+    (
+        "window-promise",
+        {"window_len": 1, "num_tokens": 6},
+        "end_offset[0] - start_offset[0] must equal window_len = 1, got 2",
+    ),
+]
+
+
+@pytest.mark.parametrize("overrides,message", [c[1:] for c in VALUE_ERRORS], ids=[c[0] for c in VALUE_ERRORS])
+def test_validate_reports_the_first_bad_value_and_changes_nothing(overrides, message):
+    out, last, before, call = call_fused(validate=True, **overrides)
+    with pytest.raises(ValueError) as info:
+        call()
+    assert message in str(info.value)
+    assert torch.equal(out, before[0]) and torch.equal(last, before[1])
+
+
+def test_validate_passes_good_input():
+    out, last, _, call = call_fused(validate=True)
+    call()
+    assert out.tolist() == [1, 2, 54, 55, 56, 30] and last.tolist() == [-1, 53, 29, 24]
+
+
+def test_get_last_loc_errors():
+    args = good_args()
+    with pytest.raises(ValueError, match=r"prefix_lens has 2 elements but req_pool_indices has 4"):
+        specdec_ops.get_last_loc(args["req_to_token"], args["req_pool_indices"], torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match=r"prefix_lens must be int32 or int64, got torch.float64"):
+        specdec_ops.get_last_loc(args["req_to_token"], args["req_pool_indices"], torch.ones(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"prefix_lens\[2\] must be in \[0, 10\] \(max_context_len\), got 11"):
+        specdec_ops.get_last_loc(
+            args["req_to_token"], args["req_pool_indices"], torch.tensor([1, 2, 11, 0]), validate=True
+        )
+    with pytest.raises(ValueError, match=r"req_pool_indices\[0\] must be in \[0, 6\)"):
+        specdec_ops.get_last_loc(
+            args["req_to_token"], torch.tensor([7, 0, 0, 0]), torch.ones(4, dtype=torch.int64), validate=True
+        )
+
+
+def test_assign_extend_cache_locs_errors():
+    args = good_args()
+    with pytest.raises(ValueError, match=r"out_cache_loc has 2 elements but the call needs at least 6"):
+        specdec_ops.assign_extend_cache_locs(**args, out_cache_loc=torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"end_offset\[2\] must be <= max_context_len = 10, got 12"):
+        specdec_ops.assign_extend_cache_locs(**{**args, "end_offset": torch.tensor([2, 6, 12, 4])}, validate=True)
+
+
+MARKER = 987654321
+GUARD = 8
+
+
+def guarded(n: int, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(buffer, view): a view of n elements with GUARD sentinel elements on both sides in buffer."""
+    buf = sentinel_like(n + 2 * GUARD, dtype, device)
+    return buf, buf[GUARD : GUARD + n]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("window_len", [None, 3], ids=["ragged", "uniform3"])
+def test_adversarial_values_never_touch_memory_outside_the_tensors(device, window_len):
+    """validate=False with nonsense values: wrong numbers are allowed, out-of-bounds access is not.
+
+    The table is a view inside a larger tensor filled with MARKER: a read outside the view would bring
+    MARKER into an output. The outputs are views with sentinel guards around them.
+    """
+    num_rows, max_context_len = 5, 12
+    big = torch.full((num_rows + 4, max_context_len + 6), MARKER, dtype=torch.int64)
+    big[2 : 2 + num_rows, 3 : 3 + max_context_len] = torch.arange(num_rows * max_context_len).reshape(
+        num_rows, max_context_len
+    )
+    table = big.to(device)[2 : 2 + num_rows, 3 : 3 + max_context_len]
+    huge = 2**40
+    rows = torch.tensor([-1, 5, 4, huge, -huge, 0, 2**31, 3, 1, 4], device=device)
+    start = torch.tensor([0, 3, -5, 2, 11, 12, 13, -huge, huge, 2**31 - 2], device=device)
+    end = torch.tensor([4, 1, 20, 2**33, 15, 12, -3, 5, huge + 3, 2**31 + 5], device=device)
+    num_tokens = 30
+    out_buf, out = guarded(num_tokens, torch.int64, device)
+    last_buf, last = guarded(rows.numel(), torch.int64, device)
+    specdec_ops.get_last_loc_and_assign_extend_cache_locs(
+        table, rows, start, end, out, last, num_tokens=num_tokens, window_len=window_len
+    )
+    comp_buf, comp = guarded(num_tokens, torch.int32, device)
+    specdec_ops.assign_extend_cache_locs(table, rows, start, end, comp, num_tokens=num_tokens, window_len=window_len)
+    lone = specdec_ops.get_last_loc(table, rows, start)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    for buf, n in ((out_buf, num_tokens), (last_buf, rows.numel()), (comp_buf, num_tokens)):
+        assert buf[:GUARD].tolist() == [SENTINEL] * GUARD
+        assert buf[GUARD + n :].tolist() == [SENTINEL] * GUARD
+    for t in (out, last, comp, lone):
+        assert MARKER not in t.tolist()
+        assert ((t >= -1) & (t < num_rows * max_context_len) | (t == SENTINEL)).all()
+    assert last[0].item() == -1  # start 0
+    assert lone.tolist() == last.tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="needs compute-sanitizer")
+def test_memcheck_finds_no_error_with_adversarial_values():
+    """Run the adversarial test on CUDA under compute-sanitizer's memcheck: any bad access fails it."""
+    env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
+    cmd = [
+        "compute-sanitizer",
+        "--tool",
+        "memcheck",
+        "--error-exitcode",
+        "86",
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        os.path.abspath(__file__),
+        "-k",
+        "adversarial and cuda",
+    ]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "ERROR SUMMARY: 0 errors" in output
+    assert "2 passed" in output
