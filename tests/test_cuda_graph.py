@@ -1,0 +1,77 @@
+"""CUDA-only behaviour: no host sync on the hot path, and CUDA-graph capture replayed with new inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import SENTINEL, sentinel_like
+from test_ops import loop_reference, make_batch
+
+import specdec_ops
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture
+def sync_is_an_error():
+    torch.cuda.set_sync_debug_mode("error")
+    yield
+    torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("window_len", [None, 4], ids=["ragged", "uniform4"])
+def test_hot_path_never_syncs(window_len, sync_is_an_error):
+    batch = make_batch(300, "uniform" if window_len else "ragged", 4, seed=1, device="cuda")
+    n = 300 * 4 if window_len else 2000
+    out = torch.empty(n, dtype=torch.int64, device="cuda")
+    last = torch.empty(300, dtype=torch.int64, device="cuda")
+    args = (batch.req_to_token, batch.req_pool_indices, batch.start_offset, batch.end_offset)
+    specdec_ops.get_last_loc_and_assign_extend_cache_locs(*args, out, last, num_tokens=n, window_len=window_len)
+    specdec_ops.assign_extend_cache_locs(*args, out, num_tokens=n, window_len=window_len)
+    specdec_ops.get_last_loc(batch.req_to_token, batch.req_pool_indices, batch.start_offset)
+
+
+@pytest.mark.parametrize("window_len", [None, 4], ids=["ragged", "uniform4"])
+def test_graph_replay_with_new_inputs_in_the_captured_buffers(window_len):
+    bs, capacity = 130, 130 * 8
+    first = make_batch(bs, "uniform" if window_len else "ragged", 4, seed=0, device="cuda")
+    table = first.req_to_token
+    rows = first.req_pool_indices.clone()
+    start = first.start_offset.clone()
+    end = first.end_offset.clone()
+    out = sentinel_like(capacity, torch.int64, "cuda")
+    last = sentinel_like(bs, torch.int64, "cuda")
+
+    def step():
+        specdec_ops.get_last_loc_and_assign_extend_cache_locs(
+            table, rows, start, end, out, last, num_tokens=capacity, window_len=window_len
+        )
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile and warm up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    for seed in range(1, 6):
+        new = make_batch(bs, "uniform" if window_len else "ragged", 4, seed=seed, device="cuda")
+        # Same table (its max_context_len must match): take the new windows modulo the table width.
+        width = table.size(1) - 8
+        new.req_to_token = table
+        new.start_offset = new.start_offset % width
+        new.end_offset = new.start_offset + (first.end_offset - first.start_offset).roll(seed)
+        rows.copy_(new.req_pool_indices)
+        start.copy_(new.start_offset)
+        end.copy_(new.end_offset)
+        out.fill_(SENTINEL)
+        last.fill_(SENTINEL)
+        graph.replay()
+        torch.cuda.synchronize()
+        loop_out, loop_last = loop_reference(new)
+        n = len(loop_out)
+        assert out[:n].tolist() == loop_out
+        assert out[n:].tolist() == [SENTINEL] * (capacity - n)
+        assert last.tolist() == loop_last
