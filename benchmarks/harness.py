@@ -1,0 +1,495 @@
+"""What the benchmark suite and ``scripts/profile_fused_vs_unfused.py`` share: inputs, variants, checks, timers.
+
+One step reads, for ``bs`` requests, the slots of each request's window ``[start_offset, end_offset)`` (packed into
+``out_cache_loc``) and the slot just before it (``last_loc``). The variants that compute it:
+
+- ``fused``: :func:`specdec_ops.get_last_loc_and_assign_extend_cache_locs`, one launch;
+- ``unfused``: :func:`specdec_ops.get_last_loc` then :func:`specdec_ops.assign_extend_cache_locs`, two launches;
+- ``torch``: :func:`specdec_ops.reference.get_last_loc_and_assign_extend_cache_locs_torch` with ``num_tokens``
+  given, so that it never syncs and can be captured in a graph;
+- ``empty``: an empty Triton kernel on one program, the floor under any kernel launch.
+
+Uniform windows pass ``window_len=N`` (the ops' fast path); ragged windows (lengths uniform in ``[0, 2N]``, mean
+``N``) pass only ``num_tokens``. Every output goes into a preallocated buffer, so a graph can capture the calls.
+
+Timers, each returning seconds per call, one sample per batch of ``K`` calls:
+
+- :func:`eager_times`: wait for the device, read the host clock, make ``K`` back-to-back eager calls, wait for the
+  device again, read the clock; divide by ``K``. This is the steady-state cost of a call made back to back: the
+  larger of the host's time per call (Python wrapper, argument checks, Triton launcher, driver) and the device's,
+  plus ``1/K`` of one launch latency and one synchronize. On the CPU (Triton's interpreter) the calls are
+  synchronous and this is plain wall-clock time.
+- :func:`graph_times`: ``K`` calls captured in one CUDA (or NPU) graph; device events around each replay; divide
+  by ``K``. This is the device time per call, launch gaps inside a graph included, with no host in the way.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import os
+import platform
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from types import ModuleType
+from typing import Callable, Optional
+
+import torch
+import triton
+
+import specdec_ops
+from specdec_ops import backend, reference
+
+__all__ = [
+    "SENTINEL",
+    "VARIANTS",
+    "WINDOWS",
+    "Case",
+    "OutputMismatch",
+    "StepInputs",
+    "Summary",
+    "capture_graph",
+    "check_graph",
+    "check_outputs",
+    "check_variant",
+    "eager_times",
+    "empty_kernel",
+    "environment",
+    "format_environment",
+    "graph_times",
+    "make_input_sets",
+    "make_table",
+    "rotating_calls",
+    "run_calls",
+    "summarize",
+    "supports_graphs",
+    "variant_fn",
+]
+
+SENTINEL = -7777
+VARIANTS = ("fused", "unfused", "torch", "empty")
+WINDOWS = ("uniform", "ragged")
+
+Outputs = tuple[torch.Tensor, torch.Tensor]
+StepFn = Callable[["StepInputs"], Optional[Outputs]]
+
+
+class OutputMismatch(AssertionError):
+    """A variant's output differs from the reference's."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One size of the sweep: ``batch_size`` requests with windows of ``window_len`` (the mean when ragged)."""
+
+    windows: str
+    batch_size: int
+    window_len: int
+
+    def __post_init__(self) -> None:
+        if self.windows not in WINDOWS:
+            raise ValueError(f"windows must be one of {WINDOWS}, got {self.windows!r}")
+
+    def __str__(self) -> str:
+        return f"{self.windows}-bs{self.batch_size}-N{self.window_len}"
+
+    @property
+    def max_window(self) -> int:
+        """The longest window of the case."""
+        return self.window_len if self.windows == "uniform" else 2 * self.window_len
+
+
+@dataclass
+class StepInputs:
+    """One input set of a step, its preallocated outputs and the reference's outputs."""
+
+    req_to_token: torch.Tensor  # [max_requests, context_len] int32
+    req_pool_indices: torch.Tensor  # [bs] index dtype
+    start_offset: torch.Tensor  # [bs] index dtype
+    end_offset: torch.Tensor  # [bs] index dtype
+    num_tokens: int
+    window_len: int | None  # N for uniform windows, None for ragged
+    out_cache_loc: torch.Tensor  # [num_tokens] int64
+    last_loc: torch.Tensor  # [bs] index dtype
+    expected: Outputs
+
+
+def make_table(max_requests: int, context_len: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """``req_to_token``: ``[max_requests, context_len]`` int32 holding a random permutation of the slots."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    slots = torch.randperm(max_requests * context_len, generator=generator, device=device, dtype=torch.int32)
+    return slots.view(max_requests, context_len)
+
+
+def make_input_sets(
+    table: torch.Tensor, case: Case, index_dtype: torch.dtype, num_sets: int, seed: int = 0
+) -> list[StepInputs]:
+    """``num_sets`` independent input sets of ``case`` over ``table``: distinct random rows, random starts.
+
+    ``req_pool_indices``, ``start_offset`` and ``end_offset`` have ``index_dtype`` (SGLang: int64).
+    """
+    max_requests, context_len = table.shape
+    bs = case.batch_size
+    if not 1 <= bs <= max_requests:
+        raise ValueError(f"batch size must be in [1, {max_requests}] (rows of req_to_token), got {bs}")
+    if case.max_window >= context_len:
+        raise ValueError(f"windows of up to {case.max_window} tokens need context_len > {case.max_window}")
+    device = table.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    sets = []
+    for _ in range(num_sets):
+        rows = torch.randperm(max_requests, generator=generator, device=device)[:bs]
+        if case.windows == "uniform":
+            lengths = torch.full((bs,), case.window_len, dtype=torch.int64, device=device)
+        else:
+            lengths = torch.randint(0, 2 * case.window_len + 1, (bs,), generator=generator, device=device)
+        starts = torch.randint(0, context_len - case.max_window + 1, (bs,), generator=generator, device=device)
+        req_pool_indices = rows.to(index_dtype)
+        start_offset = starts.to(index_dtype)
+        end_offset = (starts + lengths).to(index_dtype)
+        uniform = case.windows == "uniform"
+        num_tokens = bs * case.window_len if uniform else int(lengths.sum())
+        expected = reference.get_last_loc_and_assign_extend_cache_locs_torch(
+            table, req_pool_indices, start_offset, end_offset
+        )
+        sets.append(
+            StepInputs(
+                req_to_token=table,
+                req_pool_indices=req_pool_indices,
+                start_offset=start_offset,
+                end_offset=end_offset,
+                num_tokens=num_tokens,
+                window_len=case.window_len if uniform else None,
+                out_cache_loc=torch.full((num_tokens,), SENTINEL, dtype=torch.int64, device=device),
+                last_loc=torch.full((bs,), SENTINEL, dtype=index_dtype, device=device),
+                expected=expected,
+            )
+        )
+    return sets
+
+
+# ------------------------------------------------------------------------------------------------------ variants
+
+
+def _empty_kernel(x_ptr):
+    pass
+
+
+@functools.cache
+def _jit_empty_kernel(interpreted: bool):
+    if not interpreted:
+        return triton.jit(_empty_kernel)
+    # Triton picks the interpreter when a function is decorated (as backend.kernels does for CPU copies).
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        return triton.jit(_empty_kernel)
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+def empty_kernel(device: torch.device):
+    """A Triton kernel that does nothing, built for ``device``'s backend; launch it as ``kernel[(1,)](tensor)``."""
+    return _jit_empty_kernel(backend.is_interpreted(device))
+
+
+def _run_fused(x: StepInputs) -> Outputs:
+    return specdec_ops.get_last_loc_and_assign_extend_cache_locs(
+        x.req_to_token,
+        x.req_pool_indices,
+        x.start_offset,
+        x.end_offset,
+        x.out_cache_loc,
+        x.last_loc,
+        num_tokens=x.num_tokens,
+        window_len=x.window_len,
+    )
+
+
+def _run_unfused(x: StepInputs) -> Outputs:
+    last_loc = specdec_ops.get_last_loc(x.req_to_token, x.req_pool_indices, x.start_offset)
+    out_cache_loc = specdec_ops.assign_extend_cache_locs(
+        x.req_to_token,
+        x.req_pool_indices,
+        x.start_offset,
+        x.end_offset,
+        x.out_cache_loc,
+        num_tokens=x.num_tokens,
+        window_len=x.window_len,
+    )
+    return out_cache_loc, last_loc
+
+
+def _run_torch(x: StepInputs) -> Outputs:
+    return reference.get_last_loc_and_assign_extend_cache_locs_torch(
+        x.req_to_token, x.req_pool_indices, x.start_offset, x.end_offset, num_tokens=x.num_tokens
+    )
+
+
+def variant_fn(name: str, device: torch.device) -> StepFn:
+    """The function that runs variant ``name`` on one input set; it returns ``(out_cache_loc, last_loc)``
+    (``None`` for ``empty``)."""
+    if name == "fused":
+        return _run_fused
+    if name == "unfused":
+        return _run_unfused
+    if name == "torch":
+        return _run_torch
+    if name == "empty":
+        kernel = empty_kernel(device)
+
+        def _run_empty(x: StepInputs) -> None:
+            kernel[(1,)](x.req_pool_indices)
+
+        return _run_empty
+    raise ValueError(f"unknown variant {name!r}; expected one of {VARIANTS}")
+
+
+# -------------------------------------------------------------------------------------------------------- checks
+
+
+def check_outputs(label: str, got: Outputs, expected: Outputs) -> None:
+    """Raise :class:`OutputMismatch` unless ``got`` equals ``expected`` exactly (values, shapes and dtypes)."""
+    for name, g, e in zip(("out_cache_loc", "last_loc"), got, expected):
+        if g.dtype != e.dtype or g.shape != e.shape:
+            raise OutputMismatch(
+                f"{label}: {name} is {g.dtype} {tuple(g.shape)}, the reference's {e.dtype} {tuple(e.shape)}"
+            )
+        if not torch.equal(g, e):
+            i = int((g != e).nonzero()[0, 0])
+            raise OutputMismatch(f"{label}: {name}[{i}] = {int(g[i])}, the reference has {int(e[i])}")
+
+
+def _poison(outputs: Outputs | None) -> None:
+    if outputs is not None:
+        for tensor in outputs:
+            tensor.fill_(SENTINEL)
+
+
+def check_variant(name: str, fn: StepFn, input_sets: list[StepInputs]) -> None:
+    """Run ``fn`` once on each input set, outputs poisoned first, and compare with the reference."""
+    for k, x in enumerate(input_sets):
+        _poison((x.out_cache_loc, x.last_loc))
+        got = fn(x)
+        if name == "empty":
+            continue
+        check_outputs(f"{name}, input set {k}", got, x.expected)
+
+
+def check_graph(
+    graph, outputs: list[Outputs | None], expected: list[Outputs], device: torch.device, name: str = "graph"
+) -> None:
+    """Poison what the last captured calls wrote, replay ``graph`` once, and compare with the reference.
+
+    ``outputs[i]`` is what call ``i`` returned during capture, made on input set ``i % len(expected)``.
+    """
+    num_sets = len(expected)
+    last = range(max(0, len(outputs) - num_sets), len(outputs))
+    for i in last:
+        _poison(outputs[i])
+    graph.replay()
+    backend.synchronize(device)
+    for i in last:
+        if outputs[i] is not None:
+            check_outputs(f"{name} replay, input set {i % num_sets}", outputs[i], expected[i % num_sets])
+
+
+# -------------------------------------------------------------------------------------------------------- timers
+
+
+def rotating_calls(fn: StepFn, input_sets: list, count: int) -> list[Callable[[], Outputs | None]]:
+    """``count`` zero-argument calls of ``fn``; call ``i`` takes input set ``i % len(input_sets)``."""
+    return [functools.partial(fn, input_sets[i % len(input_sets)]) for i in range(count)]
+
+
+def run_calls(calls: list[Callable[[], object]]) -> None:
+    """Make the calls back to back."""
+    for call in calls:
+        call()
+
+
+def eager_times(calls: list[Callable[[], object]], device: torch.device, repeats: int, warmup: int) -> list[float]:
+    """Seconds per call: synchronize, host clock, the calls back to back, synchronize, host clock; over the count.
+
+    One sample per repeat; the ``warmup`` first repeats are dropped. Python's garbage collector is off meanwhile.
+    """
+    samples = []
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(warmup + repeats):
+            backend.synchronize(device)
+            start = time.perf_counter()
+            for call in calls:
+                call()
+            backend.synchronize(device)
+            elapsed = time.perf_counter() - start
+            if r >= warmup:
+                samples.append(elapsed / len(calls))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return samples
+
+
+def _accelerator(device: torch.device) -> ModuleType:
+    """``torch.cuda`` or ``torch.npu``: the module with the device's streams, events and graphs."""
+    if device.type == "cuda":
+        return torch.cuda
+    if device.type == "npu":
+        return torch.npu
+    raise ValueError(f"graphs and device events need a cuda or npu device, got {device}")
+
+
+def _graph_class(device: torch.device):
+    accelerator = _accelerator(device)
+    graph_class = getattr(accelerator, "CUDAGraph" if device.type == "cuda" else "NPUGraph", None)
+    if graph_class is None or not hasattr(accelerator, "graph"):
+        raise RuntimeError(f"this torch build has no graph capture for {device.type}")
+    return graph_class
+
+
+def supports_graphs(device: torch.device) -> bool:
+    """Whether ``device`` can capture and replay graphs (CUDA graphs; NPU graphs where torch_npu has them)."""
+    if device.type not in ("cuda", "npu"):
+        return False
+    try:
+        _graph_class(device)
+    except RuntimeError:
+        return False
+    return True
+
+
+def capture_graph(calls: list[Callable[[], object]], device: torch.device):
+    """Capture ``calls`` in one graph; returns ``(graph, outputs)``, ``outputs[i]`` what call ``i`` returned.
+
+    The calls run once eagerly on a side stream first (torch's recipe), so that compilation and lazy
+    initialisation stay out of the capture. Keep ``outputs`` alive as long as the graph: replays write there.
+    """
+    accelerator = _accelerator(device)
+    graph = _graph_class(device)()
+    side = accelerator.Stream(device)
+    side.wait_stream(accelerator.current_stream(device))
+    with accelerator.stream(side):
+        run_calls(calls)
+    accelerator.current_stream(device).wait_stream(side)
+    accelerator.synchronize(device)
+    with accelerator.graph(graph):
+        outputs = [call() for call in calls]
+    accelerator.synchronize(device)
+    return graph, outputs
+
+
+def graph_times(graph, calls_per_replay: int, device: torch.device, repeats: int, warmup: int) -> list[float]:
+    """Seconds per call: device events around each replay of ``graph``, over ``calls_per_replay``.
+
+    ``warmup`` replays first; then ``repeats`` replays, queued back to back (the device never waits for the host:
+    each replay holds ``calls_per_replay`` kernels), one sample each.
+    """
+    accelerator = _accelerator(device)
+    for _ in range(warmup):
+        graph.replay()
+    events = [(accelerator.Event(enable_timing=True), accelerator.Event(enable_timing=True)) for _ in range(repeats)]
+    for start, end in events:
+        start.record()
+        graph.replay()
+        end.record()
+    accelerator.synchronize(device)
+    return [start.elapsed_time(end) * 1e-3 / calls_per_replay for start, end in events]
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Median and 20th/80th percentiles of per-call samples, in microseconds."""
+
+    median_us: float
+    p20_us: float
+    p80_us: float
+    samples: int
+
+
+def summarize(seconds: list[float]) -> Summary:
+    if not seconds:
+        raise ValueError("no samples to summarize")
+    q = torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)
+    p20, median, p80 = (torch.tensor(seconds, dtype=torch.float64).quantile(q) * 1e6).tolist()
+    return Summary(median_us=median, p20_us=p20, p80_us=p80, samples=len(seconds))
+
+
+# --------------------------------------------------------------------------------------------------- environment
+
+
+def _command_output(args: list[str]) -> str | None:
+    if shutil.which(args[0]) is None:
+        return None
+    try:
+        result = subprocess.run(args, capture_output=True, text=True, timeout=20, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = result.stdout.strip().splitlines()
+    return lines[0].strip() if lines else None
+
+
+def _nvidia_driver() -> str:
+    version = _command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+    if version:
+        return version
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        version = pynvml.nvmlSystemGetDriverVersion()
+        return version.decode() if isinstance(version, bytes) else str(version)
+    except Exception:  # pynvml missing or failing: the driver stays unknown, which is no reason to stop
+        return "unknown"
+
+
+@functools.cache
+def environment(device: torch.device) -> dict[str, str]:
+    """Date, device, driver and versions: what a reader needs to reproduce a number."""
+    repo = Path(__file__).resolve().parents[1]
+    commit = _command_output(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"]) or "unknown"
+    if commit != "unknown" and _command_output(["git", "-C", str(repo), "status", "--porcelain", "--untracked=no"]):
+        commit += "-dirty"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        driver = _nvidia_driver()
+        runtime = f"CUDA {torch.version.cuda}"
+    elif device.type == "npu":
+        import torch_npu
+
+        name = torch.npu.get_device_name(device)
+        driver = "unknown (npu-smi info shows it)"
+        runtime = f"torch_npu {torch_npu.__version__}"
+    else:
+        name = platform.processor() or platform.machine()
+        driver = "none"
+        runtime = "Triton interpreter (CPU)"
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "device": str(device),
+        "device_name": name,
+        "driver": driver,
+        "runtime": runtime,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "specdec_ops": f"{specdec_ops.__version__} (git {commit})",
+        "python": platform.python_version(),
+    }
+
+
+def format_environment(env: dict[str, str]) -> list[str]:
+    """The environment as the lines printed on top of every report."""
+    return [
+        f"date: {env['date']}",
+        f"device: {env['device_name']} ({env['device']}), driver {env['driver']}, {env['runtime']}",
+        f"torch {env['torch']}, triton {env['triton']}, specdec_ops {env['specdec_ops']}, python {env['python']}",
+    ]
