@@ -6,10 +6,10 @@ Names and semantics follow SGLang's ``get_last_loc`` and ``assign_extend_cache_l
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
-import triton
 
 from . import backend
 
@@ -23,13 +23,17 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 _INT32_LIMIT = 2**31
 # Requests per program of get_last_loc.
 _LAST_LOC_TILE = 1024
-# Elements of the [TILE, BLOCK_N] gather tile; TILE = _GATHER_ELEMENTS // BLOCK_N.
-_GATHER_ELEMENTS = 4096
-# Window columns per gather step when windows are ragged.
-_RAGGED_BLOCK_N = 16
+# Uniform windows: a [TILE, BLOCK_N] gather tile of _GATHER_ELEMENTS slots, BLOCK_N covering the window.
+_GATHER_ELEMENTS = 512
 _MAX_BLOCK_N = 64
+# Ragged windows: every program also sums the windows of all earlier tiles, so the scan reads about
+# bs**2 / (2 * TILE) offsets in all: fatter tiles than the uniform path.
+_RAGGED_TILE = 256
+_RAGGED_BLOCK_N = 16
 # Requests summed per step when a program adds up the windows of all earlier tiles.
-_SCAN_BLOCK = 2048
+_SCAN_BLOCK = 4096
+# CUDA warps per program (ignored by triton-ascend and the interpreter).
+_NUM_WARPS = 8
 
 
 def _check_table(req_to_token: torch.Tensor) -> None:
@@ -48,18 +52,32 @@ def _check_table(req_to_token: torch.Tensor) -> None:
 
 def _check_vector(name: str, tensor: torch.Tensor, device: torch.device, length: int | None) -> None:
     """A 1-D int32/int64 tensor with unit stride on ``device``, of ``length`` elements when given."""
+    try:
+        ok = (
+            tensor.dtype in _INDEX_DTYPES
+            and tensor.dim() == 1
+            and tensor.device == device
+            and (length is None or tensor.size(0) == length)
+            and tensor.is_contiguous()
+        )
+    except AttributeError:
+        ok = False
+    if not ok:  # On the hot path only the expression above runs; this finds the words for the error.
+        _raise_vector_error(name, tensor, device, length)
+
+
+def _raise_vector_error(name: str, tensor: torch.Tensor, device: torch.device, length: int | None) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.dtype not in _INDEX_DTYPES:
         raise TypeError(f"{name} must be int32 or int64, got {tensor.dtype}")
     if tensor.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
-    if length is not None and tensor.size(0) != length:
-        raise ValueError(f"{name} has {tensor.size(0)} elements but req_pool_indices has {length}")
     if tensor.device != device:
         raise ValueError(f"{name} must be on the device of req_to_token ({device}), got {tensor.device}")
-    if tensor.stride(0) != 1 and tensor.size(0) > 1:
-        raise ValueError(f"{name} must have unit stride, got stride {tensor.stride(0)}")
+    if length is not None and tensor.size(0) != length:
+        raise ValueError(f"{name} has {tensor.size(0)} elements but req_pool_indices has {length}")
+    raise ValueError(f"{name} must have unit stride, got stride {tensor.stride(0)}")
 
 
 def _check_count(name: str, value: int | None) -> None:
@@ -85,13 +103,21 @@ def _launch_grid(num_tiles: int, device: torch.device, persistent: bool | None) 
     return (num_tiles,)
 
 
-def _gather_config(window_len: int | None) -> tuple[int, int]:
-    """(TILE, BLOCK_N) of the window gather: a [TILE, BLOCK_N] tile of about _GATHER_ELEMENTS slots."""
+@functools.cache
+def _window_constexprs(window_len: int | None) -> dict:
+    """Launch constants of the window kernels: requests per program, window columns per gather step, ..."""
     if window_len is None:
-        block_n = _RAGGED_BLOCK_N
+        tile, block_n = _RAGGED_TILE, _RAGGED_BLOCK_N
     else:
-        block_n = min(max(triton.next_power_of_2(window_len), 2), _MAX_BLOCK_N)
-    return _GATHER_ELEMENTS // block_n, block_n
+        block_n = min(max(1 << (window_len - 1).bit_length(), 2), _MAX_BLOCK_N)
+        tile = max(_GATHER_ELEMENTS // block_n, 16)
+    return {
+        "TILE": tile,
+        "BLOCK_N": block_n,
+        "SCAN_BLOCK": _SCAN_BLOCK,
+        "UNIFORM": window_len is not None,
+        "num_warps": _NUM_WARPS,
+    }
 
 
 def _raise_first_violation(checks: list[tuple[torch.Tensor, Callable[[int], str]]]) -> None:
@@ -199,7 +225,7 @@ def get_last_loc(
     last_loc = torch.empty(bs, dtype=prefix_lens.dtype, device=device)
     if bs == 0:
         return last_loc
-    num_tiles = triton.cdiv(bs, _LAST_LOC_TILE)
+    num_tiles = (bs + _LAST_LOC_TILE - 1) // _LAST_LOC_TILE
     backend.kernels("cache_locs", device)._get_last_loc_kernel[_launch_grid(num_tiles, device, persistent)](
         req_to_token,
         req_pool_indices,
@@ -210,6 +236,7 @@ def get_last_loc(
         req_to_token.size(1),
         req_to_token.stride(0),
         TILE=_LAST_LOC_TILE,
+        num_warps=_NUM_WARPS,
     )
     return last_loc
 
@@ -256,17 +283,10 @@ def _prepare_windows(
     return out_cache_loc, num_tokens
 
 
-def _window_launch(
-    kernel,
-    device: torch.device,
-    bs: int,
-    window_len: int | None,
-    persistent: bool | None,
-):
-    tile, block_n = _gather_config(window_len)
-    grid = _launch_grid(triton.cdiv(bs, tile), device, persistent)
-    constexprs = {"TILE": tile, "BLOCK_N": block_n, "SCAN_BLOCK": _SCAN_BLOCK, "UNIFORM": window_len is not None}
-    return kernel[grid], constexprs
+def _window_launch(kernel, device: torch.device, bs: int, window_len: int | None, persistent: bool | None):
+    constexprs = _window_constexprs(window_len)
+    num_tiles = (bs + constexprs["TILE"] - 1) // constexprs["TILE"]
+    return kernel[_launch_grid(num_tiles, device, persistent)], constexprs
 
 
 def assign_extend_cache_locs(
@@ -329,7 +349,7 @@ def assign_extend_cache_locs(
             window_len or 0,
             **constexprs,
         )
-    return out_cache_loc[:num_tokens]
+    return out_cache_loc if out_cache_loc.size(0) == num_tokens else out_cache_loc[:num_tokens]
 
 
 def get_last_loc_and_assign_extend_cache_locs(
@@ -387,4 +407,6 @@ def get_last_loc_and_assign_extend_cache_locs(
             window_len or 0,
             **constexprs,
         )
-    return out_cache_loc[:num_tokens], last_loc
+    if out_cache_loc.size(0) != num_tokens:
+        out_cache_loc = out_cache_loc[:num_tokens]
+    return out_cache_loc, last_loc

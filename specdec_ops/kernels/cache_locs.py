@@ -74,16 +74,15 @@ def _store_windows(
 
 
 @triton.jit
-def _sum_window_lengths(start_offset, end_offset, lo, hi, SCAN_BLOCK: tl.constexpr):
-    """``sum(max(end_offset[k] - start_offset[k], 0) for k in range(lo, hi))`` in int32."""
-    acc = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
+def _add_window_lengths(acc, start_offset, end_offset, lo, hi, SCAN_BLOCK: tl.constexpr):
+    """``acc`` plus ``max(end_offset[k] - start_offset[k], 0)`` for ``k`` in ``[lo, hi)``, spread over its lanes."""
     for k0 in range(lo, hi, SCAN_BLOCK):
-        k = k0 + tl.arange(0, SCAN_BLOCK)
+        k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
         mask = k < hi
         starts = tl.load(start_offset + k, mask=mask, other=0).to(tl.int32)
         ends = tl.load(end_offset + k, mask=mask, other=0).to(tl.int32)
         acc += tl.maximum(ends - starts, 0)
-    return tl.reduce(acc, 0, _add)
+    return acc
 
 
 @triton.jit
@@ -116,8 +115,11 @@ def _cache_locs_program(
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
-    # Tokens of requests [0, scanned): carried from one tile of this program to its next.
-    prefix = tl.full([], 0, dtype=tl.int32)
+    # Window lengths of requests [0, scanned), summed lane-wise: carried from one tile of this program to
+    # its next. The carry is a vector reduced afresh for each tile: a scalar accumulator of reduce results
+    # that is also read inside the loop is miscompiled by some Triton versions (3.6 was seen to drop
+    # every tile after a program's first).
+    lane_sums = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
     scanned = tl.full([], 0, dtype=tl.int32)
     for tile in range(pid, num_tiles, num_programs):
         tile_start = tile * TILE
@@ -134,10 +136,9 @@ def _cache_locs_program(
         else:
             ends = tl.load(end_offset + offs, mask=in_batch, other=0).to(tl.int32)
             lengths = tl.maximum(ends - starts, 0)
-            prefix += _sum_window_lengths(start_offset, end_offset, scanned, tile_start, SCAN_BLOCK)
-            dst_base = prefix + tl.associative_scan(lengths, 0, _add) - lengths
-            prefix += tl.reduce(lengths, 0, _add)
-            scanned = tile_start + TILE
+            lane_sums = _add_window_lengths(lane_sums, start_offset, end_offset, scanned, tile_start, SCAN_BLOCK)
+            scanned = tile_start
+            dst_base = tl.reduce(lane_sums, 0, _add) + tl.associative_scan(lengths, 0, _add) - lengths
             num_cols = tl.reduce(lengths, 0, _maximum)
         _store_windows(
             req_to_token,
