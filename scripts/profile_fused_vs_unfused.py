@@ -57,6 +57,7 @@ import csv
 import json
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -578,12 +579,14 @@ def write_trace(table: torch.Tensor, args: argparse.Namespace) -> tuple[str, dic
     path = args.out_dir / f"trace_{args.device.type}.json"
     # One warm-up step the profiler discards (its start-up stays out of the trace), then the recorded step.
     schedule = torch.profiler.schedule(wait=0, warmup=1, active=1)
-    with torch.profiler.profile(
-        activities=activities, schedule=schedule, on_trace_ready=lambda p: p.export_chrome_trace(str(path))
-    ) as profiler:
-        for _ in range(2):
-            run()
-            profiler.step()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*clears events at the end of each cycle")  # one cycle here
+        with torch.profiler.profile(
+            activities=activities, schedule=schedule, on_trace_ready=lambda p: p.export_chrome_trace(str(path))
+        ) as profiler:
+            for _ in range(2):
+                run()
+                profiler.step()
     if not path.exists():
         raise RuntimeError(f"the profiler wrote no trace to {path}")
     return str(path), _kernels_per_call(path, ranges) if args.device.type == "cuda" else {}
