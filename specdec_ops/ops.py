@@ -187,6 +187,7 @@ def get_last_loc(
     req_pool_indices: torch.Tensor,
     prefix_lens: torch.Tensor,
     *,
+    last_loc: torch.Tensor | None = None,
     validate: bool = False,
     persistent: bool | None = None,
 ) -> torch.Tensor:
@@ -196,18 +197,23 @@ def get_last_loc(
         req_to_token: ``[max_requests, max_context_len]`` int32/int64, unit stride along positions.
         req_pool_indices: ``[bs]`` int32/int64, the table row of each request.
         prefix_lens: ``[bs]`` int32/int64, committed tokens of each request.
+        last_loc: optional ``[bs]`` int32/int64 output buffer.
         validate: also check values (rows in range, ``0 <= prefix_lens <= max_context_len``);
             costs one device→host sync.
         persistent: one program per core looping over tiles (default: only on Ascend).
 
     Returns:
-        ``[bs]`` tensor of ``prefix_lens.dtype``: the slot, or -1 where ``prefix_lens <= 0``.
+        ``last_loc`` (``prefix_lens.dtype`` unless given): the slot, or -1 where ``prefix_lens <= 0``.
     """
     _check_table(req_to_token)
     device = req_to_token.device
     _check_vector("req_pool_indices", req_pool_indices, device, None)
     bs = req_pool_indices.size(0)
     _check_vector("prefix_lens", prefix_lens, device, bs)
+    if last_loc is None:
+        last_loc = torch.empty(bs, dtype=prefix_lens.dtype, device=device)
+    else:
+        _check_vector("last_loc", last_loc, device, bs)
     if validate and bs:
         max_context_len = req_to_token.size(1)
         _raise_first_violation(
@@ -222,7 +228,6 @@ def get_last_loc(
                 ),
             ]
         )
-    last_loc = torch.empty(bs, dtype=prefix_lens.dtype, device=device)
     if bs == 0:
         return last_loc
     num_tiles = (bs + _LAST_LOC_TILE - 1) // _LAST_LOC_TILE

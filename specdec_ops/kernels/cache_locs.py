@@ -10,10 +10,11 @@ wrapper guarantees every output offset fits). Only table addresses (``row * row_
 Every load is masked against the bounds of its tensor and every store against the output's size, so
 bad index values give wrong numbers, never an access outside a tensor.
 
-Sums, maxima and the scan go through ``tl.reduce``/``tl.associative_scan`` with the combine functions
-below rather than ``tl.sum``/``tl.max``/``tl.cumsum`` (which lower to the same IR): those library
-functions are jitted when Triton is imported, so a CPU copy of this module that ``backend`` builds in
-interpreter mode could not call them.
+Sums, maxima and the scan call ``tl.reduce``/``tl.associative_scan`` with Triton's own combine
+functions (``tl.standard._sum_combine``, ``_elementwise_max``): that is exactly what ``tl.sum``,
+``tl.max`` and ``tl.cumsum`` lower to, but those wrappers are jitted when Triton is imported, so the CPU
+copy of this module that ``backend`` builds in interpreter mode could not call them. Passing the combine
+functions themselves also lets the interpreter recognise them and reduce with NumPy.
 """
 
 from __future__ import annotations
@@ -22,14 +23,8 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
-def _add(a, b):
-    return a + b
-
-
-@triton.jit
-def _maximum(a, b):
-    return tl.maximum(a, b)
+_add = tl.standard._sum_combine
+_maximum = tl.standard._elementwise_max
 
 
 @triton.jit
