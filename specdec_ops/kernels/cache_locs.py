@@ -22,7 +22,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
 _add = tl.standard._sum_combine
 _maximum = tl.standard._elementwise_max
 
