@@ -46,6 +46,9 @@ _FREE_TILE = 128
 _FREE_BLOCK_P = 16
 # Requests per program of the commit kernel.
 _COMMIT_TILE = 1024
+# Requests per tile under Triton's interpreter, whose scans and reductions with a combine function cost one
+# Python call per element: small tiles keep a CPU step in milliseconds.
+_INTERPRETER_TILE = 16
 
 IntVector = Union[torch.Tensor, Sequence[int]]
 
@@ -210,7 +213,7 @@ class DraftCacheAllocator:
         if not rows:
             return
         rows_t = torch.tensor(rows, dtype=torch.int64, device=self.device)
-        tile = _FREE_TILE
+        tile = _INTERPRETER_TILE if backend.is_interpreted(self.device) else _FREE_TILE
         backend.kernels("allocator", self.device)._free_pages_kernel[(1,)](
             self.req_to_token,
             rows_t,
@@ -441,7 +444,7 @@ class DraftCacheAllocator:
             self.max_context_len,
             self.req_to_token.stride(0),
             PAGE_SIZE=self.page_size,
-            TILE=_ALLOC_ELEMENTS // block_n,
+            TILE=_INTERPRETER_TILE if backend.is_interpreted(self.device) else _ALLOC_ELEMENTS // block_n,
             BLOCK_N=block_n,
             PREFILL=prefill,
             EMIT=emit,
