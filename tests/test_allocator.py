@@ -1,0 +1,766 @@
+"""DraftCacheAllocator: the draft/verify loop keeps every guarantee of the slot layout, in any order of calls.
+
+A host model mirrors the exact state (rows, committed and allocated lengths, the slot of every owned position)
+and predicts which calls must fail; after every call the device state is checked against it.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import SENTINEL, sentinel_like
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+import specdec_ops
+from specdec_ops.allocator import (
+    AllocationError,
+    ContextLengthError,
+    DraftCacheAllocator,
+    OutOfRowsError,
+    OutOfSlotsError,
+)
+from specdec_ops.reference import get_last_loc_and_assign_extend_cache_locs_torch
+
+STATE_TENSORS = ("req_to_token", "seq_lens", "alloc_lens", "window_lens", "free_pages", "num_free_pages")
+
+
+def pages(length: int, page_size: int) -> int:
+    return -(-length // page_size)
+
+
+def snapshot(alloc: DraftCacheAllocator) -> dict:
+    """Everything a caller can observe: the device state and the rows in use, in the order they are handed out."""
+    state = {name: getattr(alloc, name).clone() for name in STATE_TENSORS}
+    state["rows_in_use"] = alloc.rows_in_use()
+    state["free_rows"] = sorted(alloc._free_rows)
+    return state
+
+
+def assert_unchanged(alloc: DraftCacheAllocator, before: dict) -> None:
+    after = snapshot(alloc)
+    for name, value in before.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(after[name], value), f"{name} changed"
+        else:
+            assert after[name] == value, f"{name} changed"
+
+
+def check_layout(alloc: DraftCacheAllocator, *, ask_free_slots: bool = True) -> dict[int, list[int]]:
+    """Check every guarantee that the device state alone must keep; returns the owned slots of each row in use.
+
+    ``ask_free_slots`` also checks ``num_free_slots()``, which syncs and so tightens the host bound.
+    """
+    p = alloc.page_size
+    table = alloc.req_to_token.cpu()
+    seq_lens = alloc.seq_lens.cpu().tolist()
+    alloc_lens = alloc.alloc_lens.cpu().tolist()
+    live = set(alloc.rows_in_use())
+    owned = {}
+    owned_pages = []
+    for row in range(alloc.max_requests):
+        slots = table[row].tolist()
+        if row not in live:
+            assert seq_lens[row] == alloc_lens[row] == 0
+            assert not any(slots), f"free row {row} is not cleared"
+            continue
+        n = alloc_lens[row]
+        assert 0 <= seq_lens[row] <= n <= alloc.max_context_len
+        assert not any(slots[n:]), f"row {row} has slots past alloc_len {n}"
+        mine = slots[:n]
+        for pos, slot in enumerate(mine):
+            assert p <= slot < alloc.total_slots, f"row {row} pos {pos}: slot {slot} outside the pool"
+            assert slot % p == pos % p, f"row {row} pos {pos}: slot {slot} breaks slot % page_size == pos % page_size"
+            assert slot // p == mine[pos - pos % p] // p, f"row {row} pos {pos}: a page is split"
+        owned[row] = mine
+        owned_pages += [mine[k * p] // p for k in range(pages(n, p))]
+    assert len(owned_pages) == len(set(owned_pages)), "a page is owned twice"
+    num_free = int(alloc.num_free_pages[0])
+    free = alloc.free_pages[:num_free].tolist()
+    assert sorted(free + owned_pages) == list(range(1, alloc.num_pages + 1)), "the free stack and owners disagree"
+    if ask_free_slots:
+        assert alloc.num_free_slots() == alloc.num_slots - p * len(owned_pages)
+    # The host bound may only overestimate.
+    assert alloc._pages_bound >= len(owned_pages)
+    assert alloc._alloc_len_bound >= max([alloc_lens[row] for row in live], default=0)
+    return owned
+
+
+def loop_outputs(owned: dict[int, list[int]], rows: list[int], starts: list[int], n: int):
+    out, last = [], []
+    for row, start in zip(rows, starts):
+        out += owned[row][start : start + n]
+        last.append(owned[row][start - 1] if start else -1)
+    return out, last
+
+
+class AllocatorMachine(RuleBasedStateMachine):
+    """Add, draft, commit and free in any order; failures must be exactly those the model predicts."""
+
+    PAGE_SIZE = 1
+    NUM_PAGES = 40
+    MAX_REQUESTS = 5
+    MAX_CONTEXT_LEN = 40
+    MAX_DRAFT = 6
+
+    @initialize(data=st.data())
+    def start(self, data):
+        self.alloc = DraftCacheAllocator(
+            self.NUM_PAGES * self.PAGE_SIZE,
+            self.MAX_REQUESTS,
+            self.MAX_CONTEXT_LEN,
+            page_size=self.PAGE_SIZE,
+            device="cpu",
+        )
+        self.seq = {}  # row -> committed length
+        self.owned = {}  # row -> slots of positions [0, alloc_len)
+        self.window = {}  # row -> open draft window
+        initial = st.lists(st.integers(0, self.MAX_CONTEXT_LEN // 4), min_size=1, max_size=self.MAX_REQUESTS)
+        for row, n in enumerate(data.draw(initial, label="initial prompt_lens")):
+            self.seq[row], self.window[row] = n, 0
+        self.alloc.add_requests([self.seq[row] for row in sorted(self.seq)])
+        self.learn_slots(sorted(self.seq))
+
+    # -- model ------------------------------------------------------------------------------------
+
+    def used_pages(self) -> int:
+        return sum(pages(len(slots), self.PAGE_SIZE) for slots in self.owned.values())
+
+    def learn_slots(self, rows):
+        """Read the new slots of ``rows``: positions that owned a slot before must keep it."""
+        table = self.alloc.req_to_token
+        for row in rows:
+            n = int(self.alloc.alloc_lens[row])
+            slots = table[row, :n].tolist()
+            old = self.owned.get(row, [])
+            assert slots[: len(old)] == old, f"row {row}: an owned position changed slot"
+            self.owned[row] = slots
+
+    def pick_rows(self, data):
+        live = sorted(self.seq)
+        if not live:
+            return []
+        return data.draw(st.lists(st.sampled_from(live), unique=True), label="rows")
+
+    def as_rows(self, data, rows):
+        kind = data.draw(st.sampled_from(["list", "int64", "int32"]), label="rows as")
+        if kind == "list":
+            return rows
+        return torch.tensor(rows, dtype=torch.int64 if kind == "int64" else torch.int32)
+
+    # -- rules ------------------------------------------------------------------------------------
+
+    @rule(data=st.data())
+    def add(self, data):
+        short = st.integers(0, self.MAX_CONTEXT_LEN // 4)
+        length = st.one_of(short, short, short, st.integers(0, self.MAX_CONTEXT_LEN + 2))
+        prompt_lens = data.draw(st.lists(length, max_size=3), label="prompt_lens")
+        free_rows = sorted(set(range(self.MAX_REQUESTS)) - set(self.seq))
+        need = sum(pages(n, self.PAGE_SIZE) for n in prompt_lens)
+        if len(prompt_lens) > len(free_rows):
+            expected = OutOfRowsError
+        elif any(n > self.MAX_CONTEXT_LEN for n in prompt_lens):
+            expected = ContextLengthError
+        elif need > self.NUM_PAGES - self.used_pages():
+            expected = OutOfSlotsError
+        else:
+            expected = None
+        event(f"add: {expected.__name__ if expected else 'ok'}")
+        before = snapshot(self.alloc)
+        arg = prompt_lens if data.draw(st.booleans(), label="as list") else torch.tensor(prompt_lens, dtype=torch.int64)
+        if expected is not None:
+            with pytest.raises(expected):
+                self.alloc.add_requests(arg)
+            assert_unchanged(self.alloc, before)
+            return
+        rows = self.alloc.add_requests(arg)
+        assert rows.dtype == torch.int64 and rows.device == self.alloc.device
+        assert rows.tolist() == free_rows[: len(prompt_lens)], "new requests take the lowest free rows"
+        for row, n in zip(rows.tolist(), prompt_lens):
+            self.seq[row] = n
+            self.window[row] = 0
+        self.learn_slots(rows.tolist())
+        assert all(len(self.owned[row]) == n for row, n in zip(rows.tolist(), prompt_lens))
+
+    @rule(data=st.data())
+    def draft(self, data):
+        self.try_draft(data, self.pick_rows(data), data.draw(st.integers(0, self.MAX_DRAFT), label="N"))
+
+    @rule(data=st.data())
+    def commit(self, data):
+        rows = self.pick_rows(data)
+        self.do_commit(data, rows, [data.draw(st.integers(0, self.window[row]), label="accept") for row in rows])
+
+    @rule(data=st.data())
+    def step(self, data):
+        """A step of the loop: every live request drafts, then commits a random part of its window."""
+        rows = sorted(self.seq)
+        n = data.draw(st.integers(1, self.MAX_DRAFT), label="N")
+        if self.try_draft(data, rows, n):
+            self.do_commit(data, rows, [data.draw(st.integers(0, n), label="accept") for _ in rows])
+
+    def try_draft(self, data, rows, n) -> bool:
+        """Draft ``n`` tokens for ``rows``; check the outputs, or the predicted failure. Whether it succeeded."""
+        starts = [self.seq[row] for row in rows]
+        p = self.PAGE_SIZE
+        need = sum(max(pages(s + n, p) - pages(len(self.owned[row]), p), 0) for row, s in zip(rows, starts))
+        if any(s + n > self.MAX_CONTEXT_LEN for s in starts):
+            expected = ContextLengthError
+        elif need > self.NUM_PAGES - self.used_pages():
+            expected = OutOfSlotsError
+        else:
+            expected = None
+        event(f"draft: {expected.__name__ if expected else 'ok'}")
+        mode = data.draw(st.sampled_from(["alloc", "alloc-into-buffers", "reserve"]), label="mode")
+        validate = data.draw(st.booleans(), label="validate")
+        arg = self.as_rows(data, rows)
+        before = snapshot(self.alloc)
+        free_before = self.NUM_PAGES - self.used_pages()
+        if expected is not None:
+            with pytest.raises(expected):
+                if mode == "reserve":
+                    self.alloc.reserve_draft(arg, n, validate=validate)
+                else:
+                    self.alloc.alloc_draft(arg, n, validate=validate)
+            assert_unchanged(self.alloc, before)
+            return False
+        if mode == "reserve":
+            self.alloc.reserve_draft(arg, n, validate=validate)
+            rows_t = torch.tensor(rows, dtype=torch.int64)
+            start_t = torch.tensor(starts, dtype=torch.int64)
+            out, last = specdec_ops.get_last_loc_and_assign_extend_cache_locs(
+                self.alloc.req_to_token, rows_t, start_t, start_t + n, window_len=n
+            )
+        elif mode == "alloc":
+            out, last = self.alloc.alloc_draft(arg, n, validate=validate)
+            assert out.dtype == last.dtype == torch.int64
+        else:
+            tail = 3
+            out_buf = sentinel_like(len(rows) * n + tail, torch.int32, "cpu")
+            last_buf = sentinel_like(len(rows), torch.int32, "cpu")
+            out, last = self.alloc.alloc_draft(arg, n, out_cache_loc=out_buf, last_loc=last_buf, validate=validate)
+            assert last is last_buf and (not out.numel() or out.data_ptr() == out_buf.data_ptr())
+            assert out_buf[len(rows) * n :].tolist() == [SENTINEL] * tail
+        assert out.shape == (len(rows) * n,) and last.shape == (len(rows),)
+        old = {row: list(self.owned[row]) for row in rows}
+        self.learn_slots(rows)
+        for row, s in zip(rows, starts):
+            assert len(self.owned[row]) == max(len(old[row]), s + n)
+            self.window[row] = n
+        assert self.NUM_PAGES - self.used_pages() == free_before - need
+        expected_out, expected_last = loop_outputs(self.owned, rows, starts, n)
+        assert out.tolist() == expected_out
+        assert last.tolist() == expected_last
+        rows_t = torch.tensor(rows, dtype=torch.int64)
+        start_t = torch.tensor(starts, dtype=torch.int64)
+        ref_out, ref_last = get_last_loc_and_assign_extend_cache_locs_torch(
+            self.alloc.req_to_token, rows_t, start_t, start_t + n
+        )
+        assert torch.equal(out.long(), ref_out) and torch.equal(last.long(), ref_last)
+        return True
+
+    def do_commit(self, data, rows, accept):
+        validate = data.draw(st.booleans(), label="validate")
+        accept_arg = torch.tensor(accept, dtype=data.draw(st.sampled_from([torch.int32, torch.int64])))
+        self.alloc.commit(self.as_rows(data, rows), accept_arg, validate=validate)
+        for row, a in zip(rows, accept):
+            self.seq[row] += a
+            self.window[row] = 0
+
+    @rule(data=st.data())
+    def free(self, data):
+        rows = self.pick_rows(data)
+        arg = rows if data.draw(st.booleans(), label="as list") else torch.tensor(rows, dtype=torch.int64)
+        self.alloc.free_requests(arg)
+        for row in rows:
+            del self.seq[row], self.owned[row], self.window[row]
+
+    @invariant()
+    def state_matches_model(self):
+        if not hasattr(self, "alloc"):
+            return
+        owned = check_layout(self.alloc, ask_free_slots=False)
+        assert owned == self.owned
+        assert self.alloc.rows_in_use() == sorted(self.seq)
+        seq_lens = self.alloc.seq_lens.tolist()
+        assert {row: seq_lens[row] for row in self.seq} == self.seq
+
+    def teardown(self):
+        if not hasattr(self, "alloc"):
+            return
+        self.alloc.free_requests(self.alloc.rows_in_use())
+        assert self.alloc.num_free_slots() == self.alloc.num_slots
+        check_layout(self.alloc)
+
+
+STATEFUL_SETTINGS = settings(
+    max_examples=40,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+# Windows reach past a page (and past one 64-column block of the kernel for page 64).
+class PageSize1(AllocatorMachine):
+    PAGE_SIZE, NUM_PAGES, MAX_CONTEXT_LEN, MAX_DRAFT = 1, 60, 32, 6
+
+
+class PageSize4(AllocatorMachine):
+    PAGE_SIZE, NUM_PAGES, MAX_CONTEXT_LEN, MAX_DRAFT = 4, 20, 40, 9
+
+
+class PageSize16(AllocatorMachine):
+    PAGE_SIZE, NUM_PAGES, MAX_CONTEXT_LEN, MAX_DRAFT = 16, 8, 64, 20
+
+
+class PageSize64(AllocatorMachine):
+    PAGE_SIZE, NUM_PAGES, MAX_CONTEXT_LEN, MAX_DRAFT = 64, 6, 200, 70
+
+
+TestStatefulPageSize1 = PageSize1.TestCase
+TestStatefulPageSize4 = PageSize4.TestCase
+TestStatefulPageSize16 = PageSize16.TestCase
+TestStatefulPageSize64 = PageSize64.TestCase
+for _case in (TestStatefulPageSize1, TestStatefulPageSize4, TestStatefulPageSize16, TestStatefulPageSize64):
+    _case.settings = STATEFUL_SETTINGS
+del _case
+
+
+# --------------------------------------------------------------------------------------------- loops
+
+
+def run_loop(alloc: DraftCacheAllocator, steps: int, seed: int, n: int = 3) -> list:
+    """A seeded draft/verify loop: arrivals, random finishes, a draft of every live request, random accepts.
+
+    Requests finish before they run out of context, and while the pool could not hold the next draft.
+    Returns ``(rows, out_cache_loc, last_loc)`` of every draft, as lists.
+    """
+    rng = random.Random(seed)
+    p = alloc.page_size
+    outputs = []
+    for _ in range(steps):
+        if alloc.num_requests < alloc.max_requests and rng.random() < 0.6:
+            length = rng.randrange(0, alloc.max_context_len // 2)
+            if pages(length, p) <= alloc.num_free_slots() // p // 2:
+                alloc.add_requests([length])
+        seq = alloc.seq_lens.tolist()
+        done = [row for row in alloc.rows_in_use() if rng.random() < 0.1 or seq[row] + n > alloc.max_context_len]
+        alloc.free_requests(done)
+        live = alloc.rows_in_use()
+        while live and alloc.num_free_slots() // p < len(live) * pages(n, p):
+            alloc.free_requests(live[:1])
+            live = live[1:]
+        if not live:
+            continue
+        rows = torch.tensor(live, device=alloc.device)
+        out, last = alloc.alloc_draft(rows, n)
+        outputs.append((live, out.tolist(), last.tolist()))
+        accept = torch.tensor([rng.randint(0, n) for _ in live], device=alloc.device)
+        alloc.commit(rows, accept)
+    return outputs
+
+
+@pytest.mark.parametrize("page_size", [1, 4, 16, 64], ids=lambda p: f"page{p}")
+def test_same_calls_give_the_same_table(page_size):
+    runs = []
+    for _ in range(2):
+        alloc = DraftCacheAllocator(page_size * 24, 6, 96, page_size=page_size, device="cpu")
+        outputs = run_loop(alloc, steps=12, seed=page_size)
+        check_layout(alloc)
+        runs.append((outputs, snapshot(alloc)))
+    assert runs[0][0] == runs[1][0]
+    for name in STATE_TENSORS:
+        assert torch.equal(runs[0][1][name], runs[1][1][name]), name
+
+
+def test_no_sync_needed_while_the_pool_has_headroom():
+    alloc = DraftCacheAllocator(4096, 8, 512, page_size=4, device="cpu")
+    rows = alloc.add_requests([10, 0, 37, 5, 1, 64, 3, 9])
+    for step in range(10):
+        alloc.alloc_draft(rows, 5)
+        alloc.commit(rows, torch.full((8,), step % 6))
+    assert alloc.num_syncs == 0
+    check_layout(alloc)
+
+
+def test_near_capacity_the_bound_syncs_instead_of_failing():
+    # 16 pages of 1 slot, 2 requests: the worst-case bound passes capacity long before the pool does.
+    alloc = DraftCacheAllocator(16, 2, 64, device="cpu")
+    rows = alloc.add_requests([2, 2])
+    for _ in range(5):
+        alloc.alloc_draft(rows, 4)
+        alloc.commit(rows, torch.tensor([1, 0]))
+    assert alloc.num_syncs > 0
+    check_layout(alloc)
+    assert alloc.alloc_lens.tolist() == [10, 6]
+    assert alloc.num_free_slots() == 0  # the last step took the last slot
+
+
+def test_rejected_positions_keep_their_slots_for_the_next_window():
+    alloc = DraftCacheAllocator(64, 2, 32, page_size=4, device="cpu")
+    rows = alloc.add_requests([5])
+    out, last = alloc.alloc_draft(rows, 4)
+    assert out.tolist() == [9, 10, 11, 12] and last.tolist() == [8]  # the rest of page 2, then page 3
+    alloc.commit(rows, torch.tensor([1]))
+    free = alloc.num_free_slots()
+    out2, last2 = alloc.alloc_draft(rows, 3)
+    assert out2.tolist() == out.tolist()[1:] and last2.tolist() == [9]
+    assert alloc.num_free_slots() == free
+    alloc.commit(rows, torch.tensor([3]))
+    out3, _ = alloc.alloc_draft(rows, 4)
+    assert out3.tolist() == [13, 14, 15, 16]  # the rest of page 3, then page 4
+    alloc.free_requests(rows)
+    assert alloc.num_free_slots() == 64
+
+
+def test_first_pages_and_the_padding_page():
+    alloc = DraftCacheAllocator(64, 3, 32, page_size=16, device="cpu")
+    assert alloc.total_slots == 80
+    rows = alloc.add_requests([0, 17])
+    assert rows.tolist() == [0, 1]
+    out, last = alloc.alloc_draft(rows, 2)
+    assert last.tolist() == [-1, 32]
+    assert out.tolist() == [48, 49, 33, 34]  # row 1 holds pages 1, 2 and fills page 2; row 0 takes page 3
+    alloc.free_requests(torch.tensor([1]))
+    rows2 = alloc.add_requests([3])
+    assert rows2.tolist() == [1]
+    assert alloc.req_to_token[1, :3].tolist() == [16, 17, 18]  # freed pages come back in order
+
+
+def test_fused_step_matches_the_components():
+    alloc = DraftCacheAllocator(512, 6, 64, page_size=4, device="cpu")
+    rows = alloc.add_requests([3, 0, 9, 16, 1])
+    alloc.alloc_draft(rows, 4)
+    alloc.commit(rows, torch.tensor([4, 0, 2, 1, 3]))
+    out, last = alloc.alloc_draft(rows, 4)
+    start = alloc.seq_lens[rows]
+    end = start + 4
+    table = alloc.req_to_token
+    assert torch.equal(last, specdec_ops.get_last_loc(table, rows, start))
+    assert torch.equal(out, specdec_ops.assign_extend_cache_locs(table, rows, start, end, window_len=4))
+    fused = specdec_ops.get_last_loc_and_assign_extend_cache_locs(table, rows, start, end, window_len=4)
+    assert torch.equal(out, fused[0]) and torch.equal(last, fused[1])
+
+
+def test_large_batch_spans_several_tiles():
+    # 300 requests with windows of 64: the allocation kernel walks several [TILE, BLOCK_N] tiles.
+    alloc = DraftCacheAllocator(300 * 8 * 32, 300, 256, page_size=32, device="cpu")
+    lens = [(7 * i) % 150 for i in range(300)]
+    rows = alloc.add_requests(lens)
+    out, last = alloc.alloc_draft(rows, 64)
+    owned = check_layout(alloc)
+    expected_out, expected_last = loop_outputs(owned, rows.tolist(), lens, 64)
+    assert out.tolist() == expected_out and last.tolist() == expected_last
+    alloc.free_requests(rows)
+    assert alloc.num_free_slots() == alloc.num_slots
+
+
+# ------------------------------------------------------------------------------------ out of resources
+
+
+def test_out_of_rows():
+    alloc = DraftCacheAllocator(64, 3, 16, device="cpu")
+    alloc.add_requests([1, 2])
+    before = snapshot(alloc)
+    with pytest.raises(OutOfRowsError, match=r"asked for 2 rows but 1 of 3 are free"):
+        alloc.add_requests([1, 1])
+    assert_unchanged(alloc, before)
+    assert issubclass(OutOfRowsError, AllocationError) and issubclass(AllocationError, RuntimeError)
+
+
+def test_prompt_longer_than_the_context():
+    alloc = DraftCacheAllocator(64, 3, 16, device="cpu")
+    before = snapshot(alloc)
+    with pytest.raises(ContextLengthError, match=r"prompt_lens\[1\] = 17 is longer than max_context_len = 16"):
+        alloc.add_requests([3, 17])
+    assert_unchanged(alloc, before)
+
+
+@pytest.mark.parametrize("page_size", [1, 4], ids=lambda p: f"page{p}")
+def test_out_of_slots_on_add(page_size):
+    alloc = DraftCacheAllocator(8 * page_size, 4, 64, page_size=page_size, device="cpu")
+    alloc.add_requests([5 * page_size])
+    before = snapshot(alloc)
+    with pytest.raises(OutOfSlotsError, match=rf"need 4 pages \({4 * page_size} slots\) but 3 pages"):
+        alloc.add_requests([page_size, 3 * page_size])
+    assert_unchanged(alloc, before)
+    alloc.add_requests([page_size, 2 * page_size])  # exactly fills the pool
+    assert alloc.num_free_slots() == 0
+
+
+@pytest.mark.parametrize("page_size", [1, 4, 16], ids=lambda p: f"page{p}")
+def test_out_of_slots_on_draft_is_all_or_nothing(page_size):
+    alloc = DraftCacheAllocator(6 * page_size, 3, 128, page_size=page_size, device="cpu")
+    rows = alloc.add_requests([page_size, 2 * page_size])
+    # 3 pages free; a window of 2 pages for each request needs 4.
+    before = snapshot(alloc)
+    n = 2 * page_size
+    with pytest.raises(OutOfSlotsError, match=rf"2 requests with {n} draft tokens need 4 new pages .* 3 pages"):
+        alloc.alloc_draft(rows, n)
+    assert_unchanged(alloc, before)
+    with pytest.raises(OutOfSlotsError):
+        alloc.reserve_draft(rows, n)
+    assert_unchanged(alloc, before)
+    out, _ = alloc.alloc_draft(rows[:1], 3 * page_size)  # exactly the 3 free pages
+    assert len(set(out.tolist())) == 3 * page_size
+    assert alloc.num_free_slots() == 0
+    alloc.alloc_draft(rows[:1], 2 * page_size)  # reuses the reserved slots: needs nothing
+    alloc.free_requests(rows[1:])
+    alloc.alloc_draft(rows[:1], 5 * page_size)  # the 2 pages just freed
+    assert alloc.num_free_slots() == 0
+    check_layout(alloc)
+
+
+def test_draft_past_the_context_is_all_or_nothing():
+    alloc = DraftCacheAllocator(256, 3, 20, page_size=4, device="cpu")
+    rows = alloc.add_requests([3, 17, 5])
+    before = snapshot(alloc)
+    with pytest.raises(
+        ContextLengthError, match=r"request 1 \(row 1\) has 17 committed tokens; a window of 4 needs 21"
+    ):
+        alloc.alloc_draft(rows, 4)
+    assert_unchanged(alloc, before)
+    alloc.alloc_draft(rows, 3)  # ends exactly at max_context_len
+    check_layout(alloc)
+
+
+def test_freeing_everything_restores_the_pool():
+    alloc = DraftCacheAllocator(24 * 16, 6, 96, page_size=16, device="cpu")
+    run_loop(alloc, steps=10, seed=3)
+    alloc.free_requests(alloc.rows_in_use())
+    assert alloc.num_free_slots() == alloc.num_slots
+    assert not alloc.req_to_token.any()
+    assert sorted(alloc.free_pages.tolist()) == list(range(1, 25))
+
+
+# ------------------------------------------------------------------------------------------ bad arguments
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"num_slots": 10, "page_size": 4}, ValueError, "num_slots must be a multiple of page_size = 4, got 10"),
+        ({"page_size": 0}, ValueError, r"page_size must be in \[1, 2\*\*31\), got 0"),
+        ({"num_slots": 8.0}, TypeError, "num_slots must be an int, got float"),
+        ({"max_requests": 0}, ValueError, "max_requests must be in"),
+        ({"max_context_len": True}, TypeError, "max_context_len must be an int, got bool"),
+    ],
+    ids=["slots-not-pages", "page-0", "slots-float", "no-rows", "context-bool"],
+)
+def test_bad_constructor_arguments(kwargs, error, message):
+    args = {"num_slots": 16, "max_requests": 2, "max_context_len": 8, "device": "cpu", **kwargs}
+    with pytest.raises(error, match=message):
+        DraftCacheAllocator(**args)
+
+
+def live_allocator():
+    alloc = DraftCacheAllocator(64, 4, 16, page_size=2, device="cpu")
+    rows = alloc.add_requests([3, 4])
+    alloc.alloc_draft(rows, 2)
+    return alloc, rows
+
+
+BAD_CALLS = [
+    ("add-negative", lambda a, r: a.add_requests([2, -1]), ValueError, r"prompt_lens\[1\] must be >= 0, got -1"),
+    ("add-float", lambda a, r: a.add_requests([2.0]), TypeError, r"prompt_lens\[0\] must be an int, got float"),
+    (
+        "add-float-tensor",
+        lambda a, r: a.add_requests(torch.tensor([2.0])),
+        TypeError,
+        "prompt_lens must be int32 or int64",
+    ),
+    ("add-2d", lambda a, r: a.add_requests(torch.ones(1, 2, dtype=torch.int64)), ValueError, "must be 1-D"),
+    ("add-str", lambda a, r: a.add_requests("12"), TypeError, "sequence of ints, got str"),
+    ("draft-negative-n", lambda a, r: a.alloc_draft(r, -1), ValueError, "num_draft_tokens must be in"),
+    ("draft-float-n", lambda a, r: a.alloc_draft(r, 2.0), TypeError, "num_draft_tokens must be an int, got float"),
+    ("draft-float-rows", lambda a, r: a.alloc_draft(r.float(), 2), TypeError, "req_pool_indices must be int32"),
+    ("draft-2d-rows", lambda a, r: a.alloc_draft(r[None], 2), ValueError, "req_pool_indices must be 1-D"),
+    ("draft-strided-rows", lambda a, r: a.alloc_draft(r.repeat(2)[::2], 2), ValueError, "unit stride"),
+    ("draft-free-row", lambda a, r: a.alloc_draft([0, 2], 2), ValueError, r"req_pool_indices\[1\] = 2 is not a row"),
+    ("draft-row-range", lambda a, r: a.alloc_draft([4], 2), ValueError, r"must be in \[0, 4\), got 4"),
+    (
+        "draft-free-row-validate",
+        lambda a, r: a.alloc_draft(torch.tensor([3]), 2, validate=True),
+        ValueError,
+        "= 3 is not a row in use",
+    ),
+    (
+        "draft-duplicate-validate",
+        lambda a, r: a.alloc_draft(torch.tensor([1, 1]), 2, validate=True),
+        ValueError,
+        "appears twice",
+    ),
+    (
+        "draft-small-out",
+        lambda a, r: a.alloc_draft(r, 2, out_cache_loc=torch.empty(3, dtype=torch.int64)),
+        ValueError,
+        "out_cache_loc must have at least 4 elements, got 3",
+    ),
+    (
+        "draft-last-size",
+        lambda a, r: a.alloc_draft(r, 2, last_loc=torch.empty(3, dtype=torch.int64)),
+        ValueError,
+        "last_loc must have 2 elements, got 3",
+    ),
+    (
+        "draft-float-out",
+        lambda a, r: a.alloc_draft(r, 2, out_cache_loc=torch.empty(4)),
+        TypeError,
+        "out_cache_loc must be int32 or int64",
+    ),
+    (
+        "reserve-free-row",
+        lambda a, r: a.reserve_draft([3], 1),
+        ValueError,
+        "= 3 is not a row in use",
+    ),
+    (
+        "commit-too-many",
+        lambda a, r: a.commit(r, torch.tensor([1, 3]), validate=True),
+        ValueError,
+        r"accept_lens\[1\] must be in \[0, 2\] \(the draft window of row 1\), got 3",
+    ),
+    (
+        "commit-negative",
+        lambda a, r: a.commit(r, torch.tensor([-1, 0]), validate=True),
+        ValueError,
+        r"accept_lens\[0\] must be in \[0, 2\]",
+    ),
+    (
+        "commit-length",
+        lambda a, r: a.commit(r, torch.tensor([1])),
+        ValueError,
+        "accept_lens has 1 elements but req_pool_indices has 2",
+    ),
+    ("commit-float", lambda a, r: a.commit(r, torch.tensor([1.0, 1.0])), TypeError, "accept_lens must be int32"),
+    (
+        "commit-free-row",
+        lambda a, r: a.commit(torch.tensor([2]), torch.tensor([0]), validate=True),
+        ValueError,
+        "= 2 is not a row in use",
+    ),
+    ("free-unused", lambda a, r: a.free_requests([0, 3]), ValueError, r"req_pool_indices\[1\] = 3 is not a row in use"),
+    ("free-twice", lambda a, r: a.free_requests(torch.tensor([1, 1])), ValueError, "appears twice"),
+    ("free-negative", lambda a, r: a.free_requests([-1]), ValueError, r"must be in \[0, 4\), got -1"),
+]
+
+
+@pytest.mark.parametrize("call, error, message", [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS])
+def test_bad_arguments_change_nothing(call, error, message):
+    alloc, rows = live_allocator()
+    before = snapshot(alloc)
+    with pytest.raises(error, match=message):
+        call(alloc, rows)
+    assert_unchanged(alloc, before)
+
+
+def test_commit_after_commit_is_caught_by_validate():
+    alloc, rows = live_allocator()
+    alloc.commit(rows, torch.tensor([2, 1]), validate=True)
+    with pytest.raises(ValueError, match=r"must be in \[0, 0\]"):
+        alloc.commit(rows, torch.tensor([1, 0]), validate=True)
+
+
+def test_empty_batches():
+    alloc, rows = live_allocator()
+    before = snapshot(alloc)
+    empty = torch.empty(0, dtype=torch.int64)
+    out, last = alloc.alloc_draft(empty, 3)
+    assert out.shape == (0,) and last.shape == (0,)
+    alloc.reserve_draft([], 3)
+    alloc.commit(empty, empty)
+    alloc.free_requests([])
+    assert alloc.add_requests([]).shape == (0,)
+    assert_unchanged(alloc, before)
+    out, last = alloc.alloc_draft(rows, 0)
+    assert out.shape == (0,) and last.tolist() == [alloc.req_to_token[0, 2].item(), alloc.req_to_token[1, 3].item()]
+
+
+# ------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [1, 16], ids=lambda p: f"page{p}")
+def test_gpu_step_never_syncs_with_headroom(page_size):
+    alloc = DraftCacheAllocator(1 << 16, 64, 1024, page_size=page_size, device="cuda")
+    rows = alloc.add_requests(list(range(1, 65)))
+    accept = torch.ones(64, dtype=torch.int64, device="cuda")
+    out = torch.empty(64 * 4, dtype=torch.int64, device="cuda")
+    last = torch.empty(64, dtype=torch.int64, device="cuda")
+    alloc.alloc_draft(rows, 4, out_cache_loc=out, last_loc=last)  # compile outside the check
+    alloc.commit(rows, accept)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(20):
+            alloc.alloc_draft(rows, 4, out_cache_loc=out, last_loc=last)
+            alloc.commit(rows, accept)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert alloc.num_syncs == 0
+    check_layout(alloc)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [1, 4, 64], ids=lambda p: f"page{p}")
+def test_gpu_matches_cpu_call_for_call(page_size):
+    runs = []
+    for device in ("cpu", "cuda"):
+        alloc = DraftCacheAllocator(page_size * 24, 6, 96, page_size=page_size, device=device)
+        outputs = run_loop(alloc, steps=15, seed=page_size)
+        check_layout(alloc)
+        runs.append((outputs, {name: t.cpu() for name, t in snapshot(alloc).items() if name in STATE_TENSORS}))
+    assert runs[0][0] == runs[1][0]
+    for name in STATE_TENSORS:
+        assert torch.equal(runs[0][1][name], runs[1][1][name]), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [1, 16], ids=lambda p: f"page{p}")
+def test_gpu_graph_captures_a_whole_step(page_size):
+    bs, n, replays = 48, 4, 60
+    prompt_lens = [(13 * i) % 200 for i in range(bs)]
+    allocs = {
+        device: DraftCacheAllocator(bs * 512, bs + 2, 512, page_size=page_size, device=device)
+        for device in ("cpu", "cuda")
+    }
+    rows = {device: a.add_requests(prompt_lens) for device, a in allocs.items()}
+    gpu = allocs["cuda"]
+    out = sentinel_like(bs * n, torch.int64, "cuda")
+    last = sentinel_like(bs, torch.int64, "cuda")
+    accept = torch.zeros(bs, dtype=torch.int64, device="cuda")
+
+    def step():
+        gpu.alloc_draft(rows["cuda"], n, out_cache_loc=out, last_loc=last)
+        gpu.commit(rows["cuda"], accept)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile and warm up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    allocs["cpu"].alloc_draft(rows["cpu"], n)
+    allocs["cpu"].commit(rows["cpu"], torch.zeros(bs, dtype=torch.int64))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    rng = random.Random(page_size)
+    for _ in range(replays):
+        accepted = [rng.randint(0, n) for _ in range(bs)]
+        accept.copy_(torch.tensor(accepted))
+        graph.replay()
+        cpu_out, cpu_last = allocs["cpu"].alloc_draft(rows["cpu"], n)
+        allocs["cpu"].commit(rows["cpu"], torch.tensor(accepted))
+        torch.cuda.synchronize()
+        assert out.tolist() == cpu_out.tolist() and last.tolist() == cpu_last.tolist()
+    gpu.refresh()
+    check_layout(gpu)
+    for name in STATE_TENSORS:
+        assert torch.equal(getattr(gpu, name).cpu(), getattr(allocs["cpu"], name)), name
+    gpu.free_requests(rows["cuda"])
+    assert gpu.num_free_slots() == gpu.num_slots
