@@ -46,9 +46,6 @@ _FREE_TILE = 128
 _FREE_BLOCK_P = 16
 # Requests per program of the commit kernel.
 _COMMIT_TILE = 1024
-# Requests per tile under Triton's interpreter, whose scans and reductions with a combine function cost one
-# Python call per element: small tiles keep a CPU step in milliseconds.
-_INTERPRETER_TILE = 16
 
 IntVector = Union[torch.Tensor, Sequence[int]]
 
@@ -213,7 +210,6 @@ class DraftCacheAllocator:
         if not rows:
             return
         rows_t = torch.tensor(rows, dtype=torch.int64, device=self.device)
-        tile = _INTERPRETER_TILE if backend.is_interpreted(self.device) else _FREE_TILE
         backend.kernels("allocator", self.device)._free_pages_kernel[(1,)](
             self.req_to_token,
             rows_t,
@@ -227,7 +223,7 @@ class DraftCacheAllocator:
             self.num_pages,
             self.req_to_token.stride(0),
             PAGE_SIZE=self.page_size,
-            TILE=tile,
+            TILE=_FREE_TILE,
             BLOCK_P=_FREE_BLOCK_P,
         )
         self.req_to_token.index_fill_(0, rows_t, 0)
@@ -444,7 +440,7 @@ class DraftCacheAllocator:
             self.max_context_len,
             self.req_to_token.stride(0),
             PAGE_SIZE=self.page_size,
-            TILE=_INTERPRETER_TILE if backend.is_interpreted(self.device) else _ALLOC_ELEMENTS // block_n,
+            TILE=_ALLOC_ELEMENTS // block_n,
             BLOCK_N=block_n,
             PREFILL=prefill,
             EMIT=emit,

@@ -12,9 +12,11 @@ requests in order and carries the running page count: no program waits for anoth
 counter. Lengths, positions and page numbers are int32 (the host keeps them below 2**31); table addresses are
 int64. Every access is masked, so rows out of range are skipped rather than read out of bounds.
 
-Sums, maxima and the scan go through ``tl.reduce``/``tl.associative_scan`` with the combine functions below:
-Triton's library functions (``tl.sum``, ``tl.cumsum``, ...) are jitted at import, so the interpreter copy of this
-module that ``backend`` builds could not call them.
+Sums, maxima and the scan call ``tl.reduce``/``tl.associative_scan`` with Triton's own combine functions
+(``tl.standard._sum_combine``, ``_elementwise_max``), which is what ``tl.sum``, ``tl.max`` and ``tl.cumsum`` lower
+to: those wrappers are jitted when Triton is imported, so the interpreter copy of this module that ``backend``
+builds could not call them, while the combine functions themselves are recognised by the interpreter and run in
+NumPy.
 """
 
 from __future__ import annotations
@@ -22,15 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _add(a, b):
-    return a + b
-
-
-@triton.jit
-def _maximum(a, b):
-    return tl.maximum(a, b)
+_add = tl.standard._sum_combine
+_maximum = tl.standard._elementwise_max
 
 
 @triton.jit(do_not_specialize=["bs", "window_len"])
