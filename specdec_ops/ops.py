@@ -46,8 +46,11 @@ def _check_table(req_to_token: torch.Tensor) -> None:
         raise ValueError(f"req_to_token must be 2-D [max_requests, max_context_len], got shape {shape}")
     if req_to_token.stride(1) != 1 and req_to_token.size(1) > 1:
         raise ValueError(f"req_to_token must have unit stride along positions, got strides {req_to_token.stride()}")
-    if req_to_token.size(1) >= _INT32_LIMIT or req_to_token.size(0) >= _INT32_LIMIT:
-        raise ValueError(f"req_to_token dimensions must be below 2**31, got shape {tuple(req_to_token.shape)}")
+    if max(req_to_token.shape) >= _INT32_LIMIT or req_to_token.stride(0) >= _INT32_LIMIT:
+        raise ValueError(
+            f"req_to_token dimensions and row stride must be below 2**31, "
+            f"got shape {tuple(req_to_token.shape)} and strides {req_to_token.stride()}"
+        )
 
 
 def _check_vector(name: str, tensor: torch.Tensor, device: torch.device, length: int | None) -> None:
@@ -80,6 +83,13 @@ def _raise_vector_error(name: str, tensor: torch.Tensor, device: torch.device, l
     raise ValueError(f"{name} must have unit stride, got stride {tensor.stride(0)}")
 
 
+def _batch_size(req_pool_indices: torch.Tensor) -> int:
+    bs = req_pool_indices.size(0)
+    if bs >= _INT32_LIMIT:
+        raise ValueError(f"req_pool_indices must have fewer than 2**31 elements, got {bs}")
+    return bs
+
+
 def _check_count(name: str, value: int | None) -> None:
     if value is None:
         return
@@ -104,20 +114,20 @@ def _launch_grid(num_tiles: int, device: torch.device, persistent: bool | None) 
 
 
 @functools.cache
-def _window_constexprs(window_len: int | None) -> dict:
-    """Launch constants of the window kernels: requests per program, window columns per gather step, ..."""
+def _window_constexprs(window_len: int | None) -> tuple[tuple[str, object], ...]:
+    """Constexprs of the window kernels: requests per program, window columns per gather step, ..."""
     if window_len is None:
         tile, block_n = _RAGGED_TILE, _RAGGED_BLOCK_N
     else:
         block_n = min(max(1 << (window_len - 1).bit_length(), 2), _MAX_BLOCK_N)
         tile = max(_GATHER_ELEMENTS // block_n, 16)
-    return {
-        "TILE": tile,
-        "BLOCK_N": block_n,
-        "SCAN_BLOCK": _SCAN_BLOCK,
-        "UNIFORM": window_len is not None,
-        "num_warps": _NUM_WARPS,
-    }
+    return (("TILE", tile), ("BLOCK_N", block_n), ("SCAN_BLOCK", _SCAN_BLOCK), ("UNIFORM", window_len is not None))
+
+
+def _table_dims(req_to_token: torch.Tensor) -> tuple[int, int, int]:
+    """(num_rows, max_context_len, row_stride) as the kernels take them."""
+    num_rows, max_context_len = req_to_token.shape
+    return num_rows, max_context_len, req_to_token.stride(0)
 
 
 def _raise_first_violation(checks: list[tuple[torch.Tensor, Callable[[int], str]]]) -> None:
@@ -208,7 +218,7 @@ def get_last_loc(
     _check_table(req_to_token)
     device = req_to_token.device
     _check_vector("req_pool_indices", req_pool_indices, device, None)
-    bs = req_pool_indices.size(0)
+    bs = _batch_size(req_pool_indices)
     _check_vector("prefix_lens", prefix_lens, device, bs)
     if last_loc is None:
         last_loc = torch.empty(bs, dtype=prefix_lens.dtype, device=device)
@@ -231,17 +241,14 @@ def get_last_loc(
     if bs == 0:
         return last_loc
     num_tiles = (bs + _LAST_LOC_TILE - 1) // _LAST_LOC_TILE
-    backend.kernels("cache_locs", device)._get_last_loc_kernel[_launch_grid(num_tiles, device, persistent)](
-        req_to_token,
-        req_pool_indices,
-        prefix_lens,
-        last_loc,
-        bs,
-        req_to_token.size(0),
-        req_to_token.size(1),
-        req_to_token.stride(0),
-        TILE=_LAST_LOC_TILE,
-        num_warps=_NUM_WARPS,
+    backend.launch(
+        backend.kernels("cache_locs", device)._get_last_loc_kernel,
+        _launch_grid(num_tiles, device, persistent),
+        device,
+        (req_to_token, req_pool_indices, prefix_lens, last_loc),
+        (bs, *_table_dims(req_to_token)),
+        (("TILE", _LAST_LOC_TILE),),
+        _NUM_WARPS,
     )
     return last_loc
 
@@ -261,7 +268,7 @@ def _prepare_windows(
     _check_table(req_to_token)
     device = req_to_token.device
     _check_vector("req_pool_indices", req_pool_indices, device, None)
-    bs = req_pool_indices.size(0)
+    bs = _batch_size(req_pool_indices)
     _check_vector("start_offset", start_offset, device, bs)
     _check_vector("end_offset", end_offset, device, bs)
     if last_loc is not None:
@@ -288,10 +295,27 @@ def _prepare_windows(
     return out_cache_loc, num_tokens
 
 
-def _window_launch(kernel, device: torch.device, bs: int, window_len: int | None, persistent: bool | None):
+def _launch_windows(
+    kernel,
+    device: torch.device,
+    tensors: tuple[torch.Tensor, ...],
+    req_to_token: torch.Tensor,
+    bs: int,
+    num_tokens: int,
+    window_len: int | None,
+    persistent: bool | None,
+) -> None:
     constexprs = _window_constexprs(window_len)
-    num_tiles = (bs + constexprs["TILE"] - 1) // constexprs["TILE"]
-    return kernel[_launch_grid(num_tiles, device, persistent)], constexprs
+    tile = constexprs[0][1]
+    backend.launch(
+        kernel,
+        _launch_grid((bs + tile - 1) // tile, device, persistent),
+        device,
+        tensors,
+        (bs, *_table_dims(req_to_token), num_tokens, window_len or 0),
+        constexprs,
+        _NUM_WARPS,
+    )
 
 
 def assign_extend_cache_locs(
@@ -338,21 +362,15 @@ def assign_extend_cache_locs(
     bs = req_pool_indices.size(0)
     if bs:
         device = req_to_token.device
-        kernel = backend.kernels("cache_locs", device)._assign_extend_cache_locs_kernel
-        launch, constexprs = _window_launch(kernel, device, bs, window_len, persistent)
-        launch(
+        _launch_windows(
+            backend.kernels("cache_locs", device)._assign_extend_cache_locs_kernel,
+            device,
+            (req_to_token, req_pool_indices, start_offset, end_offset, out_cache_loc),
             req_to_token,
-            req_pool_indices,
-            start_offset,
-            end_offset,
-            out_cache_loc,
             bs,
-            req_to_token.size(0),
-            req_to_token.size(1),
-            req_to_token.stride(0),
             num_tokens,
-            window_len or 0,
-            **constexprs,
+            window_len,
+            persistent,
         )
     return out_cache_loc if out_cache_loc.size(0) == num_tokens else out_cache_loc[:num_tokens]
 
@@ -395,22 +413,15 @@ def get_last_loc_and_assign_extend_cache_locs(
     if last_loc is None:
         last_loc = torch.empty(bs, dtype=start_offset.dtype, device=device)
     if bs:
-        kernel = backend.kernels("cache_locs", device)._get_last_loc_and_assign_extend_cache_locs_kernel
-        launch, constexprs = _window_launch(kernel, device, bs, window_len, persistent)
-        launch(
+        _launch_windows(
+            backend.kernels("cache_locs", device)._get_last_loc_and_assign_extend_cache_locs_kernel,
+            device,
+            (req_to_token, req_pool_indices, start_offset, end_offset, out_cache_loc, last_loc),
             req_to_token,
-            req_pool_indices,
-            start_offset,
-            end_offset,
-            out_cache_loc,
-            last_loc,
             bs,
-            req_to_token.size(0),
-            req_to_token.size(1),
-            req_to_token.stride(0),
             num_tokens,
-            window_len or 0,
-            **constexprs,
+            window_len,
+            persistent,
         )
     if out_cache_loc.size(0) != num_tokens:
         out_cache_loc = out_cache_loc[:num_tokens]

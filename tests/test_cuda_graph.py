@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from conftest import SENTINEL, sentinel_like
 from test_ops import loop_reference, make_batch
 
 import specdec_ops
+from specdec_ops import backend
 
 pytestmark = pytest.mark.gpu
 
@@ -74,3 +77,34 @@ def test_graph_replay_with_new_inputs_in_the_captured_buffers(window_len):
         assert out[:n].tolist() == loop_out
         assert out[n:].tolist() == [SENTINEL] * (capacity - n)
         assert last.tolist() == loop_last
+
+
+@pytest.mark.parametrize("window_len", [None, 4], ids=["ragged", "uniform4"])
+def test_fast_launch_respects_alignment_and_dtypes(window_len):
+    """Launches after the first skip Triton's binding: alternate 16-byte-aligned and misaligned views and dtypes,
+    so a kernel compiled for aligned pointers is never reused for misaligned ones."""
+    for step, (shift, out_dtype) in enumerate(itertools.product([0, 1, 0, 3], [torch.int64, torch.int32])):
+        batch = make_batch(70, "uniform" if window_len else "ragged", 4, seed=step, device="cuda")
+        n = batch.num_tokens
+        big_start = torch.zeros(70 + shift, dtype=batch.start_offset.dtype, device="cuda")
+        big_start[shift:] = batch.start_offset
+        batch.start_offset = big_start[shift:]
+        out_buf = sentinel_like(n + 8, out_dtype, "cuda")
+        out = out_buf[shift : shift + n]
+        last = sentinel_like(70 + shift, torch.int64, "cuda")[shift:]
+        specdec_ops.get_last_loc_and_assign_extend_cache_locs(
+            batch.req_to_token,
+            batch.req_pool_indices,
+            batch.start_offset,
+            batch.end_offset,
+            out,
+            last,
+            num_tokens=n,
+            window_len=window_len,
+        )
+        loop_out, loop_last = loop_reference(batch)
+        assert out.tolist() == loop_out and last.tolist() == loop_last
+        assert out_buf[:shift].tolist() == [SENTINEL] * shift
+        assert out_buf[shift + n :].tolist() == [SENTINEL] * (8 - shift)
+    assert backend._fast_launch, "the fast launch path fell back to Triton's launcher"
+    assert any(key[0].fn.__name__ == "_get_last_loc_and_assign_extend_cache_locs_kernel" for key in backend._compiled)

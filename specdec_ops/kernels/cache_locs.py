@@ -151,10 +151,12 @@ def _cache_locs_program(
         )
 
 
-_BATCH_ARGS = ["bs", "num_tokens"]
+# No integer argument is specialised on its value: a new batch size never recompiles, and a kernel is
+# identified by its tensors' dtypes and alignment and its constexprs alone (see backend.launch).
+_SCALARS = ["bs", "num_rows", "max_context_len", "row_stride"]
 
 
-@triton.jit(do_not_specialize=_BATCH_ARGS)
+@triton.jit(do_not_specialize=_SCALARS)
 def _get_last_loc_kernel(
     req_to_token,
     req_pool_indices,
@@ -178,7 +180,7 @@ def _get_last_loc_kernel(
         _store_last_loc(req_to_token, rows, prefix, last_loc, offs, in_batch, num_rows, max_context_len, row_stride)
 
 
-@triton.jit(do_not_specialize=_BATCH_ARGS + ["window_len"])
+@triton.jit(do_not_specialize=_SCALARS + ["num_tokens", "window_len"])
 def _assign_extend_cache_locs_kernel(
     req_to_token,
     req_pool_indices,
@@ -218,7 +220,7 @@ def _assign_extend_cache_locs_kernel(
     )
 
 
-@triton.jit(do_not_specialize=_BATCH_ARGS + ["window_len"])
+@triton.jit(do_not_specialize=_SCALARS + ["num_tokens", "window_len"])
 def _get_last_loc_and_assign_extend_cache_locs_kernel(
     req_to_token,
     req_pool_indices,
