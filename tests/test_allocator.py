@@ -105,6 +105,7 @@ class AllocatorMachine(RuleBasedStateMachine):
     MAX_REQUESTS = 5
     MAX_CONTEXT_LEN = 40
     MAX_DRAFT = 6
+    DEVICE = "cpu"
 
     @initialize(data=st.data())
     def start(self, data):
@@ -113,7 +114,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             self.MAX_REQUESTS,
             self.MAX_CONTEXT_LEN,
             page_size=self.PAGE_SIZE,
-            device="cpu",
+            device=self.DEVICE,
         )
         self.seq = {}  # row -> committed length
         self.owned = {}  # row -> slots of positions [0, alloc_len)
@@ -149,7 +150,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         kind = data.draw(st.sampled_from(["list", "int64", "int32"]), label="rows as")
         if kind == "list":
             return rows
-        return torch.tensor(rows, dtype=torch.int64 if kind == "int64" else torch.int32)
+        return torch.tensor(rows, dtype=torch.int64 if kind == "int64" else torch.int32, device=self.DEVICE)
 
     # -- rules ------------------------------------------------------------------------------------
 
@@ -170,7 +171,8 @@ class AllocatorMachine(RuleBasedStateMachine):
             expected = None
         event(f"add: {expected.__name__ if expected else 'ok'}")
         before = snapshot(self.alloc)
-        arg = prompt_lens if data.draw(st.booleans(), label="as list") else torch.tensor(prompt_lens, dtype=torch.int64)
+        as_list = data.draw(st.booleans(), label="as list")
+        arg = prompt_lens if as_list else torch.tensor(prompt_lens, dtype=torch.int64, device=self.DEVICE)
         if expected is not None:
             with pytest.raises(expected):
                 self.alloc.add_requests(arg)
@@ -229,8 +231,8 @@ class AllocatorMachine(RuleBasedStateMachine):
             return False
         if mode == "reserve":
             self.alloc.reserve_draft(arg, n, validate=validate)
-            rows_t = torch.tensor(rows, dtype=torch.int64)
-            start_t = torch.tensor(starts, dtype=torch.int64)
+            rows_t = torch.tensor(rows, dtype=torch.int64, device=self.DEVICE)
+            start_t = torch.tensor(starts, dtype=torch.int64, device=self.DEVICE)
             out, last = specdec_ops.get_last_loc_and_assign_extend_cache_locs(
                 self.alloc.req_to_token, rows_t, start_t, start_t + n, window_len=n
             )
@@ -239,8 +241,8 @@ class AllocatorMachine(RuleBasedStateMachine):
             assert out.dtype == last.dtype == torch.int64
         else:
             tail = 3
-            out_buf = sentinel_like(len(rows) * n + tail, torch.int32, "cpu")
-            last_buf = sentinel_like(len(rows), torch.int32, "cpu")
+            out_buf = sentinel_like(len(rows) * n + tail, torch.int32, self.DEVICE)
+            last_buf = sentinel_like(len(rows), torch.int32, self.DEVICE)
             out, last = self.alloc.alloc_draft(arg, n, out_cache_loc=out_buf, last_loc=last_buf, validate=validate)
             assert last is last_buf and (not out.numel() or out.data_ptr() == out_buf.data_ptr())
             assert out_buf[len(rows) * n :].tolist() == [SENTINEL] * tail
@@ -254,8 +256,8 @@ class AllocatorMachine(RuleBasedStateMachine):
         expected_out, expected_last = loop_outputs(self.owned, rows, starts, n)
         assert out.tolist() == expected_out
         assert last.tolist() == expected_last
-        rows_t = torch.tensor(rows, dtype=torch.int64)
-        start_t = torch.tensor(starts, dtype=torch.int64)
+        rows_t = torch.tensor(rows, dtype=torch.int64, device=self.DEVICE)
+        start_t = torch.tensor(starts, dtype=torch.int64, device=self.DEVICE)
         ref_out, ref_last = get_last_loc_and_assign_extend_cache_locs_torch(
             self.alloc.req_to_token, rows_t, start_t, start_t + n
         )
@@ -264,7 +266,8 @@ class AllocatorMachine(RuleBasedStateMachine):
 
     def do_commit(self, data, rows, accept):
         validate = data.draw(st.booleans(), label="validate")
-        accept_arg = torch.tensor(accept, dtype=data.draw(st.sampled_from([torch.int32, torch.int64])))
+        dtype = data.draw(st.sampled_from([torch.int32, torch.int64]), label="accept dtype")
+        accept_arg = torch.tensor(accept, dtype=dtype, device=self.DEVICE)
         self.alloc.commit(self.as_rows(data, rows), accept_arg, validate=validate)
         for row, a in zip(rows, accept):
             self.seq[row] += a
@@ -273,7 +276,8 @@ class AllocatorMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def free(self, data):
         rows = self.pick_rows(data)
-        arg = rows if data.draw(st.booleans(), label="as list") else torch.tensor(rows, dtype=torch.int64)
+        as_list = data.draw(st.booleans(), label="as list")
+        arg = rows if as_list else torch.tensor(rows, dtype=torch.int64, device=self.DEVICE)
         self.alloc.free_requests(arg)
         for row in rows:
             del self.seq[row], self.owned[row], self.window[row]
@@ -328,6 +332,14 @@ TestStatefulPageSize64 = PageSize64.TestCase
 for _case in (TestStatefulPageSize1, TestStatefulPageSize4, TestStatefulPageSize16, TestStatefulPageSize64):
     _case.settings = STATEFUL_SETTINGS
 del _case
+
+
+class CudaPageSize16(PageSize16):
+    DEVICE = "cuda"
+
+
+TestStatefulCudaPageSize16 = pytest.mark.gpu(CudaPageSize16.TestCase)
+TestStatefulCudaPageSize16.settings = settings(STATEFUL_SETTINGS, max_examples=20)
 
 
 # --------------------------------------------------------------------------------------------- loops
@@ -722,45 +734,46 @@ def test_gpu_matches_cpu_call_for_call(page_size):
 @pytest.mark.gpu
 @pytest.mark.parametrize("page_size", [1, 16], ids=lambda p: f"page{p}")
 def test_gpu_graph_captures_a_whole_step(page_size):
+    """alloc_draft + commit captured once, replayed with new accept lengths: the same as running them eagerly."""
     bs, n, replays = 48, 4, 60
     prompt_lens = [(13 * i) % 200 for i in range(bs)]
-    allocs = {
-        device: DraftCacheAllocator(bs * 512, bs + 2, 512, page_size=page_size, device=device)
-        for device in ("cpu", "cuda")
-    }
-    rows = {device: a.add_requests(prompt_lens) for device, a in allocs.items()}
-    gpu = allocs["cuda"]
+    graphed, eager = (DraftCacheAllocator(bs * 512, bs + 2, 512, page_size=page_size, device="cuda") for _ in range(2))
+    rows = graphed.add_requests(prompt_lens)
+    assert torch.equal(eager.add_requests(prompt_lens), rows)
     out = sentinel_like(bs * n, torch.int64, "cuda")
     last = sentinel_like(bs, torch.int64, "cuda")
-    accept = torch.zeros(bs, dtype=torch.int64, device="cuda")
+    accept = torch.zeros(bs, dtype=torch.int32, device="cuda")
 
     def step():
-        gpu.alloc_draft(rows["cuda"], n, out_cache_loc=out, last_loc=last)
-        gpu.commit(rows["cuda"], accept)
+        graphed.alloc_draft(rows, n, out_cache_loc=out, last_loc=last)
+        graphed.commit(rows, accept)
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         step()  # compile and warm up outside the capture
     torch.cuda.current_stream().wait_stream(stream)
-    allocs["cpu"].alloc_draft(rows["cpu"], n)
-    allocs["cpu"].commit(rows["cpu"], torch.zeros(bs, dtype=torch.int64))
+    eager.alloc_draft(rows, n)
+    eager.commit(rows, accept)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
 
     rng = random.Random(page_size)
     for _ in range(replays):
-        accepted = [rng.randint(0, n) for _ in range(bs)]
-        accept.copy_(torch.tensor(accepted))
+        accepted = torch.tensor([rng.randint(0, n) for _ in range(bs)], dtype=torch.int32, device="cuda")
+        accept.copy_(accepted)
+        out.fill_(SENTINEL)
+        last.fill_(SENTINEL)
         graph.replay()
-        cpu_out, cpu_last = allocs["cpu"].alloc_draft(rows["cpu"], n)
-        allocs["cpu"].commit(rows["cpu"], torch.tensor(accepted))
-        torch.cuda.synchronize()
-        assert out.tolist() == cpu_out.tolist() and last.tolist() == cpu_last.tolist()
-    gpu.refresh()
-    check_layout(gpu)
+        eager_out, eager_last = eager.alloc_draft(rows, n)
+        eager.commit(rows, accepted)
+        assert torch.equal(out, eager_out) and torch.equal(last, eager_last)
+    torch.cuda.synchronize()
+    graphed.refresh()  # the replays ran no host code: re-read the usage before the next eager call
+    check_layout(graphed)
     for name in STATE_TENSORS:
-        assert torch.equal(getattr(gpu, name).cpu(), getattr(allocs["cpu"], name)), name
-    gpu.free_requests(rows["cuda"])
-    assert gpu.num_free_slots() == gpu.num_slots
+        assert torch.equal(getattr(graphed, name), getattr(eager, name)), name
+    assert int(graphed.seq_lens[rows].sum()) - sum(prompt_lens) > replays * bs  # about 2 accepted per replay
+    graphed.free_requests(rows)
+    assert graphed.num_free_slots() == graphed.num_slots
