@@ -46,6 +46,8 @@ _FREE_TILE = 128
 _FREE_BLOCK_P = 16
 # Requests per program of the commit kernel.
 _COMMIT_TILE = 1024
+# CUDA warps per program (ignored by triton-ascend and the interpreter).
+_NUM_WARPS = 4
 
 IntVector = Union[torch.Tensor, Sequence[int]]
 
@@ -210,21 +212,22 @@ class DraftCacheAllocator:
         if not rows:
             return
         rows_t = torch.tensor(rows, dtype=torch.int64, device=self.device)
-        backend.kernels("allocator", self.device)._free_pages_kernel[(1,)](
-            self.req_to_token,
-            rows_t,
-            self.seq_lens,
-            self.alloc_lens,
-            self.window_lens,
-            self.free_pages,
-            self.num_free_pages,
-            len(rows),
-            self.max_requests,
-            self.num_pages,
-            self.req_to_token.stride(0),
-            PAGE_SIZE=self.page_size,
-            TILE=_FREE_TILE,
-            BLOCK_P=_FREE_BLOCK_P,
+        backend.launch(
+            backend.kernels("allocator", self.device)._free_pages_kernel,
+            (1,),
+            self.device,
+            (
+                self.req_to_token,
+                rows_t,
+                self.seq_lens,
+                self.alloc_lens,
+                self.window_lens,
+                self.free_pages,
+                self.num_free_pages,
+            ),
+            (len(rows), self.max_requests, self.num_pages, self.req_to_token.stride(0)),
+            (("PAGE_SIZE", self.page_size), ("TILE", _FREE_TILE), ("BLOCK_P", _FREE_BLOCK_P)),
+            _NUM_WARPS,
         )
         self.req_to_token.index_fill_(0, rows_t, 0)
         for row in rows:
@@ -322,8 +325,14 @@ class DraftCacheAllocator:
         num_tiles = triton.cdiv(bs, _COMMIT_TILE)
         if backend.prefers_persistent_grid(self.device):
             num_tiles = min(num_tiles, backend.num_cores(self.device))
-        backend.kernels("allocator", self.device)._commit_kernel[(num_tiles,)](
-            rows, accept, self.seq_lens, self.window_lens, bs, self.max_requests, TILE=_COMMIT_TILE
+        backend.launch(
+            backend.kernels("allocator", self.device)._commit_kernel,
+            (num_tiles,),
+            self.device,
+            (rows, accept, self.seq_lens, self.window_lens),
+            (bs, self.max_requests),
+            (("TILE", _COMMIT_TILE),),
+            _NUM_WARPS,
         )
 
     # ------------------------------------------------------------------------------------------------- pool
@@ -344,8 +353,8 @@ class DraftCacheAllocator:
 
     # ---------------------------------------------------------------------------------------------- internals
 
-    def _sync_bounds(self) -> tuple[int, int]:
-        """Make the host bounds exact: one device→host copy. Returns (free pages, longest alloc_len)."""
+    def _sync_bounds(self) -> None:
+        """Make the host bounds exact: one device→host copy."""
         live = self.rows_in_use()
         live_t = torch.tensor(live, dtype=torch.int64, device=self.device)
         values = torch.cat([self.num_free_pages.long(), self.alloc_lens[live_t]]).tolist()
@@ -354,7 +363,6 @@ class DraftCacheAllocator:
         self._alloc_len_bound = max(allocs, default=0)
         for row, alloc in zip(live, allocs):
             self._min_pages[row] = _pages(alloc, self.page_size)
-        return free, self._alloc_len_bound
 
     def _check_draft(self, req_pool_indices: IntVector, num_draft_tokens: int, validate: bool):
         """Check the arguments of a draft; returns (rows on the device, rows on the host or None, N)."""
@@ -423,27 +431,31 @@ class DraftCacheAllocator:
         block_n = _MAX_BLOCK_N if prefill else min(max(triton.next_power_of_2(window_len), 2), _MAX_BLOCK_N)
         # Pointers a specialisation does not read get a tensor of the right kind.
         placeholder = self.seq_lens
-        backend.kernels("allocator", self.device)._alloc_windows_kernel[(1,)](
-            self.req_to_token,
-            rows,
-            self.seq_lens,
-            self.alloc_lens,
-            self.window_lens,
-            placeholder if window_ends is None else window_ends,
-            self.free_pages,
-            self.num_free_pages,
-            out_cache_loc if emit else placeholder,
-            last_loc if emit else placeholder,
-            rows.size(0),
-            window_len,
-            self.max_requests,
-            self.max_context_len,
-            self.req_to_token.stride(0),
-            PAGE_SIZE=self.page_size,
-            TILE=_ALLOC_ELEMENTS // block_n,
-            BLOCK_N=block_n,
-            PREFILL=prefill,
-            EMIT=emit,
+        backend.launch(
+            backend.kernels("allocator", self.device)._alloc_windows_kernel,
+            (1,),
+            self.device,
+            (
+                self.req_to_token,
+                rows,
+                self.seq_lens,
+                self.alloc_lens,
+                self.window_lens,
+                placeholder if window_ends is None else window_ends,
+                self.free_pages,
+                self.num_free_pages,
+                out_cache_loc if emit else placeholder,
+                last_loc if emit else placeholder,
+            ),
+            (rows.size(0), window_len, self.max_requests, self.max_context_len, self.req_to_token.stride(0)),
+            (
+                ("PAGE_SIZE", self.page_size),
+                ("TILE", _ALLOC_ELEMENTS // block_n),
+                ("BLOCK_N", block_n),
+                ("PREFILL", prefill),
+                ("EMIT", emit),
+            ),
+            _NUM_WARPS,
         )
 
     def _check_rows_in_use(self, rows: list[int]) -> None:

@@ -9,8 +9,10 @@ request lives at offset ``pos % PAGE_SIZE`` of its page.
 Allocation and release are a scan over the batch (each request's pages start after those of the requests before
 it) followed by one update of the stack counter, so both kernels run as a single program that walks the tiles of
 requests in order and carries the running page count: no program waits for another and nothing races on the
-counter. Lengths, positions and page numbers are int32 (the host keeps them below 2**31); table addresses are
-int64. Every access is masked, so rows out of range are skipped rather than read out of bounds.
+counter. Inside that program, a value that one thread reads and another overwrites (a request's lengths, the
+counter) is overwritten only after a ``tl.debug_barrier()``. Lengths, positions and page numbers are int32 (the
+host keeps them below 2**31); table addresses are int64. Every access is masked, so rows out of range are skipped
+rather than read out of bounds.
 
 Sums, maxima and the scan call ``tl.reduce``/``tl.associative_scan`` with Triton's own combine functions
 (``tl.standard._sum_combine``, ``_elementwise_max``), which is what ``tl.sum``, ``tl.max`` and ``tl.cumsum`` lower
@@ -28,7 +30,9 @@ _add = tl.standard._sum_combine
 _maximum = tl.standard._elementwise_max
 
 
-@triton.jit(do_not_specialize=["bs", "window_len"])
+# No integer argument is specialised on its value: a new batch size or window never recompiles, and a kernel is
+# identified by its tensors' dtypes and alignment and its constexprs alone (see backend.launch).
+@triton.jit(do_not_specialize=["bs", "window_len", "num_rows", "max_context_len", "row_stride"])
 def _alloc_windows_kernel(
     req_to_token,
     req_pool_indices,
@@ -117,16 +121,19 @@ def _alloc_windows_kernel(
                 in_out = in_batch[:, None] & (j[None, :] < window_len)
                 dst = offs.to(tl.int64)[:, None] * window_len + j[None, :]
                 tl.store(out_cache_loc + dst, slot.to(out_cache_loc.dtype.element_ty), mask=in_out)
+        # Other threads of this program read these lengths at the top of the tile: let them finish first.
+        tl.debug_barrier()
         tl.store(alloc_lens + rows, new_allocs.to(alloc_lens.dtype.element_ty), mask=valid)
         if PREFILL:
             tl.store(seq_lens + rows, ends.to(seq_lens.dtype.element_ty), mask=valid)
             tl.store(window_lens + rows, tl.full([TILE], 0, dtype=window_lens.dtype.element_ty), mask=valid)
         else:
             tl.store(window_lens + rows, lengths.to(window_lens.dtype.element_ty), mask=valid)
+    tl.debug_barrier()  # every thread has read the counter
     tl.store(num_free_pages, (top - popped).to(num_free_pages.dtype.element_ty))
 
 
-@triton.jit(do_not_specialize=["bs"])
+@triton.jit(do_not_specialize=["bs", "num_rows", "num_pages", "row_stride"])
 def _free_pages_kernel(
     req_to_token,
     req_pool_indices,
@@ -159,6 +166,7 @@ def _free_pages_kernel(
         valid = (offs < bs) & (rows >= 0) & (rows < num_rows)
         allocs = tl.load(alloc_lens + rows, mask=valid, other=0).to(tl.int32)
         total += tl.reduce(tl.where(valid, (allocs + PAGE_SIZE - 1) // PAGE_SIZE, 0), 0, _add)
+    tl.debug_barrier()  # the lengths are zeroed below: every thread must have summed them
     pushed = tl.full([], 0, dtype=tl.int32)
     cols = tl.arange(0, BLOCK_P)
     for tile in range(0, num_tiles):
@@ -178,13 +186,15 @@ def _free_pages_kernel(
             page = first_slot.to(tl.int32) // PAGE_SIZE
             tl.store(free_pages + dst, page.to(free_pages.dtype.element_ty), mask=mine & (dst >= 0) & (dst < num_pages))
         zero = tl.full([TILE], 0, dtype=tl.int32)
+        tl.debug_barrier()  # other threads read these lengths at the top of the tile
         tl.store(alloc_lens + rows, zero.to(alloc_lens.dtype.element_ty), mask=valid)
         tl.store(seq_lens + rows, zero.to(seq_lens.dtype.element_ty), mask=valid)
         tl.store(window_lens + rows, zero.to(window_lens.dtype.element_ty), mask=valid)
+    tl.debug_barrier()  # every thread has read the counter
     tl.store(num_free_pages, (top + total).to(num_free_pages.dtype.element_ty))
 
 
-@triton.jit(do_not_specialize=["bs"])
+@triton.jit(do_not_specialize=["bs", "num_rows"])
 def _commit_kernel(req_pool_indices, accept_lens, seq_lens, window_lens, bs, num_rows, TILE: tl.constexpr):
     """``seq_lens[row_i] += accept_lens[i]``; ``window_lens[row_i] = 0`` (the draft window is closed)."""
     pid = tl.program_id(0)
