@@ -18,6 +18,7 @@ import threading
 from types import ModuleType
 
 import torch
+import triton
 
 _INTERPRET_ENV = "TRITON_INTERPRET"
 _env_lock = threading.Lock()
@@ -95,8 +96,6 @@ def _kernel_module(module_name: str, interpreted: bool) -> ModuleType:
 def num_cores(device: torch.device) -> int:
     """Programs that run at once on ``device``: vector cores on Ascend, SMs on CUDA, 1 on cpu."""
     if device.type == "npu":
-        import triton
-
         props = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)
         return int(props["num_vectorcore"])
     if device.type == "cuda":
@@ -137,19 +136,14 @@ def launch(
     if device.type != "cuda" or not _fast_launch:
         kernel[grid](*tensors, *scalars, **dict(constexprs), num_warps=num_warps)
         return
-    key = (
-        kernel,
-        device.index,
-        constexprs,
-        num_warps,
-        *[t.dtype for t in tensors],
-        *[t.data_ptr() % 16 == 0 for t in tensors],
-    )
+    pointers = [t.data_ptr() for t in tensors]
+    key = (kernel, device.index, constexprs, num_warps, *[t.dtype for t in tensors], *[p % 16 == 0 for p in pointers])
     compiled = _compiled.get(key)
     if compiled is None:
         _compiled[key] = kernel[grid](*tensors, *scalars, **dict(constexprs), num_warps=num_warps)
         return
-    args = (*tensors, *scalars, *[value for _, value in constexprs])
+    # The launcher takes a pointer as an int as well as a tensor; ints save it a data_ptr() call each.
+    args = (*pointers, *scalars, *[value for _, value in constexprs])
     try:
         _launch_compiled(compiled, grid, device, args)
     except (TypeError, AttributeError):  # A Triton whose launcher differs: raised before anything runs.
@@ -158,8 +152,6 @@ def launch(
 
 
 def _launch_compiled(compiled, grid: tuple[int], device: torch.device, args: tuple) -> None:
-    import triton
-
     stream = triton.runtime.driver.active.get_current_stream(device.index)
     hooks = triton.knobs.runtime
     compiled.run(
