@@ -135,6 +135,14 @@ class DraftCacheAllocator:
         self._pages_bound = 0  # >= pages in use
         self._alloc_len_bound = 0  # >= alloc_len of every row in use
         self._min_pages = [0] * max_requests  # <= pages owned by each row in use
+        # Since the last exact count (_used_at_sync pages): pages of prompts added, rows that could be drafted,
+        # tokens drafted in all. A row that drafts windows summing to S gains at most ceil(S / page_size) pages
+        # (its windows advance by at most what it drafted), a far tighter bound than a page per step when
+        # windows are shorter than pages.
+        self._used_at_sync = 0
+        self._added_since_sync = 0
+        self._rows_since_sync = 0
+        self._drafted_since_sync = 0
 
     @property
     def total_slots(self) -> int:
@@ -198,6 +206,8 @@ class DraftCacheAllocator:
             self._in_use[row] = True
             self._min_pages[row] = row_pages
         self._pages_bound += need
+        self._added_since_sync += need
+        self._rows_since_sync += n
         self._alloc_len_bound = max([self._alloc_len_bound, *lens])
         return rows_t
 
@@ -236,8 +246,7 @@ class DraftCacheAllocator:
             self._pages_bound -= self._min_pages[row]
             self._min_pages[row] = 0
         if not self.num_requests:
-            self._pages_bound = 0
-            self._alloc_len_bound = 0
+            self._set_exact(0, 0)
 
     # ------------------------------------------------------------------------------------------------- steps
 
@@ -359,10 +368,16 @@ class DraftCacheAllocator:
         live_t = torch.tensor(live, dtype=torch.int64, device=self.device)
         values = torch.cat([self.num_free_pages.long(), self.alloc_lens[live_t]]).tolist()
         free, allocs = values[0], values[1:]
-        self._pages_bound = self.num_pages - free
-        self._alloc_len_bound = max(allocs, default=0)
+        self._set_exact(self.num_pages - free, max(allocs, default=0))
         for row, alloc in zip(live, allocs):
             self._min_pages[row] = _pages(alloc, self.page_size)
+
+    def _set_exact(self, used_pages: int, longest: int) -> None:
+        """Restart the bounds from exact counts: ``used_pages`` in use, ``longest`` the longest alloc_len."""
+        self._pages_bound = self._used_at_sync = used_pages
+        self._alloc_len_bound = longest
+        self._added_since_sync = self._drafted_since_sync = 0
+        self._rows_since_sync = self.num_requests
 
     def _check_draft(self, req_pool_indices: IntVector, num_draft_tokens: int, validate: bool):
         """Check the arguments of a draft; returns (rows on the device, rows on the host or None, N)."""
@@ -380,8 +395,15 @@ class DraftCacheAllocator:
         """Make sure the draft fits (syncing only if the bound says it might not) and update the bounds."""
         bs = rows.size(0)
         worst_pages = bs * _pages(n, self.page_size)
-        if self._pages_bound + worst_pages <= self.num_pages and self._alloc_len_bound + n <= self.max_context_len:
-            self._pages_bound += worst_pages
+        worst_since_sync = (
+            self._used_at_sync
+            + self._added_since_sync
+            + self._rows_since_sync * _pages(self._drafted_since_sync + n, self.page_size)
+        )
+        bound = min(self._pages_bound + worst_pages, worst_since_sync)
+        if bound <= self.num_pages and self._alloc_len_bound + n <= self.max_context_len:
+            self._pages_bound = bound
+            self._drafted_since_sync += n
             self._alloc_len_bound += n
             return
         # Near capacity: one sync for the exact numbers, then go on or raise with nothing changed.
@@ -412,8 +434,10 @@ class DraftCacheAllocator:
                 f"alloc_draft: {bs} requests with {n} draft tokens need {need} new pages ({need * p} slots) but "
                 f"{free} pages ({free * p} slots) are free"
             )
-        self._pages_bound = self.num_pages - free + need
-        self._alloc_len_bound = max(max(live_allocs, default=0), longest)
+        self._set_exact(self.num_pages - free, max(live_allocs, default=0))
+        self._pages_bound += need
+        self._drafted_since_sync = n
+        self._alloc_len_bound = max(self._alloc_len_bound, longest)
         for row, alloc in zip(live, live_allocs):
             self._min_pages[row] = _pages(alloc, p)
 

@@ -399,6 +399,18 @@ def test_no_sync_needed_while_the_pool_has_headroom():
     check_layout(alloc)
 
 
+def test_windows_shorter_than_pages_need_no_sync():
+    # A page per request per step would pass 64 pages after 5 steps; a window of 4 crosses a page of 64 only
+    # every 16 tokens, and the bound knows it.
+    alloc = DraftCacheAllocator(64 * 64, 8, 1024, page_size=64, device="cpu")
+    rows = alloc.add_requests([100, 1, 64, 0, 5, 200, 63, 17])  # 12 pages
+    for _ in range(60):
+        alloc.alloc_draft(rows, 4)
+        alloc.commit(rows, torch.full((8,), 4))
+    assert alloc.num_syncs == 0
+    check_layout(alloc)
+
+
 def test_near_capacity_the_bound_syncs_instead_of_failing():
     # 16 pages of 1 slot, 2 requests: the worst-case bound passes capacity long before the pool does.
     alloc = DraftCacheAllocator(16, 2, 64, device="cpu")
