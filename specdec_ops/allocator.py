@@ -38,8 +38,9 @@ __all__ = [
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _INT32_LIMIT = 2**31
-# Elements of the [TILE, BLOCK_N] window tile of the allocation kernel.
-_ALLOC_ELEMENTS = 2048
+# Elements of the [TILE, BLOCK_N] window tile of the allocation kernel: about a dozen such tiles are live at once,
+# which must stay well inside Ascend's 192 KB on-chip buffer.
+_ALLOC_ELEMENTS = 1024
 _MAX_BLOCK_N = 64
 # [TILE, BLOCK_P] tile of the kernel that returns pages to the stack.
 _FREE_TILE = 128
