@@ -136,12 +136,12 @@ class DraftCacheAllocator:
         self._pages_bound = 0  # >= pages in use
         self._alloc_len_bound = 0  # >= alloc_len of every row in use
         self._min_pages = [0] * max_requests  # <= pages owned by each row in use
-        # Since the last exact count (_used_at_sync pages): pages of prompts added, rows that could be drafted,
-        # tokens drafted in all. A row that drafts windows summing to S gains at most ceil(S / page_size) pages
-        # (its windows advance by at most what it drafted), a far tighter bound than a page per step when
-        # windows are shorter than pages.
+        # Since the last exact count (_used_at_sync pages): pages of prompts added less pages surely freed, rows
+        # that could be drafted, tokens drafted in all. A row that drafts windows summing to S gains at most
+        # ceil(S / page_size) pages (its windows advance by at most what it drafted): a far tighter bound than a
+        # page per step when windows are shorter than pages.
         self._used_at_sync = 0
-        self._added_since_sync = 0
+        self._net_pages_since_sync = 0
         self._rows_since_sync = 0
         self._drafted_since_sync = 0
 
@@ -207,7 +207,7 @@ class DraftCacheAllocator:
             self._in_use[row] = True
             self._min_pages[row] = row_pages
         self._pages_bound += need
-        self._added_since_sync += need
+        self._net_pages_since_sync += need
         self._rows_since_sync += n
         self._alloc_len_bound = max([self._alloc_len_bound, *lens])
         return rows_t
@@ -245,6 +245,7 @@ class DraftCacheAllocator:
             self._in_use[row] = False
             heapq.heappush(self._free_rows, row)
             self._pages_bound -= self._min_pages[row]
+            self._net_pages_since_sync -= self._min_pages[row]
             self._min_pages[row] = 0
         if not self.num_requests:
             self._set_exact(0, 0)
@@ -377,7 +378,7 @@ class DraftCacheAllocator:
         """Restart the bounds from exact counts: ``used_pages`` in use, ``longest`` the longest alloc_len."""
         self._pages_bound = self._used_at_sync = used_pages
         self._alloc_len_bound = longest
-        self._added_since_sync = self._drafted_since_sync = 0
+        self._net_pages_since_sync = self._drafted_since_sync = 0
         self._rows_since_sync = self.num_requests
 
     def _check_draft(self, req_pool_indices: IntVector, num_draft_tokens: int, validate: bool):
@@ -398,7 +399,7 @@ class DraftCacheAllocator:
         worst_pages = bs * _pages(n, self.page_size)
         worst_since_sync = (
             self._used_at_sync
-            + self._added_since_sync
+            + self._net_pages_since_sync
             + self._rows_since_sync * _pages(self._drafted_since_sync + n, self.page_size)
         )
         bound = min(self._pages_bound + worst_pages, worst_since_sync)
