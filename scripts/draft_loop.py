@@ -285,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
         done = [row for row in seq if rng.random() < args.finish_prob or seq[row] + n > args.max_context_len]
         free(done)
         stats.finished += len(done)
-        # Arrivals into free rows, all in one call; if the pool cannot take them now, they wait.
+        # Arrivals into free rows, all in one call; if the pool cannot take them, they are refused.
         free_rows = args.batch_size - len(seq)
         prompts = [rng.randint(1, args.max_prompt_len) for _ in range(free_rows) if rng.random() < args.arrival_prob]
         if prompts:
@@ -355,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"steps              {stats.steps} in {elapsed:.1f} s")
     print(
         f"requests           arrived {stats.arrived}, finished {stats.finished}, preempted {stats.preempted}, "
-        f"arrivals deferred (pool full) {stats.deferred_arrivals}, live at the end {live_at_end}"
+        f"arrivals refused (pool full) {stats.deferred_arrivals}, live at the end {live_at_end}"
     )
     rate = stats.accepted / stats.drafted if stats.drafted else 0.0
     print(f"tokens             drafted {stats.drafted}, accepted {stats.accepted} ({rate:.1%})")
