@@ -217,7 +217,7 @@ class Stats:
     arrived: int = 0
     finished: int = 0
     preempted: int = 0
-    deferred_arrivals: int = 0
+    refused_arrivals: int = 0
     peak_used_slots: int = 0
     step_seconds: list = field(default_factory=list)
     add_free_seconds: list = field(default_factory=list)
@@ -292,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
             try:
                 new_rows = alloc.add_requests(prompts).tolist()
             except OutOfSlotsError:
-                stats.deferred_arrivals += len(prompts)
+                stats.refused_arrivals += len(prompts)
             else:
                 for row, length in zip(new_rows, prompts):
                     seq[row], alloc_len[row], request_ids[row] = length, length, next_id
@@ -355,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"steps              {stats.steps} in {elapsed:.1f} s")
     print(
         f"requests           arrived {stats.arrived}, finished {stats.finished}, preempted {stats.preempted}, "
-        f"arrivals refused (pool full) {stats.deferred_arrivals}, live at the end {live_at_end}"
+        f"arrivals refused (pool full) {stats.refused_arrivals}, live at the end {live_at_end}"
     )
     rate = stats.accepted / stats.drafted if stats.drafted else 0.0
     print(f"tokens             drafted {stats.drafted}, accepted {stats.accepted} ({rate:.1%})")
