@@ -84,6 +84,11 @@ class DraftCacheAllocator:
     """KV-cache slots of up to ``max_requests`` requests of up to ``max_context_len`` tokens, from a pool of
     ``num_slots`` slots in pages of ``page_size``.
 
+    A step is ``alloc_draft(rows, N)`` (one launch), verification, then ``commit(rows, accept_lens)`` (one launch).
+    Rows given as tensors are trusted on the hot path: they must be rows in use, without duplicates, and each
+    accept length must lie in ``[0, N]`` of the row's last window; ``validate=True`` checks this at the cost of a
+    sync. After replaying a captured step, call :meth:`refresh` before the next eager call.
+
     Attributes (device tensors, read them freely, change them only through the methods):
         req_to_token: ``[max_requests, max_context_len]`` int32, the slot of every position; 0 (padding) where
             a position owns no slot.
