@@ -382,6 +382,7 @@ def capture_graph(calls: list[Callable[[], object]], device: torch.device):
         run_calls(calls)
     accelerator.current_stream(device).wait_stream(side)
     accelerator.synchronize(device)
+    gc.collect()  # a collection inside the capture could free memory of other streams and invalidate it
     with accelerator.graph(graph):
         outputs = [call() for call in calls]
     accelerator.synchronize(device)

@@ -15,6 +15,11 @@ the table update and the read-back of ``out_cache_loc`` and ``last_loc``) and :m
 one more. Neither reads anything back to the host while a host-side upper bound of the pages in use and of the
 longest request says the call cannot fail; only when that bound reaches the capacity does the call sync once, take
 exact numbers, and either go on or raise. So a whole step can be captured in a CUDA/NPU graph.
+
+A replayed graph runs no host code, so nothing checks capacity during replays: size the pool and
+``max_context_len`` for every step you replay, and call :meth:`~DraftCacheAllocator.refresh` afterwards. Past
+capacity the kernels still touch no memory outside the allocator's tensors, but hand out the padding page and
+stop windows at ``max_context_len``.
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ from collections.abc import Sequence
 from typing import Union
 
 import torch
-import triton
 
 from . import backend
 
@@ -338,7 +342,7 @@ class DraftCacheAllocator:
                 )
         if not bs:
             return
-        num_tiles = triton.cdiv(bs, _COMMIT_TILE)
+        num_tiles = (bs + _COMMIT_TILE - 1) // _COMMIT_TILE
         if backend.prefers_persistent_grid(self.device):
             num_tiles = min(num_tiles, backend.num_cores(self.device))
         backend.launch(
@@ -459,7 +463,7 @@ class DraftCacheAllocator:
         prefill: bool,
     ) -> None:
         emit = out_cache_loc is not None
-        block_n = _MAX_BLOCK_N if prefill else min(max(triton.next_power_of_2(window_len), 2), _MAX_BLOCK_N)
+        block_n = _MAX_BLOCK_N if prefill else min(max(1 << (window_len - 1).bit_length(), 2), _MAX_BLOCK_N)
         # Pointers a specialisation does not read get a tensor of the right kind.
         placeholder = self.seq_lens
         backend.launch(

@@ -12,6 +12,7 @@ import torch
 from conftest import SENTINEL, sentinel_like
 
 import specdec_ops
+from specdec_ops import DraftCacheAllocator
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -273,4 +274,26 @@ def test_memcheck_finds_no_error_with_adversarial_values():
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "ERROR SUMMARY: 0 errors" in output
-    assert "2 passed" in output
+    assert "3 passed" in output
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_adversarial_allocator_steps_past_capacity_stay_inside_the_tensors(device):
+    """What graph replays past capacity do: the step's kernels without the host checks, 20 steps into a pool
+    and contexts that hold 4. Wrong slots are allowed then; memory outside the allocator's tensors is not."""
+    alloc = DraftCacheAllocator(32, 3, 24, page_size=4, device=device)
+    rows = alloc.add_requests([2, 5, 1])
+    out_buf, out = guarded(3 * 4, torch.int64, device)
+    last_buf, last = guarded(3, torch.int64, device)
+    accept = torch.full((3,), 4, dtype=torch.int64, device=device)
+    for _ in range(20):
+        alloc._launch_alloc(rows, 4, None, out, last, prefill=False)
+        alloc.commit(rows, accept)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    for buf, n in ((out_buf, 12), (last_buf, 3)):
+        assert buf[:GUARD].tolist() == [SENTINEL] * GUARD
+        assert buf[GUARD + n :].tolist() == [SENTINEL] * GUARD
+    total = alloc.total_slots
+    assert ((out >= -1) & (out < total)).all() and ((last >= -1) & (last < total)).all()
+    assert ((alloc.req_to_token >= 0) & (alloc.req_to_token < total)).all()

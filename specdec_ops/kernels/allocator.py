@@ -93,7 +93,7 @@ def _alloc_windows_kernel(
         last_page = tl.load(req_to_token + (row_addr + allocs - 1), mask=has_partial, other=0).to(tl.int32)
         last_page = last_page // PAGE_SIZE
         if EMIT:
-            has_prefix = valid & (starts > 0)
+            has_prefix = valid & (starts > 0) & (starts <= max_context_len)
             prev = tl.load(req_to_token + (row_addr + starts - 1), mask=has_prefix, other=-1)
             tl.store(last_loc + offs, prev.to(last_loc.dtype.element_ty), mask=in_batch)
         lengths = tl.where(valid, ends - starts, 0)
