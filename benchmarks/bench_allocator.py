@@ -87,8 +87,9 @@ class Step:
 
 
 def _steps(bs: int, n: int, page_size: int) -> tuple[Step, Step]:
-    # Checks, the eager run before a capture, (warm-up + timed rounds) x replays of CALLS steps, the last check.
-    steps = CHECK_STEPS + CALLS + CALLS * (1 + ROUNDS) * REPLAYS + 1
+    # Checks, the eager run before a capture, (warm-up + timed rounds) x replays of CALLS steps, the last check,
+    # with room to spare: past it a replayed step would run out of context.
+    steps = 2 * (CHECK_STEPS + CALLS + CALLS * (1 + ROUNDS) * REPLAYS + 1)
     fused, unfused = (Step(v, bs, n, page_size, steps) for v in ("fused", "unfused"))
     for _ in range(CHECK_STEPS):  # the same calls give the same slots, whichever way the step is built
         got_fused, got_unfused = fused.checked_call(), unfused.checked_call()

@@ -52,7 +52,7 @@ _FREE_BLOCK_P = 16
 # Requests per program of the commit kernel.
 _COMMIT_TILE = 1024
 # CUDA warps per program (ignored by triton-ascend and the interpreter).
-_NUM_WARPS = 4
+_NUM_WARPS = 8
 
 IntVector = Union[torch.Tensor, Sequence[int]]
 
