@@ -31,6 +31,7 @@ from typing import Union
 import torch
 
 from . import backend
+from .ops import _INDEX_DTYPES, _INT32_LIMIT
 
 __all__ = [
     "AllocationError",
@@ -40,8 +41,6 @@ __all__ = [
     "OutOfSlotsError",
 ]
 
-_INDEX_DTYPES = (torch.int32, torch.int64)
-_INT32_LIMIT = 2**31
 # Elements of the [TILE, BLOCK_N] window tile of the allocation kernel: about a dozen such tiles are live at once,
 # which must stay well inside Ascend's 192 KB on-chip buffer.
 _ALLOC_ELEMENTS = 1024
