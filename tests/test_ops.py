@@ -269,13 +269,27 @@ def test_empty_batch_returns_empty_results(device):
     assert specdec_ops.get_last_loc(batch.req_to_token, batch.req_pool_indices, batch.start_offset).numel() == 0
 
 
+@pytest.fixture
+def scan_block(monkeypatch):
+    """``scan_block(n)``: the window kernels sum earlier requests n at a time, for this test only."""
+
+    def set_scan_block(value: int) -> None:
+        monkeypatch.setattr(ops, "_SCAN_BLOCK", value)
+        ops._window_constexprs.cache_clear()
+
+    yield set_scan_block
+    monkeypatch.undo()
+    ops._window_constexprs.cache_clear()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("lengths,n", [("uniform", 4), ("ragged", 6)], ids=["uniform4", "ragged6"])
 @pytest.mark.parametrize("cores", [1, 3], ids=["cores1", "cores3"])
-def test_persistent_grid_loops_over_tiles(device, lengths, n, cores, monkeypatch):
+def test_persistent_grid_loops_over_tiles(device, lengths, n, cores, monkeypatch, scan_block):
     """Fewer programs than tiles: each program carries its prefix from one of its tiles to the next."""
     monkeypatch.setattr(backend, "num_cores", lambda _device: cores)
-    monkeypatch.setattr(ops, "_SCAN_BLOCK", 64)  # several scan steps per earlier stretch
+    scan_block(64)  # several scan steps per earlier stretch
+    assert dict(ops._window_constexprs(None))["SCAN_BLOCK"] == 64
     batch = make_batch(1100, lengths, n, seed=7, device=device)  # 5+ gather tiles, 2 last_loc tiles
     loop_out, loop_last = loop_reference(batch)
     out, last, n_tok = run_fused(batch, persistent=True)
@@ -286,9 +300,9 @@ def test_persistent_grid_loops_over_tiles(device, lengths, n, cores, monkeypatch
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_scan_over_many_earlier_tiles(device, monkeypatch):
+def test_scan_over_many_earlier_tiles(device, scan_block):
     """The last tiles sum the windows of thousands of earlier requests in several scan blocks."""
-    monkeypatch.setattr(ops, "_SCAN_BLOCK", 256)
+    scan_block(256)
     batch = make_batch(2600, "ragged", 3, seed=13, device=device, num_rows=400)
     loop_out, loop_last = loop_reference(batch)
     out, last, n_tok = run_fused(batch)
