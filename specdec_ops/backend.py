@@ -70,7 +70,6 @@ def kernels(module_name: str, device: torch.device) -> ModuleType:
 _modules: dict[tuple[str, str], ModuleType] = {}
 
 
-@functools.cache
 def _kernel_module(module_name: str, interpreted: bool) -> ModuleType:
     name = f"{__package__}.kernels.{module_name}"
     if not interpreted or _INTERPRET_ALL:
