@@ -214,7 +214,7 @@ def _run_fused(x: StepInputs) -> Outputs:
 
 
 def _run_unfused(x: StepInputs) -> Outputs:
-    last_loc = specdec_ops.get_last_loc(x.req_to_token, x.req_pool_indices, x.start_offset)
+    last_loc = specdec_ops.get_last_loc(x.req_to_token, x.req_pool_indices, x.start_offset, last_loc=x.last_loc)
     out_cache_loc = specdec_ops.assign_extend_cache_locs(
         x.req_to_token,
         x.req_pool_indices,

@@ -31,7 +31,7 @@ from typing import Union
 import torch
 
 from . import backend
-from .ops import _INDEX_DTYPES, _INT32_LIMIT
+from .ops import _INDEX_DTYPES, _INT32_LIMIT, _MAX_BLOCK_N, _block_n, _check_vector
 
 __all__ = [
     "AllocationError",
@@ -44,7 +44,6 @@ __all__ = [
 # Elements of the [TILE, BLOCK_N] window tile of the allocation kernel: about a dozen such tiles are live at once,
 # which must stay well inside Ascend's 192 KB on-chip buffer.
 _ALLOC_ELEMENTS = 1024
-_MAX_BLOCK_N = 64
 # [TILE, BLOCK_P] tile of the kernel that returns pages to the stack.
 _FREE_TILE = 128
 _FREE_BLOCK_P = 16
@@ -462,7 +461,7 @@ class DraftCacheAllocator:
         prefill: bool,
     ) -> None:
         emit = out_cache_loc is not None
-        block_n = _MAX_BLOCK_N if prefill else min(max(1 << (window_len - 1).bit_length(), 2), _MAX_BLOCK_N)
+        block_n = _MAX_BLOCK_N if prefill else _block_n(window_len)
         # Pointers a specialisation does not read get a tensor of the right kind.
         placeholder = self.seq_lens
         backend.launch(
@@ -526,15 +525,13 @@ class DraftCacheAllocator:
         return self._device_ints("req_pool_indices", req_pool_indices)
 
     def _check_int_tensor(self, name: str, tensor: torch.Tensor, *, check_device: bool) -> None:
+        if check_device:  # the ops' check: 1-D, int32/int64, contiguous, on the device of req_to_token
+            _check_vector(name, tensor, self.device, None)
+            return
         if tensor.dtype not in _INDEX_DTYPES:
             raise TypeError(f"{name} must be int32 or int64, got {tensor.dtype}")
         if tensor.dim() != 1:
             raise ValueError(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
-        if check_device:
-            if tensor.device != self.device:
-                raise ValueError(f"{name} must be on the allocator's device ({self.device}), got {tensor.device}")
-            if tensor.stride(0) != 1 and tensor.size(0) > 1:
-                raise ValueError(f"{name} must have unit stride, got stride {tensor.stride(0)}")
 
     def _check_buffer(self, name: str, out: torch.Tensor, length: int, *, exact: bool) -> None:
         self._check_int_tensor(name, out, check_device=True)

@@ -116,6 +116,11 @@ def _launch_grid(num_tiles: int, device: torch.device, persistent: bool | None) 
     return (num_tiles,)
 
 
+def _block_n(window_len: int) -> int:
+    """Window columns per gather step: ``window_len`` rounded up to a power of two, in [2, _MAX_BLOCK_N]."""
+    return min(max(1 << (window_len - 1).bit_length(), 2), _MAX_BLOCK_N)
+
+
 @functools.cache
 def _window_constexprs(window_len: int | None, npu: bool = False) -> tuple[tuple[str, object], ...]:
     """Constexprs of the window kernels: requests per program, window columns per gather step, ..."""
@@ -123,7 +128,7 @@ def _window_constexprs(window_len: int | None, npu: bool = False) -> tuple[tuple
     if window_len is None:
         tile, block_n = _RAGGED_TILE // shrink, _RAGGED_BLOCK_N
     else:
-        block_n = min(max(1 << (window_len - 1).bit_length(), 2), _MAX_BLOCK_N)
+        block_n = _block_n(window_len)
         tile = max(_GATHER_ELEMENTS // block_n, 16)
     uniform = window_len is not None
     return (("TILE", tile), ("BLOCK_N", block_n), ("SCAN_BLOCK", _SCAN_BLOCK // shrink), ("UNIFORM", uniform))
