@@ -2,19 +2,28 @@
 
 Slots are reserved ahead of the committed length and reused across steps. The draft window of a step is positions
 ``[seq_len, seq_len + N)``; verification commits ``seq_len += accepted``; rejected positions keep their slots for
-the next window. Slots return to the pool only when a request is freed.
+the next window. Slots return to the pool when a request is freed, or go to the caller's prefix cache.
 
 Slot layout (SGLang's paged layout): page 0, slots ``0 .. page_size - 1``, is the padding page and is never
 handed out; pages ``1 .. num_slots // page_size`` are the pool, so the KV buffer needs ``num_slots + page_size``
 slots (:attr:`DraftCacheAllocator.total_slots`). Position ``pos`` of a request sits at offset ``pos % page_size``
 of one of the request's pages; a window first fills the request's last partial page, then takes whole pages from
-a device-side free-page stack in a fixed order, so the same calls give the same table on every rank.
+a device-side FIFO ring of free pages in a fixed order (batch order, then position order), so the same calls give
+the same table on every rank.
 
-Hot path: :meth:`~DraftCacheAllocator.alloc_draft` is one kernel launch (the page scan, the pops from the stack,
+Prefix cache: a request may start from pages that the caller's prefix cache owns (``add_requests(prefix_slots=,
+prefix_lens=)``); the allocator reads them but never frees them. A finished request can hand its leading pages to
+the cache instead of the pool (``free_requests(keep_lens=)``), and the cache gives pages back when it evicts
+(:meth:`~DraftCacheAllocator.release_slots`). Free pages, pages owned by live requests and pages handed to the cache
+are three disjoint sets that together make up the pool.
+
+Hot path: :meth:`~DraftCacheAllocator.alloc_draft` is one kernel launch (the page scan, the pops from the ring,
 the table update and the read-back of ``out_cache_loc`` and ``last_loc``) and :meth:`~DraftCacheAllocator.commit`
-one more. Neither reads anything back to the host while a host-side upper bound of the pages in use and of the
-longest request says the call cannot fail; only when that bound reaches the capacity does the call sync once, take
-exact numbers, and either go on or raise. So a whole step can be captured in a CUDA/NPU graph.
+one more. The allocation kernel runs on many programs, each recomputing the page needs of the requests before its
+tile; its last program updates the shared counters (see ``kernels/allocator.py``). Neither call reads anything back
+to the host while a host-side upper bound of the pages in use and of the longest request says the call cannot fail;
+only when that bound reaches the capacity does the call sync once, take exact numbers, and either go on or raise.
+So a whole step can be captured in a CUDA/NPU graph.
 
 A replayed graph runs no host code, so nothing checks capacity during replays: size the pool and
 ``max_context_len`` for every step you replay, and call :meth:`~DraftCacheAllocator.refresh` afterwards. Past
@@ -25,6 +34,7 @@ stop windows at ``max_context_len``.
 from __future__ import annotations
 
 import heapq
+from collections import Counter
 from collections.abc import Sequence
 from typing import Union
 
@@ -41,12 +51,28 @@ __all__ = [
     "OutOfSlotsError",
 ]
 
-# Elements of the [TILE, BLOCK_N] window tile of the allocation kernel: about a dozen such tiles are live at once,
-# which must stay well inside Ascend's 192 KB on-chip buffer.
+# Pools and contexts stay below 2**30 so that ring offsets and window ends stay exact int32 sums in the kernels.
+_SIZE_LIMIT = 2**30
+# bishengir lowers vector int32 `//` through float32: exact below 2**24. Page sizes that are not powers of two
+# divide, so on an NPU their pools and contexts must stay below this.
+_NPU_EXACT_DIV_LIMIT = 2**24
+# Launch configuration of the allocation kernel: [TILE, BLOCK_N] window tiles of at most _ALLOC_ELEMENTS slots and
+# at most _MAX_TILE requests per program; every program sums the page needs of earlier requests _SCAN_BLOCK at a
+# time. Tests shrink them to span many programs with few requests. Ascend takes smaller tiles (its on-chip buffer,
+# checked by scripts/ascend_compile_check.py).
 _ALLOC_ELEMENTS = 1024
-# [TILE, BLOCK_P] tile of the kernel that returns pages to the stack.
-_FREE_TILE = 128
+_MAX_TILE = 128
+_SCAN_BLOCK = 1024
+_NPU_ALLOC_ELEMENTS = 128
+_NPU_MAX_TILE = 32
+_NPU_SCAN_BLOCK = 256
+# [TILE, BLOCK_P] tile of the kernel that returns pages to the ring.
+_FREE_TILE = 64
 _FREE_BLOCK_P = 16
+_NPU_FREE_TILE = 16
+_NPU_FREE_BLOCK_P = 8
+# Pages per step of the kernel that pushes evicted pages.
+_PUSH_TILE = 1024
 # Requests per program of the commit kernel.
 _COMMIT_TILE = 1024
 # CUDA warps per program (ignored by triton-ascend and the interpreter).
@@ -71,15 +97,20 @@ class ContextLengthError(AllocationError):
     """A request would grow past ``max_context_len``."""
 
 
-def _check_size(name: str, value: int, minimum: int) -> None:
+def _check_size(name: str, value: int, minimum: int, limit: int = _INT32_LIMIT) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not minimum <= value < _INT32_LIMIT:
-        raise ValueError(f"{name} must be in [{minimum}, 2**31), got {value}")
+    if not minimum <= value < limit:
+        raise ValueError(f"{name} must be in [{minimum}, 2**{limit.bit_length() - 1}), got {value}")
 
 
 def _pages(length: int, page_size: int) -> int:
     return -(-length // page_size)
+
+
+def _page_shift(page_size: int) -> int:
+    """log2(page_size) for a power of two, else -1 (the kernels then divide)."""
+    return page_size.bit_length() - 1 if page_size & (page_size - 1) == 0 else -1
 
 
 class DraftCacheAllocator:
@@ -87,9 +118,10 @@ class DraftCacheAllocator:
     ``num_slots`` slots in pages of ``page_size``.
 
     A step is ``alloc_draft(rows, N)`` (one launch), verification, then ``commit(rows, accept_lens)`` (one launch).
-    Rows given as tensors are trusted on the hot path: they must be rows in use, without duplicates, and each
-    accept length must lie in ``[0, N]`` of the row's last window; ``validate=True`` checks this at the cost of a
-    sync. After replaying a captured step, call :meth:`refresh` before the next eager call.
+    Rows given as tensors are trusted on the hot path: they must be rows in use, without duplicates;
+    ``validate=True`` checks this at the cost of a sync. Accept lengths are clamped on the device to the row's open
+    draft window, so no value corrupts the pool. After replaying a captured step, call :meth:`refresh` before the
+    next eager call.
 
     Attributes (device tensors, read them freely, change them only through the methods):
         req_to_token: ``[max_requests, max_context_len]`` int32, the slot of every position; 0 (padding) where
@@ -97,9 +129,11 @@ class DraftCacheAllocator:
         seq_lens: ``[max_requests]`` int64, committed tokens of each row.
         alloc_lens: ``[max_requests]`` int64, positions ``[0, alloc_len)`` own slots; ``alloc_len >= seq_len``.
         window_lens: ``[max_requests]`` int64, the draft window opened by the last :meth:`alloc_draft`, 0 once
-            committed (``commit(validate=True)`` checks accept lengths against it).
-        free_pages: ``[num_pages]`` int32; ``free_pages[:num_free_pages[0]]`` is the stack of free pages.
-        num_free_pages: ``[1]`` int32.
+            committed.
+        prefix_lens: ``[max_requests]`` int64, positions ``[0, prefix_len)`` sit on pages of the prefix cache.
+        free_pages: ``[num_pages]`` int32 ring: the free pages are ``free_pages[(free_head + k) % num_pages]``,
+            ``k < num_free_pages``, handed out from the head (:meth:`free_page_list` lists them).
+        free_head, num_free_pages: ``[1]`` int32 views of the ring's counters.
         page_size, num_slots, num_pages, max_requests, max_context_len, device.
         num_syncs: device→host syncs that :meth:`alloc_draft`, :meth:`reserve_draft` and :meth:`add_requests`
             made because the host bound reached the capacity.
@@ -117,13 +151,24 @@ class DraftCacheAllocator:
         _check_size("page_size", page_size, 1)
         _check_size("num_slots", num_slots, 0)
         _check_size("max_requests", max_requests, 1)
-        _check_size("max_context_len", max_context_len, 1)
+        _check_size("max_context_len", max_context_len, 1, _SIZE_LIMIT)
         if num_slots % page_size:
             raise ValueError(f"num_slots must be a multiple of page_size = {page_size}, got {num_slots}")
         if num_slots + page_size >= _INT32_LIMIT:
             raise ValueError(f"num_slots + page_size must be below 2**31 (int32 slots), got {num_slots + page_size}")
+        if num_slots // page_size >= _SIZE_LIMIT:
+            raise ValueError(f"num_slots // page_size must be below 2**30 pages, got {num_slots // page_size}")
         device = backend.default_device() if device is None else torch.device(device)
         self.device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0"
+        self._page_shift = _page_shift(page_size)
+        if backend.is_npu(self.device) and self._page_shift < 0:
+            # Slots and positions are divided by the page size on the vector unit: exact only below 2**24 there.
+            if num_slots + page_size >= _NPU_EXACT_DIV_LIMIT or max_context_len >= _NPU_EXACT_DIV_LIMIT:
+                raise ValueError(
+                    f"on an NPU, a page_size that is not a power of two needs num_slots + page_size and "
+                    f"max_context_len below 2**24 (exact division there), got page_size = {page_size}, "
+                    f"num_slots + page_size = {num_slots + page_size}, max_context_len = {max_context_len}"
+                )
         self.page_size = page_size
         self.num_slots = num_slots
         self.num_pages = num_slots // page_size
@@ -133,16 +178,20 @@ class DraftCacheAllocator:
         self.seq_lens = torch.zeros(max_requests, dtype=torch.int64, device=self.device)
         self.alloc_lens = torch.zeros(max_requests, dtype=torch.int64, device=self.device)
         self.window_lens = torch.zeros(max_requests, dtype=torch.int64, device=self.device)
-        # Popped from the top: page 1 first, then 2, ...
-        self.free_pages = torch.arange(self.num_pages, 0, -1, dtype=torch.int32, device=self.device)
-        self.num_free_pages = torch.full((1,), self.num_pages, dtype=torch.int32, device=self.device)
+        self.prefix_lens = torch.zeros(max_requests, dtype=torch.int64, device=self.device)
+        # Handed out from the head: page 1 first, then 2, ...
+        self.free_pages = torch.arange(1, self.num_pages + 1, dtype=torch.int32, device=self.device)
+        # [head, count, ticket]: the ticket is the kernels' last-program counter, 0 between launches.
+        self._counters = torch.tensor([0, self.num_pages, 0], dtype=torch.int32, device=self.device)
+        self.free_head = self._counters[0:1]
+        self.num_free_pages = self._counters[1:2]
         self.num_syncs = 0
         # Host state: free rows (a min-heap, so new requests take the lowest rows), rows in use, and the bounds.
         self._free_rows = list(range(max_requests))
         self._in_use = [False] * max_requests
-        self._pages_bound = 0  # >= pages in use
+        self._pages_bound = 0  # >= pages not free (owned by live requests or by the prefix cache)
         self._alloc_len_bound = 0  # >= alloc_len of every row in use
-        self._min_pages = [0] * max_requests  # <= pages owned by each row in use
+        self._min_pages = [0] * max_requests  # <= pages owned by each row in use (its cache-owned prefix excluded)
         # Since the last exact count (_used_at_sync pages): pages of prompts added less pages surely freed, rows
         # that could be drafted, tokens drafted in all. A row that drafts windows summing to S gains at most
         # ceil(S / page_size) pages (its windows advance by at most what it drafted): a far tighter bound than a
@@ -151,6 +200,14 @@ class DraftCacheAllocator:
         self._net_pages_since_sync = 0
         self._rows_since_sync = 0
         self._drafted_since_sync = 0
+        # Prefix cache: pages handed to the cache, and for each row the cache pages it reads.
+        self._cache_pages: set[int] = set()
+        self._prefix_pages: list[list[int]] = [[] for _ in range(max_requests)]
+        self._prefix_readers: Counter[int] = Counter()
+        # Draft windows the host knows of (rows given as lists), for checking host-given accept lengths; drafts of
+        # rows given as device tensors raise _unknown_window_bound instead.
+        self._known_windows: dict[int, int] = {}
+        self._unknown_window_bound = 0
 
     @property
     def total_slots(self) -> int:
@@ -168,23 +225,36 @@ class DraftCacheAllocator:
 
     # ----------------------------------------------------------------------------------------------- requests
 
-    def add_requests(self, prompt_lens: IntVector) -> torch.Tensor:
-        """Take a free row for each prompt, give slots to its ``prompt_len`` positions and commit them.
+    def add_requests(
+        self,
+        prompt_lens: IntVector,
+        *,
+        prefix_slots: torch.Tensor | None = None,
+        prefix_lens: IntVector | None = None,
+    ) -> torch.Tensor:
+        """Take a free row for each prompt, give slots to its ``prompt_len`` positions and commit them (one launch).
 
         Args:
             prompt_lens: ``[n]`` ints >= 0, a list or an int tensor (on any device; a device tensor is read back).
+            prefix_slots: ``[n, P]`` int tensor (any device): request ``i``'s positions ``[0, prefix_lens[i])`` take
+                ``prefix_slots[i, :prefix_lens[i]]``, slots of pages that the prefix cache owns (handed to it by
+                ``free_requests(keep_lens=)``). The allocator never frees them.
+            prefix_lens: ``[n]`` ints, multiples of ``page_size``, ``<= prompt_lens`` and ``<= P``; positions
+                ``[prefix_lens[i], prompt_lens[i])`` get new pages. Checked on the host (one read of
+                ``prefix_slots``).
 
         Returns:
             ``[n]`` int64 on the allocator's device: the rows (``req_pool_indices``), lowest free rows first.
 
         Raises:
-            OutOfRowsError, ContextLengthError, OutOfSlotsError: nothing changed.
+            OutOfRowsError, ContextLengthError, OutOfSlotsError, ValueError: nothing changed.
         """
         lens = self._host_ints("prompt_lens", prompt_lens)
         for i, length in enumerate(lens):
             if length < 0:
                 raise ValueError(f"prompt_lens[{i}] must be >= 0, got {length}")
         n = len(lens)
+        prefix, prefix_pages = self._check_prefix(lens, prefix_slots, prefix_lens)
         if n > len(self._free_rows):
             raise OutOfRowsError(
                 f"add_requests: asked for {n} rows but {len(self._free_rows)} of {self.max_requests} are free"
@@ -195,67 +265,157 @@ class DraftCacheAllocator:
             raise ContextLengthError(
                 f"add_requests: prompt_lens[{i}] = {lens[i]} is longer than max_context_len = {self.max_context_len}"
             )
-        pages = [_pages(length, self.page_size) for length in lens]
+        pages = [_pages(length, self.page_size) - len(cached) for length, cached in zip(lens, prefix_pages)]
         need = sum(pages)
         if self._pages_bound + need > self.num_pages:
             self._sync_bounds()
             free = self.num_pages - self._pages_bound
             if need > free:
                 raise OutOfSlotsError(
-                    f"add_requests: {n} prompts of {sum(lens)} tokens need {need} pages ({need * self.page_size} "
-                    f"slots) but {free} pages ({free * self.page_size} slots) are free"
+                    f"add_requests: {n} prompts of {sum(lens)} tokens need {need} new pages "
+                    f"({need * self.page_size} slots) but {free} pages ({free * self.page_size} slots) are free"
                 )
-        rows = [heapq.heappop(self._free_rows) for _ in range(n)]
+        rows = heapq.nsmallest(n, self._free_rows)
         rows_t = torch.tensor(rows, dtype=torch.int64, device=self.device)
         if n:
             ends = torch.tensor(lens, dtype=torch.int64, device=self.device)
-            self._launch_alloc(rows_t, 0, ends, None, None, prefill=True)
-        for row, row_pages in zip(rows, pages):
+            if prefix is None:
+                self._launch_alloc(rows_t, 0, None, ends, None, None, None)
+            else:
+                starts = torch.tensor(prefix, dtype=torch.int64, device=self.device)
+                slots = prefix_slots.to(self.device)
+                if slots.stride(-1) != 1:
+                    slots = slots.contiguous()
+                self._launch_alloc(rows_t, 0, starts, ends, slots, None, None)
+        # The launch went through: now the host state.
+        taken = set(rows)
+        self._free_rows = [row for row in self._free_rows if row not in taken]
+        heapq.heapify(self._free_rows)
+        for row, row_pages, cached in zip(rows, pages, prefix_pages):
             self._in_use[row] = True
             self._min_pages[row] = row_pages
+            self._prefix_pages[row] = cached
+            self._prefix_readers.update(cached)
         self._pages_bound += need
         self._net_pages_since_sync += need
         self._rows_since_sync += n
         self._alloc_len_bound = max([self._alloc_len_bound, *lens])
         return rows_t
 
-    def free_requests(self, req_pool_indices: IntVector) -> None:
+    def free_requests(self, req_pool_indices: IntVector, *, keep_lens: IntVector | None = None) -> torch.Tensor:
         """Return the requests' pages to the pool and clear their rows (one launch plus a fill of the rows).
 
         Args:
             req_pool_indices: rows in use, no duplicates; a list or an int tensor (a device tensor is read back).
+            keep_lens: optional ``[bs]`` ints, multiples of ``page_size``, each ``<= `` the request's committed
+                length: the pages covering positions ``[0, keep_lens[i])`` go to the caller's prefix cache instead
+                of the pool (one more read-back, to check the lengths and learn the pages).
+
+        Returns:
+            The kept slots: ``req_to_token[row_i, :keep_lens[i]]`` of every request, concatenated in batch order
+            (int64 on the device; empty without ``keep_lens``). Pages that came in as ``prefix_slots`` stay with
+            the cache whether kept or not; they are never returned to the pool by the allocator.
         """
         rows = self._host_ints("req_pool_indices", req_pool_indices)
         self._check_rows_in_use(rows)
+        keep = None if keep_lens is None else self._host_ints("keep_lens", keep_lens)
+        kept_slots = torch.zeros(0, dtype=torch.int64, device=self.device)
         if not rows:
-            return
+            return kept_slots
         rows_t = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        kept_pages: list[int] = []
+        if keep is not None:
+            kept_slots, kept_pages = self._check_keep(rows, rows_t, keep)
+        keep_t = torch.tensor(keep, dtype=torch.int64, device=self.device) if keep is not None else rows_t
+        tile, block_p = self._free_tiles()
         backend.launch(
             backend.kernels("allocator", self.device)._free_pages_kernel,
-            (1,),
+            self._grid(len(rows), tile),
             self.device,
             (
                 self.req_to_token,
                 rows_t,
+                keep_t,
                 self.seq_lens,
                 self.alloc_lens,
                 self.window_lens,
+                self.prefix_lens,
                 self.free_pages,
-                self.num_free_pages,
+                self._counters,
             ),
-            (len(rows), self.max_requests, self.num_pages, self.req_to_token.stride(0)),
-            (("PAGE_SIZE", self.page_size), ("TILE", _FREE_TILE), ("BLOCK_P", _FREE_BLOCK_P)),
+            (len(rows), self.max_requests, self.max_context_len, self.num_pages, self.req_to_token.stride(0)),
+            (
+                ("PAGE_SIZE", self.page_size),
+                ("PAGE_SHIFT", self._page_shift),
+                ("TILE", tile),
+                ("BLOCK_P", block_p),
+                ("SCAN_BLOCK", self._scan_block()),
+                ("KEEP", keep is not None),
+            ),
             _NUM_WARPS,
         )
         self.req_to_token.index_fill_(0, rows_t, 0)
         for row in rows:
             self._in_use[row] = False
             heapq.heappush(self._free_rows, row)
-            self._pages_bound -= self._min_pages[row]
-            self._net_pages_since_sync -= self._min_pages[row]
-            self._min_pages[row] = 0
-        if not self.num_requests:
-            self._set_exact(0, 0)
+            self._prefix_readers.subtract(self._prefix_pages[row])
+            self._prefix_pages[row] = []
+            self._known_windows.pop(row, None)
+        self._prefix_readers = +self._prefix_readers  # drop zero counts
+        self._cache_pages.update(kept_pages)
+        if keep is not None or not self.num_requests:
+            self._sync_bounds()
+        else:
+            for row in rows:
+                self._pages_bound -= self._min_pages[row]
+                self._net_pages_since_sync -= self._min_pages[row]
+                self._min_pages[row] = 0
+        return kept_slots
+
+    def release_slots(self, slots: IntVector) -> None:
+        """The prefix cache evicts: the pages of ``slots`` go back to the free pool (one launch).
+
+        Args:
+            slots: slots of pages the cache owns (a list or an int tensor, read back): each slot names its page,
+                so a page may be given by any of its slots or by its full slot list; it is released once.
+
+        Raises:
+            ValueError: a page is not owned by the cache (never handed to it, or released already), or a live
+                request still reads it as its prefix; nothing changed.
+        """
+        values = self._host_ints("slots", slots)
+        pages: list[int] = []
+        seen: set[int] = set()
+        for i, slot in enumerate(values):
+            page = slot // self.page_size
+            if page not in self._cache_pages:
+                raise ValueError(
+                    f"slots[{i}] = {slot} is on page {page}, which the prefix cache does not own "
+                    f"(never handed to it by free_requests(keep_lens=), or released already)"
+                )
+            if self._prefix_readers[page]:
+                raise ValueError(
+                    f"slots[{i}] = {slot} is on page {page}, which {self._prefix_readers[page]} live request(s) "
+                    f"still read as their prefix"
+                )
+            if page not in seen:
+                seen.add(page)
+                pages.append(page)
+        if not pages:
+            return
+        pages_t = torch.tensor(pages, dtype=torch.int32, device=self.device)
+        backend.launch(
+            backend.kernels("allocator", self.device)._push_pages_kernel,
+            (1,),
+            self.device,
+            (pages_t, self.free_pages, self._counters),
+            (len(pages), self.num_pages),
+            (("TILE", _PUSH_TILE),),
+            _NUM_WARPS,
+        )
+        self._cache_pages.difference_update(pages)
+        self._pages_bound -= len(pages)
+        self._net_pages_since_sync -= len(pages)
 
     # ------------------------------------------------------------------------------------------------- steps
 
@@ -297,8 +457,7 @@ class DraftCacheAllocator:
         else:
             self._check_buffer("last_loc", last_loc, bs, exact=True)
         if bs:
-            self._ensure_draft_fits(rows, host_rows, n)
-            self._launch_alloc(rows, n, None, out_cache_loc, last_loc, prefill=False)
+            self._draft(rows, host_rows, n, out_cache_loc, last_loc)
         return out_cache_loc[: bs * n], last_loc
 
     def reserve_draft(self, req_pool_indices: IntVector, num_draft_tokens: int, *, validate: bool = False) -> None:
@@ -308,27 +467,34 @@ class DraftCacheAllocator:
         """
         rows, host_rows, n = self._check_draft(req_pool_indices, num_draft_tokens, validate)
         if rows.size(0):
-            self._ensure_draft_fits(rows, host_rows, n)
-            self._launch_alloc(rows, n, None, None, None, prefill=False)
+            self._draft(rows, host_rows, n, None, None)
 
     def commit(self, req_pool_indices: IntVector, accept_lens: IntVector, *, validate: bool = False) -> None:
         """After verification: ``seq_lens[req_pool_indices] += accept_lens`` (one launch, no sync).
 
+        Each accept length is clamped on the device to ``[0, window]``, ``window`` the row's open draft window
+        (``window_lens``): committing more than was drafted commits the whole window, committing with no window
+        open (a second commit, or no draft) commits nothing. The window closes either way. So no value can make a
+        row's committed length pass the slots it owns.
+
         Args:
             req_pool_indices: ``[bs]`` rows in use, no duplicates (as for :meth:`alloc_draft`).
-            accept_lens: ``[bs]`` int32/int64 tensor on the device (or a list), each in ``[0, N]`` where ``N`` is
-                the row's last draft window; accepted positions keep their slots.
+            accept_lens: ``[bs]`` int32/int64 tensor on the device, or a list of ints (checked on the host against
+                the windows the host knows of: a ``ValueError`` instead of a clamp); accepted positions keep their
+                slots.
             validate: check rows and that ``0 <= accept_lens <= window_lens[rows]``; one device→host sync.
         """
         rows, host_rows = self._device_rows(req_pool_indices)
         bs = rows.size(0)
-        accept, _ = self._device_ints("accept_lens", accept_lens)
+        accept, host_accept = self._device_ints("accept_lens", accept_lens)
         if accept.size(0) != bs:
             raise ValueError(f"accept_lens has {accept.size(0)} elements but req_pool_indices has {bs}")
         if validate and host_rows is None:
             host_rows = rows.tolist()
         if host_rows is not None:
             self._check_rows_in_use(host_rows)
+        if host_accept is not None:
+            self._check_host_accept(host_rows, host_accept)
         if validate and bs:
             window = self.window_lens[rows]
             bad = (accept < 0) | (accept > window)
@@ -340,18 +506,20 @@ class DraftCacheAllocator:
                 )
         if not bs:
             return
-        num_tiles = (bs + _COMMIT_TILE - 1) // _COMMIT_TILE
-        if backend.prefers_persistent_grid(self.device):
-            num_tiles = min(num_tiles, backend.num_cores(self.device))
         backend.launch(
             backend.kernels("allocator", self.device)._commit_kernel,
-            (num_tiles,),
+            self._grid(bs, _COMMIT_TILE),
             self.device,
             (rows, accept, self.seq_lens, self.window_lens),
             (bs, self.max_requests),
             (("TILE", _COMMIT_TILE),),
             _NUM_WARPS,
         )
+        if host_rows is None:
+            self._known_windows.clear()
+        else:
+            for row in host_rows:
+                self._known_windows.pop(row, None)
 
     # ------------------------------------------------------------------------------------------------- pool
 
@@ -359,7 +527,21 @@ class DraftCacheAllocator:
         """Free slots of the pool (a multiple of ``page_size``); one device→host sync, which also tightens the
         host bound."""
         self._sync_bounds()
-        return (self.num_pages - self._pages_bound) * self.page_size
+        return int(self.num_free_pages[0]) * self.page_size
+
+    def num_cached_slots(self) -> int:
+        """Slots of the pages handed to the prefix cache and not released yet (host state, no sync)."""
+        return len(self._cache_pages) * self.page_size
+
+    def cached_pages(self) -> list[int]:
+        """The pages the prefix cache owns, in increasing order (host state, no sync)."""
+        return sorted(self._cache_pages)
+
+    def free_page_list(self) -> list[int]:
+        """The free pages in the order they will be handed out (one device→host copy)."""
+        head, count, _ = self._counters.tolist()
+        ring = self.free_pages.tolist()
+        return [ring[(head + k) % self.num_pages] for k in range(count)]
 
     def refresh(self) -> None:
         """Re-read the exact usage from the device (one sync).
@@ -379,10 +561,10 @@ class DraftCacheAllocator:
         free, allocs = values[0], values[1:]
         self._set_exact(self.num_pages - free, max(allocs, default=0))
         for row, alloc in zip(live, allocs):
-            self._min_pages[row] = _pages(alloc, self.page_size)
+            self._min_pages[row] = _pages(alloc, self.page_size) - len(self._prefix_pages[row])
 
     def _set_exact(self, used_pages: int, longest: int) -> None:
-        """Restart the bounds from exact counts: ``used_pages`` in use, ``longest`` the longest alloc_len."""
+        """Restart the bounds from exact counts: ``used_pages`` not free, ``longest`` the longest alloc_len."""
         self._pages_bound = self._used_at_sync = used_pages
         self._alloc_len_bound = longest
         self._net_pages_since_sync = self._drafted_since_sync = 0
@@ -400,8 +582,30 @@ class DraftCacheAllocator:
             self._check_rows_in_use(host_rows)
         return rows, host_rows, num_draft_tokens
 
-    def _ensure_draft_fits(self, rows: torch.Tensor, host_rows: list[int] | None, n: int) -> None:
-        """Make sure the draft fits (syncing only if the bound says it might not) and update the bounds."""
+    def _draft(
+        self,
+        rows: torch.Tensor,
+        host_rows: list[int] | None,
+        n: int,
+        out_cache_loc: torch.Tensor | None,
+        last_loc: torch.Tensor | None,
+    ) -> None:
+        """Check the capacity, launch the draft, then update the host state (nothing changes if anything raises)."""
+        bounds = self._draft_bounds(rows, host_rows, n)
+        self._launch_alloc(rows, n, None, None, None, out_cache_loc, last_loc)
+        (
+            self._pages_bound,
+            self._drafted_since_sync,
+            self._alloc_len_bound,
+        ) = bounds
+        if host_rows is None:
+            self._unknown_window_bound = max(self._unknown_window_bound, n)
+        else:
+            self._known_windows.update(dict.fromkeys(host_rows, n))
+
+    def _draft_bounds(self, rows: torch.Tensor, host_rows: list[int] | None, n: int) -> tuple[int, int, int]:
+        """The host bounds after the draft (pages, tokens drafted since the last sync, longest alloc_len), syncing
+        only if the bound says it might not fit; raises if it does not."""
         bs = rows.size(0)
         worst_pages = bs * _pages(n, self.page_size)
         worst_since_sync = (
@@ -411,10 +615,7 @@ class DraftCacheAllocator:
         )
         bound = min(self._pages_bound + worst_pages, worst_since_sync)
         if bound <= self.num_pages and self._alloc_len_bound + n <= self.max_context_len:
-            self._pages_bound = bound
-            self._drafted_since_sync += n
-            self._alloc_len_bound += n
-            return
+            return bound, self._drafted_since_sync + n, self._alloc_len_bound + n
         # Near capacity: one sync for the exact numbers, then go on or raise with nothing changed.
         self.num_syncs += 1
         live = self.rows_in_use()
@@ -443,30 +644,49 @@ class DraftCacheAllocator:
                 f"alloc_draft: {bs} requests with {n} draft tokens need {need} new pages ({need * p} slots) but "
                 f"{free} pages ({free * p} slots) are free"
             )
+        # Exact now: the next bounds restart from these numbers.
         self._set_exact(self.num_pages - free, max(live_allocs, default=0))
-        self._pages_bound += need
-        self._drafted_since_sync = n
-        self._alloc_len_bound = max(self._alloc_len_bound, longest)
         for row, alloc in zip(live, live_allocs):
-            self._min_pages[row] = _pages(alloc, p)
+            self._min_pages[row] = _pages(alloc, p) - len(self._prefix_pages[row])
+        return self._pages_bound + need, n, max(self._alloc_len_bound, longest)
+
+    def _scan_block(self) -> int:
+        return _NPU_SCAN_BLOCK if backend.is_npu(self.device) else _SCAN_BLOCK
+
+    def _free_tiles(self) -> tuple[int, int]:
+        """(TILE, BLOCK_P) of the kernel that returns pages to the ring."""
+        return (_NPU_FREE_TILE, _NPU_FREE_BLOCK_P) if backend.is_npu(self.device) else (_FREE_TILE, _FREE_BLOCK_P)
+
+    def _grid(self, bs: int, tile: int) -> tuple[int]:
+        """One program per tile; on Ascend, which binds programs to cores, at most one per core."""
+        num_tiles = (bs + tile - 1) // tile
+        if backend.prefers_persistent_grid(self.device):
+            num_tiles = min(num_tiles, backend.num_cores(self.device))
+        return (max(num_tiles, 1),)
 
     def _launch_alloc(
         self,
         rows: torch.Tensor,
         window_len: int,
+        window_starts: torch.Tensor | None,
         window_ends: torch.Tensor | None,
+        prefix_slots: torch.Tensor | None,
         out_cache_loc: torch.Tensor | None,
         last_loc: torch.Tensor | None,
-        *,
-        prefill: bool,
     ) -> None:
+        """Launch the allocation kernel: a draft (``window_ends is None``) or a prefill of new rows."""
+        prefill = window_ends is not None
         emit = out_cache_loc is not None
+        npu = backend.is_npu(self.device)
         block_n = _MAX_BLOCK_N if prefill else _block_n(window_len)
+        elements, max_tile = (_NPU_ALLOC_ELEMENTS, _NPU_MAX_TILE) if npu else (_ALLOC_ELEMENTS, _MAX_TILE)
+        block_n = min(block_n, elements)
+        tile = max(min(elements // block_n, max_tile), 1)
         # Pointers a specialisation does not read get a tensor of the right kind.
         placeholder = self.seq_lens
         backend.launch(
             backend.kernels("allocator", self.device)._alloc_windows_kernel,
-            (1,),
+            self._grid(rows.size(0), tile),
             self.device,
             (
                 self.req_to_token,
@@ -474,22 +694,119 @@ class DraftCacheAllocator:
                 self.seq_lens,
                 self.alloc_lens,
                 self.window_lens,
+                self.prefix_lens,
+                placeholder if window_starts is None else window_starts,
                 placeholder if window_ends is None else window_ends,
+                self.req_to_token if prefix_slots is None else prefix_slots,
                 self.free_pages,
-                self.num_free_pages,
+                self._counters,
                 out_cache_loc if emit else placeholder,
                 last_loc if emit else placeholder,
             ),
-            (rows.size(0), window_len, self.max_requests, self.max_context_len, self.req_to_token.stride(0)),
+            (
+                rows.size(0),
+                window_len,
+                self.max_requests,
+                self.max_context_len,
+                self.req_to_token.stride(0),
+                self.num_pages,
+                0 if prefix_slots is None else prefix_slots.stride(0),
+            ),
             (
                 ("PAGE_SIZE", self.page_size),
-                ("TILE", _ALLOC_ELEMENTS // block_n),
+                ("PAGE_SHIFT", self._page_shift),
+                ("TILE", tile),
                 ("BLOCK_N", block_n),
+                ("SCAN_BLOCK", self._scan_block()),
                 ("PREFILL", prefill),
+                ("PREFIX", prefix_slots is not None),
                 ("EMIT", emit),
             ),
             _NUM_WARPS,
         )
+
+    def _check_prefix(
+        self, lens: list[int], prefix_slots: torch.Tensor | None, prefix_lens: IntVector | None
+    ) -> tuple[list[int] | None, list[list[int]]]:
+        """Check a prefix given to add_requests; returns (prefix lengths or None, cache pages of each request)."""
+        n = len(lens)
+        if prefix_slots is None and prefix_lens is None:
+            return None, [[] for _ in range(n)]
+        if prefix_slots is None or prefix_lens is None:
+            raise ValueError("prefix_slots and prefix_lens must be given together")
+        prefix = self._host_ints("prefix_lens", prefix_lens)
+        if len(prefix) != n:
+            raise ValueError(f"prefix_lens has {len(prefix)} elements but prompt_lens has {n}")
+        if not isinstance(prefix_slots, torch.Tensor):
+            raise TypeError(f"prefix_slots must be a torch.Tensor, got {type(prefix_slots).__name__}")
+        if prefix_slots.dtype not in _INDEX_DTYPES:
+            raise TypeError(f"prefix_slots must be int32 or int64, got {prefix_slots.dtype}")
+        if prefix_slots.dim() != 2 or prefix_slots.size(0) != n:
+            raise ValueError(f"prefix_slots must have shape [{n}, P], got {tuple(prefix_slots.shape)}")
+        p = self.page_size
+        width = prefix_slots.size(1)
+        for i, (length, plen) in enumerate(zip(lens, prefix)):
+            if plen < 0 or plen % p:
+                raise ValueError(f"prefix_lens[{i}] must be a multiple of page_size = {p} and >= 0, got {plen}")
+            if plen > length:
+                raise ValueError(f"prefix_lens[{i}] = {plen} is longer than prompt_lens[{i}] = {length}")
+            if plen > width:
+                raise ValueError(f"prefix_lens[{i}] = {plen} is longer than prefix_slots' {width} columns")
+        table = prefix_slots.tolist()
+        pages_of: list[list[int]] = []
+        for i, plen in enumerate(prefix):
+            slots = table[i][:plen]
+            pages = []
+            for j, slot in enumerate(slots):
+                page = slot // p
+                if j % p == 0:
+                    if page not in self._cache_pages:
+                        raise ValueError(
+                            f"prefix_slots[{i}, {j}] = {slot} is on page {page}, which the prefix cache does not own"
+                        )
+                    if page in pages:
+                        raise ValueError(f"prefix_slots[{i}, {j}] = {slot}: page {page} appears twice in the prefix")
+                    pages.append(page)
+                if slot != pages[-1] * p + j % p:
+                    raise ValueError(
+                        f"prefix_slots[{i}, {j}] must be {pages[-1] * p + j % p} (slot % page_size == position % "
+                        f"page_size, consecutive slots within a page), got {slot}"
+                    )
+            pages_of.append(pages)
+        return prefix, pages_of
+
+    def _check_keep(self, rows: list[int], rows_t: torch.Tensor, keep: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """Check keep_lens against the committed lengths (one read-back); returns (kept slots, newly cached pages)."""
+        if len(keep) != len(rows):
+            raise ValueError(f"keep_lens has {len(keep)} elements but req_pool_indices has {len(rows)}")
+        p = self.page_size
+        for i, length in enumerate(keep):
+            if length < 0 or length % p:
+                raise ValueError(f"keep_lens[{i}] must be a multiple of page_size = {p} and >= 0, got {length}")
+        longest = max(keep)
+        committed = self.seq_lens[rows_t].tolist()
+        table = self.req_to_token[rows_t, :longest].tolist() if longest else [[] for _ in rows]
+        kept: list[int] = []
+        new_pages: list[int] = []
+        for i, (row, length, seq) in enumerate(zip(rows, keep, committed)):
+            if length > seq:
+                raise ValueError(f"keep_lens[{i}] must be <= the committed length {seq} of row {row}, got {length}")
+            slots = table[i][:length]
+            kept += slots
+            cached = len(self._prefix_pages[row])
+            new_pages += [slots[k * p] // p for k in range(cached, length // p)]
+        return torch.tensor(kept, dtype=torch.int64, device=self.device), new_pages
+
+    def _check_host_accept(self, host_rows: list[int] | None, accept: list[int]) -> None:
+        """Accept lengths given as a list: each in [0, the row's window], as far as the host knows the window."""
+        for i, value in enumerate(accept):
+            row = None if host_rows is None else host_rows[i]
+            window = self._known_windows.get(row, self._unknown_window_bound)
+            if not 0 <= value <= window:
+                raise ValueError(
+                    f"accept_lens[{i}] must be in [0, {window}] (the draft window"
+                    f"{'' if row is None else f' of row {row}'}), got {value}"
+                )
 
     def _check_rows_in_use(self, rows: list[int]) -> None:
         seen = set()

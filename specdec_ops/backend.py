@@ -52,6 +52,11 @@ _INTERPRET_ALL = os.environ.get(_INTERPRET_ENV, "0") == "1"
 _DEVICE_TYPES = ("cpu", "cuda", "npu")
 
 
+def is_npu(device: torch.device) -> bool:
+    """Whether ``device`` is an Ascend NPU (launch configurations differ there)."""
+    return device.type == "npu"
+
+
 def is_interpreted(device: torch.device) -> bool:
     """Whether kernels for ``device`` run through Triton's interpreter."""
     return device.type == "cpu" or _INTERPRET_ALL
@@ -104,7 +109,7 @@ def num_cores(device: torch.device) -> int:
 
 def prefers_persistent_grid(device: torch.device) -> bool:
     """Ascend binds programs to cores: a grid of one program per core, looping over tiles, runs best."""
-    return device.type == "npu"
+    return is_npu(device)
 
 
 # CUDA launches skip Triton's per-call argument binding once a specialisation is compiled (see launch()).

@@ -25,7 +25,16 @@ from specdec_ops.allocator import (
 )
 from specdec_ops.reference import get_last_loc_and_assign_extend_cache_locs_torch
 
-STATE_TENSORS = ("req_to_token", "seq_lens", "alloc_lens", "window_lens", "free_pages", "num_free_pages")
+STATE_TENSORS = (
+    "req_to_token",
+    "seq_lens",
+    "alloc_lens",
+    "window_lens",
+    "prefix_lens",
+    "free_pages",
+    "free_head",
+    "num_free_pages",
+)
 
 
 def pages(length: int, page_size: int) -> int:
@@ -37,6 +46,7 @@ def snapshot(alloc: DraftCacheAllocator) -> dict:
     state = {name: getattr(alloc, name).clone() for name in STATE_TENSORS}
     state["rows_in_use"] = alloc.rows_in_use()
     state["free_rows"] = sorted(alloc._free_rows)
+    state["cached_pages"] = alloc.cached_pages()
     return state
 
 
@@ -52,23 +62,29 @@ def assert_unchanged(alloc: DraftCacheAllocator, before: dict) -> None:
 def check_layout(alloc: DraftCacheAllocator, *, ask_free_slots: bool = True) -> dict[int, list[int]]:
     """Check every guarantee that the device state alone must keep; returns the owned slots of each row in use.
 
+    Pages are conserved: the free ring, the pages live requests own (their cache-owned prefix excluded) and the
+    pages of the prefix cache are disjoint and together make up the pool; the padding page is never handed out.
     ``ask_free_slots`` also checks ``num_free_slots()``, which syncs and so tightens the host bound.
     """
     p = alloc.page_size
     table = alloc.req_to_token.cpu()
     seq_lens = alloc.seq_lens.cpu().tolist()
     alloc_lens = alloc.alloc_lens.cpu().tolist()
+    window_lens = alloc.window_lens.cpu().tolist()
+    prefix_lens = alloc.prefix_lens.cpu().tolist()
+    cache = set(alloc.cached_pages())
     live = set(alloc.rows_in_use())
     owned = {}
     owned_pages = []
     for row in range(alloc.max_requests):
         slots = table[row].tolist()
         if row not in live:
-            assert seq_lens[row] == alloc_lens[row] == 0
+            assert seq_lens[row] == alloc_lens[row] == window_lens[row] == prefix_lens[row] == 0
             assert not any(slots), f"free row {row} is not cleared"
             continue
         n = alloc_lens[row]
-        assert 0 <= seq_lens[row] <= n <= alloc.max_context_len
+        assert 0 <= seq_lens[row] <= seq_lens[row] + window_lens[row] <= n <= alloc.max_context_len
+        assert 0 <= prefix_lens[row] <= n and prefix_lens[row] % p == 0
         assert not any(slots[n:]), f"row {row} has slots past alloc_len {n}"
         mine = slots[:n]
         for pos, slot in enumerate(mine):
@@ -76,13 +92,20 @@ def check_layout(alloc: DraftCacheAllocator, *, ask_free_slots: bool = True) -> 
             assert slot % p == pos % p, f"row {row} pos {pos}: slot {slot} breaks slot % page_size == pos % page_size"
             assert slot // p == mine[pos - pos % p] // p, f"row {row} pos {pos}: a page is split"
         owned[row] = mine
-        owned_pages += [mine[k * p] // p for k in range(pages(n, p))]
+        row_pages = [mine[k * p] // p for k in range(pages(n, p))]
+        shared = prefix_lens[row] // p
+        assert set(row_pages[:shared]) <= cache, f"row {row}: a prefix page is not the cache's"
+        assert not set(row_pages[shared:]) & cache, f"row {row}: owns a page of the cache"
+        owned_pages += row_pages[shared:]
     assert len(owned_pages) == len(set(owned_pages)), "a page is owned twice"
-    num_free = int(alloc.num_free_pages[0])
-    free = alloc.free_pages[:num_free].tolist()
-    assert sorted(free + owned_pages) == list(range(1, alloc.num_pages + 1)), "the free stack and owners disagree"
+    free = alloc.free_page_list()
+    assert len(free) == len(set(free)), "a page is free twice"
+    assert sorted(free + owned_pages + sorted(cache)) == list(range(1, alloc.num_pages + 1)), (
+        "the free ring, the live requests and the cache do not account for the pool"
+    )
     if ask_free_slots:
-        assert alloc.num_free_slots() == alloc.num_slots - p * len(owned_pages)
+        assert alloc.num_free_slots() == alloc.num_slots - p * (len(owned_pages) + len(cache))
+        assert alloc.num_cached_slots() == p * len(cache)
     # The host bound may only overestimate.
     assert alloc._pages_bound >= len(owned_pages)
     assert alloc._alloc_len_bound >= max([alloc_lens[row] for row in live], default=0)
@@ -450,9 +473,11 @@ def test_first_pages_and_the_padding_page():
     assert last.tolist() == [-1, 32]
     assert out.tolist() == [48, 49, 33, 34]  # row 1 holds pages 1, 2 and fills page 2; row 0 takes page 3
     alloc.free_requests(torch.tensor([1]))
-    rows2 = alloc.add_requests([3])
-    assert rows2.tolist() == [1]
-    assert alloc.req_to_token[1, :3].tolist() == [16, 17, 18]  # freed pages come back in order
+    assert alloc.free_page_list() == [4, 1, 2]  # freed pages join the end of the ring, in position order
+    rows2 = alloc.add_requests([3, 20])
+    assert rows2.tolist() == [1, 2]
+    assert alloc.req_to_token[1, :3].tolist() == [64, 65, 66]
+    assert alloc.req_to_token[2, :20].tolist() == list(range(16, 32)) + [32, 33, 34, 35]
 
 
 def test_fused_step_matches_the_components():
@@ -509,7 +534,7 @@ def test_out_of_slots_on_add(page_size):
     alloc = DraftCacheAllocator(8 * page_size, 4, 64, page_size=page_size, device="cpu")
     alloc.add_requests([5 * page_size])
     before = snapshot(alloc)
-    with pytest.raises(OutOfSlotsError, match=rf"need 4 pages \({4 * page_size} slots\) but 3 pages"):
+    with pytest.raises(OutOfSlotsError, match=rf"need 4 new pages \({4 * page_size} slots\) but 3 pages"):
         alloc.add_requests([page_size, 3 * page_size])
     assert_unchanged(alloc, before)
     alloc.add_requests([page_size, 2 * page_size])  # exactly fills the pool

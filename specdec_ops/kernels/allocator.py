@@ -1,24 +1,32 @@
-"""Triton kernels of ``DraftCacheAllocator``: page allocation from a device free-page stack, fused with the read-back.
+"""Triton kernels of ``DraftCacheAllocator``: pages from a device ring of free pages, fused with the read-back.
 
 State (all on the device): ``req_to_token[row, pos]`` is the slot of position ``pos`` of the request in ``row``;
-``alloc_lens[row]`` positions ``[0, alloc_len)`` own slots; ``seq_lens[row]`` of them are committed;
-``window_lens[row]`` is the open draft window; ``free_pages[0 : num_free_pages[0]]`` is a stack of free pages,
-popped from the top. Slots of page ``p`` are ``p * PAGE_SIZE + (0 .. PAGE_SIZE - 1)`` and position ``pos`` of a
-request lives at offset ``pos % PAGE_SIZE`` of its page.
+``alloc_lens[row]``: positions ``[0, alloc_len)`` own slots; ``seq_lens[row]`` of them are committed;
+``window_lens[row]`` is the open draft window; ``prefix_lens[row]``: positions ``[0, prefix_len)`` sit on pages that
+the caller's prefix cache owns. Free pages form a FIFO ring: ``counters = [head, count, ticket]`` and the free pages
+are ``free_pages[(head + k) % num_pages]`` for ``k < count``; pops take from the head, pushes append at the tail.
+Slots of page ``p`` are ``p * PAGE_SIZE + (0 .. PAGE_SIZE - 1)`` and position ``pos`` of a request lives at offset
+``pos % PAGE_SIZE`` of its page.
 
-Allocation and release are a scan over the batch (each request's pages start after those of the requests before
-it) followed by one update of the stack counter, so both kernels run as a single program that walks the tiles of
-requests in order and carries the running page count: no program waits for another and nothing races on the
-counter. Inside that program, a value that one thread reads and another overwrites (a request's lengths, the
-counter) is overwritten only after a ``tl.debug_barrier()``. Lengths, positions and page numbers are int32 (the
-host keeps them below 2**31); table addresses are int64. Every access is masked, so rows out of range are skipped
-rather than read out of bounds.
+Many programs, no waiting. A launch hands out (or takes back) pages in batch order: request ``i`` pops the pages
+at ring offsets ``[excl_i, excl_i + need_i)``, ``excl_i = sum(need_k for k < i)``. Each program computes the
+``excl`` of its tiles itself, summing the needs of every earlier request (as the cache-location kernels do). So
+that no program reads what another one writes, a launch writes the per-row values that the needs are computed
+from (``alloc_lens``, ``prefix_lens``) and the ring counters only in its *last* program: every program takes a
+ticket (``atomic_add`` on ``counters[2]``, ``sem="acq_rel"``, the only atomics triton-ascend supports) after its
+last read of shared state, and the program that draws the last ticket rewrites those values for the whole batch,
+moves the counters and resets the ticket. Pops read the ring at ``[head, head + count)``, pushes write at
+``[head + count, ...)``: disjoint, since the pages pushed are pages in use, so ``count + pushed <= num_pages``.
 
-Sums, maxima and the scan call ``tl.reduce``/``tl.associative_scan`` with Triton's own combine functions
-(``tl.standard._sum_combine``, ``_elementwise_max``), which is what ``tl.sum``, ``tl.max`` and ``tl.cumsum`` lower
-to: those wrappers are jitted when Triton is imported, so the interpreter copy of this module that ``backend``
-builds could not call them, while the combine functions themselves are recognised by the interpreter and run in
-NumPy.
+Ascend rules (shared/ASCEND.md): lengths, positions, page numbers and ring offsets are int32 (the host keeps pools
+below 2**30 pages and contexts below 2**30); table addresses are int64. Page arithmetic uses shifts when
+``PAGE_SIZE`` is a power of two (``PAGE_SHIFT >= 0``), as bishengir lowers vector int32 ``//`` through float32,
+exact only below 2**24 (the host refuses, on an NPU, pools where a non-power-of-two page size would need more).
+Every access is masked, so rows out of range are skipped and garbage values never lead outside a tensor.
+
+Sums and scans call ``tl.reduce``/``tl.associative_scan`` with Triton's own combine functions: the wrappers
+``tl.sum``/``tl.cumsum`` are jitted at import time, so the interpreter copy of this module that ``backend`` builds
+could not call them (see ``kernels/cache_locs.py``).
 """
 
 from __future__ import annotations
@@ -30,18 +38,98 @@ _add = tl.standard._sum_combine
 _maximum = tl.standard._elementwise_max
 
 
+@triton.jit
+def _floor_page(x, PAGE_SIZE: tl.constexpr, PAGE_SHIFT: tl.constexpr):
+    """``x // PAGE_SIZE`` for ``x >= 0``: a shift for powers of two (exact on every backend)."""
+    if PAGE_SHIFT >= 0:
+        q = x >> PAGE_SHIFT
+    else:
+        q = x // PAGE_SIZE
+    return q
+
+
+@triton.jit
+def _ring_index(head, offset, num_pages):
+    """``(head + offset) % num_pages`` for ``0 <= head, offset < num_pages``, without ``%``."""
+    idx = head + offset
+    return tl.where(idx >= num_pages, idx - num_pages, idx)
+
+
+@triton.jit
+def _window_needs(
+    k,
+    in_range,
+    req_pool_indices,
+    seq_lens,
+    alloc_lens,
+    window_starts,
+    window_ends,
+    window_len,
+    num_rows,
+    max_context_len,
+    PAGE_SIZE: tl.constexpr,
+    PAGE_SHIFT: tl.constexpr,
+    PREFILL: tl.constexpr,
+    PREFIX: tl.constexpr,
+):
+    """For batch entries ``k``: the row, its window ``[start, end)``, its allocated length before and after, the
+    pages it has and the pages it needs. Decode reads the row's lengths; prefill reads the batch's own
+    ``window_starts`` (the prefix a new row starts from) and ``window_ends``."""
+    rows = tl.load(req_pool_indices + k, mask=in_range, other=-1).to(tl.int32)
+    valid = in_range & (rows >= 0) & (rows < num_rows)
+    if PREFILL:
+        if PREFIX:
+            starts = tl.load(window_starts + k, mask=valid, other=0).to(tl.int32)
+            starts = tl.minimum(tl.maximum(starts, 0), max_context_len)
+        else:
+            starts = rows * 0
+        allocs = starts
+        ends = tl.load(window_ends + k, mask=valid, other=0).to(tl.int32)
+    else:
+        starts = tl.load(seq_lens + rows, mask=valid, other=0).to(tl.int32)
+        allocs = tl.load(alloc_lens + rows, mask=valid, other=0).to(tl.int32)
+        starts = tl.minimum(tl.maximum(starts, 0), max_context_len)
+        allocs = tl.minimum(tl.maximum(allocs, 0), max_context_len)
+        ends = starts + window_len
+    ends = tl.minimum(tl.maximum(ends, starts), max_context_len)
+    new_allocs = tl.maximum(allocs, ends)
+    have = _floor_page(allocs + (PAGE_SIZE - 1), PAGE_SIZE, PAGE_SHIFT)
+    need = tl.where(valid, _floor_page(new_allocs + (PAGE_SIZE - 1), PAGE_SIZE, PAGE_SHIFT) - have, 0)
+    return rows, valid, starts, allocs, ends, new_allocs, have, need
+
+
+@triton.jit
+def _take_ticket(counters):
+    """This program's place among the programs that finished reading shared state (0 .. num_programs - 1)."""
+    tl.debug_barrier()  # every thread of this program is done with its reads
+    return tl.atomic_add(counters + 2, 1, sem="acq_rel", scope="gpu")
+
+
 # No integer argument is specialised on its value: a new batch size or window never recompiles, and a kernel is
 # identified by its tensors' dtypes and alignment and its constexprs alone (see backend.launch).
-@triton.jit(do_not_specialize=["bs", "window_len", "num_rows", "max_context_len", "row_stride"])
+@triton.jit(
+    do_not_specialize=[
+        "bs",
+        "window_len",
+        "num_rows",
+        "max_context_len",
+        "row_stride",
+        "num_pages",
+        "prefix_stride",
+    ]
+)
 def _alloc_windows_kernel(
     req_to_token,
     req_pool_indices,
     seq_lens,
     alloc_lens,
     window_lens,
+    prefix_lens,
+    window_starts,
     window_ends,
+    prefix_slots,
     free_pages,
-    num_free_pages,
+    counters,
     out_cache_loc,
     last_loc,
     bs,
@@ -49,68 +137,114 @@ def _alloc_windows_kernel(
     num_rows,
     max_context_len,
     row_stride,
+    num_pages,
+    prefix_stride,
     PAGE_SIZE: tl.constexpr,
+    PAGE_SHIFT: tl.constexpr,
     TILE: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr,
     PREFILL: tl.constexpr,
+    PREFIX: tl.constexpr,
     EMIT: tl.constexpr,
 ):
-    """Give slots to the windows ``[start_i, end_i)``, ``start_i = seq_lens[row_i]``, and optionally read them back.
+    """Give slots to the windows ``[start_i, end_i)`` and optionally read them back.
 
-    ``end_i = start_i + window_len``, or ``window_ends[i]`` with ``PREFILL`` (which then also commits the window:
-    ``seq_lens[row_i] = end_i``). Request ``i`` needs ``need_i = pages(max(alloc_i, end_i)) - pages(alloc_i)``
-    new pages, ``pages(n) = ceil(n / PAGE_SIZE)``; they are ``free_pages[top - 1 - excl_i - k]`` for
-    ``k < need_i``, ``excl_i = sum(need_k for k < i)``. New positions ``pos >= alloc_i`` of the last partial page
-    use the page of ``req_to_token[row_i, alloc_i - 1]``, the others their ``(pos // PAGE_SIZE - pages(alloc_i))``-th
-    new page. With ``EMIT``: ``out_cache_loc[i * window_len + j] = req_to_token[row_i, start_i + j]`` and
-    ``last_loc[i] = req_to_token[row_i, start_i - 1]`` (-1 when ``start_i == 0``), as after the allocation.
-    Run with one program.
+    Decode: ``start_i = seq_lens[row_i]``, ``end_i = start_i + window_len``; the window opens
+    (``window_lens[row_i] = end_i - start_i``). Prefill (new rows): ``start_i = window_starts[i]``,
+    ``end_i = window_ends[i]``, and the window is committed (``seq_lens = alloc_lens = end_i``); with ``PREFIX``,
+    positions ``[0, start_i)`` take ``prefix_slots[i, :start_i]`` (cache-owned pages, ``prefix_lens[row_i] =
+    start_i``). Request ``i`` needs ``need_i = pages(max(alloc_i, end_i)) - pages(alloc_i)`` new pages, popped at
+    ring offsets ``excl_i + k``. New positions of the last partial page use the page of ``req_to_token[row_i,
+    alloc_i - 1]``, the others their ``(pos // PAGE_SIZE - pages(alloc_i))``-th new page. With ``EMIT``:
+    ``out_cache_loc[i * window_len + j] = req_to_token[row_i, start_i + j]`` and ``last_loc[i] =
+    req_to_token[row_i, start_i - 1]`` (-1 when ``start_i == 0``), as after the allocation.
     """
-    top = tl.load(num_free_pages).to(tl.int32)
-    popped = tl.full([], 0, dtype=tl.int32)
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
+    head = tl.load(counters).to(tl.int32)
+    count = tl.load(counters + 1).to(tl.int32)
     cols = tl.arange(0, BLOCK_N)
-    for tile in range(0, num_tiles):
-        offs = tile * TILE + tl.arange(0, TILE)  # [TILE]
+    # Needs of requests [0, scanned), summed lane-wise and carried from one tile of this program to its next (a
+    # scalar carry of reduce results read inside the loop is miscompiled by Triton 3.6, see docs/design.md).
+    lane_sums = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
+    scanned = tl.full([], 0, dtype=tl.int32)
+    for tile in range(pid, num_tiles, num_programs):
+        tile_start = tile * TILE
+        for k0 in range(scanned, tile_start, SCAN_BLOCK):
+            k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
+            _, _, _, _, _, _, _, earlier = _window_needs(
+                k,
+                k < tile_start,
+                req_pool_indices,
+                seq_lens,
+                alloc_lens,
+                window_starts,
+                window_ends,
+                window_len,
+                num_rows,
+                max_context_len,
+                PAGE_SIZE,
+                PAGE_SHIFT,
+                PREFILL,
+                PREFIX,
+            )
+            lane_sums += earlier
+        scanned = tile_start
+        offs = tile_start + tl.arange(0, TILE)  # [TILE]
         in_batch = offs < bs
-        rows = tl.load(req_pool_indices + offs, mask=in_batch, other=0).to(tl.int32)
-        valid = in_batch & (rows >= 0) & (rows < num_rows)
-        starts = tl.load(seq_lens + rows, mask=valid, other=0).to(tl.int32)
-        allocs = tl.load(alloc_lens + rows, mask=valid, other=0).to(tl.int32)
-        if PREFILL:
-            ends = tl.load(window_ends + offs, mask=valid, other=0).to(tl.int32)
-        else:
-            ends = starts + window_len
-        ends = tl.minimum(tl.maximum(ends, starts), max_context_len)
-        new_allocs = tl.maximum(allocs, ends)
-        have = (allocs + PAGE_SIZE - 1) // PAGE_SIZE
-        need = tl.where(valid, (new_allocs + PAGE_SIZE - 1) // PAGE_SIZE - have, 0)
-        excl = popped + tl.associative_scan(need, 0, _add) - need  # [TILE]
-        popped += tl.reduce(need, 0, _add)
+        rows, valid, starts, allocs, ends, new_allocs, have, need = _window_needs(
+            offs,
+            in_batch,
+            req_pool_indices,
+            seq_lens,
+            alloc_lens,
+            window_starts,
+            window_ends,
+            window_len,
+            num_rows,
+            max_context_len,
+            PAGE_SIZE,
+            PAGE_SHIFT,
+            PREFILL,
+            PREFIX,
+        )
+        excl = tl.reduce(lane_sums, 0, _add) + tl.associative_scan(need, 0, _add) - need  # [TILE]
         row_addr = rows.to(tl.int64) * row_stride  # [TILE]
         # The page of the last partial page, which new positions fill first.
         has_partial = valid & (allocs < have * PAGE_SIZE)
-        last_page = tl.load(req_to_token + (row_addr + allocs - 1), mask=has_partial, other=0).to(tl.int32)
-        last_page = last_page // PAGE_SIZE
+        last_slot = tl.load(req_to_token + (row_addr + allocs - 1), mask=has_partial, other=0).to(tl.int32)
+        last_page = _floor_page(tl.maximum(last_slot, 0), PAGE_SIZE, PAGE_SHIFT)
         if EMIT:
-            has_prefix = valid & (starts > 0) & (starts <= max_context_len)
+            has_prefix = valid & (starts > 0)
             prev = tl.load(req_to_token + (row_addr + starts - 1), mask=has_prefix, other=-1)
             tl.store(last_loc + offs, prev.to(last_loc.dtype.element_ty), mask=in_batch)
+        if PREFIX:
+            # Positions [0, start) take the caller's cached slots.
+            slots_addr = offs.to(tl.int64) * prefix_stride  # [TILE]
+            for col0 in range(0, tl.reduce(tl.where(valid, starts, 0), 0, _maximum), BLOCK_N):
+                j = col0 + cols  # [BLOCK_N]
+                mine = valid[:, None] & (j[None, :] < starts[:, None])  # [TILE, BLOCK_N]
+                cached = tl.load(prefix_slots + (slots_addr[:, None] + j[None, :]), mask=mine, other=0)
+                tl.store(req_to_token + (row_addr[:, None] + j[None, :]), cached.to(tl.int32), mask=mine)
         lengths = tl.where(valid, ends - starts, 0)
         if PREFILL:
             num_cols = tl.reduce(lengths, 0, _maximum)
         else:
-            num_cols = window_len
+            num_cols = tl.minimum(window_len, max_context_len)
         for col0 in range(0, num_cols, BLOCK_N):
             j = col0 + cols  # [BLOCK_N]
             in_window = valid[:, None] & (j[None, :] < lengths[:, None])  # [TILE, BLOCK_N]
             pos = starts[:, None] + j[None, :]
             is_new = in_window & (pos >= allocs[:, None])
-            page_no = pos // PAGE_SIZE
+            page_no = _floor_page(pos, PAGE_SIZE, PAGE_SHIFT)
             k = page_no - have[:, None]
-            stack_idx = top - 1 - excl[:, None] - k
-            popped_page = tl.load(free_pages + stack_idx, mask=is_new & (k >= 0) & (stack_idx >= 0), other=0)
-            page = tl.where(k >= 0, popped_page.to(tl.int32), last_page[:, None])
+            ring_off = excl[:, None] + k
+            from_ring = is_new & (k >= 0) & (ring_off >= 0) & (ring_off < count)
+            ring_idx = _ring_index(head, tl.where(from_ring, ring_off, 0), num_pages)
+            popped_page = tl.load(free_pages + ring_idx, mask=from_ring, other=0).to(tl.int32)
+            page = tl.where(k >= 0, popped_page, last_page[:, None])
             new_slot = page * PAGE_SIZE + (pos - page_no * PAGE_SIZE)
             addr = row_addr[:, None] + pos
             tl.store(req_to_token + addr, new_slot.to(req_to_token.dtype.element_ty), mask=is_new)
@@ -121,82 +255,207 @@ def _alloc_windows_kernel(
                 in_out = in_batch[:, None] & (j[None, :] < window_len)
                 dst = offs.to(tl.int64)[:, None] * window_len + j[None, :]
                 tl.store(out_cache_loc + dst, slot.to(out_cache_loc.dtype.element_ty), mask=in_out)
-        # Other threads of this program read these lengths at the top of the tile: let them finish first.
-        tl.debug_barrier()
-        tl.store(alloc_lens + rows, new_allocs.to(alloc_lens.dtype.element_ty), mask=valid)
+        # Values no other program reads are written here; the rest by the last program.
         if PREFILL:
+            zero = tl.full([TILE], 0, dtype=tl.int32)
             tl.store(seq_lens + rows, ends.to(seq_lens.dtype.element_ty), mask=valid)
-            tl.store(window_lens + rows, tl.full([TILE], 0, dtype=window_lens.dtype.element_ty), mask=valid)
+            tl.store(alloc_lens + rows, ends.to(alloc_lens.dtype.element_ty), mask=valid)
+            tl.store(window_lens + rows, zero.to(window_lens.dtype.element_ty), mask=valid)
+            tl.store(prefix_lens + rows, starts.to(prefix_lens.dtype.element_ty), mask=valid)
         else:
             tl.store(window_lens + rows, lengths.to(window_lens.dtype.element_ty), mask=valid)
-    tl.debug_barrier()  # every thread has read the counter
-    tl.store(num_free_pages, (top - popped).to(num_free_pages.dtype.element_ty))
+    if _take_ticket(counters) == num_programs - 1:
+        # The last program: no other one reads shared state any more.
+        popped_lanes = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
+        for k0 in range(0, bs, SCAN_BLOCK):
+            k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
+            rows, valid, starts, allocs, ends, new_allocs, have, need = _window_needs(
+                k,
+                k < bs,
+                req_pool_indices,
+                seq_lens,
+                alloc_lens,
+                window_starts,
+                window_ends,
+                window_len,
+                num_rows,
+                max_context_len,
+                PAGE_SIZE,
+                PAGE_SHIFT,
+                PREFILL,
+                PREFIX,
+            )
+            if not PREFILL:
+                tl.store(alloc_lens + rows, new_allocs.to(alloc_lens.dtype.element_ty), mask=valid)
+            popped_lanes += need
+        popped = tl.minimum(tl.reduce(popped_lanes, 0, _add), count)
+        tl.store(counters, _ring_index(head, popped, num_pages).to(counters.dtype.element_ty))
+        tl.store(counters + 1, (count - popped).to(counters.dtype.element_ty))
+        tl.store(counters + 2, tl.full([], 0, dtype=counters.dtype.element_ty))
 
 
-@triton.jit(do_not_specialize=["bs", "num_rows", "num_pages", "row_stride"])
+@triton.jit
+def _pages_to_push(
+    k,
+    in_range,
+    req_pool_indices,
+    alloc_lens,
+    prefix_lens,
+    keep_lens,
+    num_rows,
+    max_context_len,
+    PAGE_SIZE: tl.constexpr,
+    PAGE_SHIFT: tl.constexpr,
+    KEEP: tl.constexpr,
+):
+    """For batch entries ``k``: the row, the first page it gives back and how many (pages ``[first, first + n)``
+    of the row: past the cache-owned prefix and, with ``KEEP``, past the pages kept for the cache)."""
+    rows = tl.load(req_pool_indices + k, mask=in_range, other=-1).to(tl.int32)
+    valid = in_range & (rows >= 0) & (rows < num_rows)
+    allocs = tl.load(alloc_lens + rows, mask=valid, other=0).to(tl.int32)
+    allocs = tl.minimum(tl.maximum(allocs, 0), max_context_len)
+    kept = tl.load(prefix_lens + rows, mask=valid, other=0).to(tl.int32)
+    if KEEP:
+        kept = tl.maximum(kept, tl.load(keep_lens + k, mask=valid, other=0).to(tl.int32))
+    kept = tl.minimum(tl.maximum(kept, 0), allocs)
+    first = _floor_page(kept + (PAGE_SIZE - 1), PAGE_SIZE, PAGE_SHIFT)
+    owned = _floor_page(allocs + (PAGE_SIZE - 1), PAGE_SIZE, PAGE_SHIFT)
+    return rows, valid, first, tl.where(valid, tl.maximum(owned - first, 0), 0)
+
+
+@triton.jit(do_not_specialize=["bs", "num_rows", "max_context_len", "num_pages", "row_stride"])
 def _free_pages_kernel(
     req_to_token,
     req_pool_indices,
+    keep_lens,
     seq_lens,
     alloc_lens,
     window_lens,
+    prefix_lens,
     free_pages,
-    num_free_pages,
+    counters,
     bs,
     num_rows,
+    max_context_len,
     num_pages,
     row_stride,
     PAGE_SIZE: tl.constexpr,
+    PAGE_SHIFT: tl.constexpr,
     TILE: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr,
+    KEEP: tl.constexpr,
 ):
-    """Push every page of the requests back and zero the rows' lengths.
+    """Push the pages of the requests back to the ring and zero the rows' lengths.
 
-    Request ``i`` owns ``owned_i = pages(alloc_i)`` pages, the ``k``-th one ``req_to_token[row_i, k * PAGE_SIZE]
-    // PAGE_SIZE``; it goes to ``free_pages[top + total - 1 - excl_i - k]`` (``excl_i = sum(owned_k for k < i)``,
-    ``total = sum(owned)``), so the pops that follow hand the pages out again in batch and position order.
-    Run with one program.
+    Request ``i`` gives back its pages ``first_i + k``, ``k < n_i`` (``first_i = pages(max(prefix_len,
+    keep_lens[i]))``: cache-owned and kept pages stay with the cache); page ``first_i + k`` is
+    ``req_to_token[row_i, (first_i + k) * PAGE_SIZE] // PAGE_SIZE`` and goes to ring offset ``count + excl_i + k``
+    (``excl_i = sum(n_k for k < i)``), so the ring hands them out again in batch and position order.
     """
-    top = tl.load(num_free_pages).to(tl.int32)
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
-    total = tl.full([], 0, dtype=tl.int32)
-    for tile in range(0, num_tiles):
-        offs = tile * TILE + tl.arange(0, TILE)  # [TILE]
-        rows = tl.load(req_pool_indices + offs, mask=offs < bs, other=-1).to(tl.int32)
-        valid = (offs < bs) & (rows >= 0) & (rows < num_rows)
-        allocs = tl.load(alloc_lens + rows, mask=valid, other=0).to(tl.int32)
-        total += tl.reduce(tl.where(valid, (allocs + PAGE_SIZE - 1) // PAGE_SIZE, 0), 0, _add)
-    tl.debug_barrier()  # the lengths are zeroed below: every thread must have summed them
-    pushed = tl.full([], 0, dtype=tl.int32)
+    head = tl.load(counters).to(tl.int32)
+    count = tl.load(counters + 1).to(tl.int32)
     cols = tl.arange(0, BLOCK_P)
-    for tile in range(0, num_tiles):
-        offs = tile * TILE + tl.arange(0, TILE)  # [TILE]
-        rows = tl.load(req_pool_indices + offs, mask=offs < bs, other=-1).to(tl.int32)
-        valid = (offs < bs) & (rows >= 0) & (rows < num_rows)
-        allocs = tl.load(alloc_lens + rows, mask=valid, other=0).to(tl.int32)
-        owned = tl.where(valid, (allocs + PAGE_SIZE - 1) // PAGE_SIZE, 0)
-        last = top + total - 1 - pushed - (tl.associative_scan(owned, 0, _add) - owned)  # [TILE]
-        pushed += tl.reduce(owned, 0, _add)
+    lane_sums = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
+    scanned = tl.full([], 0, dtype=tl.int32)
+    for tile in range(pid, num_tiles, num_programs):
+        tile_start = tile * TILE
+        for k0 in range(scanned, tile_start, SCAN_BLOCK):
+            k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
+            _, _, _, earlier = _pages_to_push(
+                k,
+                k < tile_start,
+                req_pool_indices,
+                alloc_lens,
+                prefix_lens,
+                keep_lens,
+                num_rows,
+                max_context_len,
+                PAGE_SIZE,
+                PAGE_SHIFT,
+                KEEP,
+            )
+            lane_sums += earlier
+        scanned = tile_start
+        offs = tile_start + tl.arange(0, TILE)  # [TILE]
+        rows, valid, first, n = _pages_to_push(
+            offs,
+            offs < bs,
+            req_pool_indices,
+            alloc_lens,
+            prefix_lens,
+            keep_lens,
+            num_rows,
+            max_context_len,
+            PAGE_SIZE,
+            PAGE_SHIFT,
+            KEEP,
+        )
+        excl = count + tl.reduce(lane_sums, 0, _add) + tl.associative_scan(n, 0, _add) - n  # [TILE]
         row_addr = rows.to(tl.int64) * row_stride
-        for k0 in range(0, tl.reduce(owned, 0, _maximum), BLOCK_P):
+        for k0 in range(0, tl.reduce(n, 0, _maximum), BLOCK_P):
             k = k0 + cols  # [BLOCK_P]
-            mine = valid[:, None] & (k[None, :] < owned[:, None])  # [TILE, BLOCK_P]
-            first_slot = tl.load(req_to_token + (row_addr[:, None] + k[None, :] * PAGE_SIZE), mask=mine, other=0)
-            dst = last[:, None] - k[None, :]
-            page = first_slot.to(tl.int32) // PAGE_SIZE
-            tl.store(free_pages + dst, page.to(free_pages.dtype.element_ty), mask=mine & (dst >= 0) & (dst < num_pages))
+            mine = valid[:, None] & (k[None, :] < n[:, None])  # [TILE, BLOCK_P]
+            pos = (first[:, None] + k[None, :]) * PAGE_SIZE
+            first_slot = tl.load(req_to_token + (row_addr[:, None] + pos), mask=mine, other=0).to(tl.int32)
+            ring_off = excl[:, None] + k[None, :]
+            to_ring = mine & (ring_off < num_pages)
+            ring_idx = _ring_index(head, tl.where(to_ring, ring_off, 0), num_pages)
+            page = _floor_page(tl.maximum(first_slot, 0), PAGE_SIZE, PAGE_SHIFT)
+            tl.store(free_pages + ring_idx, page.to(free_pages.dtype.element_ty), mask=to_ring)
         zero = tl.full([TILE], 0, dtype=tl.int32)
-        tl.debug_barrier()  # other threads read these lengths at the top of the tile
-        tl.store(alloc_lens + rows, zero.to(alloc_lens.dtype.element_ty), mask=valid)
         tl.store(seq_lens + rows, zero.to(seq_lens.dtype.element_ty), mask=valid)
         tl.store(window_lens + rows, zero.to(window_lens.dtype.element_ty), mask=valid)
-    tl.debug_barrier()  # every thread has read the counter
-    tl.store(num_free_pages, (top + total).to(num_free_pages.dtype.element_ty))
+    if _take_ticket(counters) == num_programs - 1:
+        pushed_lanes = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
+        for k0 in range(0, bs, SCAN_BLOCK):
+            k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
+            rows, valid, first, n = _pages_to_push(
+                k,
+                k < bs,
+                req_pool_indices,
+                alloc_lens,
+                prefix_lens,
+                keep_lens,
+                num_rows,
+                max_context_len,
+                PAGE_SIZE,
+                PAGE_SHIFT,
+                KEEP,
+            )
+            zero = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
+            tl.debug_barrier()  # every lane has read the lengths it sums
+            tl.store(alloc_lens + rows, zero.to(alloc_lens.dtype.element_ty), mask=valid)
+            tl.store(prefix_lens + rows, zero.to(prefix_lens.dtype.element_ty), mask=valid)
+            pushed_lanes += n
+        pushed = tl.minimum(tl.reduce(pushed_lanes, 0, _add), num_pages - count)
+        tl.store(counters + 1, (count + pushed).to(counters.dtype.element_ty))
+        tl.store(counters + 2, tl.full([], 0, dtype=counters.dtype.element_ty))
+
+
+@triton.jit(do_not_specialize=["n", "num_pages"])
+def _push_pages_kernel(pages, free_pages, counters, n, num_pages, TILE: tl.constexpr):
+    """Append ``pages[:n]`` to the ring: ``free_pages[(head + count + i) % num_pages] = pages[i]``. One program."""
+    head = tl.load(counters).to(tl.int32)
+    count = tl.load(counters + 1).to(tl.int32)
+    for k0 in range(0, n, TILE):
+        k = k0 + tl.arange(0, TILE)  # [TILE]
+        ring_off = count + k
+        ok = (k < n) & (ring_off < num_pages)
+        page = tl.load(pages + k, mask=ok, other=0)
+        ring_idx = _ring_index(head, tl.where(ok, ring_off, 0), num_pages)
+        tl.store(free_pages + ring_idx, page.to(free_pages.dtype.element_ty), mask=ok)
+    pushed = tl.minimum(n, num_pages - count)
+    tl.debug_barrier()  # every thread has read the counters
+    tl.store(counters + 1, (count + pushed).to(counters.dtype.element_ty))
 
 
 @triton.jit(do_not_specialize=["bs", "num_rows"])
 def _commit_kernel(req_pool_indices, accept_lens, seq_lens, window_lens, bs, num_rows, TILE: tl.constexpr):
-    """``seq_lens[row_i] += accept_lens[i]``; ``window_lens[row_i] = 0`` (the draft window is closed)."""
+    """``seq_lens[row_i] += clamp(accept_lens[i], 0, window_lens[row_i])``; the draft window closes (``= 0``)."""
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
@@ -206,6 +465,8 @@ def _commit_kernel(req_pool_indices, accept_lens, seq_lens, window_lens, bs, num
         rows = tl.load(req_pool_indices + offs, mask=in_batch, other=0).to(tl.int32)
         valid = in_batch & (rows >= 0) & (rows < num_rows)
         accepted = tl.load(accept_lens + offs, mask=valid, other=0).to(tl.int32)
+        window = tl.load(window_lens + rows, mask=valid, other=0).to(tl.int32)
+        accepted = tl.minimum(tl.maximum(accepted, 0), tl.maximum(window, 0))
         seq = tl.load(seq_lens + rows, mask=valid, other=0).to(tl.int32)
         tl.store(seq_lens + rows, (seq + accepted).to(seq_lens.dtype.element_ty), mask=valid)
         tl.store(window_lens + rows, tl.full([TILE], 0, dtype=window_lens.dtype.element_ty), mask=valid)
