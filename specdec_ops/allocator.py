@@ -799,9 +799,10 @@ class DraftCacheAllocator:
 
     def _check_host_accept(self, host_rows: list[int] | None, accept: list[int]) -> None:
         """Accept lengths given as a list: each in [0, the row's window], as far as the host knows the window."""
+        widest = max([self._unknown_window_bound, *self._known_windows.values()])
         for i, value in enumerate(accept):
             row = None if host_rows is None else host_rows[i]
-            window = self._known_windows.get(row, self._unknown_window_bound)
+            window = widest if row is None else self._known_windows.get(row, self._unknown_window_bound)
             if not 0 <= value <= window:
                 raise ValueError(
                     f"accept_lens[{i}] must be in [0, {window}] (the draft window"

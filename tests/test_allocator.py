@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import specdec_ops
+from specdec_ops import allocator as allocator_module
+from specdec_ops import backend
 from specdec_ops.allocator import (
     AllocationError,
     ContextLengthError,
@@ -130,8 +132,14 @@ class AllocatorMachine(RuleBasedStateMachine):
     MAX_DRAFT = 6
     DEVICE = "cpu"
 
+    # Launch constants of specdec_ops.allocator to shrink for this machine (many programs with few requests).
+    TILES: dict[str, int] = {}
+
     @initialize(data=st.data())
     def start(self, data):
+        self._saved_tiles = {name: getattr(allocator_module, name) for name in self.TILES}
+        for name, value in self.TILES.items():
+            setattr(allocator_module, name, value)
         self.alloc = DraftCacheAllocator(
             self.NUM_PAGES * self.PAGE_SIZE,
             self.MAX_REQUESTS,
@@ -318,9 +326,13 @@ class AllocatorMachine(RuleBasedStateMachine):
     def teardown(self):
         if not hasattr(self, "alloc"):
             return
-        self.alloc.free_requests(self.alloc.rows_in_use())
-        assert self.alloc.num_free_slots() == self.alloc.num_slots
-        check_layout(self.alloc)
+        try:
+            self.alloc.free_requests(self.alloc.rows_in_use())
+            assert self.alloc.num_free_slots() == self.alloc.num_slots
+            check_layout(self.alloc)
+        finally:
+            for name, value in self._saved_tiles.items():
+                setattr(allocator_module, name, value)
 
 
 STATEFUL_SETTINGS = settings(
@@ -348,11 +360,33 @@ class PageSize64(AllocatorMachine):
     PAGE_SIZE, NUM_PAGES, MAX_CONTEXT_LEN, MAX_DRAFT = 64, 6, 200, 70
 
 
+# Tiles of 2 requests and scans of 4: every launch spans several programs, each summing the needs of the requests
+# before its tile, and the last program writes the shared state.
+MANY_PROGRAMS = {"_MAX_TILE": 2, "_SCAN_BLOCK": 4, "_FREE_TILE": 2, "_COMMIT_TILE": 2}
+
+
+class ManyProgramsPageSize1(PageSize1):
+    MAX_REQUESTS, TILES = 9, MANY_PROGRAMS
+
+
+class ManyProgramsPageSize16(PageSize16):
+    MAX_REQUESTS, NUM_PAGES, TILES = 9, 12, MANY_PROGRAMS
+
+
 TestStatefulPageSize1 = PageSize1.TestCase
 TestStatefulPageSize4 = PageSize4.TestCase
 TestStatefulPageSize16 = PageSize16.TestCase
 TestStatefulPageSize64 = PageSize64.TestCase
-for _case in (TestStatefulPageSize1, TestStatefulPageSize4, TestStatefulPageSize16, TestStatefulPageSize64):
+TestStatefulManyProgramsPageSize1 = ManyProgramsPageSize1.TestCase
+TestStatefulManyProgramsPageSize16 = ManyProgramsPageSize16.TestCase
+for _case in (
+    TestStatefulPageSize1,
+    TestStatefulPageSize4,
+    TestStatefulPageSize16,
+    TestStatefulPageSize64,
+    TestStatefulManyProgramsPageSize1,
+    TestStatefulManyProgramsPageSize16,
+):
     _case.settings = STATEFUL_SETTINGS
 del _case
 
@@ -729,6 +763,215 @@ def test_empty_batches():
     assert out.shape == (0,) and last.tolist() == [alloc.req_to_token[0, 2].item(), alloc.req_to_token[1, 3].item()]
 
 
+# ------------------------------------------------------------------------------------------ many programs
+
+
+@pytest.fixture
+def many_programs(monkeypatch):
+    """Tiles of 8 requests, scans of 16: a few hundred requests span dozens of programs."""
+    for name, value in {"_MAX_TILE": 8, "_SCAN_BLOCK": 16, "_FREE_TILE": 8, "_COMMIT_TILE": 8}.items():
+        monkeypatch.setattr(allocator_module, name, value)
+
+
+@pytest.mark.parametrize("page_size", [1, 16], ids=lambda p: f"page{p}")
+def test_many_programs_match_one_program_call_for_call(page_size, many_programs):
+    """The same loop with tiles of 8 (dozens of programs) and with one program per launch: identical."""
+    runs = []
+    for tiles in ({}, {"_MAX_TILE": 1024, "_SCAN_BLOCK": 1024, "_FREE_TILE": 1024, "_COMMIT_TILE": 1024}):
+        saved = {name: getattr(allocator_module, name) for name in tiles}
+        try:
+            for name, value in tiles.items():
+                setattr(allocator_module, name, value)
+            num_slots = (20000 // page_size + 600) * page_size
+            alloc = DraftCacheAllocator(num_slots, 300, 96, page_size=page_size, device="cpu")
+            rows = alloc.add_requests([(37 * i) % 60 for i in range(300)])
+            outputs = []
+            for step in range(3):
+                out, last = alloc.alloc_draft(rows, 5)
+                outputs.append((out.tolist(), last.tolist()))
+                alloc.commit(rows, torch.tensor([(i + step) % 7 for i in range(300)]))
+            check_layout(alloc)
+            alloc.free_requests(rows[::3])
+            check_layout(alloc)
+            runs.append((outputs, snapshot(alloc)))
+        finally:
+            for name, value in saved.items():
+                setattr(allocator_module, name, value)
+    assert runs[0][0] == runs[1][0]
+    for name in STATE_TENSORS:
+        assert torch.equal(runs[0][1][name], runs[1][1][name]), name
+
+
+def test_many_programs_large_batch_against_the_loop(many_programs):
+    alloc = DraftCacheAllocator(300 * 8 * 32, 300, 256, page_size=32, device="cpu")
+    lens = [(7 * i) % 150 for i in range(300)]
+    rows = alloc.add_requests(lens)
+    out, last = alloc.alloc_draft(rows, 40)
+    owned = check_layout(alloc)
+    expected_out, expected_last = loop_outputs(owned, rows.tolist(), lens, 40)
+    assert out.tolist() == expected_out and last.tolist() == expected_last
+    alloc.free_requests(rows)
+    assert alloc.num_free_slots() == alloc.num_slots
+    assert alloc._counters[2].item() == 0, "the last program resets the ticket"
+
+
+# --------------------------------------------------------------------------------------------- misuse
+
+
+def test_commit_clamps_to_the_open_window():
+    alloc = DraftCacheAllocator(64, 3, 32, page_size=4, device="cpu")
+    rows = alloc.add_requests([3, 6, 1])
+    alloc.alloc_draft(rows, 4)
+    alloc.commit(rows, torch.tensor([9, -5, 4]))  # past the window, negative, exactly the window
+    assert alloc.seq_lens[rows].tolist() == [7, 6, 5]
+    assert alloc.window_lens.tolist() == [0, 0, 0]
+    alloc.commit(rows, torch.tensor([3, 3, 3]))  # no window open: commits nothing
+    assert alloc.seq_lens[rows].tolist() == [7, 6, 5]
+    out, last = alloc.alloc_draft(rows, 2)
+    assert last.tolist() == alloc.req_to_token[rows, alloc.seq_lens[rows] - 1].tolist()  # never the padding slot
+    check_layout(alloc)
+
+
+@pytest.mark.parametrize("page_size", [1, 4, 16], ids=lambda p: f"page{p}")
+@pytest.mark.parametrize("seed", range(3))
+def test_misuse_never_corrupts_the_pool(page_size, seed):
+    """Random accept lengths (negative, past the window), commits without drafts and double commits, with
+    validate=False: after every call no slot is owned twice, the padding page is never handed out, and freeing
+    everything gives the whole pool back."""
+    rng = random.Random(seed)
+    alloc = DraftCacheAllocator(page_size * 64, 6, 64, page_size=page_size, device="cpu")
+    alloc.add_requests([rng.randrange(0, 20) for _ in range(4)])
+    for _ in range(25):
+        live = alloc.rows_in_use()
+        rows = torch.tensor(live)
+        action = rng.choice(["draft", "draft", "commit", "commit", "add", "free"])
+        if action == "draft":
+            n = rng.randrange(0, 6)
+            seq = alloc.seq_lens[rows].tolist()
+            if live and max(seq) + n <= alloc.max_context_len and alloc.num_free_slots() >= len(live) * (n + page_size):
+                alloc.alloc_draft(rows, n)
+        elif action == "commit" and live:
+            accept = torch.tensor([rng.choice([-(2**31), -3, 0, 1, 5, 100, 2**31 - 1]) for _ in live])
+            alloc.commit(rows, accept)
+        elif action == "add" and alloc.num_requests < alloc.max_requests and alloc.num_free_slots() > 40:
+            alloc.add_requests([rng.randrange(0, 20)])
+        elif action == "free" and live:
+            alloc.free_requests([rng.choice(live)])
+        check_layout(alloc)
+    alloc.free_requests(alloc.rows_in_use())
+    assert alloc.num_free_slots() == alloc.num_slots
+    assert sorted(alloc.free_page_list()) == list(range(1, alloc.num_pages + 1))
+
+
+def test_accept_lengths_given_as_a_list_are_checked_on_the_host():
+    alloc = DraftCacheAllocator(64, 3, 32, page_size=4, device="cpu")
+    rows = alloc.add_requests([3, 6])
+    before = snapshot(alloc)
+    with pytest.raises(ValueError, match=r"accept_lens\[0\] must be in \[0, 0\] \(the draft window of row 0\), got 1"):
+        alloc.commit([0, 1], [1, 0])  # no window open
+    assert_unchanged(alloc, before)
+    alloc.alloc_draft([0, 1], 3)
+    before = snapshot(alloc)
+    with pytest.raises(ValueError, match=r"accept_lens\[1\] must be in \[0, 3\] \(the draft window\), got 4"):
+        alloc.commit(rows, [2, 4])  # rows on the device: the widest window the host knows of
+    with pytest.raises(ValueError, match=r"accept_lens\[0\] must be in \[0, 3\]"):
+        alloc.commit([0, 1], [-1, 0])
+    assert_unchanged(alloc, before)
+    alloc.commit([0, 1], [3, 1])
+    assert alloc.seq_lens[rows].tolist() == [6, 7]
+
+
+class LaunchFailed(RuntimeError):
+    pass
+
+
+def _failing_launch(*args, **kwargs):
+    raise LaunchFailed("launch failed")
+
+
+LAUNCHING_CALLS = [
+    ("add", lambda a, r: a.add_requests([5, 0, 9])),
+    (
+        "add-prefix",
+        lambda a, r: a.add_requests([8], prefix_slots=4 * a.cached_pages()[1] + torch.arange(4)[None], prefix_lens=[4]),
+    ),
+    ("alloc_draft", lambda a, r: a.alloc_draft(r, 3)),
+    ("alloc_draft-list", lambda a, r: a.alloc_draft(r.tolist(), 3)),
+    ("reserve_draft", lambda a, r: a.reserve_draft(r, 3)),
+    ("commit", lambda a, r: a.commit(r, torch.tensor([1, 1]))),
+    ("free", lambda a, r: a.free_requests(r)),
+    ("free-keep", lambda a, r: a.free_requests(r, keep_lens=[4, 0])),
+    ("release_slots", lambda a, r: a.release_slots([4 * a.cached_pages()[0] + 3])),
+]
+
+
+@pytest.mark.parametrize("call", [c[1] for c in LAUNCHING_CALLS], ids=[c[0] for c in LAUNCHING_CALLS])
+def test_a_launch_that_raises_changes_nothing(call, monkeypatch):
+    alloc = DraftCacheAllocator(64, 6, 32, page_size=4, device="cpu")
+    for length in (6, 7):
+        first = alloc.add_requests([length])
+        alloc.free_requests(first, keep_lens=[4])  # its first page goes to the cache
+    assert len(alloc.cached_pages()) == 2
+    rows = alloc.add_requests([5, 6])
+    alloc.alloc_draft(rows, 2)
+    before = snapshot(alloc)
+    host = (alloc._pages_bound, alloc._alloc_len_bound, dict(alloc._known_windows), list(alloc._min_pages))
+    monkeypatch.setattr(backend, "launch", _failing_launch)
+    with pytest.raises(LaunchFailed):
+        call(alloc, rows)
+    monkeypatch.undo()
+    assert_unchanged(alloc, before)
+    assert (alloc._pages_bound, alloc._alloc_len_bound, dict(alloc._known_windows), list(alloc._min_pages)) == host
+    call(alloc, rows)  # and the same call goes through afterwards
+    check_layout(alloc)
+
+
+# ------------------------------------------------------------------------------------------ page arithmetic
+
+
+def test_power_of_two_pages_shift_and_others_divide():
+    assert [allocator_module._page_shift(p) for p in (1, 2, 16, 64, 128, 3, 12, 96)] == [0, 1, 4, 6, 7, -1, -1, -1]
+
+
+def test_npu_refuses_pools_that_its_division_cannot_handle(monkeypatch):
+    """On an NPU a page size that is not a power of two divides in float32: exact only below 2**24."""
+    monkeypatch.setattr(backend, "is_npu", lambda device: True)
+    with pytest.raises(ValueError, match=r"on an NPU, a page_size that is not a power of two needs .* below 2\*\*24"):
+        DraftCacheAllocator(3 * 2**23, 2, 16, page_size=3, device="cpu")
+    with pytest.raises(ValueError, match=r"max_context_len = 16777216"):
+        DraftCacheAllocator(3 * 16, 1, 2**24, page_size=3, device="meta")
+    DraftCacheAllocator(3 * 1000, 2, 16, page_size=3, device="cpu")  # small pools are exact
+    DraftCacheAllocator(64, 2, 2**24, page_size=64, device="meta")  # powers of two shift: any size
+
+
+def test_pool_limits():
+    with pytest.raises(ValueError, match=r"num_slots \+ page_size must be below 2\*\*31"):
+        DraftCacheAllocator(2**31 - 64, 1, 8, page_size=64, device="meta")
+    with pytest.raises(ValueError, match=r"num_slots // page_size must be below 2\*\*30 pages"):
+        DraftCacheAllocator(2**30, 1, 8, device="meta")
+    with pytest.raises(ValueError, match=r"max_context_len must be in \[1, 2\*\*30\)"):
+        DraftCacheAllocator(64, 1, 2**30, device="meta")
+
+
+@pytest.mark.parametrize("page_size", [128, 3], ids=lambda p: f"page{p}")
+def test_slots_near_2_31_and_a_wrapping_ring_are_exact(page_size):
+    """The highest pages of the largest pool, handed out across the end of the ring: exact slots and layout."""
+    num_pages = (2**31 - 1) // page_size - 1
+    alloc = DraftCacheAllocator(num_pages * page_size, 3, 4 * page_size, page_size=page_size, device="cpu")
+    alloc._counters[0] = num_pages - 2  # the head sits 2 pages before the end of the ring
+    rows = alloc.add_requests([page_size + 1, 2 * page_size])
+    table = alloc.req_to_token[rows, : 2 * page_size].tolist()
+    top = [num_pages - 1, num_pages]  # the ring holds pages 1..num_pages: its last two entries
+    assert table[0][: page_size + 1] == [top[0] * page_size + j for j in range(page_size)] + [top[1] * page_size]
+    assert table[1] == [1 * page_size + j for j in range(page_size)] + [2 * page_size + j for j in range(page_size)]
+    assert max(max(r) for r in table) >= 2**31 - 3 * page_size
+    out, last = alloc.alloc_draft(rows, page_size)
+    assert out.tolist()[: page_size - 1] == [top[1] * page_size + j for j in range(1, page_size)]
+    assert last.tolist() == [top[1] * page_size, 3 * page_size - 1]
+    alloc.free_requests(rows)
+    assert alloc.num_free_slots() == alloc.num_slots
+
+
 # ------------------------------------------------------------------------------------------------- GPU
 
 
@@ -764,6 +1007,34 @@ def test_gpu_matches_cpu_call_for_call(page_size):
         check_layout(alloc)
         runs.append((outputs, {name: t.cpu() for name, t in snapshot(alloc).items() if name in STATE_TENSORS}))
     assert runs[0][0] == runs[1][0]
+    for name in STATE_TENSORS:
+        assert torch.equal(runs[0][1][name], runs[1][1][name]), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [1, 16, 128], ids=lambda p: f"page{p}")
+def test_gpu_many_programs_match_one_program(page_size):
+    """bs 4096: the default grid (32 programs) against one program per launch, call for call, on the GPU."""
+    runs = []
+    for tiles in ({}, {"_MAX_TILE": 4096, "_FREE_TILE": 4096, "_COMMIT_TILE": 4096}):
+        saved = {name: getattr(allocator_module, name) for name in tiles}
+        try:
+            for name, value in tiles.items():
+                setattr(allocator_module, name, value)
+            alloc = DraftCacheAllocator(4096 * 8 * page_size, 4096, 1024, page_size=page_size, device="cuda")
+            rows = alloc.add_requests([(37 * i) % 500 for i in range(4096)])
+            outputs = []
+            for step in range(4):
+                out, last = alloc.alloc_draft(rows, 8)
+                outputs.append((out.cpu(), last.cpu()))
+                alloc.commit(rows, torch.tensor([(i + step) % 9 for i in range(4096)], device="cuda"))
+            alloc.free_requests(rows[::3])
+            runs.append((outputs, {name: getattr(alloc, name).cpu() for name in STATE_TENSORS}))
+        finally:
+            for name, value in saved.items():
+                setattr(allocator_module, name, value)
+    for (out_a, last_a), (out_b, last_b) in zip(runs[0][0], runs[1][0]):
+        assert torch.equal(out_a, out_b) and torch.equal(last_a, last_b)
     for name in STATE_TENSORS:
         assert torch.equal(runs[0][1][name], runs[1][1][name]), name
 
