@@ -287,7 +287,7 @@ def test_adversarial_allocator_steps_past_capacity_stay_inside_the_tensors(devic
     last_buf, last = guarded(3, torch.int64, device)
     accept = torch.full((3,), 4, dtype=torch.int64, device=device)
     for _ in range(20):
-        alloc._launch_alloc(rows, 4, None, out, last, prefill=False)
+        alloc._launch_alloc(rows, 4, None, None, None, out, last)
         alloc.commit(rows, accept)
     if device == "cuda":
         torch.cuda.synchronize()
