@@ -111,16 +111,9 @@ def interpreted_function(fn: JITFunction) -> InterpretedFunction:
     ``TRITON_INTERPRET=1``), made without touching the environment."""
     if isinstance(fn, InterpretedFunction):
         return fn
-    return InterpretedFunction(
-        fn.fn,
-        version=fn.version,
-        do_not_specialize=fn.do_not_specialize,
-        do_not_specialize_on_alignment=fn.do_not_specialize_on_alignment,
-        debug=fn.debug,
-        noinline=fn.noinline,
-        repr=getattr(fn, "_repr", None),
-        launch_metadata=fn.launch_metadata,
-    )
+    options = ("version", "do_not_specialize", "do_not_specialize_on_alignment", "debug", "noinline", "launch_metadata")
+    kwargs = {name: getattr(fn, name) for name in options if hasattr(fn, name)}
+    return InterpretedFunction(fn.fn, repr=getattr(fn, "_repr", None), **kwargs)
 
 
 def _interpreter_index(value) -> int:

@@ -261,11 +261,12 @@ def _prepare_windows(
     num_tokens: int | None,
     window_len: int | None,
     validate: bool,
-) -> tuple[torch.Tensor, torch.Tensor, int, int, torch.device]:
+) -> tuple[torch.Tensor, torch.Tensor, int, int | None, int, torch.device]:
     """Check the window arguments; syncs only when it must.
 
-    Returns ``(out_cache_loc, end_offset, num_tokens, bs, device)``; ``end_offset`` is ``start_offset`` when the
-    caller passed ``None`` with ``window_len`` (the uniform kernels never read it).
+    Returns ``(out_cache_loc, end_offset, num_tokens, window_len, bs, device)``, the counts as Python ints;
+    ``end_offset`` is ``start_offset`` when the caller passed ``None`` with ``window_len`` (the uniform kernels
+    never read it).
     """
     if end_offset is None and window_len is not None:
         end_offset = start_offset
@@ -313,7 +314,7 @@ def _prepare_windows(
     if validate and bs:
         ends = end_offset if end_offset is not start_offset else start_offset + window_len
         _validate_windows(req_to_token, req_pool_indices, start_offset, ends, num_tokens, window_len)
-    return out_cache_loc, end_offset, num_tokens, bs, device
+    return out_cache_loc, end_offset, num_tokens, window_len, bs, device
 
 
 def _launch_windows(
@@ -362,7 +363,8 @@ def assign_extend_cache_locs(
             (any row stride, e.g. a column slice of a wider table).
         req_pool_indices: ``[bs]`` int32/int64 table rows; duplicates allowed.
         start_offset: ``[bs]`` int32/int64, first position of each window.
-        end_offset: ``[bs]`` int32/int64, one past the last position of each window.
+        end_offset: ``[bs]`` int32/int64, one past the last position of each window; may be ``None`` with
+            ``window_len`` (it is not read then).
         out_cache_loc: optional int32/int64 buffer of at least ``num_tokens`` elements; elements past
             ``num_tokens``, and past the windows' total, are left untouched.
         num_tokens: elements of ``out_cache_loc`` the call may write, at least the windows' total.
@@ -370,6 +372,7 @@ def assign_extend_cache_locs(
             cannot be captured in a CUDA graph); pass it on the hot path.
         window_len: promise that every window has this length: offsets are ``i * window_len``, no scan,
             ``end_offset`` is not read, and ``num_tokens`` defaults to ``bs * window_len`` (no sync).
+            ``num_tokens`` and ``window_len`` may be any ``numbers.Integral`` (e.g. ``numpy.int64``).
         validate: also check values (rows in range, ``0 <= start <= end <= max_context_len``, total
             within ``num_tokens``, the ``window_len`` promise); costs one device→host sync.
         persistent: one program per core looping over tiles (default: only on Ascend).
@@ -377,7 +380,7 @@ def assign_extend_cache_locs(
     Returns:
         ``out_cache_loc[:num_tokens]``: int64 unless the caller passed ``out_cache_loc``.
     """
-    out_cache_loc, end_offset, num_tokens, bs, device = _prepare_windows(
+    out_cache_loc, end_offset, num_tokens, window_len, bs, device = _prepare_windows(
         req_to_token, req_pool_indices, start_offset, end_offset, out_cache_loc, None, num_tokens, window_len, validate
     )
     if bs:
@@ -416,7 +419,7 @@ def get_last_loc_and_assign_extend_cache_locs(
     Returns:
         ``(out_cache_loc[:num_tokens], last_loc)``; ``last_loc`` has ``start_offset.dtype`` unless given.
     """
-    out_cache_loc, end_offset, num_tokens, bs, device = _prepare_windows(
+    out_cache_loc, end_offset, num_tokens, window_len, bs, device = _prepare_windows(
         req_to_token,
         req_pool_indices,
         start_offset,

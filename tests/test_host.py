@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 
 import numpy as np
@@ -147,3 +148,64 @@ def test_cpu_kernels_take_loop_bounds_from_one_element_arrays():
     bounded = module.range(_ScalarTensor(1), _ScalarTensor(10), _ScalarTensor(4))
     assert list(bounded) == [1, 5, 9]
     assert list(module.range(3)) == [0, 1, 2]
+
+
+def small_call_args():
+    table = torch.arange(6 * 10, dtype=torch.int32).reshape(6, 10)
+    rows, start = torch.tensor([4, 0, 2]), torch.tensor([0, 3, 7])
+    return table, rows, start
+
+
+def test_window_len_and_num_tokens_accept_numpy_integers():
+    table, rows, start = small_call_args()
+    want = specdec_ops.get_last_loc_and_assign_extend_cache_locs(table, rows, start, start + 3, window_len=3)
+    got = specdec_ops.get_last_loc_and_assign_extend_cache_locs(
+        table, rows, start, start + 3, num_tokens=np.int32(9), window_len=np.int64(3)
+    )
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize(
+    "window_len,message",
+    [
+        (3.0, "window_len must be an int or None, got float"),
+        (np.float64(3), "window_len must be an int or None, got numpy.float64"),
+        (torch.tensor(3), "window_len must be an int or None, got torch.Tensor"),
+        (True, "window_len must be an int or None, got bool"),
+    ],
+    ids=["float", "numpy-float", "tensor", "bool"],
+)
+def test_window_len_of_another_type_names_the_python_type(window_len, message):
+    table, rows, start = small_call_args()
+    with pytest.raises(TypeError, match=re.escape(message)):
+        specdec_ops.assign_extend_cache_locs(table, rows, start, start + 3, window_len=window_len)
+
+
+@pytest.mark.parametrize("validate", [False, True])
+def test_end_offset_may_be_none_with_window_len(validate):
+    table, rows, start = small_call_args()
+    want = specdec_ops.get_last_loc_and_assign_extend_cache_locs(table, rows, start, start + 3, window_len=3)
+    got = specdec_ops.get_last_loc_and_assign_extend_cache_locs(
+        table, rows, start, None, window_len=3, validate=validate
+    )
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    out = specdec_ops.assign_extend_cache_locs(table, rows, start, None, window_len=3, validate=validate)
+    assert torch.equal(out, want[0])
+
+
+def test_end_offset_none_without_window_len_says_so():
+    table, rows, start = small_call_args()
+    with pytest.raises(TypeError, match=re.escape("end_offset must be a torch.Tensor (it may be None only with")):
+        specdec_ops.assign_extend_cache_locs(table, rows, start, None, num_tokens=4)
+
+
+def test_validate_with_window_len_and_no_end_offset_checks_the_context():
+    table, rows, start = small_call_args()
+    with pytest.raises(ValueError, match=re.escape("end_offset[2] must be <= max_context_len = 10, got 11")):
+        specdec_ops.assign_extend_cache_locs(table, rows, start, None, window_len=4, validate=True)
+
+
+def test_get_last_loc_gives_minus_one_for_negative_prefix_lens():
+    table, rows, _ = small_call_args()
+    prefix = torch.tensor([-2, 0, 5])
+    assert specdec_ops.get_last_loc(table, rows, prefix).tolist() == [-1, -1, 24]
