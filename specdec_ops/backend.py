@@ -61,7 +61,14 @@ def is_interpreted(device: torch.device) -> bool:
 
 def is_npu(device: torch.device) -> bool:
     """Whether ``device`` is an Ascend NPU (launch configuration differs there)."""
-    return device.type == "npu"
+    npu = _npu_devices.get(device)
+    if npu is None:
+        npu = _npu_devices[device] = device.type == "npu"
+    return npu
+
+
+# device -> is_npu(device): torch.device.type costs more than a dict lookup on the device.
+_npu_devices: dict[torch.device, bool] = {}
 
 
 def kernels(module_name: str, device: torch.device) -> ModuleType:
