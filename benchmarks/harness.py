@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import os
 import platform
 import shutil
 import subprocess
@@ -181,18 +180,9 @@ def _empty_kernel(x_ptr):
 
 @functools.cache
 def _jit_empty_kernel(interpreted: bool):
-    if not interpreted:
-        return triton.jit(_empty_kernel)
-    # Triton picks the interpreter when a function is decorated (as backend.kernels does for CPU copies).
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        return triton.jit(_empty_kernel)
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
+    kernel = triton.jit(_empty_kernel)
+    # Built like backend's CPU kernel modules: interpreted without setting TRITON_INTERPRET process-wide.
+    return backend.interpreted_function(kernel) if interpreted else kernel
 
 
 def empty_kernel(device: torch.device):

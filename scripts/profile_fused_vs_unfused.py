@@ -25,7 +25,8 @@ samples, after --warmup samples that are dropped):
          the host's time per call (Python wrapper, argument checks, Triton launcher, driver) and the device's,
          plus 1/--iters of one launch latency and one synchronize. On cpu it is the interpreter's wall-clock time.
 
-Speedups are the other variant's median over the fused op's median, shown only where both outputs were checked.
+Speedups are the other variant's median over the fused op's median, shown only where both outputs were checked,
+and never on cpu: Triton's interpreter times NumPy, not a device, so its timings are labelled and not compared.
 
 Files written to --out-dir:
   results.csv           one row per (mode, windows, N, batch size, variant): median/p20/p80 in us, samples,
@@ -83,13 +84,14 @@ DEFAULTS = {
         "input_sets": 4,
         "context_len": 2048,
     },
-    # cpu: Triton's interpreter takes milliseconds per call, and about a second per ragged call
+    # cpu: Triton's interpreter takes milliseconds per call, and about a second per ragged call. Its timings say
+    # nothing about device speed: the report labels them so and shows no speedups there.
     "cpu": {
         "batch_sizes": [1, 8, 32],
         "window_lens": [4],
-        "iters": 1,
-        "repeats": 3,
-        "warmup": 0,
+        "iters": 2,
+        "repeats": 5,
+        "warmup": 1,
         "input_sets": 1,
         "context_len": 256,
     },
@@ -157,7 +159,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--modes",
         type=_choices(MODES),
-        help="timing modes, see above (default: graph,eager on cuda and on npu with graphs; eager otherwise)",
+        help="timing modes, see 'Timing modes' below (default: graph,eager on cuda and on npu with graphs; eager "
+        "otherwise)",
     )
     parser.add_argument(
         "--variants",
@@ -389,11 +392,16 @@ def _cell(row: Row | None) -> str:
 def format_tables(rows: list[Row], args: argparse.Namespace) -> list[str]:
     by_key = {(row.key(), row.variant): row for row in rows}
     keys = list(dict.fromkeys(row.key() for row in rows))
-    others = [v for v in ("unfused", "torch") if v in args.variants]
+    interpreted = backend.is_interpreted(args.device)
+    # Interpreter timings rank variants by how much NumPy they run, not by device speed: no speedups there.
+    others = [] if interpreted else [v for v in ("unfused", "torch") if v in args.variants]
     width = 26
     lines = []
     for mode in args.modes:
-        lines += ["", MODE_TITLES[mode] + f", {args.repeats} samples of {args.iters} calls"]
+        title = MODE_TITLES[mode] + f", {args.repeats} samples of {args.iters} calls"
+        if interpreted:
+            title = f"TRITON INTERPRETER wall-clock (says nothing about device speed; no speedups): {title}"
+        lines += ["", title]
         head = f"{'windows':<8} {'N':>3} {'bs':>6} {'tokens':>8} " + "".join(f"{v:>{width}}" for v in args.variants)
         lines.append(head + "".join(f"{'x vs ' + v:>14}" for v in others))
         for key in (k for k in keys if k[0] == mode):
@@ -470,8 +478,11 @@ def plot(rows: list[Row], env: dict[str, str], args: argparse.Namespace, path: P
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
+    interpreted = backend.is_interpreted(args.device)
     panels = list(dict.fromkeys((row.windows, row.window_len) for row in rows))
+    batch_sizes = sorted({row.batch_size for row in rows})
     styles = {
         "fused": {"color": "tab:blue", "marker": "o"},
         "unfused": {"color": "tab:orange", "marker": "s"},
@@ -480,7 +491,7 @@ def plot(rows: list[Row], env: dict[str, str], args: argparse.Namespace, path: P
     }
     labels = {"empty": "empty kernel (floor)"}
     fig, axes = plt.subplots(
-        len(args.modes), len(panels), figsize=(3.6 * len(panels) + 0.6, 3.2 * len(args.modes) + 0.8), squeeze=False
+        len(args.modes), len(panels), figsize=(3.6 * len(panels) + 0.6, 3.0 * len(args.modes) + 0.7), squeeze=False
     )
     legend = {}
     for i, mode in enumerate(args.modes):
@@ -501,28 +512,35 @@ def plot(rows: list[Row], env: dict[str, str], args: argparse.Namespace, path: P
                 legend.setdefault(line.get_label(), line)
             ax.set_xscale("log")
             ax.set_yscale("log")
+            # A tick at each measured batch size, no minor labels (on a small range they overlap).
+            ax.set_xticks(batch_sizes, [str(bs) for bs in batch_sizes])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.yaxis.set_minor_formatter(NullFormatter())
             ax.grid(True, which="both", alpha=0.3)
             ax.set_title(f"{mode}: {windows}, N={n}", fontsize=9)
             ax.set_xlabel("batch size", fontsize=8)
             ax.set_ylabel("device us per call" if mode == "graph" else "eager us per call", fontsize=8)
             ax.tick_params(labelsize=7)
     height = fig.get_figheight()
+    where = "Triton interpreter: timings say nothing about device speed" if interpreted else "compiled Triton"
     fig.suptitle(
-        f"{env['device_name']} | driver {env['driver']} | torch {env['torch']} | triton {env['triton']} | "
+        f"{env['device_name']} | {where}\ndriver {env['driver']} | torch {env['torch']} | triton {env['triton']} | "
         f"{env['date']}",
         fontsize=8,
-        y=1 - 0.12 / height,
+        y=1 - 0.05 / height,
     )
+    ncol = min(len(legend), 2 * len(panels))
+    legend_rows = -(-len(legend) // ncol)
     fig.legend(
         list(legend.values()),
         list(legend),
-        loc="upper center",
-        bbox_to_anchor=(0.5, 1 - 0.3 / height),
-        ncol=len(legend),
+        loc="lower center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncol=ncol,
         fontsize=8,
         frameon=False,
     )
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.7 / height))
+    fig.tight_layout(rect=(0, 0.2 * legend_rows / height, 1, 1), h_pad=0.4)  # leaves room for the suptitle
     fig.savefig(path, dpi=130)
     plt.close(fig)
 
@@ -624,7 +642,8 @@ def main(argv: list[str] | None = None) -> int:
     for index, case in enumerate(cases):
         rows += measure_case(case, args.seed + 1 + index, table, args, progress)
     progress.close()
-    add_speedups(rows)
+    if not backend.is_interpreted(args.device):  # interpreter timings rank nothing: no speedups
+        add_speedups(rows)
 
     errors = [
         f"{row.mode} {row.windows} bs={row.batch_size} N={row.window_len} {row.variant}: {row.error}"

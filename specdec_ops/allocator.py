@@ -41,7 +41,10 @@ from typing import Union
 import torch
 
 from . import backend
-from .ops import _INDEX_DTYPES, _INT32_LIMIT, _MAX_BLOCK_N, _block_n, _check_vector
+from .checks import INDEX_DTYPES as _INDEX_DTYPES
+from .checks import INT32_LIMIT as _INT32_LIMIT
+from .checks import check_vector as _check_vector
+from .ops import _MAX_BLOCK_N, _block_n
 
 __all__ = [
     "AllocationError",

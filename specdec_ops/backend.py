@@ -13,15 +13,17 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import operator
 import os
 import threading
 from types import ModuleType
 
 import torch
 import triton
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
 
 _INTERPRET_ENV = "TRITON_INTERPRET"
-_env_lock = threading.Lock()
 
 try:  # An Ascend install: registers the "npu" device with torch.
     import torch_npu  # noqa: F401
@@ -62,38 +64,77 @@ def is_interpreted(device: torch.device) -> bool:
     return device.type == "cpu" or _INTERPRET_ALL
 
 
+def is_npu(device: torch.device) -> bool:
+    """Whether ``device`` is an Ascend NPU (launch configuration differs there)."""
+    npu = _npu_devices.get(device)
+    if npu is None:
+        npu = _npu_devices[device] = device.type == "npu"
+    return npu
+
+
+# device -> is_npu(device): torch.device.type costs more than a dict lookup on the device.
+_npu_devices: dict[torch.device, bool] = {}
+
+
 def kernels(module_name: str, device: torch.device) -> ModuleType:
     """The kernel module ``specdec_ops.kernels.<module_name>`` built for ``device``'s backend."""
-    module = _modules.get((module_name, device.type))
+    module = _modules.get((module_name, device))
     if module is None:
         if device.type not in _DEVICE_TYPES:
             raise ValueError(f"tensors must be on cpu, cuda or npu, got device {device}")
-        module = _modules[(module_name, device.type)] = _kernel_module(module_name, is_interpreted(device))
+        with _modules_lock:
+            module = _modules_by_type.get((module_name, device.type))
+            if module is None:
+                module = _kernel_module(module_name, is_interpreted(device))
+                _modules_by_type[(module_name, device.type)] = module
+            _modules[(module_name, device)] = module
     return module
 
 
-_modules: dict[tuple[str, str], ModuleType] = {}
+# Keyed by device as well as by its type: torch.device.type costs more than a dict lookup on the device.
+_modules: dict[tuple[str, torch.device], ModuleType] = {}
+_modules_by_type: dict[tuple[str, str], ModuleType] = {}
+_modules_lock = threading.Lock()
 
 
 def _kernel_module(module_name: str, interpreted: bool) -> ModuleType:
     name = f"{__package__}.kernels.{module_name}"
-    if not interpreted or _INTERPRET_ALL:
+    if not interpreted:
         return importlib.import_module(name)
-    # A private copy of the module whose @triton.jit functions were created in interpreter mode:
-    # Triton reads TRITON_INTERPRET when a function is decorated, so nested kernel calls interpret too.
+    # A private copy of the module whose @triton.jit functions run in Triton's interpreter. It is built without
+    # setting TRITON_INTERPRET (a process-wide variable that Triton reads whenever any function is decorated, in
+    # any thread): the copy is executed as usual, then each of its own jit functions is replaced by an interpreted
+    # one. Calls between them go through the copy's namespace, so nested kernel calls interpret too.
     spec = importlib.util.find_spec(name)
     module = importlib.util.module_from_spec(spec)
-    with _env_lock:
-        previous = os.environ.get(_INTERPRET_ENV)
-        os.environ[_INTERPRET_ENV] = "1"
-        try:
-            spec.loader.exec_module(module)
-        finally:
-            if previous is None:
-                del os.environ[_INTERPRET_ENV]
-            else:
-                os.environ[_INTERPRET_ENV] = previous
+    spec.loader.exec_module(module)
+    namespace = vars(module)
+    for key, value in list(namespace.items()):
+        if isinstance(value, JITFunction) and value.fn.__globals__ is namespace:
+            namespace[key] = interpreted_function(value)
+    # Triton 3.6's interpreter turns a loop bound into an int with int() of a 1-element array, which NumPy >= 2.4
+    # refuses ("only 0-dimensional arrays can be converted to Python scalars"). The copy's `range` converts it.
+    namespace["range"] = _interpreter_range
     return module
+
+
+def interpreted_function(fn: JITFunction) -> InterpretedFunction:
+    """The interpreted twin of the jit function ``fn`` (the function Triton would have built under
+    ``TRITON_INTERPRET=1``), made without touching the environment."""
+    if isinstance(fn, InterpretedFunction):
+        return fn
+    options = ("version", "do_not_specialize", "do_not_specialize_on_alignment", "debug", "noinline", "launch_metadata")
+    kwargs = {name: getattr(fn, name) for name in options if hasattr(fn, name)}
+    return InterpretedFunction(fn.fn, repr=getattr(fn, "_repr", None), **kwargs)
+
+
+def _interpreter_index(value) -> int:
+    handle = getattr(value, "handle", None)
+    return operator.index(value) if handle is None else int(handle.data.item())
+
+
+def _interpreter_range(*bounds) -> range:
+    return range(*[_interpreter_index(bound) for bound in bounds])
 
 
 @functools.cache
@@ -112,10 +153,21 @@ def prefers_persistent_grid(device: torch.device) -> bool:
     return is_npu(device)
 
 
+# Triton's interpreter keeps the grid index of the running program in one process-wide builder and patches
+# triton.language for the length of a launch: two interpreted launches at once (two threads) corrupt each other,
+# and a compilation meanwhile would trace the patched language. So interpreted launches, and launches that may
+# compile, hold this lock. The fast path below (a compiled kernel, launched directly) never takes it.
+_launch_lock = threading.Lock()
+
 # CUDA launches skip Triton's per-call argument binding once a specialisation is compiled (see launch()).
 # SPECDEC_OPS_FAST_LAUNCH=0 turns this off.
 _fast_launch = os.environ.get("SPECDEC_OPS_FAST_LAUNCH", "1") != "0"
+# Specialisation key -> the compiled kernel (see launch()).
 _compiled: dict[tuple, object] = {}
+# Specialisation key -> (launcher, function, packed metadata, compiled kernel, current-stream getter, device index).
+_launchers: dict[tuple, tuple] = {}
+# device -> whether launch() may take the CUDA fast path there (torch.device.type costs more than this lookup).
+_fast_devices: dict[torch.device, bool] = {}
 
 
 def launch(
@@ -134,39 +186,53 @@ def launch(
     tensors' dtypes and 16-byte alignment, and the constexprs). On CUDA the first launch of each such
     specialisation goes through Triton, which compiles it; later ones call the compiled kernel's
     launcher directly, skipping Triton's argument binding and cache lookup (about 6 us of Python per
-    launch on an H200 host). Other backends always go through Triton.
+    launch on an H200 host). Other backends always go through Triton. Safe to call from several threads.
     """
-    global _fast_launch
-    if device.type != "cuda" or not _fast_launch:
-        kernel[grid](*tensors, *scalars, **dict(constexprs), num_warps=num_warps)
+    fast = _fast_devices.get(device)
+    if fast is None:
+        fast = _fast_devices[device] = device.type == "cuda" and not is_interpreted(device)
+    if not (fast and _fast_launch):
+        with _launch_lock:
+            kernel[grid](*tensors, *scalars, **dict(constexprs), num_warps=num_warps)
         return
     pointers = [t.data_ptr() for t in tensors]
-    key = (kernel, device.index, constexprs, num_warps, *[t.dtype for t in tensors], *[p % 16 == 0 for p in pointers])
-    compiled = _compiled.get(key)
-    if compiled is None:
-        _compiled[key] = kernel[grid](*tensors, *scalars, **dict(constexprs), num_warps=num_warps)
+    key = (kernel, device, constexprs, num_warps, *[t.dtype for t in tensors], *[p & 15 == 0 for p in pointers])
+    launcher = _launchers.get(key)
+    if launcher is None:
+        _first_launch(key, kernel, grid, device, tensors, scalars, constexprs, num_warps)
         return
+    run, function, packed_metadata, compiled, get_stream, index = launcher
     # The launcher takes a pointer as an int as well as a tensor; ints save it a data_ptr() call each.
     args = (*pointers, *scalars, *[value for _, value in constexprs])
-    try:
-        _launch_compiled(compiled, grid, device, args)
-    except (TypeError, AttributeError):  # A Triton whose launcher differs: raised before anything runs.
-        _fast_launch = False
-        kernel[grid](*tensors, *scalars, **dict(constexprs), num_warps=num_warps)
-
-
-def _launch_compiled(compiled, grid: tuple[int], device: torch.device, args: tuple) -> None:
-    stream = triton.runtime.driver.active.get_current_stream(device.index)
+    stream = get_stream(index)
     hooks = triton.knobs.runtime
-    compiled.run(
-        grid[0],
-        1,
-        1,
-        stream,
-        compiled.function,
-        compiled.packed_metadata,
-        compiled.launch_metadata(grid, stream, *args),
-        hooks.launch_enter_hook,
-        hooks.launch_exit_hook,
-        *args,
-    )
+    enter_hook = hooks.launch_enter_hook
+    metadata = None if enter_hook is None else compiled.launch_metadata(grid, stream, *args)
+    try:
+        run(grid[0], 1, 1, stream, function, packed_metadata, metadata, enter_hook, hooks.launch_exit_hook, *args)
+    except TypeError:  # A Triton whose launcher takes other arguments: raised before anything runs.
+        _disable_fast_launch()
+        launch(kernel, grid, device, tensors, scalars, constexprs, num_warps)
+
+
+def _disable_fast_launch() -> None:
+    global _fast_launch
+    _fast_launch = False
+
+
+def _first_launch(key: tuple, kernel, grid, device, tensors, scalars, constexprs, num_warps) -> None:
+    """Launch through Triton (compiling if need be) and keep the compiled kernel's launcher for ``key``."""
+    with _launch_lock:
+        compiled = _compiled[key] = kernel[grid](*tensors, *scalars, **dict(constexprs), num_warps=num_warps)
+    try:
+        get_stream = triton.runtime.driver.active.get_current_stream
+        _launchers[key] = (
+            compiled.run,
+            compiled.function,
+            compiled.packed_metadata,
+            compiled,
+            get_stream,
+            device.index,
+        )
+    except AttributeError:  # A Triton whose compiled kernels look different: keep to Triton's own launch.
+        _disable_fast_launch()

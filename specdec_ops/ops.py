@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from . import backend
+from .checks import INDEX_DTYPES, INT32_LIMIT, check_count, check_out, check_table, check_vector
 
 __all__ = [
     "assign_extend_cache_locs",
@@ -19,8 +20,6 @@ __all__ = [
     "get_last_loc_and_assign_extend_cache_locs",
 ]
 
-_INDEX_DTYPES = (torch.int32, torch.int64)
-_INT32_LIMIT = 2**31
 # Requests per program of get_last_loc.
 _LAST_LOC_TILE = 1024
 # Uniform windows: a [TILE, BLOCK_N] gather tile of _GATHER_ELEMENTS slots, BLOCK_N covering the window.
@@ -39,73 +38,49 @@ _NPU_SHRINK = 4
 _NUM_WARPS = 8
 
 
-def _check_table(req_to_token: torch.Tensor) -> None:
-    if not isinstance(req_to_token, torch.Tensor):
-        raise TypeError(f"req_to_token must be a torch.Tensor, got {type(req_to_token).__name__}")
-    if req_to_token.dtype not in _INDEX_DTYPES:
-        raise TypeError(f"req_to_token must be int32 or int64, got {req_to_token.dtype}")
-    if req_to_token.dim() != 2:
-        shape = tuple(req_to_token.shape)
-        raise ValueError(f"req_to_token must be 2-D [max_requests, max_context_len], got shape {shape}")
-    if req_to_token.stride(1) != 1 and req_to_token.size(1) > 1:
-        raise ValueError(f"req_to_token must have unit stride along positions, got strides {req_to_token.stride()}")
-    if max(req_to_token.shape) >= _INT32_LIMIT or req_to_token.stride(0) >= _INT32_LIMIT:
-        raise ValueError(
-            f"req_to_token dimensions and row stride must be below 2**31, "
-            f"got shape {tuple(req_to_token.shape)} and strides {req_to_token.stride()}"
-        )
-
-
-def _check_vector(name: str, tensor: torch.Tensor, device: torch.device, length: int | None) -> None:
-    """A 1-D int32/int64 tensor with unit stride on ``device``, of ``length`` elements when given."""
-    try:
-        ok = (
-            tensor.dtype in _INDEX_DTYPES
-            and tensor.dim() == 1
-            and tensor.device == device
-            and (length is None or tensor.size(0) == length)
-            and tensor.is_contiguous()
-        )
-    except AttributeError:
-        ok = False
-    if not ok:  # On the hot path only the expression above runs; this finds the words for the error.
-        _raise_vector_error(name, tensor, device, length)
-
-
-def _raise_vector_error(name: str, tensor: torch.Tensor, device: torch.device, length: int | None) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dtype not in _INDEX_DTYPES:
-        raise TypeError(f"{name} must be int32 or int64, got {tensor.dtype}")
-    if tensor.dim() != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
-    if tensor.device != device:
-        raise ValueError(f"{name} must be on the device of req_to_token ({device}), got {tensor.device}")
-    if length is not None and tensor.size(0) != length:
-        raise ValueError(f"{name} has {tensor.size(0)} elements but req_pool_indices has {length}")
-    raise ValueError(f"{name} must have unit stride, got stride {tensor.stride(0)}")
-
-
 def _batch_size(req_pool_indices: torch.Tensor) -> int:
     bs = req_pool_indices.size(0)
-    if bs >= _INT32_LIMIT:
+    if bs >= INT32_LIMIT:
         raise ValueError(f"req_pool_indices must have fewer than 2**31 elements, got {bs}")
     return bs
 
 
-def _check_count(name: str, value: int | None) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
-    if not 0 <= value < _INT32_LIMIT:
-        raise ValueError(f"{name} must be in [0, 2**31), got {value}")
+_UNIT_STRIDE = (1,)
 
 
-def _check_out(name: str, out: torch.Tensor, device: torch.device, min_len: int) -> None:
-    _check_vector(name, out, device, None)
-    if out.size(0) < min_len:
-        raise ValueError(f"{name} has {out.size(0)} elements but the call needs at least {min_len}")
+def _table_ok(req_to_token: torch.Tensor) -> bool:
+    """The conditions of ``check_table``, for the hot path (may raise AttributeError/ValueError on odd input)."""
+    num_rows, max_context_len = req_to_token.shape
+    row_stride, col_stride = req_to_token.stride()
+    return (
+        req_to_token.dtype in INDEX_DTYPES
+        and col_stride == 1
+        and num_rows < INT32_LIMIT
+        and max_context_len < INT32_LIMIT
+        and row_stride < INT32_LIMIT
+    )
+
+
+def _vector_ok(tensor: torch.Tensor, device: torch.device, length: int) -> bool:
+    """The conditions of ``check_vector(name, tensor, device, length)``, for the hot path (may raise
+    AttributeError on a non-tensor). False for a few tensors that check_vector accepts (a 1-element one with
+    another stride): those take the full check."""
+    return (
+        tensor.dtype in INDEX_DTYPES
+        and tensor.stride() == _UNIT_STRIDE
+        and tensor.numel() == length
+        and tensor.device == device
+    )
+
+
+def _out_ok(tensor: torch.Tensor, device: torch.device, min_len: int) -> bool:
+    """The conditions of ``check_out``, for the hot path."""
+    return (
+        tensor.dtype in INDEX_DTYPES
+        and tensor.stride() == _UNIT_STRIDE
+        and tensor.numel() >= min_len
+        and tensor.device == device
+    )
 
 
 def _launch_grid(num_tiles: int, device: torch.device, persistent: bool | None) -> tuple[int]:
@@ -225,15 +200,28 @@ def get_last_loc(
     Returns:
         ``last_loc`` (``prefix_lens.dtype`` unless given): the slot, or -1 where ``prefix_lens <= 0``.
     """
-    _check_table(req_to_token)
-    device = req_to_token.device
-    _check_vector("req_pool_indices", req_pool_indices, device, None)
-    bs = _batch_size(req_pool_indices)
-    _check_vector("prefix_lens", prefix_lens, device, bs)
+    try:  # Hot path: every metadata condition in one expression.
+        device = req_to_token.device
+        bs = req_pool_indices.numel()
+        ok = (
+            _table_ok(req_to_token)
+            and bs < INT32_LIMIT
+            and _vector_ok(req_pool_indices, device, bs)
+            and _vector_ok(prefix_lens, device, bs)
+            and (last_loc is None or _vector_ok(last_loc, device, bs))
+        )
+    except (AttributeError, TypeError, ValueError):
+        ok = False
+    if not ok:  # The same checks one by one: raise with the words of the first that fails.
+        check_table(req_to_token)
+        device = req_to_token.device
+        check_vector("req_pool_indices", req_pool_indices, device, None)
+        bs = _batch_size(req_pool_indices)
+        check_vector("prefix_lens", prefix_lens, device, bs)
+        if last_loc is not None:
+            check_vector("last_loc", last_loc, device, bs)
     if last_loc is None:
         last_loc = torch.empty(bs, dtype=prefix_lens.dtype, device=device)
-    else:
-        _check_vector("last_loc", last_loc, device, bs)
     if validate and bs:
         max_context_len = req_to_token.size(1)
         _raise_first_violation(
@@ -267,26 +255,49 @@ def _prepare_windows(
     req_to_token: torch.Tensor,
     req_pool_indices: torch.Tensor,
     start_offset: torch.Tensor,
-    end_offset: torch.Tensor,
+    end_offset: torch.Tensor | None,
     out_cache_loc: torch.Tensor | None,
     last_loc: torch.Tensor | None,
     num_tokens: int | None,
     window_len: int | None,
     validate: bool,
-) -> tuple[torch.Tensor, int]:
-    """Check the window arguments and return (out_cache_loc, num_tokens); syncs only when it must."""
-    _check_table(req_to_token)
-    device = req_to_token.device
-    _check_vector("req_pool_indices", req_pool_indices, device, None)
-    bs = _batch_size(req_pool_indices)
-    _check_vector("start_offset", start_offset, device, bs)
-    _check_vector("end_offset", end_offset, device, bs)
-    if last_loc is not None:
-        _check_vector("last_loc", last_loc, device, bs)
-    _check_count("num_tokens", num_tokens)
-    _check_count("window_len", window_len)
+) -> tuple[torch.Tensor, torch.Tensor, int, int | None, int, torch.device]:
+    """Check the window arguments; syncs only when it must.
+
+    Returns ``(out_cache_loc, end_offset, num_tokens, window_len, bs, device)``, the counts as Python ints;
+    ``end_offset`` is ``start_offset`` when the caller passed ``None`` with ``window_len`` (the uniform kernels
+    never read it).
+    """
+    if end_offset is None and window_len is not None:
+        end_offset = start_offset
+    try:  # Hot path: every metadata condition in one expression.
+        device = req_to_token.device
+        bs = req_pool_indices.numel()
+        ok = (
+            _table_ok(req_to_token)
+            and bs < INT32_LIMIT
+            and _vector_ok(req_pool_indices, device, bs)
+            and _vector_ok(start_offset, device, bs)
+            and _vector_ok(end_offset, device, bs)
+            and (last_loc is None or _vector_ok(last_loc, device, bs))
+        )
+    except (AttributeError, TypeError, ValueError):
+        ok = False
+    if not ok:  # The same checks one by one: raise with the words of the first that fails.
+        check_table(req_to_token)
+        device = req_to_token.device
+        check_vector("req_pool_indices", req_pool_indices, device, None)
+        bs = _batch_size(req_pool_indices)
+        check_vector("start_offset", start_offset, device, bs)
+        if end_offset is None:
+            raise TypeError("end_offset must be a torch.Tensor (it may be None only with window_len), got NoneType")
+        check_vector("end_offset", end_offset, device, bs)
+        if last_loc is not None:
+            check_vector("last_loc", last_loc, device, bs)
+    num_tokens = check_count("num_tokens", num_tokens)
+    window_len = check_count("window_len", window_len)
     if window_len is not None:
-        if bs * window_len >= _INT32_LIMIT:
+        if bs * window_len >= INT32_LIMIT:
             raise ValueError(f"bs * window_len must be below 2**31, got {bs} * {window_len}")
         if num_tokens is None:
             num_tokens = bs * window_len
@@ -295,14 +306,15 @@ def _prepare_windows(
     if num_tokens is None:
         # The one device→host sync of a call without num_tokens: the output's size.
         num_tokens = int((end_offset.long() - start_offset.long()).clamp_(min=0).sum()) if bs else 0
-        _check_count("num_tokens (sum of end_offset - start_offset)", num_tokens)
+        check_count("num_tokens (sum of end_offset - start_offset)", num_tokens)
     if out_cache_loc is None:
         out_cache_loc = torch.empty(num_tokens, dtype=torch.int64, device=device)
-    else:
-        _check_out("out_cache_loc", out_cache_loc, device, num_tokens)
+    elif not _out_ok(out_cache_loc, device, num_tokens):
+        check_out("out_cache_loc", out_cache_loc, device, num_tokens)
     if validate and bs:
-        _validate_windows(req_to_token, req_pool_indices, start_offset, end_offset, num_tokens, window_len)
-    return out_cache_loc, num_tokens
+        ends = end_offset if end_offset is not start_offset else start_offset + window_len
+        _validate_windows(req_to_token, req_pool_indices, start_offset, ends, num_tokens, window_len)
+    return out_cache_loc, end_offset, num_tokens, window_len, bs, device
 
 
 def _launch_windows(
@@ -315,7 +327,7 @@ def _launch_windows(
     window_len: int | None,
     persistent: bool | None,
 ) -> None:
-    constexprs = _window_constexprs(window_len, device.type == "npu")
+    constexprs = _window_constexprs(window_len, backend.is_npu(device))
     tile = constexprs[0][1]
     backend.launch(
         kernel,
@@ -351,7 +363,8 @@ def assign_extend_cache_locs(
             (any row stride, e.g. a column slice of a wider table).
         req_pool_indices: ``[bs]`` int32/int64 table rows; duplicates allowed.
         start_offset: ``[bs]`` int32/int64, first position of each window.
-        end_offset: ``[bs]`` int32/int64, one past the last position of each window.
+        end_offset: ``[bs]`` int32/int64, one past the last position of each window; may be ``None`` with
+            ``window_len`` (it is not read then).
         out_cache_loc: optional int32/int64 buffer of at least ``num_tokens`` elements; elements past
             ``num_tokens``, and past the windows' total, are left untouched.
         num_tokens: elements of ``out_cache_loc`` the call may write, at least the windows' total.
@@ -359,6 +372,7 @@ def assign_extend_cache_locs(
             cannot be captured in a CUDA graph); pass it on the hot path.
         window_len: promise that every window has this length: offsets are ``i * window_len``, no scan,
             ``end_offset`` is not read, and ``num_tokens`` defaults to ``bs * window_len`` (no sync).
+            ``num_tokens`` and ``window_len`` may be any ``numbers.Integral`` (e.g. ``numpy.int64``).
         validate: also check values (rows in range, ``0 <= start <= end <= max_context_len``, total
             within ``num_tokens``, the ``window_len`` promise); costs one device→host sync.
         persistent: one program per core looping over tiles (default: only on Ascend).
@@ -366,12 +380,10 @@ def assign_extend_cache_locs(
     Returns:
         ``out_cache_loc[:num_tokens]``: int64 unless the caller passed ``out_cache_loc``.
     """
-    out_cache_loc, num_tokens = _prepare_windows(
+    out_cache_loc, end_offset, num_tokens, window_len, bs, device = _prepare_windows(
         req_to_token, req_pool_indices, start_offset, end_offset, out_cache_loc, None, num_tokens, window_len, validate
     )
-    bs = req_pool_indices.size(0)
     if bs:
-        device = req_to_token.device
         _launch_windows(
             backend.kernels("cache_locs", device)._assign_extend_cache_locs_kernel,
             device,
@@ -382,7 +394,7 @@ def assign_extend_cache_locs(
             window_len,
             persistent,
         )
-    return out_cache_loc if out_cache_loc.size(0) == num_tokens else out_cache_loc[:num_tokens]
+    return out_cache_loc if out_cache_loc.numel() == num_tokens else out_cache_loc[:num_tokens]
 
 
 def get_last_loc_and_assign_extend_cache_locs(
@@ -407,7 +419,7 @@ def get_last_loc_and_assign_extend_cache_locs(
     Returns:
         ``(out_cache_loc[:num_tokens], last_loc)``; ``last_loc`` has ``start_offset.dtype`` unless given.
     """
-    out_cache_loc, num_tokens = _prepare_windows(
+    out_cache_loc, end_offset, num_tokens, window_len, bs, device = _prepare_windows(
         req_to_token,
         req_pool_indices,
         start_offset,
@@ -418,8 +430,6 @@ def get_last_loc_and_assign_extend_cache_locs(
         window_len,
         validate,
     )
-    device = req_to_token.device
-    bs = req_pool_indices.size(0)
     if last_loc is None:
         last_loc = torch.empty(bs, dtype=start_offset.dtype, device=device)
     if bs:
@@ -433,6 +443,6 @@ def get_last_loc_and_assign_extend_cache_locs(
             window_len,
             persistent,
         )
-    if out_cache_loc.size(0) != num_tokens:
+    if out_cache_loc.numel() != num_tokens:
         out_cache_loc = out_cache_loc[:num_tokens]
     return out_cache_loc, last_loc

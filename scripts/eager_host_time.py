@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""Eager host time per call of the ops and of the allocator's calls, next to an empty Triton launch in the same run.
+
+Engines run the KV-cache bookkeeping eagerly on the scheduler, so the host's time per call is what they pay. Each
+measurement is a sample of --iters back-to-back calls: synchronize, read the clock, the calls, synchronize, read
+the clock, over --iters (the harness's eager timing); the report gives the median and p20/p80 over --repeats
+samples after --warmup dropped ones, and each call's ratio to the empty launch's median (target: <= 1.2).
+
+Calls (bs --batch-size, N --window-len, buffers given, num_tokens given: the hot path of an engine):
+
+  empty launch     an empty @triton.jit kernel launched as kernel[(1,)](tensor): Triton's own launch path
+  fused uniform    get_last_loc_and_assign_extend_cache_locs(..., num_tokens=, window_len=N)
+  fused ragged     the same without window_len
+  get_last_loc, assign_extend_cache_locs (uniform)
+  alloc_draft      DraftCacheAllocator.alloc_draft(rows, N, out_cache_loc=, last_loc=) with room in the pool
+  commit           DraftCacheAllocator.commit(rows, accept_lens); each sample ends with refresh()-free headroom
+
+A second table times the same calls with the launch replaced by a no-op (backend.launch stubbed): the Python of
+the wrappers alone (argument checks, launch configuration), i.e. where host time goes besides Triton's launcher.
+
+On cpu the kernels run in Triton's interpreter: the first table would time the interpreter, which says nothing
+about a device, so only the second (host Python) table is printed there.
+
+Examples:
+  python scripts/eager_host_time.py                 # on the default device (cuda on a GPU machine)
+  python scripts/eager_host_time.py --device cpu    # the wrappers' Python only
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+_REPO = Path(__file__).resolve().parents[1]
+if str(_REPO) not in sys.path:
+    sys.path.insert(0, str(_REPO))
+
+import specdec_ops  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from specdec_ops import backend  # noqa: E402
+
+TARGET_RATIO = 1.2
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="eager_host_time.py",
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--device", help="cuda, npu or cpu (default: npu if present, else cuda, else cpu)")
+    parser.add_argument("--batch-size", type=int, default=64, help="requests per call (default: 64)")
+    parser.add_argument("--window-len", type=int, default=4, help="draft tokens per request N (default: 4)")
+    parser.add_argument("--iters", type=int, default=200, help="back-to-back calls per sample (default: 200)")
+    parser.add_argument("--repeats", type=int, default=30, help="samples kept per call (default: 30)")
+    parser.add_argument("--warmup", type=int, default=5, help="samples run and dropped first (default: 5)")
+    return parser.parse_args(argv)
+
+
+def make_calls(device: torch.device, bs: int, n: int) -> dict[str, object]:
+    """name -> a function of no arguments making one call; every call is made once here (compiles, checks)."""
+    max_requests, context = 2 * bs, 64 * n + 64
+    table = torch.arange(max_requests * context, dtype=torch.int32, device=device).reshape(max_requests, context)
+    rows = torch.randperm(max_requests, device=device)[:bs]
+    start = torch.randint(1, context // 2, (bs,), device=device)
+    end = start + n
+    ragged_end = start + torch.randint(0, 2 * n + 1, (bs,), device=device)
+    ragged_tokens = int((ragged_end - start).sum())
+    out = torch.empty(bs * 2 * n, dtype=torch.int64, device=device)
+    last = torch.empty(bs, dtype=torch.int64, device=device)
+    empty = harness.empty_kernel(device)
+    ops = specdec_ops
+
+    alloc = specdec_ops.DraftCacheAllocator(bs * (4 * n + 8) * 64, bs, 4 * n + 8 * 64, page_size=16, device=device)
+    alloc_rows = alloc.add_requests([7] * bs)
+    alloc_out = torch.empty(bs * n, dtype=torch.int64, device=device)
+    alloc_last = torch.empty(bs, dtype=torch.int64, device=device)
+    accept = torch.zeros(bs, dtype=torch.int64, device=device)  # nothing accepted: every draft reuses its slots
+
+    calls = {
+        "empty launch": lambda: empty[(1,)](out),
+        "fused uniform": lambda: ops.get_last_loc_and_assign_extend_cache_locs(
+            table, rows, start, end, out, last, num_tokens=bs * n, window_len=n
+        ),
+        "fused ragged": lambda: ops.get_last_loc_and_assign_extend_cache_locs(
+            table, rows, start, ragged_end, out, last, num_tokens=ragged_tokens
+        ),
+        "get_last_loc": lambda: ops.get_last_loc(table, rows, start, last_loc=last),
+        "assign_extend_cache_locs": lambda: ops.assign_extend_cache_locs(
+            table, rows, start, end, out, num_tokens=bs * n, window_len=n
+        ),
+        "alloc_draft": lambda: alloc.alloc_draft(alloc_rows, n, out_cache_loc=alloc_out, last_loc=alloc_last),
+        "commit": lambda: alloc.commit(alloc_rows, accept),
+    }
+    for call in calls.values():
+        call()
+    backend.synchronize(device)
+    return calls
+
+
+def summarize(seconds: list[float]) -> tuple[float, float, float]:
+    us = sorted(s * 1e6 for s in seconds)
+    q = statistics.quantiles(us, n=5) if len(us) > 1 else [us[0]] * 4
+    return statistics.median(us), q[0], q[3]
+
+
+def host_python_times(calls: dict[str, object], args: argparse.Namespace) -> dict[str, tuple[float, float, float]]:
+    """The calls with backend.launch replaced by a no-op: the wrappers' Python alone, per call."""
+    real = backend.launch
+    backend.launch = lambda *a, **k: None
+    try:
+        results = {}
+        for name, call in calls.items():
+            if name == "empty launch":
+                continue
+            samples = []
+            for i in range(args.warmup + args.repeats):
+                began = time.perf_counter_ns()
+                for _ in range(args.iters):
+                    call()
+                if i >= args.warmup:
+                    samples.append((time.perf_counter_ns() - began) / args.iters / 1e9)
+            results[name] = summarize(samples)
+        return results
+    finally:
+        backend.launch = real
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = backend.default_device() if args.device is None else torch.device(args.device)
+    device = torch.empty(0, device=device).device
+    env = harness.environment(device)
+    interpreted = backend.is_interpreted(device)
+    print("eager_host_time", *harness.format_environment(env), sep="\n")
+    print(
+        f"bs {args.batch_size}, N {args.window_len}; samples of {args.iters} back-to-back calls, "
+        f"{args.repeats} kept after {args.warmup}"
+    )
+    calls = make_calls(device, args.batch_size, args.window_len)
+    if interpreted:
+        print("\nTriton interpreter: timing the calls would time the interpreter, which says nothing about a device.")
+    else:
+        times = {
+            name: summarize(harness.eager_times([call] * args.iters, device, args.repeats, args.warmup))
+            for name, call in calls.items()
+        }
+        base = times["empty launch"][0]
+        print(
+            f"\neager host time per call (us), median [p20, p80], and the ratio to the empty launch "
+            f"(target <= {TARGET_RATIO})"
+        )
+        for name, (median, p20, p80) in times.items():
+            verdict = "" if name == "empty launch" else ("PASS" if median / base <= TARGET_RATIO else "FAIL")
+            print(f"  {name:<26} {median:7.2f} [{p20:6.2f}, {p80:6.2f}]  x{median / base:5.2f}  {verdict}")
+    print("\nhost Python of the wrappers alone, launch stubbed out (us per call), median [p20, p80]")
+    for name, (median, p20, p80) in host_python_times(calls, args).items():
+        print(f"  {name:<26} {median:7.2f} [{p20:6.2f}, {p80:6.2f}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Argument checks shared by the ops and the allocator: metadata only (no device→host sync), clear errors.
+
+Every check raises ``TypeError`` (wrong type or dtype) or ``ValueError`` (shape, stride, device, size, value) naming
+the argument, what was expected and what came. The hot paths of ``ops`` test the same conditions in one expression
+and call these only when that expression fails, to find the words of the error.
+"""
+
+from __future__ import annotations
+
+import numbers
+import operator
+
+import torch
+
+__all__ = [
+    "INDEX_DTYPES",
+    "INT32_LIMIT",
+    "check_count",
+    "check_out",
+    "check_table",
+    "check_vector",
+]
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+# Lengths, positions, offsets and table dimensions are int32 inside the kernels.
+INT32_LIMIT = 2**31
+
+
+def check_table(req_to_token: torch.Tensor) -> None:
+    """``req_to_token``: a 2-D int32/int64 tensor with unit stride along positions, dimensions below 2**31."""
+    if not isinstance(req_to_token, torch.Tensor):
+        raise TypeError(f"req_to_token must be a torch.Tensor, got {type(req_to_token).__name__}")
+    if req_to_token.dtype not in INDEX_DTYPES:
+        raise TypeError(f"req_to_token must be int32 or int64, got {req_to_token.dtype}")
+    if req_to_token.dim() != 2:
+        shape = tuple(req_to_token.shape)
+        raise ValueError(f"req_to_token must be 2-D [max_requests, max_context_len], got shape {shape}")
+    if req_to_token.stride(1) != 1 and req_to_token.size(1) > 1:
+        raise ValueError(f"req_to_token must have unit stride along positions, got strides {req_to_token.stride()}")
+    if max(req_to_token.shape) >= INT32_LIMIT or req_to_token.stride(0) >= INT32_LIMIT:
+        raise ValueError(
+            f"req_to_token dimensions and row stride must be below 2**31, "
+            f"got shape {tuple(req_to_token.shape)} and strides {req_to_token.stride()}"
+        )
+
+
+def check_vector(name: str, tensor: torch.Tensor, device: torch.device, length: int | None) -> None:
+    """``tensor``: a 1-D int32/int64 tensor with unit stride on ``device``, of ``length`` elements when given."""
+    try:
+        ok = (
+            tensor.dtype in INDEX_DTYPES
+            and tensor.dim() == 1
+            and tensor.device == device
+            and (length is None or tensor.size(0) == length)
+            and tensor.is_contiguous()
+        )
+    except AttributeError:
+        ok = False
+    if not ok:  # On the hot path only the expression above runs; this finds the words for the error.
+        _raise_vector_error(name, tensor, device, length)
+
+
+def _raise_vector_error(name: str, tensor: torch.Tensor, device: torch.device, length: int | None) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must be int32 or int64, got {tensor.dtype}")
+    if tensor.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
+    if tensor.device != device:
+        raise ValueError(f"{name} must be on the device of req_to_token ({device}), got {tensor.device}")
+    if length is not None and tensor.size(0) != length:
+        raise ValueError(f"{name} has {tensor.size(0)} elements but req_pool_indices has {length}")
+    raise ValueError(f"{name} must have unit stride, got stride {tensor.stride(0)}")
+
+
+def check_out(name: str, out: torch.Tensor, device: torch.device, min_len: int) -> None:
+    """``out``: a vector as for :func:`check_vector`, of at least ``min_len`` elements."""
+    check_vector(name, out, device, None)
+    if out.size(0) < min_len:
+        raise ValueError(f"{name} has {out.size(0)} elements but the call needs at least {min_len}")
+
+
+def check_count(name: str, value: int | None) -> int | None:
+    """``value``: ``None`` or an integer (any ``numbers.Integral``, e.g. ``numpy.int64``, but not ``bool``) in
+    ``[0, 2**31)``; returned as a Python ``int``."""
+    if value is None or type(value) is int and 0 <= value < INT32_LIMIT:
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        kind = type(value)
+        kind = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        raise TypeError(f"{name} must be an int or None, got {kind}")
+    value = operator.index(value)
+    if not 0 <= value < INT32_LIMIT:
+        raise ValueError(f"{name} must be in [0, 2**31), got {value}")
+    return value

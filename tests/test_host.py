@@ -1,0 +1,211 @@
+"""The host path: several threads at once on CPU, CPU kernel modules built beside GPU ones, Triton 3.6's interpreter."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+
+import numpy as np
+import pytest
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+import specdec_ops
+from specdec_ops import DraftCacheAllocator, backend
+from specdec_ops.reference import get_last_loc_and_assign_extend_cache_locs_torch, get_last_loc_torch
+
+
+def run_threads(target, count: int) -> None:
+    """Run ``target(i)`` in ``count`` threads started together; re-raise the first exception of any of them."""
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(count)
+
+    def body(i: int) -> None:
+        try:
+            barrier.wait()
+            target(i)
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=body, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+def test_threads_calling_the_ops_get_exact_results():
+    table = torch.arange(40 * 64, dtype=torch.int32).reshape(40, 64)
+    results: dict[int, list[bool]] = {}
+
+    def calls(i: int) -> None:
+        gen = torch.Generator().manual_seed(i)
+        ok = []
+        for _ in range(25):
+            bs = int(torch.randint(1, 40, (1,), generator=gen))
+            rows = torch.randint(0, 40, (bs,), generator=gen)
+            start = torch.randint(0, 60, (bs,), generator=gen)
+            end = start + torch.randint(0, 5, (bs,), generator=gen)
+            out, last = specdec_ops.get_last_loc_and_assign_extend_cache_locs(
+                table, rows, start, end, num_tokens=int((end - start).sum())
+            )
+            want_out, want_last = get_last_loc_and_assign_extend_cache_locs_torch(table, rows, start, end)
+            ok.append(torch.equal(out, want_out) and torch.equal(last, want_last))
+            window = specdec_ops.assign_extend_cache_locs(table, rows, start, start + 3, window_len=3)
+            want_window, _ = get_last_loc_and_assign_extend_cache_locs_torch(table, rows, start, start + 3)
+            ok.append(torch.equal(window, want_window))
+            ok.append(torch.equal(specdec_ops.get_last_loc(table, rows, start), get_last_loc_torch(table, rows, start)))
+        results[i] = ok
+
+    run_threads(calls, 4)
+    assert all(all(ok) for ok in results.values())
+
+
+def drive(alloc: DraftCacheAllocator, seed: int) -> list:
+    """A fixed sequence of allocator calls; returns every draft's outputs and the final table."""
+    gen = torch.Generator().manual_seed(seed)
+    outputs = []
+    rows = alloc.add_requests(torch.randint(0, 20, (6,), generator=gen).tolist())
+    for _ in range(6):
+        out, last = alloc.alloc_draft(rows, 3)
+        outputs.append((out.tolist(), last.tolist()))
+        alloc.commit(rows, torch.randint(0, 4, (6,), generator=gen))
+    alloc.free_requests(rows[:2])
+    rows = torch.cat([rows[2:], alloc.add_requests([5, 9])])
+    out, last = alloc.alloc_draft(rows, 2)
+    outputs.append((out.tolist(), last.tolist()))
+    outputs.append(alloc.req_to_token.tolist())
+    outputs.append(alloc.num_free_slots())
+    return outputs
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_threads_driving_allocators_match_one_thread(page_size):
+    def new_allocator() -> DraftCacheAllocator:
+        return DraftCacheAllocator(page_size * 256, 8, 64, page_size=page_size, device="cpu")
+
+    expected = [drive(new_allocator(), seed) for seed in range(3)]
+    got: dict[int, list] = {}
+    run_threads(lambda i: got.__setitem__(i, drive(new_allocator(), i)), 3)
+    assert [got[i] for i in range(3)] == expected
+
+
+def _probe(x):
+    tl.store(x, 1)
+
+
+def test_building_the_cpu_kernels_leaves_other_threads_jit_compiled(monkeypatch):
+    """Building the interpreted CPU copy of a kernel module must not make a @triton.jit elsewhere interpreted."""
+    if backend._INTERPRET_ALL:
+        pytest.skip("TRITON_INTERPRET=1 is set: every kernel is interpreted on purpose")
+    stop = threading.Event()
+    made: list[object] = []
+
+    def decorate() -> None:
+        while not stop.is_set():
+            made.append(triton.jit(_probe))
+
+    thread = threading.Thread(target=decorate)
+    thread.start()
+    try:
+        for _ in range(10):
+            monkeypatch.setattr(backend, "_modules", {})
+            monkeypatch.setattr(backend, "_modules_by_type", {})
+            cpu = backend.kernels("cache_locs", torch.device("cpu"))
+            compiled = backend._kernel_module("cache_locs", interpreted=False)
+            assert isinstance(cpu._get_last_loc_and_assign_extend_cache_locs_kernel, InterpretedFunction)
+            assert isinstance(cpu._cache_locs_program, InterpretedFunction)
+            assert isinstance(compiled._get_last_loc_and_assign_extend_cache_locs_kernel, JITFunction)
+            assert isinstance(compiled._cache_locs_program, JITFunction)
+    finally:
+        stop.set()
+        thread.join()
+    assert made
+    assert all(type(fn) is JITFunction for fn in made)
+    assert "TRITON_INTERPRET" not in os.environ or os.environ["TRITON_INTERPRET"] != "1"
+
+
+class _ScalarTensor:
+    """What a scalar looks like inside Triton's interpreter: a tensor whose handle holds a 1-element array."""
+
+    def __init__(self, value: int) -> None:
+        self.handle = type("Handle", (), {"data": np.array([value], dtype=np.int32)})()
+
+
+def test_cpu_kernels_take_loop_bounds_from_one_element_arrays():
+    """Triton 3.6's interpreter calls int() on a 1-element array for `range(tensor)`, which NumPy >= 2.4 refuses.
+
+    The CPU copy of every kernel module binds `range` to one that reads such bounds with `.item()`; CI runs the
+    kernel tests under Triton 3.6 with the newest NumPy as well.
+    """
+    module = backend.kernels("cache_locs", torch.device("cpu"))
+    bounded = module.range(_ScalarTensor(1), _ScalarTensor(10), _ScalarTensor(4))
+    assert list(bounded) == [1, 5, 9]
+    assert list(module.range(3)) == [0, 1, 2]
+
+
+def small_call_args():
+    table = torch.arange(6 * 10, dtype=torch.int32).reshape(6, 10)
+    rows, start = torch.tensor([4, 0, 2]), torch.tensor([0, 3, 7])
+    return table, rows, start
+
+
+def test_window_len_and_num_tokens_accept_numpy_integers():
+    table, rows, start = small_call_args()
+    want = specdec_ops.get_last_loc_and_assign_extend_cache_locs(table, rows, start, start + 3, window_len=3)
+    got = specdec_ops.get_last_loc_and_assign_extend_cache_locs(
+        table, rows, start, start + 3, num_tokens=np.int32(9), window_len=np.int64(3)
+    )
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize(
+    "window_len,message",
+    [
+        (3.0, "window_len must be an int or None, got float"),
+        (np.float64(3), "window_len must be an int or None, got numpy.float64"),
+        (torch.tensor(3), "window_len must be an int or None, got torch.Tensor"),
+        (True, "window_len must be an int or None, got bool"),
+    ],
+    ids=["float", "numpy-float", "tensor", "bool"],
+)
+def test_window_len_of_another_type_names_the_python_type(window_len, message):
+    table, rows, start = small_call_args()
+    with pytest.raises(TypeError, match=re.escape(message)):
+        specdec_ops.assign_extend_cache_locs(table, rows, start, start + 3, window_len=window_len)
+
+
+@pytest.mark.parametrize("validate", [False, True])
+def test_end_offset_may_be_none_with_window_len(validate):
+    table, rows, start = small_call_args()
+    want = specdec_ops.get_last_loc_and_assign_extend_cache_locs(table, rows, start, start + 3, window_len=3)
+    got = specdec_ops.get_last_loc_and_assign_extend_cache_locs(
+        table, rows, start, None, window_len=3, validate=validate
+    )
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    out = specdec_ops.assign_extend_cache_locs(table, rows, start, None, window_len=3, validate=validate)
+    assert torch.equal(out, want[0])
+
+
+def test_end_offset_none_without_window_len_says_so():
+    table, rows, start = small_call_args()
+    with pytest.raises(TypeError, match=re.escape("end_offset must be a torch.Tensor (it may be None only with")):
+        specdec_ops.assign_extend_cache_locs(table, rows, start, None, num_tokens=4)
+
+
+def test_validate_with_window_len_and_no_end_offset_checks_the_context():
+    table, rows, start = small_call_args()
+    with pytest.raises(ValueError, match=re.escape("end_offset[2] must be <= max_context_len = 10, got 11")):
+        specdec_ops.assign_extend_cache_locs(table, rows, start, None, window_len=4, validate=True)
+
+
+def test_get_last_loc_gives_minus_one_for_negative_prefix_lens():
+    table, rows, _ = small_call_args()
+    prefix = torch.tensor([-2, 0, 5])
+    assert specdec_ops.get_last_loc(table, rows, prefix).tolist() == [-1, -1, 24]
