@@ -45,6 +45,7 @@ from specdec_ops import backend, reference
 
 __all__ = [
     "SENTINEL",
+    "AllocatorStep",
     "VARIANTS",
     "WINDOWS",
     "Case",
@@ -70,6 +71,8 @@ __all__ = [
 ]
 
 SENTINEL = -7777
+# Prompts of the allocator steps are uniform in [1, PROMPT_MAX].
+PROMPT_MAX = 64
 VARIANTS = ("fused", "unfused", "torch", "empty")
 WINDOWS = ("uniform", "ragged")
 
@@ -413,6 +416,70 @@ def summarize(seconds: list[float]) -> Summary:
     q = torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)
     p20, median, p80 = (torch.tensor(seconds, dtype=torch.float64).quantile(q) * 1e6).tolist()
     return Summary(median_us=median, p20_us=p20, p80_us=p80, samples=len(seconds))
+
+
+class AllocatorStep:
+    """One draft/verify step of a :class:`specdec_ops.DraftCacheAllocator` with ``bs`` requests drafting ``n``
+    tokens, built as ``variant`` says, with kept output buffers (so a graph can capture it):
+
+    - ``fused``: ``alloc_draft`` (allocation, table update and read-back in one launch), then ``commit``;
+    - ``unfused``: ``reserve_draft``, ``end = seq_lens + n``, ``get_last_loc``, ``assign_extend_cache_locs``, then
+      ``commit``.
+
+    Requests accept ``i % (n + 1)`` tokens, so windows keep crossing pages. The pool and the context hold
+    ``steps`` steps. With ``prefix_pages``, every request starts from that many pages of a prefix cache (shared
+    by all requests, as a system prompt would be).
+    """
+
+    def __init__(
+        self, variant: str, bs: int, n: int, page_size: int, steps: int, device: torch.device, prefix_pages: int = 0
+    ) -> None:
+        prefix = prefix_pages * page_size
+        context_len = prefix + PROMPT_MAX + n * (steps + 1)
+        num_slots = (-(-bs * context_len // page_size) + 2 * prefix_pages) * page_size
+        self.alloc = specdec_ops.DraftCacheAllocator(num_slots, bs + 1, context_len, page_size=page_size, device=device)
+        prompt_lens = torch.randint(1, PROMPT_MAX + 1, (bs,), generator=torch.Generator().manual_seed(bs))
+        if prefix_pages:
+            # A finished request leaves its first prefix_pages pages to the cache; every new request reads them.
+            first = self.alloc.add_requests([prefix])
+            cached = self.alloc.free_requests(first, keep_lens=[prefix])
+            self.rows = self.alloc.add_requests(
+                (prompt_lens + prefix).tolist(), prefix_slots=cached.expand(bs, prefix), prefix_lens=[prefix] * bs
+            )
+        else:
+            self.rows = self.alloc.add_requests(prompt_lens.tolist())
+        assert torch.equal(self.rows.cpu(), torch.arange(bs)), "a new allocator hands out rows 0..bs-1"
+        self.seq_lens = self.alloc.seq_lens[:bs]  # the rows' committed lengths, a view: no gather launch
+        self.end = torch.empty_like(self.seq_lens)
+        self.accept = (torch.arange(bs, device=device) % (n + 1)).to(torch.int64)
+        self.out = torch.full((bs * n,), SENTINEL, dtype=torch.int64, device=device)
+        self.last = torch.full((bs,), SENTINEL, dtype=torch.int64, device=device)
+        self.variant, self.n = variant, n
+
+    def __call__(self) -> None:
+        if self.variant == "fused":
+            self.alloc.alloc_draft(self.rows, self.n, out_cache_loc=self.out, last_loc=self.last)
+        else:
+            self.alloc.reserve_draft(self.rows, self.n)
+            torch.add(self.seq_lens, self.n, out=self.end)
+            specdec_ops.get_last_loc(self.alloc.req_to_token, self.rows, self.seq_lens, last_loc=self.last)
+            specdec_ops.assign_extend_cache_locs(
+                self.alloc.req_to_token, self.rows, self.seq_lens, self.end, self.out, num_tokens=self.out.numel()
+            )
+        self.alloc.commit(self.rows, self.accept)
+
+    def checked_call(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step from poisoned buffers, checked against the reference read of the table before the commit."""
+        self.out.fill_(SENTINEL)
+        self.last.fill_(SENTINEL)
+        seq_lens = self.seq_lens.clone()
+        self()
+        expected = reference.get_last_loc_and_assign_extend_cache_locs_torch(
+            self.alloc.req_to_token, self.rows, seq_lens, seq_lens + self.n
+        )
+        got = (self.out.clone(), self.last.clone())
+        check_outputs(f"allocator step ({self.variant})", got, expected)
+        return got
 
 
 # --------------------------------------------------------------------------------------------------- environment
