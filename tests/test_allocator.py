@@ -1014,20 +1014,22 @@ def test_gpu_matches_cpu_call_for_call(page_size):
 @pytest.mark.gpu
 @pytest.mark.parametrize("page_size", [1, 16, 128], ids=lambda p: f"page{p}")
 def test_gpu_many_programs_match_one_program(page_size):
-    """bs 4096: the default grid (32 programs) against one program per launch, call for call, on the GPU."""
+    """bs 2048: the default grid (several programs and the last-program ticket) against one program per launch,
+    call for call, on the GPU."""
+    bs = 2048
     runs = []
-    for tiles in ({}, {"_MAX_TILE": 4096, "_FREE_TILE": 4096, "_COMMIT_TILE": 4096}):
+    for tiles in ({}, {"_ALLOC_ELEMENTS": bs * 4, "_MAX_TILE": bs, "_FREE_TILE": bs, "_COMMIT_TILE": bs}):
         saved = {name: getattr(allocator_module, name) for name in tiles}
         try:
             for name, value in tiles.items():
                 setattr(allocator_module, name, value)
-            alloc = DraftCacheAllocator(4096 * 8 * page_size, 4096, 1024, page_size=page_size, device="cuda")
-            rows = alloc.add_requests([(37 * i) % 500 for i in range(4096)])
+            alloc = DraftCacheAllocator(bs * (600 // page_size + 2) * page_size, bs, 1024, page_size=page_size)
+            rows = alloc.add_requests([(37 * i) % 500 for i in range(bs)])
             outputs = []
             for step in range(4):
-                out, last = alloc.alloc_draft(rows, 8)
+                out, last = alloc.alloc_draft(rows, 4)
                 outputs.append((out.cpu(), last.cpu()))
-                alloc.commit(rows, torch.tensor([(i + step) % 9 for i in range(4096)], device="cuda"))
+                alloc.commit(rows, torch.tensor([(i + step) % 5 for i in range(bs)], device="cuda"))
             alloc.free_requests(rows[::3])
             runs.append((outputs, {name: getattr(alloc, name).cpu() for name in STATE_TENSORS}))
         finally:
