@@ -65,7 +65,7 @@ _NPU_EXACT_DIV_LIMIT = 2**24
 # checked by scripts/ascend_compile_check.py).
 _ALLOC_ELEMENTS = 1024
 _MAX_TILE = 128
-_SCAN_BLOCK = 1024
+_SCAN_BLOCK = 4096
 _NPU_ALLOC_ELEMENTS = 128
 _NPU_MAX_TILE = 32
 _NPU_SCAN_BLOCK = 256
@@ -186,6 +186,8 @@ class DraftCacheAllocator:
         self.free_pages = torch.arange(1, self.num_pages + 1, dtype=torch.int32, device=self.device)
         # [head, count, ticket]: the ticket is the kernels' last-program counter, 0 between launches.
         self._counters = torch.tensor([0, self.num_pages, 0], dtype=torch.int32, device=self.device)
+        # Per batch entry, a request's new alloc_len and its page need, for the last program of a launch.
+        self._scratch = torch.zeros(2 * max_requests, dtype=torch.int32, device=self.device)
         self.free_head = self._counters[0:1]
         self.num_free_pages = self._counters[1:2]
         self.num_syncs = 0
@@ -703,6 +705,7 @@ class DraftCacheAllocator:
                 self.req_to_token if prefix_slots is None else prefix_slots,
                 self.free_pages,
                 self._counters,
+                self._scratch,
                 out_cache_loc if emit else placeholder,
                 last_loc if emit else placeholder,
             ),

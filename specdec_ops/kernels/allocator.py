@@ -130,6 +130,7 @@ def _alloc_windows_kernel(
     prefix_slots,
     free_pages,
     counters,
+    scratch,
     out_cache_loc,
     last_loc,
     bs,
@@ -166,9 +167,13 @@ def _alloc_windows_kernel(
     head = tl.load(counters).to(tl.int32)
     count = tl.load(counters + 1).to(tl.int32)
     cols = tl.arange(0, BLOCK_N)
-    # Needs of requests [0, scanned), summed lane-wise and carried from one tile of this program to its next (a
-    # scalar carry of reduce results read inside the loop is miscompiled by Triton 3.6, see docs/design.md).
+    # A launch of one program owns everything: it writes the shared state as it goes, with no ticket.
+    alone = num_programs == 1
+    # Needs of the requests before this program's next tile, carried lane-wise from one tile to the next (a scalar
+    # carry of reduce results read inside the loop is miscompiled by Triton 3.6, see docs/design.md): other
+    # programs' requests in lane_sums, read from memory; this program's own earlier tiles in own_sums.
     lane_sums = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
+    own_sums = tl.full([TILE], 0, dtype=tl.int32)
     scanned = tl.full([], 0, dtype=tl.int32)
     for tile in range(pid, num_tiles, num_programs):
         tile_start = tile * TILE
@@ -191,7 +196,7 @@ def _alloc_windows_kernel(
                 PREFIX,
             )
             lane_sums += earlier
-        scanned = tile_start
+        scanned = tile_start + TILE
         offs = tile_start + tl.arange(0, TILE)  # [TILE]
         in_batch = offs < bs
         rows, valid, starts, allocs, ends, new_allocs, have, need = _window_needs(
@@ -210,7 +215,11 @@ def _alloc_windows_kernel(
             PREFILL,
             PREFIX,
         )
-        excl = tl.reduce(lane_sums, 0, _add) + tl.associative_scan(need, 0, _add) - need  # [TILE]
+        before = tl.reduce(own_sums, 0, _add)
+        if (tile_start > 0) & (num_programs > 1):  # other programs' requests came before this tile
+            before += tl.reduce(lane_sums, 0, _add)
+        excl = before + tl.associative_scan(need, 0, _add) - need  # [TILE]
+        own_sums += need
         row_addr = rows.to(tl.int64) * row_stride  # [TILE]
         # The page of the last partial page, which new positions fill first.
         has_partial = valid & (allocs < have * PAGE_SIZE)
@@ -264,30 +273,29 @@ def _alloc_windows_kernel(
             tl.store(prefix_lens + rows, starts.to(prefix_lens.dtype.element_ty), mask=valid)
         else:
             tl.store(window_lens + rows, lengths.to(window_lens.dtype.element_ty), mask=valid)
-    if _take_ticket(counters) == num_programs - 1:
-        # The last program: no other one reads shared state any more.
+            if alone:  # no other program reads these lengths
+                tl.store(alloc_lens + rows, new_allocs.to(alloc_lens.dtype.element_ty), mask=valid)
+            else:  # for the last program, which writes them
+                tl.store(scratch + offs, new_allocs, mask=in_batch)
+        if not alone:
+            tl.store(scratch + num_rows + offs, need, mask=in_batch)
+    if alone:
+        popped = tl.minimum(tl.reduce(own_sums, 0, _add), count)
+        tl.store(counters, _ring_index(head, popped, num_pages).to(counters.dtype.element_ty))
+        tl.store(counters + 1, (count - popped).to(counters.dtype.element_ty))
+    elif _take_ticket(counters) == num_programs - 1:
+        # The last program: no other one reads shared state any more. The owners left each request's new
+        # alloc_len at scratch[i] and its need at scratch[num_rows + i].
         popped_lanes = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
         for k0 in range(0, bs, SCAN_BLOCK):
             k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
-            rows, valid, starts, allocs, ends, new_allocs, have, need = _window_needs(
-                k,
-                k < bs,
-                req_pool_indices,
-                seq_lens,
-                alloc_lens,
-                window_starts,
-                window_ends,
-                window_len,
-                num_rows,
-                max_context_len,
-                PAGE_SIZE,
-                PAGE_SHIFT,
-                PREFILL,
-                PREFIX,
-            )
+            in_range = k < bs
             if not PREFILL:
+                rows = tl.load(req_pool_indices + k, mask=in_range, other=-1).to(tl.int32)
+                valid = in_range & (rows >= 0) & (rows < num_rows)
+                new_allocs = tl.load(scratch + k, mask=valid, other=0)
                 tl.store(alloc_lens + rows, new_allocs.to(alloc_lens.dtype.element_ty), mask=valid)
-            popped_lanes += need
+            popped_lanes += tl.load(scratch + num_rows + k, mask=in_range, other=0)
         popped = tl.minimum(tl.reduce(popped_lanes, 0, _add), count)
         tl.store(counters, _ring_index(head, popped, num_pages).to(counters.dtype.element_ty))
         tl.store(counters + 1, (count - popped).to(counters.dtype.element_ty))
