@@ -35,6 +35,9 @@ _SCAN_BLOCK = 4096
 # Ascend: a quarter of the ragged gather tile and of the scan block, to keep the live tiles well inside the
 # 192 KB on-chip buffer (shared/ASCEND.md). Not yet measured on an NPU.
 _NPU_SHRINK = 4
+# Ascend: uniform gather tiles at least 8 columns wide. UB pads the rows of a 2-D tile to 32 bytes, so a [256, 2]
+# tile takes as much of the 192 KB on-chip buffer as a [256, 8] one (scripts/ascend_compile_check.py prints peaks).
+_NPU_MIN_BLOCK_N = 8
 # CUDA warps per program (ignored by triton-ascend and the interpreter).
 _NUM_WARPS = 8
 
@@ -128,7 +131,7 @@ def _window_constexprs(window_len: int | None, npu: bool = False) -> tuple[tuple
     if window_len is None:
         tile, block_n = _RAGGED_TILE // shrink, _RAGGED_BLOCK_N
     else:
-        block_n = _block_n(window_len)
+        block_n = max(_block_n(window_len), _NPU_MIN_BLOCK_N) if npu else _block_n(window_len)
         tile = max(_GATHER_ELEMENTS // block_n, 16)
     uniform = window_len is not None
     return (("TILE", tile), ("BLOCK_N", block_n), ("SCAN_BLOCK", _SCAN_BLOCK // shrink), ("UNIFORM", uniform))
@@ -315,7 +318,7 @@ def _launch_windows(
     window_len: int | None,
     persistent: bool | None,
 ) -> None:
-    constexprs = _window_constexprs(window_len, device.type == "npu")
+    constexprs = _window_constexprs(window_len, backend.is_npu(device))
     tile = constexprs[0][1]
     backend.launch(
         kernel,
