@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 
 import pytest
 import torch
@@ -359,3 +360,47 @@ def test_property_random_batches(case):
         batch.req_to_token, batch.req_pool_indices, batch.start_offset, batch.end_offset, out_dtype=out_dtype
     )
     assert torch.equal(out[:n_tok], ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("persistent", [False, True], ids=["grid", "persistent"])
+def test_garbage_window_lengths_do_not_make_the_gather_long(device, persistent):
+    """validate=False with end_offset 2**30: the column loop stops at what can be read or written.
+
+    Unbounded, the loop would walk 2**30 columns (hours through the interpreter). Requests before the bad one
+    stay exact, the bad window's readable slots too; the rest of out_cache_loc holds -1 or is untouched.
+    """
+    table = (torch.arange(3 * 16, dtype=torch.int32).reshape(3, 16) + 100).to(device)
+    rows = torch.tensor([1, 2, 0], device=device)
+    start = torch.tensor([2, 3, 0], device=device)
+    end = torch.tensor([6, 2**30, 4], device=device)
+    num_tokens = 30
+    out = sentinel_like(num_tokens + TAIL, torch.int64, device)
+    last = sentinel_like(3, torch.int64, device)
+    began = time.perf_counter()
+    specdec_ops.get_last_loc_and_assign_extend_cache_locs(
+        table, rows, start, end, out, last, num_tokens=num_tokens, persistent=persistent
+    )
+    got = as_list(out)
+    assert time.perf_counter() - began < 30
+    assert got[:4] == list(range(118, 122))  # row 1, positions 2..5
+    assert got[4:17] == list(range(135, 148))  # row 2, positions 3..15: the readable part of the bad window
+    assert set(got[17:num_tokens]) <= {-1, SENTINEL}
+    assert got[num_tokens:] == [SENTINEL] * TAIL
+    assert as_list(last) == [117, 134, -1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_uniform_window_longer_than_the_table_is_gathered_only_where_readable(device):
+    """window_len = 2**20 over a table of 16 positions: 16 columns are gathered, not 2**20."""
+    table = (torch.arange(2 * 16, dtype=torch.int32).reshape(2, 16) + 100).to(device)
+    rows = torch.tensor([1, 0], device=device)
+    start = torch.tensor([5, 0], device=device)
+    window = 2**20
+    out = sentinel_like(2 * window, torch.int32, device)
+    began = time.perf_counter()
+    specdec_ops.assign_extend_cache_locs(table, rows, start, start + window, out, window_len=window)
+    got = out.view(2, window)
+    assert time.perf_counter() - began < 30
+    assert as_list(got[0, :11]) == list(range(121, 132)) and as_list(got[1, :16]) == list(range(100, 116))
+    assert set(got[0, 11:].unique().tolist()) <= {-1, SENTINEL} and set(got[1, 16:].unique().tolist()) <= {-1, SENTINEL}

@@ -136,6 +136,8 @@ def _cache_locs_program(
             scanned = tile_start
             dst_base = tl.reduce(lane_sums, 0, _add) + tl.associative_scan(lengths, 0, _add) - lengths
             num_cols = tl.reduce(lengths, 0, _maximum)
+        # No column past what can be read or written: garbage offsets (validate=False) cannot make the loop long.
+        num_cols = tl.minimum(num_cols, tl.minimum(max_context_len, num_tokens))
         _store_windows(
             req_to_token,
             rows,
