@@ -301,13 +301,34 @@ def test_persistent_grid_loops_over_tiles(device, lengths, n, cores, monkeypatch
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_scan_over_many_earlier_tiles(device, scan_block):
+@pytest.mark.parametrize("persistent", [None, False], ids=["default", "grid"])
+def test_scan_over_many_earlier_tiles(device, persistent, scan_block):
     """The last tiles sum the windows of thousands of earlier requests in several scan blocks."""
     scan_block(256)
     batch = make_batch(2600, "ragged", 3, seed=13, device=device, num_rows=400)
     loop_out, loop_last = loop_reference(batch)
-    out, last, n_tok = run_fused(batch)
+    out, last, n_tok = run_fused(batch, persistent=persistent)
     assert as_list(out[:n_tok]) == loop_out and as_list(last) == loop_last
+
+
+@pytest.mark.parametrize("window_len", [None, 4], ids=["ragged", "uniform4"])
+def test_ragged_windows_go_persistent_once_tiles_outnumber_cores(window_len, monkeypatch):
+    """The ragged scan reads bs * cores offsets in all with a persistent grid, bs**2 / (2 * TILE) without."""
+    grids = []
+    monkeypatch.setattr(backend, "num_cores", lambda _device: 3)
+    monkeypatch.setattr(backend, "launch", lambda _kernel, grid, *args: grids.append(grid))
+    tile = dict(ops._window_constexprs(window_len))["TILE"]
+    for bs in (2 * tile, 5 * tile):
+        batch = make_batch(bs, "uniform", 4)
+        specdec_ops.get_last_loc_and_assign_extend_cache_locs(
+            batch.req_to_token,
+            batch.req_pool_indices,
+            batch.start_offset,
+            batch.end_offset,
+            num_tokens=bs * 4,
+            window_len=window_len,
+        )
+    assert grids == [(2,), (3,)] if window_len is None else [(2,), (5,)]
 
 
 @pytest.mark.parametrize("device", DEVICES)

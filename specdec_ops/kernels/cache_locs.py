@@ -134,7 +134,11 @@ def _cache_locs_program(
             lengths = tl.maximum(ends - starts, 0)
             lane_sums = _add_window_lengths(lane_sums, start_offset, end_offset, scanned, tile_start, SCAN_BLOCK)
             scanned = tile_start
-            dst_base = tl.reduce(lane_sums, 0, _add) + tl.associative_scan(lengths, 0, _add) - lengths
+            # The first tile has nothing before it: skip the [SCAN_BLOCK] reduce (all of a small batch's work).
+            earlier = tl.full([], 0, dtype=tl.int32)
+            if tile_start > 0:
+                earlier = tl.reduce(lane_sums, 0, _add)
+            dst_base = earlier + tl.associative_scan(lengths, 0, _add) - lengths
             num_cols = tl.reduce(lengths, 0, _maximum)
         # No column past what can be read or written: garbage offsets (validate=False) cannot make the loop long.
         num_cols = tl.minimum(num_cols, tl.minimum(max_context_len, num_tokens))
