@@ -124,7 +124,7 @@ def _cache_locs_program(
         if WITH_LAST_LOC:
             _store_last_loc(req_to_token, rows, starts, last_loc, offs, in_batch, num_rows, max_context_len, row_stride)
         if UNIFORM:
-            # Not tl.where(in_batch, window_len, 0): that scalar broadcast, once inside the 2-D mask, crashes
+            # Not tl.where(in_batch, window_len, 0): a tl.where on in_batch that feeds the 2-D mask crashes
             # triton-ascend 3.2's triton-adapter-opt (docs/design.md). in_batch masks the gather anyway.
             lengths = tl.full([TILE], 0, tl.int32) + window_len
             dst_base = offs * window_len
