@@ -25,15 +25,18 @@ _LAST_LOC_TILE = 1024
 # Uniform windows: a [TILE, BLOCK_N] gather tile of _GATHER_ELEMENTS slots, BLOCK_N covering the window.
 _GATHER_ELEMENTS = 512
 _MAX_BLOCK_N = 64
-# Ragged windows: every program also sums the windows of all earlier tiles, so the scan reads about
-# bs**2 / (2 * TILE) offsets in all: fatter tiles than the uniform path.
-_RAGGED_TILE = 256
+# Ragged windows: a [TILE, BLOCK_N] gather tile of 1024 slots, looped over the longest window of the tile. Small, so
+# that a small batch costs about what uniform windows cost; the scan's reads are bounded by the grid, not by the
+# tile (see _launch_windows).
+_RAGGED_TILE = 64
 _RAGGED_BLOCK_N = 16
 # Requests summed per step when a program adds up the windows of all earlier tiles.
 _SCAN_BLOCK = 4096
-# Ascend: a quarter of the ragged gather tile and of the scan block, to keep the live tiles well inside the
-# 192 KB on-chip buffer (shared/ASCEND.md). Not yet measured on an NPU.
+# Ascend: a quarter of the scan block, to keep the live tiles well inside the 192 KB on-chip buffer.
 _NPU_SHRINK = 4
+# Ascend: uniform gather tiles at least 8 columns wide. UB pads the rows of a 2-D tile to 32 bytes, so a [256, 2]
+# tile takes as much of the 192 KB on-chip buffer as a [256, 8] one (scripts/ascend_compile_check.py prints peaks).
+_NPU_MIN_BLOCK_N = 8
 # CUDA warps per program (ignored by triton-ascend and the interpreter).
 _NUM_WARPS = 8
 
@@ -99,14 +102,13 @@ def _block_n(window_len: int) -> int:
 @functools.cache
 def _window_constexprs(window_len: int | None, npu: bool = False) -> tuple[tuple[str, object], ...]:
     """Constexprs of the window kernels: requests per program, window columns per gather step, ..."""
-    shrink = _NPU_SHRINK if npu else 1
     if window_len is None:
-        tile, block_n = _RAGGED_TILE // shrink, _RAGGED_BLOCK_N
+        tile, block_n = _RAGGED_TILE, _RAGGED_BLOCK_N
     else:
-        block_n = _block_n(window_len)
+        block_n = max(_block_n(window_len), _NPU_MIN_BLOCK_N) if npu else _block_n(window_len)
         tile = max(_GATHER_ELEMENTS // block_n, 16)
-    uniform = window_len is not None
-    return (("TILE", tile), ("BLOCK_N", block_n), ("SCAN_BLOCK", _SCAN_BLOCK // shrink), ("UNIFORM", uniform))
+    scan_block = _SCAN_BLOCK // _NPU_SHRINK if npu else _SCAN_BLOCK
+    return (("TILE", tile), ("BLOCK_N", block_n), ("SCAN_BLOCK", scan_block), ("UNIFORM", window_len is not None))
 
 
 def _table_dims(req_to_token: torch.Tensor) -> tuple[int, int, int]:
@@ -329,9 +331,15 @@ def _launch_windows(
 ) -> None:
     constexprs = _window_constexprs(window_len, backend.is_npu(device))
     tile = constexprs[0][1]
+    num_tiles = (bs + tile - 1) // tile
+    if persistent is None and window_len is None:
+        # Ragged windows: each program sums the windows before its tile. With one program per core once the
+        # tiles outnumber the cores, a program carries that sum over its tiles and reads each earlier window
+        # once: bs * cores reads in all, instead of bs**2 / (2 * TILE) with one program per tile.
+        persistent = backend.prefers_persistent_grid(device) or num_tiles > backend.num_cores(device)
     backend.launch(
         kernel,
-        _launch_grid((bs + tile - 1) // tile, device, persistent),
+        _launch_grid(num_tiles, device, persistent),
         device,
         tensors,
         (bs, *_table_dims(req_to_token), num_tokens, window_len or 0),
@@ -375,7 +383,8 @@ def assign_extend_cache_locs(
             ``num_tokens`` and ``window_len`` may be any ``numbers.Integral`` (e.g. ``numpy.int64``).
         validate: also check values (rows in range, ``0 <= start <= end <= max_context_len``, total
             within ``num_tokens``, the ``window_len`` promise); costs one device→host sync.
-        persistent: one program per core looping over tiles (default: only on Ascend).
+        persistent: one program per core looping over tiles (default: on Ascend, and for ragged windows once
+            their tiles outnumber the cores).
 
     Returns:
         ``out_cache_loc[:num_tokens]``: int64 unless the caller passed ``out_cache_loc``.

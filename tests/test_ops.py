@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 
 import pytest
 import torch
@@ -300,13 +301,34 @@ def test_persistent_grid_loops_over_tiles(device, lengths, n, cores, monkeypatch
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_scan_over_many_earlier_tiles(device, scan_block):
+@pytest.mark.parametrize("persistent", [None, False], ids=["default", "grid"])
+def test_scan_over_many_earlier_tiles(device, persistent, scan_block):
     """The last tiles sum the windows of thousands of earlier requests in several scan blocks."""
     scan_block(256)
     batch = make_batch(2600, "ragged", 3, seed=13, device=device, num_rows=400)
     loop_out, loop_last = loop_reference(batch)
-    out, last, n_tok = run_fused(batch)
+    out, last, n_tok = run_fused(batch, persistent=persistent)
     assert as_list(out[:n_tok]) == loop_out and as_list(last) == loop_last
+
+
+@pytest.mark.parametrize("window_len", [None, 4], ids=["ragged", "uniform4"])
+def test_ragged_windows_go_persistent_once_tiles_outnumber_cores(window_len, monkeypatch):
+    """The ragged scan reads bs * cores offsets in all with a persistent grid, bs**2 / (2 * TILE) without."""
+    grids = []
+    monkeypatch.setattr(backend, "num_cores", lambda _device: 3)
+    monkeypatch.setattr(backend, "launch", lambda _kernel, grid, *args: grids.append(grid))
+    tile = dict(ops._window_constexprs(window_len))["TILE"]
+    for bs in (2 * tile, 5 * tile):
+        batch = make_batch(bs, "uniform", 4)
+        specdec_ops.get_last_loc_and_assign_extend_cache_locs(
+            batch.req_to_token,
+            batch.req_pool_indices,
+            batch.start_offset,
+            batch.end_offset,
+            num_tokens=bs * 4,
+            window_len=window_len,
+        )
+    assert grids == [(2,), (3,)] if window_len is None else [(2,), (5,)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -359,3 +381,47 @@ def test_property_random_batches(case):
         batch.req_to_token, batch.req_pool_indices, batch.start_offset, batch.end_offset, out_dtype=out_dtype
     )
     assert torch.equal(out[:n_tok], ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("persistent", [False, True], ids=["grid", "persistent"])
+def test_garbage_window_lengths_do_not_make_the_gather_long(device, persistent):
+    """validate=False with end_offset 2**30: the column loop stops at what can be read or written.
+
+    Unbounded, the loop would walk 2**30 columns (hours through the interpreter). Requests before the bad one
+    stay exact, the bad window's readable slots too; the rest of out_cache_loc holds -1 or is untouched.
+    """
+    table = (torch.arange(3 * 16, dtype=torch.int32).reshape(3, 16) + 100).to(device)
+    rows = torch.tensor([1, 2, 0], device=device)
+    start = torch.tensor([2, 3, 0], device=device)
+    end = torch.tensor([6, 2**30, 4], device=device)
+    num_tokens = 30
+    out = sentinel_like(num_tokens + TAIL, torch.int64, device)
+    last = sentinel_like(3, torch.int64, device)
+    began = time.perf_counter()
+    specdec_ops.get_last_loc_and_assign_extend_cache_locs(
+        table, rows, start, end, out, last, num_tokens=num_tokens, persistent=persistent
+    )
+    got = as_list(out)
+    assert time.perf_counter() - began < 30
+    assert got[:4] == list(range(118, 122))  # row 1, positions 2..5
+    assert got[4:17] == list(range(135, 148))  # row 2, positions 3..15: the readable part of the bad window
+    assert set(got[17:num_tokens]) <= {-1, SENTINEL}
+    assert got[num_tokens:] == [SENTINEL] * TAIL
+    assert as_list(last) == [117, 134, -1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_uniform_window_longer_than_the_table_is_gathered_only_where_readable(device):
+    """window_len = 2**20 over a table of 16 positions: 16 columns are gathered, not 2**20."""
+    table = (torch.arange(2 * 16, dtype=torch.int32).reshape(2, 16) + 100).to(device)
+    rows = torch.tensor([1, 0], device=device)
+    start = torch.tensor([5, 0], device=device)
+    window = 2**20
+    out = sentinel_like(2 * window, torch.int32, device)
+    began = time.perf_counter()
+    specdec_ops.assign_extend_cache_locs(table, rows, start, start + window, out, window_len=window)
+    got = out.view(2, window)
+    assert time.perf_counter() - began < 30
+    assert as_list(got[0, :11]) == list(range(121, 132)) and as_list(got[1, :16]) == list(range(100, 116))
+    assert set(got[0, 11:].unique().tolist()) <= {-1, SENTINEL} and set(got[1, 16:].unique().tolist()) <= {-1, SENTINEL}

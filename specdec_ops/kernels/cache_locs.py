@@ -124,7 +124,9 @@ def _cache_locs_program(
         if WITH_LAST_LOC:
             _store_last_loc(req_to_token, rows, starts, last_loc, offs, in_batch, num_rows, max_context_len, row_stride)
         if UNIFORM:
-            lengths = tl.where(in_batch, window_len, 0)
+            # Not tl.where(in_batch, window_len, 0): a tl.where on in_batch that feeds the 2-D mask crashes
+            # triton-ascend 3.2's triton-adapter-opt (docs/design.md). in_batch masks the gather anyway.
+            lengths = tl.full([TILE], 0, tl.int32) + window_len
             dst_base = offs * window_len
             num_cols = window_len
         else:
@@ -132,8 +134,14 @@ def _cache_locs_program(
             lengths = tl.maximum(ends - starts, 0)
             lane_sums = _add_window_lengths(lane_sums, start_offset, end_offset, scanned, tile_start, SCAN_BLOCK)
             scanned = tile_start
-            dst_base = tl.reduce(lane_sums, 0, _add) + tl.associative_scan(lengths, 0, _add) - lengths
+            # The first tile has nothing before it: skip the [SCAN_BLOCK] reduce (all of a small batch's work).
+            earlier = tl.full([], 0, dtype=tl.int32)
+            if tile_start > 0:
+                earlier = tl.reduce(lane_sums, 0, _add)
+            dst_base = earlier + tl.associative_scan(lengths, 0, _add) - lengths
             num_cols = tl.reduce(lengths, 0, _maximum)
+        # No column past what can be read or written: garbage offsets (validate=False) cannot make the loop long.
+        num_cols = tl.minimum(num_cols, tl.minimum(max_context_len, num_tokens))
         _store_windows(
             req_to_token,
             rows,
