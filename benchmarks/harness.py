@@ -436,7 +436,7 @@ class AllocatorStep:
     ) -> None:
         prefix = prefix_pages * page_size
         context_len = prefix + PROMPT_MAX + n * (steps + 1)
-        num_slots = (-(-bs * context_len // page_size) + 2 * prefix_pages) * page_size
+        num_slots = (bs * -(-context_len // page_size) + 2 * prefix_pages) * page_size  # a partial page per request
         self.alloc = specdec_ops.DraftCacheAllocator(num_slots, bs + 1, context_len, page_size=page_size, device=device)
         prompt_lens = torch.randint(1, PROMPT_MAX + 1, (bs,), generator=torch.Generator().manual_seed(bs))
         if prefix_pages:

@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", type=_int_list, help="default 1,16,64,256,1024,4096,16384 (cpu: 1,16,64)")
     parser.add_argument("--page-sizes", type=_int_list, default=[1, 16, 128], help="default 1,16,128")
     parser.add_argument("--num-draft-tokens", type=_int_list, default=[1, 4, 8], help="N; default 1,4,8")
+    parser.add_argument(
+        "--variants", type=lambda t: t.split(","), default=["fused", "unfused"], help="default fused,unfused"
+    )
     parser.add_argument("--prefix-pages", type=int, default=0, help="pages of a shared cached prefix (default 0)")
     parser.add_argument("--calls", type=int, help="steps per graph (default 20; cpu 2)")
     parser.add_argument("--repeats", type=int, help="samples (default 20; cpu 3)")
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     for page in args.page_sizes:
         for n in args.num_draft_tokens:
             for bs in args.batch_sizes:
-                for variant in ("fused", "unfused"):
+                for variant in args.variants:
                     s = measure(variant, bs, n, page, args)
                     rows.append(
                         dict(
@@ -186,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     for page in args.page_sizes:
         for n in args.num_draft_tokens:
             for bs in args.batch_sizes:
-                fused, unfused = by_key[(page, n, bs, "fused")], by_key[(page, n, bs, "unfused")]
+                fused, unfused = by_key.get((page, n, bs, "fused"), 0.0), by_key.get((page, n, bs, "unfused"), 0.0)
                 quoted = SGLANG_QUOTED_US.get((bs, n, page))
-                if args.interpreted:
+                if args.interpreted or not fused or not unfused:
                     ratio, vs, quoted_cell = "—", "—", "—"
                 else:
                     ratio = f"{unfused / fused:.2f}×"

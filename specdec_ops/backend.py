@@ -54,11 +54,6 @@ _INTERPRET_ALL = os.environ.get(_INTERPRET_ENV, "0") == "1"
 _DEVICE_TYPES = ("cpu", "cuda", "npu")
 
 
-def is_npu(device: torch.device) -> bool:
-    """Whether ``device`` is an Ascend NPU (kernels compiled by triton-ascend)."""
-    return device.type == "npu"
-
-
 def is_interpreted(device: torch.device) -> bool:
     """Whether kernels for ``device`` run through Triton's interpreter."""
     return device.type == "cpu" or _INTERPRET_ALL
