@@ -104,6 +104,7 @@ def check_state(alloc: DraftCacheAllocator, request_ids: dict[int, int], previou
     live[list(request_ids)] = True
     pos = torch.arange(alloc.max_context_len, device=alloc.device)
     owned = live[:, None] & (pos[None, :] < alloc_lens[:, None])  # [rows, positions]
+    cached_prefix = owned & (pos[None, :] < alloc.prefix_lens[:, None])  # on pages of the prefix cache
 
     def require(ok: torch.Tensor | bool, what: str) -> None:
         if not bool(ok):
@@ -118,12 +119,19 @@ def check_state(alloc: DraftCacheAllocator, request_ids: dict[int, int], previou
     first = table.gather(1, (pos - pos % p).expand_as(table))
     require((first[owned] // p == slots // p).all(), "a page split between positions of different pages")
     page_starts = owned & (pos[None, :] % p == 0)
-    owned_pages = table[page_starts] // p
-    num_free = int(alloc.num_free_pages[0])
-    every = torch.cat([owned_pages, alloc.free_pages[:num_free].long()]).sort().values
+    owned_pages = table[page_starts & ~cached_prefix] // p
+    cache_pages = torch.tensor(alloc.cached_pages(), dtype=torch.int64, device=alloc.device)
+    require(torch.isin(table[page_starts & cached_prefix] // p, cache_pages).all(), "a prefix page is not cached")
+    # The free ring: free_pages[(head + k) % num_pages] for k < count.
+    head, count = int(alloc.free_head[0]), int(alloc.num_free_pages[0])
+    ring = alloc.free_pages[(head + torch.arange(count, device=alloc.device)) % alloc.num_pages].long()
+    every = torch.cat([owned_pages, ring, cache_pages]).sort().values
     expected = torch.arange(1, alloc.num_pages + 1, device=alloc.device)
-    require(every.numel() == alloc.num_pages and torch.equal(every, expected), "a page owned twice, or lost")
-    require(alloc.num_free_slots() == alloc.num_slots - p * owned_pages.numel(), "num_free_slots() is off")
+    require(
+        every.numel() == alloc.num_pages and torch.equal(every, expected),
+        "free, live and cached pages do not account for the pool: a page owned twice, or lost",
+    )
+    require(alloc.num_free_slots() == p * count, "num_free_slots() is off")
     if previous is not None:
         for row, request in request_ids.items():
             if previous["request_ids"].get(row) == request:
