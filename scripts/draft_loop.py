@@ -71,6 +71,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--check-every", type=int, default=50, help="full invariant check every this many steps")
     parser.add_argument("--timing-reps", type=int, default=20, help="samples of the fused/unfused comparison")
+    parser.add_argument(
+        "--prefix-sharing",
+        action="store_true",
+        help="requests start with one of a few shared system prompts; a small prefix cache (whole pages of token "
+        "prefixes) gives arrivals the pages it holds, takes finished requests' pages and evicts when the pool runs "
+        "low; reports the cache's hit rate and pool use",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
     for name in ("batch_size", "page_size", "steps", "max_context_len", "max_prompt_len", "check_every"):
@@ -217,6 +224,67 @@ def compare_read_back(alloc: DraftCacheAllocator, rows: list[int], n: int, reps:
 # -------------------------------------------------------------------------------------------------- loop
 
 
+class PrefixCache:
+    """A toy radix cache: whole pages of token prefixes -> the page that holds their KV, with reader counts.
+
+    Arrivals match their longest cached whole-page prefix; finished requests insert their committed pages
+    (``free_requests(keep_lens=)``); a page that duplicates a cached prefix goes straight back to the pool, and
+    leaves no live request reads are evicted (``release_slots``) when the pool runs low.
+    """
+
+    def __init__(self, alloc: DraftCacheAllocator, rng: random.Random, num_prompts: int, max_len: int) -> None:
+        self.alloc, self.p = alloc, alloc.page_size
+        self.pages: dict[tuple[int, ...], int] = {}
+        self.readers: dict[int, int] = {}
+        self.last_use: dict[tuple[int, ...], int] = {}
+        self.clock = 0
+        lengths = [rng.randint(max(1, max_len // 4), max_len) for _ in range(num_prompts)]
+        self.system_prompts = [[10**6 * (i + 1) + j for j in range(n)] for i, n in enumerate(lengths)]
+        self.prompt_tokens = self.hit_tokens = self.evicted_pages = 0
+
+    def match(self, tokens: list[int]) -> list[int]:
+        pages: list[int] = []
+        self.clock += 1
+        while (len(pages) + 1) * self.p <= len(tokens):
+            key = tuple(tokens[: (len(pages) + 1) * self.p])
+            if key not in self.pages:
+                break
+            pages.append(self.pages[key])
+            self.last_use[key] = self.clock
+        self.prompt_tokens += len(tokens)
+        self.hit_tokens += len(pages) * self.p
+        return pages
+
+    def lock(self, pages: list[int], delta: int) -> None:
+        for page in pages:
+            self.readers[page] = self.readers.get(page, 0) + delta
+
+    def insert(self, tokens: list[int], kept_slots: list[int]) -> None:
+        duplicates = []
+        for k in range(len(kept_slots) // self.p):
+            key = tuple(tokens[: (k + 1) * self.p])
+            page = kept_slots[k * self.p] // self.p
+            if self.pages.setdefault(key, page) != page:
+                duplicates.append(kept_slots[k * self.p])
+            self.last_use[key] = self.clock
+        if duplicates:
+            self.alloc.release_slots(duplicates)
+
+    def evict(self, pages_wanted: int) -> None:
+        """Release least recently used leaves that no live request reads until ``pages_wanted`` pages are free."""
+        while self.alloc.num_free_slots() // self.p < pages_wanted:
+            parents = {key[: -self.p] for key in self.pages}
+            leaves = [k for k, page in self.pages.items() if k not in parents and not self.readers.get(page)]
+            if not leaves:
+                return
+            leaves.sort(key=self.last_use.__getitem__)
+            batch = leaves[: max(1, len(leaves) // 4)]
+            self.alloc.release_slots([self.pages.pop(key) * self.p for key in batch])
+            for key in batch:
+                del self.last_use[key]
+            self.evicted_pages += len(batch)
+
+
 @dataclass
 class Stats:
     steps: int = 0
@@ -248,20 +316,73 @@ def run(args: argparse.Namespace) -> int:
     seq: dict[int, int] = {}
     alloc_len: dict[int, int] = {}
     request_ids: dict[int, int] = {}
-    next_id = 0
     previous = None
     out = torch.empty(args.batch_size * n, dtype=torch.int64, device=alloc.device)
     last = torch.empty(args.batch_size, dtype=torch.int64, device=alloc.device)
+    # With --prefix-sharing: each row's tokens (prompt, then accepted drafts) and the cache pages it reads.
+    cache = PrefixCache(alloc, rng, 4, args.max_prompt_len // 2) if args.prefix_sharing else None
+    tokens: dict[int, list[int]] = {}
+    prefix_pages: dict[int, list[int]] = {}
+    peak_cached = 0
     started = last_report = time.perf_counter()
 
     def free(rows: list[int]) -> None:
-        if rows:
+        if not rows:
+            return
+        if cache is None:
             alloc.free_requests(rows)
-            for row in rows:
-                del seq[row], alloc_len[row], request_ids[row]
+        else:  # committed whole pages go to the cache
+            keep = [seq[row] // p * p for row in rows]
+            kept = alloc.free_requests(rows, keep_lens=keep).tolist()
+            offset = 0
+            for row, length in zip(rows, keep):
+                cache.lock(prefix_pages.pop(row), -1)
+                cache.insert(tokens.pop(row)[:length], kept[offset : offset + length])
+                offset += length
+        for row in rows:
+            del seq[row], alloc_len[row], request_ids[row]
+
+    def arrive(count: int) -> None:
+        prompts = [rng.randint(1, args.max_prompt_len) for _ in range(count) if rng.random() < args.arrival_prob]
+        if not prompts:
+            return
+        kwargs = {}
+        if cache is not None:
+            texts = []
+            for i in range(len(prompts)):
+                system = rng.choice(cache.system_prompts)
+                suffix = max(1, args.max_prompt_len - len(system))
+                texts.append(system + [rng.randrange(10**6) for _ in range(rng.randint(1, suffix))])
+                prompts[i] = len(texts[-1])
+            matched = [cache.match(text) for text in texts]
+            for pages in matched:  # read from now on: eviction must not take them
+                cache.lock(pages, +1)
+            width = max(1, p * max(len(pages) for pages in matched))
+            slots = torch.zeros(len(prompts), width, dtype=torch.int64)
+            for i, pages in enumerate(matched):
+                for k, page in enumerate(pages):
+                    slots[i, k * p : (k + 1) * p] = torch.arange(page * p, (page + 1) * p)
+            kwargs = {"prefix_slots": slots, "prefix_lens": [len(pages) * p for pages in matched]}
+            # Make room: the new pages of the prompts and a window for every request.
+            need = sum(triton.cdiv(length, p) - len(pages) for length, pages in zip(prompts, matched))
+            cache.evict(need + (len(seq) + len(prompts)) * triton.cdiv(n + p, p))
+        try:
+            new_rows = alloc.add_requests(prompts, **kwargs).tolist()
+        except OutOfSlotsError:
+            stats.refused_arrivals += len(prompts)
+            if cache is not None:
+                for pages in matched:
+                    cache.lock(pages, -1)
+            return
+        for i, (row, length) in enumerate(zip(new_rows, prompts)):
+            seq[row], alloc_len[row], request_ids[row] = length, length, stats.arrived + i
+            if cache is not None:
+                tokens[row], prefix_pages[row] = texts[i], matched[i]
+        stats.arrived += len(prompts)
 
     def used_slots() -> int:
-        return p * sum(triton.cdiv(length, p) for length in alloc_len.values())
+        """Slots that live requests own (pages they read from the prefix cache not counted)."""
+        return p * sum(triton.cdiv(length, p) - len(prefix_pages.get(row, ())) for row, length in alloc_len.items())
 
     def draft(rows: list[int]):
         """alloc_draft for ``rows``, preempting the longest request while the pool cannot hold the windows.
@@ -274,7 +395,12 @@ def run(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             try:
                 out_cache_loc, last_loc = alloc.alloc_draft(rows_t, n, out_cache_loc=out, last_loc=last[: len(rows)])
-            except OutOfSlotsError:  # nothing changed: preempt and retry
+            except OutOfSlotsError:  # nothing changed: evict from the cache, else preempt, and retry
+                if cache is not None:
+                    evicted = cache.evicted_pages
+                    cache.evict(len(rows) * triton.cdiv(n + p, p))
+                    if cache.evicted_pages > evicted:
+                        continue
                 victim = max(rows, key=lambda row: seq[row])
                 free([victim])
                 stats.preempted += 1
@@ -294,18 +420,7 @@ def run(args: argparse.Namespace) -> int:
         free(done)
         stats.finished += len(done)
         # Arrivals into free rows, all in one call; if the pool cannot take them, they are refused.
-        free_rows = args.batch_size - len(seq)
-        prompts = [rng.randint(1, args.max_prompt_len) for _ in range(free_rows) if rng.random() < args.arrival_prob]
-        if prompts:
-            try:
-                new_rows = alloc.add_requests(prompts).tolist()
-            except OutOfSlotsError:
-                stats.refused_arrivals += len(prompts)
-            else:
-                for row, length in zip(new_rows, prompts):
-                    seq[row], alloc_len[row], request_ids[row] = length, length, next_id
-                    next_id += 1
-                stats.arrived += len(prompts)
+        arrive(args.batch_size - len(seq))
         backend.synchronize(alloc.device)
         stats.add_free_seconds.append(time.perf_counter() - t0)
         check = (step + 1) % args.check_every == 0
@@ -324,10 +439,14 @@ def run(args: argparse.Namespace) -> int:
             stats.step_seconds.append(seconds + time.perf_counter() - t0)
             for row, a in zip(rows, accepted):
                 seq[row] += a
+                if cache is not None:
+                    tokens[row] += [rng.randrange(10**6) for _ in range(a)]
             stats.steps += 1
             stats.drafted += len(rows) * n
             stats.accepted += sum(accepted)
         stats.peak_used_slots = max(stats.peak_used_slots, used_slots())
+        if cache is not None:
+            peak_cached = max(peak_cached, alloc.num_cached_slots())
         if check:
             previous = check_state(alloc, request_ids, previous)
             check_mirrors(alloc, seq, alloc_len)
@@ -356,8 +475,11 @@ def run(args: argparse.Namespace) -> int:
     check_mirrors(alloc, seq, alloc_len)
     free(sorted(seq))
     check_state(alloc, request_ids, None)
+    cached_at_end = alloc.num_cached_slots()
+    if cache is not None:
+        cache.evict(alloc.num_pages)  # nothing reads the cache any more: all of it goes
     if alloc.num_free_slots() != alloc.num_slots or bool(alloc.req_to_token.any()):
-        raise InvariantError("freeing every request did not restore the pool")
+        raise InvariantError("freeing every request and evicting the cache did not restore the pool")
     elapsed = time.perf_counter() - started
 
     print(f"steps              {stats.steps} in {elapsed:.1f} s")
@@ -368,9 +490,16 @@ def run(args: argparse.Namespace) -> int:
     rate = stats.accepted / stats.drafted if stats.drafted else 0.0
     print(f"tokens             drafted {stats.drafted}, accepted {stats.accepted} ({rate:.1%})")
     print(
-        f"slots              peak {stats.peak_used_slots} of {args.num_slots} "
+        f"slots              owned by live requests: peak {stats.peak_used_slots} of {args.num_slots} "
         f"({stats.peak_used_slots / args.num_slots:.0%}), {used_at_end} at the end"
     )
+    if cache is not None:
+        hit = cache.hit_tokens / cache.prompt_tokens if cache.prompt_tokens else 0.0
+        print(
+            f"prefix cache       hit rate {hit:.1%} of prompt tokens ({cache.hit_tokens} of {cache.prompt_tokens}), "
+            f"cached slots peak {peak_cached} ({peak_cached / args.num_slots:.0%} of the pool), "
+            f"{cached_at_end} after the last requests finished; {cache.evicted_pages} pages evicted"
+        )
     print(f"host syncs         {loop_syncs} calls synced because the host bound neared capacity")
     # In Triton's interpreter a launch costs milliseconds of NumPy: its timings say nothing about device speed,
     # and differences between variants are mostly noise, so they are labelled as such and not compared.
