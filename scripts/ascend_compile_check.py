@@ -19,7 +19,8 @@ cannot drift from it. Exercised:
   allocator  every method of ALLOCATOR_METHODS (the one table to extend) that DraftCacheAllocator has, over
              page sizes 1, 16, 64, 128, rows as int32/int64 tensors and lists, N in 1..64: prefill
              (add_requests), draft with read-back (alloc_draft: emit on, int64 and int32 buffers), draft
-             without (reserve_draft: emit off), commit, free_requests
+             without (reserve_draft: emit off), commit, free_requests (with and without keep_lens),
+             prefixes from a prefix cache (add_requests with prefix_slots), release_slots
 
 Each distinct variant (kernel, dtypes, alignment, constexprs) is compiled from the normal (not interpreted)
 module `specdec_ops.kernels.<module>`, through these stages; the line printed per variant names the last one
@@ -202,6 +203,19 @@ def _int32(n: int, fill: int = 0) -> torch.Tensor:
 # The allocator's public methods and how to call them: (name, call(alloc, rows, n)). Add new methods here; a name
 # that DraftCacheAllocator does not have (yet) is skipped. `rows` are 3 live rows (a tensor or a list, ROW_KINDS),
 # n the draft length.
+def _cached_page(alloc, page: int) -> torch.Tensor:
+    """Slots of ``page``, handed to the prefix cache on the host: while launches are recorded no kernel runs, so no
+    finished request can have left a real page to the cache."""
+    alloc._cache_pages.add(page)
+    return torch.arange(page * alloc.page_size, (page + 1) * alloc.page_size)
+
+
+def _add_with_prefix(alloc, n: int) -> None:
+    p = alloc.page_size
+    slots = _cached_page(alloc, 1).expand(2, p)
+    alloc.free_requests(alloc.add_requests([p + n, p], prefix_slots=slots, prefix_lens=[p, p]))
+
+
 ALLOCATOR_METHODS = [
     ("add_requests", lambda alloc, rows, n: alloc.free_requests(alloc.add_requests([n, 0, 3 * n + 1]).tolist())),
     ("alloc_draft", lambda alloc, rows, n: alloc.alloc_draft(rows, n)),
@@ -210,6 +224,9 @@ ALLOCATOR_METHODS = [
     ("commit", lambda alloc, rows, n: alloc.commit(rows, [n // 2] * 3)),
     ("commit", lambda alloc, rows, n: alloc.commit(rows, _int32(3, n // 2))),
     ("free_requests", lambda alloc, rows, n: alloc.free_requests(rows)),
+    ("free_requests", lambda alloc, rows, n: alloc.free_requests(alloc.add_requests([n, 1]), keep_lens=[0, 0])),
+    ("add_requests", lambda alloc, rows, n: _add_with_prefix(alloc, n)),
+    ("release_slots", lambda alloc, rows, n: alloc.release_slots(_cached_page(alloc, 2)[:1])),
 ]
 
 
