@@ -213,6 +213,10 @@ class DraftCacheAllocator:
         # rows given as device tensors raise _unknown_window_bound instead.
         self._known_windows: dict[int, int] = {}
         self._unknown_window_bound = 0
+        # Launch configurations, found on first use: (window_len, prefill, prefix, emit) -> (TILE, constexprs);
+        # the most programs a launch may have (0: one per tile).
+        self._alloc_configs: dict[tuple, tuple[int, tuple]] = {}
+        self._max_programs: int | None = None
 
     @property
     def total_slots(self) -> int:
@@ -334,7 +338,7 @@ class DraftCacheAllocator:
         keep_t = torch.tensor(keep, dtype=torch.int64, device=self.device) if keep is not None else rows_t
         tile, block_p = self._free_tiles()
         backend.launch(
-            backend.kernels("allocator", self.device)._free_pages_kernel,
+            self._kernels()._free_pages_kernel,
             self._grid(len(rows), tile),
             self.device,
             (
@@ -410,7 +414,7 @@ class DraftCacheAllocator:
             return
         pages_t = torch.tensor(pages, dtype=torch.int32, device=self.device)
         backend.launch(
-            backend.kernels("allocator", self.device)._push_pages_kernel,
+            self._kernels()._push_pages_kernel,
             (1,),
             self.device,
             (pages_t, self.free_pages, self._counters),
@@ -463,7 +467,7 @@ class DraftCacheAllocator:
             self._check_buffer("last_loc", last_loc, bs, exact=True)
         if bs:
             self._draft(rows, host_rows, n, out_cache_loc, last_loc)
-        return out_cache_loc[: bs * n], last_loc
+        return (out_cache_loc if out_cache_loc.size(0) == bs * n else out_cache_loc[: bs * n]), last_loc
 
     def reserve_draft(self, req_pool_indices: IntVector, num_draft_tokens: int, *, validate: bool = False) -> None:
         """:meth:`alloc_draft` without the read-back: only make positions ``[seq_len, seq_len + N)`` own slots.
@@ -512,7 +516,7 @@ class DraftCacheAllocator:
         if not bs:
             return
         backend.launch(
-            backend.kernels("allocator", self.device)._commit_kernel,
+            self._kernels()._commit_kernel,
             self._grid(bs, _COMMIT_TILE),
             self.device,
             (rows, accept, self.seq_lens, self.window_lens),
@@ -665,9 +669,35 @@ class DraftCacheAllocator:
     def _grid(self, bs: int, tile: int) -> tuple[int]:
         """One program per tile; on Ascend, which binds programs to cores, at most one per core."""
         num_tiles = (bs + tile - 1) // tile
-        if backend.prefers_persistent_grid(self.device):
-            num_tiles = min(num_tiles, backend.num_cores(self.device))
+        if self._max_programs is None:
+            persistent = backend.prefers_persistent_grid(self.device)
+            self._max_programs = backend.num_cores(self.device) if persistent else 0
+        if self._max_programs:
+            num_tiles = min(num_tiles, self._max_programs)
         return (max(num_tiles, 1),)
+
+    def _alloc_config(self, window_len: int, prefill: bool, prefix: bool, emit: bool) -> tuple[int, tuple]:
+        """(TILE, constexprs) of the allocation kernel for this kind of call."""
+        npu = backend.is_npu(self.device)
+        block_n = _MAX_BLOCK_N if prefill else _block_n(window_len)
+        elements, max_tile = (_NPU_ALLOC_ELEMENTS, _NPU_MAX_TILE) if npu else (_ALLOC_ELEMENTS, _MAX_TILE)
+        block_n = min(block_n, elements)
+        tile = max(min(elements // block_n, max_tile), 1)
+        constexprs = (
+            ("PAGE_SIZE", self.page_size),
+            ("PAGE_SHIFT", self._page_shift),
+            ("TILE", tile),
+            ("BLOCK_N", block_n),
+            ("SCAN_BLOCK", self._scan_block()),
+            ("PREFILL", prefill),
+            ("PREFIX", prefix),
+            ("EMIT", emit),
+        )
+        return tile, constexprs
+
+    def _kernels(self):
+        """The allocator's kernel module for this device."""
+        return backend.kernels("allocator", self.device)
 
     def _launch_alloc(
         self,
@@ -682,15 +712,15 @@ class DraftCacheAllocator:
         """Launch the allocation kernel: a draft (``window_ends is None``) or a prefill of new rows."""
         prefill = window_ends is not None
         emit = out_cache_loc is not None
-        npu = backend.is_npu(self.device)
-        block_n = _MAX_BLOCK_N if prefill else _block_n(window_len)
-        elements, max_tile = (_NPU_ALLOC_ELEMENTS, _NPU_MAX_TILE) if npu else (_ALLOC_ELEMENTS, _MAX_TILE)
-        block_n = min(block_n, elements)
-        tile = max(min(elements // block_n, max_tile), 1)
+        key = (window_len, prefill, prefix_slots is not None, emit)
+        config = self._alloc_configs.get(key)
+        if config is None:
+            config = self._alloc_configs[key] = self._alloc_config(*key)
+        tile, constexprs = config
         # Pointers a specialisation does not read get a tensor of the right kind.
         placeholder = self.seq_lens
         backend.launch(
-            backend.kernels("allocator", self.device)._alloc_windows_kernel,
+            self._kernels()._alloc_windows_kernel,
             self._grid(rows.size(0), tile),
             self.device,
             (
@@ -718,16 +748,7 @@ class DraftCacheAllocator:
                 self.num_pages,
                 0 if prefix_slots is None else prefix_slots.stride(0),
             ),
-            (
-                ("PAGE_SIZE", self.page_size),
-                ("PAGE_SHIFT", self._page_shift),
-                ("TILE", tile),
-                ("BLOCK_N", block_n),
-                ("SCAN_BLOCK", self._scan_block()),
-                ("PREFILL", prefill),
-                ("PREFIX", prefix_slots is not None),
-                ("EMIT", emit),
-            ),
+            constexprs,
             _NUM_WARPS,
         )
 
