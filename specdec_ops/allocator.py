@@ -63,9 +63,9 @@ _NPU_EXACT_DIV_LIMIT = 2**24
 # at most _MAX_TILE requests per program; every program sums the page needs of earlier requests _SCAN_BLOCK at a
 # time. Tests shrink them to span many programs with few requests. Ascend takes smaller tiles (its on-chip buffer,
 # checked by scripts/ascend_compile_check.py).
-_ALLOC_ELEMENTS = 1024
-_MAX_TILE = 128
-_SCAN_BLOCK = 4096
+_ALLOC_ELEMENTS = 2048
+_MAX_TILE = 256
+_SCAN_BLOCK = 2048
 _NPU_ALLOC_ELEMENTS = 128
 _NPU_MAX_TILE = 32
 _NPU_SCAN_BLOCK = 256

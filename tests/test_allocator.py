@@ -822,7 +822,7 @@ def test_commit_clamps_to_the_open_window():
     alloc = DraftCacheAllocator(64, 3, 32, page_size=4, device="cpu")
     rows = alloc.add_requests([3, 6, 1])
     alloc.alloc_draft(rows, 4)
-    alloc.commit(rows, torch.tensor([9, -5, 4]))  # past the window, negative, exactly the window
+    alloc.commit(rows, torch.tensor([2**33, -5, 4]))  # past the window (and int32), negative, exactly the window
     assert alloc.seq_lens[rows].tolist() == [7, 6, 5]
     assert alloc.window_lens.tolist() == [0, 0, 0]
     alloc.commit(rows, torch.tensor([3, 3, 3]))  # no window open: commits nothing
@@ -851,7 +851,7 @@ def test_misuse_never_corrupts_the_pool(page_size, seed):
             if live and max(seq) + n <= alloc.max_context_len and alloc.num_free_slots() >= len(live) * (n + page_size):
                 alloc.alloc_draft(rows, n)
         elif action == "commit" and live:
-            accept = torch.tensor([rng.choice([-(2**31), -3, 0, 1, 5, 100, 2**31 - 1]) for _ in live])
+            accept = torch.tensor([rng.choice([-(2**40), -3, 0, 1, 5, 100, 2**31 - 1, 2**33]) for _ in live])
             alloc.commit(rows, accept)
         elif action == "add" and alloc.num_requests < alloc.max_requests and alloc.num_free_slots() > 40:
             alloc.add_requests([rng.randrange(0, 20)])

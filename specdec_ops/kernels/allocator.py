@@ -472,9 +472,10 @@ def _commit_kernel(req_pool_indices, accept_lens, seq_lens, window_lens, bs, num
         in_batch = offs < bs
         rows = tl.load(req_pool_indices + offs, mask=in_batch, other=0).to(tl.int32)
         valid = in_batch & (rows >= 0) & (rows < num_rows)
-        accepted = tl.load(accept_lens + offs, mask=valid, other=0).to(tl.int32)
-        window = tl.load(window_lens + rows, mask=valid, other=0).to(tl.int32)
-        accepted = tl.minimum(tl.maximum(accepted, 0), tl.maximum(window, 0))
+        # Clamped in the caller's dtype, then narrowed: an int64 past 2**31 must not wrap into the window.
+        accepted = tl.load(accept_lens + offs, mask=valid, other=0)
+        window = tl.load(window_lens + rows, mask=valid, other=0)
+        accepted = tl.minimum(tl.maximum(accepted, 0), tl.maximum(window, 0).to(accepted.dtype)).to(tl.int32)
         seq = tl.load(seq_lens + rows, mask=valid, other=0).to(tl.int32)
         tl.store(seq_lens + rows, (seq + accepted).to(seq_lens.dtype.element_ty), mask=valid)
         tl.store(window_lens + rows, tl.full([TILE], 0, dtype=window_lens.dtype.element_ty), mask=valid)
