@@ -84,9 +84,13 @@ _NPU_BRANCH_BLOCK = 32
 _TREE_ELEMENTS = 4096
 _TREE_MAX_TILE = 64
 _NPU_TREE_ELEMENTS = 512
+_NPU_TREE_CUBE_ELEMENTS = 2048
 _NPU_TREE_MAX_TILE = 16
 _MAX_TREE = 256
+# On an NPU, page 1 re-points through [TILE, T, T] tiles: T <= 32 keeps them in the on-chip buffer (and TILE >= 2,
+# as triton-adapter-opt rejects some one-request tiles).
 _NPU_MAX_TREE = 64
+_NPU_MAX_TREE_REPOINT = 32
 # CUDA warps per program (ignored by triton-ascend and the interpreter).
 _NUM_WARPS = 8
 
@@ -579,7 +583,7 @@ class DraftCacheAllocator:
         Args:
             req_pool_indices: ``[bs]`` rows in use, no duplicates (as for :meth:`commit`).
             accept_index: ``[bs, T]`` int32/int64 tensor on the device, unit stride along ``T``; entries past
-                ``accept_lens[i]`` are ignored. ``T <= 256`` (64 on an NPU).
+                ``accept_lens[i]`` are ignored. ``T <= 256`` (on an NPU 64, and 32 with ``page_size == 1``).
             accept_lens: ``[bs]`` int tensor on the device or a list, values in ``[0, T]``.
             kv_src, kv_dst: optional int32/int64 buffers of at least ``bs * T`` elements (keep them for graphs).
             validate: check rows, ``0 <= accept_lens <= min(window, T)`` and that each path's nodes are in
@@ -612,8 +616,11 @@ class DraftCacheAllocator:
         npu = backend.is_npu(self.device)
         repoint = self.page_size == 1
         block_t = 1 << max(tree - 1, 0).bit_length()
-        elements, max_tile = (_NPU_TREE_ELEMENTS, _NPU_TREE_MAX_TILE) if npu else (_TREE_ELEMENTS, _TREE_MAX_TILE)
-        tile = max(min(elements // (block_t * block_t if repoint else block_t), max_tile), 1)
+        if npu:
+            elements = _NPU_TREE_CUBE_ELEMENTS // block_t if repoint else _NPU_TREE_ELEMENTS
+            tile = max(min(elements // block_t, _NPU_TREE_MAX_TILE), 2)
+        else:
+            tile = max(min(_TREE_ELEMENTS // (block_t * block_t if repoint else block_t), _TREE_MAX_TILE), 1)
         backend.launch(
             backend.kernels("allocator", self.device)._commit_tree_kernel,
             self._grid(bs, tile),
@@ -958,7 +965,9 @@ class DraftCacheAllocator:
         tree = accept_index.size(1)
         if tree > 1 and accept_index.stride(1) != 1:
             raise ValueError(f"accept_index must have unit stride along T, got strides {accept_index.stride()}")
-        limit = _NPU_MAX_TREE if backend.is_npu(self.device) else _MAX_TREE
+        limit = _MAX_TREE
+        if backend.is_npu(self.device):
+            limit = _NPU_MAX_TREE_REPOINT if self.page_size == 1 else _NPU_MAX_TREE
         if tree > limit:
             raise ValueError(f"accept_index must have at most {limit} columns (tree nodes), got {tree}")
         if bs * tree >= _INT32_LIMIT:
