@@ -839,8 +839,9 @@ def _commit_tree_kernel(
         seq = tl.minimum(tl.maximum(seq, 0), max_context_len)
         window = tl.load(window_lens + rows, mask=valid, other=0).to(tl.int32)
         window = tl.minimum(tl.minimum(tl.maximum(window, 0), max_context_len - seq), tree_size)
-        accepted = tl.load(accept_lens + offs, mask=valid, other=0).to(tl.int32)
-        accepted = tl.minimum(tl.maximum(accepted, 0), window)
+        accepted = tl.load(accept_lens + offs, mask=valid, other=0)
+        accepted = tl.minimum(tl.maximum(accepted, 0), tree_size).to(tl.int32)  # clamped before it narrows
+        accepted = tl.minimum(accepted, window)
         in_tree = valid[:, None] & (m[None, :] < tree_size)  # [TILE, BLOCK_T]
         index_addr = offs.to(tl.int64)[:, None] * index_stride + m[None, :]
         node = tl.load(accept_index + index_addr, mask=in_tree, other=-1)
