@@ -171,7 +171,9 @@ def test_commit_tree_moves_the_accepted_kv_into_place(page_size, tree):
         index, lens = random_paths(rng, bs, tree)
         index = index.to(rng.choice([torch.int32, torch.int64]))
         window_before = alloc.req_to_token.clone()
-        src, dst = alloc.commit_tree(rows, index, torch.tensor(lens), kv_src=src_buf, kv_dst=dst_buf, validate=True)
+        src, dst = alloc.commit_tree(
+            rows, index, torch.tensor(lens, dtype=torch.int64), kv_src=src_buf, kv_dst=dst_buf, validate=True
+        )
         assert src.data_ptr() == src_buf.data_ptr() and src_buf[bs * tree :].tolist() == [SENTINEL] * 2
         assert dst_buf[bs * tree :].tolist() == [SENTINEL] * 2
         if page_size == 1:
@@ -407,7 +409,7 @@ def test_no_sync_in_a_tree_loop_with_headroom():
         alloc.alloc_branches(rows, 4, 5)
         alloc.alloc_draft(rows, 8)
         index, lens = random_paths(rng, 8, 8)
-        alloc.commit_tree(rows, index, torch.tensor(lens))
+        alloc.commit_tree(rows, index, torch.tensor(lens, dtype=torch.int64))
     assert alloc.num_syncs == 0
     assert not alloc._branches_may_exist()
     check_tree_layout(alloc)
@@ -440,7 +442,7 @@ def tree_loop(alloc: DraftCacheAllocator, steps: int, seed: int, topk: int = 3, 
         out, last = alloc.alloc_draft(rows, tree)
         tags = model.verify(out)
         index, lens = random_paths(rng, len(live), tree)
-        src, dst = alloc.commit_tree(rows, index, torch.tensor(lens))
+        src, dst = alloc.commit_tree(rows, index, torch.tensor(lens, dtype=torch.int64))
         model.apply(src, dst)
         model.accept(live, tags, tree, index, lens)
         model.check()
@@ -603,7 +605,7 @@ class TreeMachine(RuleBasedStateMachine):
             return
         tags = self.model.verify(out)
         accept = [data.draw(st.integers(0, n), label="accept") for _ in rows]
-        self.alloc.commit(self.as_rows(data, rows), torch.tensor(accept))
+        self.alloc.commit(self.as_rows(data, rows), torch.tensor(accept, dtype=torch.int64))
         index = torch.arange(n).repeat(len(rows), 1) if n else torch.zeros(len(rows), 0, dtype=torch.int64)
         self.model.accept(rows, tags, n, index, accept)
         self.window.update(dict.fromkeys(rows, 0))
@@ -623,7 +625,9 @@ class TreeMachine(RuleBasedStateMachine):
         index, lens = random_paths(random.Random(seed), len(rows), tree)
         index = index.to(data.draw(st.sampled_from([torch.int32, torch.int64]), label="index dtype"))
         validate = data.draw(st.booleans(), label="validate")
-        src, dst = self.alloc.commit_tree(self.as_rows(data, rows), index, torch.tensor(lens), validate=validate)
+        src, dst = self.alloc.commit_tree(
+            self.as_rows(data, rows), index, torch.tensor(lens, dtype=torch.int64), validate=validate
+        )
         self.model.apply(src, dst)
         self.model.accept(rows, tags, tree, index, lens)
         self.window.update(dict.fromkeys(rows, 0))
@@ -712,7 +716,7 @@ def test_gpu_graph_captures_a_whole_tree_step(page_size):
     for _ in range(replays):
         host_index, host_lens = random_paths(rng, bs, tree)
         index.copy_(host_index)
-        lens.copy_(torch.tensor(host_lens))
+        lens.copy_(torch.tensor(host_lens, dtype=torch.int64))
         graph.replay()
         eager_outputs = [torch.empty_like(t) for t in outputs]
         step(eager, eager_outputs)
