@@ -15,8 +15,10 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
-from specdec_ops import backend
+import specdec_ops
+from specdec_ops import DraftCacheAllocator, backend, reference
 
 from . import harness
 
@@ -80,4 +82,129 @@ def test_allocator_step_graph(benchmark, bs, n, page_size, variant):
     _label(benchmark, bs, n, page_size, "graph", variant)
     benchmark.pedantic(graph.replay, rounds=ROUNDS, warmup_rounds=1, iterations=REPLAYS)
     step.alloc.refresh()  # the replays grew every request: the table must still read back exactly
+    step.checked_call()
+
+
+# ------------------------------------------------------------------------------------------------ tree steps
+# A tree step (EAGLE with topk > 1): branch slots for the draft model, the verify window of T nodes, the commit of
+# the accepted paths. Groups ``tree step bs=.. topk=4 steps=5 T=8 page=.. | graph`` compare:
+# - ``fused``: alloc_branches (release + pops + slots + partial-page copies), alloc_draft (which releases the
+#   branches in its own launch), commit_tree: three launches, two for verify plus commit;
+# - ``components``: the same step from this library's components, as an engine would chain them today:
+#   release_branches, alloc_branches, reserve_draft, get_last_loc, assign_extend_cache_locs, the copy pairs in
+#   PyTorch (a gather of the accepted nodes' slots), then commit.
+
+if DEVICE.type == "cpu":
+    TREE_CASES = [(7, 1), (7, 4)]
+else:
+    TREE_CASES = [(bs, page) for page in (1, 64) for bs in (1, 4, 16, 64, 256, 1024)]
+TREE_TOPK, TREE_STEPS, TREE_T = 4, 5, 8
+
+
+class TreeStep:
+    """One tree step of ``bs`` requests as ``variant`` builds it, with kept buffers; paths accept ``i % (T + 1)``
+    nodes (the root, then every other node)."""
+
+    def __init__(self, variant: str, bs: int, page_size: int, steps: int) -> None:
+        topk, num_steps, tree = TREE_TOPK, TREE_STEPS, TREE_T
+        context_len = harness.PROMPT_MAX + tree * (steps + 1)
+        per_row = -(-context_len // page_size) + topk * -(-(page_size - 1 + num_steps) // page_size)
+        self.alloc = DraftCacheAllocator(per_row * bs * page_size, bs, context_len, page_size=page_size, device=DEVICE)
+        prompt_lens = torch.randint(1, harness.PROMPT_MAX + 1, (bs,), generator=torch.Generator().manual_seed(bs))
+        self.rows = self.alloc.add_requests(prompt_lens.tolist())
+        self.seq_lens = self.alloc.seq_lens[:bs]
+        self.end = torch.empty_like(self.seq_lens)
+        self.lens = (torch.arange(bs, device=DEVICE) % (tree + 1)).to(torch.int64)
+        m = torch.arange(tree, device=DEVICE)
+        self.index = torch.where(m[None, :] == 0, 0, 2 * m[None, :] - 1).clamp(max=tree - 1).repeat(bs, 1)
+        self.lens = torch.minimum(self.lens, torch.tensor((tree + 1) // 2, device=DEVICE))  # increasing part only
+        self.slots = torch.empty(bs * topk * num_steps, dtype=torch.int64, device=DEVICE)
+        self.copies = [torch.empty(bs * topk * (page_size - 1), dtype=torch.int64, device=DEVICE) for _ in "sd"]
+        self.out = torch.empty(bs * tree, dtype=torch.int64, device=DEVICE)
+        self.last = torch.empty(bs, dtype=torch.int64, device=DEVICE)
+        self.kv = [torch.empty(bs * tree, dtype=torch.int64, device=DEVICE) for _ in "sd"]
+        self.m = m
+        self.variant = variant
+
+    def __call__(self) -> None:
+        alloc, rows, tree = self.alloc, self.rows, TREE_T
+        if self.variant == "fused":
+            alloc.alloc_branches(
+                rows, TREE_TOPK, TREE_STEPS, out=self.slots, copy_src=self.copies[0], copy_dst=self.copies[1]
+            )
+            alloc.alloc_draft(rows, tree, out_cache_loc=self.out, last_loc=self.last)
+            alloc.commit_tree(rows, self.index, self.lens, kv_src=self.kv[0], kv_dst=self.kv[1])
+            return
+        alloc.release_branches(rows)
+        alloc.alloc_branches(
+            rows, TREE_TOPK, TREE_STEPS, out=self.slots, copy_src=self.copies[0], copy_dst=self.copies[1]
+        )
+        alloc.reserve_draft(rows, tree)
+        torch.add(self.seq_lens, tree, out=self.end)
+        specdec_ops.get_last_loc(alloc.req_to_token, rows, self.seq_lens, last_loc=self.last)
+        specdec_ops.assign_extend_cache_locs(
+            alloc.req_to_token, rows, self.seq_lens, self.end, self.out, num_tokens=self.out.numel()
+        )
+        window = self.out.view(-1, tree)
+        taken = self.m[None, :] < self.lens[:, None]
+        torch.where(taken, window.gather(1, self.index), window, out=self.kv[0].view(-1, tree))
+        self.kv[1].copy_(self.out)
+        alloc.commit(rows, self.lens)
+
+    def checked_call(self) -> list[torch.Tensor]:
+        seq_lens = self.seq_lens.clone()
+        self()
+        expected = reference.get_last_loc_and_assign_extend_cache_locs_torch(
+            self.alloc.req_to_token, self.rows, seq_lens, seq_lens + TREE_T
+        )
+        if self.alloc.page_size > 1:  # page 1 re-points the window in the fused step: compare the pages > 1 case
+            harness.check_outputs(f"tree step ({self.variant})", (self.out.clone(), self.last.clone()), expected)
+        return [t.clone() for t in (self.slots, *self.copies, *self.kv)]
+
+
+def _tree_steps(bs: int, page_size: int) -> tuple[TreeStep, TreeStep]:
+    steps = 2 * (CHECK_STEPS + CALLS + CALLS * (1 + ROUNDS) * REPLAYS + 1)
+    fused, components = (TreeStep(v, bs, page_size, steps) for v in ("fused", "components"))
+    for _ in range(CHECK_STEPS):  # both build the same step: the same slots, pairs and lengths
+        got_fused, got_components = fused.checked_call(), components.checked_call()
+        for a, b in zip(got_fused[:3], got_components[:3]):
+            assert torch.equal(a, b), "tree step: branch slots or copy pairs differ between the variants"
+        if page_size > 1:
+            for a, b in zip(got_fused[3:], got_components[3:]):
+                assert torch.equal(a, b), "tree step: kv pairs differ between the variants"
+        assert torch.equal(fused.seq_lens, components.seq_lens)
+    return fused, components
+
+
+def _tree_label(benchmark, bs: int, page_size: int, mode: str, variant: str) -> None:
+    benchmark.group = f"tree step bs={bs} topk={TREE_TOPK} steps={TREE_STEPS} T={TREE_T} page={page_size} | {mode}"
+    benchmark.name = variant
+    benchmark.extra_info.update(
+        bs=bs, topk=TREE_TOPK, num_steps=TREE_STEPS, tree=TREE_T, page_size=page_size, mode=mode, variant=variant
+    )
+
+
+@pytest.mark.parametrize("variant", ["fused", "components"])
+@pytest.mark.parametrize("bs,page_size", TREE_CASES, ids=[f"bs{b}-page{p}" for b, p in TREE_CASES])
+def test_tree_step_eager(benchmark, bs, page_size, variant):
+    step = dict(zip(("fused", "components"), _tree_steps(bs, page_size)))[variant]
+    step.alloc.refresh()
+    syncs = step.alloc.num_syncs
+    _tree_label(benchmark, bs, page_size, "eager", variant)
+    benchmark.pedantic(harness.run_calls, args=([step] * CALLS,), rounds=ROUNDS, warmup_rounds=1)
+    assert step.alloc.num_syncs == syncs, "a timed step synced with the host"
+
+
+@GRAPH_MARK
+@pytest.mark.parametrize("variant", ["fused", "components"])
+@pytest.mark.parametrize("bs,page_size", TREE_CASES, ids=[f"bs{b}-page{p}" for b, p in TREE_CASES])
+def test_tree_step_graph(benchmark, bs, page_size, variant):
+    if not harness.supports_graphs(DEVICE):
+        pytest.skip(f"this torch build cannot capture graphs on {DEVICE}")
+    step = dict(zip(("fused", "components"), _tree_steps(bs, page_size)))[variant]
+    step.alloc.refresh()
+    graph, _ = harness.capture_graph([step] * CALLS, DEVICE)
+    _tree_label(benchmark, bs, page_size, "graph", variant)
+    benchmark.pedantic(graph.replay, rounds=ROUNDS, warmup_rounds=1, iterations=REPLAYS)
+    step.alloc.refresh()
     step.checked_call()

@@ -15,12 +15,18 @@ host wall-clock between synchronizations) and the allocator's single-launch step
 the unfused components (reserve_draft, then get_last_loc_and_assign_extend_cache_locs, or get_last_loc and
 assign_extend_cache_locs), after checking that all three give the same slots.
 
+Tree mode (--topk > 1): every step first takes the draft model's branch slots (alloc_branches, its partial-page
+copies applied), then verifies a tree of N nodes and commits a random path of increasing nodes (commit_tree, its
+KV pairs applied). In both modes a simulated KV buffer holds a tag per written slot; every committed position must
+read the tag of the token it committed, checked with the other invariants and at the end.
+
 Exit status: 0 when every check passed, 1 otherwise.
 
 Examples:
   python scripts/draft_loop.py                                   # small defaults: seconds on the CPU interpreter
   python scripts/draft_loop.py --batch-size 256 --num-draft-tokens 8 --page-size 64 --steps 5000   # GPU/NPU
   python scripts/draft_loop.py --device cpu --page-size 1 --steps 50 --check-every 1
+  python scripts/draft_loop.py --topk 4 --num-steps 5 -n 8 --page-size 64 --steps 100   # EAGLE's default tree
 """
 
 from __future__ import annotations
@@ -54,6 +60,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=16, help="concurrent requests (rows of req_to_token)")
     parser.add_argument("--num-draft-tokens", "-n", type=int, default=4, help="N, tokens drafted per step")
+    parser.add_argument(
+        "--topk",
+        type=int,
+        default=1,
+        help="tree mode when > 1 (EAGLE's speculative_eagle_topk): every step takes topk branches of --num-steps "
+        "slots (alloc_branches), verifies a tree of N nodes and commits a random path (commit_tree)",
+    )
+    parser.add_argument(
+        "--num-steps",
+        type=int,
+        default=5,
+        help="tree mode: draft depth of each branch (EAGLE's speculative_num_steps; --steps is the loop length)",
+    )
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--max-context-len", type=int, default=512)
@@ -85,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.num_draft_tokens < 0:
         parser.error("--num-draft-tokens must be >= 0")
+    if args.topk < 1 or args.num_steps < 1:
+        parser.error("--topk and --num-steps must be at least 1")
     if args.max_prompt_len + args.num_draft_tokens > args.max_context_len:
         parser.error("--max-prompt-len + --num-draft-tokens must fit in --max-context-len")
     if args.num_slots is None:
@@ -98,11 +119,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------- checks
 
 
-def check_state(alloc: DraftCacheAllocator, request_ids: dict[int, int], previous: dict | None) -> dict:
+def check_state(
+    alloc: DraftCacheAllocator, request_ids: dict[int, int], previous: dict | None, committed_only: bool = False
+) -> dict:
     """Check the guarantees that the device state must keep, vectorised; returns the state for the next check.
 
     ``request_ids`` maps each row in use to its request, so that a row reused by a new request is not compared
-    with its previous owner; ``previous`` is what the last check returned.
+    with its previous owner; ``previous`` is what the last check returned. ``committed_only``: only committed
+    positions must keep their slots (a tree commit with page 1 re-points the window's uncommitted ones).
     """
     p = alloc.page_size
     table = alloc.req_to_token.long()
@@ -132,19 +156,26 @@ def check_state(alloc: DraftCacheAllocator, request_ids: dict[int, int], previou
     # The free ring: free_pages[(head + k) % num_pages] for k < count.
     head, count = int(alloc.free_head[0]), int(alloc.num_free_pages[0])
     ring = alloc.free_pages[(head + torch.arange(count, device=alloc.device)) % alloc.num_pages].long()
-    every = torch.cat([owned_pages, ring, cache_pages]).sort().values
+    held = torch.arange(alloc.branch_pages.size(1), device=alloc.device)[None, :] < alloc.num_branch_pages[:, None]
+    branch_pages = alloc.branch_pages[held].long()  # tree mode's branch pages, owned by their rows
+    every = torch.cat([owned_pages, ring, cache_pages, branch_pages]).sort().values
     expected = torch.arange(1, alloc.num_pages + 1, device=alloc.device)
     require(
         every.numel() == alloc.num_pages and torch.equal(every, expected),
-        "free, live and cached pages do not account for the pool: a page owned twice, or lost",
+        "free, live, branch and cached pages do not account for the pool: a page owned twice, or lost",
     )
     require(alloc.num_free_slots() == p * count, "num_free_slots() is off")
     if previous is not None:
         for row, request in request_ids.items():
             if previous["request_ids"].get(row) == request:
-                n = previous["alloc_lens"][row]
+                n = previous["seq_lens" if committed_only else "alloc_lens"][row]
                 require(torch.equal(table[row, :n], previous["table"][row, :n]), f"row {row}: an owned slot moved")
-    return {"request_ids": dict(request_ids), "alloc_lens": alloc_lens.tolist(), "table": table.clone()}
+    return {
+        "request_ids": dict(request_ids),
+        "alloc_lens": alloc_lens.tolist(),
+        "seq_lens": seq_lens.tolist(),
+        "table": table.clone(),
+    }
 
 
 def check_draft(alloc, rows, starts, n, out_cache_loc, last_loc) -> None:
@@ -324,6 +355,9 @@ def run(args: argparse.Namespace) -> int:
     tokens: dict[int, list[int]] = {}
     prefix_pages: dict[int, list[int]] = {}
     peak_cached = 0
+    tree_mode = args.topk > 1
+    repoints = tree_mode and p == 1  # commit_tree re-points uncommitted window slots
+    kv = KVSimulation(alloc)
     started = last_report = time.perf_counter()
 
     def free(rows: list[int]) -> None:
@@ -341,6 +375,7 @@ def run(args: argparse.Namespace) -> int:
                 offset += length
         for row in rows:
             del seq[row], alloc_len[row], request_ids[row]
+            kv.forget(row)
 
     def arrive(count: int) -> None:
         prompts = [rng.randint(1, args.max_prompt_len) for _ in range(count) if rng.random() < args.arrival_prob]
@@ -378,6 +413,7 @@ def run(args: argparse.Namespace) -> int:
             seq[row], alloc_len[row], request_ids[row] = length, length, stats.arrived + i
             if cache is not None:
                 tokens[row], prefix_pages[row] = texts[i], matched[i]
+        kv.prompt(new_rows, prompts, kwargs.get("prefix_lens"))
         stats.arrived += len(prompts)
 
     def used_slots() -> int:
@@ -394,6 +430,9 @@ def run(args: argparse.Namespace) -> int:
             backend.synchronize(alloc.device)
             t0 = time.perf_counter()
             try:
+                if tree_mode:
+                    _, copy_src, copy_dst = alloc.alloc_branches(rows_t, args.topk, args.num_steps, return_copies=True)
+                    kv.apply(copy_src, copy_dst)
                 out_cache_loc, last_loc = alloc.alloc_draft(rows_t, n, out_cache_loc=out, last_loc=last[: len(rows)])
             except OutOfSlotsError:  # nothing changed: evict from the cache, else preempt, and retry
                 if cache is not None:
@@ -430,12 +469,22 @@ def run(args: argparse.Namespace) -> int:
             rows, rows_t, out_cache_loc, last_loc, seconds = drafted
             if check:
                 check_draft(alloc, rows_t, starts[rows_t], n, out_cache_loc, last_loc)
-            accepted = [rng.randint(0, n) for _ in rows]
+            tags = kv.verify(out_cache_loc)
+            paths = [random_path(rng, n, tree_mode) for _ in rows]
+            accepted = [len(path) for path in paths]
             accept_t = torch.tensor(accepted, dtype=torch.int64, device=alloc.device)
+            index_t = torch.tensor([path + [0] * (n - len(path)) for path in paths], dtype=torch.int64)
+            index_t = index_t.reshape(len(rows), n).to(alloc.device)
             backend.synchronize(alloc.device)
             t0 = time.perf_counter()
-            alloc.commit(rows_t, accept_t)
+            if tree_mode:
+                kv_src, kv_dst = alloc.commit_tree(rows_t, index_t, accept_t)
+            else:
+                alloc.commit(rows_t, accept_t)
             backend.synchronize(alloc.device)
+            if tree_mode:
+                kv.apply(kv_src, kv_dst)
+            kv.accept(rows, tags, n, paths)
             stats.step_seconds.append(seconds + time.perf_counter() - t0)
             for row, a in zip(rows, accepted):
                 seq[row] += a
@@ -448,8 +497,9 @@ def run(args: argparse.Namespace) -> int:
         if cache is not None:
             peak_cached = max(peak_cached, alloc.num_cached_slots())
         if check:
-            previous = check_state(alloc, request_ids, previous)
+            previous = check_state(alloc, request_ids, previous, repoints)
             check_mirrors(alloc, seq, alloc_len)
+            kv.check()
         now = time.perf_counter()
         if not args.quiet and (now - last_report > 2.0 or step + 1 == args.steps):
             last_report = now
@@ -461,8 +511,9 @@ def run(args: argparse.Namespace) -> int:
             )
 
     # Final checks with the requests still live, the fused/unfused comparison on the last batch, then free all.
-    previous = check_state(alloc, request_ids, previous)
+    previous = check_state(alloc, request_ids, previous, repoints)
     check_mirrors(alloc, seq, alloc_len)
+    kv.check()
     live_at_end, used_at_end = len(seq), used_slots()
     # The comparison repeats one step on the same state: draft it once first, so that every repetition finds its
     # slots already there (and the pool cannot run dry in the middle).
@@ -471,10 +522,10 @@ def run(args: argparse.Namespace) -> int:
     syncs_before = alloc.num_syncs
     comparison = compare_read_back(alloc, drafted[0], n, args.timing_reps) if drafted else []
     comparison_syncs = alloc.num_syncs - syncs_before
-    check_state(alloc, request_ids, previous)
+    check_state(alloc, request_ids, previous, repoints)
     check_mirrors(alloc, seq, alloc_len)
     free(sorted(seq))
-    check_state(alloc, request_ids, None)
+    check_state(alloc, request_ids, None, repoints)
     cached_at_end = alloc.num_cached_slots()
     if cache is not None:
         cache.evict(alloc.num_pages)  # nothing reads the cache any more: all of it goes
@@ -505,7 +556,8 @@ def run(args: argparse.Namespace) -> int:
     # and differences between variants are mostly noise, so they are labelled as such and not compared.
     interpreted = backend.is_interpreted(alloc.device)
     label = "interpreter wall-clock, not device speed: " if interpreted else ""
-    print(f"bookkeeping/step   {label}alloc_draft + commit: {quantiles(stats.step_seconds)}")
+    step_calls = "alloc_branches + alloc_draft + commit_tree" if tree_mode else "alloc_draft + commit"
+    print(f"bookkeeping/step   {label}{step_calls}: {quantiles(stats.step_seconds)}")
     print(f"                   {label}add_requests + free_requests: {quantiles(stats.add_free_seconds)}")
     if comparison:
         base = statistics.median(comparison[0][1])
@@ -517,8 +569,65 @@ def run(args: argparse.Namespace) -> int:
         for name, samples in comparison:
             ratio = statistics.median(samples) / base if base else float("nan")
             print(f"  {name:<66} {quantiles(samples)}" + ("" if interpreted else f"  x{ratio:.2f}"))
+    print(f"simulated KV       {kv.checked} committed positions read their own token's KV")
     print("invariants         ok")
     return 0
+
+
+def random_path(rng: random.Random, n: int, tree: bool) -> list[int]:
+    """The accepted nodes of a window of n: a prefix for a chain; for a tree, the root then increasing nodes."""
+    a = rng.randint(0, n)
+    if not tree or a == 0:
+        return list(range(a))
+    return [0, *sorted(rng.sample(range(1, n), a - 1))]
+
+
+class KVSimulation:
+    """A KV buffer of tags on the device: each written slot gets a fresh tag, and each committed position must read
+    the tag of the token committed there."""
+
+    def __init__(self, alloc: DraftCacheAllocator) -> None:
+        self.alloc = alloc
+        self.kv = torch.full((alloc.total_slots,), -1, dtype=torch.int64, device=alloc.device)
+        self.expected: dict[int, list[int]] = {}
+        self.next_tag = 1
+        self.checked = 0
+
+    def _tags(self, count: int) -> torch.Tensor:
+        tags = torch.arange(self.next_tag, self.next_tag + count, device=self.alloc.device)
+        self.next_tag += count
+        return tags
+
+    def prompt(self, rows: list[int], lens: list[int], prefix_lens: list[int] | None = None) -> None:
+        """The prefill writes the prompts' KV; positions ``[0, prefix_len)`` read the prefix cache's KV as it is."""
+        for i, (row, length) in enumerate(zip(rows, lens)):
+            cached = prefix_lens[i] if prefix_lens else 0
+            slots = self.alloc.req_to_token[row, :length].long()
+            tags = self._tags(length - cached)
+            self.kv[slots[cached:]] = tags
+            self.expected[row] = self.kv[slots[:cached]].tolist() + tags.tolist()
+
+    def verify(self, out_cache_loc: torch.Tensor) -> list[int]:
+        tags = self._tags(out_cache_loc.numel())
+        self.kv[out_cache_loc.long()] = tags
+        return tags.tolist()
+
+    def apply(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        self.kv[dst.long()] = self.kv[src.long()]
+
+    def accept(self, rows: list[int], tags: list[int], n: int, paths: list[list[int]]) -> None:
+        for i, (row, path) in enumerate(zip(rows, paths)):
+            self.expected[row] += [tags[i * n + node] for node in path]
+
+    def forget(self, row: int) -> None:
+        self.expected.pop(row, None)
+
+    def check(self) -> None:
+        for row, expected in self.expected.items():
+            got = self.kv[self.alloc.req_to_token[row, : len(expected)].long()].tolist()
+            if got != expected:
+                raise InvariantError(f"row {row}: a committed position reads another token's KV")
+            self.checked += len(expected)
 
 
 def check_mirrors(alloc: DraftCacheAllocator, seq: dict[int, int], alloc_len: dict[int, int]) -> None:

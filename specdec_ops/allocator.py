@@ -78,6 +78,22 @@ _NPU_FREE_BLOCK_P = 8
 _PUSH_TILE = 1024
 # Requests per program of the commit kernel.
 _COMMIT_TILE = 1024
+# Tree drafts: [TILE, BLOCK_E] tiles of the branch allocation (branch slots and copy pairs), and the commit of a
+# tree of at most _MAX_TREE nodes, _TREE_ELEMENTS elements per tile (a [TILE, BLOCK_T, BLOCK_T] tile for page 1).
+_BRANCH_TILE = 32
+_BRANCH_BLOCK = 128
+_NPU_BRANCH_TILE = 8
+_NPU_BRANCH_BLOCK = 32
+_TREE_ELEMENTS = 4096
+_TREE_MAX_TILE = 64
+_NPU_TREE_ELEMENTS = 512
+_NPU_TREE_CUBE_ELEMENTS = 2048
+_NPU_TREE_MAX_TILE = 16
+_MAX_TREE = 256
+# On an NPU, page 1 re-points through [TILE, T, T] tiles: T <= 32 keeps them in the on-chip buffer (and TILE >= 2,
+# as triton-adapter-opt rejects some one-request tiles).
+_NPU_MAX_TREE = 64
+_NPU_MAX_TREE_REPOINT = 32
 # CUDA warps per program (ignored by triton-ascend and the interpreter).
 _NUM_WARPS = 8
 
@@ -213,10 +229,18 @@ class DraftCacheAllocator:
         # rows given as device tensors raise _unknown_window_bound instead.
         self._known_windows: dict[int, int] = {}
         self._unknown_window_bound = 0
-        # Launch configurations, found on first use: (window_len, prefill, prefix, emit) -> (TILE, constexprs);
+        # Launch configurations, found on first use: (window_len, prefill, prefix, emit, release) -> (TILE,
+        # constexprs);
         # the most programs a launch may have (0: one per tile).
         self._alloc_configs: dict[tuple, tuple[int, tuple]] = {}
         self._max_programs: int | None = None
+        # Tree drafts: row r holds branch pages branch_pages[r, :num_branch_pages[r]] (alloc_branches). The host
+        # knows which rows may hold some, and at most how many: rows given as lists, and batches given as tensors
+        # (a tensor released by the same tensor, unchanged since, is known to be released).
+        self.branch_pages = torch.zeros(max_requests, 0, dtype=torch.int32, device=self.device)
+        self.num_branch_pages = torch.zeros(max_requests, dtype=torch.int64, device=self.device)
+        self._branch_rows: dict[int, int] = {}
+        self._branch_batches: list[tuple[torch.Tensor, int, int]] = []
 
     @property
     def total_slots(self) -> int:
@@ -276,7 +300,7 @@ class DraftCacheAllocator:
             )
         pages = [_pages(length, self.page_size) - len(cached) for length, cached in zip(lens, prefix_pages)]
         need = sum(pages)
-        if self._pages_bound + need > self.num_pages:
+        if self._pages_bound + self._branch_bound() + need > self.num_pages:
             self._sync_bounds()
             free = self.num_pages - self._pages_bound
             if need > free:
@@ -336,6 +360,8 @@ class DraftCacheAllocator:
         if keep is not None:
             kept_slots, kept_pages = self._check_keep(rows, rows_t, keep)
         keep_t = torch.tensor(keep, dtype=torch.int64, device=self.device) if keep is not None else rows_t
+        if self._branches_may_exist():
+            self._launch_release(rows_t, rows)
         tile, block_p = self._free_tiles()
         backend.launch(
             self._kernels()._free_pages_kernel,
@@ -372,6 +398,9 @@ class DraftCacheAllocator:
             self._known_windows.pop(row, None)
         self._prefix_readers = +self._prefix_readers  # drop zero counts
         self._cache_pages.update(kept_pages)
+        if not self.num_requests:
+            self._branch_rows.clear()
+            self._branch_batches.clear()
         if keep is not None or not self.num_requests:
             self._sync_bounds()
         else:
@@ -515,6 +544,8 @@ class DraftCacheAllocator:
                 )
         if not bs:
             return
+        if self._branches_may_exist():
+            self._launch_release(rows, host_rows)
         backend.launch(
             self._kernels()._commit_kernel,
             self._grid(bs, _COMMIT_TILE),
@@ -529,6 +560,224 @@ class DraftCacheAllocator:
         else:
             for row in host_rows:
                 self._known_windows.pop(row, None)
+
+    # ------------------------------------------------------------------------------------------------ trees
+
+    def commit_tree(
+        self,
+        req_pool_indices: IntVector,
+        accept_index: torch.Tensor,
+        accept_lens: IntVector,
+        *,
+        kv_src: torch.Tensor | None = None,
+        kv_dst: torch.Tensor | None = None,
+        validate: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """After verifying a tree of ``T`` nodes drafted with :meth:`alloc_draft` ``(rows, T)`` (node ``j``'s KV at
+        the slot of position ``seq_len + j``): commit each request's accepted path, in one launch, no sync.
+
+        For ``m < a_i``, position ``seq_len_i + m`` becomes node ``accept_index[i, m]``; then ``seq_lens += a``
+        and the window closes. ``a_i`` is ``accept_lens[i]`` clamped to ``[0, min(window, T)]`` and cut at the
+        first entry that is not a node of the window (``0 <= node < min(window, T)``) or not greater than the
+        entry before: bad values give a wrong KV order but never corrupt the pool.
+
+        Run ``kv[kv_dst] = kv[kv_src]`` (a gather, then a scatter) on every KV buffer afterwards: then the KV at
+        ``req_to_token[row_i, seq_len_i + m]`` is the one node ``accept_index[i, m]`` wrote. With ``page_size ==
+        1`` nothing is copied: the window's slots are permuted in ``req_to_token`` (accepted nodes' slots first,
+        in path order, then the unaccepted ones in node order, kept for the next window) and every pair is
+        ``src == dst``. With ``page_size > 1`` slots stay, and pair ``i * T + m`` copies node ``accept_index[i,
+        m]``'s slot to position ``seq_len_i + m``'s (``src == dst`` where ``m >= a_i``; ``0 -> 0``, the padding
+        slot, past the window). Rejected positions keep their slots for the next window. Branch pages of the rows
+        (:meth:`alloc_branches`) are released first (one more launch, only if the host knows some may be held).
+
+        Args:
+            req_pool_indices: ``[bs]`` rows in use, no duplicates (as for :meth:`commit`).
+            accept_index: ``[bs, T]`` int32/int64 tensor on the device, unit stride along ``T``; entries past
+                ``accept_lens[i]`` are ignored. ``T <= 256`` (on an NPU 64, and 32 with ``page_size == 1``).
+            accept_lens: ``[bs]`` int tensor on the device or a list, values in ``[0, T]``.
+            kv_src, kv_dst: optional int32/int64 buffers of at least ``bs * T`` elements (keep them for graphs).
+            validate: check rows, ``0 <= accept_lens <= min(window, T)`` and that each path's nodes are in
+                ``[0, min(window, T))`` and strictly increasing; one device->host sync.
+
+        Returns:
+            ``(kv_src[:bs * T], kv_dst[:bs * T])``, int64 unless given.
+        """
+        rows, host_rows = self._device_rows(req_pool_indices)
+        bs = rows.size(0)
+        accept, host_accept = self._device_ints("accept_lens", accept_lens)
+        if accept.size(0) != bs:
+            raise ValueError(f"accept_lens has {accept.size(0)} elements but req_pool_indices has {bs}")
+        tree = self._check_accept_index(accept_index, bs)
+        n = bs * tree
+        src = self._tree_buffer("kv_src", kv_src, n)
+        dst = self._tree_buffer("kv_dst", kv_dst, n)
+        if validate and host_rows is None:
+            host_rows = rows.tolist()
+        if host_rows is not None:
+            self._check_rows_in_use(host_rows)
+        if host_accept is not None:
+            self._check_host_accept(host_rows, host_accept)
+        if validate and bs:
+            self._validate_tree(rows, accept_index, accept)
+        if not bs:
+            return src[:n], dst[:n]
+        if self._branches_may_exist():
+            self._launch_release(rows, host_rows)
+        npu = backend.is_npu(self.device)
+        repoint = self.page_size == 1
+        block_t = 1 << max(tree - 1, 0).bit_length()
+        if npu:
+            elements = _NPU_TREE_CUBE_ELEMENTS // block_t if repoint else _NPU_TREE_ELEMENTS
+            tile = max(min(elements // block_t, _NPU_TREE_MAX_TILE), 2)
+        else:
+            tile = max(min(_TREE_ELEMENTS // (block_t * block_t if repoint else block_t), _TREE_MAX_TILE), 1)
+        backend.launch(
+            backend.kernels("allocator", self.device)._commit_tree_kernel,
+            self._grid(bs, tile),
+            self.device,
+            (self.req_to_token, rows, accept_index, accept, self.seq_lens, self.window_lens, src, dst),
+            (bs, self.max_requests, self.max_context_len, self.req_to_token.stride(0), tree, accept_index.stride(0)),
+            (("TILE", tile), ("BLOCK_T", block_t), ("REPOINT", repoint)),
+            _NUM_WARPS,
+        )
+        if host_rows is None:
+            self._known_windows.clear()
+        else:
+            for row in host_rows:
+                self._known_windows.pop(row, None)
+        return src[:n], dst[:n]
+
+    def alloc_branches(
+        self,
+        req_pool_indices: IntVector,
+        topk: int,
+        num_steps: int,
+        *,
+        out: torch.Tensor | None = None,
+        copy_src: torch.Tensor | None = None,
+        copy_dst: torch.Tensor | None = None,
+        return_copies: bool = False,
+        validate: bool = False,
+    ):
+        """Scratch slots for the draft model's ``topk`` branches, ``num_steps`` deep: one launch, no sync while
+        the host bound has headroom.
+
+        Branch ``b``, step ``s`` of request ``i`` is position ``seq_len_i + s`` in the paged layout (``slot %
+        page_size == pos % page_size``), on pages of its own: the branches' slots are disjoint from every slot a
+        live request owns and from each other. The row's previous branch pages are released first, in the same
+        launch (the new pages never come from them). Branch pages are released by :meth:`release_branches`, the
+        next :meth:`alloc_draft`/:meth:`reserve_draft`, :meth:`commit`, :meth:`commit_tree` or
+        :meth:`alloc_branches` of the row, and :meth:`free_requests`. Positions past ``max_context_len`` are not
+        checked: branch slots are not in ``req_to_token``.
+
+        With ``page_size > 1`` a branch's first page starts at the request's last partial page (``off = seq_len %
+        page_size`` committed tokens), so each branch gets its own copy of that page's committed part, as SGLang's
+        ``assign_draft_cache_locs`` does for every branch but the first: run ``kv[copy_dst] = kv[copy_src]`` on the
+        draft model's KV buffers, then a paged attention kernel reading the table ``req_to_token[row, :seq_len -
+        off]`` plus the branch's pages sees the committed prefix. The pairs are ``[bs, topk, page_size - 1]``,
+        ``src == dst`` (a slot the draft overwrites) for offsets ``q >= off``, so the size is fixed for graphs.
+
+        Args:
+            req_pool_indices: ``[bs]`` rows in use, no duplicates (as for :meth:`alloc_draft`).
+            topk, num_steps: ``>= 1``.
+            out: optional contiguous int32/int64 buffer of at least ``bs * topk * num_steps`` elements.
+            copy_src, copy_dst: optional contiguous int32/int64 buffers of at least ``bs * topk * (page_size - 1)``
+                elements; giving them implies ``return_copies``.
+            return_copies: also return the copy pairs (empty for ``page_size == 1``).
+            validate: check the rows; one device->host sync.
+
+        Returns:
+            ``branch_slots``, a ``[bs, topk, num_steps]`` view of ``out`` (int64 unless given), or
+            ``(branch_slots, copy_src[:bs * topk * (page_size - 1)], copy_dst[:...])`` with ``return_copies``.
+
+        Raises:
+            OutOfSlotsError: nothing changed. Only after a sync, which happens only when the host bound says the
+            call might not fit.
+        """
+        rows, host_rows = self._device_rows(req_pool_indices)
+        bs = rows.size(0)
+        _check_size("topk", topk, 1)
+        _check_size("num_steps", num_steps, 1)
+        p = self.page_size
+        width = topk * num_steps
+        copy_width = topk * (p - 1)
+        if bs * max(width, copy_width) >= _INT32_LIMIT:
+            raise ValueError(f"bs * topk * max(num_steps, page_size - 1) must be below 2**31, got {bs} * {topk} * ...")
+        if validate and host_rows is None:
+            host_rows = rows.tolist()
+        if host_rows is not None:
+            self._check_rows_in_use(host_rows)
+        slots = self._tree_buffer("out", out, bs * width)
+        copies = return_copies or copy_src is not None or copy_dst is not None
+        src = self._tree_buffer("copy_src", copy_src, bs * copy_width)
+        dst = self._tree_buffer("copy_dst", copy_dst, bs * copy_width)
+        per_row = topk * _pages(p - 1 + num_steps, p)  # the most pages a row's branches take
+        if bs:
+            self._branch_capacity(rows, host_rows, topk, num_steps, bs * per_row)
+            if self.branch_pages.size(1) < per_row:  # on the host, outside graphs: the first call sizes it
+                grown = torch.zeros(self.max_requests, per_row, dtype=torch.int32, device=self.device)
+                grown[:, : self.branch_pages.size(1)] = self.branch_pages
+                self.branch_pages = grown
+            npu = backend.is_npu(self.device)
+            tile, block = (_NPU_BRANCH_TILE, _NPU_BRANCH_BLOCK) if npu else (_BRANCH_TILE, _BRANCH_BLOCK)
+            block_e = min(1 << (max(width, copy_width, 2) - 1).bit_length(), block)
+            backend.launch(
+                backend.kernels("allocator", self.device)._alloc_branches_kernel,
+                self._grid(bs, tile),
+                self.device,
+                (
+                    self.req_to_token,
+                    rows,
+                    self.seq_lens,
+                    self.branch_pages,
+                    self.num_branch_pages,
+                    self.free_pages,
+                    self._counters,
+                    slots,
+                    src if p > 1 else slots,
+                    dst if p > 1 else slots,
+                ),
+                (
+                    bs,
+                    self.max_requests,
+                    self.max_context_len,
+                    self.req_to_token.stride(0),
+                    self.num_pages,
+                    self.branch_pages.stride(0),
+                    self.branch_pages.size(1),
+                    topk,
+                    num_steps,
+                ),
+                (
+                    ("PAGE_SIZE", p),
+                    ("PAGE_SHIFT", self._page_shift),
+                    ("TILE", tile),
+                    ("BLOCK_R", self._free_tiles()[1]),
+                    ("BLOCK_E", block_e),
+                    ("SCAN_BLOCK", self._scan_block()),
+                    ("COPY", p > 1),
+                ),
+                _NUM_WARPS,
+            )
+            self._forget_branches(rows, host_rows)
+            if host_rows is None:
+                self._branch_batches.append((rows, rows._version, per_row))
+            else:
+                self._branch_rows.update(dict.fromkeys(host_rows, per_row))
+        branch_slots = slots[: bs * width].view(bs, topk, num_steps)
+        if copies:
+            return branch_slots, src[: bs * copy_width], dst[: bs * copy_width]
+        return branch_slots
+
+    def release_branches(self, req_pool_indices: IntVector, *, validate: bool = False) -> None:
+        """Return the branch pages of the rows (:meth:`alloc_branches`) to the pool: one launch, no sync."""
+        rows, host_rows = self._device_rows(req_pool_indices)
+        if validate and host_rows is None:
+            host_rows = rows.tolist()
+        if host_rows is not None:
+            self._check_rows_in_use(host_rows)
+        if rows.size(0) and self.branch_pages.size(1):
+            self._launch_release(rows, host_rows)
 
     # ------------------------------------------------------------------------------------------------- pool
 
@@ -601,7 +850,10 @@ class DraftCacheAllocator:
     ) -> None:
         """Check the capacity, launch the draft, then update the host state (nothing changes if anything raises)."""
         bounds = self._draft_bounds(rows, host_rows, n)
-        self._launch_alloc(rows, n, None, None, None, out_cache_loc, last_loc)
+        release = self._branches_may_exist()
+        self._launch_alloc(rows, n, None, None, None, out_cache_loc, last_loc, release)
+        if release:
+            self._forget_branches(rows, host_rows)
         (
             self._pages_bound,
             self._drafted_since_sync,
@@ -623,7 +875,7 @@ class DraftCacheAllocator:
             + self._rows_since_sync * _pages(self._drafted_since_sync + n, self.page_size)
         )
         bound = min(self._pages_bound + worst_pages, worst_since_sync)
-        if bound <= self.num_pages and self._alloc_len_bound + n <= self.max_context_len:
+        if bound + self._branch_bound() <= self.num_pages and self._alloc_len_bound + n <= self.max_context_len:
             return bound, self._drafted_since_sync + n, self._alloc_len_bound + n
         # Near capacity: one sync for the exact numbers, then go on or raise with nothing changed.
         self.num_syncs += 1
@@ -659,6 +911,110 @@ class DraftCacheAllocator:
             self._min_pages[row] = _pages(alloc, p) - len(self._prefix_pages[row])
         return self._pages_bound + need, n, max(self._alloc_len_bound, longest)
 
+    def _branch_bound(self) -> int:
+        """An upper bound of the branch pages held (host state)."""
+        held = sum(self._branch_rows.values()) + sum(t.numel() * pages for t, _, pages in self._branch_batches)
+        return min(held, self.num_requests * self.branch_pages.size(1))
+
+    def _branches_may_exist(self) -> bool:
+        return bool(self._branch_rows or self._branch_batches)
+
+    def _forget_branches(self, rows: torch.Tensor, host_rows: list[int] | None) -> None:
+        """The branches of ``rows`` were released: drop what the host can tell."""
+        if host_rows is not None:
+            for row in host_rows:
+                self._branch_rows.pop(row, None)
+        self._branch_batches = [
+            (t, version, pages) for t, version, pages in self._branch_batches if t is not rows or t._version != version
+        ]
+
+    def _launch_release(self, rows: torch.Tensor, host_rows: list[int] | None) -> None:
+        tile, block_p = self._free_tiles()
+        backend.launch(
+            backend.kernels("allocator", self.device)._release_branches_kernel,
+            self._grid(rows.size(0), tile),
+            self.device,
+            (rows, self.branch_pages, self.num_branch_pages, self.free_pages, self._counters),
+            (rows.size(0), self.max_requests, self.num_pages, self.branch_pages.stride(0), self.branch_pages.size(1)),
+            (("TILE", tile), ("BLOCK_R", block_p), ("SCAN_BLOCK", self._scan_block())),
+            _NUM_WARPS,
+        )
+        self._forget_branches(rows, host_rows)
+
+    def _branch_capacity(
+        self, rows: torch.Tensor, host_rows: list[int] | None, topk: int, num_steps: int, worst: int
+    ) -> None:
+        """Raise OutOfSlotsError unless the pops of alloc_branches fit in the free pages (they never see the
+        pages the call releases); syncs only when the host bound says they might not."""
+        if self._pages_bound + self._branch_bound() + worst <= self.num_pages:
+            return
+        self.num_syncs += 1
+        p = self.page_size
+        seqs = self.seq_lens[rows.long().clamp(0, self.max_requests - 1)]
+        need = (topk * ((seqs % p + num_steps + p - 1) // p)).sum()
+        values = torch.cat([torch.stack([need, self.num_free_pages[0].long()]), rows.long()]).tolist()
+        need, free = values[:2]
+        if host_rows is None:
+            self._check_rows_in_use(values[2:])
+        if need > free:
+            raise OutOfSlotsError(
+                f"alloc_branches: {rows.size(0)} requests with {topk} branches of {num_steps} steps need {need} new "
+                f"pages ({need * p} slots) but {free} pages ({free * p} slots) are free"
+            )
+
+    def _check_accept_index(self, accept_index: torch.Tensor, bs: int) -> int:
+        """Check accept_index's metadata; returns T."""
+        if not isinstance(accept_index, torch.Tensor):
+            raise TypeError(f"accept_index must be a torch.Tensor, got {type(accept_index).__name__}")
+        if accept_index.dtype not in _INDEX_DTYPES:
+            raise TypeError(f"accept_index must be int32 or int64, got {accept_index.dtype}")
+        if accept_index.dim() != 2 or accept_index.size(0) != bs:
+            raise ValueError(f"accept_index must have shape [{bs}, T], got {tuple(accept_index.shape)}")
+        if accept_index.device != self.device:
+            raise ValueError(f"accept_index must be on {self.device}, got {accept_index.device}")
+        tree = accept_index.size(1)
+        if tree > 1 and accept_index.stride(1) != 1:
+            raise ValueError(f"accept_index must have unit stride along T, got strides {accept_index.stride()}")
+        limit = _MAX_TREE
+        if backend.is_npu(self.device):
+            limit = _NPU_MAX_TREE_REPOINT if self.page_size == 1 else _NPU_MAX_TREE
+        if tree > limit:
+            raise ValueError(f"accept_index must have at most {limit} columns (tree nodes), got {tree}")
+        if bs * tree >= _INT32_LIMIT:
+            raise ValueError(f"bs * T must be below 2**31, got {bs} * {tree}")
+        return tree
+
+    def _tree_buffer(self, name: str, buffer: torch.Tensor | None, length: int) -> torch.Tensor:
+        if buffer is None:
+            return torch.empty(length, dtype=torch.int64, device=self.device)
+        if isinstance(buffer, torch.Tensor) and buffer.dim() != 1 and buffer.is_contiguous():
+            buffer = buffer.view(-1)
+        self._check_buffer(name, buffer, length, exact=False)
+        return buffer
+
+    def _validate_tree(self, rows: torch.Tensor, accept_index: torch.Tensor, accept: torch.Tensor) -> None:
+        """validate=True of commit_tree: one read-back of the windows, the lengths and the paths."""
+        tree = accept_index.size(1)
+        windows = self.window_lens[rows.long()].clamp(max=tree)
+        values = torch.cat([windows, accept.long(), accept_index.long().reshape(-1)]).tolist()
+        bs = rows.size(0)
+        windows, lens, paths = values[:bs], values[bs : 2 * bs], values[2 * bs :]
+        for i in range(bs):
+            if not 0 <= lens[i] <= windows[i]:
+                raise ValueError(
+                    f"accept_lens[{i}] must be in [0, {windows[i]}] (the draft window of row {int(rows[i])}, at most "
+                    f"T = {tree}), got {lens[i]}"
+                )
+            path = paths[i * tree : i * tree + lens[i]]
+            for m, node in enumerate(path):
+                if not 0 <= node < windows[i]:
+                    raise ValueError(f"accept_index[{i}, {m}] must be a node in [0, {windows[i]}), got {node}")
+                if m and node <= path[m - 1]:
+                    raise ValueError(
+                        f"accept_index[{i}, {m}] = {node} must be greater than accept_index[{i}, {m - 1}] = "
+                        f"{path[m - 1]} (nodes of a path in topological order)"
+                    )
+
     def _scan_block(self) -> int:
         return _NPU_SCAN_BLOCK if backend.is_npu(self.device) else _SCAN_BLOCK
 
@@ -676,7 +1032,9 @@ class DraftCacheAllocator:
             num_tiles = min(num_tiles, self._max_programs)
         return (max(num_tiles, 1),)
 
-    def _alloc_config(self, window_len: int, prefill: bool, prefix: bool, emit: bool) -> tuple[int, tuple]:
+    def _alloc_config(
+        self, window_len: int, prefill: bool, prefix: bool, emit: bool, release: bool
+    ) -> tuple[int, tuple]:
         """(TILE, constexprs) of the allocation kernel for this kind of call."""
         npu = backend.is_npu(self.device)
         block_n = _MAX_BLOCK_N if prefill else _block_n(window_len)
@@ -692,6 +1050,8 @@ class DraftCacheAllocator:
             ("PREFILL", prefill),
             ("PREFIX", prefix),
             ("EMIT", emit),
+            ("RELEASE", release),
+            ("BLOCK_R", self._free_tiles()[1]),
         )
         return tile, constexprs
 
@@ -708,11 +1068,13 @@ class DraftCacheAllocator:
         prefix_slots: torch.Tensor | None,
         out_cache_loc: torch.Tensor | None,
         last_loc: torch.Tensor | None,
+        release: bool = False,
     ) -> None:
-        """Launch the allocation kernel: a draft (``window_ends is None``) or a prefill of new rows."""
+        """Launch the allocation kernel: a draft (``window_ends is None``) or a prefill of new rows; ``release``:
+        a draft that first returns the rows' branch pages."""
         prefill = window_ends is not None
         emit = out_cache_loc is not None
-        key = (window_len, prefill, prefix_slots is not None, emit)
+        key = (window_len, prefill, prefix_slots is not None, emit, release)
         config = self._alloc_configs.get(key)
         if config is None:
             config = self._alloc_configs[key] = self._alloc_config(*key)
@@ -738,6 +1100,8 @@ class DraftCacheAllocator:
                 self._scratch,
                 out_cache_loc if emit else placeholder,
                 last_loc if emit else placeholder,
+                self.branch_pages if release else placeholder,
+                self.num_branch_pages if release else placeholder,
             ),
             (
                 rows.size(0),
@@ -747,6 +1111,8 @@ class DraftCacheAllocator:
                 self.req_to_token.stride(0),
                 self.num_pages,
                 0 if prefix_slots is None else prefix_slots.stride(0),
+                self.branch_pages.stride(0) if release else 0,
+                self.branch_pages.size(1) if release else 0,
             ),
             constexprs,
             _NUM_WARPS,

@@ -105,6 +105,33 @@ def _take_ticket(counters):
     return tl.atomic_add(counters + 2, 1, sem="acq_rel", scope="gpu")
 
 
+@triton.jit
+def _branch_counts(k, in_range, req_pool_indices, num_branch_pages, num_rows, branch_width):
+    """For batch entries ``k``: the row, whether it is valid, and the branch pages it holds (clamped to
+    ``[0, branch_width]``)."""
+    rows = tl.load(req_pool_indices + k, mask=in_range, other=-1).to(tl.int32)
+    valid = in_range & (rows >= 0) & (rows < num_rows)
+    held = tl.load(num_branch_pages + rows, mask=valid, other=0).to(tl.int32)
+    return rows, valid, tl.where(valid, tl.minimum(tl.maximum(held, 0), branch_width), 0)
+
+
+@triton.jit
+def _push_branch_pages(
+    rows, valid, held, ring_start, branch_pages, free_pages, head, num_pages, branch_stride, BLOCK_R: tl.constexpr
+):
+    """``free_pages[(head + ring_start_i + k) % num_pages] = branch_pages[row_i, k]`` for ``k < held_i``."""
+    row_addr = rows.to(tl.int64) * branch_stride  # [TILE]
+    cols = tl.arange(0, BLOCK_R)
+    for k0 in range(0, tl.reduce(held, 0, _maximum), BLOCK_R):
+        k = k0 + cols  # [BLOCK_R]
+        mine = valid[:, None] & (k[None, :] < held[:, None])  # [TILE, BLOCK_R]
+        page = tl.load(branch_pages + (row_addr[:, None] + k[None, :]), mask=mine, other=0)
+        ring_off = ring_start[:, None] + k[None, :]
+        to_ring = mine & (ring_off < num_pages)
+        ring_idx = _ring_index(head, tl.where(to_ring, ring_off, 0), num_pages)
+        tl.store(free_pages + ring_idx, page.to(free_pages.dtype.element_ty), mask=to_ring)
+
+
 # No integer argument is specialised on its value: a new batch size or window never recompiles, and a kernel is
 # identified by its tensors' dtypes and alignment and its constexprs alone (see backend.launch).
 @triton.jit(
@@ -116,6 +143,8 @@ def _take_ticket(counters):
         "row_stride",
         "num_pages",
         "prefix_stride",
+        "branch_stride",
+        "branch_width",
     ]
 )
 def _alloc_windows_kernel(
@@ -133,6 +162,8 @@ def _alloc_windows_kernel(
     scratch,
     out_cache_loc,
     last_loc,
+    branch_pages,
+    num_branch_pages,
     bs,
     window_len,
     num_rows,
@@ -140,6 +171,8 @@ def _alloc_windows_kernel(
     row_stride,
     num_pages,
     prefix_stride,
+    branch_stride,
+    branch_width,
     PAGE_SIZE: tl.constexpr,
     PAGE_SHIFT: tl.constexpr,
     TILE: tl.constexpr,
@@ -148,6 +181,8 @@ def _alloc_windows_kernel(
     PREFILL: tl.constexpr,
     PREFIX: tl.constexpr,
     EMIT: tl.constexpr,
+    RELEASE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     """Give slots to the windows ``[start_i, end_i)`` and optionally read them back.
 
@@ -159,7 +194,9 @@ def _alloc_windows_kernel(
     ring offsets ``excl_i + k``. New positions of the last partial page use the page of ``req_to_token[row_i,
     alloc_i - 1]``, the others their ``(pos // PAGE_SIZE - pages(alloc_i))``-th new page. With ``EMIT``:
     ``out_cache_loc[i * window_len + j] = req_to_token[row_i, start_i + j]`` and ``last_loc[i] =
-    req_to_token[row_i, start_i - 1]`` (-1 when ``start_i == 0``), as after the allocation.
+    req_to_token[row_i, start_i - 1]`` (-1 when ``start_i == 0``), as after the allocation. With ``RELEASE``
+    (decode only), the rows' branch pages go back to the ring first (see ``_release_branches_kernel``); the pops
+    do not see them.
     """
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -169,16 +206,24 @@ def _alloc_windows_kernel(
     cols = tl.arange(0, BLOCK_N)
     # A launch of one program owns everything: it writes the shared state as it goes, with no ticket.
     alone = num_programs == 1
-    # Needs of the requests before this program's next tile, carried lane-wise from one tile to the next (a scalar
-    # carry of reduce results read inside the loop is miscompiled by Triton 3.6, see docs/design.md): other
-    # programs' requests in lane_sums, read from memory; this program's own earlier tiles in own_sums.
+    # Needs (and branch pages held) of the requests before this program's next tile, carried lane-wise from one tile
+    # to the next (a scalar carry of reduce results read inside the loop is miscompiled by Triton 3.6, see
+    # docs/design.md): other programs' requests in lane_sums/held_sums, read from memory; this program's own
+    # earlier tiles in own_sums/own_held.
     lane_sums = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
+    held_sums = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
     own_sums = tl.full([TILE], 0, dtype=tl.int32)
+    own_held = tl.full([TILE], 0, dtype=tl.int32)
     scanned = tl.full([], 0, dtype=tl.int32)
     for tile in range(pid, num_tiles, num_programs):
         tile_start = tile * TILE
         for k0 in range(scanned, tile_start, SCAN_BLOCK):
             k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
+            if RELEASE:
+                _, _, held_earlier = _branch_counts(
+                    k, k < tile_start, req_pool_indices, num_branch_pages, num_rows, branch_width
+                )
+                held_sums += held_earlier
             _, _, _, _, _, _, _, earlier = _window_needs(
                 k,
                 k < tile_start,
@@ -220,6 +265,16 @@ def _alloc_windows_kernel(
             before += tl.reduce(lane_sums, 0, _add)
         excl = before + tl.associative_scan(need, 0, _add) - need  # [TILE]
         own_sums += need
+        if RELEASE:
+            _, _, held = _branch_counts(offs, in_batch, req_pool_indices, num_branch_pages, num_rows, branch_width)
+            held_before = tl.reduce(own_held, 0, _add) + tl.reduce(held_sums, 0, _add)
+            held_start = count + held_before + tl.associative_scan(held, 0, _add) - held
+            own_held += held
+            _push_branch_pages(
+                rows, valid, held, held_start, branch_pages, free_pages, head, num_pages, branch_stride, BLOCK_R
+            )
+            if alone:  # no other program reads these counts
+                tl.store(num_branch_pages + rows, (held * 0).to(num_branch_pages.dtype.element_ty), mask=valid)
         row_addr = rows.to(tl.int64) * row_stride  # [TILE]
         # The page of the last partial page, which new positions fill first.
         has_partial = valid & (allocs < have * PAGE_SIZE)
@@ -281,24 +336,36 @@ def _alloc_windows_kernel(
             tl.store(scratch + num_rows + offs, need, mask=in_batch)
     if alone:
         popped = tl.minimum(tl.reduce(own_sums, 0, _add), count)
+        new_count = count - popped
+        if RELEASE:
+            new_count += tl.minimum(tl.reduce(own_held, 0, _add), num_pages - count)
         tl.store(counters, _ring_index(head, popped, num_pages).to(counters.dtype.element_ty))
-        tl.store(counters + 1, (count - popped).to(counters.dtype.element_ty))
+        tl.store(counters + 1, new_count.to(counters.dtype.element_ty))
     elif _take_ticket(counters) == num_programs - 1:
         # The last program: no other one reads shared state any more. The owners left each request's new
         # alloc_len at scratch[i] and its need at scratch[num_rows + i].
         popped_lanes = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
+        pushed_lanes = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
         for k0 in range(0, bs, SCAN_BLOCK):
             k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
             in_range = k < bs
+            rows = tl.load(req_pool_indices + k, mask=in_range, other=-1).to(tl.int32)
+            valid = in_range & (rows >= 0) & (rows < num_rows)
             if not PREFILL:
-                rows = tl.load(req_pool_indices + k, mask=in_range, other=-1).to(tl.int32)
-                valid = in_range & (rows >= 0) & (rows < num_rows)
                 new_allocs = tl.load(scratch + k, mask=valid, other=0)
                 tl.store(alloc_lens + rows, new_allocs.to(alloc_lens.dtype.element_ty), mask=valid)
             popped_lanes += tl.load(scratch + num_rows + k, mask=in_range, other=0)
+            if RELEASE:
+                _, _, held = _branch_counts(k, in_range, req_pool_indices, num_branch_pages, num_rows, branch_width)
+                pushed_lanes += held
+                tl.debug_barrier()  # every lane has read the counts it sums
+                tl.store(num_branch_pages + rows, (held * 0).to(num_branch_pages.dtype.element_ty), mask=valid)
         popped = tl.minimum(tl.reduce(popped_lanes, 0, _add), count)
+        new_count = count - popped
+        if RELEASE:
+            new_count += tl.minimum(tl.reduce(pushed_lanes, 0, _add), num_pages - count)
         tl.store(counters, _ring_index(head, popped, num_pages).to(counters.dtype.element_ty))
-        tl.store(counters + 1, (count - popped).to(counters.dtype.element_ty))
+        tl.store(counters + 1, new_count.to(counters.dtype.element_ty))
         tl.store(counters + 2, tl.full([], 0, dtype=counters.dtype.element_ty))
 
 
@@ -479,3 +546,348 @@ def _commit_kernel(req_pool_indices, accept_lens, seq_lens, window_lens, bs, num
         seq = tl.load(seq_lens + rows, mask=valid, other=0).to(tl.int32)
         tl.store(seq_lens + rows, (seq + accepted).to(seq_lens.dtype.element_ty), mask=valid)
         tl.store(window_lens + rows, tl.full([TILE], 0, dtype=window_lens.dtype.element_ty), mask=valid)
+
+
+@triton.jit(do_not_specialize=["bs", "num_rows", "num_pages", "branch_stride", "branch_width"])
+def _release_branches_kernel(
+    req_pool_indices,
+    branch_pages,
+    num_branch_pages,
+    free_pages,
+    counters,
+    bs,
+    num_rows,
+    num_pages,
+    branch_stride,
+    branch_width,
+    TILE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr,
+):
+    """Push the branch pages of the requests back to the ring: request ``i``'s ``held_i`` pages go to ring offsets
+    ``count + excl_i + k`` (``excl_i = sum(held_k for k < i)``); ``num_branch_pages[row_i] = 0``."""
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    num_tiles = (bs + TILE - 1) // TILE
+    head = tl.load(counters).to(tl.int32)
+    count = tl.load(counters + 1).to(tl.int32)
+    held_sums = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
+    scanned = tl.full([], 0, dtype=tl.int32)
+    for tile in range(pid, num_tiles, num_programs):
+        tile_start = tile * TILE
+        for k0 in range(scanned, tile_start, SCAN_BLOCK):
+            k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
+            _, _, earlier = _branch_counts(
+                k, k < tile_start, req_pool_indices, num_branch_pages, num_rows, branch_width
+            )
+            held_sums += earlier
+        scanned = tile_start
+        offs = tile_start + tl.arange(0, TILE)  # [TILE]
+        rows, valid, held = _branch_counts(offs, offs < bs, req_pool_indices, num_branch_pages, num_rows, branch_width)
+        held_start = count + tl.reduce(held_sums, 0, _add) + tl.associative_scan(held, 0, _add) - held  # [TILE]
+        _push_branch_pages(
+            rows, valid, held, held_start, branch_pages, free_pages, head, num_pages, branch_stride, BLOCK_R
+        )
+    if _take_ticket(counters) == num_programs - 1:
+        pushed_lanes = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
+        for k0 in range(0, bs, SCAN_BLOCK):
+            k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
+            rows, valid, held = _branch_counts(k, k < bs, req_pool_indices, num_branch_pages, num_rows, branch_width)
+            pushed_lanes += held
+            tl.debug_barrier()  # every lane has read the counts it sums
+            tl.store(num_branch_pages + rows, (held * 0).to(num_branch_pages.dtype.element_ty), mask=valid)
+        pushed = tl.minimum(tl.reduce(pushed_lanes, 0, _add), num_pages - count)
+        tl.store(counters + 1, (count + pushed).to(counters.dtype.element_ty))
+        tl.store(counters + 2, tl.full([], 0, dtype=counters.dtype.element_ty))
+
+
+@triton.jit
+def _branch_needs(
+    k,
+    in_range,
+    req_pool_indices,
+    seq_lens,
+    num_branch_pages,
+    num_rows,
+    max_context_len,
+    branch_width,
+    topk,
+    num_steps,
+    PAGE_SIZE: tl.constexpr,
+    PAGE_SHIFT: tl.constexpr,
+):
+    """For batch entries ``k``: the row, whether it is valid, the branch pages it holds, its committed length, the
+    offset of that length in its last page, the pages of one branch and the pages of all its branches."""
+    rows, valid, held = _branch_counts(k, in_range, req_pool_indices, num_branch_pages, num_rows, branch_width)
+    seq = tl.load(seq_lens + rows, mask=valid, other=0).to(tl.int32)
+    seq = tl.minimum(tl.maximum(seq, 0), max_context_len)
+    off = seq - _floor_page(seq, PAGE_SIZE, PAGE_SHIFT) * PAGE_SIZE
+    per_branch = _floor_page(off + num_steps + (PAGE_SIZE - 1), PAGE_SIZE, PAGE_SHIFT)
+    need = tl.where(valid, tl.minimum(per_branch * topk, branch_width), 0)
+    return rows, valid, held, seq, off, per_branch, need
+
+
+@triton.jit(
+    do_not_specialize=[
+        "bs",
+        "num_rows",
+        "max_context_len",
+        "row_stride",
+        "num_pages",
+        "branch_stride",
+        "branch_width",
+        "topk",
+        "num_steps",
+    ]
+)
+def _alloc_branches_kernel(
+    req_to_token,
+    req_pool_indices,
+    seq_lens,
+    branch_pages,
+    num_branch_pages,
+    free_pages,
+    counters,
+    branch_slots,
+    copy_src,
+    copy_dst,
+    bs,
+    num_rows,
+    max_context_len,
+    row_stride,
+    num_pages,
+    branch_stride,
+    branch_width,
+    topk,
+    num_steps,
+    PAGE_SIZE: tl.constexpr,
+    PAGE_SHIFT: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr,
+    COPY: tl.constexpr,
+):
+    """Release the rows' branch pages, then give each request ``topk`` branches of ``num_steps`` positions.
+
+    Request ``i`` (committed length ``seq``, ``off = seq % PAGE_SIZE``) pushes its ``held_i`` old pages at ring
+    offsets ``count + excl_held_i + k`` and pops ``need_i = topk * per_branch`` pages at ``excl_need_i + k``,
+    ``per_branch = pages(off + num_steps)``: branch ``b`` takes pages ``b * per_branch + (0 .. per_branch - 1)``,
+    and its step ``s`` (position ``seq + s``) the slot at offset ``(off + s) % PAGE_SIZE`` of its page
+    ``(off + s) // PAGE_SIZE``: ``branch_slots[(i * topk + b) * num_steps + s]``. With ``COPY`` (``PAGE_SIZE >
+    1``): ``copy_dst[(i * topk + b) * (PAGE_SIZE - 1) + q] = first_page_b * PAGE_SIZE + q`` and ``copy_src`` the
+    slot of committed position ``seq - off + q`` for ``q < off`` (the committed part of the last partial page);
+    ``copy_src = copy_dst`` for ``q >= off``. Rows out of range give slot 0 and pairs ``0 -> 0``.
+    """
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    num_tiles = (bs + TILE - 1) // TILE
+    head = tl.load(counters).to(tl.int32)
+    count = tl.load(counters + 1).to(tl.int32)
+    held_sums = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
+    need_sums = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
+    scanned = tl.full([], 0, dtype=tl.int32)
+    cols = tl.arange(0, BLOCK_R)
+    width = topk * num_steps
+    for tile in range(pid, num_tiles, num_programs):
+        tile_start = tile * TILE
+        for k0 in range(scanned, tile_start, SCAN_BLOCK):
+            k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
+            _, _, held_earlier, _, _, _, need_earlier = _branch_needs(
+                k,
+                k < tile_start,
+                req_pool_indices,
+                seq_lens,
+                num_branch_pages,
+                num_rows,
+                max_context_len,
+                branch_width,
+                topk,
+                num_steps,
+                PAGE_SIZE,
+                PAGE_SHIFT,
+            )
+            held_sums += held_earlier
+            need_sums += need_earlier
+        scanned = tile_start
+        offs = tile_start + tl.arange(0, TILE)  # [TILE]
+        in_batch = offs < bs
+        rows, valid, held, seq, off, per_branch, need = _branch_needs(
+            offs,
+            in_batch,
+            req_pool_indices,
+            seq_lens,
+            num_branch_pages,
+            num_rows,
+            max_context_len,
+            branch_width,
+            topk,
+            num_steps,
+            PAGE_SIZE,
+            PAGE_SHIFT,
+        )
+        held_start = count + tl.reduce(held_sums, 0, _add) + tl.associative_scan(held, 0, _add) - held  # [TILE]
+        _push_branch_pages(
+            rows, valid, held, held_start, branch_pages, free_pages, head, num_pages, branch_stride, BLOCK_R
+        )
+        tl.debug_barrier()  # the old pages are read before the new ones overwrite them
+        excl = tl.reduce(need_sums, 0, _add) + tl.associative_scan(need, 0, _add) - need  # [TILE]
+        branch_addr = rows.to(tl.int64) * branch_stride  # [TILE]
+        for k0 in range(0, tl.reduce(need, 0, _maximum), BLOCK_R):
+            k = k0 + cols  # [BLOCK_R]
+            mine = valid[:, None] & (k[None, :] < need[:, None])  # [TILE, BLOCK_R]
+            ring_off = excl[:, None] + k[None, :]
+            from_ring = mine & (ring_off < count)
+            ring_idx = _ring_index(head, tl.where(from_ring, ring_off, 0), num_pages)
+            page = tl.load(free_pages + ring_idx, mask=from_ring, other=0)
+            tl.store(branch_pages + (branch_addr[:, None] + k[None, :]), page, mask=mine)
+        out_base = offs.to(tl.int64) * width  # [TILE]
+        for e0 in range(0, width, BLOCK_E):
+            e = e0 + tl.arange(0, BLOCK_E)  # [BLOCK_E]: branch b = e // num_steps, step s
+            b = e // num_steps
+            s = e - b * num_steps
+            in_out = in_batch[:, None] & (e[None, :] < width)  # [TILE, BLOCK_E]
+            pos = off[:, None] + s[None, :]  # offset from the start of the last partial page
+            page_no = _floor_page(pos, PAGE_SIZE, PAGE_SHIFT)
+            ring_off = excl[:, None] + b[None, :] * per_branch[:, None] + page_no
+            from_ring = in_out & valid[:, None] & (ring_off < count)
+            ring_idx = _ring_index(head, tl.where(from_ring, ring_off, 0), num_pages)
+            page = tl.load(free_pages + ring_idx, mask=from_ring, other=0).to(tl.int32)
+            slot = tl.where(from_ring, page * PAGE_SIZE + (pos - page_no * PAGE_SIZE), 0)
+            tl.store(
+                branch_slots + (out_base[:, None] + e[None, :]), slot.to(branch_slots.dtype.element_ty), mask=in_out
+            )
+        if COPY:
+            copy_width = topk * (PAGE_SIZE - 1)
+            copy_base = offs.to(tl.int64) * copy_width  # [TILE]
+            row_addr = rows.to(tl.int64) * row_stride + (seq - off)  # [TILE]: the last partial page
+            for c0 in range(0, copy_width, BLOCK_E):
+                c = c0 + tl.arange(0, BLOCK_E)  # [BLOCK_E]: branch b = c // (PAGE_SIZE - 1), offset q
+                b = c // (PAGE_SIZE - 1)
+                q = c - b * (PAGE_SIZE - 1)
+                in_out = in_batch[:, None] & (c[None, :] < copy_width)  # [TILE, BLOCK_E]
+                ring_off = excl[:, None] + b[None, :] * per_branch[:, None]
+                from_ring = in_out & valid[:, None] & (ring_off < count)
+                ring_idx = _ring_index(head, tl.where(from_ring, ring_off, 0), num_pages)
+                page = tl.load(free_pages + ring_idx, mask=from_ring, other=0).to(tl.int32)
+                dst = tl.where(from_ring, page * PAGE_SIZE + q[None, :], 0)
+                committed = from_ring & (q[None, :] < off[:, None])
+                src = tl.load(req_to_token + (row_addr[:, None] + q[None, :]), mask=committed, other=0).to(tl.int32)
+                src = tl.where(committed, src, dst)
+                dst_addr = copy_base[:, None] + c[None, :]
+                tl.store(copy_src + dst_addr, src.to(copy_src.dtype.element_ty), mask=in_out)
+                tl.store(copy_dst + dst_addr, dst.to(copy_dst.dtype.element_ty), mask=in_out)
+    if _take_ticket(counters) == num_programs - 1:
+        pushed_lanes = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
+        popped_lanes = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
+        for k0 in range(0, bs, SCAN_BLOCK):
+            k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
+            rows, valid, held, _, _, _, need = _branch_needs(
+                k,
+                k < bs,
+                req_pool_indices,
+                seq_lens,
+                num_branch_pages,
+                num_rows,
+                max_context_len,
+                branch_width,
+                topk,
+                num_steps,
+                PAGE_SIZE,
+                PAGE_SHIFT,
+            )
+            pushed_lanes += held
+            popped_lanes += need
+            tl.debug_barrier()  # every lane has read the counts it sums
+            tl.store(num_branch_pages + rows, need.to(num_branch_pages.dtype.element_ty), mask=valid)
+        popped = tl.minimum(tl.reduce(popped_lanes, 0, _add), count)
+        pushed = tl.minimum(tl.reduce(pushed_lanes, 0, _add), num_pages - count)
+        tl.store(counters, _ring_index(head, popped, num_pages).to(counters.dtype.element_ty))
+        tl.store(counters + 1, (count - popped + pushed).to(counters.dtype.element_ty))
+        tl.store(counters + 2, tl.full([], 0, dtype=counters.dtype.element_ty))
+
+
+@triton.jit(do_not_specialize=["bs", "num_rows", "max_context_len", "row_stride", "tree_size", "index_stride"])
+def _commit_tree_kernel(
+    req_to_token,
+    req_pool_indices,
+    accept_index,
+    accept_lens,
+    seq_lens,
+    window_lens,
+    kv_src,
+    kv_dst,
+    bs,
+    num_rows,
+    max_context_len,
+    row_stride,
+    tree_size,
+    index_stride,
+    TILE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    REPOINT: tl.constexpr,
+):
+    """Commit the accepted path of each request's tree: ``seq_lens[row_i] += a_i``, the window closes.
+
+    ``a_i``: the leading entries ``m < min(accept_lens[i], W_i)`` (``W_i = min(window_lens[row_i], tree_size)``)
+    whose node ``n_m = accept_index[i, m]`` is in ``[0, W_i)`` and greater than ``n_{m-1}``. With ``REPOINT``
+    (``PAGE_SIZE == 1``) the window's slots are permuted: position ``seq + m`` takes the slot of ``seq + n_m`` for
+    ``m < a_i``, positions ``seq + a_i + r`` the unaccepted nodes' slots in node order, and ``kv_src = kv_dst`` is
+    the new slot of ``seq + m``. Otherwise ``kv_dst[i * tree_size + m]`` is the slot of ``seq + m`` and
+    ``kv_src`` that of ``seq + n_m`` (``m < a_i``) or ``kv_dst`` (``a_i <= m < W_i``). Past the window, and for
+    rows out of range, pairs are ``0 -> 0``.
+    """
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    num_tiles = (bs + TILE - 1) // TILE
+    m = tl.arange(0, BLOCK_T)
+    for tile in range(pid, num_tiles, num_programs):
+        offs = tile * TILE + tl.arange(0, TILE)  # [TILE]
+        in_batch = offs < bs
+        rows = tl.load(req_pool_indices + offs, mask=in_batch, other=-1).to(tl.int32)
+        valid = in_batch & (rows >= 0) & (rows < num_rows)
+        seq = tl.load(seq_lens + rows, mask=valid, other=0).to(tl.int32)
+        seq = tl.minimum(tl.maximum(seq, 0), max_context_len)
+        window = tl.load(window_lens + rows, mask=valid, other=0).to(tl.int32)
+        window = tl.minimum(tl.minimum(tl.maximum(window, 0), max_context_len - seq), tree_size)
+        accepted = tl.load(accept_lens + offs, mask=valid, other=0)
+        accepted = tl.minimum(tl.maximum(accepted, 0), tree_size).to(tl.int32)  # clamped before it narrows
+        accepted = tl.minimum(accepted, window)
+        in_tree = valid[:, None] & (m[None, :] < tree_size)  # [TILE, BLOCK_T]
+        index_addr = offs.to(tl.int64)[:, None] * index_stride + m[None, :]
+        node = tl.load(accept_index + index_addr, mask=in_tree, other=-1)
+        node = tl.minimum(tl.maximum(node, -1), tree_size).to(tl.int32)
+        prev = tl.load(accept_index + (index_addr - 1), mask=in_tree & (m[None, :] > 0), other=-1)
+        prev = tl.minimum(tl.maximum(prev, -1), tree_size).to(tl.int32)
+        ok = (m[None, :] < accepted[:, None]) & (node >= 0) & (node < window[:, None]) & (node > prev)
+        # The first entry that is not ok ends the path: a = BLOCK_T - max(BLOCK_T - m over entries not ok).
+        a = BLOCK_T - tl.reduce(tl.where(ok, 0, BLOCK_T - m[None, :]), 1, _maximum)  # [TILE]
+        taken = m[None, :] < a[:, None]  # [TILE, BLOCK_T]
+        in_window = valid[:, None] & (m[None, :] < window[:, None])
+        row_addr = rows.to(tl.int64) * row_stride + seq  # [TILE]
+        if REPOINT:
+            # Old slot of node j (axis 2) moves to position dest_j: accepted nodes to their rank among accepted
+            # nodes, the others after the a accepted ones, in node order.
+            old = tl.load(req_to_token + (row_addr[:, None] + m[None, :]), mask=in_window, other=0)  # [TILE, j]
+            hit = taken[:, :, None] & (node[:, :, None] == m[None, None, :])  # [TILE, m, j]
+            chosen = tl.reduce(hit.to(tl.int32), 1, _maximum)  # [TILE, j]
+            before = tl.associative_scan(chosen, 1, _add) - chosen
+            dest = tl.where(chosen > 0, before, a[:, None] + m[None, :] - before)
+            moves = in_window[:, None, :] & (dest[:, None, :] == m[None, :, None])  # [TILE, m, j]
+            new = tl.reduce(tl.where(moves, old.to(tl.int32)[:, None, :], 0), 2, _add)  # [TILE, m]
+            tl.debug_barrier()  # every old slot is read before the window is rewritten
+            tl.store(
+                req_to_token + (row_addr[:, None] + m[None, :]), new.to(req_to_token.dtype.element_ty), mask=in_window
+            )
+            dst = tl.where(in_window, new, 0)
+            src = dst
+        else:
+            dst = tl.load(req_to_token + (row_addr[:, None] + m[None, :]), mask=in_window, other=0).to(tl.int32)
+            src = tl.load(req_to_token + (row_addr[:, None] + node), mask=taken, other=0).to(tl.int32)
+            src = tl.where(taken, src, dst)
+        out = offs[:, None] * tree_size + m[None, :]
+        in_out = in_batch[:, None] & (m[None, :] < tree_size)
+        tl.store(kv_src + out, src.to(kv_src.dtype.element_ty), mask=in_out)
+        tl.store(kv_dst + out, dst.to(kv_dst.dtype.element_ty), mask=in_out)
+        tl.store(seq_lens + rows, (seq + a).to(seq_lens.dtype.element_ty), mask=valid)
+        tl.store(window_lens + rows, (a * 0).to(window_lens.dtype.element_ty), mask=valid)

@@ -1,0 +1,731 @@
+"""Tree drafts in DraftCacheAllocator: branch slots, tree commit, and every guarantee of the slot layout kept.
+
+A simulated KV buffer stands in for the engine's: the verify forward writes a tag per (request, node) at the node's
+slot, the test applies ``kv[kv_dst] = kv[kv_src]``, and every committed position must read its node's tag.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import SENTINEL, sentinel_like
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+import specdec_ops.allocator as allocator_module
+from specdec_ops.allocator import DraftCacheAllocator, OutOfSlotsError
+
+STATE_TENSORS = (
+    "req_to_token",
+    "seq_lens",
+    "alloc_lens",
+    "window_lens",
+    "prefix_lens",
+    "free_pages",
+    "free_head",
+    "num_free_pages",
+    "branch_pages",
+    "num_branch_pages",
+)
+
+
+def pages(length: int, page_size: int) -> int:
+    return -(-length // page_size)
+
+
+def snapshot(alloc: DraftCacheAllocator) -> dict:
+    return {name: getattr(alloc, name).clone() for name in STATE_TENSORS}
+
+
+def assert_unchanged(alloc: DraftCacheAllocator, before: dict) -> None:
+    for name, value in before.items():
+        assert torch.equal(getattr(alloc, name), value), f"{name} changed"
+
+
+def branch_pages_of(alloc: DraftCacheAllocator) -> dict[int, list[int]]:
+    counts = alloc.num_branch_pages.tolist()
+    table = alloc.branch_pages.tolist()
+    return {row: table[row][: counts[row]] for row in range(alloc.max_requests) if counts[row]}
+
+
+def check_tree_layout(alloc: DraftCacheAllocator) -> dict[int, list[int]]:
+    """check_layout of test_allocator with branch pages: they belong to their row, are disjoint from every other
+    page and never the padding page; free ring + live pages + branch pages + cache pages make up the pool.
+    Returns the owned slots of each row in use."""
+    p = alloc.page_size
+    table = alloc.req_to_token.cpu()
+    seq_lens, alloc_lens = alloc.seq_lens.tolist(), alloc.alloc_lens.tolist()
+    window_lens, prefix_lens = alloc.window_lens.tolist(), alloc.prefix_lens.tolist()
+    live = set(alloc.rows_in_use())
+    cache = set(alloc.cached_pages())
+    branches = branch_pages_of(alloc)
+    assert set(branches) <= live, "a free row holds branch pages"
+    owned, all_pages = {}, []
+    for row in range(alloc.max_requests):
+        slots = table[row].tolist()
+        if row not in live:
+            assert seq_lens[row] == alloc_lens[row] == window_lens[row] == prefix_lens[row] == 0
+            assert not any(slots), f"free row {row} is not cleared"
+            continue
+        n = alloc_lens[row]
+        assert 0 <= seq_lens[row] <= seq_lens[row] + window_lens[row] <= n <= alloc.max_context_len
+        assert not any(slots[n:]), f"row {row} has slots past alloc_len {n}"
+        mine = slots[:n]
+        for pos, slot in enumerate(mine):
+            assert p <= slot < alloc.total_slots, f"row {row} pos {pos}: slot {slot} outside the pool"
+            assert slot % p == pos % p, f"row {row} pos {pos}: slot {slot} breaks the paged layout"
+            assert slot // p == mine[pos - pos % p] // p, f"row {row} pos {pos}: a page is split"
+        owned[row] = mine
+        row_pages = [mine[k * p] // p for k in range(pages(n, p))]
+        shared = prefix_lens[row] // p
+        assert set(row_pages[:shared]) <= cache
+        all_pages += row_pages[shared:]
+    branch_list = [page for row_pages in branches.values() for page in row_pages]
+    assert all(1 <= page <= alloc.num_pages for page in branch_list), "a branch page outside the pool"
+    free = alloc.free_page_list()
+    every = free + all_pages + branch_list + sorted(cache)
+    assert len(every) == len(set(every)), "a page is owned twice"
+    assert sorted(every) == list(range(1, alloc.num_pages + 1)), "the pool is not accounted for"
+    assert alloc._pages_bound + alloc._branch_bound() >= len(all_pages) + len(branch_list)
+    return owned
+
+
+def random_paths(rng: random.Random, bs: int, tree: int, windows: list[int] | None = None):
+    """Random accepted paths: strictly increasing nodes of [0, window), as [bs, T] and [bs]."""
+    index = torch.full((bs, tree), -1, dtype=torch.int64)
+    lens = []
+    for i in range(bs):
+        window = tree if windows is None else windows[i]
+        k = rng.randint(0, window)
+        nodes = sorted(rng.sample(range(window), k))
+        if nodes and rng.random() < 0.5 and 0 not in nodes:  # most trees accept their root first
+            nodes = [0, *nodes[1:]]
+        index[i, : len(nodes)] = torch.tensor(nodes, dtype=torch.int64)
+        lens.append(len(nodes))
+    return index, lens
+
+
+class KVModel:
+    """A KV buffer of tags, and the tag every committed position of every row must read."""
+
+    def __init__(self, alloc: DraftCacheAllocator) -> None:
+        self.alloc = alloc
+        self.kv = torch.full((alloc.total_slots,), -1, dtype=torch.int64)
+        self.committed: dict[int, list[int]] = {}  # row -> tag of each committed position
+        self.next_tag = 1
+
+    def prompt(self, rows: list[int]) -> None:
+        for row in rows:
+            n = int(self.alloc.seq_lens[row])
+            slots = self.alloc.req_to_token[row, :n].long()
+            tags = torch.arange(self.next_tag, self.next_tag + n)
+            self.next_tag += n
+            self.kv[slots] = tags
+            self.committed[row] = tags.tolist()
+
+    def verify(self, out_cache_loc: torch.Tensor) -> torch.Tensor:
+        """The verify forward: each node writes a fresh tag at its slot; returns the tags, [bs * T]."""
+        tags = torch.arange(self.next_tag, self.next_tag + out_cache_loc.numel())
+        self.next_tag += out_cache_loc.numel()
+        self.kv[out_cache_loc.cpu().long()] = tags
+        return tags
+
+    def apply(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        self.kv[dst.cpu().long()] = self.kv[src.cpu().long()].clone()
+
+    def accept(self, rows: list[int], tags: torch.Tensor, tree: int, index: torch.Tensor, lens: list[int]) -> None:
+        for i, row in enumerate(rows):
+            self.committed[row] += [int(tags[i * tree + int(index[i, m])]) for m in range(lens[i])]
+
+    def check(self) -> None:
+        for row, expected in self.committed.items():
+            slots = self.alloc.req_to_token[row, : len(expected)].cpu().long()
+            assert int(self.alloc.seq_lens[row]) == len(expected), f"row {row}: committed length"
+            assert self.kv[slots].tolist() == expected, f"row {row}: a committed position reads the wrong KV"
+
+
+# ------------------------------------------------------------------------------------------- commit_tree
+
+
+@pytest.mark.parametrize("page_size", [1, 4, 16, 128], ids=lambda p: f"page{p}")
+@pytest.mark.parametrize("tree", [1, 2, 5, 8, 33, 64], ids=lambda t: f"T{t}")
+def test_commit_tree_moves_the_accepted_kv_into_place(page_size, tree):
+    rng = random.Random(page_size * 100 + tree)
+    bs, steps = 5, 3
+    context = 160 + tree * steps
+    num_slots = pages(context, page_size) * bs * page_size
+    alloc = DraftCacheAllocator(num_slots, bs + 1, context, page_size=page_size, device="cpu")
+    rows = alloc.add_requests([rng.randrange(0, 150) for _ in range(bs)])
+    model = KVModel(alloc)
+    model.prompt(rows.tolist())
+    src_buf, dst_buf = (
+        sentinel_like(bs * tree + 2, torch.int64, "cpu"),
+        sentinel_like(bs * tree + 2, torch.int64, "cpu"),
+    )
+    for _ in range(steps):
+        out, _ = alloc.alloc_draft(rows, tree)
+        tags = model.verify(out)
+        index, lens = random_paths(rng, bs, tree)
+        index = index.to(rng.choice([torch.int32, torch.int64]))
+        window_before = alloc.req_to_token.clone()
+        src, dst = alloc.commit_tree(
+            rows, index, torch.tensor(lens, dtype=torch.int64), kv_src=src_buf, kv_dst=dst_buf, validate=True
+        )
+        assert src.data_ptr() == src_buf.data_ptr() and src_buf[bs * tree :].tolist() == [SENTINEL] * 2
+        assert dst_buf[bs * tree :].tolist() == [SENTINEL] * 2
+        if page_size == 1:
+            assert torch.equal(src, dst), "page 1 re-points: no copies"
+        else:
+            assert torch.equal(alloc.req_to_token, window_before), "pages > 1 never re-point"
+            assert len(set(dst[src != dst].tolist())) == int((src != dst).sum()), "a copy target appears twice"
+        model.apply(src, dst)
+        model.accept(rows.tolist(), tags, tree, index, lens)
+        model.check()
+        check_tree_layout(alloc)
+    alloc.free_requests(rows)
+    assert alloc.num_free_slots() == alloc.num_slots
+
+
+def test_commit_tree_copies_only_what_moved():
+    alloc = DraftCacheAllocator(64, 2, 32, page_size=4, device="cpu")
+    rows = alloc.add_requests([5, 2])
+    out, _ = alloc.alloc_draft(rows, 4)
+    slots = out.view(2, 4).tolist()
+    index = torch.tensor([[0, 2, 3, 0], [1, 0, 0, 0]])
+    src, dst = alloc.commit_tree(rows, index, torch.tensor([3, 1]))
+    assert dst.view(2, 4).tolist() == slots
+    assert src.view(2, 4).tolist() == [
+        [slots[0][0], slots[0][2], slots[0][3], slots[0][3]],
+        [slots[1][1], *slots[1][1:]],
+    ]
+    assert alloc.seq_lens[rows].tolist() == [8, 3] and alloc.window_lens[rows].tolist() == [0, 0]
+
+
+def test_commit_tree_page1_repoints_the_window():
+    alloc = DraftCacheAllocator(64, 2, 32, device="cpu")
+    rows = alloc.add_requests([3])
+    out, _ = alloc.alloc_draft(rows, 6)
+    old = out.tolist()
+    src, dst = alloc.commit_tree(rows, torch.tensor([[0, 2, 5, 1, 1, 1]]), torch.tensor([3]))
+    # accepted nodes 0, 2, 5 first, then the rejected 1, 3, 4 in node order, kept for the next window
+    expected = [old[0], old[2], old[5], old[1], old[3], old[4]]
+    assert alloc.req_to_token[0, 3:9].tolist() == expected
+    assert src.tolist() == dst.tolist() == expected
+    assert int(alloc.seq_lens[0]) == 6
+    out2, _ = alloc.alloc_draft(rows, 3)
+    assert out2.tolist() == expected[3:]
+    check_tree_layout(alloc)
+
+
+@pytest.mark.parametrize("page_size", [1, 4], ids=lambda p: f"page{p}")
+def test_bad_paths_never_corrupt_the_pool(page_size):
+    rng = random.Random(page_size)
+    alloc = DraftCacheAllocator(64 * page_size, 4, 64, page_size=page_size, device="cpu")
+    rows = alloc.add_requests([3, 7, 0, 9])
+    tree = 6
+    alloc.alloc_draft(rows[:3], tree)  # row 3 has no open window: it commits nothing
+    index = torch.tensor(
+        [
+            [0, 3, 2, 4, 5, 1],  # not increasing at m = 2: a = 2
+            [-1, 1, 2, 3, 4, 5],  # bad first node: a = 0
+            [1, 2, 6, 2**40, 0, 0],  # node 6 is outside the window: a = 2
+            [0, 1, 2, 3, 4, 5],
+        ]
+    )
+    lens = torch.tensor([6, 3, 2**33, 4])
+    before = snapshot(alloc)
+    with pytest.raises(ValueError, match=r"accept_index\[0, 2\] = 2 must be greater than"):
+        alloc.commit_tree(rows, index, lens, validate=True)
+    assert_unchanged(alloc, before)
+    seq = alloc.seq_lens[rows].tolist()
+    src, dst = alloc.commit_tree(rows, index, lens)
+    assert [b - a for a, b in zip(seq, alloc.seq_lens[rows].tolist())] == [2, 0, 2, 0]
+    assert src.shape == (4 * tree,)
+    assert ((src >= 0) & (src < alloc.total_slots) & (dst >= 0) & (dst < alloc.total_slots)).all()
+    assert dst[3 * tree :].tolist() == [0] * tree, "no window: pairs 0 -> 0"
+    check_tree_layout(alloc)
+    index2, lens2 = random_paths(rng, 4, tree)
+    alloc.commit_tree(rows, index2, lens2)  # no window open any more: commits nothing
+    assert alloc.seq_lens[rows].tolist() == [s + d for s, d in zip(seq, [2, 0, 2, 0])]
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda a, r: a.commit_tree(r, torch.zeros(3, 4, dtype=torch.int64), [0, 0]), ValueError, r"shape \[2, T\]"),
+        (lambda a, r: a.commit_tree(r, torch.zeros(2, 4), [0, 0]), TypeError, "accept_index must be int32 or int64"),
+        (lambda a, r: a.commit_tree(r, torch.zeros(2, 8, dtype=torch.int64)[:, ::2], [0, 0]), ValueError, "unit"),
+        (lambda a, r: a.commit_tree(r, torch.zeros(2, 300, dtype=torch.int64), [0, 0]), ValueError, "at most 256"),
+        (
+            lambda a, r: a.commit_tree(r, torch.zeros(2, 4, dtype=torch.int64), torch.tensor([0, 5]), validate=True),
+            ValueError,
+            r"accept_lens\[1\] must be in \[0, 4\]",
+        ),
+        (
+            lambda a, r: a.commit_tree(r, torch.tensor([[0, 9], [0, 1]]), torch.tensor([2, 1]), validate=True),
+            ValueError,
+            r"accept_index\[0, 1\] must be a node in \[0, 2\), got 9",
+        ),
+        (lambda a, r: a.alloc_branches(r, 0, 3), ValueError, "topk must be in"),
+        (lambda a, r: a.alloc_branches(r, 2, 3, out=torch.empty(11, dtype=torch.int64)), ValueError, "at least 12"),
+        (lambda a, r: a.alloc_branches([0, 3], 2, 3), ValueError, "is not a row in use"),
+        (lambda a, r: a.release_branches([2]), ValueError, "is not a row in use"),
+    ],
+    ids=["shape", "float", "strided", "too-big", "lens", "node", "topk", "out", "rows", "release-rows"],
+)
+def test_bad_tree_arguments_change_nothing(call, error, message):
+    alloc = DraftCacheAllocator(64, 4, 16, page_size=2, device="cpu")
+    rows = alloc.add_requests([3, 4])
+    alloc.alloc_draft(rows, 4)
+    before = snapshot(alloc)
+    with pytest.raises(error, match=message):
+        call(alloc, rows)
+    assert_unchanged(alloc, before)
+
+
+# ------------------------------------------------------------------------------------------- branches
+
+
+def check_branches(alloc, rows, topk, steps, slots, copy_src, copy_dst, model: KVModel):
+    """Branch slots: disjoint from everything owned and from each other, paged, and after the copies a paged
+    attention kernel reading a branch's page table sees the committed prefix."""
+    p = alloc.page_size
+    owned = check_tree_layout(alloc)
+    owned_slots = {slot for row_slots in owned.values() for slot in row_slots}
+    flat = slots.reshape(-1).tolist()
+    assert len(set(flat)) == len(flat), "a branch slot appears twice"
+    assert not set(flat) & owned_slots, "a branch slot is owned by a request"
+    branches = branch_pages_of(alloc)
+    model.apply(copy_src, copy_dst)
+    for i, row in enumerate(rows):
+        seq = int(alloc.seq_lens[row])
+        off = seq % p
+        per_branch = pages(off + steps, p)
+        assert len(branches[row]) == topk * per_branch
+        for b in range(topk):
+            own = branches[row][b * per_branch : (b + 1) * per_branch]
+            for s in range(steps):
+                slot = int(slots[i, b, s])
+                assert slot % p == (seq + s) % p, "branch slot breaks the paged layout"
+                assert slot // p == own[(off + s) // p], "branch slot is not on the branch's page"
+            # the branch's page table: the row's full pages, then the branch's pages
+            for pos in range(seq - off, seq):
+                assert int(model.kv[own[0] * p + pos % p]) == model.committed[row][pos], "prefix not copied"
+
+
+@pytest.mark.parametrize("page_size", [1, 4, 16, 128], ids=lambda p: f"page{p}")
+@pytest.mark.parametrize("topk, steps", [(1, 1), (4, 5), (3, 17)], ids=["k1s1", "k4s5", "k3s17"])
+def test_alloc_branches(page_size, topk, steps):
+    rng = random.Random(page_size + topk)
+    bs = 4
+    num_pages = bs * (pages(200, page_size) + 2 * topk * pages(page_size - 1 + steps, page_size))
+    alloc = DraftCacheAllocator(page_size * num_pages, bs + 1, 300, page_size=page_size, device="cpu")
+    rows = alloc.add_requests([rng.randrange(0, 200) for _ in range(bs)])
+    model = KVModel(alloc)
+    model.prompt(rows.tolist())
+    free = alloc.num_free_slots()
+    for _ in range(2):  # the second call releases the first call's pages
+        out = sentinel_like(bs * topk * steps + 1, torch.int32, "cpu")
+        slots, copy_src, copy_dst = alloc.alloc_branches(rows, topk, steps, out=out, return_copies=True)
+        assert slots.shape == (bs, topk, steps) and out[-1].item() == SENTINEL
+        assert copy_src.shape == copy_dst.shape == (bs * topk * (page_size - 1),)
+        check_branches(alloc, rows.tolist(), topk, steps, slots, copy_src, copy_dst, model)
+    alloc.release_branches(rows)
+    assert alloc.num_free_slots() == free and not alloc.num_branch_pages.any()
+    check_tree_layout(alloc)
+
+
+@pytest.mark.parametrize("release", ["alloc_draft", "commit", "commit_tree", "free", "reserve_draft"])
+@pytest.mark.parametrize("as_list", [False, True], ids=["tensor", "list"])
+def test_branches_are_released_by_the_next_step(release, as_list):
+    alloc = DraftCacheAllocator(16 * 60, 3, 256, page_size=16, device="cpu")
+    rows = alloc.add_requests([5, 20, 33])
+    arg = rows.tolist() if as_list else rows
+    alloc.alloc_draft(arg, 8)
+    free = alloc.num_free_slots()
+    alloc.alloc_branches(arg, 4, 12)
+    assert alloc.num_branch_pages.sum() == 4 * (2 + 1 + 1)  # offsets 5, 4, 1: 12 steps cross a page only for 5
+    assert alloc._branches_may_exist()
+    if release == "alloc_draft":
+        alloc.alloc_draft(arg, 8)
+    elif release == "reserve_draft":
+        alloc.reserve_draft(arg, 8)
+    elif release == "commit":
+        alloc.commit(arg, torch.tensor([1, 2, 3]))
+    elif release == "commit_tree":
+        alloc.commit_tree(arg, torch.tensor([[0, 1], [0, 1], [0, 1]]), torch.tensor([2, 0, 1]))
+    else:
+        alloc.free_requests(arg)
+        free = alloc.num_slots
+    assert not alloc.num_branch_pages.any()
+    assert alloc.num_free_slots() == free
+    assert not alloc._branches_may_exist(), "the host knows the same rows released them"
+    check_tree_layout(alloc)
+
+
+def test_chain_users_never_launch_a_release(monkeypatch):
+    alloc = DraftCacheAllocator(256, 3, 64, page_size=4, device="cpu")
+    rows = alloc.add_requests([5, 2])
+    calls = []
+    monkeypatch.setattr(alloc, "_launch_release", lambda *args: calls.append(args))
+    alloc.alloc_draft(rows, 4)
+    alloc.commit(rows, torch.tensor([1, 2]))
+    alloc.alloc_draft(rows, 4)
+    alloc.commit_tree(rows, torch.tensor([[0, 1], [0, 2]]), torch.tensor([2, 2]))
+    alloc.free_requests(rows)
+    assert not calls and alloc.branch_pages.shape == (3, 0)
+
+
+@pytest.mark.parametrize("page_size", [1, 4], ids=lambda p: f"page{p}")
+def test_out_of_slots_for_branches_is_all_or_nothing(page_size):
+    alloc = DraftCacheAllocator(10 * page_size, 3, 64, page_size=page_size, device="cpu")
+    rows = alloc.add_requests([page_size, page_size])  # 8 pages free
+    steps = page_size  # offset 0: one page per branch for page > 1, `steps` pages for page 1
+    per_branch = pages(steps, page_size)
+    topk = 8 // (2 * per_branch) + 1
+    before = snapshot(alloc)
+    with pytest.raises(OutOfSlotsError, match=r"alloc_branches: 2 requests with \d+ branches"):
+        alloc.alloc_branches(rows, topk, steps)
+    assert_unchanged(alloc, before)
+    alloc.alloc_branches(rows, topk - 1, steps)
+    with pytest.raises(OutOfSlotsError):  # the pages a call releases are not popped by the same call
+        alloc.alloc_branches(rows, topk, steps)
+    alloc.release_branches(rows)
+    alloc.alloc_branches(rows[:1], 8 // per_branch, steps)  # exactly the 8 free pages
+    assert alloc.num_free_slots() == 0
+    check_tree_layout(alloc)
+    alloc.free_requests(rows)
+    assert alloc.num_free_slots() == alloc.num_slots
+
+
+def test_no_sync_in_a_tree_loop_with_headroom():
+    alloc = DraftCacheAllocator(4096 * 4, 8, 512, page_size=4, device="cpu")
+    rows = alloc.add_requests([10, 0, 37, 5, 1, 64, 3, 9])
+    rng = random.Random(0)
+    for _ in range(6):
+        alloc.alloc_branches(rows, 4, 5)
+        alloc.alloc_draft(rows, 8)
+        index, lens = random_paths(rng, 8, 8)
+        alloc.commit_tree(rows, index, torch.tensor(lens, dtype=torch.int64))
+    assert alloc.num_syncs == 0
+    assert not alloc._branches_may_exist()
+    check_tree_layout(alloc)
+
+
+# ---------------------------------------------------------------------------------------- many programs
+
+
+def tree_loop(alloc: DraftCacheAllocator, steps: int, seed: int, topk: int = 3, num_steps: int = 4, tree: int = 6):
+    """A seeded loop of tree steps (branches, draft, verify, tree commit) with arrivals and finishes; returns
+    everything the calls returned, and checks the simulated KV after each step."""
+    rng = random.Random(seed)
+    model = KVModel(alloc)
+    model.prompt(alloc.rows_in_use())
+    outputs = []
+    for _ in range(steps):
+        if alloc.num_requests < alloc.max_requests and rng.random() < 0.5:
+            rows = alloc.add_requests([rng.randrange(0, alloc.max_context_len // 3)]).tolist()
+            model.prompt(rows)
+        seq = alloc.seq_lens.tolist()
+        done = [row for row in alloc.rows_in_use() if rng.random() < 0.1 or seq[row] + tree > alloc.max_context_len]
+        alloc.free_requests(done)
+        for row in done:
+            del model.committed[row]
+        live = alloc.rows_in_use()
+        if not live:
+            continue
+        rows = torch.tensor(live)
+        slots, copy_src, copy_dst = alloc.alloc_branches(rows, topk, num_steps, return_copies=True)
+        out, last = alloc.alloc_draft(rows, tree)
+        tags = model.verify(out)
+        index, lens = random_paths(rng, len(live), tree)
+        src, dst = alloc.commit_tree(rows, index, torch.tensor(lens, dtype=torch.int64))
+        model.apply(src, dst)
+        model.accept(live, tags, tree, index, lens)
+        model.check()
+        outputs.append([t.tolist() for t in (slots, copy_src, copy_dst, out, last, src, dst)])
+    check_tree_layout(alloc)
+    return outputs
+
+
+@pytest.mark.parametrize("page_size", [1, 4], ids=lambda p: f"page{p}")
+def test_many_programs_give_what_one_gives(page_size, monkeypatch):
+    def run():
+        num_pages = 12 * (pages(96, page_size) + 3 * pages(page_size + 3, page_size))
+        alloc = DraftCacheAllocator(page_size * num_pages, 12, 96, page_size=page_size, device="cpu")
+        alloc.add_requests([(5 * i) % 40 for i in range(9)])
+        return tree_loop(alloc, steps=6, seed=page_size), snapshot(alloc)
+
+    one_out, one_state = run()
+    for name, value in [
+        ("_BRANCH_TILE", 2),
+        ("_BRANCH_BLOCK", 4),
+        ("_SCAN_BLOCK", 4),
+        ("_FREE_TILE", 2),
+        ("_FREE_BLOCK_P", 2),
+        ("_MAX_TILE", 2),
+        ("_TREE_ELEMENTS", 16),
+    ]:
+        monkeypatch.setattr(allocator_module, name, value)
+    many_out, many_state = run()
+    assert one_out == many_out
+    for name in STATE_TENSORS:
+        assert torch.equal(one_state[name], many_state[name]), name
+
+
+@pytest.mark.parametrize("page_size", [1, 16], ids=lambda p: f"page{p}")
+def test_same_calls_give_the_same_table(page_size):
+    runs = []
+    for _ in range(2):
+        num_pages = 6 * (pages(96, page_size) + 3 * pages(page_size + 3, page_size))
+        alloc = DraftCacheAllocator(page_size * num_pages, 6, 96, page_size=page_size, device="cpu")
+        runs.append((tree_loop(alloc, steps=8, seed=page_size + 7), snapshot(alloc)))
+        alloc.free_requests(alloc.rows_in_use())
+        assert alloc.num_free_slots() == alloc.num_slots
+    assert runs[0][0] == runs[1][0]
+    for name in STATE_TENSORS:
+        assert torch.equal(runs[0][1][name], runs[1][1][name]), name
+
+
+# ---------------------------------------------------------------------------------------------- stateful
+
+
+class TreeMachine(RuleBasedStateMachine):
+    """Chain steps, tree steps, branches, releases, adds and frees in any order: the simulated KV of every committed
+    position stays right, committed positions never move, slots are never owned twice, failures are exactly the
+    predicted ones and change nothing."""
+
+    PAGE_SIZE = 1
+    NUM_PAGES = 60
+    MAX_REQUESTS = 4
+    MAX_CONTEXT_LEN = 48
+    MAX_TREE = 6
+
+    @initialize(data=st.data())
+    def start(self, data):
+        self.alloc = DraftCacheAllocator(
+            self.NUM_PAGES * self.PAGE_SIZE, self.MAX_REQUESTS, self.MAX_CONTEXT_LEN, page_size=self.PAGE_SIZE,
+            device="cpu",
+        )  # fmt: skip
+        self.model = KVModel(self.alloc)
+        self.slots = {}  # row -> slots of its committed positions
+        self.window = {}  # row -> open window
+        self.add(data)
+
+    def free_pages(self) -> int:
+        return len(self.alloc.free_page_list())
+
+    def learn(self):
+        """Committed positions never move."""
+        for row in self.alloc.rows_in_use():
+            n = int(self.alloc.seq_lens[row])
+            slots = self.alloc.req_to_token[row, :n].tolist()
+            old = self.slots.get(row, [])
+            assert slots[: len(old)] == old, f"row {row}: a committed position moved"
+            self.slots[row] = slots
+
+    def pick_rows(self, data, everyone=False):
+        live = self.alloc.rows_in_use()
+        if everyone or not live:
+            return live
+        return data.draw(st.lists(st.sampled_from(live), unique=True), label="rows")
+
+    def as_rows(self, data, rows):
+        kind = data.draw(st.sampled_from(["list", "int64", "int32"]), label="rows as")
+        return rows if kind == "list" else torch.tensor(rows, dtype=getattr(torch, kind))
+
+    @rule(data=st.data())
+    def add(self, data):
+        lens = data.draw(st.lists(st.integers(0, self.MAX_CONTEXT_LEN // 3), max_size=2), label="prompt_lens")
+        if len(lens) > self.MAX_REQUESTS - self.alloc.num_requests:
+            return
+        if sum(pages(n, self.PAGE_SIZE) for n in lens) > self.free_pages():
+            with pytest.raises(OutOfSlotsError):
+                self.alloc.add_requests(lens)
+            return
+        rows = self.alloc.add_requests(lens).tolist()
+        self.model.prompt(rows)
+        self.window.update(dict.fromkeys(rows, 0))
+        self.learn()
+
+    @rule(data=st.data())
+    def free(self, data):
+        rows = self.pick_rows(data)
+        self.alloc.free_requests(self.as_rows(data, rows))
+        for row in rows:
+            del self.model.committed[row], self.slots[row], self.window[row]
+
+    def try_draft(self, data, rows, n):
+        p = self.PAGE_SIZE
+        seq, allocs = self.alloc.seq_lens.tolist(), self.alloc.alloc_lens.tolist()
+        need = sum(max(pages(seq[r] + n, p) - pages(allocs[r], p), 0) for r in rows)
+        fails = any(seq[r] + n > self.MAX_CONTEXT_LEN for r in rows) or need > self.free_pages()
+        before = snapshot(self.alloc)
+        if fails:
+            with pytest.raises((OutOfSlotsError, allocator_module.ContextLengthError)):
+                self.alloc.alloc_draft(self.as_rows(data, rows), n)
+            assert_unchanged(self.alloc, before)
+            event("draft: fails")
+            return None
+        out, _ = self.alloc.alloc_draft(self.as_rows(data, rows), n)
+        self.window.update(dict.fromkeys(rows, n))
+        return out
+
+    @rule(data=st.data())
+    def branches(self, data):
+        rows = self.pick_rows(data)
+        topk = data.draw(st.integers(1, 3), label="topk")
+        steps = data.draw(st.integers(1, 2 * self.PAGE_SIZE + 1), label="num_steps")
+        p = self.PAGE_SIZE
+        seq = self.alloc.seq_lens.tolist()
+        need = sum(topk * pages(seq[r] % p + steps, p) for r in rows)
+        before = snapshot(self.alloc)
+        if need > self.free_pages():
+            event("branches: fail")
+            with pytest.raises(OutOfSlotsError):
+                self.alloc.alloc_branches(self.as_rows(data, rows), topk, steps)
+            assert_unchanged(self.alloc, before)
+            return
+        slots, src, dst = self.alloc.alloc_branches(self.as_rows(data, rows), topk, steps, return_copies=True)
+        check_branches(self.alloc, rows, topk, steps, slots, src, dst, self.model)
+
+    @rule(data=st.data())
+    def release(self, data):
+        self.alloc.release_branches(self.as_rows(data, self.pick_rows(data)))
+
+    @rule(data=st.data())
+    def chain_step(self, data):
+        rows = self.pick_rows(data, everyone=data.draw(st.booleans(), label="everyone"))
+        n = data.draw(st.integers(0, self.MAX_TREE), label="N")
+        out = self.try_draft(data, rows, n)
+        if out is None:
+            return
+        tags = self.model.verify(out)
+        accept = [data.draw(st.integers(0, n), label="accept") for _ in rows]
+        self.alloc.commit(self.as_rows(data, rows), torch.tensor(accept, dtype=torch.int64))
+        index = torch.arange(n).repeat(len(rows), 1) if n else torch.zeros(len(rows), 0, dtype=torch.int64)
+        self.model.accept(rows, tags, n, index, accept)
+        self.window.update(dict.fromkeys(rows, 0))
+        self.learn()
+
+    @rule(data=st.data())
+    def tree_step(self, data):
+        rows = self.pick_rows(data, everyone=data.draw(st.booleans(), label="everyone"))
+        if data.draw(st.booleans(), label="with branches"):
+            self.branches(data)
+        tree = data.draw(st.integers(1, self.MAX_TREE), label="T")
+        out = self.try_draft(data, rows, tree)
+        if out is None:
+            return
+        tags = self.model.verify(out)
+        seed = data.draw(st.integers(0, 2**16), label="paths")
+        index, lens = random_paths(random.Random(seed), len(rows), tree)
+        index = index.to(data.draw(st.sampled_from([torch.int32, torch.int64]), label="index dtype"))
+        validate = data.draw(st.booleans(), label="validate")
+        src, dst = self.alloc.commit_tree(
+            self.as_rows(data, rows), index, torch.tensor(lens, dtype=torch.int64), validate=validate
+        )
+        self.model.apply(src, dst)
+        self.model.accept(rows, tags, tree, index, lens)
+        self.window.update(dict.fromkeys(rows, 0))
+        self.learn()
+
+    @invariant()
+    def state_matches_model(self):
+        if not hasattr(self, "alloc"):
+            return
+        check_tree_layout(self.alloc)
+        self.model.check()
+        assert {row: int(self.alloc.window_lens[row]) for row in self.window} == self.window
+
+    def teardown(self):
+        if not hasattr(self, "alloc"):
+            return
+        self.alloc.free_requests(self.alloc.rows_in_use())
+        assert self.alloc.num_free_slots() == self.alloc.num_slots
+        assert not self.alloc.num_branch_pages.any()
+        check_tree_layout(self.alloc)
+
+
+TREE_SETTINGS = settings(
+    max_examples=20, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+class TreePage1(TreeMachine):
+    PAGE_SIZE, NUM_PAGES = 1, 70
+
+
+class TreePage4(TreeMachine):
+    PAGE_SIZE, NUM_PAGES = 4, 24
+
+
+class TreePage16(TreeMachine):
+    PAGE_SIZE, NUM_PAGES, MAX_CONTEXT_LEN = 16, 14, 64
+
+
+TestTreePage1 = TreePage1.TestCase
+TestTreePage4 = TreePage4.TestCase
+TestTreePage16 = TreePage16.TestCase
+for _case in (TestTreePage1, TestTreePage4, TestTreePage16):
+    _case.settings = TREE_SETTINGS
+del _case
+
+
+# ------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [1, 64], ids=lambda p: f"page{p}")
+def test_gpu_graph_captures_a_whole_tree_step(page_size):
+    """alloc_branches + alloc_draft + commit_tree captured once and replayed with new paths: the same outputs and
+    state as the same calls run eagerly (whose KV bookkeeping the CPU tests check)."""
+    bs, topk, steps, tree, replays = 48, 4, 5, 8, 40
+    prompt_lens = [(13 * i) % 200 for i in range(bs)]
+    context = 256 + tree * (replays + 2)
+    num_slots = bs * (pages(context, page_size) + 2 * topk) * page_size
+    graphed, eager = (DraftCacheAllocator(num_slots, bs, context, page_size=page_size, device="cuda") for _ in "ge")
+    rows = graphed.add_requests(prompt_lens)
+    assert torch.equal(eager.add_requests(prompt_lens), rows)
+    index = torch.zeros(bs, tree, dtype=torch.int64, device="cuda")
+    lens = torch.zeros(bs, dtype=torch.int64, device="cuda")
+    slots = torch.empty(bs * topk * steps, dtype=torch.int64, device="cuda")
+    copies = [torch.empty(bs * topk * (page_size - 1), dtype=torch.int64, device="cuda") for _ in range(2)]
+    out, last = (torch.empty(n, dtype=torch.int64, device="cuda") for n in (bs * tree, bs))
+    kv_pairs = [torch.empty(bs * tree, dtype=torch.int64, device="cuda") for _ in range(2)]
+
+    def step(alloc, outputs):
+        alloc.alloc_branches(rows, topk, steps, out=outputs[0], copy_src=outputs[1], copy_dst=outputs[2])
+        alloc.alloc_draft(rows, tree, out_cache_loc=outputs[3], last_loc=outputs[4])
+        alloc.commit_tree(rows, index, lens, kv_src=outputs[5], kv_dst=outputs[6])
+
+    outputs = [slots, *copies, out, last, *kv_pairs]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step(graphed, outputs)  # compile, size the branch table and warm up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    step(eager, [torch.empty_like(t) for t in outputs])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(graphed, outputs)
+    rng = random.Random(page_size)
+    for _ in range(replays):
+        host_index, host_lens = random_paths(rng, bs, tree)
+        index.copy_(host_index)
+        lens.copy_(torch.tensor(host_lens, dtype=torch.int64))
+        graph.replay()
+        eager_outputs = [torch.empty_like(t) for t in outputs]
+        step(eager, eager_outputs)
+        for got, expected in zip(outputs, eager_outputs):
+            assert torch.equal(got, expected)
+    torch.cuda.synchronize()
+    graphed.refresh()
+    for name in STATE_TENSORS:
+        assert torch.equal(getattr(graphed, name), getattr(eager, name)), name
+    check_tree_layout(graphed)
+    graphed.free_requests(rows)
+    assert graphed.num_free_slots() == graphed.num_slots
