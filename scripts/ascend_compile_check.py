@@ -20,7 +20,8 @@ cannot drift from it. Exercised:
              page sizes 1, 16, 64, 128, rows as int32/int64 tensors and lists, N in 1..64: prefill
              (add_requests), draft with read-back (alloc_draft: emit on, int64 and int32 buffers), draft
              without (reserve_draft: emit off), commit, free_requests (with and without keep_lens),
-             prefixes from a prefix cache (add_requests with prefix_slots), release_slots
+             prefixes from a prefix cache (add_requests with prefix_slots), release_slots, and a tree step
+             (alloc_branches, alloc_draft releasing them, commit_tree; release by commit, release_branches, free)
 
 Each distinct variant (kernel, dtypes, alignment, constexprs) is compiled from the normal (not interpreted)
 module `specdec_ops.kernels.<module>`, through these stages; the line printed per variant names the last one
@@ -216,6 +217,21 @@ def _add_with_prefix(alloc, n: int) -> None:
     alloc.free_requests(alloc.add_requests([p + n, p], prefix_slots=slots, prefix_lens=[p, p]))
 
 
+def _tree_size(alloc, n: int) -> int:
+    """The verified tree's node count for draft length ``n``, within what commit_tree takes on an NPU."""
+    return min(n, 32 if alloc.page_size == 1 else 64)
+
+
+def _commit_tree(alloc, rows, n: int) -> None:
+    t = _tree_size(alloc, n)
+    index = torch.arange(t, dtype=torch.int64).expand(3, t).contiguous()
+    alloc.commit_tree(rows, index if isinstance(rows, list) else index.to(rows.dtype), [t // 2] * 3)
+
+
+def _branches(alloc, rows, n: int) -> None:
+    alloc.alloc_branches(rows, 4, n, return_copies=alloc.page_size > 1)
+
+
 ALLOCATOR_METHODS = [
     ("add_requests", lambda alloc, rows, n: alloc.free_requests(alloc.add_requests([n, 0, 3 * n + 1]).tolist())),
     ("alloc_draft", lambda alloc, rows, n: alloc.alloc_draft(rows, n)),
@@ -223,6 +239,16 @@ ALLOCATOR_METHODS = [
     ("reserve_draft", lambda alloc, rows, n: alloc.reserve_draft(rows, n)),
     ("commit", lambda alloc, rows, n: alloc.commit(rows, [n // 2] * 3)),
     ("commit", lambda alloc, rows, n: alloc.commit(rows, _int32(3, n // 2))),
+    # A tree step: branches, the verify window (which releases them in its own launch), the tree commit; then
+    # branches released by commit, by release_branches, and by free_requests below.
+    ("alloc_branches", _branches),
+    ("alloc_draft", lambda alloc, rows, n: alloc.alloc_draft(rows, _tree_size(alloc, n))),
+    ("commit_tree", _commit_tree),
+    ("alloc_branches", _branches),
+    ("commit", lambda alloc, rows, n: alloc.commit(rows, [0] * 3)),
+    ("alloc_branches", _branches),
+    ("release_branches", lambda alloc, rows, n: alloc.release_branches(rows)),
+    ("alloc_branches", _branches),
     ("free_requests", lambda alloc, rows, n: alloc.free_requests(rows)),
     ("free_requests", lambda alloc, rows, n: alloc.free_requests(alloc.add_requests([n, 1]), keep_lens=[0, 0])),
     ("add_requests", lambda alloc, rows, n: _add_with_prefix(alloc, n)),

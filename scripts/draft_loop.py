@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help="pool size (rounded down to whole pages); default: a quarter of batch-size * max-context-len, so the pool "
-        "fills up and the loop has to preempt",
+        "fills up and the loop has to preempt, plus in tree mode the branches' scratch pages of every request",
     )
     parser.add_argument("--finish-prob", type=float, default=0.03, help="chance that a request finishes each step")
     parser.add_argument("--arrival-prob", type=float, default=0.5, help="chance that a free row gets a request")
@@ -110,6 +110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--max-prompt-len + --num-draft-tokens must fit in --max-context-len")
     if args.num_slots is None:
         args.num_slots = args.batch_size * args.max_context_len // 4
+        if args.topk > 1:  # and the branches' scratch: each branch has pages of its own
+            per_branch = triton.cdiv(args.page_size - 1 + args.num_steps, args.page_size) * args.page_size
+            args.num_slots += args.batch_size * args.topk * per_branch
     args.num_slots -= args.num_slots % args.page_size
     if args.num_slots < args.page_size * triton.cdiv(args.max_context_len, args.page_size):
         parser.error("--num-slots must hold at least one request of --max-context-len tokens")
