@@ -68,6 +68,9 @@ _MAX_TILE = 256
 _SCAN_BLOCK = 2048
 _NPU_ALLOC_ELEMENTS = 128
 _NPU_MAX_TILE = 32
+# A draft that also releases branch pages (RELEASE) carries more per request: 16 requests, [16, 16] at most.
+_NPU_RELEASE_ALLOC_ELEMENTS = 256
+_NPU_RELEASE_MAX_TILE = 16
 _NPU_SCAN_BLOCK = 256
 # [TILE, BLOCK_P] tile of the kernel that returns pages to the ring.
 _FREE_TILE = 64
@@ -88,7 +91,7 @@ _TREE_ELEMENTS = 4096
 _TREE_MAX_TILE = 64
 _NPU_TREE_ELEMENTS = 512
 _NPU_TREE_CUBE_ELEMENTS = 2048
-_NPU_TREE_MAX_TILE = 16
+_NPU_TREE_MAX_TILE = 8
 _MAX_TREE = 256
 # On an NPU, page 1 re-points through [TILE, T, T] tiles: T <= 32 keeps them in the on-chip buffer (and TILE >= 2,
 # as triton-adapter-opt rejects some one-request tiles).
@@ -1038,7 +1041,12 @@ class DraftCacheAllocator:
         """(TILE, constexprs) of the allocation kernel for this kind of call."""
         npu = backend.is_npu(self.device)
         block_n = _MAX_BLOCK_N if prefill else _block_n(window_len)
-        elements, max_tile = (_NPU_ALLOC_ELEMENTS, _NPU_MAX_TILE) if npu else (_ALLOC_ELEMENTS, _MAX_TILE)
+        if not npu:
+            elements, max_tile = _ALLOC_ELEMENTS, _MAX_TILE
+        elif release:
+            elements, max_tile = _NPU_RELEASE_ALLOC_ELEMENTS, _NPU_RELEASE_MAX_TILE
+        else:
+            elements, max_tile = _NPU_ALLOC_ELEMENTS, _NPU_MAX_TILE
         block_n = min(block_n, elements)
         tile = max(min(elements // block_n, max_tile), 1)
         constexprs = (

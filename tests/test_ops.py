@@ -311,24 +311,31 @@ def test_scan_over_many_earlier_tiles(device, persistent, scan_block):
     assert as_list(out[:n_tok]) == loop_out and as_list(last) == loop_last
 
 
-@pytest.mark.parametrize("window_len", [None, 4], ids=["ragged", "uniform4"])
-def test_ragged_windows_go_persistent_once_tiles_outnumber_cores(window_len, monkeypatch):
-    """The ragged scan reads bs * cores offsets in all with a persistent grid, bs**2 / (2 * TILE) without."""
+def test_ragged_tiles_grow_past_a_few_thousand_requests(monkeypatch):
+    """Off Ascend, one program per tile: 64-request ragged tiles up to _RAGGED_LARGE_BATCH, 256-request ones above."""
     grids = []
-    monkeypatch.setattr(backend, "num_cores", lambda _device: 3)
-    monkeypatch.setattr(backend, "launch", lambda _kernel, grid, *args: grids.append(grid))
-    tile = dict(ops._window_constexprs(window_len))["TILE"]
-    for bs in (2 * tile, 5 * tile):
-        batch = make_batch(bs, "uniform", 4)
+    monkeypatch.setattr(
+        backend,
+        "launch",
+        lambda _kernel, grid, _device, _t, _s, constexprs, *_: grids.append((grid, dict(constexprs)["TILE"])),
+    )
+    for bs in (ops._RAGGED_LARGE_BATCH, ops._RAGGED_LARGE_BATCH + 1):
+        batch = make_batch(bs, "uniform", 2)
         specdec_ops.get_last_loc_and_assign_extend_cache_locs(
-            batch.req_to_token,
-            batch.req_pool_indices,
-            batch.start_offset,
-            batch.end_offset,
-            num_tokens=bs * 4,
-            window_len=window_len,
+            batch.req_to_token, batch.req_pool_indices, batch.start_offset, batch.end_offset, num_tokens=bs * 2
         )
-    assert grids == [(2,), (3,)] if window_len is None else [(2,), (5,)]
+    small, large = ops._RAGGED_TILE, ops._RAGGED_LARGE_TILE
+    assert grids == [((4096 // small,), small), ((-(-4097 // large),), large)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_ragged_batches_are_exact(device):
+    """Past _RAGGED_LARGE_BATCH the ragged kernel takes 256-request tiles: still exact, tail untouched."""
+    batch = make_batch(ops._RAGGED_LARGE_BATCH + 77, "ragged", 2, seed=5, device=device, num_rows=300)
+    loop_out, loop_last = loop_reference(batch)
+    out, last, n_tok = run_fused(batch, persistent=None)
+    assert as_list(out[:n_tok]) == loop_out and as_list(last) == loop_last
+    assert as_list(out[n_tok:]) == [SENTINEL] * TAIL
 
 
 @pytest.mark.parametrize("device", DEVICES)

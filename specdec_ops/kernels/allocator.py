@@ -111,8 +111,10 @@ def _branch_counts(k, in_range, req_pool_indices, num_branch_pages, num_rows, br
     ``[0, branch_width]``)."""
     rows = tl.load(req_pool_indices + k, mask=in_range, other=-1).to(tl.int32)
     valid = in_range & (rows >= 0) & (rows < num_rows)
+    # Masked lanes load 0. No tl.where on the mask here: held feeds 2-D masks, and a where on the batch mask that
+    # feeds one crashes triton-adapter-opt (docs/design.md).
     held = tl.load(num_branch_pages + rows, mask=valid, other=0).to(tl.int32)
-    return rows, valid, tl.where(valid, tl.minimum(tl.maximum(held, 0), branch_width), 0)
+    return rows, valid, tl.minimum(tl.maximum(held, 0), branch_width)
 
 
 @triton.jit
@@ -684,8 +686,13 @@ def _alloc_branches_kernel(
     num_tiles = (bs + TILE - 1) // TILE
     head = tl.load(counters).to(tl.int32)
     count = tl.load(counters + 1).to(tl.int32)
+    # A launch of one program writes the shared state as it goes (no ticket). Sums of the requests before the next
+    # tile: other programs' from memory (held_sums, need_sums), this program's own earlier tiles carried (own_*).
+    alone = num_programs == 1
     held_sums = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
     need_sums = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
+    own_held = tl.full([TILE], 0, dtype=tl.int32)
+    own_need = tl.full([TILE], 0, dtype=tl.int32)
     scanned = tl.full([], 0, dtype=tl.int32)
     cols = tl.arange(0, BLOCK_R)
     width = topk * num_steps
@@ -709,7 +716,7 @@ def _alloc_branches_kernel(
             )
             held_sums += held_earlier
             need_sums += need_earlier
-        scanned = tile_start
+        scanned = tile_start + TILE
         offs = tile_start + tl.arange(0, TILE)  # [TILE]
         in_batch = offs < bs
         rows, valid, held, seq, off, per_branch, need = _branch_needs(
@@ -726,12 +733,21 @@ def _alloc_branches_kernel(
             PAGE_SIZE,
             PAGE_SHIFT,
         )
-        held_start = count + tl.reduce(held_sums, 0, _add) + tl.associative_scan(held, 0, _add) - held  # [TILE]
+        held_before = tl.reduce(own_held, 0, _add)
+        need_before = tl.reduce(own_need, 0, _add)
+        if (tile_start > 0) & (num_programs > 1):  # other programs' requests came before this tile
+            held_before += tl.reduce(held_sums, 0, _add)
+            need_before += tl.reduce(need_sums, 0, _add)
+        held_start = count + held_before + tl.associative_scan(held, 0, _add) - held  # [TILE]
+        own_held += held
+        own_need += need
         _push_branch_pages(
             rows, valid, held, held_start, branch_pages, free_pages, head, num_pages, branch_stride, BLOCK_R
         )
         tl.debug_barrier()  # the old pages are read before the new ones overwrite them
-        excl = tl.reduce(need_sums, 0, _add) + tl.associative_scan(need, 0, _add) - need  # [TILE]
+        excl = need_before + tl.associative_scan(need, 0, _add) - need  # [TILE]
+        if alone:  # no other program reads these counts
+            tl.store(num_branch_pages + rows, need.to(num_branch_pages.dtype.element_ty), mask=valid)
         branch_addr = rows.to(tl.int64) * branch_stride  # [TILE]
         for k0 in range(0, tl.reduce(need, 0, _maximum), BLOCK_R):
             k = k0 + cols  # [BLOCK_R]
@@ -777,7 +793,12 @@ def _alloc_branches_kernel(
                 dst_addr = copy_base[:, None] + c[None, :]
                 tl.store(copy_src + dst_addr, src.to(copy_src.dtype.element_ty), mask=in_out)
                 tl.store(copy_dst + dst_addr, dst.to(copy_dst.dtype.element_ty), mask=in_out)
-    if _take_ticket(counters) == num_programs - 1:
+    if alone:
+        popped = tl.minimum(tl.reduce(own_need, 0, _add), count)
+        pushed = tl.minimum(tl.reduce(own_held, 0, _add), num_pages - count)
+        tl.store(counters, _ring_index(head, popped, num_pages).to(counters.dtype.element_ty))
+        tl.store(counters + 1, (count - popped + pushed).to(counters.dtype.element_ty))
+    elif _take_ticket(counters) == num_programs - 1:
         pushed_lanes = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
         popped_lanes = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
         for k0 in range(0, bs, SCAN_BLOCK):
