@@ -113,6 +113,7 @@ def measure(variant: str, bs: int, n: int, page_size: int, args: argparse.Namesp
 
 
 def plot(rows: list[dict], args: argparse.Namespace, env: dict[str, str], path: Path) -> None:
+    env_line = harness.format_environment(env)[1].removeprefix("device: ")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,7 +141,7 @@ def plot(rows: list[dict], args: argparse.Namespace, env: dict[str, str], path: 
     axes[0][0].set_ylabel("µs per step" + (" (graph replay)" if args.mode == "graph" else " (interpreter, eager)"))
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels) // 2 or 1, frameon=False)
-    what = "Triton interpreter on CPU: says nothing about device speed" if args.interpreted else env["device"]
+    what = "Triton interpreter on CPU: says nothing about device speed" if args.interpreted else env_line
     fig.suptitle(f"DraftCacheAllocator step: alloc_draft + commit (fused) vs 5 launches (unfused)\n{what}")
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
