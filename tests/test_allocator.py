@@ -36,6 +36,8 @@ STATE_TENSORS = (
     "free_pages",
     "free_head",
     "num_free_pages",
+    "branch_pages",
+    "num_branch_pages",
 )
 
 

@@ -14,35 +14,10 @@ from conftest import SENTINEL, sentinel_like
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from test_allocator import STATE_TENSORS, assert_unchanged, pages, snapshot
 
 import specdec_ops.allocator as allocator_module
 from specdec_ops.allocator import DraftCacheAllocator, OutOfSlotsError
-
-STATE_TENSORS = (
-    "req_to_token",
-    "seq_lens",
-    "alloc_lens",
-    "window_lens",
-    "prefix_lens",
-    "free_pages",
-    "free_head",
-    "num_free_pages",
-    "branch_pages",
-    "num_branch_pages",
-)
-
-
-def pages(length: int, page_size: int) -> int:
-    return -(-length // page_size)
-
-
-def snapshot(alloc: DraftCacheAllocator) -> dict:
-    return {name: getattr(alloc, name).clone() for name in STATE_TENSORS}
-
-
-def assert_unchanged(alloc: DraftCacheAllocator, before: dict) -> None:
-    for name, value in before.items():
-        assert torch.equal(getattr(alloc, name), value), f"{name} changed"
 
 
 def branch_pages_of(alloc: DraftCacheAllocator) -> dict[int, list[int]]:
