@@ -313,13 +313,20 @@ def _text(x) -> str:
     return x.decode("utf-8", "replace") if isinstance(x, bytes) else x
 
 
-def first_error(text: str) -> str:
-    """The most telling line: a tool's assertion, else the first 'error:' line, without loc() prefixes."""
+def first_error(text: str, returncode: int = 1) -> str:
+    """The most telling line: a tool's assertion or crash, else the first 'error:' line, without loc() prefixes.
+
+    A crash (an assertion, a signal, LLVM's "Stack dump:") is worded ``TOOL crashed: ...``: the only failures that
+    are retried (see CRASH_RETRIES)."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     for ln in lines:
         m = re.match(r"([\w.-]+): (\S+?):(\d+): .*(Assertion `.*' failed\.)", ln)
         if m:
             return f"{m.group(1)} crashed: {m.group(4)} ({os.path.basename(m.group(2))}:{m.group(3)})"
+    if returncode < 0 or "Stack dump:" in text:
+        tool = next((os.path.basename(m.group(1)) for m in re.finditer(r"Program arguments: (\S+)", text)), "a tool")
+        signal = f"signal {-returncode}" if returncode < 0 else "stack dump, no assertion message"
+        return f"{tool} crashed: {signal}"
     errs = sorted((ln for ln in lines if "error:" in ln and "hivmc" not in ln), key=lambda ln: "Failed to run" in ln)
     pick = errs[0] if errs else (lines[-1] if lines else "(no message)")
     return re.sub(r'(loc\("[^"]*":\d+:\d+\):\s*)+', "", pick)[:300]
@@ -427,7 +434,7 @@ def compile_variant(launch: Launch, ub_limit: int) -> tuple[bool, str, str]:
         try:
             linalg = stages["ttadapter"](mod, metadata)
         except subprocess.CalledProcessError as e:
-            return False, "linalg", first_error(_text(e.stderr) or str(e))
+            return False, "linalg", first_error(_text(e.stderr) or str(e), e.returncode)
         except Exception as e:  # noqa: BLE001
             return False, "linalg", first_error(str(e))
         runner.results.clear()
