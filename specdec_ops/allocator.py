@@ -628,7 +628,7 @@ class DraftCacheAllocator:
             self._launch_release(rows, host_rows)
         npu = backend.is_npu(self.device)
         repoint = self.page_size == 1
-        block_t = 1 << max(tree - 1, 0).bit_length()
+        block_t = max(1 << max(tree - 1, 0).bit_length(), 2)  # size-1 tile dimensions: see docs/design.md
         if npu:
             elements = _NPU_TREE_CUBE_ELEMENTS // block_t if repoint else _NPU_TREE_ELEMENTS
             tile = max(min(elements // block_t, _NPU_TREE_MAX_TILE), 2)

@@ -889,13 +889,15 @@ def _commit_tree_kernel(
         if REPOINT:
             # Old slot of node j (axis 2) moves to position dest_j: accepted nodes to their rank among accepted
             # nodes, the others after the a accepted ones, in node order.
-            old = tl.load(req_to_token + (row_addr[:, None] + m[None, :]), mask=in_window, other=0)  # [TILE, j]
             hit = taken[:, :, None] & (node[:, :, None] == m[None, None, :])  # [TILE, m, j]
             chosen = tl.reduce(hit.to(tl.int32), 1, _maximum)  # [TILE, j]
             before = tl.associative_scan(chosen, 1, _add) - chosen
             dest = tl.where(chosen > 0, before, a[:, None] + m[None, :] - before)
             moves = in_window[:, None, :] & (dest[:, None, :] == m[None, :, None])  # [TILE, m, j]
-            new = tl.reduce(tl.where(moves, old.to(tl.int32)[:, None, :], 0), 2, _add)  # [TILE, m]
+            # Position m takes the old slot of the node j that moves there: reduce to j, then gather the slot. (A
+            # reduce result stored under a mask wrote masked-out lanes in triton-ascend 3.2's interpreter.)
+            src_node = tl.reduce(tl.where(moves, m[None, None, :], 0), 2, _add)  # [TILE, m]
+            new = tl.load(req_to_token + (row_addr[:, None] + src_node), mask=in_window, other=0).to(tl.int32)
             tl.debug_barrier()  # every old slot is read before the window is rewritten
             tl.store(
                 req_to_token + (row_addr[:, None] + m[None, :]), new.to(req_to_token.dtype.element_ty), mask=in_window
