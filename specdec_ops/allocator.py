@@ -40,11 +40,10 @@ from typing import Union
 
 import torch
 
-from . import backend
+from . import backend, tiles
 from .checks import INDEX_DTYPES as _INDEX_DTYPES
 from .checks import INT32_LIMIT as _INT32_LIMIT
 from .checks import check_vector as _check_vector
-from .ops import _MAX_BLOCK_N, _block_n
 
 __all__ = [
     "AllocationError",
@@ -1040,7 +1039,7 @@ class DraftCacheAllocator:
     ) -> tuple[int, tuple]:
         """(TILE, constexprs) of the allocation kernel for this kind of call."""
         npu = backend.is_npu(self.device)
-        block_n = _MAX_BLOCK_N if prefill else _block_n(window_len)
+        block_n = tiles.MAX_BLOCK_N if prefill else tiles.block_n(window_len)
         if not npu:
             elements, max_tile = _ALLOC_ELEMENTS, _MAX_TILE
         elif release:

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from . import backend
+from . import backend, tiles
 from .checks import INDEX_DTYPES, INT32_LIMIT, check_count, check_out, check_table, check_vector
 
 __all__ = [
@@ -24,7 +24,6 @@ __all__ = [
 _LAST_LOC_TILE = 1024
 # Uniform windows: a [TILE, BLOCK_N] gather tile of _GATHER_ELEMENTS slots, BLOCK_N covering the window.
 _GATHER_ELEMENTS = 512
-_MAX_BLOCK_N = 64
 # Ragged windows: a [TILE, BLOCK_N] gather tile, looped over the longest window of the tile. Every program also sums
 # the windows of all earlier requests, about bs**2 / (2 * TILE) reads in all. Small tiles cost less up to a few
 # thousand requests (H100: bs 1 ragged 2.8 -> 2.0 us against 256-request tiles); past _RAGGED_LARGE_BATCH the scan
@@ -98,11 +97,6 @@ def _launch_grid(num_tiles: int, device: torch.device, persistent: bool | None) 
     return (num_tiles,)
 
 
-def _block_n(window_len: int) -> int:
-    """Window columns per gather step: ``window_len`` rounded up to a power of two, in [2, _MAX_BLOCK_N]."""
-    return min(max(1 << (window_len - 1).bit_length(), 2), _MAX_BLOCK_N)
-
-
 @functools.cache
 def _window_constexprs(
     window_len: int | None, npu: bool = False, large: bool = False
@@ -113,7 +107,7 @@ def _window_constexprs(
         tile = _RAGGED_LARGE_TILE if large and not npu else _RAGGED_TILE
         block_n = _RAGGED_BLOCK_N
     else:
-        block_n = max(_block_n(window_len), _NPU_MIN_BLOCK_N) if npu else _block_n(window_len)
+        block_n = max(tiles.block_n(window_len), _NPU_MIN_BLOCK_N) if npu else tiles.block_n(window_len)
         tile = max(_GATHER_ELEMENTS // block_n, 16)
     scan_block = _SCAN_BLOCK // _NPU_SHRINK if npu else _SCAN_BLOCK
     return (("TILE", tile), ("BLOCK_N", block_n), ("SCAN_BLOCK", scan_block), ("UNIFORM", window_len is not None))
