@@ -524,17 +524,8 @@ class DraftCacheAllocator:
                 slots.
             validate: check rows and that ``0 <= accept_lens <= window_lens[rows]``; one device→host sync.
         """
-        rows, host_rows = self._device_rows(req_pool_indices)
+        rows, host_rows, accept = self._check_commit(req_pool_indices, accept_lens, validate)
         bs = rows.size(0)
-        accept, host_accept = self._device_ints("accept_lens", accept_lens)
-        if accept.size(0) != bs:
-            raise ValueError(f"accept_lens has {accept.size(0)} elements but req_pool_indices has {bs}")
-        if validate and host_rows is None:
-            host_rows = rows.tolist()
-        if host_rows is not None:
-            self._check_rows_in_use(host_rows)
-        if host_accept is not None:
-            self._check_host_accept(host_rows, host_accept)
         if validate and bs:
             window = self.window_lens[rows]
             bad = (accept < 0) | (accept > window)
@@ -604,21 +595,12 @@ class DraftCacheAllocator:
         Returns:
             ``(kv_src[:bs * T], kv_dst[:bs * T])``, int64 unless given.
         """
-        rows, host_rows = self._device_rows(req_pool_indices)
+        rows, host_rows, accept = self._check_commit(req_pool_indices, accept_lens, validate)
         bs = rows.size(0)
-        accept, host_accept = self._device_ints("accept_lens", accept_lens)
-        if accept.size(0) != bs:
-            raise ValueError(f"accept_lens has {accept.size(0)} elements but req_pool_indices has {bs}")
         tree = self._check_accept_index(accept_index, bs)
         n = bs * tree
         src = self._tree_buffer("kv_src", kv_src, n)
         dst = self._tree_buffer("kv_dst", kv_dst, n)
-        if validate and host_rows is None:
-            host_rows = rows.tolist()
-        if host_rows is not None:
-            self._check_rows_in_use(host_rows)
-        if host_accept is not None:
-            self._check_host_accept(host_rows, host_accept)
         if validate and bs:
             self._validate_tree(rows, accept_index, accept)
         if not bs:
@@ -1196,6 +1178,23 @@ class DraftCacheAllocator:
             cached = len(self._prefix_pages[row])
             new_pages += [slots[k * p] // p for k in range(cached, length // p)]
         return torch.tensor(kept, dtype=torch.int64, device=self.device), new_pages
+
+    def _check_commit(
+        self, req_pool_indices: IntVector, accept_lens: IntVector, validate: bool
+    ) -> tuple[torch.Tensor, list[int] | None, torch.Tensor]:
+        """The checks commit and commit_tree share; returns (rows on the device, rows on the host or None, accept
+        lengths on the device)."""
+        rows, host_rows = self._device_rows(req_pool_indices)
+        accept, host_accept = self._device_ints("accept_lens", accept_lens)
+        if accept.size(0) != rows.size(0):
+            raise ValueError(f"accept_lens has {accept.size(0)} elements but req_pool_indices has {rows.size(0)}")
+        if validate and host_rows is None:
+            host_rows = rows.tolist()
+        if host_rows is not None:
+            self._check_rows_in_use(host_rows)
+        if host_accept is not None:
+            self._check_host_accept(host_rows, host_accept)
+        return rows, host_rows, accept
 
     def _check_host_accept(self, host_rows: list[int] | None, accept: list[int]) -> None:
         """Accept lengths given as a list: each in [0, the row's window], as far as the host knows the window."""

@@ -63,6 +63,13 @@ def assert_unchanged(alloc: DraftCacheAllocator, before: dict) -> None:
             assert after[name] == value, f"{name} changed"
 
 
+def branch_pages_of(alloc: DraftCacheAllocator) -> dict[int, list[int]]:
+    """The branch pages each row holds (tree drafts)."""
+    counts = alloc.num_branch_pages.tolist()
+    table = alloc.branch_pages.tolist()
+    return {row: table[row][: counts[row]] for row in range(alloc.max_requests) if counts[row]}
+
+
 def check_layout(alloc: DraftCacheAllocator, *, ask_free_slots: bool = True) -> dict[int, list[int]]:
     """Check every guarantee that the device state alone must keep; returns the owned slots of each row in use.
 
@@ -101,17 +108,23 @@ def check_layout(alloc: DraftCacheAllocator, *, ask_free_slots: bool = True) -> 
         assert set(row_pages[:shared]) <= cache, f"row {row}: a prefix page is not the cache's"
         assert not set(row_pages[shared:]) & cache, f"row {row}: owns a page of the cache"
         owned_pages += row_pages[shared:]
+    # Branch pages (tree drafts) belong to their row, apart from its positions.
+    branches = branch_pages_of(alloc)
+    assert set(branches) <= live, "a free row holds branch pages"
+    branch_list = [page for row_pages in branches.values() for page in row_pages]
+    assert all(1 <= page <= alloc.num_pages for page in branch_list), "a branch page outside the pool"
+    owned_pages += branch_list
     assert len(owned_pages) == len(set(owned_pages)), "a page is owned twice"
     free = alloc.free_page_list()
     assert len(free) == len(set(free)), "a page is free twice"
     assert sorted(free + owned_pages + sorted(cache)) == list(range(1, alloc.num_pages + 1)), (
-        "the free ring, the live requests and the cache do not account for the pool"
+        "the free ring, the live requests (branches included) and the cache do not account for the pool"
     )
     if ask_free_slots:
         assert alloc.num_free_slots() == alloc.num_slots - p * (len(owned_pages) + len(cache))
         assert alloc.num_cached_slots() == p * len(cache)
-    # The host bound may only overestimate.
-    assert alloc._pages_bound >= len(owned_pages)
+    # The host bounds may only overestimate.
+    assert alloc._pages_bound + alloc._branch_bound() >= len(owned_pages)
     assert alloc._alloc_len_bound >= max([alloc_lens[row] for row in live], default=0)
     return owned
 

@@ -14,58 +14,10 @@ from conftest import SENTINEL, sentinel_like
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
-from test_allocator import STATE_TENSORS, assert_unchanged, pages, snapshot
+from test_allocator import STATE_TENSORS, assert_unchanged, branch_pages_of, check_layout, pages, snapshot
 
 import specdec_ops.allocator as allocator_module
 from specdec_ops.allocator import DraftCacheAllocator, OutOfSlotsError
-
-
-def branch_pages_of(alloc: DraftCacheAllocator) -> dict[int, list[int]]:
-    counts = alloc.num_branch_pages.tolist()
-    table = alloc.branch_pages.tolist()
-    return {row: table[row][: counts[row]] for row in range(alloc.max_requests) if counts[row]}
-
-
-def check_tree_layout(alloc: DraftCacheAllocator) -> dict[int, list[int]]:
-    """check_layout of test_allocator with branch pages: they belong to their row, are disjoint from every other
-    page and never the padding page; free ring + live pages + branch pages + cache pages make up the pool.
-    Returns the owned slots of each row in use."""
-    p = alloc.page_size
-    table = alloc.req_to_token.cpu()
-    seq_lens, alloc_lens = alloc.seq_lens.tolist(), alloc.alloc_lens.tolist()
-    window_lens, prefix_lens = alloc.window_lens.tolist(), alloc.prefix_lens.tolist()
-    live = set(alloc.rows_in_use())
-    cache = set(alloc.cached_pages())
-    branches = branch_pages_of(alloc)
-    assert set(branches) <= live, "a free row holds branch pages"
-    owned, all_pages = {}, []
-    for row in range(alloc.max_requests):
-        slots = table[row].tolist()
-        if row not in live:
-            assert seq_lens[row] == alloc_lens[row] == window_lens[row] == prefix_lens[row] == 0
-            assert not any(slots), f"free row {row} is not cleared"
-            continue
-        n = alloc_lens[row]
-        assert 0 <= seq_lens[row] <= seq_lens[row] + window_lens[row] <= n <= alloc.max_context_len
-        assert not any(slots[n:]), f"row {row} has slots past alloc_len {n}"
-        mine = slots[:n]
-        for pos, slot in enumerate(mine):
-            assert p <= slot < alloc.total_slots, f"row {row} pos {pos}: slot {slot} outside the pool"
-            assert slot % p == pos % p, f"row {row} pos {pos}: slot {slot} breaks the paged layout"
-            assert slot // p == mine[pos - pos % p] // p, f"row {row} pos {pos}: a page is split"
-        owned[row] = mine
-        row_pages = [mine[k * p] // p for k in range(pages(n, p))]
-        shared = prefix_lens[row] // p
-        assert set(row_pages[:shared]) <= cache
-        all_pages += row_pages[shared:]
-    branch_list = [page for row_pages in branches.values() for page in row_pages]
-    assert all(1 <= page <= alloc.num_pages for page in branch_list), "a branch page outside the pool"
-    free = alloc.free_page_list()
-    every = free + all_pages + branch_list + sorted(cache)
-    assert len(every) == len(set(every)), "a page is owned twice"
-    assert sorted(every) == list(range(1, alloc.num_pages + 1)), "the pool is not accounted for"
-    assert alloc._pages_bound + alloc._branch_bound() >= len(all_pages) + len(branch_list)
-    return owned
 
 
 def random_paths(rng: random.Random, bs: int, tree: int, windows: list[int] | None = None):
@@ -159,7 +111,7 @@ def test_commit_tree_moves_the_accepted_kv_into_place(page_size, tree):
         model.apply(src, dst)
         model.accept(rows.tolist(), tags, tree, index, lens)
         model.check()
-        check_tree_layout(alloc)
+        check_layout(alloc, ask_free_slots=False)
     alloc.free_requests(rows)
     assert alloc.num_free_slots() == alloc.num_slots
 
@@ -192,7 +144,7 @@ def test_commit_tree_page1_repoints_the_window():
     assert int(alloc.seq_lens[0]) == 6
     out2, _ = alloc.alloc_draft(rows, 3)
     assert out2.tolist() == expected[3:]
-    check_tree_layout(alloc)
+    check_layout(alloc, ask_free_slots=False)
 
 
 @pytest.mark.parametrize("page_size", [1, 4], ids=lambda p: f"page{p}")
@@ -221,7 +173,7 @@ def test_bad_paths_never_corrupt_the_pool(page_size):
     assert src.shape == (4 * tree,)
     assert ((src >= 0) & (src < alloc.total_slots) & (dst >= 0) & (dst < alloc.total_slots)).all()
     assert dst[3 * tree :].tolist() == [0] * tree, "no window: pairs 0 -> 0"
-    check_tree_layout(alloc)
+    check_layout(alloc, ask_free_slots=False)
     index2, lens2 = random_paths(rng, 4, tree)
     alloc.commit_tree(rows, index2, lens2)  # no window open any more: commits nothing
     assert alloc.seq_lens[rows].tolist() == [s + d for s, d in zip(seq, [2, 0, 2, 0])]
@@ -268,7 +220,7 @@ def check_branches(alloc, rows, topk, steps, slots, copy_src, copy_dst, model: K
     """Branch slots: disjoint from everything owned and from each other, paged, and after the copies a paged
     attention kernel reading a branch's page table sees the committed prefix."""
     p = alloc.page_size
-    owned = check_tree_layout(alloc)
+    owned = check_layout(alloc, ask_free_slots=False)
     owned_slots = {slot for row_slots in owned.values() for slot in row_slots}
     flat = slots.reshape(-1).tolist()
     assert len(set(flat)) == len(flat), "a branch slot appears twice"
@@ -310,7 +262,7 @@ def test_alloc_branches(page_size, topk, steps):
         check_branches(alloc, rows.tolist(), topk, steps, slots, copy_src, copy_dst, model)
     alloc.release_branches(rows)
     assert alloc.num_free_slots() == free and not alloc.num_branch_pages.any()
-    check_tree_layout(alloc)
+    check_layout(alloc, ask_free_slots=False)
 
 
 @pytest.mark.parametrize("release", ["alloc_draft", "commit", "commit_tree", "free", "reserve_draft"])
@@ -338,7 +290,7 @@ def test_branches_are_released_by_the_next_step(release, as_list):
     assert not alloc.num_branch_pages.any()
     assert alloc.num_free_slots() == free
     assert not alloc._branches_may_exist(), "the host knows the same rows released them"
-    check_tree_layout(alloc)
+    check_layout(alloc, ask_free_slots=False)
 
 
 def test_chain_users_never_launch_a_release(monkeypatch):
@@ -371,7 +323,7 @@ def test_out_of_slots_for_branches_is_all_or_nothing(page_size):
     alloc.release_branches(rows)
     alloc.alloc_branches(rows[:1], 8 // per_branch, steps)  # exactly the 8 free pages
     assert alloc.num_free_slots() == 0
-    check_tree_layout(alloc)
+    check_layout(alloc, ask_free_slots=False)
     alloc.free_requests(rows)
     assert alloc.num_free_slots() == alloc.num_slots
 
@@ -387,7 +339,7 @@ def test_no_sync_in_a_tree_loop_with_headroom():
         alloc.commit_tree(rows, index, torch.tensor(lens, dtype=torch.int64))
     assert alloc.num_syncs == 0
     assert not alloc._branches_may_exist()
-    check_tree_layout(alloc)
+    check_layout(alloc, ask_free_slots=False)
 
 
 # ---------------------------------------------------------------------------------------- many programs
@@ -422,7 +374,7 @@ def tree_loop(alloc: DraftCacheAllocator, steps: int, seed: int, topk: int = 3, 
         model.accept(live, tags, tree, index, lens)
         model.check()
         outputs.append([t.tolist() for t in (slots, copy_src, copy_dst, out, last, src, dst)])
-    check_tree_layout(alloc)
+    check_layout(alloc, ask_free_slots=False)
     return outputs
 
 
@@ -612,7 +564,7 @@ class TreeMachine(RuleBasedStateMachine):
     def state_matches_model(self):
         if not hasattr(self, "alloc"):
             return
-        check_tree_layout(self.alloc)
+        check_layout(self.alloc, ask_free_slots=False)
         self.model.check()
         assert {row: int(self.alloc.window_lens[row]) for row in self.window} == self.window
 
@@ -622,7 +574,7 @@ class TreeMachine(RuleBasedStateMachine):
         self.alloc.free_requests(self.alloc.rows_in_use())
         assert self.alloc.num_free_slots() == self.alloc.num_slots
         assert not self.alloc.num_branch_pages.any()
-        check_tree_layout(self.alloc)
+        check_layout(self.alloc, ask_free_slots=False)
 
 
 TREE_SETTINGS = settings(
@@ -701,6 +653,6 @@ def test_gpu_graph_captures_a_whole_tree_step(page_size):
     graphed.refresh()
     for name in STATE_TENSORS:
         assert torch.equal(getattr(graphed, name), getattr(eager, name)), name
-    check_tree_layout(graphed)
+    check_layout(graphed)
     graphed.free_requests(rows)
     assert graphed.num_free_slots() == graphed.num_slots
