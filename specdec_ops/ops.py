@@ -25,15 +25,19 @@ _LAST_LOC_TILE = 1024
 # Uniform windows: a [TILE, BLOCK_N] gather tile of _GATHER_ELEMENTS slots, BLOCK_N covering the window.
 _GATHER_ELEMENTS = 512
 # Ragged windows: a [TILE, BLOCK_N] gather tile, looped over the longest window of the tile. Every program also sums
-# the windows of all earlier requests, about bs**2 / (2 * TILE) reads in all. Small tiles cost less up to a few
-# thousand requests (H100: bs 1 ragged 2.8 -> 2.0 us against 256-request tiles); past _RAGGED_LARGE_BATCH the scan
-# dominates and 256-request tiles halve it (bs 65536: 47 -> 24 us). Two specialisations, a fixed threshold: a new
-# batch size compiles nothing new once both exist. Ascend keeps the small tile (its grid is one program per core).
-_RAGGED_TILE = 64
-_RAGGED_LARGE_TILE = 256
-_RAGGED_LARGE_BATCH = 4096
-_RAGGED_BLOCK_N = 16
-# Requests summed per step when a program adds up the windows of all earlier tiles.
+# the windows of all earlier requests (about bs**2 / (2 * TILE) reads in all), SCAN_BLOCK of them per step. Off
+# Ascend the batch size picks one of a few fixed classes, (largest batch, TILE, SCAN_BLOCK): small tiles and a scan
+# block no wider than the batch cost least up to a few thousand requests; past that the scan dominates and
+# 256-request tiles halve it (H100 graph replay, docs/performance.md). A new batch size compiles nothing new once its
+# class exists. Ascend keeps one class (its grid is one program per core), with 32-request tiles: the first column
+# block is read while the earlier windows are summed, and [64, 16] tiles took up to 144.5 KiB of its on-chip buffer.
+_RAGGED_CLASSES = ((256, 16, 256), (1024, 16, 1024), (4096, 32, 4096), (None, 256, 4096))
+_NPU_RAGGED_TILE = 32
+# Ragged gather columns per step off Ascend: twice the mean window, rounded up to a power of two, at least this (the
+# longest window of a tile is read in one step in most batches); Ascend keeps _NPU_RAGGED_BLOCK_N.
+_RAGGED_MIN_BLOCK_N = 8
+_NPU_RAGGED_BLOCK_N = 16
+# Requests summed per step when a program adds up the windows of all earlier tiles (at most).
 _SCAN_BLOCK = 4096
 # Ascend: a quarter of the scan block, to keep the live tiles well inside the 192 KB on-chip buffer.
 _NPU_SHRINK = 4
@@ -99,18 +103,33 @@ def _launch_grid(num_tiles: int, device: torch.device, persistent: bool | None) 
 
 @functools.cache
 def _window_constexprs(
-    window_len: int | None, npu: bool = False, large: bool = False
+    window_len: int | None, npu: bool = False, ragged_class: int = 0, block_n: int = _NPU_RAGGED_BLOCK_N
 ) -> tuple[tuple[str, object], ...]:
-    """Constexprs of the window kernels: requests per program, window columns per gather step, ...; ``large``:
-    a ragged batch of more than _RAGGED_LARGE_BATCH requests."""
+    """Constexprs of the window kernels: requests per program, window columns per gather step, earlier requests
+    summed per step, uniform or not. Ragged windows off Ascend: ``ragged_class`` indexes _RAGGED_CLASSES and
+    ``block_n`` is the gather's column block (``_ragged_shape``)."""
+    scan_block = _SCAN_BLOCK // _NPU_SHRINK if npu else _SCAN_BLOCK
     if window_len is None:
-        tile = _RAGGED_LARGE_TILE if large and not npu else _RAGGED_TILE
-        block_n = _RAGGED_BLOCK_N
+        if npu:
+            tile = _NPU_RAGGED_TILE
+            block_n = _NPU_RAGGED_BLOCK_N
+        else:
+            _, tile, class_scan = _RAGGED_CLASSES[ragged_class]
+            scan_block = min(class_scan, scan_block)
     else:
         block_n = max(tiles.block_n(window_len), _NPU_MIN_BLOCK_N) if npu else tiles.block_n(window_len)
         tile = max(_GATHER_ELEMENTS // block_n, 16)
-    scan_block = _SCAN_BLOCK // _NPU_SHRINK if npu else _SCAN_BLOCK
     return (("TILE", tile), ("BLOCK_N", block_n), ("SCAN_BLOCK", scan_block), ("UNIFORM", window_len is not None))
+
+
+def _ragged_shape(bs: int, num_tokens: int) -> tuple[int, int]:
+    """(class, column block) of a ragged launch off Ascend: the first of _RAGGED_CLASSES that holds ``bs``, and
+    twice the mean window rounded up to a power of two in [_RAGGED_MIN_BLOCK_N, tiles.MAX_BLOCK_N]."""
+    ragged_class = 0
+    while _RAGGED_CLASSES[ragged_class][0] is not None and bs > _RAGGED_CLASSES[ragged_class][0]:
+        ragged_class += 1
+    mean = -(-num_tokens // bs) if bs else 0
+    return ragged_class, max(tiles.block_n(2 * mean) if mean else 0, _RAGGED_MIN_BLOCK_N)
 
 
 def _table_dims(req_to_token: torch.Tensor) -> tuple[int, int, int]:
@@ -331,7 +350,11 @@ def _launch_windows(
     window_len: int | None,
     persistent: bool | None,
 ) -> None:
-    constexprs = _window_constexprs(window_len, backend.is_npu(device), window_len is None and bs > _RAGGED_LARGE_BATCH)
+    npu = backend.is_npu(device)
+    if window_len is None and not npu:
+        constexprs = _window_constexprs(None, False, *_ragged_shape(bs, num_tokens))
+    else:
+        constexprs = _window_constexprs(window_len, npu)
     tile = constexprs[0][1]
     num_tiles = (bs + tile - 1) // tile
     backend.launch(

@@ -781,6 +781,36 @@ def test_empty_batches():
 # ------------------------------------------------------------------------------------------ many programs
 
 
+def test_batch_size_picks_the_allocation_tile(monkeypatch):
+    """Off Ascend: one program with the smallest power-of-two tile (at least _MIN_TILE) up to _MAX_TILE requests,
+    _MIN_TILE-request tiles past it; a window too wide for the tile's elements narrows it."""
+    alloc = DraftCacheAllocator(64 * 1024, 600, 256, page_size=16, device="cpu")
+    rows = alloc.add_requests([3] * 600)
+    launches = []
+    real = backend.launch
+
+    def record(kernel, grid, *args):
+        if kernel.__name__ == "_alloc_windows_kernel":
+            launches.append((grid[0], dict(args[-2])["TILE"]))
+        real(kernel, grid, *args)
+
+    monkeypatch.setattr(backend, "launch", record)
+    low, high = allocator_module._MIN_TILE, allocator_module._MAX_TILE
+    for bs, n in ((1, 4), (low + 1, 4), (high, 4), (high + 1, 4), (600, 4), (100, 64)):
+        alloc.alloc_draft(rows[:bs], n)
+        alloc.commit(rows[:bs], torch.zeros(bs, dtype=torch.int64))
+    block = allocator_module._ALLOC_ELEMENTS // 64
+    assert launches == [
+        (1, low),
+        (1, 2 * low),
+        (1, high),
+        (-(-(high + 1) // low), low),
+        (-(-600 // low), low),
+        (-(-100 // block), block),
+    ]
+    check_layout(alloc)
+
+
 @pytest.fixture
 def many_programs(monkeypatch):
     """Tiles of 8 requests, scans of 16: a few hundred requests span dozens of programs."""

@@ -311,27 +311,44 @@ def test_scan_over_many_earlier_tiles(device, persistent, scan_block):
     assert as_list(out[:n_tok]) == loop_out and as_list(last) == loop_last
 
 
-def test_ragged_tiles_grow_past_a_few_thousand_requests(monkeypatch):
-    """Off Ascend, one program per tile: 64-request ragged tiles up to _RAGGED_LARGE_BATCH, 256-request ones above."""
-    grids = []
+def test_ragged_launch_shape_follows_the_batch(monkeypatch):
+    """Off Ascend, one program per tile: each class of _RAGGED_CLASSES holds the batch sizes up to its bound, and the
+    column block covers twice the mean window (at least _RAGGED_MIN_BLOCK_N, at most MAX_BLOCK_N)."""
+    launches = []
     monkeypatch.setattr(
         backend,
         "launch",
-        lambda _kernel, grid, _device, _t, _s, constexprs, *_: grids.append((grid, dict(constexprs)["TILE"])),
+        lambda _kernel, grid, _device, _t, _s, constexprs, *_: launches.append((grid[0], dict(constexprs))),
     )
-    for bs in (ops._RAGGED_LARGE_BATCH, ops._RAGGED_LARGE_BATCH + 1):
+    bounds = [bound for bound, _, _ in ops._RAGGED_CLASSES if bound is not None]
+    sizes = [1, *bounds, *[bound + 1 for bound in bounds]]
+    for bs in sizes:
         batch = make_batch(bs, "uniform", 2)
         specdec_ops.get_last_loc_and_assign_extend_cache_locs(
             batch.req_to_token, batch.req_pool_indices, batch.start_offset, batch.end_offset, num_tokens=bs * 2
         )
-    small, large = ops._RAGGED_TILE, ops._RAGGED_LARGE_TILE
-    assert grids == [((4096 // small,), small), ((-(-4097 // large),), large)]
+    for bs, (grid, constexprs) in zip(sizes, launches):
+        _, tile, scan = next(c for c in ops._RAGGED_CLASSES if c[0] is None or bs <= c[0])
+        assert (grid, constexprs["TILE"], constexprs["SCAN_BLOCK"]) == (-(-bs // tile), tile, scan), bs
+        assert constexprs["BLOCK_N"] == ops._RAGGED_MIN_BLOCK_N and not constexprs["UNIFORM"]
+    assert [ops._ragged_shape(10, t)[1] for t in (0, 10, 40, 50, 300, 10**6)] == [8, 8, 8, 16, 64, 64]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [1, 3, 20, 40], ids=lambda n: f"N{n}")
+def test_ragged_column_blocks_are_exact(device, n):
+    """Every ragged column block (8 to 64 columns, chosen from the mean window) reads windows longer than itself."""
+    batch = make_batch(300, "ragged", n, seed=n, device=device, num_rows=400)
+    loop_out, loop_last = loop_reference(batch)
+    out, last, n_tok = run_fused(batch, persistent=None)
+    assert as_list(out[:n_tok]) == loop_out and as_list(last) == loop_last
+    assert as_list(out[n_tok:]) == [SENTINEL] * TAIL
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_large_ragged_batches_are_exact(device):
-    """Past _RAGGED_LARGE_BATCH the ragged kernel takes 256-request tiles: still exact, tail untouched."""
-    batch = make_batch(ops._RAGGED_LARGE_BATCH + 77, "ragged", 2, seed=5, device=device, num_rows=300)
+    """Past the last bounded class the ragged kernel takes 256-request tiles: still exact, tail untouched."""
+    batch = make_batch(ops._RAGGED_CLASSES[-2][0] + 77, "ragged", 2, seed=5, device=device, num_rows=300)
     loop_out, loop_last = loop_reference(batch)
     out, last, n_tok = run_fused(batch, persistent=None)
     assert as_list(out[:n_tok]) == loop_out and as_list(last) == loop_last

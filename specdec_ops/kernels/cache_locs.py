@@ -37,6 +37,29 @@ def _store_last_loc(req_to_token, rows, prefix_lens, last_loc, offs, in_batch, n
 
 
 @triton.jit
+def _load_window_block(
+    req_to_token, rows, starts, lengths, in_batch, col0, num_rows, max_context_len, row_stride, BLOCK_N: tl.constexpr
+):
+    """``req_to_token[rows[i], starts[i] + col0 + j]`` for ``j < BLOCK_N`` inside the window, else -1."""
+    row_ok = (rows >= 0) & (rows < num_rows)
+    j = col0 + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    in_window = in_batch[:, None] & (j[None, :] < lengths[:, None])  # [TILE, BLOCK_N]
+    pos = starts[:, None] + j[None, :]
+    readable = in_window & row_ok[:, None] & (pos >= 0) & (pos < max_context_len)
+    return tl.load(req_to_token + (rows.to(tl.int64)[:, None] * row_stride + pos), mask=readable, other=-1)
+
+
+@triton.jit
+def _store_window_block(slot, lengths, dst_base, out_cache_loc, in_batch, col0, num_tokens, BLOCK_N: tl.constexpr):
+    """``out_cache_loc[dst_base[i] + col0 + j] = slot[i, j]`` for ``j < BLOCK_N`` inside the window."""
+    j = col0 + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    in_window = in_batch[:, None] & (j[None, :] < lengths[:, None])  # [TILE, BLOCK_N]
+    dst = dst_base[:, None] + j[None, :]
+    writable = in_window & (dst >= 0) & (dst < num_tokens)
+    tl.store(out_cache_loc + dst, slot.to(out_cache_loc.dtype.element_ty), mask=writable)
+
+
+@triton.jit
 def _store_windows(
     req_to_token,
     rows,
@@ -45,6 +68,7 @@ def _store_windows(
     dst_base,
     out_cache_loc,
     in_batch,
+    first_col,
     num_cols,
     num_rows,
     max_context_len,
@@ -52,19 +76,13 @@ def _store_windows(
     num_tokens,
     BLOCK_N: tl.constexpr,
 ):
-    """``out_cache_loc[dst_base[i] + j] = req_to_token[rows[i], starts[i] + j]`` for ``0 <= j < lengths[i]``."""
-    row_ok = (rows >= 0) & (rows < num_rows)
-    row_addr = rows.to(tl.int64) * row_stride  # [TILE]
-    cols = tl.arange(0, BLOCK_N)
-    for col0 in range(0, num_cols, BLOCK_N):
-        j = col0 + cols  # [BLOCK_N]
-        in_window = in_batch[:, None] & (j[None, :] < lengths[:, None])  # [TILE, BLOCK_N]
-        pos = starts[:, None] + j[None, :]
-        readable = in_window & row_ok[:, None] & (pos >= 0) & (pos < max_context_len)
-        slot = tl.load(req_to_token + (row_addr[:, None] + pos), mask=readable, other=-1)
-        dst = dst_base[:, None] + j[None, :]
-        writable = in_window & (dst >= 0) & (dst < num_tokens)
-        tl.store(out_cache_loc + dst, slot.to(out_cache_loc.dtype.element_ty), mask=writable)
+    """``out_cache_loc[dst_base[i] + j] = req_to_token[rows[i], starts[i] + j]`` for ``first_col <= j < lengths[i]``
+    (``j < num_cols``)."""
+    for col0 in range(first_col, num_cols, BLOCK_N):
+        slot = _load_window_block(
+            req_to_token, rows, starts, lengths, in_batch, col0, num_rows, max_context_len, row_stride, BLOCK_N
+        )
+        _store_window_block(slot, lengths, dst_base, out_cache_loc, in_batch, col0, num_tokens, BLOCK_N)
 
 
 @triton.jit
@@ -129,9 +147,15 @@ def _cache_locs_program(
             lengths = tl.full([TILE], 0, tl.int32) + window_len
             dst_base = offs * window_len
             num_cols = window_len
+            first_col = 0
         else:
             ends = tl.load(end_offset + offs, mask=in_batch, other=0).to(tl.int32)
             lengths = tl.maximum(ends - starts, 0)
+            # The first column block is read before the windows of earlier requests are summed: its loads do not
+            # depend on the sum, so their latencies overlap (most windows fit in that one block).
+            slot = _load_window_block(
+                req_to_token, rows, starts, lengths, in_batch, 0, num_rows, max_context_len, row_stride, BLOCK_N
+            )
             lane_sums = _add_window_lengths(lane_sums, start_offset, end_offset, scanned, tile_start, SCAN_BLOCK)
             scanned = tile_start
             # The first tile has nothing before it: skip the [SCAN_BLOCK] reduce (all of a small batch's work).
@@ -139,7 +163,9 @@ def _cache_locs_program(
             if tile_start > 0:
                 earlier = tl.reduce(lane_sums, 0, _add)
             dst_base = earlier + tl.associative_scan(lengths, 0, _add) - lengths
+            _store_window_block(slot, lengths, dst_base, out_cache_loc, in_batch, 0, num_tokens, BLOCK_N)
             num_cols = tl.reduce(lengths, 0, _maximum)
+            first_col = BLOCK_N
         # No column past what can be read or written: garbage offsets (validate=False) cannot make the loop long.
         num_cols = tl.minimum(num_cols, tl.minimum(max_context_len, num_tokens))
         _store_windows(
@@ -150,6 +176,7 @@ def _cache_locs_program(
             dst_base,
             out_cache_loc,
             in_batch,
+            first_col,
             num_cols,
             num_rows,
             max_context_len,
