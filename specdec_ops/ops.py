@@ -26,15 +26,21 @@ _LAST_LOC_TILE = 1024
 _GATHER_ELEMENTS = 512
 # Ragged windows: a [TILE, BLOCK_N] gather tile, looped over the longest window of the tile. Every program also sums
 # the windows of all earlier requests (about bs**2 / (2 * TILE) reads in all), SCAN_BLOCK of them per step. Off
-# Ascend the batch size picks one of a few fixed classes, (largest batch, TILE, SCAN_BLOCK): small tiles and a scan
-# block no wider than the batch cost least up to a few thousand requests; past that the scan dominates and
-# 256-request tiles halve it (H100 graph replay, docs/performance.md). A new batch size compiles nothing new once its
-# class exists. Ascend keeps one class (its grid is one program per core), with 32-request tiles: the first column
-# block is read while the earlier windows are summed, and [64, 16] tiles took up to 144.5 KiB of its on-chip buffer.
-_RAGGED_CLASSES = ((256, 16, 256), (1024, 16, 1024), (4096, 32, 4096), (None, 256, 4096))
-_NPU_RAGGED_TILE = 32
-# Ragged gather columns per step off Ascend: twice the mean window, rounded up to a power of two, at least this (the
-# longest window of a tile is read in one step in most batches); Ascend keeps _NPU_RAGGED_BLOCK_N.
+# Ascend the batch size picks one of a few fixed classes, (largest batch, TILE, SCAN_BLOCK, PREFETCH, widest
+# BLOCK_N): small tiles and a scan block no wider than the batch cost least up to a few thousand requests, reading
+# the first column block during the sum (PREFETCH) pays up to 1024 requests, and past 4096 the sum dominates and
+# 256-request tiles halve it (H100 graph replay, docs/performance.md). A new batch size compiles nothing new once
+# its class exists. Ascend keeps one class (its grid is one program per core).
+_RAGGED_CLASSES = (
+    (16, 16, 16, False, 64),
+    (256, 16, 256, True, 64),
+    (1024, 16, 1024, True, 64),
+    (4096, 32, 4096, False, 64),
+    (None, 256, 4096, False, 16),
+)
+_NPU_RAGGED_TILE = 64
+# Ragged gather columns per step off Ascend: twice the mean window, rounded up to a power of two, at least this and
+# at most the class's widest (most windows of a tile are then read in one step); Ascend keeps _NPU_RAGGED_BLOCK_N.
 _RAGGED_MIN_BLOCK_N = 8
 _NPU_RAGGED_BLOCK_N = 16
 # Requests summed per step when a program adds up the windows of all earlier tiles (at most).
@@ -106,20 +112,28 @@ def _window_constexprs(
     window_len: int | None, npu: bool = False, ragged_class: int = 0, block_n: int = _NPU_RAGGED_BLOCK_N
 ) -> tuple[tuple[str, object], ...]:
     """Constexprs of the window kernels: requests per program, window columns per gather step, earlier requests
-    summed per step, uniform or not. Ragged windows off Ascend: ``ragged_class`` indexes _RAGGED_CLASSES and
-    ``block_n`` is the gather's column block (``_ragged_shape``)."""
+    summed per step, uniform or not, first column block read during the sum or not. Ragged windows off Ascend:
+    ``ragged_class`` indexes _RAGGED_CLASSES and ``block_n`` comes from the mean window (``_ragged_shape``)."""
     scan_block = _SCAN_BLOCK // _NPU_SHRINK if npu else _SCAN_BLOCK
+    prefetch = False
     if window_len is None:
         if npu:
             tile = _NPU_RAGGED_TILE
             block_n = _NPU_RAGGED_BLOCK_N
         else:
-            _, tile, class_scan = _RAGGED_CLASSES[ragged_class]
+            _, tile, class_scan, prefetch, widest = _RAGGED_CLASSES[ragged_class]
             scan_block = min(class_scan, scan_block)
+            block_n = min(block_n, widest)
     else:
         block_n = max(tiles.block_n(window_len), _NPU_MIN_BLOCK_N) if npu else tiles.block_n(window_len)
         tile = max(_GATHER_ELEMENTS // block_n, 16)
-    return (("TILE", tile), ("BLOCK_N", block_n), ("SCAN_BLOCK", scan_block), ("UNIFORM", window_len is not None))
+    return (
+        ("TILE", tile),
+        ("BLOCK_N", block_n),
+        ("SCAN_BLOCK", scan_block),
+        ("UNIFORM", window_len is not None),
+        ("PREFETCH", prefetch),
+    )
 
 
 def _ragged_shape(bs: int, num_tokens: int) -> tuple[int, int]:

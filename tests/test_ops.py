@@ -290,7 +290,7 @@ def test_persistent_grid_loops_over_tiles(device, lengths, n, cores, monkeypatch
     """Fewer programs than tiles: each program carries its prefix from one of its tiles to the next."""
     monkeypatch.setattr(backend, "num_cores", lambda _device: cores)
     scan_block(64)  # several scan steps per earlier stretch
-    assert dict(ops._window_constexprs(None, device == "npu"))["SCAN_BLOCK"] == 64
+    assert dict(ops._window_constexprs(None, device == "npu", ops._ragged_shape(1100, 1)[0]))["SCAN_BLOCK"] == 64
     batch = make_batch(1100, lengths, n, seed=7, device=device)  # 5+ gather tiles, 2 last_loc tiles
     loop_out, loop_last = loop_reference(batch)
     out, last, n_tok = run_fused(batch, persistent=True)
@@ -320,7 +320,7 @@ def test_ragged_launch_shape_follows_the_batch(monkeypatch):
         "launch",
         lambda _kernel, grid, _device, _t, _s, constexprs, *_: launches.append((grid[0], dict(constexprs))),
     )
-    bounds = [bound for bound, _, _ in ops._RAGGED_CLASSES if bound is not None]
+    bounds = [c[0] for c in ops._RAGGED_CLASSES if c[0] is not None]
     sizes = [1, *bounds, *[bound + 1 for bound in bounds]]
     for bs in sizes:
         batch = make_batch(bs, "uniform", 2)
@@ -328,17 +328,20 @@ def test_ragged_launch_shape_follows_the_batch(monkeypatch):
             batch.req_to_token, batch.req_pool_indices, batch.start_offset, batch.end_offset, num_tokens=bs * 2
         )
     for bs, (grid, constexprs) in zip(sizes, launches):
-        _, tile, scan = next(c for c in ops._RAGGED_CLASSES if c[0] is None or bs <= c[0])
-        assert (grid, constexprs["TILE"], constexprs["SCAN_BLOCK"]) == (-(-bs // tile), tile, scan), bs
+        _, tile, scan, prefetch, _ = next(c for c in ops._RAGGED_CLASSES if c[0] is None or bs <= c[0])
+        got = (grid, constexprs["TILE"], constexprs["SCAN_BLOCK"], constexprs["PREFETCH"])
+        assert got == (-(-bs // tile), tile, scan, prefetch), bs
         assert constexprs["BLOCK_N"] == ops._RAGGED_MIN_BLOCK_N and not constexprs["UNIFORM"]
     assert [ops._ragged_shape(10, t)[1] for t in (0, 10, 40, 50, 300, 10**6)] == [8, 8, 8, 16, 64, 64]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n", [1, 3, 20, 40], ids=lambda n: f"N{n}")
-def test_ragged_column_blocks_are_exact(device, n):
-    """Every ragged column block (8 to 64 columns, chosen from the mean window) reads windows longer than itself."""
-    batch = make_batch(300, "ragged", n, seed=n, device=device, num_rows=400)
+@pytest.mark.parametrize("bs", [5, 300, 1100], ids=lambda bs: f"bs{bs}")
+def test_ragged_column_blocks_are_exact(device, n, bs):
+    """Every ragged column block (8 to 64 columns, from the mean window), read during the sum of earlier windows
+    (bs 300) or after it (bs 5, 1100), gives exact slots, also for windows longer than the block."""
+    batch = make_batch(bs, "ragged", n, seed=n, device=device, num_rows=1200)
     loop_out, loop_last = loop_reference(batch)
     out, last, n_tok = run_fused(batch, persistent=None)
     assert as_list(out[:n_tok]) == loop_out and as_list(last) == loop_last

@@ -115,6 +115,7 @@ def _cache_locs_program(
     BLOCK_N: tl.constexpr,
     SCAN_BLOCK: tl.constexpr,
     UNIFORM: tl.constexpr,
+    PREFETCH: tl.constexpr,
     WITH_LAST_LOC: tl.constexpr,
 ):
     """One program of the window gather, optionally fused with ``last_loc``.
@@ -151,11 +152,13 @@ def _cache_locs_program(
         else:
             ends = tl.load(end_offset + offs, mask=in_batch, other=0).to(tl.int32)
             lengths = tl.maximum(ends - starts, 0)
-            # The first column block is read before the windows of earlier requests are summed: its loads do not
-            # depend on the sum, so their latencies overlap (most windows fit in that one block).
-            slot = _load_window_block(
-                req_to_token, rows, starts, lengths, in_batch, 0, num_rows, max_context_len, row_stride, BLOCK_N
-            )
+            if PREFETCH:
+                # The first column block is read before the windows of earlier requests are summed: its loads do
+                # not depend on the sum, so their latencies overlap (most windows fit in that one block). It pays
+                # where the sum is short; over long sums the block held in registers costs more than it hides.
+                slot = _load_window_block(
+                    req_to_token, rows, starts, lengths, in_batch, 0, num_rows, max_context_len, row_stride, BLOCK_N
+                )
             lane_sums = _add_window_lengths(lane_sums, start_offset, end_offset, scanned, tile_start, SCAN_BLOCK)
             scanned = tile_start
             # The first tile has nothing before it: skip the [SCAN_BLOCK] reduce (all of a small batch's work).
@@ -163,9 +166,11 @@ def _cache_locs_program(
             if tile_start > 0:
                 earlier = tl.reduce(lane_sums, 0, _add)
             dst_base = earlier + tl.associative_scan(lengths, 0, _add) - lengths
-            _store_window_block(slot, lengths, dst_base, out_cache_loc, in_batch, 0, num_tokens, BLOCK_N)
             num_cols = tl.reduce(lengths, 0, _maximum)
-            first_col = BLOCK_N
+            first_col = 0
+            if PREFETCH:
+                _store_window_block(slot, lengths, dst_base, out_cache_loc, in_batch, 0, num_tokens, BLOCK_N)
+                first_col = BLOCK_N
         # No column past what can be read or written: garbage offsets (validate=False) cannot make the loop long.
         num_cols = tl.minimum(num_cols, tl.minimum(max_context_len, num_tokens))
         _store_windows(
@@ -232,6 +237,7 @@ def _assign_extend_cache_locs_kernel(
     BLOCK_N: tl.constexpr,
     SCAN_BLOCK: tl.constexpr,
     UNIFORM: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """``out_cache_loc[excl_i + j] = req_to_token[req_pool_indices[i], start_offset[i] + j]``, ``j < len_i``."""
     _cache_locs_program(
@@ -251,6 +257,7 @@ def _assign_extend_cache_locs_kernel(
         BLOCK_N,
         SCAN_BLOCK,
         UNIFORM,
+        PREFETCH,
         False,
     )
 
@@ -273,6 +280,7 @@ def _get_last_loc_and_assign_extend_cache_locs_kernel(
     BLOCK_N: tl.constexpr,
     SCAN_BLOCK: tl.constexpr,
     UNIFORM: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """The window gather of ``_assign_extend_cache_locs_kernel`` and ``last_loc[i]`` (at ``start_offset[i]``)."""
     _cache_locs_program(
@@ -292,5 +300,6 @@ def _get_last_loc_and_assign_extend_cache_locs_kernel(
         BLOCK_N,
         SCAN_BLOCK,
         UNIFORM,
+        PREFETCH,
         True,
     )
