@@ -63,6 +63,8 @@ _NPU_EXACT_DIV_LIMIT = 2**24
 # time. Tests shrink them to span many programs with few requests. Ascend takes smaller tiles (its on-chip buffer,
 # checked by scripts/ascend_compile_check.py).
 _ALLOC_ELEMENTS = 2048
+# The name under which the reference Ascend checker (../shared/tools/ascend_compile_check.py) reads the widest block.
+_MAX_BLOCK_N = tiles.MAX_BLOCK_N
 _MAX_TILE = 256
 # Off Ascend the batch size picks the tile: a batch of at most _MAX_TILE requests runs on one program (no ticket),
 # its tile the smallest power of two that holds it but at least _MIN_TILE; a larger batch takes _MIN_TILE-request

@@ -52,6 +52,9 @@ _NPU_SHRINK = 4
 _NPU_MIN_BLOCK_N = 8
 # CUDA warps per program (ignored by triton-ascend and the interpreter).
 _NUM_WARPS = 8
+# The names under which the project's reference Ascend checker (../shared/tools/ascend_compile_check.py) reads the
+# block-size rule; the rule itself lives in specdec_ops.tiles.
+_block_n = tiles.block_n
 
 
 def _batch_size(req_pool_indices: torch.Tensor) -> int:
