@@ -27,12 +27,11 @@ _GATHER_ELEMENTS = 512
 # Ragged windows: a [TILE, BLOCK_N] gather tile, looped over the longest window of the tile. Every program also sums
 # the windows of all earlier requests (about bs**2 / (2 * TILE) reads in all), SCAN_BLOCK of them per step. Off
 # Ascend the batch size picks one of a few fixed classes, (largest batch, TILE, SCAN_BLOCK, PREFETCH, widest
-# BLOCK_N): small tiles and a scan block no wider than the batch cost least up to a few thousand requests, reading
-# the first column block during the sum (PREFETCH) pays up to 1024 requests, and past 4096 the sum dominates and
-# 256-request tiles halve it (H100 graph replay, docs/performance.md). A new batch size compiles nothing new once
-# its class exists. Ascend keeps one class (its grid is one program per core).
+# BLOCK_N): small tiles and a scan block no wider than the batch cost least up to a few thousand requests; reading
+# the first column block while the earlier windows and the tile's own are summed (PREFETCH) pays up to 1024
+# requests; past 4096 the sum dominates and 256-request tiles halve it (H100 graph replay, docs/performance.md).
+# A new batch size compiles nothing new once its class exists. Ascend keeps one class (one program per core).
 _RAGGED_CLASSES = (
-    (16, 16, 16, False, 64),
     (256, 16, 256, True, 64),
     (1024, 16, 1024, True, 64),
     (4096, 32, 4096, False, 64),

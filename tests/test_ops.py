@@ -340,7 +340,7 @@ def test_ragged_launch_shape_follows_the_batch(monkeypatch):
 @pytest.mark.parametrize("bs", [5, 300, 1100], ids=lambda bs: f"bs{bs}")
 def test_ragged_column_blocks_are_exact(device, n, bs):
     """Every ragged column block (8 to 64 columns, from the mean window), read during the sum of earlier windows
-    (bs 300) or after it (bs 5, 1100), gives exact slots, also for windows longer than the block."""
+    (bs 5, 300) or after it (bs 1100), gives exact slots, also for windows longer than the block."""
     batch = make_batch(bs, "ragged", n, seed=n, device=device, num_rows=1200)
     loop_out, loop_last = loop_reference(batch)
     out, last, n_tok = run_fused(batch, persistent=None)
