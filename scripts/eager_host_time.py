@@ -14,6 +14,8 @@ Calls (bs --batch-size, N --window-len, buffers given, num_tokens given: the hot
   get_last_loc, assign_extend_cache_locs (uniform)
   alloc_draft      DraftCacheAllocator.alloc_draft(rows, N, out_cache_loc=, last_loc=) with room in the pool
   commit           DraftCacheAllocator.commit(rows, accept_lens); each sample ends with refresh()-free headroom
+  ... (plan/run)   the same calls through CacheLocsWrapper.run() and DraftStepWrapper.alloc_draft()/commit(), planned
+                   once with the same arguments (the plan/run form an engine's eager loop uses)
 
 A second table times the same calls with the launch replaced by a no-op (backend.launch stubbed): the Python of
 the wrappers alone (argument checks, launch configuration), i.e. where host time goes besides Triton's launcher.
@@ -82,6 +84,12 @@ def make_calls(device: torch.device, bs: int, n: int) -> dict[str, object]:
     alloc_out = torch.empty(bs * n, dtype=torch.int64, device=device)
     alloc_last = torch.empty(bs, dtype=torch.int64, device=device)
     accept = torch.zeros(bs, dtype=torch.int64, device=device)  # nothing accepted: every draft reuses its slots
+    uniform = ops.CacheLocsWrapper(table)
+    uniform.plan(rows, start, end, out, last, num_tokens=bs * n, window_len=n)
+    ragged = ops.CacheLocsWrapper(table)
+    ragged.plan(rows, start, ragged_end, out, last, num_tokens=ragged_tokens)
+    step = specdec_ops.DraftStepWrapper(alloc)
+    step.plan(alloc_rows, n, accept_lens=accept, out_cache_loc=alloc_out, last_loc=alloc_last)
 
     calls = {
         "empty launch": lambda: empty[(1,)](out),
@@ -97,6 +105,10 @@ def make_calls(device: torch.device, bs: int, n: int) -> dict[str, object]:
         ),
         "alloc_draft": lambda: alloc.alloc_draft(alloc_rows, n, out_cache_loc=alloc_out, last_loc=alloc_last),
         "commit": lambda: alloc.commit(alloc_rows, accept),
+        "fused uniform (plan/run)": uniform.run,
+        "fused ragged (plan/run)": ragged.run,
+        "alloc_draft (plan/run)": step.alloc_draft,
+        "commit (plan/run)": step.commit,
     }
     for call in calls.values():
         call()

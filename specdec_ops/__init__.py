@@ -7,11 +7,13 @@ interpreter, chosen automatically for CPU tensors).
 from __future__ import annotations
 
 from . import reference
-from .allocator import DraftCacheAllocator
-from .ops import assign_extend_cache_locs, get_last_loc, get_last_loc_and_assign_extend_cache_locs
+from .allocator import DraftCacheAllocator, DraftStepWrapper
+from .ops import CacheLocsWrapper, assign_extend_cache_locs, get_last_loc, get_last_loc_and_assign_extend_cache_locs
 
 __all__ = [
+    "CacheLocsWrapper",
     "DraftCacheAllocator",
+    "DraftStepWrapper",
     "assign_extend_cache_locs",
     "get_last_loc",
     "get_last_loc_and_assign_extend_cache_locs",

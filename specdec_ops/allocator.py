@@ -43,12 +43,14 @@ import torch
 from . import backend, tiles
 from .checks import INDEX_DTYPES as _INDEX_DTYPES
 from .checks import INT32_LIMIT as _INT32_LIMIT
+from .checks import UNPLANNED, BoundTensors
 from .checks import check_vector as _check_vector
 
 __all__ = [
     "AllocationError",
     "ContextLengthError",
     "DraftCacheAllocator",
+    "DraftStepWrapper",
     "OutOfRowsError",
     "OutOfSlotsError",
 ]
@@ -236,6 +238,8 @@ class DraftCacheAllocator:
         # Draft windows the host knows of (rows given as lists), for checking host-given accept lengths; drafts of
         # rows given as device tensors raise _unknown_window_bound instead.
         self._known_windows: dict[int, int] = {}
+        # Bumped whenever rows are taken or freed: a DraftStepWrapper planned on host rows checks them again then.
+        self._rows_version = 0
         self._unknown_window_bound = 0
         # Launch configurations, found on first use: (window_len, prefill, prefix, emit, release) -> (TILE,
         # constexprs);
@@ -341,6 +345,7 @@ class DraftCacheAllocator:
         self._net_pages_since_sync += need
         self._rows_since_sync += n
         self._alloc_len_bound = max([self._alloc_len_bound, *lens])
+        self._rows_version += 1
         return rows_t
 
     def free_requests(self, req_pool_indices: IntVector, *, keep_lens: IntVector | None = None) -> torch.Tensor:
@@ -405,6 +410,7 @@ class DraftCacheAllocator:
             self._prefix_pages[row] = []
             self._known_windows.pop(row, None)
         self._prefix_readers = +self._prefix_readers  # drop zero counts
+        self._rows_version += 1
         self._cache_pages.update(kept_pages)
         if not self.num_requests:
             self._branch_rows.clear()
@@ -494,14 +500,7 @@ class DraftCacheAllocator:
         """
         rows, host_rows, n = self._check_draft(req_pool_indices, num_draft_tokens, validate)
         bs = rows.size(0)
-        if out_cache_loc is None:
-            out_cache_loc = torch.empty(bs * n, dtype=torch.int64, device=self.device)
-        else:
-            self._check_buffer("out_cache_loc", out_cache_loc, bs * n, exact=False)
-        if last_loc is None:
-            last_loc = torch.empty(bs, dtype=torch.int64, device=self.device)
-        else:
-            self._check_buffer("last_loc", last_loc, bs, exact=True)
+        out_cache_loc, last_loc = self._draft_buffers(bs, n, out_cache_loc, last_loc)
         if bs:
             self._draft(rows, host_rows, n, out_cache_loc, last_loc)
         return (out_cache_loc if out_cache_loc.size(0) == bs * n else out_cache_loc[: bs * n]), last_loc
@@ -541,11 +540,34 @@ class DraftCacheAllocator:
                     f"accept_lens[{i}] must be in [0, {int(window[i])}] (the draft window of row {int(rows[i])}), "
                     f"got {int(accept[i])}"
                 )
-        if not bs:
-            return
+        if bs:
+            self._commit(rows, host_rows, accept)
+
+    def _commit(
+        self,
+        rows: torch.Tensor,
+        host_rows: list[int] | None,
+        accept: torch.Tensor,
+        step: DraftStepWrapper | None = None,
+    ) -> None:
+        """Launch the commit, after returning the rows' branch pages if any may exist, then close the windows the
+        host knows of (nothing changes if a launch raises). ``step``: the launches a DraftStepWrapper prepared."""
         if self._branches_may_exist():
-            self._launch_release(rows, host_rows)
-        backend.launch(
+            self._launch_release(rows, host_rows, None if step is None else step._prepared("release"))
+        if step is None:
+            self._launch_commit(rows, accept)
+        else:
+            step._prepared("commit")()
+        if host_rows is None:
+            self._known_windows.clear()
+        else:
+            for row in host_rows:
+                self._known_windows.pop(row, None)
+
+    def _launch_commit(self, rows: torch.Tensor, accept: torch.Tensor, prepare: bool = False) -> backend.Launch | None:
+        """Launch the commit kernel; ``prepare=True``: return the launch, made by calling it."""
+        bs = rows.size(0)
+        return (backend.prepare if prepare else backend.launch)(
             self._kernels()._commit_kernel,
             self._grid(bs, _COMMIT_TILE),
             self.device,
@@ -554,11 +576,6 @@ class DraftCacheAllocator:
             (("TILE", _COMMIT_TILE),),
             _NUM_WARPS,
         )
-        if host_rows is None:
-            self._known_windows.clear()
-        else:
-            for row in host_rows:
-                self._known_windows.pop(row, None)
 
     # ------------------------------------------------------------------------------------------------ trees
 
@@ -830,6 +847,20 @@ class DraftCacheAllocator:
             self._check_rows_in_use(host_rows)
         return rows, host_rows, num_draft_tokens
 
+    def _draft_buffers(
+        self, bs: int, n: int, out_cache_loc: torch.Tensor | None, last_loc: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output buffers of alloc_draft: checked when given, else new int64 ones."""
+        if out_cache_loc is None:
+            out_cache_loc = torch.empty(bs * n, dtype=torch.int64, device=self.device)
+        else:
+            self._check_buffer("out_cache_loc", out_cache_loc, bs * n, exact=False)
+        if last_loc is None:
+            last_loc = torch.empty(bs, dtype=torch.int64, device=self.device)
+        else:
+            self._check_buffer("last_loc", last_loc, bs, exact=True)
+        return out_cache_loc, last_loc
+
     def _draft(
         self,
         rows: torch.Tensor,
@@ -837,11 +868,16 @@ class DraftCacheAllocator:
         n: int,
         out_cache_loc: torch.Tensor | None,
         last_loc: torch.Tensor | None,
+        step: DraftStepWrapper | None = None,
     ) -> None:
-        """Check the capacity, launch the draft, then update the host state (nothing changes if anything raises)."""
+        """Check the capacity, launch the draft, then update the host state (nothing changes if anything raises).
+        ``step``: the launches a DraftStepWrapper prepared."""
         bounds = self._draft_bounds(rows, host_rows, n)
         release = self._branches_may_exist()
-        self._launch_alloc(rows, n, None, None, None, out_cache_loc, last_loc, release)
+        if step is None:
+            self._launch_alloc(rows, n, None, None, None, out_cache_loc, last_loc, release)
+        else:
+            step._prepared("release draft" if release else "draft")()
         if release:
             self._forget_branches(rows, host_rows)
         (
@@ -918,9 +954,20 @@ class DraftCacheAllocator:
             (t, version, pages) for t, version, pages in self._branch_batches if t is not rows or t._version != version
         ]
 
-    def _launch_release(self, rows: torch.Tensor, host_rows: list[int] | None) -> None:
+    def _launch_release(
+        self, rows: torch.Tensor, host_rows: list[int] | None, prepared: backend.Launch | None = None
+    ) -> None:
+        """Return the rows' branch pages (or make the ``prepared`` launch that does), then forget them."""
+        if prepared is None:
+            self._release(rows)
+        else:
+            prepared()
+        self._forget_branches(rows, host_rows)
+
+    def _release(self, rows: torch.Tensor, prepare: bool = False) -> backend.Launch | None:
+        """Launch the kernel that returns branch pages; ``prepare=True``: return the launch, made by calling it."""
         tile, block_p = self._free_tiles()
-        backend.launch(
+        return (backend.prepare if prepare else backend.launch)(
             backend.kernels("allocator", self.device)._release_branches_kernel,
             self._grid(rows.size(0), tile),
             self.device,
@@ -929,7 +976,6 @@ class DraftCacheAllocator:
             (("TILE", tile), ("BLOCK_R", block_p), ("SCAN_BLOCK", self._scan_block())),
             _NUM_WARPS,
         )
-        self._forget_branches(rows, host_rows)
 
     def _branch_capacity(
         self, rows: torch.Tensor, host_rows: list[int] | None, topk: int, num_steps: int, worst: int
@@ -1071,9 +1117,10 @@ class DraftCacheAllocator:
         out_cache_loc: torch.Tensor | None,
         last_loc: torch.Tensor | None,
         release: bool = False,
-    ) -> None:
+        prepare: bool = False,
+    ) -> backend.Launch | None:
         """Launch the allocation kernel: a draft (``window_ends is None``) or a prefill of new rows; ``release``:
-        a draft that first returns the rows' branch pages."""
+        a draft that first returns the rows' branch pages; ``prepare=True``: return the launch, made by calling it."""
         prefill = window_ends is not None
         emit = out_cache_loc is not None
         key = (window_len, prefill, prefix_slots is not None, emit, release, self._batch_tile(rows.size(0)))
@@ -1083,7 +1130,7 @@ class DraftCacheAllocator:
         tile, constexprs = config
         # Pointers a specialisation does not read get a tensor of the right kind.
         placeholder = self.seq_lens
-        backend.launch(
+        return (backend.prepare if prepare else backend.launch)(
             self._kernels()._alloc_windows_kernel,
             self._grid(rows.size(0), tile),
             self.device,
@@ -1268,3 +1315,156 @@ class DraftCacheAllocator:
         if (out.size(0) != length) if exact else (out.size(0) < length):
             expected = f"{length}" if exact else f"at least {length}"
             raise ValueError(f"{name} must have {expected} elements, got {out.size(0)}")
+
+
+class DraftStepWrapper:
+    """The hot draft/verify step of a :class:`DraftCacheAllocator` as plan/run, for an engine's eager loop
+    (FlashInfer's wrappers are the model).
+
+    :meth:`plan` takes the arguments of :meth:`~DraftCacheAllocator.alloc_draft` (and the ``accept_lens`` buffer of
+    :meth:`~DraftCacheAllocator.commit`) once, makes the methods' checks (the same errors) and resolves the launches.
+    Then each step is :meth:`alloc_draft` (or :meth:`reserve_draft`), verification, and :meth:`commit`, each doing
+    exactly what the method does with those arguments, on the current values of the bound tensors: write each
+    step's rows and accept lengths into them in place. Every guarantee of the methods holds: the host bound of the
+    pool and the context (a sync only near capacity, then ``OutOfSlotsError``/``ContextLengthError`` with nothing
+    changed), the release of branch pages when tree drafts may hold some, nothing changed when a launch raises.
+
+    Each call re-checks only that each bound tensor is still where plan() saw it, with the same shape and dtype
+    (about 0.2 us a tensor), and, for rows given as a list, that they are still rows in use once rows were added or
+    freed since; otherwise it plans again with the same arguments (raising what the method would).
+
+    Example::
+
+        step = DraftStepWrapper(allocator)
+        step.plan(rows, N, accept_lens=accept_lens, out_cache_loc=out_cache_loc, last_loc=last_loc)
+        while decoding:
+            out_cache_loc, last_loc = step.alloc_draft()
+            ...  # draft, verify; write the accepted counts into accept_lens in place
+            step.commit()
+
+    Args:
+        allocator: the :class:`DraftCacheAllocator` whose step this is.
+    """
+
+    def __init__(self, allocator: DraftCacheAllocator) -> None:
+        self._allocator = allocator
+        self._bound = UNPLANNED
+        self._plan_args: dict = {}
+
+    def plan(
+        self,
+        req_pool_indices: IntVector,
+        num_draft_tokens: int,
+        *,
+        accept_lens: torch.Tensor | None = None,
+        out_cache_loc: torch.Tensor | None = None,
+        last_loc: torch.Tensor | None = None,
+        emit: bool = True,
+        validate: bool = False,
+    ) -> None:
+        """Check the step's arguments and resolve its launches.
+
+        Args:
+            req_pool_indices, num_draft_tokens, out_cache_loc, last_loc, validate: as for
+                :meth:`~DraftCacheAllocator.alloc_draft` (rows as a list are copied to the device once).
+            accept_lens: ``[bs]`` int32/int64 tensor on the allocator's device that :meth:`commit` reads; ``None``
+                if this wrapper is not used to commit.
+            emit: ``True``: :meth:`alloc_draft` returns the slots; ``False``: :meth:`reserve_draft` only reserves
+                them (no ``out_cache_loc``/``last_loc``).
+        """
+        alloc = self._allocator
+        rows, host_rows, n = alloc._check_draft(req_pool_indices, num_draft_tokens, validate)
+        bs = rows.size(0)
+        if emit:
+            out, last = alloc._draft_buffers(bs, n, out_cache_loc, last_loc)
+        elif out_cache_loc is not None or last_loc is not None:
+            raise ValueError("out_cache_loc and last_loc go with emit=True (reserve_draft returns no slots)")
+        else:
+            out = last = None
+        accept = None
+        if accept_lens is not None:
+            if not isinstance(accept_lens, torch.Tensor):
+                raise TypeError(f"accept_lens must be a torch.Tensor, got {type(accept_lens).__name__}")
+            accept = alloc._check_commit(rows, accept_lens, validate)[2]
+        user = req_pool_indices if host_rows is None else None
+        # Checked: now the plan.
+        self._bound = BoundTensors(tuple(t for t in (user, out, last, accept) if t is not None))
+        self._plan_args = dict(
+            req_pool_indices=req_pool_indices,
+            num_draft_tokens=num_draft_tokens,
+            accept_lens=accept_lens,
+            out_cache_loc=out_cache_loc,
+            last_loc=last_loc,
+            emit=emit,
+            validate=validate,
+        )
+        self._rows, self._host_rows, self._n, self._bs = rows, host_rows, n, bs
+        self._out, self._last, self._accept = out, last, accept
+        self._emit, self._validate = emit, validate
+        self._rows_version = alloc._rows_version
+        self._launches: dict[str, tuple[backend.Launch, torch.Tensor]] = {}
+        self._result = (out if out is None or out.size(0) == bs * n else out[: bs * n]), last
+
+    def alloc_draft(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`DraftCacheAllocator.alloc_draft` with the planned arguments; returns the same
+        ``(out_cache_loc[:bs * N], last_loc)`` tensors every call."""
+        self._check(True)
+        if self._validate:
+            return self._allocator.alloc_draft(
+                self._plan_args["req_pool_indices"],
+                self._n,
+                out_cache_loc=self._out,
+                last_loc=self._last,
+                validate=True,
+            )
+        if self._bs:
+            self._allocator._draft(self._rows, self._host_rows, self._n, self._out, self._last, self)
+        return self._result
+
+    def reserve_draft(self) -> None:
+        """:meth:`DraftCacheAllocator.reserve_draft` with the planned arguments (a plan with ``emit=False``)."""
+        self._check(False)
+        if self._validate:
+            self._allocator.reserve_draft(self._plan_args["req_pool_indices"], self._n, validate=True)
+        elif self._bs:
+            self._allocator._draft(self._rows, self._host_rows, self._n, None, None, self)
+
+    def commit(self) -> None:
+        """:meth:`DraftCacheAllocator.commit` of the planned rows with the current values of ``accept_lens``."""
+        self._check(None)
+        if self._validate:
+            self._allocator.commit(self._plan_args["req_pool_indices"], self._accept, validate=True)
+        elif self._bs:
+            self._allocator._commit(self._rows, self._host_rows, self._accept, self)
+
+    def _check(self, emit: bool | None) -> None:
+        """Plan again if a bound tensor changed; check host rows again if rows were taken or freed since."""
+        alloc = self._allocator
+        if self._bound.changed():
+            self.plan(**self._plan_args)
+        if self._rows_version != alloc._rows_version:
+            if self._host_rows is not None:
+                alloc._check_rows_in_use(self._host_rows)
+            self._rows_version = alloc._rows_version
+        if emit is None:
+            if self._accept is None:
+                raise ValueError("commit() needs a plan with accept_lens")
+        elif emit != self._emit:
+            raise ValueError(f"this plan has emit={self._emit}: call {'alloc' if self._emit else 'reserve'}_draft()")
+
+    def _prepared(self, kind: str) -> backend.Launch:
+        """The launch of ``kind`` ("draft", "release draft", "release", "commit"), prepared on first use and again
+        once alloc_branches has replaced the allocator's branch_pages (which the release launches read)."""
+        alloc = self._allocator
+        entry = self._launches.get(kind)
+        if entry is None or entry[1] is not alloc.branch_pages:
+            rows = self._rows
+            if kind == "commit":
+                launch = alloc._launch_commit(rows, self._accept, prepare=True)
+            elif kind == "release":
+                launch = alloc._release(rows, prepare=True)
+            else:
+                out, last = self._out, self._last
+                launch = alloc._launch_alloc(rows, self._n, None, None, None, out, last, kind != "draft", prepare=True)
+            entry = self._launches[kind] = (launch, alloc.branch_pages)
+        return entry[0]

@@ -191,14 +191,24 @@ def launch(
             kernel[grid](*tensors, *scalars, **dict(constexprs), num_warps=num_warps)
         return
     pointers = [t.data_ptr() for t in tensors]
-    key = (kernel, device, constexprs, num_warps, *[t.dtype for t in tensors], *[p & 15 == 0 for p in pointers])
+    key = _specialisation(kernel, device, tensors, pointers, constexprs, num_warps)
     launcher = _launchers.get(key)
     if launcher is None:
         _first_launch(key, kernel, grid, device, tensors, scalars, constexprs, num_warps)
         return
-    run, function, packed_metadata, compiled, get_stream, index = launcher
     # The launcher takes a pointer as an int as well as a tensor; ints save it a data_ptr() call each.
-    args = (*pointers, *scalars, *[value for _, value in constexprs])
+    if not _run_launcher(launcher, grid, (*pointers, *scalars, *[value for _, value in constexprs])):
+        launch(kernel, grid, device, tensors, scalars, constexprs, num_warps)
+
+
+def _specialisation(kernel, device, tensors, pointers, constexprs, num_warps) -> tuple:
+    """The key of a compiled kernel in _launchers: what Triton specialises on (dtypes, 16-byte alignment)."""
+    return (kernel, device, constexprs, num_warps, *[t.dtype for t in tensors], *[p & 15 == 0 for p in pointers])
+
+
+def _run_launcher(launcher: tuple, grid: tuple[int], args: tuple) -> bool:
+    """Launch through a kept launcher (see launch()); False, with the fast path turned off, if it refused."""
+    run, function, packed_metadata, compiled, get_stream, index = launcher
     stream = get_stream(index)
     hooks = triton.knobs.runtime
     enter_hook = hooks.launch_enter_hook
@@ -207,7 +217,61 @@ def launch(
         run(grid[0], 1, 1, stream, function, packed_metadata, metadata, enter_hook, hooks.launch_exit_hook, *args)
     except TypeError:  # A Triton whose launcher takes other arguments: raised before anything runs.
         _disable_fast_launch()
+        return False
+    return True
+
+
+class Launch:
+    """A launch resolved once (:func:`prepare`); each call launches it again on the tensors' current values.
+
+    The first call goes through :func:`launch` (which compiles if need be). After it, on CUDA, a call is only the
+    kept launcher with the arguments resolved then: the tensors' addresses as ints, the scalars and constexprs,
+    the grid; no argument binding, no specialisation key, no dict lookup. Other backends go through
+    :func:`launch` every time. The launch holds its tensors and their storages, so the memory it was resolved
+    for stays allocated while it lives; whoever calls it checks that the tensors still are what it was
+    prepared for (their addresses and shapes), as a launch cannot see that.
+    """
+
+    __slots__ = ("_arguments", "_storages", "_launcher", "_grid", "_args")
+
+    def __init__(self, kernel, grid, device, tensors, scalars, constexprs, num_warps) -> None:
+        self._arguments = (kernel, grid, device, tensors, scalars, constexprs, num_warps)
+        self._storages = tuple(t.untyped_storage() for t in tensors)
+        self._launcher = None
+        self._grid = grid
+        self._args = None
+
+    def __call__(self) -> None:
+        launcher = self._launcher
+        if launcher is None or not _run_launcher(launcher, self._grid, self._args):
+            self._launch()
+
+    def _launch(self) -> None:
+        kernel, grid, device, tensors, scalars, constexprs, num_warps = self._arguments
         launch(kernel, grid, device, tensors, scalars, constexprs, num_warps)
+        if self._launcher is None and _fast_launch and _fast_devices.get(device):
+            pointers = [t.data_ptr() for t in tensors]
+            key = _specialisation(kernel, device, tensors, pointers, constexprs, num_warps)
+            self._launcher = _launchers.get(key)
+            self._args = (*pointers, *scalars, *[value for _, value in constexprs])
+        elif not _fast_launch:
+            self._launcher = None
+
+
+def prepare(
+    kernel,
+    grid: tuple[int],
+    device: torch.device,
+    tensors: tuple[torch.Tensor, ...],
+    scalars: tuple[int, ...],
+    constexprs: tuple[tuple[str, object], ...],
+    num_warps: int,
+) -> Launch:
+    """:func:`launch`'s arguments resolved once: calling the result launches (see :class:`Launch`).
+
+    Nothing is launched here: the first call launches (and compiles if need be).
+    """
+    return Launch(kernel, grid, device, tensors, scalars, constexprs, num_warps)
 
 
 def _disable_fast_launch() -> None:

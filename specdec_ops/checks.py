@@ -15,6 +15,8 @@ import torch
 __all__ = [
     "INDEX_DTYPES",
     "INT32_LIMIT",
+    "UNPLANNED",
+    "BoundTensors",
     "check_count",
     "check_out",
     "check_table",
@@ -94,3 +96,37 @@ def check_count(name: str, value: int | None) -> int | None:
     if not 0 <= value < INT32_LIMIT:
         raise ValueError(f"{name} must be in [0, 2**31), got {value}")
     return value
+
+
+_data_ptr = torch.Tensor.data_ptr
+_layout = operator.attrgetter("shape", "dtype")
+
+
+class BoundTensors:
+    """The tensors a plan was made for, and what the plan saw of them: address, shape and dtype.
+
+    ``changed()`` is the cheap re-check of a plan's run: True once any tensor has moved (``set_``, ``.data =``, a
+    ``resize_`` that reallocated), been resized or re-typed since, so the caller plans again. Values written in
+    place (the point of binding) change nothing here.
+    """
+
+    __slots__ = ("tensors", "_pointers", "_layouts")
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...]) -> None:
+        self.tensors = tensors
+        self._pointers = list(map(_data_ptr, tensors))
+        self._layouts = list(map(_layout, tensors))
+
+    def changed(self) -> bool:
+        tensors = self.tensors
+        return list(map(_data_ptr, tensors)) != self._pointers or list(map(_layout, tensors)) != self._layouts
+
+
+class _Unplanned:
+    """The bound tensors of a wrapper before its first plan()."""
+
+    def changed(self) -> bool:
+        raise RuntimeError("call plan() before running the wrapper")
+
+
+UNPLANNED = _Unplanned()

@@ -12,9 +12,19 @@ from typing import Callable
 import torch
 
 from . import backend, tiles
-from .checks import INDEX_DTYPES, INT32_LIMIT, check_count, check_out, check_table, check_vector
+from .checks import (
+    INDEX_DTYPES,
+    INT32_LIMIT,
+    UNPLANNED,
+    BoundTensors,
+    check_count,
+    check_out,
+    check_table,
+    check_vector,
+)
 
 __all__ = [
+    "CacheLocsWrapper",
     "assign_extend_cache_locs",
     "get_last_loc",
     "get_last_loc_and_assign_extend_cache_locs",
@@ -365,7 +375,9 @@ def _launch_windows(
     num_tokens: int,
     window_len: int | None,
     persistent: bool | None,
-) -> None:
+    prepare: bool = False,
+) -> backend.Launch | None:
+    """Launch a window kernel; ``prepare=True``: return the launch, made by calling it (``backend.prepare``)."""
     npu = backend.is_npu(device)
     if window_len is None and not npu:
         constexprs = _window_constexprs(None, False, *_ragged_shape(bs, num_tokens))
@@ -373,7 +385,7 @@ def _launch_windows(
         constexprs = _window_constexprs(window_len, npu)
     tile = constexprs[0][1]
     num_tiles = (bs + tile - 1) // tile
-    backend.launch(
+    return (backend.prepare if prepare else backend.launch)(
         kernel,
         _launch_grid(num_tiles, device, persistent),
         device,
@@ -491,3 +503,115 @@ def get_last_loc_and_assign_extend_cache_locs(
     if out_cache_loc.numel() != num_tokens:
         out_cache_loc = out_cache_loc[:num_tokens]
     return out_cache_loc, last_loc
+
+
+class CacheLocsWrapper:
+    """:func:`get_last_loc_and_assign_extend_cache_locs` (or, ``with_last_loc=False``, :func:`assign_extend_cache_locs`)
+    as plan/run, for an engine's eager loop (FlashInfer's wrappers are the model).
+
+    :meth:`plan` takes the function's arguments once, makes every check the function makes (the same errors),
+    allocates the outputs it is not given and resolves the launch. :meth:`run` then launches on the current values
+    of the tensors it was given, like replaying a CUDA graph: write each step's rows and offsets into them in place.
+    ``run`` re-checks only that each tensor (the table included) is still where plan() saw it, with the same
+    shape and dtype (about 0.2 us a tensor); if one moved (``set_``, ``.data =``, a reallocating ``resize_``) or
+    changed shape or dtype, it plans again with the same arguments, which raises what the function would raise or
+    goes on with the new tensors. Values are read on the device as by the function (``validate=False``: bad values
+    give wrong slots, never an access outside the tensors).
+
+    Example::
+
+        wrapper = CacheLocsWrapper(req_to_token)
+        wrapper.plan(req_pool_indices, start_offset, out_cache_loc=out, last_loc=last, window_len=N)
+        for step in steps:
+            req_pool_indices.copy_(step.rows); start_offset.copy_(step.seq_lens)  # in place
+            out_cache_loc, last_loc = wrapper.run()
+
+    Args:
+        req_to_token: ``[max_requests, max_context_len]`` int32/int64 table (checked by :meth:`plan`).
+        with_last_loc: ``True``: run returns ``(out_cache_loc, last_loc)`` from the fused kernel; ``False``: only
+            ``out_cache_loc``, as :func:`assign_extend_cache_locs` (plan then takes no ``last_loc``).
+    """
+
+    def __init__(self, req_to_token: torch.Tensor, *, with_last_loc: bool = True) -> None:
+        self._req_to_token = req_to_token
+        self._with_last_loc = with_last_loc
+        self._bound = UNPLANNED
+        self._plan_args: dict = {}
+        self._replan_each_run = False
+        self._launch: backend.Launch | None = None
+        self._result = None
+
+    def plan(
+        self,
+        req_pool_indices: torch.Tensor,
+        start_offset: torch.Tensor,
+        end_offset: torch.Tensor | None = None,
+        out_cache_loc: torch.Tensor | None = None,
+        last_loc: torch.Tensor | None = None,
+        *,
+        num_tokens: int | None = None,
+        window_len: int | None = None,
+        validate: bool = False,
+        persistent: bool | None = None,
+    ) -> None:
+        """Check the arguments and resolve the launch; arguments as for
+        :func:`get_last_loc_and_assign_extend_cache_locs` (``end_offset`` may be ``None`` with ``window_len``).
+
+        Without ``num_tokens`` and ``window_len``, and with ``validate=True``, every :meth:`run` plans again (the
+        function's one sync, to size the output or check the values): pass ``num_tokens`` on the hot path.
+        """
+        if last_loc is not None and not self._with_last_loc:
+            raise ValueError("last_loc is given but the wrapper was made with with_last_loc=False")
+        req_to_token = self._req_to_token
+        out, end, count, window, bs, device = _prepare_windows(
+            req_to_token,
+            req_pool_indices,
+            start_offset,
+            end_offset,
+            out_cache_loc,
+            last_loc,
+            num_tokens,
+            window_len,
+            validate,
+        )
+        tensors = (req_to_token, req_pool_indices, start_offset, end, out)
+        if self._with_last_loc:
+            last = torch.empty(bs, dtype=start_offset.dtype, device=device) if last_loc is None else last_loc
+            tensors += (last,)
+            kernel = backend.kernels("cache_locs", device)._get_last_loc_and_assign_extend_cache_locs_kernel
+        else:
+            kernel = backend.kernels("cache_locs", device)._assign_extend_cache_locs_kernel
+        launch = None
+        if bs:
+            launch = _launch_windows(kernel, device, tensors, req_to_token, bs, count, window, persistent, prepare=True)
+        result = out if out.numel() == count else out[:count]
+        # Checked: now the plan. end_offset None (uniform windows) is the start tensor, bound once.
+        self._bound = BoundTensors(tensors if end is not start_offset else tensors[:3] + tensors[4:])
+        self._plan_args = dict(
+            req_pool_indices=req_pool_indices,
+            start_offset=start_offset,
+            end_offset=end_offset,
+            out_cache_loc=out_cache_loc,
+            last_loc=last_loc,
+            num_tokens=num_tokens,
+            window_len=window_len,
+            validate=validate,
+            persistent=persistent,
+        )
+        self._replan_each_run = validate or (num_tokens is None and window_len is None)
+        self._launch = launch
+        self._result = (result, tensors[5]) if self._with_last_loc else result
+
+    def run(self) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        """Launch on the bound tensors' current values.
+
+        Returns:
+            What the function returns: ``(out_cache_loc[:num_tokens], last_loc)``, or ``out_cache_loc[:num_tokens]``
+            with ``with_last_loc=False``; the same tensors every run (the buffers plan() was given or made).
+        """
+        if self._bound.changed() or self._replan_each_run:
+            self.plan(**self._plan_args)
+        launch = self._launch
+        if launch is not None:
+            launch()
+        return self._result

@@ -1,0 +1,363 @@
+"""Plan/run wrappers: CacheLocsWrapper against the functions, DraftStepWrapper against the allocator's methods.
+
+Every run reads the bound tensors' current values, so the tests rewrite them in place between runs; and every
+change of a bound tensor itself (resize_, set_, .data =) must give what the function or method gives.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import SENTINEL, sentinel_like
+from test_allocator import assert_unchanged, check_layout, snapshot
+
+from specdec_ops import (
+    CacheLocsWrapper,
+    DraftCacheAllocator,
+    DraftStepWrapper,
+    assign_extend_cache_locs,
+    backend,
+    get_last_loc_and_assign_extend_cache_locs,
+)
+from specdec_ops.allocator import AllocationError
+
+# ------------------------------------------------------------------------------------------ CacheLocsWrapper
+
+
+def _function(with_last_loc: bool):
+    return get_last_loc_and_assign_extend_cache_locs if with_last_loc else assign_extend_cache_locs
+
+
+def _step_values(gen: torch.Generator, bs: int, rows: int, context: int, window_len: int | None):
+    """Rows, starts and ends of one step (windows of window_len, or ragged ones of 0 to 9 tokens)."""
+    req = torch.randint(0, rows, (bs,), generator=gen)
+    start = torch.randint(0, context - 10, (bs,), generator=gen)
+    start[0] = 0  # last_loc -1
+    lens = torch.full((bs,), window_len) if window_len is not None else torch.randint(0, 10, (bs,), generator=gen)
+    return req, start, start + lens
+
+
+@pytest.mark.parametrize("with_last_loc", [True, False], ids=["fused", "assign"])
+@pytest.mark.parametrize("window_len", [3, None], ids=["uniform", "ragged"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64], ids=["int32", "int64"])
+@pytest.mark.parametrize("bs", [1, 7, 33])
+def test_run_equals_the_function_step_after_step(bs, dtype, window_len, with_last_loc):
+    gen = torch.Generator().manual_seed(bs)
+    rows, context = 40, 50
+    table = torch.randint(0, 2**20, (rows, context + 3), generator=gen).to(dtype)[:, :context]  # padded rows
+    capacity = bs * 9
+    req, start, end = (t.to(dtype) for t in _step_values(gen, bs, rows, context, window_len))
+    out = sentinel_like(capacity + 5, dtype, "cpu")
+    last = sentinel_like(bs, dtype, "cpu") if with_last_loc else None
+    wrapper = CacheLocsWrapper(table, with_last_loc=with_last_loc)
+    wrapper.plan(req, start, end, out, last, num_tokens=capacity, window_len=window_len)
+    for _ in range(4):
+        values = _step_values(gen, bs, rows, context, window_len)
+        for bound, value in zip((req, start, end), values):
+            bound.copy_(value)  # in place: what an engine does between steps
+        out.fill_(SENTINEL)
+        if last is not None:
+            last.fill_(SENTINEL)
+        got = wrapper.run()
+        expected_out = sentinel_like(capacity + 5, dtype, "cpu")
+        expected_last = sentinel_like(bs, dtype, "cpu") if with_last_loc else None
+        args = (expected_out, expected_last) if with_last_loc else (expected_out,)
+        expected = _function(with_last_loc)(table, req, start, end, *args, num_tokens=capacity, window_len=window_len)
+        if with_last_loc:
+            assert got[0].data_ptr() == out.data_ptr() and got[1] is last
+            assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+        else:
+            assert torch.equal(got, expected)
+        assert torch.equal(out, expected_out), "elements past num_tokens must stay untouched"
+
+
+def test_run_without_num_tokens_sizes_the_output_each_run_like_the_function():
+    table = torch.arange(8 * 16).reshape(8, 16)
+    req, start, end = torch.tensor([3, 1]), torch.tensor([2, 0]), torch.tensor([5, 1])
+    wrapper = CacheLocsWrapper(table)
+    wrapper.plan(req, start, end)
+    assert wrapper.run()[0].tolist() == [50, 51, 52, 16]
+    end.copy_(torch.tensor([4, 4]))
+    out, last = wrapper.run()
+    assert out.tolist() == [50, 51, 16, 17, 18, 19] and last.tolist() == [49, -1]
+
+
+def test_validate_checks_the_values_at_every_run():
+    table = torch.arange(8 * 16).reshape(8, 16)
+    req, start, end = torch.tensor([3, 1]), torch.tensor([2, 0]), torch.tensor([5, 1])
+    wrapper = CacheLocsWrapper(table)
+    wrapper.plan(req, start, end, num_tokens=8, validate=True)
+    wrapper.run()
+    end[1] = 17
+    with pytest.raises(ValueError, match=r"end_offset\[1\] must be <= max_context_len = 16, got 17"):
+        wrapper.run()
+
+
+def _same_error(call, expected_call):
+    """``call`` raises what ``expected_call`` raises, word for word."""
+    with pytest.raises((TypeError, ValueError)) as expected:
+        expected_call()
+    with pytest.raises(type(expected.value)) as got:
+        call()
+    assert str(got.value) == str(expected.value)
+
+
+@pytest.mark.parametrize("uniform", [True, False], ids=["uniform", "ragged"])
+def test_a_bound_tensor_changed_in_place_plans_again(uniform):
+    table = torch.arange(8 * 16).reshape(8, 16)
+    req, start = torch.tensor([3, 1, 6]), torch.tensor([2, 0, 9])
+    end = start + 2
+    window_len = 2 if uniform else None
+    out = sentinel_like(16, torch.int64, "cpu")
+    wrapper = CacheLocsWrapper(table)
+    wrapper.plan(req, start, end, out, num_tokens=8, window_len=window_len)
+
+    def function():
+        return get_last_loc_and_assign_extend_cache_locs(
+            table, req, start, end, out, num_tokens=8, window_len=window_len
+        )
+
+    req.resize_(2)  # same address, fewer elements
+    _same_error(wrapper.run, function)
+    req.set_(torch.tensor([5, 4]))  # another tensor, of two rows: valid once the offsets follow
+    _same_error(wrapper.run, function)
+    start.set_(torch.tensor([1, 3]))
+    end.set_(start + 2)
+    got = wrapper.run()
+    expected = function()
+    assert [t.tolist() for t in got] == [t.tolist() for t in expected] == [[81, 82, 67, 68] + [SENTINEL] * 4, [80, 66]]
+    start.data = start.data.double()  # another dtype
+    _same_error(wrapper.run, function)
+    start.data = start.data.int()  # int32 is fine
+    assert [t.tolist() for t in wrapper.run()] == [[81, 82, 67, 68] + [SENTINEL] * 4, [80, 66]]
+    out.resize_(3)  # the output buffer too
+    _same_error(wrapper.run, function)
+
+
+def test_wrapper_misuse_is_an_error():
+    table = torch.zeros(4, 8, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"call plan\(\) before running the wrapper"):
+        CacheLocsWrapper(table).run()
+    with pytest.raises(ValueError, match=r"last_loc is given but the wrapper was made with with_last_loc=False"):
+        CacheLocsWrapper(table, with_last_loc=False).plan(
+            torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), last_loc=torch.zeros(1), window_len=1
+        )
+
+
+def test_a_prepared_launch_launches_only_when_called(monkeypatch):
+    calls = []
+    monkeypatch.setattr(backend, "launch", lambda *args: calls.append(args))
+    table = torch.zeros(4, 8, dtype=torch.int32)
+    wrapper = CacheLocsWrapper(table)
+    wrapper.plan(torch.tensor([1, 2]), torch.tensor([0, 3]), num_tokens=4, window_len=2)
+    assert not calls
+    wrapper.run()
+    wrapper.run()
+    assert len(calls) == 2 and calls[0][3][0] is table
+
+
+# ------------------------------------------------------------------------------------------ DraftStepWrapper
+
+
+def _host_state(alloc: DraftCacheAllocator) -> tuple:
+    return (
+        alloc._pages_bound,
+        alloc._alloc_len_bound,
+        alloc._used_at_sync,
+        alloc._net_pages_since_sync,
+        alloc._rows_since_sync,
+        alloc._drafted_since_sync,
+        dict(alloc._known_windows),
+        alloc._unknown_window_bound,
+        list(alloc._min_pages),
+        dict(alloc._branch_rows),
+        len(alloc._branch_batches),
+        alloc.num_syncs,
+    )
+
+
+def _assert_same(a: DraftCacheAllocator, b: DraftCacheAllocator) -> None:
+    assert_unchanged(a, snapshot(b))
+    assert a.free_page_list() == b.free_page_list()
+    assert torch.equal(a.branch_pages, b.branch_pages) and torch.equal(a.num_branch_pages, b.num_branch_pages)
+    assert _host_state(a) == _host_state(b)
+
+
+def _call(fn, *args, **kwargs):
+    """(result, None) or (None, the AllocationError/ValueError raised)."""
+    try:
+        return fn(*args, **kwargs), None
+    except (AllocationError, ValueError) as error:
+        return None, error
+
+
+@pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
+@pytest.mark.parametrize("emit", [True, False], ids=["alloc", "reserve"])
+@pytest.mark.parametrize("host_rows", [False, True], ids=["tensor-rows", "list-rows"])
+@pytest.mark.parametrize("page_size", [1, 4], ids=lambda p: f"page{p}")
+def test_the_wrapper_drives_the_step_like_the_methods(page_size, host_rows, emit, tree):
+    """Two allocators, one stepped by the wrapper, one by the methods, into the capacity: the same outputs, the
+    same errors, the same state (device and host) after every call."""
+    rng = random.Random(page_size * 8 + host_rows * 4 + emit * 2 + tree)
+    n = 3
+    a, b = (DraftCacheAllocator(36 * page_size, 4, 40, page_size=page_size, device="cpu") for _ in range(2))
+    rows_a, rows_b = a.add_requests([5, 2, 7]), b.add_requests([5, 2, 7])
+    accept = torch.zeros(3, dtype=torch.int64)
+    out = sentinel_like(3 * n, torch.int64, "cpu")
+    last = sentinel_like(3, torch.int64, "cpu")
+    step = DraftStepWrapper(a)
+    rows = rows_a.tolist() if host_rows else rows_a
+    rows_b = rows_b.tolist() if host_rows else rows_b  # the same kind of rows: lists make the host know windows
+    buffers = dict(out_cache_loc=out, last_loc=last) if emit else {}
+    step.plan(rows, n, accept_lens=accept, emit=emit, **buffers)
+    errors = 0
+    for i in range(40):
+        if tree and i % 2:  # branches exist at the draft (released by it) or at the commit (released before it)
+            topk = 1 + i // 12  # wider trees replace branch_pages: the prepared release launches must follow
+            got = _call(a.alloc_branches, rows, topk, 2)
+            expected = _call(b.alloc_branches, rows_b, topk, 2)
+            assert repr(got[1]) == repr(expected[1])
+            _assert_same(a, b)
+        expected_out, expected_last = sentinel_like(3 * n, torch.int64, "cpu"), sentinel_like(3, torch.int64, "cpu")
+        out.fill_(SENTINEL)
+        last.fill_(SENTINEL)
+        if emit:
+            got = _call(step.alloc_draft)
+            expected = _call(b.alloc_draft, rows_b, n, out_cache_loc=expected_out, last_loc=expected_last)
+        else:
+            got = _call(step.reserve_draft)
+            expected = _call(b.reserve_draft, rows_b, n)
+        assert repr(got[1]) == repr(expected[1])
+        errors += got[1] is not None
+        if emit and got[1] is None:
+            assert torch.equal(got[0][0], expected[0][0]) and torch.equal(got[0][1], expected[0][1])
+        assert torch.equal(out, expected_out) and torch.equal(last, expected_last)
+        _assert_same(a, b)
+        accept.copy_(torch.tensor([rng.randint(0, n) for _ in range(3)]))  # in place, like an engine
+        step.commit()
+        b.commit(rows_b, accept.clone())
+        _assert_same(a, b)
+    assert errors, "the loop must reach the capacity"
+    check_layout(a)
+
+
+def test_rows_freed_after_a_host_list_plan_raise_like_the_method():
+    a, b = (DraftCacheAllocator(64, 3, 32, page_size=4, device="cpu") for _ in range(2))
+    a.add_requests([3, 6])
+    b.add_requests([3, 6])
+    accept = torch.tensor([1, 1])
+    step = DraftStepWrapper(a)
+    step.plan([0, 1], 2, accept_lens=accept)
+    step.alloc_draft()
+    b.alloc_draft([0, 1], 2)
+    a.free_requests([1])
+    b.free_requests([1])
+    before = snapshot(a)
+    for call, expected_call in ((step.alloc_draft, lambda: b.alloc_draft([0, 1], 2)), (step.commit, None)):
+        with pytest.raises(ValueError, match=r"req_pool_indices\[1\] = 1 is not a row in use") as got:
+            call()
+        if expected_call is not None:
+            with pytest.raises(ValueError) as expected:
+                expected_call()
+            assert str(got.value) == str(expected.value)
+    assert_unchanged(a, before)
+    a.add_requests([4])  # row 1 in use again: the plan holds
+    b.add_requests([4])
+    step.alloc_draft()
+    b.alloc_draft([0, 1], 2)
+    step.commit()
+    b.commit([0, 1], accept)
+    _assert_same(a, b)
+
+
+def test_bound_tensors_changed_in_place_plan_again_like_the_methods():
+    a = DraftCacheAllocator(64, 4, 32, page_size=4, device="cpu")
+    rows = a.add_requests([3, 6, 2])
+    accept = torch.tensor([1, 0, 2])
+    out, last = torch.empty(9, dtype=torch.int64), torch.empty(3, dtype=torch.int64)
+    step = DraftStepWrapper(a)
+    step.plan(rows, 3, accept_lens=accept, out_cache_loc=out, last_loc=last)
+
+    def alloc_draft():
+        return a.alloc_draft(rows, 3, out_cache_loc=out, last_loc=last)
+
+    out.resize_(5)
+    _same_error(step.alloc_draft, alloc_draft)
+    out.resize_(9)
+    rows.resize_(2)  # 2 rows now: last_loc has 3
+    _same_error(step.alloc_draft, alloc_draft)
+    last.set_(torch.empty(2, dtype=torch.int64))
+    _same_error(step.alloc_draft, lambda: a.commit(rows, accept))  # a plan checks every argument it was given
+    accept.resize_(2)
+    got = step.alloc_draft()
+    assert got[1] is last and got[0].size(0) == 6 and a.window_lens[:3].tolist() == [3, 3, 0]
+    accept.data = accept.data.float()
+    _same_error(step.commit, lambda: a.commit(rows, accept))
+    accept.data = torch.tensor([3, 0])
+    step.commit()
+    assert a.seq_lens[:3].tolist() == [6, 6, 2] and not a.window_lens.any()
+
+
+def test_validate_runs_the_methods_checks_every_call():
+    a = DraftCacheAllocator(64, 4, 32, page_size=4, device="cpu")
+    rows = a.add_requests([3, 6])
+    accept = torch.tensor([1, 0])
+    step = DraftStepWrapper(a)
+    step.plan(rows, 2, accept_lens=accept, validate=True)
+    step.alloc_draft()
+    accept[1] = 3
+    before = snapshot(a)
+    with pytest.raises(ValueError, match=r"accept_lens\[1\] must be in \[0, 2\] \(the draft window of row 1\), got 3"):
+        step.commit()
+    assert_unchanged(a, before)
+
+
+def test_wrapper_misuse_is_an_error_too():
+    a = DraftCacheAllocator(64, 4, 32, page_size=4, device="cpu")
+    rows = a.add_requests([3, 6])
+    step = DraftStepWrapper(a)
+    with pytest.raises(RuntimeError, match=r"call plan\(\) before running the wrapper"):
+        step.alloc_draft()
+    with pytest.raises(TypeError, match=r"accept_lens must be a torch.Tensor, got list"):
+        step.plan(rows, 2, accept_lens=[1, 1])
+    with pytest.raises(ValueError, match=r"out_cache_loc and last_loc go with emit=True"):
+        step.plan(rows, 2, emit=False, last_loc=torch.empty(2, dtype=torch.int64))
+    step.plan(rows, 2)
+    with pytest.raises(ValueError, match=r"this plan has emit=True: call alloc_draft\(\)"):
+        step.reserve_draft()
+    with pytest.raises(ValueError, match=r"commit\(\) needs a plan with accept_lens"):
+        step.commit()
+
+
+class LaunchFailed(RuntimeError):
+    pass
+
+
+def _failing_launch(*args, **kwargs):
+    raise LaunchFailed("launch failed")
+
+
+@pytest.mark.parametrize("branches", [False, True], ids=["chain", "branches"])
+@pytest.mark.parametrize("call", ["alloc_draft", "reserve_draft", "commit"])
+def test_a_launch_that_raises_in_a_run_changes_nothing(call, branches, monkeypatch):
+    a = DraftCacheAllocator(64, 4, 32, page_size=4, device="cpu")
+    rows = a.add_requests([5, 6])
+    step = DraftStepWrapper(a)
+    step.plan(rows.tolist(), 2, accept_lens=torch.tensor([1, 2]), emit=call != "reserve_draft")
+    if call == "commit":
+        step.alloc_draft()
+    if branches:
+        a.alloc_branches(rows.tolist(), 2, 2)  # the rows the plan names: the host sees them released
+    before = snapshot(a)
+    host = _host_state(a)
+    monkeypatch.setattr(backend, "launch", _failing_launch)
+    with pytest.raises(LaunchFailed):
+        getattr(step, call)()
+    monkeypatch.undo()
+    assert_unchanged(a, before)
+    assert _host_state(a) == host
+    getattr(step, call)()  # and the same call goes through afterwards
+    assert not a._branches_may_exist()
+    check_layout(a)
