@@ -212,7 +212,9 @@ class DraftCacheAllocator:
         # Host state: free rows (a min-heap, so new requests take the lowest rows), rows in use, and the bounds.
         self._free_rows = list(range(max_requests))
         self._in_use = [False] * max_requests
-        self._pages_bound = 0  # >= pages not free (owned by live requests or by the prefix cache)
+        # >= pages not free, branch pages aside (owned by live requests or by the prefix cache); the branch pages
+        # held have a bound of their own (_branch_bound), and every capacity check adds the two.
+        self._pages_bound = 0
         self._alloc_len_bound = 0  # >= alloc_len of every row in use
         self._min_pages = [0] * max_requests  # <= pages owned by each row in use (its cache-owned prefix excluded)
         # Since the last exact count (_used_at_sync pages): pages of prompts added less pages surely freed, rows
@@ -237,8 +239,9 @@ class DraftCacheAllocator:
         self._alloc_configs: dict[tuple, tuple[int, tuple]] = {}
         self._max_programs: int | None = None
         # Tree drafts: row r holds branch pages branch_pages[r, :num_branch_pages[r]] (alloc_branches). The host
-        # knows which rows may hold some, and at most how many: rows given as lists, and batches given as tensors
-        # (a tensor released by the same tensor, unchanged since, is known to be released).
+        # knows which rows may hold some, and at most how many (the worst case, or the exact count when the call
+        # synced): rows given as lists, one by one, and batches given as tensors, in all (a tensor released by the
+        # same tensor, unchanged since, is known to be released).
         self.branch_pages = torch.zeros(max_requests, 0, dtype=torch.int32, device=self.device)
         self.num_branch_pages = torch.zeros(max_requests, dtype=torch.int64, device=self.device)
         self._branch_rows: dict[int, int] = {}
@@ -303,13 +306,14 @@ class DraftCacheAllocator:
         pages = [_pages(length, self.page_size) - len(cached) for length, cached in zip(lens, prefix_pages)]
         need = sum(pages)
         if self._pages_bound + self._branch_bound() + need > self.num_pages:
-            self._sync_bounds()
-            free = self.num_pages - self._pages_bound
+            self.num_syncs += 1
+            free, held, live, allocs, _ = self._read_exact()
             if need > free:
                 raise OutOfSlotsError(
                     f"add_requests: {n} prompts of {sum(lens)} tokens need {need} new pages "
                     f"({need * self.page_size} slots) but {free} pages ({free * self.page_size} slots) are free"
                 )
+            self._set_exact(free, held, live, allocs)
         rows = heapq.nsmallest(n, self._free_rows)
         rows_t = torch.tensor(rows, dtype=torch.int64, device=self.device)
         if n:
@@ -697,7 +701,7 @@ class DraftCacheAllocator:
         dst = self._tree_buffer("copy_dst", copy_dst, bs * copy_width)
         per_row = topk * _pages(p - 1 + num_steps, p)  # the most pages a row's branches take
         if bs:
-            self._branch_capacity(rows, host_rows, topk, num_steps, bs * per_row)
+            needs = self._branch_capacity(rows, host_rows, topk, num_steps, bs * per_row)
             if self.branch_pages.size(1) < per_row:  # on the host, outside graphs: the first call sizes it
                 grown = torch.zeros(self.max_requests, per_row, dtype=torch.int32, device=self.device)
                 grown[:, : self.branch_pages.size(1)] = self.branch_pages
@@ -745,9 +749,11 @@ class DraftCacheAllocator:
             )
             self._forget_branches(rows, host_rows)
             if host_rows is None:
-                self._branch_batches.append((rows, rows._version, per_row))
-            else:
+                self._branch_batches.append((rows, rows._version, bs * per_row if needs is None else sum(needs)))
+            elif needs is None:
                 self._branch_rows.update(dict.fromkeys(host_rows, per_row))
+            else:
+                self._branch_rows.update(zip(host_rows, needs))
         branch_slots = slots[: bs * width].view(bs, topk, num_steps)
         if copies:
             return branch_slots, src[: bs * copy_width], dst[: bs * copy_width]
@@ -797,20 +803,27 @@ class DraftCacheAllocator:
 
     def _sync_bounds(self) -> None:
         """Make the host bounds exact: one device→host copy."""
+        *exact, _ = self._read_exact()
+        self._set_exact(*exact)
+
+    def _read_exact(self, *extra: torch.Tensor) -> tuple[int, int, list[int], list[int], list[int]]:
+        """One device→host copy of the exact usage and of the int64 vectors ``extra``; returns (free pages, branch
+        pages held, rows in use, their alloc_lens, the ``extra`` values concatenated)."""
         live = self.rows_in_use()
         live_t = torch.tensor(live, dtype=torch.int64, device=self.device)
-        values = torch.cat([self.num_free_pages.long(), self.alloc_lens[live_t]]).tolist()
-        free, allocs = values[0], values[1:]
-        self._set_exact(self.num_pages - free, max(allocs, default=0))
-        for row, alloc in zip(live, allocs):
-            self._min_pages[row] = _pages(alloc, self.page_size) - len(self._prefix_pages[row])
+        counts = torch.stack([self.num_free_pages[0].long(), self.num_branch_pages.sum()])
+        values = torch.cat([counts, self.alloc_lens[live_t], *extra]).tolist()
+        return values[0], values[1], live, values[2 : 2 + len(live)], values[2 + len(live) :]
 
-    def _set_exact(self, used_pages: int, longest: int) -> None:
-        """Restart the bounds from exact counts: ``used_pages`` not free, ``longest`` the longest alloc_len."""
-        self._pages_bound = self._used_at_sync = used_pages
-        self._alloc_len_bound = longest
+    def _set_exact(self, free: int, held: int, live: list[int], allocs: list[int]) -> None:
+        """Restart the bounds from exact counts (:meth:`_read_exact`). Branch pages are bounded apart
+        (:meth:`_branch_bound`), so the pages bound leaves the ``held`` ones out."""
+        self._pages_bound = self._used_at_sync = self.num_pages - free - held
+        self._alloc_len_bound = max(allocs, default=0)
         self._net_pages_since_sync = self._drafted_since_sync = 0
         self._rows_since_sync = self.num_requests
+        for row, alloc in zip(live, allocs):
+            self._min_pages[row] = _pages(alloc, self.page_size) - len(self._prefix_pages[row])
 
     def _check_draft(self, req_pool_indices: IntVector, num_draft_tokens: int, validate: bool):
         """Check the arguments of a draft; returns (rows on the device, rows on the host or None, N)."""
@@ -863,8 +876,6 @@ class DraftCacheAllocator:
             return bound, self._drafted_since_sync + n, self._alloc_len_bound + n
         # Near capacity: one sync for the exact numbers, then go on or raise with nothing changed.
         self.num_syncs += 1
-        live = self.rows_in_use()
-        live_t = torch.tensor(live, dtype=torch.int64, device=self.device)
         # Clamped, so that rows out of range cannot fault before the host has checked them.
         rows64 = rows.long().clamp(0, self.max_requests - 1)
         seqs = self.seq_lens[rows64]
@@ -872,12 +883,12 @@ class DraftCacheAllocator:
         ends = seqs + n
         p = self.page_size
         need = ((torch.maximum(allocs, ends) + p - 1) // p - (allocs + p - 1) // p).sum()
-        summary = torch.stack([need, ends.max(), ends.argmax(), self.num_free_pages[0].long()])
-        values = torch.cat([summary, self.alloc_lens[live_t], rows.long()]).tolist()
-        need, longest, i, free = values[:4]
-        live_allocs = values[4 : 4 + len(live)]
+        free, held, live, live_allocs, values = self._read_exact(
+            torch.stack([need, ends.max(), ends.argmax()]), rows.long()
+        )
+        need, longest, i = values[:3]
         if host_rows is None:
-            host_rows = values[4 + len(live) :]
+            host_rows = values[3:]
             self._check_rows_in_use(host_rows)
         if longest > self.max_context_len:
             raise ContextLengthError(
@@ -890,14 +901,12 @@ class DraftCacheAllocator:
                 f"{free} pages ({free * p} slots) are free"
             )
         # Exact now: the next bounds restart from these numbers.
-        self._set_exact(self.num_pages - free, max(live_allocs, default=0))
-        for row, alloc in zip(live, live_allocs):
-            self._min_pages[row] = _pages(alloc, p) - len(self._prefix_pages[row])
+        self._set_exact(free, held, live, live_allocs)
         return self._pages_bound + need, n, max(self._alloc_len_bound, longest)
 
     def _branch_bound(self) -> int:
         """An upper bound of the branch pages held (host state)."""
-        held = sum(self._branch_rows.values()) + sum(t.numel() * pages for t, _, pages in self._branch_batches)
+        held = sum(self._branch_rows.values()) + sum(pages for _, _, pages in self._branch_batches)
         return min(held, self.num_requests * self.branch_pages.size(1))
 
     def _branches_may_exist(self) -> bool:
@@ -927,24 +936,29 @@ class DraftCacheAllocator:
 
     def _branch_capacity(
         self, rows: torch.Tensor, host_rows: list[int] | None, topk: int, num_steps: int, worst: int
-    ) -> None:
+    ) -> list[int] | None:
         """Raise OutOfSlotsError unless the pops of alloc_branches fit in the free pages (they never see the
-        pages the call releases); syncs only when the host bound says they might not."""
+        pages the call releases); syncs only when the host bound says they might not. Returns the exact branch
+        pages of each request when it synced, else None (``worst`` pages in all at most)."""
         if self._pages_bound + self._branch_bound() + worst <= self.num_pages:
-            return
+            return None
         self.num_syncs += 1
         p = self.page_size
+        bs = rows.size(0)
         seqs = self.seq_lens[rows.long().clamp(0, self.max_requests - 1)]
-        need = (topk * ((seqs % p + num_steps + p - 1) // p)).sum()
-        values = torch.cat([torch.stack([need, self.num_free_pages[0].long()]), rows.long()]).tolist()
-        need, free = values[:2]
+        needs = topk * ((seqs % p + num_steps + p - 1) // p)
+        free, held, live, allocs, values = self._read_exact(needs, rows.long())
+        needs = values[:bs]
         if host_rows is None:
-            self._check_rows_in_use(values[2:])
+            self._check_rows_in_use(values[bs:])
+        need = sum(needs)
         if need > free:
             raise OutOfSlotsError(
-                f"alloc_branches: {rows.size(0)} requests with {topk} branches of {num_steps} steps need {need} new "
+                f"alloc_branches: {bs} requests with {topk} branches of {num_steps} steps need {need} new "
                 f"pages ({need * p} slots) but {free} pages ({free * p} slots) are free"
             )
+        self._set_exact(free, held, live, allocs)
+        return needs
 
     def _check_accept_index(self, accept_index: torch.Tensor, bs: int) -> int:
         """Check accept_index's metadata; returns T."""

@@ -113,6 +113,9 @@ def check_layout(alloc: DraftCacheAllocator, *, ask_free_slots: bool = True) -> 
     assert set(branches) <= live, "a free row holds branch pages"
     branch_list = [page for row_pages in branches.values() for page in row_pages]
     assert all(1 <= page <= alloc.num_pages for page in branch_list), "a branch page outside the pool"
+    # The host bounds may only overestimate: pages of live requests and of the cache, and branch pages apart.
+    assert alloc._pages_bound >= len(owned_pages) + len(cache)
+    assert alloc._branch_bound() >= len(branch_list)
     owned_pages += branch_list
     assert len(owned_pages) == len(set(owned_pages)), "a page is owned twice"
     free = alloc.free_page_list()
@@ -123,8 +126,6 @@ def check_layout(alloc: DraftCacheAllocator, *, ask_free_slots: bool = True) -> 
     if ask_free_slots:
         assert alloc.num_free_slots() == alloc.num_slots - p * (len(owned_pages) + len(cache))
         assert alloc.num_cached_slots() == p * len(cache)
-    # The host bounds may only overestimate.
-    assert alloc._pages_bound + alloc._branch_bound() >= len(owned_pages)
     assert alloc._alloc_len_bound >= max([alloc_lens[row] for row in live], default=0)
     return owned
 
