@@ -217,13 +217,14 @@ class DraftCacheAllocator:
         self._pages_bound = 0
         self._alloc_len_bound = 0  # >= alloc_len of every row in use
         self._min_pages = [0] * max_requests  # <= pages owned by each row in use (its cache-owned prefix excluded)
-        # Since the last exact count (_used_at_sync pages): pages of prompts added less pages surely freed, rows
-        # that could be drafted, tokens drafted in all. A row that drafts windows summing to S gains at most
-        # ceil(S / page_size) pages (its windows advance by at most what it drafted): a far tighter bound than a
-        # page per step when windows are shorter than pages.
+        # Since the last exact count (_used_at_sync pages): pages of prompts added less pages surely freed (each
+        # row's _min_pages: what it owned at the count or at its prefill), and tokens drafted in all. A row that
+        # drafts windows summing to S gains at most ceil(S / page_size) pages (its windows advance by at most what
+        # it drafted), and a freed row gives back what it gained with what it had: so the rows in use own at most
+        # _used_at_sync + _net_pages_since_sync + rows in use * ceil(S / page_size) pages, a far tighter bound than
+        # a page per step when windows are shorter than pages.
         self._used_at_sync = 0
         self._net_pages_since_sync = 0
-        self._rows_since_sync = 0
         self._drafted_since_sync = 0
         # Prefix cache: pages handed to the cache, and for each row the cache pages it reads.
         self._cache_pages: set[int] = set()
@@ -337,7 +338,6 @@ class DraftCacheAllocator:
             self._prefix_readers.update(cached)
         self._pages_bound += need
         self._net_pages_since_sync += need
-        self._rows_since_sync += n
         self._alloc_len_bound = max([self._alloc_len_bound, *lens])
         return rows_t
 
@@ -821,7 +821,6 @@ class DraftCacheAllocator:
         self._pages_bound = self._used_at_sync = self.num_pages - free - held
         self._alloc_len_bound = max(allocs, default=0)
         self._net_pages_since_sync = self._drafted_since_sync = 0
-        self._rows_since_sync = self.num_requests
         for row, alloc in zip(live, allocs):
             self._min_pages[row] = _pages(alloc, self.page_size) - len(self._prefix_pages[row])
 
@@ -865,13 +864,15 @@ class DraftCacheAllocator:
         """The host bounds after the draft (pages, tokens drafted since the last sync, longest alloc_len), syncing
         only if the bound says it might not fit; raises if it does not."""
         bs = rows.size(0)
-        worst_pages = bs * _pages(n, self.page_size)
+        p = self.page_size
+        worst_pages = bs * _pages(n, p)
+        rows_in_use = self.num_requests
         worst_since_sync = (
-            self._used_at_sync
-            + self._net_pages_since_sync
-            + self._rows_since_sync * _pages(self._drafted_since_sync + n, self.page_size)
+            self._used_at_sync + self._net_pages_since_sync + rows_in_use * _pages(self._drafted_since_sync + n, p)
         )
-        bound = min(self._pages_bound + worst_pages, worst_since_sync)
+        # No row owns more than a full context (its cache-owned prefix included), whatever was drafted.
+        most = len(self._cache_pages) + rows_in_use * _pages(self.max_context_len, p)
+        bound = min(self._pages_bound + worst_pages, worst_since_sync, most)
         if bound + self._branch_bound() <= self.num_pages and self._alloc_len_bound + n <= self.max_context_len:
             return bound, self._drafted_since_sync + n, self._alloc_len_bound + n
         # Near capacity: one sync for the exact numbers, then go on or raise with nothing changed.
@@ -881,7 +882,6 @@ class DraftCacheAllocator:
         seqs = self.seq_lens[rows64]
         allocs = self.alloc_lens[rows64]
         ends = seqs + n
-        p = self.page_size
         need = ((torch.maximum(allocs, ends) + p - 1) // p - (allocs + p - 1) // p).sum()
         free, held, live, live_allocs, values = self._read_exact(
             torch.stack([need, ends.max(), ends.argmax()]), rows.long()
