@@ -36,7 +36,7 @@ from __future__ import annotations
 import heapq
 from collections import Counter
 from collections.abc import Sequence
-from typing import Union
+from typing import NamedTuple, Union
 
 import torch
 
@@ -100,6 +100,16 @@ _NPU_MAX_TREE_REPOINT = 32
 _NUM_WARPS = 8
 
 IntVector = Union[torch.Tensor, Sequence[int]]
+
+
+class _Usage(NamedTuple):
+    """What a sync reads back: the exact usage that the host bounds restart from."""
+
+    free: int  # free pages
+    held: int  # branch pages held
+    rows: list[int]  # the rows in use, and for each
+    alloc_lens: list[int]
+    ends: list[int]  # seq_len + open window: the longest seq_len a commit can make
 
 
 class AllocationError(RuntimeError):
@@ -215,7 +225,11 @@ class DraftCacheAllocator:
         # >= pages not free, branch pages aside (owned by live requests or by the prefix cache); the branch pages
         # held have a bound of their own (_branch_bound), and every capacity check adds the two.
         self._pages_bound = 0
-        self._alloc_len_bound = 0  # >= alloc_len of every row in use
+        # A row commits at most what was drafted: seq_len + open window <= _seq_base[row] + _drafted_since_sync
+        # for every row in use (its exact end at the last sync, or its prompt, less what was drafted before).
+        # _seq_base_max >= the largest of them; freed rows leave it high until a draft needs it tight.
+        self._seq_base = [0] * max_requests
+        self._seq_base_max = 0
         self._min_pages = [0] * max_requests  # <= pages owned by each row in use (its cache-owned prefix excluded)
         # Since the last exact count (_used_at_sync pages): pages of prompts added less pages surely freed (each
         # row's _min_pages: what it owned at the count or at its prefill), and tokens drafted in all. A row that
@@ -308,13 +322,14 @@ class DraftCacheAllocator:
         need = sum(pages)
         if self._pages_bound + self._branch_bound() + need > self.num_pages:
             self.num_syncs += 1
-            free, held, live, allocs, _ = self._read_exact()
+            usage, _ = self._read_exact()
+            free = usage.free
             if need > free:
                 raise OutOfSlotsError(
                     f"add_requests: {n} prompts of {sum(lens)} tokens need {need} new pages "
                     f"({need * self.page_size} slots) but {free} pages ({free * self.page_size} slots) are free"
                 )
-            self._set_exact(free, held, live, allocs)
+            self._set_exact(usage)
         rows = heapq.nsmallest(n, self._free_rows)
         rows_t = torch.tensor(rows, dtype=torch.int64, device=self.device)
         if n:
@@ -331,14 +346,15 @@ class DraftCacheAllocator:
         taken = set(rows)
         self._free_rows = [row for row in self._free_rows if row not in taken]
         heapq.heapify(self._free_rows)
-        for row, row_pages, cached in zip(rows, pages, prefix_pages):
+        for row, length, row_pages, cached in zip(rows, lens, pages, prefix_pages):
             self._in_use[row] = True
+            self._seq_base[row] = length - self._drafted_since_sync
+            self._seq_base_max = max(self._seq_base_max, self._seq_base[row])
             self._min_pages[row] = row_pages
             self._prefix_pages[row] = cached
             self._prefix_readers.update(cached)
         self._pages_bound += need
         self._net_pages_since_sync += need
-        self._alloc_len_bound = max([self._alloc_len_bound, *lens])
         return rows_t
 
     def free_requests(self, req_pool_indices: IntVector, *, keep_lens: IntVector | None = None) -> torch.Tensor:
@@ -803,26 +819,27 @@ class DraftCacheAllocator:
 
     def _sync_bounds(self) -> None:
         """Make the host bounds exact: one device→host copy."""
-        *exact, _ = self._read_exact()
-        self._set_exact(*exact)
+        self._set_exact(self._read_exact()[0])
 
-    def _read_exact(self, *extra: torch.Tensor) -> tuple[int, int, list[int], list[int], list[int]]:
-        """One device→host copy of the exact usage and of the int64 vectors ``extra``; returns (free pages, branch
-        pages held, rows in use, their alloc_lens, the ``extra`` values concatenated)."""
+    def _read_exact(self, *extra: torch.Tensor) -> tuple[_Usage, list[int]]:
+        """One device→host copy of the exact usage and of the int64 vectors ``extra`` (their values, concatenated)."""
         live = self.rows_in_use()
         live_t = torch.tensor(live, dtype=torch.int64, device=self.device)
         counts = torch.stack([self.num_free_pages[0].long(), self.num_branch_pages.sum()])
-        values = torch.cat([counts, self.alloc_lens[live_t], *extra]).tolist()
-        return values[0], values[1], live, values[2 : 2 + len(live)], values[2 + len(live) :]
+        ends = self.seq_lens[live_t] + self.window_lens[live_t]
+        values = torch.cat([counts, self.alloc_lens[live_t], ends, *extra]).tolist()
+        k = len(live)
+        return _Usage(values[0], values[1], live, values[2 : 2 + k], values[2 + k : 2 + 2 * k]), values[2 + 2 * k :]
 
-    def _set_exact(self, free: int, held: int, live: list[int], allocs: list[int]) -> None:
-        """Restart the bounds from exact counts (:meth:`_read_exact`). Branch pages are bounded apart
-        (:meth:`_branch_bound`), so the pages bound leaves the ``held`` ones out."""
-        self._pages_bound = self._used_at_sync = self.num_pages - free - held
-        self._alloc_len_bound = max(allocs, default=0)
+    def _set_exact(self, usage: _Usage) -> None:
+        """Restart the bounds from exact counts. Branch pages are bounded apart (:meth:`_branch_bound`), so the
+        pages bound leaves the held ones out."""
+        self._pages_bound = self._used_at_sync = self.num_pages - usage.free - usage.held
         self._net_pages_since_sync = self._drafted_since_sync = 0
-        for row, alloc in zip(live, allocs):
+        for row, alloc, end in zip(usage.rows, usage.alloc_lens, usage.ends):
             self._min_pages[row] = _pages(alloc, self.page_size) - len(self._prefix_pages[row])
+            self._seq_base[row] = end
+        self._seq_base_max = max(usage.ends, default=0)
 
     def _check_draft(self, req_pool_indices: IntVector, num_draft_tokens: int, validate: bool):
         """Check the arguments of a draft; returns (rows on the device, rows on the host or None, N)."""
@@ -850,19 +867,15 @@ class DraftCacheAllocator:
         self._launch_alloc(rows, n, None, None, None, out_cache_loc, last_loc, release)
         if release:
             self._forget_branches(rows, host_rows)
-        (
-            self._pages_bound,
-            self._drafted_since_sync,
-            self._alloc_len_bound,
-        ) = bounds
+        self._pages_bound, self._drafted_since_sync = bounds
         if host_rows is None:
             self._unknown_window_bound = max(self._unknown_window_bound, n)
         else:
             self._known_windows.update(dict.fromkeys(host_rows, n))
 
-    def _draft_bounds(self, rows: torch.Tensor, host_rows: list[int] | None, n: int) -> tuple[int, int, int]:
-        """The host bounds after the draft (pages, tokens drafted since the last sync, longest alloc_len), syncing
-        only if the bound says it might not fit; raises if it does not."""
+    def _draft_bounds(self, rows: torch.Tensor, host_rows: list[int] | None, n: int) -> tuple[int, int]:
+        """The host bounds after the draft (pages, tokens drafted since the last sync), syncing only if the bound
+        says it might not fit; raises if it does not."""
         bs = rows.size(0)
         p = self.page_size
         worst_pages = bs * _pages(n, p)
@@ -873,8 +886,11 @@ class DraftCacheAllocator:
         # No row owns more than a full context (its cache-owned prefix included), whatever was drafted.
         most = len(self._cache_pages) + rows_in_use * _pages(self.max_context_len, p)
         bound = min(self._pages_bound + worst_pages, worst_since_sync, most)
-        if bound + self._branch_bound() <= self.num_pages and self._alloc_len_bound + n <= self.max_context_len:
-            return bound, self._drafted_since_sync + n, self._alloc_len_bound + n
+        drafted = self._drafted_since_sync + n
+        if self._seq_base_max + drafted > self.max_context_len:  # the longest rows may be gone: look again
+            self._seq_base_max = max((self._seq_base[row] for row in self.rows_in_use()), default=0)
+        if bound + self._branch_bound() <= self.num_pages and self._seq_base_max + drafted <= self.max_context_len:
+            return bound, drafted
         # Near capacity: one sync for the exact numbers, then go on or raise with nothing changed.
         self.num_syncs += 1
         # Clamped, so that rows out of range cannot fault before the host has checked them.
@@ -883,9 +899,8 @@ class DraftCacheAllocator:
         allocs = self.alloc_lens[rows64]
         ends = seqs + n
         need = ((torch.maximum(allocs, ends) + p - 1) // p - (allocs + p - 1) // p).sum()
-        free, held, live, live_allocs, values = self._read_exact(
-            torch.stack([need, ends.max(), ends.argmax()]), rows.long()
-        )
+        usage, values = self._read_exact(torch.stack([need, ends.max(), ends.argmax()]), rows.long())
+        free = usage.free
         need, longest, i = values[:3]
         if host_rows is None:
             host_rows = values[3:]
@@ -901,8 +916,8 @@ class DraftCacheAllocator:
                 f"{free} pages ({free * p} slots) are free"
             )
         # Exact now: the next bounds restart from these numbers.
-        self._set_exact(free, held, live, live_allocs)
-        return self._pages_bound + need, n, max(self._alloc_len_bound, longest)
+        self._set_exact(usage)
+        return self._pages_bound + need, n
 
     def _branch_bound(self) -> int:
         """An upper bound of the branch pages held (host state)."""
@@ -947,7 +962,8 @@ class DraftCacheAllocator:
         bs = rows.size(0)
         seqs = self.seq_lens[rows.long().clamp(0, self.max_requests - 1)]
         needs = topk * ((seqs % p + num_steps + p - 1) // p)
-        free, held, live, allocs, values = self._read_exact(needs, rows.long())
+        usage, values = self._read_exact(needs, rows.long())
+        free = usage.free
         needs = values[:bs]
         if host_rows is None:
             self._check_rows_in_use(values[bs:])
@@ -957,7 +973,7 @@ class DraftCacheAllocator:
                 f"alloc_branches: {bs} requests with {topk} branches of {num_steps} steps need {need} new "
                 f"pages ({need * p} slots) but {free} pages ({free * p} slots) are free"
             )
-        self._set_exact(free, held, live, allocs)
+        self._set_exact(usage)
         return needs
 
     def _check_accept_index(self, accept_index: torch.Tensor, bs: int) -> int:
