@@ -320,7 +320,8 @@ class DraftCacheAllocator:
             )
         pages = [_pages(length, self.page_size) - len(cached) for length, cached in zip(lens, prefix_pages)]
         need = sum(pages)
-        if self._pages_bound + self._branch_bound() + need > self.num_pages:
+        used = min(self._pages_bound, self._most_pages())
+        if used + self._branch_bound() + need > self.num_pages:
             self.num_syncs += 1
             usage, _ = self._read_exact()
             free = usage.free
@@ -330,6 +331,7 @@ class DraftCacheAllocator:
                     f"({need * self.page_size} slots) but {free} pages ({free * self.page_size} slots) are free"
                 )
             self._set_exact(usage)
+            used = self._pages_bound
         rows = heapq.nsmallest(n, self._free_rows)
         rows_t = torch.tensor(rows, dtype=torch.int64, device=self.device)
         if n:
@@ -353,7 +355,7 @@ class DraftCacheAllocator:
             self._min_pages[row] = row_pages
             self._prefix_pages[row] = cached
             self._prefix_readers.update(cached)
-        self._pages_bound += need
+        self._pages_bound = used + need
         self._net_pages_since_sync += need
         return rows_t
 
@@ -420,9 +422,6 @@ class DraftCacheAllocator:
             self._known_windows.pop(row, None)
         self._prefix_readers = +self._prefix_readers  # drop zero counts
         self._cache_pages.update(kept_pages)
-        if not self.num_requests:
-            self._branch_rows.clear()
-            self._branch_batches.clear()
         if keep is not None or not self.num_requests:
             self._sync_bounds()
         else:
@@ -835,6 +834,9 @@ class DraftCacheAllocator:
         """Restart the bounds from exact counts. Branch pages are bounded apart (:meth:`_branch_bound`), so the
         pages bound leaves the held ones out."""
         self._pages_bound = self._used_at_sync = self.num_pages - usage.free - usage.held
+        if not usage.held:  # no row holds branch pages: no release to launch until the next alloc_branches
+            self._branch_rows.clear()
+            self._branch_batches.clear()
         self._net_pages_since_sync = self._drafted_since_sync = 0
         for row, alloc, end in zip(usage.rows, usage.alloc_lens, usage.ends):
             self._min_pages[row] = _pages(alloc, self.page_size) - len(self._prefix_pages[row])
@@ -879,13 +881,12 @@ class DraftCacheAllocator:
         bs = rows.size(0)
         p = self.page_size
         worst_pages = bs * _pages(n, p)
-        rows_in_use = self.num_requests
         worst_since_sync = (
-            self._used_at_sync + self._net_pages_since_sync + rows_in_use * _pages(self._drafted_since_sync + n, p)
+            self._used_at_sync
+            + self._net_pages_since_sync
+            + self.num_requests * _pages(self._drafted_since_sync + n, p)
         )
-        # No row owns more than a full context (its cache-owned prefix included), whatever was drafted.
-        most = len(self._cache_pages) + rows_in_use * _pages(self.max_context_len, p)
-        bound = min(self._pages_bound + worst_pages, worst_since_sync, most)
+        bound = min(self._pages_bound + worst_pages, worst_since_sync, self._most_pages())
         drafted = self._drafted_since_sync + n
         if self._seq_base_max + drafted > self.max_context_len:  # the longest rows may be gone: look again
             self._seq_base_max = max((self._seq_base[row] for row in self.rows_in_use()), default=0)
@@ -919,6 +920,11 @@ class DraftCacheAllocator:
         self._set_exact(usage)
         return self._pages_bound + need, n
 
+    def _most_pages(self) -> int:
+        """Pages the rows in use and the prefix cache own at most, whatever was drafted: a full context each (its
+        cache-owned prefix included). Caps the pages bound (host state)."""
+        return len(self._cache_pages) + self.num_requests * _pages(self.max_context_len, self.page_size)
+
     def _branch_bound(self) -> int:
         """An upper bound of the branch pages held (host state)."""
         held = sum(self._branch_rows.values()) + sum(pages for _, _, pages in self._branch_batches)
@@ -929,6 +935,10 @@ class DraftCacheAllocator:
 
     def _forget_branches(self, rows: torch.Tensor, host_rows: list[int] | None) -> None:
         """The branches of ``rows`` were released: drop what the host can tell."""
+        if rows.size(0) == self.num_requests:  # distinct rows in use (checked, or trusted): all of them
+            self._branch_rows.clear()
+            self._branch_batches.clear()
+            return
         if host_rows is not None:
             for row in host_rows:
                 self._branch_rows.pop(row, None)
@@ -955,7 +965,7 @@ class DraftCacheAllocator:
         """Raise OutOfSlotsError unless the pops of alloc_branches fit in the free pages (they never see the
         pages the call releases); syncs only when the host bound says they might not. Returns the exact branch
         pages of each request when it synced, else None (``worst`` pages in all at most)."""
-        if self._pages_bound + self._branch_bound() + worst <= self.num_pages:
+        if min(self._pages_bound, self._most_pages()) + self._branch_bound() + worst <= self.num_pages:
             return None
         self.num_syncs += 1
         p = self.page_size
