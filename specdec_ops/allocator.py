@@ -166,8 +166,8 @@ class DraftCacheAllocator:
             ``k < num_free_pages``, handed out from the head (:meth:`free_page_list` lists them).
         free_head, num_free_pages: ``[1]`` int32 views of the ring's counters.
         page_size, num_slots, num_pages, max_requests, max_context_len, device.
-        num_syncs: device→host syncs that :meth:`alloc_draft`, :meth:`reserve_draft` and :meth:`add_requests`
-            made because the host bound reached the capacity.
+        num_syncs: device→host syncs that :meth:`alloc_draft`, :meth:`reserve_draft`, :meth:`alloc_branches`
+            and :meth:`add_requests` made because the host bound reached the capacity.
     """
 
     def __init__(
