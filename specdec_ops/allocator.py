@@ -107,7 +107,7 @@ class _Usage(NamedTuple):
 
     free: int  # free pages
     held: int  # branch pages held
-    rows: list[int]  # the rows in use, and for each
+    rows: list[int]  # the rows in use; alloc_lens and ends are theirs
     alloc_lens: list[int]
     ends: list[int]  # seq_len + open window: the longest seq_len a commit can make
 

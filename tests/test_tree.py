@@ -328,13 +328,17 @@ def test_out_of_slots_for_branches_is_all_or_nothing(page_size):
     assert alloc.num_free_slots() == alloc.num_slots
 
 
-def tree_step(alloc: DraftCacheAllocator, live: list[int], rows_as: str, rng: random.Random, topk=4, steps=5, tree=8):
+def run_tree_step(
+    alloc: DraftCacheAllocator, live: list[int], rows_as: str, rng: random.Random, topk=4, steps=5, tree=8
+):
     """One tree step of the rows ``live``, given as a list, as one tensor, or as a new tensor to every call."""
+    same = torch.tensor(live)
 
     def rows():
-        return live if rows_as == "list" else torch.tensor(live) if rows_as == "new-tensors" else rows_t
+        if rows_as == "list":
+            return live
+        return torch.tensor(live) if rows_as == "new-tensors" else same
 
-    rows_t = torch.tensor(live)
     alloc.alloc_branches(rows(), topk, steps)
     alloc.alloc_draft(rows(), tree)
     index, lens = random_paths(rng, len(live), tree)
@@ -358,7 +362,7 @@ def test_no_sync_in_a_tree_loop_with_headroom(rows_as):
         # At most 440 + 6 windows of 8: no request comes near max_context_len, however much it accepts.
         new = alloc.add_requests([rng.randint(300, 440) for _ in range(bs - alloc.num_requests)]).tolist()
         finish_at.update((row, step + rng.randint(3, 6)) for row in new)
-        tree_step(alloc, alloc.rows_in_use(), rows_as, rng, topk, steps)
+        run_tree_step(alloc, alloc.rows_in_use(), rows_as, rng, topk, steps)
         assert not alloc._branches_may_exist(), "the draft released every branch, and the host knows it"
     assert alloc.num_syncs == 0
     check_layout(alloc)
@@ -373,7 +377,7 @@ def test_near_capacity_a_tree_step_syncs_once(rows_as):
     rng = random.Random(0)
     for step in range(5):  # windows of 1: offsets stay <= 7, so branches take one page and windows none
         syncs = alloc.num_syncs
-        tree_step(alloc, alloc.rows_in_use(), rows_as, rng, tree=1)
+        run_tree_step(alloc, alloc.rows_in_use(), rows_as, rng, tree=1)
         assert alloc.num_syncs == syncs + 1, f"step {step}"
     check_layout(alloc)
 
