@@ -36,7 +36,7 @@ from __future__ import annotations
 import heapq
 from collections import Counter
 from collections.abc import Sequence
-from typing import Union
+from typing import NamedTuple, Union
 
 import torch
 
@@ -110,6 +110,16 @@ _NUM_WARPS = 8
 IntVector = Union[torch.Tensor, Sequence[int]]
 
 
+class _Usage(NamedTuple):
+    """What a sync reads back: the exact usage that the host bounds restart from."""
+
+    free: int  # free pages
+    held: int  # branch pages held
+    rows: list[int]  # the rows in use; alloc_lens and ends are theirs
+    alloc_lens: list[int]
+    ends: list[int]  # seq_len + open window: the longest seq_len a commit can make
+
+
 class AllocationError(RuntimeError):
     """The allocator is out of slots, rows or context length; it is left exactly as before the call."""
 
@@ -164,8 +174,8 @@ class DraftCacheAllocator:
             ``k < num_free_pages``, handed out from the head (:meth:`free_page_list` lists them).
         free_head, num_free_pages: ``[1]`` int32 views of the ring's counters.
         page_size, num_slots, num_pages, max_requests, max_context_len, device.
-        num_syncs: device→host syncs that :meth:`alloc_draft`, :meth:`reserve_draft` and :meth:`add_requests`
-            made because the host bound reached the capacity.
+        num_syncs: device→host syncs that :meth:`alloc_draft`, :meth:`reserve_draft`, :meth:`alloc_branches`
+            and :meth:`add_requests` made because the host bound reached the capacity.
     """
 
     def __init__(
@@ -220,16 +230,23 @@ class DraftCacheAllocator:
         # Host state: free rows (a min-heap, so new requests take the lowest rows), rows in use, and the bounds.
         self._free_rows = list(range(max_requests))
         self._in_use = [False] * max_requests
-        self._pages_bound = 0  # >= pages not free (owned by live requests or by the prefix cache)
-        self._alloc_len_bound = 0  # >= alloc_len of every row in use
+        # >= pages not free, branch pages aside (owned by live requests or by the prefix cache); the branch pages
+        # held have a bound of their own (_branch_bound), and every capacity check adds the two.
+        self._pages_bound = 0
+        # A row commits at most what was drafted: seq_len + open window <= _seq_base[row] + _drafted_since_sync
+        # for every row in use (its exact end at the last sync, or its prompt, less what was drafted before).
+        # _seq_base_max >= the largest of them; freed rows leave it high until a draft needs it tight.
+        self._seq_base = [0] * max_requests
+        self._seq_base_max = 0
         self._min_pages = [0] * max_requests  # <= pages owned by each row in use (its cache-owned prefix excluded)
-        # Since the last exact count (_used_at_sync pages): pages of prompts added less pages surely freed, rows
-        # that could be drafted, tokens drafted in all. A row that drafts windows summing to S gains at most
-        # ceil(S / page_size) pages (its windows advance by at most what it drafted): a far tighter bound than a
-        # page per step when windows are shorter than pages.
+        # Since the last exact count (_used_at_sync pages): pages of prompts added less pages surely freed (each
+        # row's _min_pages: what it owned at the count or at its prefill), and tokens drafted in all. A row that
+        # drafts windows summing to S gains at most ceil(S / page_size) pages (its windows advance by at most what
+        # it drafted), and a freed row gives back what it gained with what it had: so the rows in use own at most
+        # _used_at_sync + _net_pages_since_sync + rows in use * ceil(S / page_size) pages, a far tighter bound than
+        # a page per step when windows are shorter than pages.
         self._used_at_sync = 0
         self._net_pages_since_sync = 0
-        self._rows_since_sync = 0
         self._drafted_since_sync = 0
         # Prefix cache: pages handed to the cache, and for each row the cache pages it reads.
         self._cache_pages: set[int] = set()
@@ -247,8 +264,9 @@ class DraftCacheAllocator:
         self._alloc_configs: dict[tuple, tuple[int, tuple]] = {}
         self._max_programs: int | None = None
         # Tree drafts: row r holds branch pages branch_pages[r, :num_branch_pages[r]] (alloc_branches). The host
-        # knows which rows may hold some, and at most how many: rows given as lists, and batches given as tensors
-        # (a tensor released by the same tensor, unchanged since, is known to be released).
+        # knows which rows may hold some, and at most how many (the worst case, or the exact count when the call
+        # synced): rows given as lists, one by one, and batches given as tensors, in all (a tensor released by the
+        # same tensor, unchanged since, is known to be released).
         self.branch_pages = torch.zeros(max_requests, 0, dtype=torch.int32, device=self.device)
         self.num_branch_pages = torch.zeros(max_requests, dtype=torch.int64, device=self.device)
         self._branch_rows: dict[int, int] = {}
@@ -312,14 +330,18 @@ class DraftCacheAllocator:
             )
         pages = [_pages(length, self.page_size) - len(cached) for length, cached in zip(lens, prefix_pages)]
         need = sum(pages)
-        if self._pages_bound + self._branch_bound() + need > self.num_pages:
-            self._sync_bounds()
-            free = self.num_pages - self._pages_bound
+        used = min(self._pages_bound, self._most_pages())
+        if used + self._branch_bound() + need > self.num_pages:
+            self.num_syncs += 1
+            usage, _ = self._read_exact()
+            free = usage.free
             if need > free:
                 raise OutOfSlotsError(
                     f"add_requests: {n} prompts of {sum(lens)} tokens need {need} new pages "
                     f"({need * self.page_size} slots) but {free} pages ({free * self.page_size} slots) are free"
                 )
+            self._set_exact(usage)
+            used = self._pages_bound
         rows = heapq.nsmallest(n, self._free_rows)
         rows_t = torch.tensor(rows, dtype=torch.int64, device=self.device)
         if n:
@@ -336,15 +358,15 @@ class DraftCacheAllocator:
         taken = set(rows)
         self._free_rows = [row for row in self._free_rows if row not in taken]
         heapq.heapify(self._free_rows)
-        for row, row_pages, cached in zip(rows, pages, prefix_pages):
+        for row, length, row_pages, cached in zip(rows, lens, pages, prefix_pages):
             self._in_use[row] = True
+            self._seq_base[row] = length - self._drafted_since_sync
+            self._seq_base_max = max(self._seq_base_max, self._seq_base[row])
             self._min_pages[row] = row_pages
             self._prefix_pages[row] = cached
             self._prefix_readers.update(cached)
-        self._pages_bound += need
+        self._pages_bound = used + need
         self._net_pages_since_sync += need
-        self._rows_since_sync += n
-        self._alloc_len_bound = max([self._alloc_len_bound, *lens])
         self._rows_version += 1
         return rows_t
 
@@ -412,9 +434,6 @@ class DraftCacheAllocator:
         self._prefix_readers = +self._prefix_readers  # drop zero counts
         self._rows_version += 1
         self._cache_pages.update(kept_pages)
-        if not self.num_requests:
-            self._branch_rows.clear()
-            self._branch_batches.clear()
         if keep is not None or not self.num_requests:
             self._sync_bounds()
         else:
@@ -720,7 +739,7 @@ class DraftCacheAllocator:
         dst = self._tree_buffer("copy_dst", copy_dst, bs * copy_width)
         per_row = topk * _pages(p - 1 + num_steps, p)  # the most pages a row's branches take
         if bs:
-            self._branch_capacity(rows, host_rows, topk, num_steps, bs * per_row)
+            needs = self._branch_capacity(rows, host_rows, topk, num_steps, bs * per_row)
             if self.branch_pages.size(1) < per_row:  # on the host, outside graphs: the first call sizes it
                 grown = torch.zeros(self.max_requests, per_row, dtype=torch.int32, device=self.device)
                 grown[:, : self.branch_pages.size(1)] = self.branch_pages
@@ -768,9 +787,11 @@ class DraftCacheAllocator:
             )
             self._forget_branches(rows, host_rows)
             if host_rows is None:
-                self._branch_batches.append((rows, rows._version, per_row))
-            else:
+                self._branch_batches.append((rows, rows._version, bs * per_row if needs is None else sum(needs)))
+            elif needs is None:
                 self._branch_rows.update(dict.fromkeys(host_rows, per_row))
+            else:
+                self._branch_rows.update(zip(host_rows, needs))
         branch_slots = slots[: bs * width].view(bs, topk, num_steps)
         if copies:
             return branch_slots, src[: bs * copy_width], dst[: bs * copy_width]
@@ -820,20 +841,30 @@ class DraftCacheAllocator:
 
     def _sync_bounds(self) -> None:
         """Make the host bounds exact: one device→host copy."""
+        self._set_exact(self._read_exact()[0])
+
+    def _read_exact(self, *extra: torch.Tensor) -> tuple[_Usage, list[int]]:
+        """One device→host copy of the exact usage and of the int64 vectors ``extra`` (their values, concatenated)."""
         live = self.rows_in_use()
         live_t = torch.tensor(live, dtype=torch.int64, device=self.device)
-        values = torch.cat([self.num_free_pages.long(), self.alloc_lens[live_t]]).tolist()
-        free, allocs = values[0], values[1:]
-        self._set_exact(self.num_pages - free, max(allocs, default=0))
-        for row, alloc in zip(live, allocs):
-            self._min_pages[row] = _pages(alloc, self.page_size) - len(self._prefix_pages[row])
+        counts = torch.stack([self.num_free_pages[0].long(), self.num_branch_pages.sum()])
+        ends = self.seq_lens[live_t] + self.window_lens[live_t]
+        values = torch.cat([counts, self.alloc_lens[live_t], ends, *extra]).tolist()
+        k = len(live)
+        return _Usage(values[0], values[1], live, values[2 : 2 + k], values[2 + k : 2 + 2 * k]), values[2 + 2 * k :]
 
-    def _set_exact(self, used_pages: int, longest: int) -> None:
-        """Restart the bounds from exact counts: ``used_pages`` not free, ``longest`` the longest alloc_len."""
-        self._pages_bound = self._used_at_sync = used_pages
-        self._alloc_len_bound = longest
+    def _set_exact(self, usage: _Usage) -> None:
+        """Restart the bounds from exact counts. Branch pages are bounded apart (:meth:`_branch_bound`), so the
+        pages bound leaves the held ones out."""
+        self._pages_bound = self._used_at_sync = self.num_pages - usage.free - usage.held
+        if not usage.held:  # no row holds branch pages: no release to launch until the next alloc_branches
+            self._branch_rows.clear()
+            self._branch_batches.clear()
         self._net_pages_since_sync = self._drafted_since_sync = 0
-        self._rows_since_sync = self.num_requests
+        for row, alloc, end in zip(usage.rows, usage.alloc_lens, usage.ends):
+            self._min_pages[row] = _pages(alloc, self.page_size) - len(self._prefix_pages[row])
+            self._seq_base[row] = end
+        self._seq_base_max = max(usage.ends, default=0)
 
     def _check_draft(self, req_pool_indices: IntVector, num_draft_tokens: int, validate: bool):
         """Check the arguments of a draft; returns (rows on the device, rows on the host or None, N)."""
@@ -880,46 +911,42 @@ class DraftCacheAllocator:
             step._prepared("release draft" if release else "draft")()
         if release:
             self._forget_branches(rows, host_rows)
-        (
-            self._pages_bound,
-            self._drafted_since_sync,
-            self._alloc_len_bound,
-        ) = bounds
+        self._pages_bound, self._drafted_since_sync = bounds
         if host_rows is None:
             self._unknown_window_bound = max(self._unknown_window_bound, n)
         else:
             self._known_windows.update(dict.fromkeys(host_rows, n))
 
-    def _draft_bounds(self, rows: torch.Tensor, host_rows: list[int] | None, n: int) -> tuple[int, int, int]:
-        """The host bounds after the draft (pages, tokens drafted since the last sync, longest alloc_len), syncing
-        only if the bound says it might not fit; raises if it does not."""
+    def _draft_bounds(self, rows: torch.Tensor, host_rows: list[int] | None, n: int) -> tuple[int, int]:
+        """The host bounds after the draft (pages, tokens drafted since the last sync), syncing only if the bound
+        says it might not fit; raises if it does not."""
         bs = rows.size(0)
-        worst_pages = bs * _pages(n, self.page_size)
+        p = self.page_size
+        worst_pages = bs * _pages(n, p)
         worst_since_sync = (
             self._used_at_sync
             + self._net_pages_since_sync
-            + self._rows_since_sync * _pages(self._drafted_since_sync + n, self.page_size)
+            + self.num_requests * _pages(self._drafted_since_sync + n, p)
         )
-        bound = min(self._pages_bound + worst_pages, worst_since_sync)
-        if bound + self._branch_bound() <= self.num_pages and self._alloc_len_bound + n <= self.max_context_len:
-            return bound, self._drafted_since_sync + n, self._alloc_len_bound + n
+        bound = min(self._pages_bound + worst_pages, worst_since_sync, self._most_pages())
+        drafted = self._drafted_since_sync + n
+        if self._seq_base_max + drafted > self.max_context_len:  # the longest rows may be gone: look again
+            self._seq_base_max = max((self._seq_base[row] for row in self.rows_in_use()), default=0)
+        if bound + self._branch_bound() <= self.num_pages and self._seq_base_max + drafted <= self.max_context_len:
+            return bound, drafted
         # Near capacity: one sync for the exact numbers, then go on or raise with nothing changed.
         self.num_syncs += 1
-        live = self.rows_in_use()
-        live_t = torch.tensor(live, dtype=torch.int64, device=self.device)
         # Clamped, so that rows out of range cannot fault before the host has checked them.
         rows64 = rows.long().clamp(0, self.max_requests - 1)
         seqs = self.seq_lens[rows64]
         allocs = self.alloc_lens[rows64]
         ends = seqs + n
-        p = self.page_size
         need = ((torch.maximum(allocs, ends) + p - 1) // p - (allocs + p - 1) // p).sum()
-        summary = torch.stack([need, ends.max(), ends.argmax(), self.num_free_pages[0].long()])
-        values = torch.cat([summary, self.alloc_lens[live_t], rows.long()]).tolist()
-        need, longest, i, free = values[:4]
-        live_allocs = values[4 : 4 + len(live)]
+        usage, values = self._read_exact(torch.stack([need, ends.max(), ends.argmax()]), rows.long())
+        free = usage.free
+        need, longest, i = values[:3]
         if host_rows is None:
-            host_rows = values[4 + len(live) :]
+            host_rows = values[3:]
             self._check_rows_in_use(host_rows)
         if longest > self.max_context_len:
             raise ContextLengthError(
@@ -932,14 +959,17 @@ class DraftCacheAllocator:
                 f"{free} pages ({free * p} slots) are free"
             )
         # Exact now: the next bounds restart from these numbers.
-        self._set_exact(self.num_pages - free, max(live_allocs, default=0))
-        for row, alloc in zip(live, live_allocs):
-            self._min_pages[row] = _pages(alloc, p) - len(self._prefix_pages[row])
-        return self._pages_bound + need, n, max(self._alloc_len_bound, longest)
+        self._set_exact(usage)
+        return self._pages_bound + need, n
+
+    def _most_pages(self) -> int:
+        """Pages the rows in use and the prefix cache own at most, whatever was drafted: a full context each (its
+        cache-owned prefix included). Caps the pages bound (host state)."""
+        return len(self._cache_pages) + self.num_requests * _pages(self.max_context_len, self.page_size)
 
     def _branch_bound(self) -> int:
         """An upper bound of the branch pages held (host state)."""
-        held = sum(self._branch_rows.values()) + sum(t.numel() * pages for t, _, pages in self._branch_batches)
+        held = sum(self._branch_rows.values()) + sum(pages for _, _, pages in self._branch_batches)
         return min(held, self.num_requests * self.branch_pages.size(1))
 
     def _branches_may_exist(self) -> bool:
@@ -947,6 +977,10 @@ class DraftCacheAllocator:
 
     def _forget_branches(self, rows: torch.Tensor, host_rows: list[int] | None) -> None:
         """The branches of ``rows`` were released: drop what the host can tell."""
+        if rows.size(0) == self.num_requests:  # distinct rows in use (checked, or trusted): all of them
+            self._branch_rows.clear()
+            self._branch_batches.clear()
+            return
         if host_rows is not None:
             for row in host_rows:
                 self._branch_rows.pop(row, None)
@@ -979,24 +1013,30 @@ class DraftCacheAllocator:
 
     def _branch_capacity(
         self, rows: torch.Tensor, host_rows: list[int] | None, topk: int, num_steps: int, worst: int
-    ) -> None:
+    ) -> list[int] | None:
         """Raise OutOfSlotsError unless the pops of alloc_branches fit in the free pages (they never see the
-        pages the call releases); syncs only when the host bound says they might not."""
-        if self._pages_bound + self._branch_bound() + worst <= self.num_pages:
-            return
+        pages the call releases); syncs only when the host bound says they might not. Returns the exact branch
+        pages of each request when it synced, else None (``worst`` pages in all at most)."""
+        if min(self._pages_bound, self._most_pages()) + self._branch_bound() + worst <= self.num_pages:
+            return None
         self.num_syncs += 1
         p = self.page_size
+        bs = rows.size(0)
         seqs = self.seq_lens[rows.long().clamp(0, self.max_requests - 1)]
-        need = (topk * ((seqs % p + num_steps + p - 1) // p)).sum()
-        values = torch.cat([torch.stack([need, self.num_free_pages[0].long()]), rows.long()]).tolist()
-        need, free = values[:2]
+        needs = topk * ((seqs % p + num_steps + p - 1) // p)
+        usage, values = self._read_exact(needs, rows.long())
+        free = usage.free
+        needs = values[:bs]
         if host_rows is None:
-            self._check_rows_in_use(values[2:])
+            self._check_rows_in_use(values[bs:])
+        need = sum(needs)
         if need > free:
             raise OutOfSlotsError(
-                f"alloc_branches: {rows.size(0)} requests with {topk} branches of {num_steps} steps need {need} new "
+                f"alloc_branches: {bs} requests with {topk} branches of {num_steps} steps need {need} new "
                 f"pages ({need * p} slots) but {free} pages ({free * p} slots) are free"
             )
+        self._set_exact(usage)
+        return needs
 
     def _check_accept_index(self, accept_index: torch.Tensor, bs: int) -> int:
         """Check accept_index's metadata; returns T."""

@@ -113,6 +113,12 @@ def check_layout(alloc: DraftCacheAllocator, *, ask_free_slots: bool = True) -> 
     assert set(branches) <= live, "a free row holds branch pages"
     branch_list = [page for row_pages in branches.values() for page in row_pages]
     assert all(1 <= page <= alloc.num_pages for page in branch_list), "a branch page outside the pool"
+    # The host bounds may only overestimate: pages of live requests and of the cache, and branch pages apart.
+    assert alloc._pages_bound >= len(owned_pages) + len(cache)
+    assert alloc._branch_bound() >= len(branch_list)
+    drafted = alloc._drafted_since_sync
+    for row in live:  # the longest committed length a commit can make, and the max of them
+        assert seq_lens[row] + window_lens[row] <= alloc._seq_base[row] + drafted <= alloc._seq_base_max + drafted
     owned_pages += branch_list
     assert len(owned_pages) == len(set(owned_pages)), "a page is owned twice"
     free = alloc.free_page_list()
@@ -123,9 +129,6 @@ def check_layout(alloc: DraftCacheAllocator, *, ask_free_slots: bool = True) -> 
     if ask_free_slots:
         assert alloc.num_free_slots() == alloc.num_slots - p * (len(owned_pages) + len(cache))
         assert alloc.num_cached_slots() == p * len(cache)
-    # The host bounds may only overestimate.
-    assert alloc._pages_bound + alloc._branch_bound() >= len(owned_pages)
-    assert alloc._alloc_len_bound >= max([alloc_lens[row] for row in live], default=0)
     return owned
 
 
@@ -960,13 +963,13 @@ def test_a_launch_that_raises_changes_nothing(call, monkeypatch):
     rows = alloc.add_requests([5, 6])
     alloc.alloc_draft(rows, 2)
     before = snapshot(alloc)
-    host = (alloc._pages_bound, alloc._alloc_len_bound, dict(alloc._known_windows), list(alloc._min_pages))
+    host = (alloc._pages_bound, list(alloc._seq_base), dict(alloc._known_windows), list(alloc._min_pages))
     monkeypatch.setattr(backend, "launch", _failing_launch)
     with pytest.raises(LaunchFailed):
         call(alloc, rows)
     monkeypatch.undo()
     assert_unchanged(alloc, before)
-    assert (alloc._pages_bound, alloc._alloc_len_bound, dict(alloc._known_windows), list(alloc._min_pages)) == host
+    assert (alloc._pages_bound, list(alloc._seq_base), dict(alloc._known_windows), list(alloc._min_pages)) == host
     call(alloc, rows)  # and the same call goes through afterwards
     check_layout(alloc)
 

@@ -328,18 +328,84 @@ def test_out_of_slots_for_branches_is_all_or_nothing(page_size):
     assert alloc.num_free_slots() == alloc.num_slots
 
 
-def test_no_sync_in_a_tree_loop_with_headroom():
-    alloc = DraftCacheAllocator(4096 * 4, 8, 512, page_size=4, device="cpu")
-    rows = alloc.add_requests([10, 0, 37, 5, 1, 64, 3, 9])
-    rng = random.Random(0)
-    for _ in range(6):
-        alloc.alloc_branches(rows, 4, 5)
-        alloc.alloc_draft(rows, 8)
-        index, lens = random_paths(rng, 8, 8)
-        alloc.commit_tree(rows, index, torch.tensor(lens, dtype=torch.int64))
+def run_tree_step(
+    alloc: DraftCacheAllocator, live: list[int], rows_as: str, rng: random.Random, topk=4, steps=5, tree=8
+):
+    """One tree step of the rows ``live``, given as a list, as one tensor, or as a new tensor to every call."""
+    same = torch.tensor(live)
+
+    def rows():
+        if rows_as == "list":
+            return live
+        return torch.tensor(live) if rows_as == "new-tensors" else same
+
+    alloc.alloc_branches(rows(), topk, steps)
+    alloc.alloc_draft(rows(), tree)
+    index, lens = random_paths(rng, len(live), tree)
+    alloc.commit_tree(rows(), index, lens if rows_as == "list" else torch.tensor(lens, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("rows_as", ["tensor", "list", "new-tensors"])
+def test_no_sync_in_a_tree_loop_with_headroom(rows_as):
+    # The pool holds every request at max_context_len and every branch at its worst, so no call needs a sync,
+    # however long the loop: requests arrive and finish after 3 to 6 steps, long prompts among them.
+    p, bs, topk, steps = 16, 8, 4, 5
+    num_pages = bs * (pages(512, p) + topk * pages(p - 1 + steps, p))
+    alloc = DraftCacheAllocator(p * num_pages, bs, 512, page_size=p, device="cpu")
+    rng = random.Random(len(rows_as))
+    finish_at: dict[int, int] = {}
+    for step in range(20):
+        done = [row for row, end in finish_at.items() if end == step]
+        alloc.free_requests(done)
+        for row in done:
+            del finish_at[row]
+        # At most 440 + 6 windows of 8: no request comes near max_context_len, however much it accepts.
+        new = alloc.add_requests([rng.randint(300, 440) for _ in range(bs - alloc.num_requests)]).tolist()
+        finish_at.update((row, step + rng.randint(3, 6)) for row in new)
+        run_tree_step(alloc, alloc.rows_in_use(), rows_as, rng, topk, steps)
+        assert not alloc._branches_may_exist(), "the draft released every branch, and the host knows it"
     assert alloc.num_syncs == 0
-    assert not alloc._branches_may_exist()
-    check_layout(alloc, ask_free_slots=False)
+    check_layout(alloc)
+
+
+@pytest.mark.parametrize("rows_as", ["tensor", "list"])
+def test_near_capacity_a_tree_step_syncs_once(rows_as):
+    # Branches at their worst (2 pages each) do not fit beside the requests, their exact need (1 page each) does:
+    # alloc_branches syncs, and the draft that follows trusts the exact count.
+    alloc = DraftCacheAllocator(16 * 32, 4, 256, page_size=16, device="cpu")
+    alloc.add_requests([2, 18, 34, 50])  # 10 pages, offsets 2
+    rng = random.Random(0)
+    for step in range(5):  # windows of 1: offsets stay <= 7, so branches take one page and windows none
+        syncs = alloc.num_syncs
+        run_tree_step(alloc, alloc.rows_in_use(), rows_as, rng, tree=1)
+        assert alloc.num_syncs == syncs + 1, f"step {step}"
+    check_layout(alloc)
+
+
+@pytest.mark.parametrize("rows_as", ["tensor", "list"])
+def test_out_of_slots_after_branches_is_all_or_nothing(rows_as):
+    alloc = DraftCacheAllocator(16 * 32, 4, 256, page_size=16, device="cpu")
+    rows_t = alloc.add_requests([2, 18, 34, 50])  # 10 pages
+
+    def rows(k=4):
+        return rows_t[:k].tolist() if rows_as == "list" else rows_t[:k]
+
+    alloc.alloc_branches(rows(), 4, 5)  # syncs: 16 pages of 22, the exact count recorded
+    before = snapshot(alloc)
+    with pytest.raises(OutOfSlotsError, match=r"alloc_draft: 4 requests with 40 draft tokens need 8 new pages"):
+        alloc.alloc_draft(rows(), 40)  # 2 pages each, 6 free: the branch pages it releases are not free yet
+    assert_unchanged(alloc, before)
+    alloc.alloc_draft(rows(3), 40)  # the last 6 pages; releases 12 branch pages
+    assert alloc.num_free_slots() == 16 * 12
+    check_layout(alloc)
+    before = snapshot(alloc)
+    with pytest.raises(OutOfSlotsError, match=r"alloc_branches: 4 requests with 4 branches of 5 steps need 16"):
+        alloc.alloc_branches(rows(), 4, 5)  # 12 free: the 4 pages it would release do not count
+    assert_unchanged(alloc, before)
+    alloc.release_branches(rows_t[3:].tolist() if rows_as == "list" else rows_t[3:])
+    alloc.alloc_branches(rows(), 4, 5)  # the 16 free pages, exactly
+    assert alloc.num_free_slots() == 0
+    check_layout(alloc)
 
 
 # ---------------------------------------------------------------------------------------- many programs
