@@ -164,10 +164,10 @@ def test_a_prepared_launch_launches_only_when_called(monkeypatch):
 def _host_state(alloc: DraftCacheAllocator) -> tuple:
     return (
         alloc._pages_bound,
-        alloc._alloc_len_bound,
+        list(alloc._seq_base),
+        alloc._seq_base_max,
         alloc._used_at_sync,
         alloc._net_pages_since_sync,
-        alloc._rows_since_sync,
         alloc._drafted_since_sync,
         dict(alloc._known_windows),
         alloc._unknown_window_bound,
