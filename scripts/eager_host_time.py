@@ -17,8 +17,9 @@ Calls (bs --batch-size, N --window-len, buffers given, num_tokens given: the hot
   ... (plan/run)   the same calls through CacheLocsWrapper.run() and DraftStepWrapper.alloc_draft()/commit(), planned
                    once with the same arguments (the plan/run form an engine's eager loop uses)
 
-A second table times the same calls with the launch replaced by a no-op (backend.launch stubbed): the Python of
-the wrappers alone (argument checks, launch configuration), i.e. where host time goes besides Triton's launcher.
+A second table times the same calls with the launch replaced by a no-op (backend.launch and the prepared launches
+of plan/run, backend.Launch, stubbed): the Python of the wrappers alone (argument checks, launch configuration,
+host bookkeeping), i.e. where host time goes besides Triton's launcher.
 
 On cpu the kernels run in Triton's interpreter: the first table would time the interpreter, which says nothing
 about a device, so only the second (host Python) table is printed there.
@@ -123,9 +124,11 @@ def summarize(seconds: list[float]) -> tuple[float, float, float]:
 
 
 def host_python_times(calls: dict[str, object], args: argparse.Namespace) -> dict[str, tuple[float, float, float]]:
-    """The calls with backend.launch replaced by a no-op: the wrappers' Python alone, per call."""
-    real = backend.launch
+    """The calls with backend.launch and backend.Launch's calls replaced by no-ops: the wrappers' Python alone, per
+    call."""
+    real, real_prepared = backend.launch, backend.Launch.__call__
     backend.launch = lambda *a, **k: None
+    backend.Launch.__call__ = lambda self: None
     try:
         results = {}
         for name, call in calls.items():
@@ -141,7 +144,7 @@ def host_python_times(calls: dict[str, object], args: argparse.Namespace) -> dic
             results[name] = summarize(samples)
         return results
     finally:
-        backend.launch = real
+        backend.launch, backend.Launch.__call__ = real, real_prepared
 
 
 def main(argv: list[str] | None = None) -> int:

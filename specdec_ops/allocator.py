@@ -969,6 +969,8 @@ class DraftCacheAllocator:
 
     def _branch_bound(self) -> int:
         """An upper bound of the branch pages held (host state)."""
+        if not (self._branch_rows or self._branch_batches):
+            return 0
         held = sum(self._branch_rows.values()) + sum(pages for _, _, pages in self._branch_batches)
         return min(held, self.num_requests * self.branch_pages.size(1))
 
@@ -1388,7 +1390,7 @@ class DraftStepWrapper:
 
     def __init__(self, allocator: DraftCacheAllocator) -> None:
         self._allocator = allocator
-        self._bound = UNPLANNED
+        self._draft_bound = self._commit_bound = UNPLANNED
         self._plan_args: dict = {}
 
     def plan(
@@ -1428,7 +1430,9 @@ class DraftStepWrapper:
             accept = alloc._check_commit(rows, accept_lens, validate)[2]
         user = req_pool_indices if host_rows is None else None
         # Checked: now the plan.
-        self._bound = BoundTensors(tuple(t for t in (user, out, last, accept) if t is not None))
+        # What a draft and a commit read: each re-checks only its own tensors.
+        self._draft_bound = BoundTensors(tuple(t for t in (user, out, last) if t is not None))
+        self._commit_bound = BoundTensors(tuple(t for t in (user, accept) if t is not None))
         self._plan_args = dict(
             req_pool_indices=req_pool_indices,
             num_draft_tokens=num_draft_tokens,
@@ -1480,7 +1484,7 @@ class DraftStepWrapper:
     def _check(self, emit: bool | None) -> None:
         """Plan again if a bound tensor changed; check host rows again if rows were taken or freed since."""
         alloc = self._allocator
-        if self._bound.changed():
+        if (self._commit_bound if emit is None else self._draft_bound).changed():
             self.plan(**self._plan_args)
         if self._rows_version != alloc._rows_version:
             if self._host_rows is not None:
