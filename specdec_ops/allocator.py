@@ -69,9 +69,11 @@ _ALLOC_ELEMENTS = 2048
 _MAX_BLOCK_N = tiles.MAX_BLOCK_N
 _MAX_TILE = 256
 # Off Ascend the batch size picks the tile: a batch of at most _MAX_TILE requests runs on one program (no ticket),
-# its tile the smallest power of two that holds it but at least _MIN_TILE; a larger batch takes _MIN_TILE-request
-# tiles (H100 graph replay of a step: bs 1 4.4 -> 3.4 us, bs 1024 8.1 -> 7.0 us with the commit tile below).
+# its tile the smallest power of two that holds it but at least _MIN_TILE; up to _LARGE_BATCH requests take
+# _MIN_TILE-request tiles (H100 graph replay of a step: bs 1 4.4 -> 3.5 us, bs 1024 8.1 -> 6.9 us with the commit
+# tile below); past it every program's sum over earlier requests dominates, and _MAX_TILE-request tiles cut it.
 _MIN_TILE = 32
+_LARGE_BATCH = 4096
 _SCAN_BLOCK = 2048
 _NPU_ALLOC_ELEMENTS = 128
 _NPU_MAX_TILE = 32
@@ -1115,7 +1117,9 @@ class DraftCacheAllocator:
         grid is one program per core: there the limits alone decide."""
         if backend.is_npu(self.device):
             return 0
-        return max(1 << (bs - 1).bit_length(), _MIN_TILE) if bs <= _MAX_TILE else _MIN_TILE
+        if bs <= _MAX_TILE:
+            return max(1 << (bs - 1).bit_length(), _MIN_TILE)
+        return _MIN_TILE if bs <= _LARGE_BATCH else _MAX_TILE
 
     def _alloc_config(
         self, window_len: int, prefill: bool, prefix: bool, emit: bool, release: bool, batch_tile: int

@@ -786,7 +786,9 @@ def test_empty_batches():
 
 def test_batch_size_picks_the_allocation_tile(monkeypatch):
     """Off Ascend: one program with the smallest power-of-two tile (at least _MIN_TILE) up to _MAX_TILE requests,
-    _MIN_TILE-request tiles past it; a window too wide for the tile's elements narrows it."""
+    _MIN_TILE-request tiles past it up to _LARGE_BATCH, _MAX_TILE-request ones past that; a window too wide for the
+    tile's elements narrows it."""
+    monkeypatch.setattr(allocator_module, "_LARGE_BATCH", 400)
     alloc = DraftCacheAllocator(64 * 1024, 600, 256, page_size=16, device="cpu")
     rows = alloc.add_requests([3] * 600)
     launches = []
@@ -808,7 +810,7 @@ def test_batch_size_picks_the_allocation_tile(monkeypatch):
         (1, 2 * low),
         (1, high),
         (-(-(high + 1) // low), low),
-        (-(-600 // low), low),
+        (-(-600 // high), high),
         (-(-100 // block), block),
     ]
     check_layout(alloc)
