@@ -452,10 +452,13 @@ def test_many_programs_give_what_one_gives(page_size, monkeypatch):
         alloc.add_requests([(5 * i) % 40 for i in range(9)])
         return tree_loop(alloc, steps=6, seed=page_size), snapshot(alloc)
 
+    monkeypatch.setattr(allocator_module, "_COPY_BRANCH_TILE", 32)  # one program for the 9 requests
     one_out, one_state = run()
     for name, value in [
         ("_BRANCH_TILE", 2),
         ("_BRANCH_BLOCK", 4),
+        ("_COPY_BRANCH_TILE", 2),
+        ("_COPY_BRANCH_BLOCK", 4),
         ("_SCAN_BLOCK", 4),
         ("_FREE_TILE", 2),
         ("_FREE_BLOCK_P", 2),
