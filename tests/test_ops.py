@@ -286,12 +286,13 @@ def scan_block(monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("lengths,n", [("uniform", 4), ("ragged", 6)], ids=["uniform4", "ragged6"])
 @pytest.mark.parametrize("cores", [1, 3], ids=["cores1", "cores3"])
-def test_persistent_grid_loops_over_tiles(device, lengths, n, cores, monkeypatch, scan_block):
+@pytest.mark.parametrize("bs", [300, 1100], ids=["bs300", "bs1100"])  # ragged: read during the sums, or after
+def test_persistent_grid_loops_over_tiles(device, lengths, n, cores, bs, monkeypatch, scan_block):
     """Fewer programs than tiles: each program carries its prefix from one of its tiles to the next."""
     monkeypatch.setattr(backend, "num_cores", lambda _device: cores)
     scan_block(64)  # several scan steps per earlier stretch
-    assert dict(ops._window_constexprs(None, device == "npu", ops._ragged_shape(1100, 1)[0]))["SCAN_BLOCK"] == 64
-    batch = make_batch(1100, lengths, n, seed=7, device=device)  # 5+ gather tiles, 2 last_loc tiles
+    assert dict(ops._window_constexprs(None, device == "npu", ops._ragged_shape(bs, 1)[0]))["SCAN_BLOCK"] == 64
+    batch = make_batch(bs, lengths, n, seed=7, device=device)  # 5+ gather tiles, 1-2 last_loc tiles
     loop_out, loop_last = loop_reference(batch)
     out, last, n_tok = run_fused(batch, persistent=True)
     assert as_list(out[:n_tok]) == loop_out and as_list(last) == loop_last
