@@ -121,7 +121,7 @@ def _launch_grid(num_tiles: int, device: torch.device, persistent: bool | None) 
 
 @functools.cache
 def _window_constexprs(
-    window_len: int | None, npu: bool = False, ragged_class: int = 0, block_n: int = _NPU_RAGGED_BLOCK_N
+    window_len: int | None, npu: bool = False, ragged_class: int = 0, block_n: int = _RAGGED_MIN_BLOCK_N
 ) -> tuple[tuple[str, object], ...]:
     """Constexprs of the window kernels: requests per program, window columns per gather step, earlier requests
     summed per step, uniform or not, first column block read during the sum or not. Ragged windows off Ascend:
