@@ -749,10 +749,10 @@ class DraftCacheAllocator:
         per_row = topk * _pages(p - 1 + num_steps, p)  # the most pages a row's branches take
         if bs:
             needs = self._branch_capacity(rows, host_rows, topk, num_steps, bs * per_row)
-            if self.branch_pages.size(1) < per_row:  # on the host, outside graphs: the first call sizes it
-                grown = torch.zeros(self.max_requests, per_row, dtype=torch.int32, device=self.device)
-                grown[:, : self.branch_pages.size(1)] = self.branch_pages
-                self.branch_pages = grown
+            narrow = self.branch_pages
+            if narrow.size(1) < per_row:  # on the host, outside graphs: the first call sizes it
+                self.branch_pages = torch.zeros(self.max_requests, per_row, dtype=torch.int32, device=self.device)
+                self.branch_pages[:, : narrow.size(1)] = narrow
             npu = backend.is_npu(self.device)
             if npu:
                 tile, block = _NPU_BRANCH_TILE, _NPU_BRANCH_BLOCK
@@ -761,44 +761,48 @@ class DraftCacheAllocator:
             else:
                 tile, block = _BRANCH_TILE, _BRANCH_BLOCK
             block_e = min(1 << (max(width, copy_width, 2) - 1).bit_length(), block)
-            backend.launch(
-                backend.kernels("allocator", self.device)._alloc_branches_kernel,
-                self._grid(bs, tile),
-                self.device,
-                (
-                    self.req_to_token,
-                    rows,
-                    self.seq_lens,
-                    self.branch_pages,
-                    self.num_branch_pages,
-                    self.free_pages,
-                    self._counters,
-                    slots,
-                    src if p > 1 else slots,
-                    dst if p > 1 else slots,
-                ),
-                (
-                    bs,
-                    self.max_requests,
-                    self.max_context_len,
-                    self.req_to_token.stride(0),
-                    self.num_pages,
-                    self.branch_pages.stride(0),
-                    self.branch_pages.size(1),
-                    topk,
-                    num_steps,
-                ),
-                (
-                    ("PAGE_SIZE", p),
-                    ("PAGE_SHIFT", self._page_shift),
-                    ("TILE", tile),
-                    ("BLOCK_R", self._free_tiles()[1]),
-                    ("BLOCK_E", block_e),
-                    ("SCAN_BLOCK", self._scan_block()),
-                    ("COPY", p > 1),
-                ),
-                _NUM_WARPS,
-            )
+            try:
+                backend.launch(
+                    backend.kernels("allocator", self.device)._alloc_branches_kernel,
+                    self._grid(bs, tile),
+                    self.device,
+                    (
+                        self.req_to_token,
+                        rows,
+                        self.seq_lens,
+                        self.branch_pages,
+                        self.num_branch_pages,
+                        self.free_pages,
+                        self._counters,
+                        slots,
+                        src if p > 1 else slots,
+                        dst if p > 1 else slots,
+                    ),
+                    (
+                        bs,
+                        self.max_requests,
+                        self.max_context_len,
+                        self.req_to_token.stride(0),
+                        self.num_pages,
+                        self.branch_pages.stride(0),
+                        self.branch_pages.size(1),
+                        topk,
+                        num_steps,
+                    ),
+                    (
+                        ("PAGE_SIZE", p),
+                        ("PAGE_SHIFT", self._page_shift),
+                        ("TILE", tile),
+                        ("BLOCK_R", self._free_tiles()[1]),
+                        ("BLOCK_E", block_e),
+                        ("SCAN_BLOCK", self._scan_block()),
+                        ("COPY", p > 1),
+                    ),
+                    _NUM_WARPS,
+                )
+            except BaseException:
+                self.branch_pages = narrow  # the wider copy holds nothing yet
+                raise
             self._forget_branches(rows, host_rows)
             if host_rows is None:
                 self._branch_batches.append((rows, rows._version, bs * per_row if needs is None else sum(needs)))

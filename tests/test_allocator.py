@@ -949,6 +949,8 @@ LAUNCHING_CALLS = [
     ("alloc_draft-list", lambda a, r: a.alloc_draft(r.tolist(), 3)),
     ("reserve_draft", lambda a, r: a.reserve_draft(r, 3)),
     ("commit", lambda a, r: a.commit(r, torch.tensor([1, 1]))),
+    ("alloc_branches", lambda a, r: a.alloc_branches(r, 2, 3)),  # the first: it widens branch_pages
+    ("commit_tree", lambda a, r: a.commit_tree(r, torch.tensor([[0, 1], [1, 0]]), torch.tensor([2, 1]))),
     ("free", lambda a, r: a.free_requests(r)),
     ("free-keep", lambda a, r: a.free_requests(r, keep_lens=[4, 0])),
     ("release_slots", lambda a, r: a.release_slots([4 * a.cached_pages()[0] + 3])),
