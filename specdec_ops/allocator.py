@@ -576,16 +576,20 @@ class DraftCacheAllocator:
         rows: torch.Tensor,
         host_rows: list[int] | None,
         accept: torch.Tensor,
+        tree: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
         step: DraftStepWrapper | None = None,
     ) -> None:
-        """Launch the commit, after returning the rows' branch pages if any may exist, then close the windows the
-        host knows of (nothing changes if a launch raises). ``step``: the launches a DraftStepWrapper prepared."""
+        """Launch the commit (``tree``: ``(accept_index, kv_src, kv_dst)`` of a tree commit), after returning the
+        rows' branch pages if any may exist, then close the windows the host knows of (nothing changes if a launch
+        raises). ``step``: the launches a DraftStepWrapper prepared."""
         if self._branches_may_exist():
             self._launch_release(rows, host_rows, None if step is None else step._prepared("release"))
-        if step is None:
+        if step is not None:
+            step._prepared("commit" if tree is None else "commit tree")()
+        elif tree is None:
             self._launch_commit(rows, accept)
         else:
-            step._prepared("commit")()
+            self._launch_commit_tree(rows, accept, *tree)
         if host_rows is None:
             self._known_windows.clear()
         else:
@@ -648,39 +652,40 @@ class DraftCacheAllocator:
         """
         rows, host_rows, accept = self._check_commit(req_pool_indices, accept_lens, validate)
         bs = rows.size(0)
-        tree = self._check_accept_index(accept_index, bs)
-        n = bs * tree
-        src = self._tree_buffer("kv_src", kv_src, n)
-        dst = self._tree_buffer("kv_dst", kv_dst, n)
+        src, dst, n = self._check_tree_commit(accept_index, bs, kv_src, kv_dst)
         if validate and bs:
             self._validate_tree(rows, accept_index, accept)
-        if not bs:
-            return src[:n], dst[:n]
-        if self._branches_may_exist():
-            self._launch_release(rows, host_rows)
-        npu = backend.is_npu(self.device)
+        if bs:
+            self._commit(rows, host_rows, accept, (accept_index, src, dst))
+        return src[:n], dst[:n]
+
+    def _launch_commit_tree(
+        self,
+        rows: torch.Tensor,
+        accept: torch.Tensor,
+        accept_index: torch.Tensor,
+        kv_src: torch.Tensor,
+        kv_dst: torch.Tensor,
+        prepare: bool = False,
+    ) -> backend.Launch | None:
+        """Launch the tree commit kernel; ``prepare=True``: return the launch, made by calling it."""
+        bs, tree = accept_index.shape
         repoint = self.page_size == 1
         block_t = max(1 << max(tree - 1, 0).bit_length(), 2)  # size-1 tile dimensions: see docs/design.md
-        if npu:
+        if backend.is_npu(self.device):
             elements = _NPU_TREE_CUBE_ELEMENTS // block_t if repoint else _NPU_TREE_ELEMENTS
             tile = max(min(elements // block_t, _NPU_TREE_MAX_TILE), 2)
         else:
             tile = max(min(_TREE_ELEMENTS // (block_t * block_t if repoint else block_t), _TREE_MAX_TILE), 1)
-        backend.launch(
-            backend.kernels("allocator", self.device)._commit_tree_kernel,
+        return (backend.prepare if prepare else backend.launch)(
+            self._kernels()._commit_tree_kernel,
             self._grid(bs, tile),
             self.device,
-            (self.req_to_token, rows, accept_index, accept, self.seq_lens, self.window_lens, src, dst),
+            (self.req_to_token, rows, accept_index, accept, self.seq_lens, self.window_lens, kv_src, kv_dst),
             (bs, self.max_requests, self.max_context_len, self.req_to_token.stride(0), tree, accept_index.stride(0)),
             (("TILE", tile), ("BLOCK_T", block_t), ("REPOINT", repoint)),
             _TREE_NUM_WARPS,
         )
-        if host_rows is None:
-            self._known_windows.clear()
-        else:
-            for row in host_rows:
-                self._known_windows.pop(row, None)
-        return src[:n], dst[:n]
 
     def alloc_branches(
         self,
@@ -729,91 +734,145 @@ class DraftCacheAllocator:
             OutOfSlotsError: nothing changed. Only after a sync, which happens only when the host bound says the
             call might not fit.
         """
+        rows, host_rows, slots, src, dst = self._check_branches(
+            req_pool_indices, topk, num_steps, out, copy_src, copy_dst, validate
+        )
+        bs = rows.size(0)
+        if bs:
+            self._branches(rows, host_rows, topk, num_steps, slots, src, dst)
+        branch_slots = slots[: bs * topk * num_steps].view(bs, topk, num_steps)
+        if return_copies or copy_src is not None or copy_dst is not None:
+            copy_width = topk * (self.page_size - 1)
+            return branch_slots, src[: bs * copy_width], dst[: bs * copy_width]
+        return branch_slots
+
+    def _check_branches(
+        self,
+        req_pool_indices: IntVector,
+        topk: int,
+        num_steps: int,
+        out: torch.Tensor | None,
+        copy_src: torch.Tensor | None,
+        copy_dst: torch.Tensor | None,
+        validate: bool,
+        out_name: str = "out",
+    ) -> tuple[torch.Tensor, list[int] | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Check the arguments of alloc_branches (``out`` named ``out_name`` in errors); returns (rows on the
+        device, rows on the host or None, the branch slots' buffer, copy_src, copy_dst), new int64 buffers where
+        none was given."""
         rows, host_rows = self._device_rows(req_pool_indices)
         bs = rows.size(0)
         _check_size("topk", topk, 1)
         _check_size("num_steps", num_steps, 1)
-        p = self.page_size
         width = topk * num_steps
-        copy_width = topk * (p - 1)
+        copy_width = topk * (self.page_size - 1)
         if bs * max(width, copy_width) >= _INT32_LIMIT:
             raise ValueError(f"bs * topk * max(num_steps, page_size - 1) must be below 2**31, got {bs} * {topk} * ...")
         if validate and host_rows is None:
             host_rows = rows.tolist()
         if host_rows is not None:
             self._check_rows_in_use(host_rows)
-        slots = self._tree_buffer("out", out, bs * width)
-        copies = return_copies or copy_src is not None or copy_dst is not None
+        slots = self._tree_buffer(out_name, out, bs * width)
         src = self._tree_buffer("copy_src", copy_src, bs * copy_width)
         dst = self._tree_buffer("copy_dst", copy_dst, bs * copy_width)
+        return rows, host_rows, slots, src, dst
+
+    def _branches(
+        self,
+        rows: torch.Tensor,
+        host_rows: list[int] | None,
+        topk: int,
+        num_steps: int,
+        slots: torch.Tensor,
+        copy_src: torch.Tensor,
+        copy_dst: torch.Tensor,
+        step: DraftStepWrapper | None = None,
+    ) -> None:
+        """Check the capacity, launch the branch allocation (which first returns the rows' previous branch pages),
+        then record the branch pages the host knows the rows may hold (nothing changes if anything raises).
+        ``step``: the launches a DraftStepWrapper prepared."""
+        bs = rows.size(0)
+        p = self.page_size
         per_row = topk * _pages(p - 1 + num_steps, p)  # the most pages a row's branches take
-        if bs:
-            needs = self._branch_capacity(rows, host_rows, topk, num_steps, bs * per_row)
-            narrow = self.branch_pages
-            if narrow.size(1) < per_row:  # on the host, outside graphs: the first call sizes it
-                self.branch_pages = torch.zeros(self.max_requests, per_row, dtype=torch.int32, device=self.device)
-                self.branch_pages[:, : narrow.size(1)] = narrow
-            npu = backend.is_npu(self.device)
-            if npu:
-                tile, block = _NPU_BRANCH_TILE, _NPU_BRANCH_BLOCK
-            elif p > 1:
-                tile, block = _COPY_BRANCH_TILE, _COPY_BRANCH_BLOCK
+        needs = self._branch_capacity(rows, host_rows, topk, num_steps, bs * per_row)
+        narrow = self.branch_pages
+        if narrow.size(1) < per_row:  # on the host, outside graphs: the first call sizes it
+            self.branch_pages = torch.zeros(self.max_requests, per_row, dtype=torch.int32, device=self.device)
+            self.branch_pages[:, : narrow.size(1)] = narrow
+        try:
+            if step is None:
+                self._launch_branches(rows, topk, num_steps, slots, copy_src, copy_dst)
             else:
-                tile, block = _BRANCH_TILE, _BRANCH_BLOCK
-            block_e = min(1 << (max(width, copy_width, 2) - 1).bit_length(), block)
-            try:
-                backend.launch(
-                    backend.kernels("allocator", self.device)._alloc_branches_kernel,
-                    self._grid(bs, tile),
-                    self.device,
-                    (
-                        self.req_to_token,
-                        rows,
-                        self.seq_lens,
-                        self.branch_pages,
-                        self.num_branch_pages,
-                        self.free_pages,
-                        self._counters,
-                        slots,
-                        src if p > 1 else slots,
-                        dst if p > 1 else slots,
-                    ),
-                    (
-                        bs,
-                        self.max_requests,
-                        self.max_context_len,
-                        self.req_to_token.stride(0),
-                        self.num_pages,
-                        self.branch_pages.stride(0),
-                        self.branch_pages.size(1),
-                        topk,
-                        num_steps,
-                    ),
-                    (
-                        ("PAGE_SIZE", p),
-                        ("PAGE_SHIFT", self._page_shift),
-                        ("TILE", tile),
-                        ("BLOCK_R", self._free_tiles()[1]),
-                        ("BLOCK_E", block_e),
-                        ("SCAN_BLOCK", self._scan_block()),
-                        ("COPY", p > 1),
-                    ),
-                    _NUM_WARPS,
-                )
-            except BaseException:
-                self.branch_pages = narrow  # the wider copy holds nothing yet
-                raise
-            self._forget_branches(rows, host_rows)
-            if host_rows is None:
-                self._branch_batches.append((rows, rows._version, bs * per_row if needs is None else sum(needs)))
-            elif needs is None:
-                self._branch_rows.update(dict.fromkeys(host_rows, per_row))
-            else:
-                self._branch_rows.update(zip(host_rows, needs))
-        branch_slots = slots[: bs * width].view(bs, topk, num_steps)
-        if copies:
-            return branch_slots, src[: bs * copy_width], dst[: bs * copy_width]
-        return branch_slots
+                step._prepared("branches")()
+        except BaseException:
+            self.branch_pages = narrow  # the wider copy holds nothing yet
+            raise
+        self._forget_branches(rows, host_rows)
+        if host_rows is None:
+            self._branch_batches.append((rows, rows._version, bs * per_row if needs is None else sum(needs)))
+        elif needs is None:
+            self._branch_rows.update(dict.fromkeys(host_rows, per_row))
+        else:
+            self._branch_rows.update(zip(host_rows, needs))
+
+    def _launch_branches(
+        self,
+        rows: torch.Tensor,
+        topk: int,
+        num_steps: int,
+        slots: torch.Tensor,
+        copy_src: torch.Tensor,
+        copy_dst: torch.Tensor,
+        prepare: bool = False,
+    ) -> backend.Launch | None:
+        """Launch the branch allocation kernel; ``prepare=True``: return the launch, made by calling it."""
+        bs = rows.size(0)
+        p = self.page_size
+        if backend.is_npu(self.device):
+            tile, block = _NPU_BRANCH_TILE, _NPU_BRANCH_BLOCK
+        elif p > 1:
+            tile, block = _COPY_BRANCH_TILE, _COPY_BRANCH_BLOCK
+        else:
+            tile, block = _BRANCH_TILE, _BRANCH_BLOCK
+        block_e = min(1 << (max(topk * num_steps, topk * (p - 1), 2) - 1).bit_length(), block)
+        return (backend.prepare if prepare else backend.launch)(
+            self._kernels()._alloc_branches_kernel,
+            self._grid(bs, tile),
+            self.device,
+            (
+                self.req_to_token,
+                rows,
+                self.seq_lens,
+                self.branch_pages,
+                self.num_branch_pages,
+                self.free_pages,
+                self._counters,
+                slots,
+                copy_src if p > 1 else slots,
+                copy_dst if p > 1 else slots,
+            ),
+            (
+                bs,
+                self.max_requests,
+                self.max_context_len,
+                self.req_to_token.stride(0),
+                self.num_pages,
+                self.branch_pages.stride(0),
+                self.branch_pages.size(1),
+                topk,
+                num_steps,
+            ),
+            (
+                ("PAGE_SIZE", p),
+                ("PAGE_SHIFT", self._page_shift),
+                ("TILE", tile),
+                ("BLOCK_R", self._free_tiles()[1]),
+                ("BLOCK_E", block_e),
+                ("SCAN_BLOCK", self._scan_block()),
+                ("COPY", p > 1),
+            ),
+            _NUM_WARPS,
+        )
 
     def release_branches(self, req_pool_indices: IntVector, *, validate: bool = False) -> None:
         """Return the branch pages of the rows (:meth:`alloc_branches`) to the pool: one launch, no sync."""
@@ -1079,6 +1138,14 @@ class DraftCacheAllocator:
         if bs * tree >= _INT32_LIMIT:
             raise ValueError(f"bs * T must be below 2**31, got {bs} * {tree}")
         return tree
+
+    def _check_tree_commit(
+        self, accept_index: torch.Tensor, bs: int, kv_src: torch.Tensor | None, kv_dst: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Check accept_index and the kv_src/kv_dst buffers of commit_tree; returns (kv_src, kv_dst, bs * T), new
+        int64 buffers where none was given."""
+        n = bs * self._check_accept_index(accept_index, bs)
+        return self._tree_buffer("kv_src", kv_src, n), self._tree_buffer("kv_dst", kv_dst, n), n
 
     def _tree_buffer(self, name: str, buffer: torch.Tensor | None, length: int) -> torch.Tensor:
         if buffer is None:
@@ -1499,7 +1566,7 @@ class DraftStepWrapper:
         if self._validate:
             self._allocator.commit(self._plan_args["req_pool_indices"], self._accept, validate=True)
         elif self._bs:
-            self._allocator._commit(self._rows, self._host_rows, self._accept, self)
+            self._allocator._commit(self._rows, self._host_rows, self._accept, None, self)
 
     def _check(self, emit: bool | None) -> None:
         """Plan again if a bound tensor changed; check host rows again if rows were taken or freed since."""
