@@ -1458,9 +1458,13 @@ class DraftStepWrapper:
     pool and the context (a sync only near capacity, then ``OutOfSlotsError``/``ContextLengthError`` with nothing
     changed), the release of branch pages when tree drafts may hold some, nothing changed when a launch raises.
 
-    Each call re-checks only that each bound tensor is still where plan() saw it, with the same shape and dtype
-    (about 0.2 us a tensor), and, for rows given as a list, that they are still rows in use once rows were added or
-    freed since; otherwise it plans again with the same arguments (raising what the method would).
+    Tree drafts (EAGLE ``topk > 1``): a plan with ``topk`` and ``num_steps`` adds :meth:`alloc_branches`
+    (:meth:`~DraftCacheAllocator.alloc_branches`), and a plan with ``accept_index`` makes :meth:`commit` the tree
+    commit (:meth:`~DraftCacheAllocator.commit_tree`) of the ``N`` drafted nodes.
+
+    Each call re-checks only that each bound tensor it reads is still where plan() saw it, with the same shape and
+    dtype (about 0.2 us a tensor), and, for rows given as a list, that they are still rows in use once rows were
+    added or freed since; otherwise it plans again with the same arguments (raising what the method would).
 
     Example::
 
@@ -1471,13 +1475,23 @@ class DraftStepWrapper:
             ...  # draft, verify; write the accepted counts into accept_lens in place
             step.commit()
 
+    A tree step (``N`` tree nodes; ``accept_index`` ``[bs, N]`` written in place after verification)::
+
+        step.plan(rows, N, accept_lens=accept_lens, accept_index=accept_index, topk=topk, num_steps=num_steps)
+        while decoding:
+            branch_slots, copy_src, copy_dst = step.alloc_branches()
+            ...  # kv[copy_dst] = kv[copy_src]; draft the branches
+            out_cache_loc, last_loc = step.alloc_draft()
+            ...  # verify the tree; write the accepted paths into accept_index and accept_lens in place
+            kv_src, kv_dst = step.commit()  # then kv[kv_dst] = kv[kv_src]
+
     Args:
         allocator: the :class:`DraftCacheAllocator` whose step this is.
     """
 
     def __init__(self, allocator: DraftCacheAllocator) -> None:
         self._allocator = allocator
-        self._draft_bound = self._commit_bound = UNPLANNED
+        self._draft_bound = self._commit_bound = self._branches_bound = UNPLANNED
         self._plan_args: dict = {}
 
     def plan(
@@ -1489,6 +1503,14 @@ class DraftStepWrapper:
         out_cache_loc: torch.Tensor | None = None,
         last_loc: torch.Tensor | None = None,
         emit: bool = True,
+        accept_index: torch.Tensor | None = None,
+        kv_src: torch.Tensor | None = None,
+        kv_dst: torch.Tensor | None = None,
+        topk: int | None = None,
+        num_steps: int | None = None,
+        branch_slots: torch.Tensor | None = None,
+        copy_src: torch.Tensor | None = None,
+        copy_dst: torch.Tensor | None = None,
         validate: bool = False,
     ) -> None:
         """Check the step's arguments and resolve its launches.
@@ -1500,6 +1522,12 @@ class DraftStepWrapper:
                 if this wrapper is not used to commit.
             emit: ``True``: :meth:`alloc_draft` returns the slots; ``False``: :meth:`reserve_draft` only reserves
                 them (no ``out_cache_loc``/``last_loc``).
+            accept_index: ``[bs, T]`` tensor that :meth:`commit` reads with ``accept_lens``: then it is
+                :meth:`~DraftCacheAllocator.commit_tree` and returns ``(kv_src, kv_dst)``; ``kv_src``, ``kv_dst``:
+                its optional buffers (as for the method).
+            topk, num_steps: both or neither; with them, :meth:`alloc_branches` is
+                :meth:`~DraftCacheAllocator.alloc_branches` ``(rows, topk, num_steps)``; ``branch_slots`` (the
+                method's ``out``), ``copy_src``, ``copy_dst``: its optional buffers.
         """
         alloc = self._allocator
         rows, host_rows, n = alloc._check_draft(req_pool_indices, num_draft_tokens, validate)
@@ -1515,11 +1543,35 @@ class DraftStepWrapper:
             if not isinstance(accept_lens, torch.Tensor):
                 raise TypeError(f"accept_lens must be a torch.Tensor, got {type(accept_lens).__name__}")
             accept = alloc._check_commit(rows, accept_lens, validate)[2]
+        commit_reads = [accept]  # what each call reads: the caller's tensors as given, else the buffers made here
+        tree_commit = tree_result = None
+        if accept_index is not None:
+            if accept is None:
+                raise ValueError("accept_index goes with accept_lens (commit_tree reads both)")
+            src, dst, tree_n = alloc._check_tree_commit(accept_index, bs, kv_src, kv_dst)
+            tree_commit, tree_result = (accept_index, src, dst), (src[:tree_n], dst[:tree_n])
+            commit_reads += [accept_index, _given(kv_src, src), _given(kv_dst, dst)]
+        elif kv_src is not None or kv_dst is not None:
+            raise ValueError("kv_src and kv_dst go with accept_index (the buffers of commit_tree)")
+        branch_reads = []
+        branches = branch_result = None
+        if topk is not None or num_steps is not None:
+            if topk is None or num_steps is None:
+                raise ValueError("topk and num_steps must be given together")
+            slots, src, dst = alloc._check_branches(
+                rows, topk, num_steps, branch_slots, copy_src, copy_dst, validate, "branch_slots"
+            )[2:]
+            copy_n = bs * topk * (alloc.page_size - 1)
+            branches = (topk, num_steps, slots, src, dst)
+            branch_result = slots[: bs * topk * num_steps].view(bs, topk, num_steps), src[:copy_n], dst[:copy_n]
+            branch_reads = [_given(branch_slots, slots), _given(copy_src, src), _given(copy_dst, dst)]
+        elif branch_slots is not None or copy_src is not None or copy_dst is not None:
+            raise ValueError("branch_slots, copy_src and copy_dst go with topk and num_steps (alloc_branches)")
         user = req_pool_indices if host_rows is None else None
-        # Checked: now the plan.
-        # What a draft and a commit read: each re-checks only its own tensors.
-        self._draft_bound = BoundTensors(tuple(t for t in (user, out, last) if t is not None))
-        self._commit_bound = BoundTensors(tuple(t for t in (user, accept) if t is not None))
+        # Checked: now the plan. Each call re-checks only the tensors it reads.
+        self._draft_bound = _bind(user, out, last)
+        self._commit_bound = _bind(user, *commit_reads)
+        self._branches_bound = _bind(user, *branch_reads)
         self._plan_args = dict(
             req_pool_indices=req_pool_indices,
             num_draft_tokens=num_draft_tokens,
@@ -1527,10 +1579,20 @@ class DraftStepWrapper:
             out_cache_loc=out_cache_loc,
             last_loc=last_loc,
             emit=emit,
+            accept_index=accept_index,
+            kv_src=kv_src,
+            kv_dst=kv_dst,
+            topk=topk,
+            num_steps=num_steps,
+            branch_slots=branch_slots,
+            copy_src=copy_src,
+            copy_dst=copy_dst,
             validate=validate,
         )
         self._rows, self._host_rows, self._n, self._bs = rows, host_rows, n, bs
         self._out, self._last, self._accept = out, last, accept
+        self._tree_commit, self._tree_result = tree_commit, tree_result
+        self._branches, self._branch_result = branches, branch_result
         self._emit, self._validate = emit, validate
         self._rows_version = alloc._rows_version
         self._launches: dict[str, tuple[backend.Launch, torch.Tensor]] = {}
@@ -1539,7 +1601,9 @@ class DraftStepWrapper:
     def alloc_draft(self) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`DraftCacheAllocator.alloc_draft` with the planned arguments; returns the same
         ``(out_cache_loc[:bs * N], last_loc)`` tensors every call."""
-        self._check(True)
+        self._check(self._draft_bound)
+        if not self._emit:
+            raise ValueError("this plan has emit=False: call reserve_draft()")
         if self._validate:
             return self._allocator.alloc_draft(
                 self._plan_args["req_pool_indices"],
@@ -1554,44 +1618,73 @@ class DraftStepWrapper:
 
     def reserve_draft(self) -> None:
         """:meth:`DraftCacheAllocator.reserve_draft` with the planned arguments (a plan with ``emit=False``)."""
-        self._check(False)
+        self._check(self._draft_bound)
+        if self._emit:
+            raise ValueError("this plan has emit=True: call alloc_draft()")
         if self._validate:
             self._allocator.reserve_draft(self._plan_args["req_pool_indices"], self._n, validate=True)
         elif self._bs:
             self._allocator._draft(self._rows, self._host_rows, self._n, None, None, self)
 
-    def commit(self) -> None:
-        """:meth:`DraftCacheAllocator.commit` of the planned rows with the current values of ``accept_lens``."""
-        self._check(None)
+    def commit(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """:meth:`DraftCacheAllocator.commit` of the planned rows with the current values of ``accept_lens``; with
+        ``accept_index`` in the plan, :meth:`DraftCacheAllocator.commit_tree`, returning the same ``(kv_src[:bs *
+        T], kv_dst[:bs * T])`` tensors every call."""
+        self._check(self._commit_bound)
+        if self._accept is None:
+            raise ValueError("commit() needs a plan with accept_lens")
+        tree = self._tree_commit
         if self._validate:
-            self._allocator.commit(self._plan_args["req_pool_indices"], self._accept, validate=True)
-        elif self._bs:
-            self._allocator._commit(self._rows, self._host_rows, self._accept, None, self)
+            rows = self._plan_args["req_pool_indices"]
+            if tree is None:
+                return self._allocator.commit(rows, self._accept, validate=True)
+            index, src, dst = tree
+            return self._allocator.commit_tree(rows, index, self._accept, kv_src=src, kv_dst=dst, validate=True)
+        if self._bs:
+            self._allocator._commit(self._rows, self._host_rows, self._accept, tree, self)
+        return self._tree_result
 
-    def _check(self, emit: bool | None) -> None:
-        """Plan again if a bound tensor changed; check host rows again if rows were taken or freed since."""
-        alloc = self._allocator
-        if (self._commit_bound if emit is None else self._draft_bound).changed():
+    def alloc_branches(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`DraftCacheAllocator.alloc_branches` with the planned arguments; returns the same
+        ``(branch_slots, copy_src[:bs * topk * (page_size - 1)], copy_dst[:...])`` tensors every call (the
+        method's ``return_copies=True``; the copy pairs are empty for ``page_size == 1``)."""
+        self._check(self._branches_bound)
+        if self._branches is None:
+            raise ValueError("alloc_branches() needs a plan with topk and num_steps")
+        topk, num_steps, slots, src, dst = self._branches
+        if self._validate:
+            rows = self._plan_args["req_pool_indices"]
+            return self._allocator.alloc_branches(
+                rows, topk, num_steps, out=slots, copy_src=src, copy_dst=dst, validate=True
+            )
+        if self._bs:
+            self._allocator._branches(self._rows, self._host_rows, topk, num_steps, slots, src, dst, self)
+        return self._branch_result
+
+    def _check(self, bound: BoundTensors) -> None:
+        """Plan again if a tensor of ``bound`` changed; check host rows again if rows were taken or freed since."""
+        if bound.changed():
             self.plan(**self._plan_args)
+        alloc = self._allocator
         if self._rows_version != alloc._rows_version:
             if self._host_rows is not None:
                 alloc._check_rows_in_use(self._host_rows)
             self._rows_version = alloc._rows_version
-        if emit is None:
-            if self._accept is None:
-                raise ValueError("commit() needs a plan with accept_lens")
-        elif emit != self._emit:
-            raise ValueError(f"this plan has emit={self._emit}: call {'alloc' if self._emit else 'reserve'}_draft()")
 
     def _prepared(self, kind: str) -> backend.Launch:
-        """The launch of ``kind`` ("draft", "release draft", "release", "commit"), prepared on first use and again
-        once alloc_branches has replaced the allocator's branch_pages (which the release launches read)."""
+        """The launch of ``kind`` ("draft", "release draft", "release", "commit", "commit tree", "branches"),
+        prepared on first use and again once alloc_branches has replaced the allocator's branch_pages (which the
+        release and branch launches read)."""
         alloc = self._allocator
         entry = self._launches.get(kind)
         if entry is None or entry[1] is not alloc.branch_pages:
             rows = self._rows
             if kind == "commit":
                 launch = alloc._launch_commit(rows, self._accept, prepare=True)
+            elif kind == "commit tree":
+                launch = alloc._launch_commit_tree(rows, self._accept, *self._tree_commit, prepare=True)
+            elif kind == "branches":
+                launch = alloc._launch_branches(rows, *self._branches, prepare=True)
             elif kind == "release":
                 launch = alloc._release(rows, prepare=True)
             else:
@@ -1599,3 +1692,12 @@ class DraftStepWrapper:
                 launch = alloc._launch_alloc(rows, self._n, None, None, None, out, last, kind != "draft", prepare=True)
             entry = self._launches[kind] = (launch, alloc.branch_pages)
         return entry[0]
+
+
+def _given(given: torch.Tensor | None, made: torch.Tensor) -> torch.Tensor:
+    return made if given is None else given
+
+
+def _bind(*tensors: torch.Tensor | None) -> BoundTensors:
+    """The tensors a plan's call reads, None left out."""
+    return BoundTensors(tuple(t for t in tensors if t is not None))
