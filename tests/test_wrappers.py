@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import SENTINEL, sentinel_like
 from test_allocator import assert_unchanged, check_layout, snapshot
+from test_tree import random_paths
 
 from specdec_ops import (
     CacheLocsWrapper,
@@ -249,13 +250,17 @@ def test_rows_freed_after_a_host_list_plan_raise_like_the_method():
     b.add_requests([3, 6])
     accept = torch.tensor([1, 1])
     step = DraftStepWrapper(a)
-    step.plan([0, 1], 2, accept_lens=accept)
+    step.plan([0, 1], 2, accept_lens=accept, topk=2, num_steps=2)
     step.alloc_draft()
     b.alloc_draft([0, 1], 2)
     a.free_requests([1])
     b.free_requests([1])
     before = snapshot(a)
-    for call, expected_call in ((step.alloc_draft, lambda: b.alloc_draft([0, 1], 2)), (step.commit, None)):
+    for call, expected_call in (
+        (step.alloc_draft, lambda: b.alloc_draft([0, 1], 2)),
+        (step.alloc_branches, lambda: b.alloc_branches([0, 1], 2, 2)),
+        (step.commit, None),
+    ):
         with pytest.raises(ValueError, match=r"req_pool_indices\[1\] = 1 is not a row in use") as got:
             call()
         if expected_call is not None:
@@ -361,3 +366,256 @@ def test_a_launch_that_raises_in_a_run_changes_nothing(call, branches, monkeypat
     getattr(step, call)()  # and the same call goes through afterwards
     assert not a._branches_may_exist()
     check_layout(a)
+
+
+# ------------------------------------------------------------------------------- DraftStepWrapper: tree steps
+
+
+def _tree_buffers(bs: int, topk: int, steps: int, tree: int, page_size: int) -> dict[str, torch.Tensor]:
+    """Sentinel buffers of a tree step, two elements longer than a call writes (kv_src [bs, T], viewed as 1-D)."""
+    copies = bs * topk * (page_size - 1)
+    return dict(
+        branch_slots=sentinel_like(bs * topk * steps + 2, torch.int64, "cpu"),
+        copy_src=sentinel_like(copies + 2, torch.int64, "cpu"),
+        copy_dst=sentinel_like(copies + 2, torch.int32, "cpu"),
+        kv_src=sentinel_like(bs * tree, torch.int64, "cpu").view(bs, tree),
+        kv_dst=sentinel_like(bs * tree + 2, torch.int32, "cpu"),
+    )
+
+
+def _same_results(got, expected) -> None:
+    assert repr(got[1]) == repr(expected[1])
+    if got[1] is None:
+        assert len(got[0]) == len(expected[0])
+        for a, b in zip(got[0], expected[0]):
+            assert a.shape == b.shape and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("buffers", [True, False], ids=["buffers", "no-buffers"])
+@pytest.mark.parametrize("emit", [True, False], ids=["alloc", "reserve"])
+@pytest.mark.parametrize("host_rows", [False, True], ids=["tensor-rows", "list-rows"])
+@pytest.mark.parametrize("page_size", [1, 4], ids=lambda p: f"page{p}")
+def test_the_wrapper_drives_the_tree_step_like_the_methods(page_size, host_rows, emit, buffers):
+    """alloc_branches, the draft of the tree and commit_tree, through one wrapper on one allocator and through the
+    methods on another, into the capacity: the same outputs, the same errors, the same state (device and host)
+    after every call. Every fourth step a second wrapper takes wider branches first: that replaces branch_pages,
+    and the first wrapper's prepared launches must follow."""
+    rng = random.Random(page_size * 8 + host_rows * 4 + emit * 2 + buffers)
+    bs, topk, steps, tree = 3, 2, 2, 3
+    num_slots = 104 if page_size == 1 else 32 * page_size
+    a, b = (DraftCacheAllocator(num_slots, 4, 40, page_size=page_size, device="cpu") for _ in range(2))
+    rows_a, rows_b = a.add_requests([5, 2, 7]), b.add_requests([5, 2, 7])
+    rows = rows_a.tolist() if host_rows else rows_a
+    rows_b = rows_b.tolist() if host_rows else rows_b
+    accept = torch.zeros(bs, dtype=torch.int64)
+    index = torch.zeros(bs, tree, dtype=torch.int32)
+    mine, theirs = (_tree_buffers(bs, topk, steps, tree, page_size) if buffers else {} for _ in range(2))
+    step = DraftStepWrapper(a)
+    step.plan(rows, tree, accept_lens=accept, emit=emit, accept_index=index, topk=topk, num_steps=steps, **mine)
+    wide = DraftStepWrapper(a)
+    wide.plan(rows, tree, topk=topk + 1, num_steps=steps)
+    branch_buffers = {key: theirs[key] for key in ("copy_src", "copy_dst") if key in theirs}
+    errors = []
+    for i in range(36):
+        if i % 12 == 11:  # the shortest request finishes and a new one takes its row: the plan's rows stay valid
+            row = int(a.seq_lens[:3].argmin())
+            for alloc in (a, b):
+                alloc.free_requests([row])
+                assert alloc.add_requests([3]).tolist() == [row]
+        for t in mine.values():
+            t.fill_(SENTINEL)
+        for t in theirs.values():
+            t.fill_(SENTINEL)
+        if i % 4 == 3:
+            got = _call(wide.alloc_branches)
+            expected = _call(b.alloc_branches, rows_b, topk + 1, steps, return_copies=True)
+            _same_results(got, expected)
+            _assert_same(a, b)
+        got = _call(step.alloc_branches)
+        expected = _call(
+            b.alloc_branches, rows_b, topk, steps, out=theirs.get("branch_slots"), return_copies=True, **branch_buffers
+        )
+        _same_results(got, expected)
+        errors.append(type(got[1]).__name__)
+        _assert_same(a, b)
+        if emit:
+            got = _call(step.alloc_draft)
+            expected = _call(b.alloc_draft, rows_b, tree)
+            _same_results(got, expected)
+        else:
+            got = _call(step.reserve_draft)
+            assert repr(got[1]) == repr(_call(b.reserve_draft, rows_b, tree)[1])
+        errors.append(type(got[1]).__name__)
+        _assert_same(a, b)
+        paths, lens = random_paths(rng, bs, tree)
+        index.copy_(paths)  # in place, like an engine
+        accept.copy_(torch.tensor(lens))
+        got = _call(step.commit)
+        kv = {key: theirs[key] for key in ("kv_src", "kv_dst") if key in theirs}
+        expected = _call(b.commit_tree, rows_b, index.clone(), accept.clone(), **kv)
+        _same_results(got, expected)
+        _assert_same(a, b)
+        for key in mine:
+            assert torch.equal(mine[key], theirs[key]), f"{key}: the same elements written, and only those"
+    assert {"OutOfSlotsError", "ContextLengthError"} <= set(errors), "the loop must reach the capacity"
+    check_layout(a)
+
+
+def test_tree_bound_tensors_changed_in_place_plan_again_like_the_methods():
+    a = DraftCacheAllocator(4 * 64, 4, 32, page_size=4, device="cpu")
+    rows = a.add_requests([3, 6, 2])
+    accept, index = torch.tensor([1, 0, 2]), torch.tensor([[0, 0, 0], [0, 0, 0], [0, 1, 0]])
+    buffers = _tree_buffers(3, 2, 2, 3, 4)
+    step = DraftStepWrapper(a)
+    step.plan(rows, 3, accept_lens=accept, accept_index=index, topk=2, num_steps=2, **buffers)
+    slots, copy_src, copy_dst, kv_src, kv_dst = (
+        buffers[k] for k in ("branch_slots", "copy_src", "copy_dst", "kv_src", "kv_dst")
+    )
+
+    def alloc_branches():
+        return a.alloc_branches(rows, 2, 2, out=slots, copy_src=copy_src, copy_dst=copy_dst)
+
+    def commit_tree():
+        return a.commit_tree(rows, index, accept, kv_src=kv_src, kv_dst=kv_dst)
+
+    # One change at a time, each seen by the call that reads the tensor.
+    copy_dst.resize_(7)
+    _same_error(step.alloc_branches, alloc_branches)
+    copy_dst.resize_(20)
+    copy_src.data = copy_src.data.float()
+    _same_error(step.alloc_branches, alloc_branches)
+    copy_src.data = copy_src.data.long()
+    step.alloc_branches()  # planned again with the new copy_src
+    slots.resize_(11)
+    with pytest.raises(ValueError) as expected:
+        alloc_branches()
+    with pytest.raises(ValueError) as got:
+        step.alloc_branches()  # the method's error, naming the plan's argument
+    assert str(got.value) == str(expected.value).replace("out", "branch_slots", 1)
+    slots.resize_(14)
+    kv_src.resize_(5)  # [3, 3] -> [5]: the caller's tensor, not the view the launch writes
+    _same_error(step.commit, commit_tree)
+    kv_src.resize_(3, 3)
+    index.resize_(3, 2, 1)
+    _same_error(step.commit, commit_tree)
+    index.set_(torch.tensor([[0, 1], [0, 0], [1, 0]]))  # T = 2 now: valid
+    kv_src.set_(torch.full((7,), SENTINEL))
+    kv_dst.data = torch.full((6,), SENTINEL)
+    got = step.alloc_branches()
+    assert got[0].data_ptr() == slots.data_ptr() and got[0].shape == (3, 2, 2)
+    step.alloc_draft()
+    src, dst = step.commit()
+    assert src.data_ptr() == kv_src.data_ptr() and dst.data_ptr() == kv_dst.data_ptr() and kv_src[6] == SENTINEL
+    assert a.seq_lens[:3].tolist() == [4, 6, 3] and not a.window_lens.any() and not a.num_branch_pages.any()
+    assert dst.tolist() == a.req_to_token[[0, 0, 1, 1, 2, 2], [3, 4, 6, 7, 2, 3]].tolist()
+    kv_dst.resize_(5)
+    _same_error(step.commit, commit_tree)
+    check_layout(a)
+
+
+def test_tree_plan_misuse_raises_what_the_methods_raise():
+    a = DraftCacheAllocator(4 * 64, 4, 32, page_size=4, device="cpu")
+    rows = a.add_requests([3, 6])
+    accept = torch.tensor([1, 0])
+    index = torch.zeros(2, 4, dtype=torch.int64)
+    a.alloc_draft(rows, 4)
+    before = snapshot(a)
+    step = DraftStepWrapper(a)
+    with pytest.raises(RuntimeError, match=r"call plan\(\) before running the wrapper"):
+        step.alloc_branches()
+
+    def same(plan_kwargs, method):
+        _same_error(lambda: step.plan(rows, 4, accept_lens=accept, **plan_kwargs), method)
+
+    for bad in (torch.zeros(3, 4, dtype=torch.int64), torch.zeros(2, 4), torch.zeros(2, 8, dtype=torch.int64)[:, ::2]):
+        same(dict(accept_index=bad), lambda bad=bad: a.commit_tree(rows, bad, accept))
+    same(dict(accept_index=[[0, 1], [0, 1]]), lambda: a.commit_tree(rows, [[0, 1], [0, 1]], accept))
+    same(
+        dict(accept_index=torch.zeros(2, 300, dtype=torch.int64)),
+        lambda: a.commit_tree(rows, torch.zeros(2, 300, dtype=torch.int64), accept),
+    )
+    short = torch.empty(7, dtype=torch.int64)
+    same(dict(accept_index=index, kv_dst=short), lambda: a.commit_tree(rows, index, accept, kv_dst=short))
+    same(
+        dict(accept_index=index, kv_src=short.float()), lambda: a.commit_tree(rows, index, accept, kv_src=short.float())
+    )
+    for topk, steps in ((0, 2), (2, 0), (True, 2), (2, 2.0), (2**31, 1)):
+        same(dict(topk=topk, num_steps=steps), lambda topk=topk, steps=steps: a.alloc_branches(rows, topk, steps))
+    same(dict(topk=2, num_steps=2, copy_src=short), lambda: a.alloc_branches(rows, 2, 2, copy_src=short))
+    same(dict(topk=2, num_steps=3, copy_dst=short[:2]), lambda: a.alloc_branches(rows, 2, 3, copy_dst=short[:2]))
+    with pytest.raises(ValueError, match=r"accept_index goes with accept_lens \(commit_tree reads both\)"):
+        step.plan(rows, 4, accept_index=index)
+    with pytest.raises(ValueError, match=r"kv_src and kv_dst go with accept_index"):
+        step.plan(rows, 4, accept_lens=accept, kv_dst=short)
+    with pytest.raises(ValueError, match=r"topk and num_steps must be given together"):
+        step.plan(rows, 4, topk=2)
+    with pytest.raises(ValueError, match=r"branch_slots, copy_src and copy_dst go with topk and num_steps"):
+        step.plan(rows, 4, copy_src=short)
+    assert_unchanged(a, before)
+    step.plan(rows, 4, accept_lens=accept)
+    with pytest.raises(ValueError, match=r"alloc_branches\(\) needs a plan with topk and num_steps"):
+        step.alloc_branches()
+    assert step.commit() is None, "a plan without accept_index commits a chain"
+    assert a.seq_lens[:2].tolist() == [4, 6]
+
+
+def test_tree_validate_runs_the_methods_checks_every_call():
+    a = DraftCacheAllocator(4 * 64, 4, 32, page_size=4, device="cpu")
+    rows = a.add_requests([3, 6])
+    accept, index = torch.tensor([2, 1]), torch.tensor([[0, 1, 0], [0, 0, 0]])
+    step = DraftStepWrapper(a)
+    step.plan(rows, 3, accept_lens=accept, accept_index=index, topk=2, num_steps=2, validate=True)
+    slots, copy_src, copy_dst = step.alloc_branches()
+    assert slots.shape == (2, 2, 2) and copy_src.shape == copy_dst.shape == (12,)
+    step.alloc_draft()
+    index[0, 1] = 0
+    before = snapshot(a)
+    with pytest.raises(ValueError, match=r"accept_index\[0, 1\] = 0 must be greater than accept_index\[0, 0\] = 0"):
+        step.commit()
+    assert_unchanged(a, before)
+    index[0, 1] = 2
+    src, dst = step.commit()
+    assert src.shape == dst.shape == (6,) and a.seq_lens[:2].tolist() == [5, 7]
+    check_layout(a)
+
+
+@pytest.mark.parametrize("branches", [False, True], ids=["no-branches", "branches"])
+@pytest.mark.parametrize("call", ["alloc_branches", "commit"])
+def test_a_launch_that_raises_in_a_tree_run_changes_nothing(call, branches, monkeypatch):
+    a = DraftCacheAllocator(4 * 64, 4, 32, page_size=4, device="cpu")  # room: no sync tightens the host bounds
+    rows = a.add_requests([5, 6])
+    step = DraftStepWrapper(a)
+    step.plan(
+        rows.tolist(),
+        2,
+        accept_lens=torch.tensor([2, 1]),
+        accept_index=torch.tensor([[0, 1], [1, 0]]),
+        topk=2,
+        num_steps=3,
+    )
+    step.alloc_draft()
+    if branches:
+        a.alloc_branches(rows.tolist(), 1, 2)  # narrower: the failing alloc_branches would widen branch_pages
+    before = snapshot(a)
+    host = _host_state(a)
+    monkeypatch.setattr(backend, "launch", _failing_launch)
+    with pytest.raises(LaunchFailed):
+        getattr(step, call)()
+    monkeypatch.undo()
+    assert_unchanged(a, before)
+    assert _host_state(a) == host
+    getattr(step, call)()  # and the same call goes through afterwards
+    assert a._branches_may_exist() == (call == "alloc_branches")
+    check_layout(a)
+
+
+def test_an_empty_tree_batch_launches_nothing(monkeypatch):
+    a = DraftCacheAllocator(64, 4, 32, page_size=4, device="cpu")
+    a.add_requests([5])
+    rows = torch.zeros(0, dtype=torch.int64)
+    step = DraftStepWrapper(a)
+    step.plan(rows, 3, accept_lens=rows.clone(), accept_index=torch.zeros(0, 3, dtype=torch.int64), topk=2, num_steps=2)
+    monkeypatch.setattr(backend, "launch", _failing_launch)
+    assert [t.shape for t in step.alloc_branches()] == [(0, 2, 2), (0,), (0,)]
+    assert [t.shape for t in step.alloc_draft()] == [(0,), (0,)]
+    assert [t.shape for t in step.commit()] == [(0,), (0,)]
