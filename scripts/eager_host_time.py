@@ -14,8 +14,13 @@ Calls (bs --batch-size, N --window-len, buffers given, num_tokens given: the hot
   get_last_loc, assign_extend_cache_locs (uniform)
   alloc_draft      DraftCacheAllocator.alloc_draft(rows, N, out_cache_loc=, last_loc=) with room in the pool
   commit           DraftCacheAllocator.commit(rows, accept_lens); each sample ends with refresh()-free headroom
-  ... (plan/run)   the same calls through CacheLocsWrapper.run() and DraftStepWrapper.alloc_draft()/commit(), planned
-                   once with the same arguments (the plan/run form an engine's eager loop uses)
+  alloc_branches   DraftCacheAllocator.alloc_branches(rows, --topk, --num-steps, out=, copy_src=, copy_dst=): tree
+                   drafts' branch slots, each call releasing the previous call's branch pages in its launch
+  commit_tree      DraftCacheAllocator.commit_tree(rows, accept_index, accept_lens, kv_src=, kv_dst=) of a tree of N
+                   nodes, with no branch pages held (in a tree step the draft before it released them)
+  ... (plan/run)   the same calls through CacheLocsWrapper.run() and DraftStepWrapper.alloc_draft()/commit()/
+                   alloc_branches(), planned once with the same arguments (the plan/run form an engine's eager loop
+                   uses; the tree calls' wrapper is planned with topk=, num_steps= and accept_index=)
 
 A second table times the same calls with the launch replaced by a no-op (backend.launch and the prepared launches
 of plan/run, backend.Launch, stubbed): the Python of the wrappers alone (argument checks, launch configuration,
@@ -60,13 +65,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", help="cuda, npu or cpu (default: npu if present, else cuda, else cpu)")
     parser.add_argument("--batch-size", type=int, default=64, help="requests per call (default: 64)")
     parser.add_argument("--window-len", type=int, default=4, help="draft tokens per request N (default: 4)")
+    parser.add_argument("--topk", type=int, default=4, help="branches per request of alloc_branches (default: 4)")
+    parser.add_argument("--num-steps", type=int, default=3, help="steps per branch of alloc_branches (default: 3)")
     parser.add_argument("--iters", type=int, default=200, help="back-to-back calls per sample (default: 200)")
     parser.add_argument("--repeats", type=int, default=30, help="samples kept per call (default: 30)")
     parser.add_argument("--warmup", type=int, default=5, help="samples run and dropped first (default: 5)")
     return parser.parse_args(argv)
 
 
-def make_calls(device: torch.device, bs: int, n: int) -> dict[str, object]:
+def make_calls(device: torch.device, bs: int, n: int, topk: int, num_steps: int) -> dict[str, object]:
     """name -> a function of no arguments making one call; every call is made once here (compiles, checks)."""
     max_requests, context = 2 * bs, 64 * n + 64
     table = torch.arange(max_requests * context, dtype=torch.int32, device=device).reshape(max_requests, context)
@@ -91,6 +98,28 @@ def make_calls(device: torch.device, bs: int, n: int) -> dict[str, object]:
     ragged.plan(rows, start, ragged_end, out, last, num_tokens=ragged_tokens)
     step = specdec_ops.DraftStepWrapper(alloc)
     step.plan(alloc_rows, n, accept_lens=accept, out_cache_loc=alloc_out, last_loc=alloc_last)
+    # Tree drafts: branch slots and copy pairs, then the commit of a tree of N nodes (nothing accepted).
+    copies = bs * topk * (alloc.page_size - 1)
+    tree = dict(
+        branch_slots=torch.empty(bs * topk * num_steps, dtype=torch.int64, device=device),
+        copy_src=torch.empty(copies, dtype=torch.int64, device=device),
+        copy_dst=torch.empty(copies, dtype=torch.int64, device=device),
+        kv_src=torch.empty(bs * n, dtype=torch.int64, device=device),
+        kv_dst=torch.empty(bs * n, dtype=torch.int64, device=device),
+    )
+    accept_index = torch.zeros(bs, n, dtype=torch.int64, device=device)
+    tree_step = specdec_ops.DraftStepWrapper(alloc)
+    tree_step.plan(
+        alloc_rows,
+        n,
+        accept_lens=accept,
+        out_cache_loc=alloc_out,
+        last_loc=alloc_last,
+        accept_index=accept_index,
+        topk=topk,
+        num_steps=num_steps,
+        **tree,
+    )
 
     calls = {
         "empty launch": lambda: empty[(1,)](out),
@@ -106,10 +135,18 @@ def make_calls(device: torch.device, bs: int, n: int) -> dict[str, object]:
         ),
         "alloc_draft": lambda: alloc.alloc_draft(alloc_rows, n, out_cache_loc=alloc_out, last_loc=alloc_last),
         "commit": lambda: alloc.commit(alloc_rows, accept),
+        "alloc_branches": lambda: alloc.alloc_branches(
+            alloc_rows, topk, num_steps, out=tree["branch_slots"], copy_src=tree["copy_src"], copy_dst=tree["copy_dst"]
+        ),
+        "commit_tree": lambda: alloc.commit_tree(
+            alloc_rows, accept_index, accept, kv_src=tree["kv_src"], kv_dst=tree["kv_dst"]
+        ),
         "fused uniform (plan/run)": uniform.run,
         "fused ragged (plan/run)": ragged.run,
         "alloc_draft (plan/run)": step.alloc_draft,
         "commit (plan/run)": step.commit,
+        "alloc_branches (plan/run)": tree_step.alloc_branches,
+        "commit_tree (plan/run)": tree_step.commit,
     }
     for call in calls.values():
         call()
@@ -155,10 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     interpreted = backend.is_interpreted(device)
     print("eager_host_time", *harness.format_environment(env), sep="\n")
     print(
-        f"bs {args.batch_size}, N {args.window_len}; samples of {args.iters} back-to-back calls, "
-        f"{args.repeats} kept after {args.warmup}"
+        f"bs {args.batch_size}, N {args.window_len}, topk {args.topk}, num_steps {args.num_steps}; samples of "
+        f"{args.iters} back-to-back calls, {args.repeats} kept after {args.warmup}"
     )
-    calls = make_calls(device, args.batch_size, args.window_len)
+    calls = make_calls(device, args.batch_size, args.window_len, args.topk, args.num_steps)
     if interpreted:
         print("\nTriton interpreter: timing the calls would time the interpreter, which says nothing about a device.")
     else:
