@@ -947,6 +947,10 @@ class DraftCacheAllocator:
         """Check the arguments of a draft; returns (rows on the device, rows on the host or None, N)."""
         rows, host_rows = self._device_rows(req_pool_indices)
         _check_size("num_draft_tokens", num_draft_tokens, 0)
+        if rows.size(0) > self.max_requests:  # the kernel keeps per-entry values in max_requests-long scratch
+            raise ValueError(
+                f"req_pool_indices must have at most max_requests ({self.max_requests}) entries, got {rows.size(0)}"
+            )
         if rows.size(0) * num_draft_tokens >= _INT32_LIMIT:
             raise ValueError(f"bs * num_draft_tokens must be below 2**31, got {rows.size(0)} * {num_draft_tokens}")
         if validate and host_rows is None:

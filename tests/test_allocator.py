@@ -714,6 +714,19 @@ BAD_CALLS = [
         "out_cache_loc must be int32 or int64",
     ),
     (
+        # A device batch longer than max_requests (duplicates): the kernel's per-entry scratch has max_requests rows.
+        "draft-batch-past-rows",
+        lambda a, r: a.alloc_draft(torch.tensor([0, 1, 0, 1, 0]), 2),
+        ValueError,
+        r"req_pool_indices must have at most max_requests \(4\) entries, got 5",
+    ),
+    (
+        "reserve-batch-past-rows",
+        lambda a, r: a.reserve_draft(torch.tensor([1] * 9), 1),
+        ValueError,
+        r"at most max_requests \(4\) entries, got 9",
+    ),
+    (
         "reserve-free-row",
         lambda a, r: a.reserve_draft([3], 1),
         ValueError,
