@@ -231,8 +231,9 @@ class DraftCacheAllocator:
         self.free_pages = torch.arange(1, self.num_pages + 1, dtype=torch.int32, device=self.device)
         # [head, count, ticket]: the ticket is the kernels' last-program counter, 0 between launches.
         self._counters = torch.tensor([0, self.num_pages, 0], dtype=torch.int32, device=self.device)
-        # Per batch entry, a request's new alloc_len and its page need, for the last program of a launch.
-        self._scratch = torch.zeros(2 * max_requests, dtype=torch.int32, device=self.device)
+        # Per batch entry, a request's new alloc_len, its page need and the branch pages it gives back, for the last
+        # program of a launch.
+        self._scratch = torch.zeros(3 * max_requests, dtype=torch.int32, device=self.device)
         self.free_head = self._counters[0:1]
         self.num_free_pages = self._counters[1:2]
         self.num_syncs = 0

@@ -277,6 +277,8 @@ def _alloc_windows_kernel(
             )
             if alone:  # no other program reads these counts
                 tl.store(num_branch_pages + rows, (held * 0).to(num_branch_pages.dtype.element_ty), mask=valid)
+            else:  # for the last program, which sums them
+                tl.store(scratch + 2 * num_rows + offs, held, mask=in_batch)
         row_addr = rows.to(tl.int64) * row_stride  # [TILE]
         # The page of the last partial page, which new positions fill first.
         has_partial = valid & (allocs < have * PAGE_SIZE)
@@ -345,7 +347,8 @@ def _alloc_windows_kernel(
         tl.store(counters + 1, new_count.to(counters.dtype.element_ty))
     elif _take_ticket(counters) == num_programs - 1:
         # The last program: no other one reads shared state any more. The owners left each request's new
-        # alloc_len at scratch[i] and its need at scratch[num_rows + i].
+        # alloc_len at scratch[i], its need at scratch[num_rows + i] and (RELEASE) its branch pages at
+        # scratch[2 * num_rows + i]: loads masked by the batch, not by the rows, so none waits for the rows' load.
         popped_lanes = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
         pushed_lanes = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
         for k0 in range(0, bs, SCAN_BLOCK):
@@ -354,13 +357,12 @@ def _alloc_windows_kernel(
             rows = tl.load(req_pool_indices + k, mask=in_range, other=-1).to(tl.int32)
             valid = in_range & (rows >= 0) & (rows < num_rows)
             if not PREFILL:
-                new_allocs = tl.load(scratch + k, mask=valid, other=0)
+                new_allocs = tl.load(scratch + k, mask=in_range, other=0)
                 tl.store(alloc_lens + rows, new_allocs.to(alloc_lens.dtype.element_ty), mask=valid)
             popped_lanes += tl.load(scratch + num_rows + k, mask=in_range, other=0)
             if RELEASE:
-                _, _, held = _branch_counts(k, in_range, req_pool_indices, num_branch_pages, num_rows, branch_width)
+                held = tl.load(scratch + 2 * num_rows + k, mask=in_range, other=0)
                 pushed_lanes += held
-                tl.debug_barrier()  # every lane has read the counts it sums
                 tl.store(num_branch_pages + rows, (held * 0).to(num_branch_pages.dtype.element_ty), mask=valid)
         popped = tl.minimum(tl.reduce(popped_lanes, 0, _add), count)
         new_count = count - popped
