@@ -186,6 +186,19 @@ def _assert_same(a: DraftCacheAllocator, b: DraftCacheAllocator) -> None:
     assert _host_state(a) == _host_state(b)
 
 
+def _fail_then_succeed(a: DraftCacheAllocator, step: DraftStepWrapper, call: str, monkeypatch) -> None:
+    """``step.<call>()`` with a launch that raises changes nothing, device or host; then the same call goes through."""
+    before = snapshot(a)
+    host = _host_state(a)
+    monkeypatch.setattr(backend, "launch", _failing_launch)
+    with pytest.raises(LaunchFailed):
+        getattr(step, call)()
+    monkeypatch.undo()
+    assert_unchanged(a, before)
+    assert _host_state(a) == host
+    getattr(step, call)()
+
+
 def _call(fn, *args, **kwargs):
     """(result, None) or (None, the AllocationError/ValueError raised)."""
     try:
@@ -355,15 +368,7 @@ def test_a_launch_that_raises_in_a_run_changes_nothing(call, branches, monkeypat
         step.alloc_draft()
     if branches:
         a.alloc_branches(rows.tolist(), 2, 2)  # the rows the plan names: the host sees them released
-    before = snapshot(a)
-    host = _host_state(a)
-    monkeypatch.setattr(backend, "launch", _failing_launch)
-    with pytest.raises(LaunchFailed):
-        getattr(step, call)()
-    monkeypatch.undo()
-    assert_unchanged(a, before)
-    assert _host_state(a) == host
-    getattr(step, call)()  # and the same call goes through afterwards
+    _fail_then_succeed(a, step, call, monkeypatch)
     assert not a._branches_may_exist()
     check_layout(a)
 
@@ -596,15 +601,7 @@ def test_a_launch_that_raises_in_a_tree_run_changes_nothing(call, branches, monk
     step.alloc_draft()
     if branches:
         a.alloc_branches(rows.tolist(), 1, 2)  # narrower: the failing alloc_branches would widen branch_pages
-    before = snapshot(a)
-    host = _host_state(a)
-    monkeypatch.setattr(backend, "launch", _failing_launch)
-    with pytest.raises(LaunchFailed):
-        getattr(step, call)()
-    monkeypatch.undo()
-    assert_unchanged(a, before)
-    assert _host_state(a) == host
-    getattr(step, call)()  # and the same call goes through afterwards
+    _fail_then_succeed(a, step, call, monkeypatch)
     assert a._branches_may_exist() == (call == "alloc_branches")
     check_layout(a)
 
