@@ -40,7 +40,9 @@ of plan/run, backend.Launch, stubbed): the Python of the wrappers alone (argumen
 host bookkeeping), i.e. where host time goes besides Triton's launcher.
 
 On cpu the kernels run in Triton's interpreter: the first table would time the interpreter, which says nothing
-about a device, so only the second (host Python) table is printed there.
+about a device, so only the second (host Python) table is printed there, with torch on one thread: the calls' own
+tensor ops (free_requests' index_fill_) then run in the timing thread, not in a thread pool whose wake-ups cost
+milliseconds on a busy machine.
 
 Examples:
   python scripts/eager_host_time.py                 # on the default device (cuda on a GPU machine)
@@ -262,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.empty(0, device=device).device
     env = harness.environment(device)
     interpreted = backend.is_interpreted(device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
     print("eager_host_time", *harness.format_environment(env), sep="\n")
     print(
         f"bs {args.batch_size}, N {args.window_len}, topk {args.topk}, num_steps {args.num_steps}; samples of "
