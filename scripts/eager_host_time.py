@@ -21,13 +21,28 @@ Calls (bs --batch-size, N --window-len, buffers given, num_tokens given: the hot
   ... (plan/run)   the same calls through CacheLocsWrapper.run() and DraftStepWrapper.alloc_draft()/commit()/
                    alloc_branches(), planned once with the same arguments (the plan/run form an engine's eager loop
                    uses; the tree calls' wrapper is planned with topk=, num_steps= and accept_index=)
+  add_requests + free_requests
+                   DraftCacheAllocator.add_requests(prompt_lens) of bs prompts of 7 tokens, then free_requests(rows)
+                   of the rows it took, given as a host list, on an allocator of its own with 2 * bs rows of which
+                   bs stay in use: each pair leaves the state it found, so no pair syncs for capacity. Its ratio is
+                   to two empty launches (the pair launches two Triton kernels). Both calls copy host lists to the
+                   device with torch.tensor (add_requests: the rows and prompt_lens; free_requests: the rows), a
+                   blocking copy, which on cuda synchronizes the stream; free_requests also clears the rows of
+                   req_to_token (index_fill_, one more kernel). It reads nothing back from host rows (a device
+                   tensor of rows, keep_lens= or freeing the last rows in use would). After the tables: syncs per
+                   pair, the allocator's num_syncs (capacity syncs) and, on cuda, the stream synchronizations that
+                   torch's sync debug mode reports. The two calls are not timed apart: back-to-back add_requests
+                   need room for --iters batches, and its host time grows with the free rows (it scans them), so
+                   it would time the pool's size
 
 A second table times the same calls with the launch replaced by a no-op (backend.launch and the prepared launches
 of plan/run, backend.Launch, stubbed): the Python of the wrappers alone (argument checks, launch configuration,
 host bookkeeping), i.e. where host time goes besides Triton's launcher.
 
 On cpu the kernels run in Triton's interpreter: the first table would time the interpreter, which says nothing
-about a device, so only the second (host Python) table is printed there.
+about a device, so only the second (host Python) table is printed there, with torch on one thread: the calls' own
+tensor ops (free_requests' index_fill_) then run in the timing thread, not in a thread pool whose wake-ups cost
+milliseconds on a busy machine.
 
 Examples:
   python scripts/eager_host_time.py                 # on the default device (cuda on a GPU machine)
@@ -37,9 +52,11 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -53,6 +70,9 @@ from benchmarks import harness  # noqa: E402
 from specdec_ops import backend  # noqa: E402
 
 TARGET_RATIO = 1.2
+REQUEST_PAIR = "add_requests + free_requests"
+# Calls that launch more than one kernel: their ratio is to as many empty launches.
+LAUNCHES = {REQUEST_PAIR: 2}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -73,6 +93,52 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class RequestPair:
+    """One ``add_requests`` of ``bs`` prompts, then ``free_requests`` of the rows it took (a host list), on an
+    allocator of its own that keeps ``bs`` other requests in use: the same rows each time, the pool's bounds back
+    where they were after each pair, and never the last rows freed (that would re-read the bounds)."""
+
+    def __init__(self, device: torch.device, bs: int, num_slots: int, max_context_len: int, page_size: int) -> None:
+        self.pool = specdec_ops.DraftCacheAllocator(
+            num_slots, 2 * bs, max_context_len, page_size=page_size, device=device
+        )
+        self.prompt_lens = [7] * bs
+        self.pool.add_requests(self.prompt_lens)  # in use throughout
+        self.rows = self.pool.add_requests(self.prompt_lens).tolist()
+        self.pool.free_requests(self.rows)
+
+    def __call__(self) -> None:
+        self.pool.add_requests(self.prompt_lens)
+        self.pool.free_requests(self.rows)
+
+    def syncs(self, count: int) -> tuple[float, float | None]:
+        """Per pair over ``count`` pairs: the allocator's ``num_syncs`` (capacity syncs), and on cuda the stream
+        synchronizations that torch's sync debug mode reports (None elsewhere)."""
+        before = self.pool.num_syncs
+        with warnings.catch_warnings(record=True) as caught, _sync_warnings(self.pool.device):
+            warnings.simplefilter("always")
+            for _ in range(count):
+                self()
+        syncs = (self.pool.num_syncs - before) / count
+        if self.pool.device.type != "cuda":
+            return syncs, None
+        return syncs, sum("synchronizing" in str(w.message) for w in caught) / count
+
+
+@contextlib.contextmanager
+def _sync_warnings(device: torch.device):
+    """On cuda, torch warns at each synchronizing operation meanwhile (its sync debug mode); elsewhere nothing."""
+    if device.type != "cuda":
+        yield
+        return
+    mode = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(mode)
+
+
 def make_calls(device: torch.device, bs: int, n: int, topk: int, num_steps: int) -> dict[str, object]:
     """name -> a function of no arguments making one call; every call is made once here (compiles, checks)."""
     max_requests, context = 2 * bs, 64 * n + 64
@@ -87,7 +153,8 @@ def make_calls(device: torch.device, bs: int, n: int, topk: int, num_steps: int)
     empty = harness.empty_kernel(device)
     ops = specdec_ops
 
-    alloc = specdec_ops.DraftCacheAllocator(bs * (4 * n + 8) * 64, bs, 4 * n + 8 * 64, page_size=16, device=device)
+    num_slots, max_context_len = bs * (4 * n + 8) * 64, 4 * n + 8 * 64
+    alloc = specdec_ops.DraftCacheAllocator(num_slots, bs, max_context_len, page_size=16, device=device)
     alloc_rows = alloc.add_requests([7] * bs)
     alloc_out = torch.empty(bs * n, dtype=torch.int64, device=device)
     alloc_last = torch.empty(bs, dtype=torch.int64, device=device)
@@ -147,6 +214,7 @@ def make_calls(device: torch.device, bs: int, n: int, topk: int, num_steps: int)
         "commit (plan/run)": step.commit,
         "alloc_branches (plan/run)": tree_step.alloc_branches,
         "commit_tree (plan/run)": tree_step.commit,
+        REQUEST_PAIR: RequestPair(device, bs, num_slots, max_context_len, alloc.page_size),
     }
     for call in calls.values():
         call()
@@ -184,18 +252,28 @@ def host_python_times(calls: dict[str, object], args: argparse.Namespace) -> dic
         backend.launch, backend.Launch.__call__ = real, real_prepared
 
 
+def label(name: str) -> str:
+    """The row's name in the table of ratios: calls of several launches say how many empty launches they face."""
+    launches = LAUNCHES.get(name, 1)
+    return f"{name} (vs {launches} launches)" if launches > 1 else name
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = backend.default_device() if args.device is None else torch.device(args.device)
     device = torch.empty(0, device=device).device
     env = harness.environment(device)
     interpreted = backend.is_interpreted(device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
     print("eager_host_time", *harness.format_environment(env), sep="\n")
     print(
         f"bs {args.batch_size}, N {args.window_len}, topk {args.topk}, num_steps {args.num_steps}; samples of "
         f"{args.iters} back-to-back calls, {args.repeats} kept after {args.warmup}"
     )
     calls = make_calls(device, args.batch_size, args.window_len, args.topk, args.num_steps)
+    pair_syncs, pair_stream_syncs = calls[REQUEST_PAIR].syncs(10)
+    width = max(len(label(name)) for name in calls)
     if interpreted:
         print("\nTriton interpreter: timing the calls would time the interpreter, which says nothing about a device.")
     else:
@@ -209,11 +287,18 @@ def main(argv: list[str] | None = None) -> int:
             f"(target <= {TARGET_RATIO})"
         )
         for name, (median, p20, p80) in times.items():
-            verdict = "" if name == "empty launch" else ("PASS" if median / base <= TARGET_RATIO else "FAIL")
-            print(f"  {name:<26} {median:7.2f} [{p20:6.2f}, {p80:6.2f}]  x{median / base:5.2f}  {verdict}")
+            ratio = median / (LAUNCHES.get(name, 1) * base)
+            verdict = "" if name == "empty launch" else ("PASS" if ratio <= TARGET_RATIO else "FAIL")
+            print(f"  {label(name):<{width}} {median:7.2f} [{p20:6.2f}, {p80:6.2f}]  x{ratio:5.2f}  {verdict}")
     print("\nhost Python of the wrappers alone, launch stubbed out (us per call), median [p20, p80]")
     for name, (median, p20, p80) in host_python_times(calls, args).items():
-        print(f"  {name:<26} {median:7.2f} [{p20:6.2f}, {p80:6.2f}]")
+        print(f"  {name:<{width}} {median:7.2f} [{p20:6.2f}, {p80:6.2f}]")
+    stream = "not measured off cuda" if pair_stream_syncs is None else f"{pair_stream_syncs:g}"
+    print(
+        f"\n{REQUEST_PAIR}, syncs per pair: num_syncs {pair_syncs:g} (capacity syncs), stream synchronizations "
+        f"{stream} (torch's sync debug mode).\nEach pair copies 3 host lists to the device (add_requests: rows, "
+        "prompt_lens; free_requests: rows), each a blocking copy (on cuda, a stream synchronize)."
+    )
     return 0
 
 
