@@ -357,22 +357,25 @@ class DraftCacheAllocator:
                 )
             self._set_exact(usage)
             used = self._pages_bound
-        rows = heapq.nsmallest(n, self._free_rows)
-        rows_t = torch.tensor(rows, dtype=torch.int64, device=self.device)
-        if n:
-            ends = torch.tensor(lens, dtype=torch.int64, device=self.device)
-            if prefix is None:
-                self._launch_alloc(rows_t, 0, None, ends, None, None, None)
-            else:
-                starts = torch.tensor(prefix, dtype=torch.int64, device=self.device)
-                slots = prefix_slots.to(self.device)
-                if slots.stride(-1) != 1:
-                    slots = slots.contiguous()
-                self._launch_alloc(rows_t, 0, starts, ends, slots, None, None)
+        # The lowest free rows, taken off the heap (O(n log max_requests)); put back if anything below raises.
+        rows = [heapq.heappop(self._free_rows) for _ in range(n)]
+        try:
+            rows_t = torch.tensor(rows, dtype=torch.int64, device=self.device)
+            if n:
+                ends = torch.tensor(lens, dtype=torch.int64, device=self.device)
+                if prefix is None:
+                    self._launch_alloc(rows_t, 0, None, ends, None, None, None)
+                else:
+                    starts = torch.tensor(prefix, dtype=torch.int64, device=self.device)
+                    slots = prefix_slots.to(self.device)
+                    if slots.stride(-1) != 1:
+                        slots = slots.contiguous()
+                    self._launch_alloc(rows_t, 0, starts, ends, slots, None, None)
+        except BaseException:
+            for row in rows:
+                heapq.heappush(self._free_rows, row)
+            raise
         # The launch went through: now the host state.
-        taken = set(rows)
-        self._free_rows = [row for row in self._free_rows if row not in taken]
-        heapq.heapify(self._free_rows)
         for row, length, row_pages, cached in zip(rows, lens, pages, prefix_pages):
             self._in_use[row] = True
             self._seq_base[row] = length - self._drafted_since_sync
