@@ -26,14 +26,13 @@ Calls (bs --batch-size, N --window-len, buffers given, num_tokens given: the hot
                    of the rows it took, given as a host list, on an allocator of its own with 2 * bs rows of which
                    bs stay in use: each pair leaves the state it found, so no pair syncs for capacity. Its ratio is
                    to two empty launches (the pair launches two Triton kernels). Both calls copy host lists to the
-                   device with torch.tensor (add_requests: the rows and prompt_lens; free_requests: the rows), a
-                   blocking copy, which on cuda synchronizes the stream; free_requests also clears the rows of
+                   device (add_requests: the rows and prompt_lens; free_requests: the rows), on cuda from pinned
+                   memory without waiting for the stream; free_requests also clears the rows of
                    req_to_token (index_fill_, one more kernel). It reads nothing back from host rows (a device
                    tensor of rows, keep_lens= or freeing the last rows in use would). After the tables: syncs per
                    pair, the allocator's num_syncs (capacity syncs) and, on cuda, the stream synchronizations that
                    torch's sync debug mode reports. The two calls are not timed apart: back-to-back add_requests
-                   need room for --iters batches, and its host time grows with the free rows (it scans them), so
-                   it would time the pool's size
+                   need room for --iters batches, so they would time a pool sized for it
 
 A second table times the same calls with the launch replaced by a no-op (backend.launch and the prepared launches
 of plan/run, backend.Launch, stubbed): the Python of the wrappers alone (argument checks, launch configuration,
@@ -297,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\n{REQUEST_PAIR}, syncs per pair: num_syncs {pair_syncs:g} (capacity syncs), stream synchronizations "
         f"{stream} (torch's sync debug mode).\nEach pair copies 3 host lists to the device (add_requests: rows, "
-        "prompt_lens; free_requests: rows), each a blocking copy (on cuda, a stream synchronize)."
+        "prompt_lens; free_requests: rows); on cuda through pinned memory, without waiting for the stream."
     )
     return 0
 

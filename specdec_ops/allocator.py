@@ -360,13 +360,13 @@ class DraftCacheAllocator:
         # The lowest free rows, taken off the heap (O(n log max_requests)); put back if anything below raises.
         rows = [heapq.heappop(self._free_rows) for _ in range(n)]
         try:
-            rows_t = torch.tensor(rows, dtype=torch.int64, device=self.device)
+            rows_t = self._to_device(rows)
             if n:
-                ends = torch.tensor(lens, dtype=torch.int64, device=self.device)
+                ends = self._to_device(lens)
                 if prefix is None:
                     self._launch_alloc(rows_t, 0, None, ends, None, None, None)
                 else:
-                    starts = torch.tensor(prefix, dtype=torch.int64, device=self.device)
+                    starts = self._to_device(prefix)
                     slots = prefix_slots.to(self.device)
                     if slots.stride(-1) != 1:
                         slots = slots.contiguous()
@@ -408,11 +408,11 @@ class DraftCacheAllocator:
         kept_slots = torch.zeros(0, dtype=torch.int64, device=self.device)
         if not rows:
             return kept_slots
-        rows_t = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        rows_t = self._to_device(rows)
         kept_pages: list[int] = []
         if keep is not None:
             kept_slots, kept_pages = self._check_keep(rows, rows_t, keep)
-        keep_t = torch.tensor(keep, dtype=torch.int64, device=self.device) if keep is not None else rows_t
+        keep_t = self._to_device(keep) if keep is not None else rows_t
         if self._branches_may_exist():
             self._launch_release(rows_t, rows)
         tile, block_p = self._free_tiles()
@@ -492,7 +492,7 @@ class DraftCacheAllocator:
                 pages.append(page)
         if not pages:
             return
-        pages_t = torch.tensor(pages, dtype=torch.int32, device=self.device)
+        pages_t = self._to_device(pages, torch.int32)
         backend.launch(
             self._kernels()._push_pages_kernel,
             (1,),
@@ -1463,7 +1463,15 @@ class DraftCacheAllocator:
             self._check_int_tensor(name, values, check_device=True)
             return values, None
         host = self._host_ints(name, values)
-        return torch.tensor(host, dtype=torch.int64, device=self.device), host
+        return self._to_device(host), host
+
+    def _to_device(self, values: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        """``values`` as a tensor on the allocator's device, without waiting for its stream: on CUDA through pinned
+        memory and a non-blocking copy (a copy from pageable memory synchronizes the stream; torch's pinned-memory
+        cache keeps the block until the copy is done)."""
+        if self.device.type == "cuda":
+            return torch.tensor(values, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
+        return torch.tensor(values, dtype=dtype, device=self.device)
 
     def _device_rows(self, req_pool_indices: IntVector) -> tuple[torch.Tensor, list[int] | None]:
         return self._device_ints("req_pool_indices", req_pool_indices)

@@ -1063,6 +1063,41 @@ def test_gpu_step_never_syncs_with_headroom(page_size):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [1, 16], ids=lambda p: f"page{p}")
+def test_gpu_host_lists_never_sync_with_headroom(page_size):
+    """Rows and lengths given as host lists reach the device by non-blocking copies from pinned memory: with room
+    in the pool, adding requests, a chain step, a tree step and freeing make no stream synchronization (a copy from
+    pageable memory would make one per list)."""
+    alloc = DraftCacheAllocator(1 << 16, 64, 1024, page_size=page_size, device="cuda")
+    keep = alloc.add_requests([5] * 4).tolist()  # in use throughout: freeing never empties the allocator
+    rows = list(range(4, 36))  # the lowest free rows, which add_requests hands out (checked after the loop)
+    added = []
+
+    def cycle():
+        added.append(alloc.add_requests(list(range(1, 33))))
+        alloc.alloc_draft(rows, 4)
+        alloc.commit(rows, [1] * len(rows))
+        alloc.alloc_branches(rows, 2, 3)
+        alloc.alloc_draft(rows, 4)
+        alloc.commit_tree(rows, torch.zeros(len(rows), 4, dtype=torch.int64, device="cuda"), [1] * len(rows))
+        alloc.free_requests(rows)
+
+    cycle()  # compile outside the check
+    torch.cuda.synchronize()
+    syncs = alloc.num_syncs
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            cycle()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert alloc.num_syncs == syncs
+    assert all(a.tolist() == rows for a in added)
+    assert alloc.rows_in_use() == keep
+    check_layout(alloc)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("page_size", [1, 4, 64], ids=lambda p: f"page{p}")
 def test_gpu_matches_cpu_call_for_call(page_size):
     runs = []
