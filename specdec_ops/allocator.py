@@ -1219,10 +1219,10 @@ class DraftCacheAllocator:
             return max(1 << (bs - 1).bit_length(), _MIN_TILE)
         return _MIN_TILE if bs <= _LARGE_BATCH else _MAX_TILE
 
-    def _alloc_scan_block(self, bs: int) -> int:
-        """How many earlier requests the allocation kernel sums at a time for a batch of ``bs``."""
-        if backend.is_npu(self.device):
-            return _NPU_SCAN_BLOCK
+    @staticmethod
+    def _alloc_scan_block(bs: int) -> int:
+        """How many earlier requests the allocation kernel sums at a time for a batch of ``bs`` off Ascend (on
+        Ascend _alloc_config takes _NPU_SCAN_BLOCK; pure arithmetic, as it keys the cached configs)."""
         return min(max((1 << max(bs - 1, 0).bit_length()) // 2, _SCAN_BLOCK // 2), 4 * _SCAN_BLOCK)
 
     def _alloc_config(
@@ -1252,7 +1252,7 @@ class DraftCacheAllocator:
             ("PAGE_SHIFT", self._page_shift),
             ("TILE", tile),
             ("BLOCK_N", block_n),
-            ("SCAN_BLOCK", scan_block),
+            ("SCAN_BLOCK", _NPU_SCAN_BLOCK if npu else scan_block),
             ("PREFILL", prefill),
             ("PREFIX", prefix),
             ("EMIT", emit),
