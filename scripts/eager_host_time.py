@@ -25,9 +25,9 @@ Calls (bs --batch-size, N --window-len, buffers given, num_tokens given: the hot
                    DraftCacheAllocator.add_requests(prompt_lens) of bs prompts of 7 tokens, then free_requests(rows)
                    of the rows it took, given as a host list, on an allocator of its own with 2 * bs rows of which
                    bs stay in use: each pair leaves the state it found, so no pair syncs for capacity. Its ratio is
-                   to two empty launches (the pair launches two Triton kernels). Both calls copy host lists to the
-                   device (add_requests: the rows and prompt_lens; free_requests: the rows), on cuda from pinned
-                   memory without waiting for the stream; free_requests also clears the rows of
+                   to two empty launches (the pair launches two Triton kernels). Each call makes one copy of host
+                   lists to the device (add_requests: the rows and prompt_lens together; free_requests: the rows),
+                   on cuda from pinned memory without waiting for the stream; free_requests also clears the rows of
                    req_to_token (index_fill_, one more kernel). It reads nothing back from host rows (a device
                    tensor of rows, keep_lens= or freeing the last rows in use would). After the tables: syncs per
                    pair, the allocator's num_syncs (capacity syncs) and, on cuda, the stream synchronizations that
@@ -152,7 +152,11 @@ def make_calls(device: torch.device, bs: int, n: int, topk: int, num_steps: int)
     empty = harness.empty_kernel(device)
     ops = specdec_ops
 
-    num_slots, max_context_len = bs * (4 * n + 8) * 64, 4 * n + 8 * 64
+    # Room for every timed call: back-to-back drafts that commit nothing grow the host bounds (tokens drafted since
+    # the last exact count) by N a call, and a draft syncs once they reach max_context_len or the pool. Both are
+    # sized past the ~30,000 drafts of a run (their calls count the capacity syncs all the same).
+    max_context_len = 1 << 18
+    num_slots = bs * max_context_len
     alloc = specdec_ops.DraftCacheAllocator(num_slots, bs, max_context_len, page_size=16, device=device)
     alloc_rows = alloc.add_requests([7] * bs)
     alloc_out = torch.empty(bs * n, dtype=torch.int64, device=device)
@@ -213,12 +217,17 @@ def make_calls(device: torch.device, bs: int, n: int, topk: int, num_steps: int)
         "commit (plan/run)": step.commit,
         "alloc_branches (plan/run)": tree_step.alloc_branches,
         "commit_tree (plan/run)": tree_step.commit,
-        REQUEST_PAIR: RequestPair(device, bs, num_slots, max_context_len, alloc.page_size),
+        REQUEST_PAIR: RequestPair(device, bs, bs * (4 * n + 8) * 64, 4 * n + 8 * 64, alloc.page_size),
     }
     for call in calls.values():
         call()
     backend.synchronize(device)
-    return calls
+    return calls, (alloc, calls[REQUEST_PAIR].pool)
+
+
+def capacity_syncs(pools) -> int:
+    """The allocators' capacity syncs so far (``num_syncs``)."""
+    return sum(pool.num_syncs for pool in pools)
 
 
 def summarize(seconds: list[float]) -> tuple[float, float, float]:
@@ -270,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         f"bs {args.batch_size}, N {args.window_len}, topk {args.topk}, num_steps {args.num_steps}; samples of "
         f"{args.iters} back-to-back calls, {args.repeats} kept after {args.warmup}"
     )
-    calls = make_calls(device, args.batch_size, args.window_len, args.topk, args.num_steps)
+    calls, pools = make_calls(device, args.batch_size, args.window_len, args.topk, args.num_steps)
+    syncs_before = capacity_syncs(pools)
     pair_syncs, pair_stream_syncs = calls[REQUEST_PAIR].syncs(10)
     width = max(len(label(name)) for name in calls)
     if interpreted:
@@ -294,9 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:<{width}} {median:7.2f} [{p20:6.2f}, {p80:6.2f}]")
     stream = "not measured off cuda" if pair_stream_syncs is None else f"{pair_stream_syncs:g}"
     print(
-        f"\n{REQUEST_PAIR}, syncs per pair: num_syncs {pair_syncs:g} (capacity syncs), stream synchronizations "
-        f"{stream} (torch's sync debug mode).\nEach pair copies 3 host lists to the device (add_requests: rows, "
-        "prompt_lens; free_requests: rows); on cuda through pinned memory, without waiting for the stream."
+        f"\ncapacity syncs of the allocators while timing: {capacity_syncs(pools) - syncs_before} (the pools have "
+        f"room for every timed call)\n{REQUEST_PAIR}, syncs per pair: num_syncs {pair_syncs:g} (capacity syncs), "
+        f"stream synchronizations {stream} (torch's sync debug mode).\nEach pair makes 2 copies of host lists to "
+        "the device (add_requests: rows and prompt_lens together; free_requests: rows); on cuda through pinned "
+        "memory, without waiting for the stream."
     )
     return 0
 

@@ -121,6 +121,7 @@ _NPU_MAX_TREE_REPOINT = 32
 # CUDA warps per program (ignored by triton-ascend and the interpreter).
 _NUM_WARPS = 8
 
+_INT_TYPE = {int}
 IntVector = Union[torch.Tensor, Sequence[int]]
 
 
@@ -223,6 +224,7 @@ class DraftCacheAllocator:
                     f"num_slots + page_size = {num_slots + page_size}, max_context_len = {max_context_len}"
                 )
         self.page_size = page_size
+        self._context_pages = _pages(max_context_len, page_size)  # pages of a full context
         self.num_slots = num_slots
         self.num_pages = num_slots // page_size
         self.max_requests = max_requests
@@ -284,6 +286,7 @@ class DraftCacheAllocator:
         # same tensor, unchanged since, is known to be released).
         self.branch_pages = torch.zeros(max_requests, 0, dtype=torch.int32, device=self.device)
         self.num_branch_pages = torch.zeros(max_requests, dtype=torch.int64, device=self.device)
+        self._branch_width = 0  # branch_pages.size(1), read on every step
         self._branch_rows: dict[int, int] = {}
         self._branch_batches: list[tuple[torch.Tensor, int, int]] = []
 
@@ -328,22 +331,24 @@ class DraftCacheAllocator:
             OutOfRowsError, ContextLengthError, OutOfSlotsError, ValueError: nothing changed.
         """
         lens = self._host_ints("prompt_lens", prompt_lens)
-        for i, length in enumerate(lens):
-            if length < 0:
-                raise ValueError(f"prompt_lens[{i}] must be >= 0, got {length}")
         n = len(lens)
+        if n and min(lens) < 0:
+            i = next(i for i, length in enumerate(lens) if length < 0)
+            raise ValueError(f"prompt_lens[{i}] must be >= 0, got {lens[i]}")
         prefix, prefix_pages = self._check_prefix(lens, prefix_slots, prefix_lens)
         if n > len(self._free_rows):
             raise OutOfRowsError(
                 f"add_requests: asked for {n} rows but {len(self._free_rows)} of {self.max_requests} are free"
             )
-        too_long = [i for i, length in enumerate(lens) if length > self.max_context_len]
-        if too_long:
-            i = too_long[0]
+        if n and max(lens) > self.max_context_len:
+            i = next(i for i, length in enumerate(lens) if length > self.max_context_len)
             raise ContextLengthError(
                 f"add_requests: prompt_lens[{i}] = {lens[i]} is longer than max_context_len = {self.max_context_len}"
             )
-        pages = [_pages(length, self.page_size) - len(cached) for length, cached in zip(lens, prefix_pages)]
+        p = self.page_size
+        pages = [(length + p - 1) // p for length in lens]
+        if prefix is not None:
+            pages = [row_pages - len(cached) for row_pages, cached in zip(pages, prefix_pages)]
         need = sum(pages)
         used = min(self._pages_bound, self._most_pages())
         if used + self._branch_bound() + need > self.num_pages:
@@ -360,29 +365,35 @@ class DraftCacheAllocator:
         # The lowest free rows, taken off the heap (O(n log max_requests)); put back if anything below raises.
         rows = [heapq.heappop(self._free_rows) for _ in range(n)]
         try:
-            rows_t = self._to_device(rows)
+            # One copy to the device: rows, window ends (the prompt lengths) and, with a prefix, window starts.
+            values = self._to_device(rows + lens if prefix is None else rows + lens + prefix)
+            rows_t = values[:n]
             if n:
-                ends = self._to_device(lens)
+                ends = values[n : 2 * n]
                 if prefix is None:
                     self._launch_alloc(rows_t, 0, None, ends, None, None, None)
                 else:
-                    starts = self._to_device(prefix)
                     slots = prefix_slots.to(self.device)
                     if slots.stride(-1) != 1:
                         slots = slots.contiguous()
-                    self._launch_alloc(rows_t, 0, starts, ends, slots, None, None)
+                    self._launch_alloc(rows_t, 0, values[2 * n :], ends, slots, None, None)
         except BaseException:
             for row in rows:
                 heapq.heappush(self._free_rows, row)
             raise
         # The launch went through: now the host state.
-        for row, length, row_pages, cached in zip(rows, lens, pages, prefix_pages):
-            self._in_use[row] = True
-            self._seq_base[row] = length - self._drafted_since_sync
-            self._seq_base_max = max(self._seq_base_max, self._seq_base[row])
-            self._min_pages[row] = row_pages
-            self._prefix_pages[row] = cached
-            self._prefix_readers.update(cached)
+        in_use, seq_base, min_pages = self._in_use, self._seq_base, self._min_pages
+        drafted = self._drafted_since_sync
+        for row, length, row_pages in zip(rows, lens, pages):
+            in_use[row] = True
+            seq_base[row] = length - drafted
+            min_pages[row] = row_pages
+        if n:
+            self._seq_base_max = max(self._seq_base_max, max(lens) - drafted)
+        if prefix is not None:
+            for row, cached in zip(rows, prefix_pages):
+                self._prefix_pages[row] = cached
+                self._prefix_readers.update(cached)
         self._pages_bound = used + need
         self._net_pages_since_sync += need
         self._rows_version += 1
@@ -405,20 +416,25 @@ class DraftCacheAllocator:
         rows = self._host_ints("req_pool_indices", req_pool_indices)
         self._check_rows_in_use(rows)
         keep = None if keep_lens is None else self._host_ints("keep_lens", keep_lens)
-        kept_slots = torch.zeros(0, dtype=torch.int64, device=self.device)
+        kept_slots = torch.empty(0, dtype=torch.int64, device=self.device)
         if not rows:
             return kept_slots
-        rows_t = self._to_device(rows)
+        n = len(rows)
         kept_pages: list[int] = []
-        if keep is not None:
+        if keep is None:
+            rows_t = keep_t = self._to_device(rows)
+        else:
+            if len(keep) != n:
+                raise ValueError(f"keep_lens has {len(keep)} elements but req_pool_indices has {n}")
+            values = self._to_device(rows + keep)  # one copy to the device
+            rows_t, keep_t = values[:n], values[n:]
             kept_slots, kept_pages = self._check_keep(rows, rows_t, keep)
-        keep_t = self._to_device(keep) if keep is not None else rows_t
         if self._branches_may_exist():
             self._launch_release(rows_t, rows)
         tile, block_p = self._free_tiles()
         backend.launch(
             self._kernels()._free_pages_kernel,
-            self._grid(len(rows), tile),
+            self._grid(n, tile),
             self.device,
             (
                 self.req_to_token,
@@ -431,7 +447,7 @@ class DraftCacheAllocator:
                 self.free_pages,
                 self._counters,
             ),
-            (len(rows), self.max_requests, self.max_context_len, self.num_pages, self.req_to_token.stride(0)),
+            (n, self.max_requests, self.max_context_len, self.num_pages, self.req_to_token.stride(0)),
             (
                 ("PAGE_SIZE", self.page_size),
                 ("PAGE_SHIFT", self._page_shift),
@@ -443,22 +459,30 @@ class DraftCacheAllocator:
             _NUM_WARPS,
         )
         self.req_to_token.index_fill_(0, rows_t, 0)
+        # The launches went through: now the host state.
+        in_use = self._in_use
         for row in rows:
-            self._in_use[row] = False
+            in_use[row] = False
             heapq.heappush(self._free_rows, row)
-            self._prefix_readers.subtract(self._prefix_pages[row])
-            self._prefix_pages[row] = []
-            self._known_windows.pop(row, None)
-        self._prefix_readers = +self._prefix_readers  # drop zero counts
+        if self._prefix_readers:
+            readers, prefix_pages = self._prefix_readers, self._prefix_pages
+            for row in rows:
+                for page in prefix_pages[row]:
+                    readers[page] -= 1
+                    if not readers[page]:
+                        del readers[page]
+                prefix_pages[row] = []
+        if self._known_windows:
+            for row in rows:
+                self._known_windows.pop(row, None)
         self._rows_version += 1
         self._cache_pages.update(kept_pages)
         if keep is not None or not self.num_requests:
             self._sync_bounds()
         else:
-            for row in rows:
-                self._pages_bound -= self._min_pages[row]
-                self._net_pages_since_sync -= self._min_pages[row]
-                self._min_pages[row] = 0
+            gone = sum(map(self._min_pages.__getitem__, rows))  # the freed rows' pages leave the bound
+            self._pages_bound -= gone
+            self._net_pages_since_sync -= gone
         return kept_slots
 
     def release_slots(self, slots: IntVector) -> None:
@@ -802,12 +826,13 @@ class DraftCacheAllocator:
         ``step``: the launches a DraftStepWrapper prepared."""
         bs = rows.size(0)
         p = self.page_size
-        per_row = topk * _pages(p - 1 + num_steps, p)  # the most pages a row's branches take
+        per_row = topk * ((num_steps + 2 * p - 2) // p)  # the most pages a row's branches take
         needs = self._branch_capacity(rows, host_rows, topk, num_steps, bs * per_row)
         narrow = self.branch_pages
-        if narrow.size(1) < per_row:  # on the host, outside graphs: the first call sizes it
+        if self._branch_width < per_row:  # on the host, outside graphs: the first call sizes it
             self.branch_pages = torch.zeros(self.max_requests, per_row, dtype=torch.int32, device=self.device)
             self.branch_pages[:, : narrow.size(1)] = narrow
+            self._branch_width = per_row
         try:
             if step is None:
                 self._launch_branches(rows, topk, num_steps, slots, copy_src, copy_dst)
@@ -815,6 +840,7 @@ class DraftCacheAllocator:
                 step._prepared("branches")()
         except BaseException:
             self.branch_pages = narrow  # the wider copy holds nothing yet
+            self._branch_width = narrow.size(1)
             raise
         self._forget_branches(rows, host_rows)
         if host_rows is None:
@@ -1014,17 +1040,17 @@ class DraftCacheAllocator:
         says it might not fit; raises if it does not."""
         bs = rows.size(0)
         p = self.page_size
-        worst_pages = bs * _pages(n, p)
-        worst_since_sync = (
-            self._used_at_sync
-            + self._net_pages_since_sync
-            + self.num_requests * _pages(self._drafted_since_sync + n, p)
-        )
-        bound = min(self._pages_bound + worst_pages, worst_since_sync, self._most_pages())
         drafted = self._drafted_since_sync + n
+        live = self.max_requests - len(self._free_rows)  # num_requests, inlined: this runs every step
+        bound = min(
+            self._pages_bound + bs * ((n + p - 1) // p),
+            self._used_at_sync + self._net_pages_since_sync + live * ((drafted + p - 1) // p),
+            len(self._cache_pages) + live * self._context_pages,  # _most_pages()
+        )
         if self._seq_base_max + drafted > self.max_context_len:  # the longest rows may be gone: look again
             self._seq_base_max = max((self._seq_base[row] for row in self.rows_in_use()), default=0)
-        if bound + self._branch_bound() <= self.num_pages and self._seq_base_max + drafted <= self.max_context_len:
+        held = self._branch_bound() if self._branch_rows or self._branch_batches else 0
+        if bound + held <= self.num_pages and self._seq_base_max + drafted <= self.max_context_len:
             return bound, drafted
         # Near capacity: one sync for the exact numbers, then go on or raise with nothing changed.
         self.num_syncs += 1
@@ -1057,14 +1083,14 @@ class DraftCacheAllocator:
     def _most_pages(self) -> int:
         """Pages the rows in use and the prefix cache own at most, whatever was drafted: a full context each (its
         cache-owned prefix included). Caps the pages bound (host state)."""
-        return len(self._cache_pages) + self.num_requests * _pages(self.max_context_len, self.page_size)
+        return len(self._cache_pages) + self.num_requests * self._context_pages
 
     def _branch_bound(self) -> int:
         """An upper bound of the branch pages held (host state)."""
         if not (self._branch_rows or self._branch_batches):
             return 0
         held = sum(self._branch_rows.values()) + sum(pages for _, _, pages in self._branch_batches)
-        return min(held, self.num_requests * self.branch_pages.size(1))
+        return min(held, (self.max_requests - len(self._free_rows)) * self._branch_width)
 
     def _branches_may_exist(self) -> bool:
         return bool(self._branch_rows or self._branch_batches)
@@ -1111,7 +1137,10 @@ class DraftCacheAllocator:
         """Raise OutOfSlotsError unless the pops of alloc_branches fit in the free pages (they never see the
         pages the call releases); syncs only when the host bound says they might not. Returns the exact branch
         pages of each request when it synced, else None (``worst`` pages in all at most)."""
-        if min(self._pages_bound, self._most_pages()) + self._branch_bound() + worst <= self.num_pages:
+        used = min(
+            self._pages_bound, len(self._cache_pages) + (self.max_requests - len(self._free_rows)) * self._context_pages
+        )
+        if used + self._branch_bound() + worst <= self.num_pages:  # _most_pages() inlined: this runs every step
             return None
         self.num_syncs += 1
         p = self.page_size
@@ -1385,9 +1414,8 @@ class DraftCacheAllocator:
         return prefix, pages_of
 
     def _check_keep(self, rows: list[int], rows_t: torch.Tensor, keep: list[int]) -> tuple[torch.Tensor, list[int]]:
-        """Check keep_lens against the committed lengths (one read-back); returns (kept slots, newly cached pages)."""
-        if len(keep) != len(rows):
-            raise ValueError(f"keep_lens has {len(keep)} elements but req_pool_indices has {len(rows)}")
+        """Check keep_lens (as many as rows) against the committed lengths (one read-back); returns (kept slots,
+        newly cached pages)."""
         p = self.page_size
         for i, length in enumerate(keep):
             if length < 0 or length % p:
@@ -1436,6 +1464,15 @@ class DraftCacheAllocator:
                 )
 
     def _check_rows_in_use(self, rows: list[int]) -> None:
+        in_use = self._in_use
+        if not rows or (
+            min(rows) >= 0
+            and max(rows) < self.max_requests
+            and all(map(in_use.__getitem__, rows))
+            and len(set(rows)) == len(rows)
+        ):
+            return
+        # Something is wrong: find the first bad entry, to name it.
         seen = set()
         for i, row in enumerate(rows):
             if not 0 <= row < self.max_requests:
@@ -1447,6 +1484,8 @@ class DraftCacheAllocator:
             seen.add(row)
 
     def _host_ints(self, name: str, values: IntVector) -> list[int]:
+        if type(values) is list and set(map(type, values)) <= _INT_TYPE:  # the common case, checked in C
+            return list(values)
         if isinstance(values, torch.Tensor):
             self._check_int_tensor(name, values, check_device=False)
             return values.tolist()
