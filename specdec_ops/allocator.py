@@ -34,6 +34,7 @@ stop windows at ``max_context_len``.
 from __future__ import annotations
 
 import heapq
+import operator
 from collections import Counter
 from collections.abc import Sequence
 from typing import NamedTuple, Union
@@ -122,6 +123,7 @@ _NPU_MAX_TREE_REPOINT = 32
 _NUM_WARPS = 8
 
 _INT_TYPE = {int}
+_third = operator.itemgetter(2)
 IntVector = Union[torch.Tensor, Sequence[int]]
 
 
@@ -1089,7 +1091,7 @@ class DraftCacheAllocator:
         """An upper bound of the branch pages held (host state)."""
         if not (self._branch_rows or self._branch_batches):
             return 0
-        held = sum(self._branch_rows.values()) + sum(pages for _, _, pages in self._branch_batches)
+        held = sum(self._branch_rows.values()) + sum(map(_third, self._branch_batches))
         return min(held, (self.max_requests - len(self._free_rows)) * self._branch_width)
 
     def _branches_may_exist(self) -> bool:
@@ -1097,7 +1099,8 @@ class DraftCacheAllocator:
 
     def _forget_branches(self, rows: torch.Tensor, host_rows: list[int] | None) -> None:
         """The branches of ``rows`` were released: drop what the host can tell."""
-        if rows.size(0) == self.num_requests:  # distinct rows in use (checked, or trusted): all of them
+        if rows.size(0) == self.max_requests - len(self._free_rows):  # distinct rows in use (checked, or trusted):
+            # all of them
             self._branch_rows.clear()
             self._branch_batches.clear()
             return
