@@ -50,6 +50,11 @@ SGLANG_QUOTED_US = {
 CHECK_STEPS = 3
 
 
+def _cell(us: float | None) -> str:
+    """A table cell: the median in µs, or "—" for a variant this run did not time."""
+    return "—" if us is None else f"{us:.2f}"
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v]
@@ -190,15 +195,16 @@ def main(argv: list[str] | None = None) -> int:
     for page in args.page_sizes:
         for n in args.num_draft_tokens:
             for bs in args.batch_sizes:
-                fused, unfused = by_key.get((page, n, bs, "fused"), 0.0), by_key.get((page, n, bs, "unfused"), 0.0)
+                fused, unfused = by_key.get((page, n, bs, "fused")), by_key.get((page, n, bs, "unfused"))
                 quoted = SGLANG_QUOTED_US.get((bs, n, page))
-                if args.interpreted or not fused or not unfused:
-                    ratio, vs, quoted_cell = "—", "—", "—"
-                else:
-                    ratio = f"{unfused / fused:.2f}×"
-                    quoted_cell = f"{quoted}" if quoted else ""
-                    vs = f"{quoted / fused:.2f}×" if quoted else ""
-                lines.append(f"| {page} | {n} | {bs} | {fused:.2f} | {unfused:.2f} | {ratio} | {quoted_cell} | {vs} |")
+                quoted_cell = f"{quoted}" if quoted else ""
+                ratio = "—" if args.interpreted or not fused or not unfused else f"{unfused / fused:.2f}×"
+                vs = "—" if args.interpreted or not fused else (f"{quoted / fused:.2f}×" if quoted else "")
+                if args.interpreted:
+                    quoted_cell = "—"
+                lines.append(
+                    f"| {page} | {n} | {bs} | {_cell(fused)} | {_cell(unfused)} | {ratio} | {quoted_cell} | {vs} |"
+                )
     summary = "\n".join(
         [
             "\n".join(harness.format_environment(env)),
