@@ -760,6 +760,17 @@ BAD_CALLS = [
     ("free-unused", lambda a, r: a.free_requests([0, 3]), ValueError, r"req_pool_indices\[1\] = 3 is not a row in use"),
     ("free-twice", lambda a, r: a.free_requests(torch.tensor([1, 1])), ValueError, "appears twice"),
     ("free-negative", lambda a, r: a.free_requests([-1]), ValueError, r"must be in \[0, 4\), got -1"),
+    # Host lists are checked by C-level builtins first; every kind of bad entry still gets its own error.
+    ("add-bool", lambda a, r: a.add_requests([2, True]), TypeError, r"prompt_lens\[1\] must be an int, got bool"),
+    ("add-too-long", lambda a, r: a.add_requests([2, 17]), ContextLengthError, r"prompt_lens\[1\] = 17 is longer"),
+    ("free-twice-list", lambda a, r: a.free_requests([1, 0, 1]), ValueError, r"\[2\] = 1 appears twice"),
+    ("free-bool", lambda a, r: a.free_requests([0, False]), TypeError, r"req_pool_indices\[1\] must be an int"),
+    (
+        "free-keep-length",
+        lambda a, r: a.free_requests([0, 1], keep_lens=[0]),
+        ValueError,
+        "keep_lens has 1 elements but req_pool_indices has 2",
+    ),
 ]
 
 
