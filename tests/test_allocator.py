@@ -840,6 +840,34 @@ def test_batch_size_picks_the_allocation_tile(monkeypatch):
     check_layout(alloc)
 
 
+@pytest.mark.parametrize("page_size", [1, 16], ids=lambda p: f"page{p}")
+def test_release_draft_tile_at_page_one(monkeypatch, page_size):
+    """A draft that returns branch pages with page_size 1 runs on _MIN_TILE-request tiles past
+    _RELEASE_ONE_PROGRAM requests (its pushes and pops grow with every token); other page sizes keep one program up
+    to _MAX_TILE."""
+    bs = allocator_module._RELEASE_ONE_PROGRAM + 1
+    alloc = DraftCacheAllocator(64 * 1024, bs, 64, page_size=page_size, device="cpu")
+    rows = alloc.add_requests([3] * bs)
+    launches = []
+    real = backend.launch
+
+    def record(kernel, grid, *args):
+        if kernel.__name__ == "_alloc_windows_kernel":
+            constexprs = dict(args[-2])
+            launches.append((grid[0], constexprs["TILE"], constexprs["RELEASE"]))
+        real(kernel, grid, *args)
+
+    monkeypatch.setattr(backend, "launch", record)
+    alloc.alloc_draft(rows, 4)  # no branch pages yet: no release
+    alloc.alloc_branches(rows, 2, 3)
+    alloc.alloc_draft(rows, 4)  # returns the branch pages in its launch
+    low = allocator_module._MIN_TILE
+    one = 1 << (bs - 1).bit_length()
+    released = (-(-bs // low), low, True) if page_size == 1 else (1, one, True)
+    assert launches == [(1, one, False), released]
+    check_layout(alloc)
+
+
 @pytest.fixture
 def many_programs(monkeypatch):
     """Tiles of 8 requests, scans of 16: a few hundred requests span dozens of programs."""
