@@ -10,8 +10,9 @@ on the default device (npu, then cuda, then cpu through Triton's interpreter) un
 Every --check-every steps, and at the end, the state is checked: each draft's slots against the PyTorch reference,
 no slot owned twice, slots inside the pool, SGLang's page layout (slot % page_size == pos % page_size, no page
 split), owned positions that never change slot, the free-page stack, and, once every request is freed, the whole
-pool back. The summary reports steps, tokens, slot usage, the bookkeeping time per step (alloc_draft + commit,
-host wall-clock between synchronizations) and the allocator's single-launch step against the same step built from
+pool back. The summary reports steps, tokens, slot usage, the bookkeeping time per step (alloc_draft + commit, and
+the add_requests and free_requests calls of the step's arrivals and finishes, each timed alone: host wall-clock
+between synchronizations) and the allocator's single-launch step against the same step built from
 the unfused components (reserve_draft, then get_last_loc_and_assign_extend_cache_locs, or get_last_loc and
 assign_extend_cache_locs), after checking that all three give the same slots.
 
@@ -367,10 +368,12 @@ def run(args: argparse.Namespace) -> int:
         if not rows:
             return
         if cache is None:
-            alloc.free_requests(rows)
+            request_seconds[0] += timed(lambda: alloc.free_requests(rows), alloc.device)
         else:  # committed whole pages go to the cache
             keep = [seq[row] // p * p for row in rows]
-            kept = alloc.free_requests(rows, keep_lens=keep).tolist()
+            kept_t = []
+            request_seconds[0] += timed(lambda: kept_t.append(alloc.free_requests(rows, keep_lens=keep)), alloc.device)
+            kept = kept_t[0].tolist()
             offset = 0
             for row, length in zip(rows, keep):
                 cache.lock(prefix_pages.pop(row), -1)
@@ -404,8 +407,10 @@ def run(args: argparse.Namespace) -> int:
             # Make room: the new pages of the prompts and a window for every request.
             need = sum(triton.cdiv(length, p) - len(pages) for length, pages in zip(prompts, matched))
             cache.evict(need + (len(seq) + len(prompts)) * triton.cdiv(n + p, p))
+        added = []
         try:
-            new_rows = alloc.add_requests(prompts, **kwargs).tolist()
+            request_seconds[0] += timed(lambda: added.append(alloc.add_requests(prompts, **kwargs)), alloc.device)
+            new_rows = added[0].tolist()
         except OutOfSlotsError:
             stats.refused_arrivals += len(prompts)
             if cache is not None:
@@ -455,16 +460,18 @@ def run(args: argparse.Namespace) -> int:
             return rows, rows_t, out_cache_loc, last_loc, seconds
         return None
 
+    # Seconds this step spent in add_requests and free_requests themselves (each timed alone, device work included;
+    # the toy prefix cache and the KV simulation around them are not).
+    request_seconds = [0.0]
     for step in range(args.steps):
-        t0 = time.perf_counter()
+        request_seconds[0] = 0.0
         # Finishes: at random, or when the next window would pass the context.
         done = [row for row in seq if rng.random() < args.finish_prob or seq[row] + n > args.max_context_len]
         free(done)
         stats.finished += len(done)
         # Arrivals into free rows, all in one call; if the pool cannot take them, they are refused.
         arrive(args.batch_size - len(seq))
-        backend.synchronize(alloc.device)
-        stats.add_free_seconds.append(time.perf_counter() - t0)
+        stats.add_free_seconds.append(request_seconds[0])
         check = (step + 1) % args.check_every == 0
         starts = alloc.seq_lens.clone() if check else None
         drafted = draft(sorted(seq))
@@ -561,7 +568,9 @@ def run(args: argparse.Namespace) -> int:
     label = "interpreter wall-clock, not device speed: " if interpreted else ""
     step_calls = "alloc_branches + alloc_draft + commit_tree" if tree_mode else "alloc_draft + commit"
     print(f"bookkeeping/step   {label}{step_calls}: {quantiles(stats.step_seconds)}")
-    print(f"                   {label}add_requests + free_requests: {quantiles(stats.add_free_seconds)}")
+    print(
+        f"                   {label}add_requests + free_requests (the calls alone): {quantiles(stats.add_free_seconds)}"
+    )
     if comparison:
         base = statistics.median(comparison[0][1])
         print(

@@ -434,7 +434,7 @@ class DraftCacheAllocator:
                 raise ValueError(f"keep_lens has {len(keep)} elements but req_pool_indices has {n}")
             values = self._to_device(rows + keep)  # one copy to the device
             rows_t, keep_t = values[:n], values[n:]
-            kept_slots, kept_pages = self._check_keep(rows, rows_t, keep)
+            kept_slots, kept_pages = self._check_keep(rows, rows_t, keep, keep_t)
         if self._branches_may_exist():
             self._launch_release(rows_t, rows)
         tile, block_p = self._free_tiles()
@@ -1400,12 +1400,28 @@ class DraftCacheAllocator:
                 raise ValueError(f"prefix_lens[{i}] = {plen} is longer than prompt_lens[{i}] = {length}")
             if plen > width:
                 raise ValueError(f"prefix_lens[{i}] = {plen} is longer than prefix_slots' {width} columns")
-        table = prefix_slots.tolist()
-        pages_of: list[list[int]] = []
+        # The slots, checked as tensors on the host (one read of prefix_slots): slot j of a request must be the
+        # first slot of its page, plus j % page_size. The pages, one per page_size positions, are then checked in
+        # Python. Any violation re-checks slot by slot, to name the first bad entry.
+        table = prefix_slots.to("cpu", torch.int64)
+        prefix_t = torch.tensor(prefix, dtype=torch.int64)
+        j = torch.arange(width)
+        head_pages = torch.div(table[:, ::p], p, rounding_mode="floor")  # [n, pages of the widest prefix]
+        expected = (head_pages * p).repeat_interleave(p, dim=1)[:, :width] + j % p
+        slots_ok = bool(((table == expected) | (j[None, :] >= prefix_t[:, None])).all())
+        pages_of = [row[: plen // p] for row, plen in zip(head_pages.tolist(), prefix)]
+        cache = self._cache_pages
+        if slots_ok and all(len(set(pages)) == len(pages) and cache.issuperset(pages) for pages in pages_of):
+            return prefix, pages_of
+        self._raise_bad_prefix(table.tolist(), prefix)
+        raise AssertionError("unreachable: the vector check found a bad prefix slot")  # pragma: no cover
+
+    def _raise_bad_prefix(self, table: list[list[int]], prefix: list[int]) -> None:
+        """Find the first bad entry of a prefix, slot by slot, and raise its ValueError."""
+        p = self.page_size
         for i, plen in enumerate(prefix):
-            slots = table[i][:plen]
-            pages = []
-            for j, slot in enumerate(slots):
+            pages: list[int] = []
+            for j, slot in enumerate(table[i][:plen]):
                 page = slot // p
                 if j % p == 0:
                     if page not in self._cache_pages:
@@ -1420,29 +1436,30 @@ class DraftCacheAllocator:
                         f"prefix_slots[{i}, {j}] must be {pages[-1] * p + j % p} (slot % page_size == position % "
                         f"page_size, consecutive slots within a page), got {slot}"
                     )
-            pages_of.append(pages)
-        return prefix, pages_of
 
-    def _check_keep(self, rows: list[int], rows_t: torch.Tensor, keep: list[int]) -> tuple[torch.Tensor, list[int]]:
-        """Check keep_lens (as many as rows) against the committed lengths (one read-back); returns (kept slots,
-        newly cached pages)."""
+    def _check_keep(
+        self, rows: list[int], rows_t: torch.Tensor, keep: list[int], keep_t: torch.Tensor
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Check keep_lens (as many as rows; ``keep_t`` on the device) against the committed lengths (one
+        read-back); returns (kept slots, newly cached pages)."""
         p = self.page_size
         for i, length in enumerate(keep):
             if length < 0 or length % p:
                 raise ValueError(f"keep_lens[{i}] must be a multiple of page_size = {p} and >= 0, got {length}")
         longest = max(keep)
         committed = self.seq_lens[rows_t].tolist()
-        table = self.req_to_token[rows_t, :longest].tolist() if longest else [[] for _ in rows]
-        kept: list[int] = []
-        new_pages: list[int] = []
         for i, (row, length, seq) in enumerate(zip(rows, keep, committed)):
             if length > seq:
                 raise ValueError(f"keep_lens[{i}] must be <= the committed length {seq} of row {row}, got {length}")
-            slots = table[i][:length]
-            kept += slots
-            cached = len(self._prefix_pages[row])
-            new_pages += [slots[k * p] // p for k in range(cached, length // p)]
-        return torch.tensor(kept, dtype=torch.int64, device=self.device), new_pages
+        # The kept slots stay on the device (one masked gather, in batch order); only the first slot of each kept
+        # page comes to the host, to learn the pages.
+        table = self.req_to_token[rows_t, :longest]
+        kept = table[torch.arange(longest, device=self.device)[None, :] < keep_t[:, None]].long()
+        heads = table[:, ::p].tolist()
+        new_pages: list[int] = []
+        for row, length, row_heads in zip(rows, keep, heads):
+            new_pages += [slot // p for slot in row_heads[len(self._prefix_pages[row]) : length // p]]
+        return kept, new_pages
 
     def _check_commit(
         self, req_pool_indices: IntVector, accept_lens: IntVector, validate: bool

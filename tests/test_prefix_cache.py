@@ -292,6 +292,22 @@ BAD_PREFIX_CALLS = [
         r"prefix_slots\[0, 4\] = 4: page 1 appears twice in the prefix",
     ),
     (
+        # The slot checks run on tensors first; a violation is then named slot by slot, in batch and position order.
+        "head-misaligned",
+        lambda a: a.add_requests([5], prefix_slots=torch.tensor([[5, 6, 7, 8]]), prefix_lens=[4]),
+        r"prefix_slots\[0, 0\] must be 4 \(slot % page_size == position % page_size",
+    ),
+    (
+        "second-request",
+        lambda a: a.add_requests([5, 5], prefix_slots=torch.tensor([[4, 5, 6, 7], [4, 6, 5, 7]]), prefix_lens=[4, 4]),
+        r"prefix_slots\[1, 1\] must be 5",
+    ),
+    (
+        "negative-slot",
+        lambda a: a.add_requests([5], prefix_slots=torch.tensor([[-4, -3, -2, -1]]), prefix_lens=[4]),
+        r"prefix_slots\[0, 0\] = -4 is on page -1, which the prefix cache does not own",
+    ),
+    (
         "slots-alone",
         lambda a: a.add_requests([5], prefix_slots=torch.tensor([[4, 5, 6, 7]])),
         "prefix_slots and prefix_lens must be given together",
