@@ -725,3 +725,31 @@ def test_gpu_graph_captures_a_whole_tree_step(page_size):
     check_layout(graphed)
     graphed.free_requests(rows)
     assert graphed.num_free_slots() == graphed.num_slots
+
+
+@pytest.mark.parametrize("page_size", [1, 16], ids=lambda p: f"page{p}")
+def test_ascend_launch_configs_give_the_same_tree_steps(monkeypatch, page_size):
+    """The launch configurations an NPU gets (its tiles, one load per branch for the copy pairs, ...) run here
+    through the interpreter and give, call for call, what the default ones give (the compile check proves they
+    compile for Ascend; this proves they compute the same)."""
+
+    def loop(npu: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(allocator_module.backend, "is_npu", lambda device: npu)
+        alloc = DraftCacheAllocator(page_size * 2048, 12, 96, page_size=page_size, device="cpu")
+        rng = random.Random(7)
+        results = []
+        alloc.add_requests([rng.randint(1, 40) for _ in range(12)])
+        for _ in range(4):
+            live = alloc.rows_in_use()
+            slots, src, dst = alloc.alloc_branches(live, 3, 4, return_copies=True)
+            out, last = alloc.alloc_draft(live, 6)
+            index, lens = random_paths(rng, len(live), 6)
+            kv_src, kv_dst = alloc.commit_tree(live, index, lens)
+            results += [t.clone() for t in (slots, src, dst, out, last, kv_src, kv_dst)]
+        results += [alloc.req_to_token.clone(), alloc.seq_lens.clone(), alloc.free_page_list()]
+        check_layout(alloc)
+        return results
+
+    npu, default = loop(True), loop(False)
+    for a, b in zip(npu, default):
+        assert (a == b) if isinstance(a, list) else torch.equal(a, b)
