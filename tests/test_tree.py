@@ -729,9 +729,9 @@ def test_gpu_graph_captures_a_whole_tree_step(page_size):
 
 @pytest.mark.parametrize("page_size", [1, 16], ids=lambda p: f"page{p}")
 def test_ascend_launch_configs_give_the_same_tree_steps(monkeypatch, page_size):
-    """The launch configurations an NPU gets (its tiles, one load per branch for the copy pairs, ...) run here
-    through the interpreter and give, call for call, what the default ones give (the compile check proves they
-    compile for Ascend; this proves they compute the same)."""
+    """The launch configurations an NPU gets (its tiles, block sizes and scan blocks) run here through the
+    interpreter and give, call for call, what the default ones give: chain steps, tree steps, frees and adds (the
+    compile check proves they compile for Ascend; this proves they compute the same)."""
 
     def loop(npu: bool) -> list[torch.Tensor]:
         monkeypatch.setattr(allocator_module.backend, "is_npu", lambda device: npu)
@@ -739,7 +739,14 @@ def test_ascend_launch_configs_give_the_same_tree_steps(monkeypatch, page_size):
         rng = random.Random(7)
         results = []
         alloc.add_requests([rng.randint(1, 40) for _ in range(12)])
-        for _ in range(4):
+        for step in range(4):
+            live = alloc.rows_in_use()
+            # A chain step, then requests leave and arrive.
+            out, last = alloc.alloc_draft(live, 3)
+            alloc.commit(live, [rng.randint(0, 3) for _ in live])
+            results += [out.clone(), last.clone()]
+            alloc.free_requests(live[step::4])
+            alloc.add_requests([rng.randint(1, 40) for _ in live[step::4]])
             live = alloc.rows_in_use()
             slots, src, dst = alloc.alloc_branches(live, 3, 4, return_copies=True)
             out, last = alloc.alloc_draft(live, 6)
