@@ -832,7 +832,7 @@ class DraftCacheAllocator:
         ``step``: the launches a DraftStepWrapper prepared."""
         bs = rows.size(0)
         p = self.page_size
-        per_row = topk * ((num_steps + 2 * p - 2) // p)  # the most pages a row's branches take
+        per_row = topk * _pages(p - 1 + num_steps, p)  # the most pages a row's branches take
         needs = self._branch_capacity(rows, host_rows, topk, num_steps, bs * per_row)
         narrow = self.branch_pages
         if self._branch_width < per_row:  # on the host, outside graphs: the first call sizes it
@@ -1047,11 +1047,10 @@ class DraftCacheAllocator:
         bs = rows.size(0)
         p = self.page_size
         drafted = self._drafted_since_sync + n
-        live = self.max_requests - len(self._free_rows)  # num_requests, inlined: this runs every step
         bound = min(
-            self._pages_bound + bs * ((n + p - 1) // p),
-            self._used_at_sync + self._net_pages_since_sync + live * ((drafted + p - 1) // p),
-            len(self._cache_pages) + live * self._context_pages,  # _most_pages()
+            self._pages_bound + bs * _pages(n, p),
+            self._used_at_sync + self._net_pages_since_sync + self.num_requests * _pages(drafted, p),
+            self._most_pages(),
         )
         if self._seq_base_max + drafted > self.max_context_len:  # the longest rows may be gone: look again
             self._seq_base_max = max((self._seq_base[row] for row in self.rows_in_use()), default=0)
@@ -1096,15 +1095,14 @@ class DraftCacheAllocator:
         if not (self._branch_rows or self._branch_batches):
             return 0
         held = sum(self._branch_rows.values()) + sum(map(_third, self._branch_batches))
-        return min(held, (self.max_requests - len(self._free_rows)) * self._branch_width)
+        return min(held, self.num_requests * self._branch_width)
 
     def _branches_may_exist(self) -> bool:
         return bool(self._branch_rows or self._branch_batches)
 
     def _forget_branches(self, rows: torch.Tensor, host_rows: list[int] | None) -> None:
         """The branches of ``rows`` were released: drop what the host can tell."""
-        if rows.size(0) == self.max_requests - len(self._free_rows):  # distinct rows in use (checked, or trusted):
-            # all of them
+        if rows.size(0) == self.num_requests:  # distinct rows in use (checked, or trusted): all of them
             self._branch_rows.clear()
             self._branch_batches.clear()
             return
@@ -1144,10 +1142,7 @@ class DraftCacheAllocator:
         """Raise OutOfSlotsError unless the pops of alloc_branches fit in the free pages (they never see the
         pages the call releases); syncs only when the host bound says they might not. Returns the exact branch
         pages of each request when it synced, else None (``worst`` pages in all at most)."""
-        used = min(
-            self._pages_bound, len(self._cache_pages) + (self.max_requests - len(self._free_rows)) * self._context_pages
-        )
-        if used + self._branch_bound() + worst <= self.num_pages:  # _most_pages() inlined: this runs every step
+        if min(self._pages_bound, self._most_pages()) + self._branch_bound() + worst <= self.num_pages:
             return None
         self.num_syncs += 1
         p = self.page_size
@@ -1440,8 +1435,9 @@ class DraftCacheAllocator:
     def _check_keep(
         self, rows: list[int], rows_t: torch.Tensor, keep: list[int], keep_t: torch.Tensor
     ) -> tuple[torch.Tensor, list[int]]:
-        """Check keep_lens (as many as rows; ``keep_t`` on the device) against the committed lengths (one
-        read-back); returns (kept slots, newly cached pages)."""
+        """Check keep_lens (as many as rows; ``keep_t`` on the device) against the committed lengths; returns (kept
+        slots, newly cached pages). Reads back the committed lengths and each kept page's first slot; the kept
+        slots are gathered on the device."""
         p = self.page_size
         for i, length in enumerate(keep):
             if length < 0 or length % p:
