@@ -483,10 +483,12 @@ class DraftCacheAllocator:
                 self._known_windows.pop(row, None)
         self._rows_version += 1
         self._cache_pages.update(kept_pages)
-        if keep is not None or not self.num_requests:
+        if not self.num_requests:
             self._sync_bounds()
         else:
-            gone = sum(map(self._min_pages.__getitem__, rows))  # the freed rows' pages leave the bound
+            # The freed rows' pages leave the bound, less the pages they hand to the cache (still not free): each
+            # row owned at least _min_pages[row] pages, and the kept ones among them.
+            gone = sum(map(self._min_pages.__getitem__, rows)) - len(kept_pages)
             self._pages_bound -= gone
             self._net_pages_since_sync -= gone
         return kept_slots
@@ -1443,18 +1445,21 @@ class DraftCacheAllocator:
             if length < 0 or length % p:
                 raise ValueError(f"keep_lens[{i}] must be a multiple of page_size = {p} and >= 0, got {length}")
         longest = max(keep)
-        committed = self.seq_lens[rows_t].tolist()
-        for i, (row, length, seq) in enumerate(zip(rows, keep, committed)):
+        # One read-back: the committed lengths and the first slot of each page that may be kept. The kept slots
+        # themselves stay on the device (a masked gather, in batch order).
+        bs = len(rows)
+        table = self.req_to_token[rows_t, :longest]
+        heads = table[:, ::p]  # [bs, pages of the longest keep]
+        values = torch.cat([self.seq_lens[rows_t], heads.flatten().long()]).tolist()
+        for i, (row, length, seq) in enumerate(zip(rows, keep, values[:bs])):
             if length > seq:
                 raise ValueError(f"keep_lens[{i}] must be <= the committed length {seq} of row {row}, got {length}")
-        # The kept slots stay on the device (one masked gather, in batch order); only the first slot of each kept
-        # page comes to the host, to learn the pages.
-        table = self.req_to_token[rows_t, :longest]
         kept = table[torch.arange(longest, device=self.device)[None, :] < keep_t[:, None]].long()
-        heads = table[:, ::p].tolist()
+        width = heads.size(1)
         new_pages: list[int] = []
-        for row, length, row_heads in zip(rows, keep, heads):
-            new_pages += [slot // p for slot in row_heads[len(self._prefix_pages[row]) : length // p]]
+        for i, (row, length) in enumerate(zip(rows, keep)):
+            row_heads = values[bs + i * width : bs + i * width + length // p]
+            new_pages += [slot // p for slot in row_heads[len(self._prefix_pages[row]) :]]
         return kept, new_pages
 
     def _check_commit(

@@ -237,6 +237,26 @@ def test_a_request_starts_from_cached_pages_and_drafts_like_any_other():
     assert alloc.num_free_slots() == 64 and alloc.num_cached_slots() == 0
 
 
+def test_keeping_pages_reads_back_once_and_keeps_the_bound(monkeypatch):
+    """free_requests(keep_lens=) reads the committed lengths and the kept pages' first slots in one read-back, and
+    moves the host bound itself (no re-read of the exact usage) while requests stay live."""
+    alloc, rows = cached_allocator()
+    alloc.alloc_draft(rows, 4)
+    alloc.commit(rows, torch.tensor([4, 0]))
+    other = alloc.add_requests([3])  # stays live
+    finished = rows.tolist()
+    reads = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or real_tolist(t))
+    monkeypatch.setattr(alloc, "_read_exact", lambda *a: pytest.fail("free_requests re-read the exact usage"))
+    alloc.free_requests(finished, keep_lens=[8, 4])
+    assert len(reads) == 1
+    monkeypatch.undo()
+    check_layout(alloc)  # the bound still holds every page not free
+    alloc.free_requests(other)
+    check_layout(alloc)
+
+
 def test_kept_pages_past_a_cached_prefix_join_the_cache():
     alloc, rows = cached_allocator()
     alloc.alloc_draft(rows, 4)
