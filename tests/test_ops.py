@@ -301,6 +301,26 @@ def test_persistent_grid_loops_over_tiles(device, lengths, n, cores, bs, monkeyp
     assert as_list(comp) == loop_last
 
 
+@pytest.mark.parametrize("lengths,n", [("uniform", 4), ("uniform", 70), ("ragged", 8)], ids=["u4", "u70", "ragged8"])
+def test_ascend_launch_configs_give_the_same_slots(lengths, n, monkeypatch):
+    """The launch configurations an NPU gets (its tiles, column blocks and scan block, a grid of one program per
+    core looping over tiles) run here through the interpreter and give the reference's slots: the compile check
+    proves they compile for Ascend, this that they compute the same."""
+    monkeypatch.setattr(backend, "is_npu", lambda device: True)
+    monkeypatch.setattr(backend, "num_cores", lambda device: 3)
+    ops._window_constexprs.cache_clear()
+    try:
+        batch = make_batch(700, lengths, n, seed=11, device="cpu")  # several NPU tiles per program
+        loop_out, loop_last = loop_reference(batch)
+        out, last, n_tok = run_fused(batch)
+        assert as_list(out[:n_tok]) == loop_out and as_list(last) == loop_last
+        assert as_list(out[n_tok:]) == [SENTINEL] * TAIL
+        last_only = specdec_ops.get_last_loc(batch.req_to_token, batch.req_pool_indices, batch.start_offset)
+        assert as_list(last_only) == loop_last
+    finally:
+        ops._window_constexprs.cache_clear()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("persistent", [None, False], ids=["default", "grid"])
 def test_scan_over_many_earlier_tiles(device, persistent, scan_block):
