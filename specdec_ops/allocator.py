@@ -292,7 +292,6 @@ class DraftCacheAllocator:
         # same tensor, unchanged since, is known to be released).
         self.branch_pages = torch.zeros(max_requests, 0, dtype=torch.int32, device=self.device)
         self.num_branch_pages = torch.zeros(max_requests, dtype=torch.int64, device=self.device)
-        self._branch_width = 0  # branch_pages.size(1), read on every step
         self._branch_rows: dict[int, int] = {}
         self._branch_batches: list[tuple[torch.Tensor, int, int]] = []
 
@@ -837,10 +836,9 @@ class DraftCacheAllocator:
         per_row = topk * _pages(p - 1 + num_steps, p)  # the most pages a row's branches take
         needs = self._branch_capacity(rows, host_rows, topk, num_steps, bs * per_row)
         narrow = self.branch_pages
-        if self._branch_width < per_row:  # on the host, outside graphs: the first call sizes it
+        if narrow.size(1) < per_row:  # on the host, outside graphs: the first call sizes it
             self.branch_pages = torch.zeros(self.max_requests, per_row, dtype=torch.int32, device=self.device)
             self.branch_pages[:, : narrow.size(1)] = narrow
-            self._branch_width = per_row
         try:
             if step is None:
                 self._launch_branches(rows, topk, num_steps, slots, copy_src, copy_dst)
@@ -848,7 +846,6 @@ class DraftCacheAllocator:
                 step._prepared("branches")()
         except BaseException:
             self.branch_pages = narrow  # the wider copy holds nothing yet
-            self._branch_width = narrow.size(1)
             raise
         self._forget_branches(rows, host_rows)
         if host_rows is None:
@@ -1097,7 +1094,7 @@ class DraftCacheAllocator:
         if not (self._branch_rows or self._branch_batches):
             return 0
         held = sum(self._branch_rows.values()) + sum(map(_third, self._branch_batches))
-        return min(held, self.num_requests * self._branch_width)
+        return min(held, self.num_requests * self.branch_pages.size(1))
 
     def _branches_may_exist(self) -> bool:
         return bool(self._branch_rows or self._branch_batches)
@@ -1446,7 +1443,7 @@ class DraftCacheAllocator:
                 raise ValueError(f"keep_lens[{i}] must be a multiple of page_size = {p} and >= 0, got {length}")
         longest = max(keep)
         # One read-back: the committed lengths and the first slot of each page that may be kept. The kept slots
-        # themselves stay on the device (a masked gather, in batch order).
+        # themselves stay on the device (a gather, in batch order).
         bs = len(rows)
         table = self.req_to_token[rows_t, :longest]
         heads = table[:, ::p]  # [bs, pages of the longest keep]
@@ -1454,7 +1451,11 @@ class DraftCacheAllocator:
         for i, (row, length, seq) in enumerate(zip(rows, keep, values[:bs])):
             if length > seq:
                 raise ValueError(f"keep_lens[{i}] must be <= the committed length {seq} of row {row}, got {length}")
-        kept = table[torch.arange(longest, device=self.device)[None, :] < keep_t[:, None]].long()
+        # Each kept slot's row and position, on the device; the total comes from the host, so nothing syncs.
+        total = sum(keep)
+        owner = torch.repeat_interleave(torch.arange(bs, device=self.device), keep_t, output_size=total)
+        pos = torch.arange(total, device=self.device) - (torch.cumsum(keep_t, 0) - keep_t)[owner]
+        kept = table[owner, pos].long()
         width = heads.size(1)
         new_pages: list[int] = []
         for i, (row, length) in enumerate(zip(rows, keep)):

@@ -6,6 +6,7 @@ A toy radix cache (a dict from whole-page token prefixes to pages) stands in for
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 
 import pytest
@@ -370,3 +371,23 @@ def test_releasing_twice_is_refused():
     with pytest.raises(ValueError, match=r"slots\[0\] = 9 is on page 2, which the prefix cache does not own"):
         alloc.release_slots([9])
     assert_unchanged(alloc, before)
+
+
+@pytest.mark.gpu
+def test_gpu_keeping_pages_synchronizes_once():
+    """free_requests(keep_lens=) on CUDA: one synchronization, its read-back of the committed lengths and the kept
+    pages; the kept slots are gathered on the device without one."""
+    alloc = DraftCacheAllocator(1 << 14, 8, 256, page_size=16, device="cuda")
+    rows = alloc.add_requests([40, 70, 33]).tolist()
+    alloc.add_requests([5])  # stays live: the bound moves on the host
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            kept = alloc.free_requests(rows, keep_lens=[32, 64, 32])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert sum("synchroniz" in str(w.message) for w in caught) == 1
+    assert kept.numel() == 128
+    check_layout(alloc)
