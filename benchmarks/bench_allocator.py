@@ -90,6 +90,10 @@ def test_allocator_step_graph(benchmark, bs, n, page_size, variant):
 # the accepted paths. Groups ``tree step bs=.. topk=4 steps=5 T=8 page=.. | graph`` compare:
 # - ``fused``: alloc_branches (release + pops + slots + partial-page copies), alloc_draft (which releases the
 #   branches in its own launch), commit_tree: three launches, two for verify plus commit;
+# - ``tree_draft``: alloc_tree_draft (the branches and the verify window in one launch, releasing the previous
+#   step's branches), commit_tree with ``keep_branches=True``: two launches. Its page numbers differ from the
+#   others' (each request's window pages come before its branch pages in the ring), so only its lengths are
+#   compared with theirs;
 # - ``components``: the same step from this library's components, as an engine would chain them today:
 #   release_branches, alloc_branches, reserve_draft, get_last_loc, assign_extend_cache_locs, the copy pairs in
 #   PyTorch (a gather of the accepted nodes' slots), then commit.
@@ -128,6 +132,20 @@ class TreeStep:
 
     def __call__(self) -> None:
         alloc, rows, tree = self.alloc, self.rows, TREE_T
+        if self.variant == "tree_draft":
+            alloc.alloc_tree_draft(
+                rows,
+                tree,
+                TREE_TOPK,
+                TREE_STEPS,
+                out_cache_loc=self.out,
+                last_loc=self.last,
+                branch_slots=self.slots,
+                copy_src=self.copies[0],
+                copy_dst=self.copies[1],
+            )
+            alloc.commit_tree(rows, self.index, self.lens, kv_src=self.kv[0], kv_dst=self.kv[1], keep_branches=True)
+            return
         if self.variant == "fused":
             alloc.alloc_branches(
                 rows, TREE_TOPK, TREE_STEPS, out=self.slots, copy_src=self.copies[0], copy_dst=self.copies[1]
@@ -162,18 +180,23 @@ class TreeStep:
         return [t.clone() for t in (self.slots, *self.copies, *self.kv)]
 
 
-def _tree_steps(bs: int, page_size: int) -> tuple[TreeStep, TreeStep]:
+TREE_VARIANTS = ("fused", "tree_draft", "components")
+
+
+def _tree_steps(bs: int, page_size: int) -> tuple[TreeStep, TreeStep, TreeStep]:
     steps = 2 * (CHECK_STEPS + CALLS + CALLS * (1 + ROUNDS) * REPLAYS + 1)
-    fused, components = (TreeStep(v, bs, page_size, steps) for v in ("fused", "components"))
-    for _ in range(CHECK_STEPS):  # both build the same step: the same slots, pairs and lengths
+    fused, tree_draft, components = (TreeStep(v, bs, page_size, steps) for v in TREE_VARIANTS)
+    for _ in range(CHECK_STEPS):  # the same step: the same slots, pairs and lengths (tree_draft: lengths)
         got_fused, got_components = fused.checked_call(), components.checked_call()
+        tree_draft.checked_call()
+        assert torch.equal(fused.seq_lens, tree_draft.seq_lens)
         for a, b in zip(got_fused[:3], got_components[:3]):
             assert torch.equal(a, b), "tree step: branch slots or copy pairs differ between the variants"
         if page_size > 1:
             for a, b in zip(got_fused[3:], got_components[3:]):
                 assert torch.equal(a, b), "tree step: kv pairs differ between the variants"
         assert torch.equal(fused.seq_lens, components.seq_lens)
-    return fused, components
+    return fused, tree_draft, components
 
 
 def _tree_label(benchmark, bs: int, page_size: int, mode: str, variant: str) -> None:
@@ -184,10 +207,10 @@ def _tree_label(benchmark, bs: int, page_size: int, mode: str, variant: str) -> 
     )
 
 
-@pytest.mark.parametrize("variant", ["fused", "components"])
+@pytest.mark.parametrize("variant", TREE_VARIANTS)
 @pytest.mark.parametrize("bs,page_size", TREE_CASES, ids=[f"bs{b}-page{p}" for b, p in TREE_CASES])
 def test_tree_step_eager(benchmark, bs, page_size, variant):
-    step = dict(zip(("fused", "components"), _tree_steps(bs, page_size)))[variant]
+    step = dict(zip(TREE_VARIANTS, _tree_steps(bs, page_size)))[variant]
     step.alloc.refresh()
     syncs = step.alloc.num_syncs
     _tree_label(benchmark, bs, page_size, "eager", variant)
@@ -196,12 +219,12 @@ def test_tree_step_eager(benchmark, bs, page_size, variant):
 
 
 @GRAPH_MARK
-@pytest.mark.parametrize("variant", ["fused", "components"])
+@pytest.mark.parametrize("variant", TREE_VARIANTS)
 @pytest.mark.parametrize("bs,page_size", TREE_CASES, ids=[f"bs{b}-page{p}" for b, p in TREE_CASES])
 def test_tree_step_graph(benchmark, bs, page_size, variant):
     if not harness.supports_graphs(DEVICE):
         pytest.skip(f"this torch build cannot capture graphs on {DEVICE}")
-    step = dict(zip(("fused", "components"), _tree_steps(bs, page_size)))[variant]
+    step = dict(zip(TREE_VARIANTS, _tree_steps(bs, page_size)))[variant]
     step.alloc.refresh()
     graph, _ = harness.capture_graph([step] * CALLS, DEVICE)
     _tree_label(benchmark, bs, page_size, "graph", variant)

@@ -21,7 +21,8 @@ cannot drift from it. Exercised:
              (add_requests), draft with read-back (alloc_draft: emit on, int64 and int32 buffers), draft
              without (reserve_draft: emit off), commit, free_requests (with and without keep_lens),
              prefixes from a prefix cache (add_requests with prefix_slots), release_slots, and a tree step
-             (alloc_branches, alloc_draft releasing them, commit_tree; release by commit, release_branches, free)
+             (alloc_branches, alloc_draft releasing them, commit_tree; alloc_tree_draft, commit_tree releasing
+             them; release by commit, release_branches, free)
 
 Each distinct variant (kernel, dtypes, alignment, constexprs) is compiled from the normal (not interpreted)
 module `specdec_ops.kernels.<module>`, through these stages; the line printed per variant names the last one
@@ -232,6 +233,10 @@ def _branches(alloc, rows, n: int) -> None:
     alloc.alloc_branches(rows, 4, n, return_copies=alloc.page_size > 1)
 
 
+def _tree_draft(alloc, rows, n: int) -> None:
+    alloc.alloc_tree_draft(rows, _tree_size(alloc, n), 4, n)
+
+
 ALLOCATOR_METHODS = [
     ("add_requests", lambda alloc, rows, n: alloc.free_requests(alloc.add_requests([n, 0, 3 * n + 1]).tolist())),
     ("alloc_draft", lambda alloc, rows, n: alloc.alloc_draft(rows, n)),
@@ -243,6 +248,13 @@ ALLOCATOR_METHODS = [
     # branches released by commit, by release_branches, and by free_requests below.
     ("alloc_branches", _branches),
     ("alloc_draft", lambda alloc, rows, n: alloc.alloc_draft(rows, _tree_size(alloc, n))),
+    ("commit_tree", _commit_tree),
+    # A tree step in two launches: the window with the branches, then the tree commit that releases them; and one
+    # that first releases the branches of an alloc_branches.
+    ("alloc_tree_draft", _tree_draft),
+    ("commit_tree", _commit_tree),
+    ("alloc_branches", _branches),
+    ("alloc_tree_draft", _tree_draft),
     ("commit_tree", _commit_tree),
     ("alloc_branches", _branches),
     ("commit", lambda alloc, rows, n: alloc.commit(rows, [0] * 3)),

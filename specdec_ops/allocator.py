@@ -110,6 +110,14 @@ _COPY_BRANCH_TILE = 4
 _COPY_BRANCH_BLOCK = 64
 _NPU_BRANCH_TILE = 8
 _NPU_BRANCH_BLOCK = 32
+# A draft that also gives branches (alloc_tree_draft) with page_size > 1 writes topk * (page_size - 1) copy pairs a
+# request: at most _COPY_TREE_DRAFT_TILE requests a tile (H200 profiler, page 64, topk 4, 5 steps, T 8, caps 4 / 8 /
+# 16 / 32 / none: bs 4 3.5 / 4.0 / 4.8 / 6.6 / 6.6 us, bs 64 5.7 / 6.0 / 7.1 / 9.7 / 15.9, bs 1024 7.0 / 7.1 / 8.1 /
+# 10.7 / 10.7).
+_COPY_TREE_DRAFT_TILE = 4
+# A draft that also gives branches (alloc_tree_draft) on Ascend: 4 requests a tile (with 8 or 16, the on-chip buffer
+# peaked at 144-180 KiB for some windows and page sizes; with 4 at 113 KiB at most).
+_NPU_TREE_DRAFT_TILE = 4
 # Small tiles on 4 warps won (H100 profiler over graph replays, T 8: page 1 4.8/5.6/6.1 -> 2.2/2.3/2.9 us at
 # bs 4/64/1024, page 64 2.3/2.7/3.0 -> 1.6/1.6/2.1 us, against 4096 elements, 64 requests and 8 warps).
 _TREE_ELEMENTS = 256
@@ -244,9 +252,9 @@ class DraftCacheAllocator:
         self.free_pages = torch.arange(1, self.num_pages + 1, dtype=torch.int32, device=self.device)
         # [head, count, ticket]: the ticket is the kernels' last-program counter, 0 between launches.
         self._counters = torch.tensor([0, self.num_pages, 0], dtype=torch.int32, device=self.device)
-        # Per batch entry, a request's new alloc_len, its page need and the branch pages it gives back, for the last
-        # program of a launch.
-        self._scratch = torch.zeros(3 * max_requests, dtype=torch.int32, device=self.device)
+        # Per batch entry, a request's new alloc_len, its page need, the branch pages it gives back and the branch
+        # pages it takes, for the last program of a launch.
+        self._scratch = torch.zeros(4 * max_requests, dtype=torch.int32, device=self.device)
         self.free_head = self._counters[0:1]
         self.num_free_pages = self._counters[1:2]
         self.num_syncs = 0
@@ -573,6 +581,62 @@ class DraftCacheAllocator:
             self._draft(rows, host_rows, n, out_cache_loc, last_loc)
         return (out_cache_loc if out_cache_loc.size(0) == bs * n else out_cache_loc[: bs * n]), last_loc
 
+    def alloc_tree_draft(
+        self,
+        req_pool_indices: IntVector,
+        num_draft_tokens: int,
+        topk: int,
+        num_steps: int,
+        *,
+        out_cache_loc: torch.Tensor | None = None,
+        last_loc: torch.Tensor | None = None,
+        branch_slots: torch.Tensor | None = None,
+        copy_src: torch.Tensor | None = None,
+        copy_dst: torch.Tensor | None = None,
+        validate: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A tree step's slots in one launch: :meth:`alloc_draft` ``(rows, T)`` for the tree's ``T`` nodes and
+        :meth:`alloc_branches` ``(rows, topk, num_steps)`` for the draft model's branches, both from the committed
+        length ``seq_len``.
+
+        The same slots, pairs and guarantees as the two calls (the rows' previous branch pages are released first,
+        in the same launch; the new ones by the calls listed under :meth:`alloc_branches`), in one launch instead of
+        two. With :meth:`commit_tree` after it a tree step takes two launches: the tree commit releases the branch
+        pages in its own launch, or, with ``keep_branches=True``, leaves them to this call's next run, where their
+        release costs little (see :meth:`commit_tree`). Each request's window pages come first in the ring, then its
+        branch pages, so the page numbers differ from those of the two calls.
+
+        Args:
+            req_pool_indices, num_draft_tokens, out_cache_loc, last_loc, validate: as for :meth:`alloc_draft`.
+            topk, num_steps: ``>= 1``.
+            branch_slots, copy_src, copy_dst: as ``out``, ``copy_src`` and ``copy_dst`` of :meth:`alloc_branches`.
+
+        Returns:
+            ``(out_cache_loc[:bs * T], last_loc, branch_slots, copy_src[:bs * topk * (page_size - 1)],
+            copy_dst[:...])``: those of :meth:`alloc_draft` and of :meth:`alloc_branches` with
+            ``return_copies=True``.
+
+        Raises:
+            ContextLengthError, OutOfSlotsError: nothing changed. Only raised after a sync, which happens only
+            when the host bound says the call might not fit.
+        """
+        rows, host_rows, n = self._check_draft(req_pool_indices, num_draft_tokens, validate)
+        bs = rows.size(0)
+        out_cache_loc, last_loc = self._draft_buffers(bs, n, out_cache_loc, last_loc)
+        slots, src, dst = self._check_branches(
+            rows, topk, num_steps, branch_slots, copy_src, copy_dst, False, "branch_slots"
+        )[2:]
+        if bs:
+            self._draft(rows, host_rows, n, out_cache_loc, last_loc, branches=(topk, num_steps, slots, src, dst))
+        copy_n = bs * topk * (self.page_size - 1)
+        return (
+            out_cache_loc if out_cache_loc.size(0) == bs * n else out_cache_loc[: bs * n],
+            last_loc,
+            slots[: bs * topk * num_steps].view(bs, topk, num_steps),
+            src[:copy_n],
+            dst[:copy_n],
+        )
+
     def reserve_draft(self, req_pool_indices: IntVector, num_draft_tokens: int, *, validate: bool = False) -> None:
         """:meth:`alloc_draft` without the read-back: only make positions ``[seq_len, seq_len + N)`` own slots.
 
@@ -618,18 +682,28 @@ class DraftCacheAllocator:
         accept: torch.Tensor,
         tree: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
         step: DraftStepWrapper | None = None,
+        keep_branches: bool = False,
     ) -> None:
         """Launch the commit (``tree``: ``(accept_index, kv_src, kv_dst)`` of a tree commit), after returning the
-        rows' branch pages if any may exist, then close the windows the host knows of (nothing changes if a launch
+        rows' branch pages if any may exist (a launch of its own for a chain commit, in the same launch for a tree
+        commit, unless ``keep_branches``), then close the windows the host knows of (nothing changes if a launch
         raises). ``step``: the launches a DraftStepWrapper prepared."""
-        if self._branches_may_exist():
-            self._launch_release(rows, host_rows, None if step is None else step._prepared("release"))
-        if step is not None:
-            step._prepared("commit" if tree is None else "commit tree")()
-        elif tree is None:
-            self._launch_commit(rows, accept)
+        release = self._branches_may_exist()
+        if tree is None:
+            if release:
+                self._launch_release(rows, host_rows, None if step is None else step._prepared("release"))
+            if step is None:
+                self._launch_commit(rows, accept)
+            else:
+                step._prepared("commit")()
         else:
-            self._launch_commit_tree(rows, accept, *tree)
+            release = release and not keep_branches
+            if step is None:
+                self._launch_commit_tree(rows, accept, *tree, release=release)
+            else:
+                step._prepared("release commit tree" if release else "commit tree")()
+            if release:
+                self._forget_branches(rows, host_rows)
         if host_rows is None:
             self._known_windows.clear()
         else:
@@ -659,6 +733,7 @@ class DraftCacheAllocator:
         *,
         kv_src: torch.Tensor | None = None,
         kv_dst: torch.Tensor | None = None,
+        keep_branches: bool = False,
         validate: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """After verifying a tree of ``T`` nodes drafted with :meth:`alloc_draft` ``(rows, T)`` (node ``j``'s KV at
@@ -676,7 +751,8 @@ class DraftCacheAllocator:
         ``src == dst``. With ``page_size > 1`` slots stay, and pair ``i * T + m`` copies node ``accept_index[i,
         m]``'s slot to position ``seq_len_i + m``'s (``src == dst`` where ``m >= a_i``; ``0 -> 0``, the padding
         slot, past the window). Rejected positions keep their slots for the next window. Branch pages of the rows
-        (:meth:`alloc_branches`) are released first (one more launch, only if the host knows some may be held).
+        (:meth:`alloc_branches`, :meth:`alloc_tree_draft`) are released in the same launch, unless
+        ``keep_branches``.
 
         Args:
             req_pool_indices: ``[bs]`` rows in use, no duplicates (as for :meth:`commit`).
@@ -684,6 +760,12 @@ class DraftCacheAllocator:
                 ``accept_lens[i]`` are ignored. ``T <= 256`` (on an NPU 64, and 32 with ``page_size == 1``).
             accept_lens: ``[bs]`` int tensor on the device or a list, values in ``[0, T]``.
             kv_src, kv_dst: optional int32/int64 buffers of at least ``bs * T`` elements (keep them for graphs).
+            keep_branches: leave the rows' branch pages held: the row's next draft (:meth:`alloc_tree_draft`,
+                :meth:`alloc_draft`, :meth:`reserve_draft`) releases them in its own launch, as do
+                :meth:`alloc_branches`, :meth:`release_branches`, :meth:`commit` and :meth:`free_requests`. The
+                release costs the tree commit 2-4 us of device time (its ticket and last pass, H200); kept, it is
+                nearly free in the next draft, but the pool must hold a step's branch pages twice at that draft
+                (its pops never take the pages it releases).
             validate: check rows, ``0 <= accept_lens <= min(window, T)`` and that each path's nodes are in
                 ``[0, min(window, T))`` and strictly increasing; one device->host sync.
 
@@ -696,7 +778,7 @@ class DraftCacheAllocator:
         if validate and bs:
             self._validate_tree(rows, accept_index, accept)
         if bs:
-            self._commit(rows, host_rows, accept, (accept_index, src, dst))
+            self._commit(rows, host_rows, accept, (accept_index, src, dst), keep_branches=keep_branches)
         return src[:n], dst[:n]
 
     def _launch_commit_tree(
@@ -707,8 +789,10 @@ class DraftCacheAllocator:
         kv_src: torch.Tensor,
         kv_dst: torch.Tensor,
         prepare: bool = False,
+        release: bool = False,
     ) -> backend.Launch | None:
-        """Launch the tree commit kernel; ``prepare=True``: return the launch, made by calling it."""
+        """Launch the tree commit kernel (``release``: which first returns the rows' branch pages);
+        ``prepare=True``: return the launch, made by calling it."""
         bs, tree = accept_index.shape
         repoint = self.page_size == 1
         block_t = max(1 << max(tree - 1, 0).bit_length(), 2)  # size-1 tile dimensions: see docs/design.md
@@ -721,9 +805,39 @@ class DraftCacheAllocator:
             self._kernels()._commit_tree_kernel,
             self._grid(bs, tile),
             self.device,
-            (self.req_to_token, rows, accept_index, accept, self.seq_lens, self.window_lens, kv_src, kv_dst),
-            (bs, self.max_requests, self.max_context_len, self.req_to_token.stride(0), tree, accept_index.stride(0)),
-            (("TILE", tile), ("BLOCK_T", block_t), ("REPOINT", repoint)),
+            (
+                self.req_to_token,
+                rows,
+                accept_index,
+                accept,
+                self.seq_lens,
+                self.window_lens,
+                kv_src,
+                kv_dst,
+                self.branch_pages,
+                self.num_branch_pages,
+                self.free_pages,
+                self._counters,
+            ),
+            (
+                bs,
+                self.max_requests,
+                self.max_context_len,
+                self.req_to_token.stride(0),
+                tree,
+                accept_index.stride(0),
+                self.num_pages,
+                self.branch_pages.stride(0),
+                self.branch_pages.size(1),
+            ),
+            (
+                ("TILE", tile),
+                ("BLOCK_T", block_t),
+                ("REPOINT", repoint),
+                ("RELEASE", release),
+                ("BLOCK_R", self._free_tiles()[1]),
+                ("SCAN_BLOCK", self._scan_block()),
+            ),
             _TREE_NUM_WARPS,
         )
 
@@ -848,8 +962,14 @@ class DraftCacheAllocator:
             self.branch_pages = narrow  # the wider copy holds nothing yet
             raise
         self._forget_branches(rows, host_rows)
+        self._hold_branches(rows, host_rows, per_row, needs)
+
+    def _hold_branches(
+        self, rows: torch.Tensor, host_rows: list[int] | None, per_row: int, needs: list[int] | None
+    ) -> None:
+        """Record that ``rows`` now hold branch pages: ``needs`` each when known exactly, else at most ``per_row``."""
         if host_rows is None:
-            self._branch_batches.append((rows, rows._version, bs * per_row if needs is None else sum(needs)))
+            self._branch_batches.append((rows, rows._version, rows.size(0) * per_row if needs is None else sum(needs)))
         elif needs is None:
             self._branch_rows.update(dict.fromkeys(host_rows, per_row))
         else:
@@ -869,14 +989,14 @@ class DraftCacheAllocator:
         bs = rows.size(0)
         p = self.page_size
         if backend.is_npu(self.device):
-            tile, block = _NPU_BRANCH_TILE, _NPU_BRANCH_BLOCK
+            tile = _NPU_BRANCH_TILE
         elif p > 1:
-            tile, block = _COPY_BRANCH_TILE, _COPY_BRANCH_BLOCK
+            tile = _COPY_BRANCH_TILE
         elif bs <= 2 * _BRANCH_TILE:
-            tile, block = max(1 << (bs - 1).bit_length(), _BRANCH_TILE), _BRANCH_BLOCK
+            tile = max(1 << (bs - 1).bit_length(), _BRANCH_TILE)
         else:
-            tile, block = _BRANCH_TILE, _BRANCH_BLOCK
-        block_e = min(1 << (max(topk * num_steps, topk * (p - 1), 2) - 1).bit_length(), block)
+            tile = _BRANCH_TILE
+        block_e = self._branch_block(topk, num_steps)
         return (backend.prepare if prepare else backend.launch)(
             self._kernels()._alloc_branches_kernel,
             self._grid(bs, tile),
@@ -915,6 +1035,16 @@ class DraftCacheAllocator:
             ),
             _NUM_WARPS,
         )
+
+    def _branch_block(self, topk: int, num_steps: int) -> int:
+        """BLOCK_E of the kernels that write branch slots and copy pairs: the row of a request's slots or pairs,
+        capped."""
+        p = self.page_size
+        if backend.is_npu(self.device):
+            block = _NPU_BRANCH_BLOCK
+        else:
+            block = _COPY_BRANCH_BLOCK if p > 1 else _BRANCH_BLOCK
+        return min(1 << (max(topk * num_steps, topk * (p - 1), 2) - 1).bit_length(), block)
 
     def release_branches(self, req_pool_indices: IntVector, *, validate: bool = False) -> None:
         """Return the branch pages of the rows (:meth:`alloc_branches`) to the pool: one launch, no sync."""
@@ -1023,10 +1153,15 @@ class DraftCacheAllocator:
         out_cache_loc: torch.Tensor | None,
         last_loc: torch.Tensor | None,
         step: DraftStepWrapper | None = None,
+        branches: tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         """Check the capacity, launch the draft, then update the host state (nothing changes if anything raises).
-        ``step``: the launches a DraftStepWrapper prepared."""
-        bounds = self._draft_bounds(rows, host_rows, n)
+        ``step``: the launches a DraftStepWrapper prepared; ``branches``: ``(topk, num_steps, branch_slots,
+        copy_src, copy_dst)`` of a tree draft (:meth:`alloc_tree_draft`)."""
+        if branches is not None:
+            self._tree_draft(rows, host_rows, n, out_cache_loc, last_loc, step, branches)
+            return
+        bound, drafted, _ = self._draft_bounds(rows, host_rows, n)
         release = self._branches_may_exist()
         if step is None:
             self._launch_alloc(rows, n, None, None, None, out_cache_loc, last_loc, release)
@@ -1034,15 +1169,55 @@ class DraftCacheAllocator:
             step._prepared("release draft" if release else "draft")()
         if release:
             self._forget_branches(rows, host_rows)
-        self._pages_bound, self._drafted_since_sync = bounds
+        self._pages_bound, self._drafted_since_sync = bound, drafted
+        self._open_windows(host_rows, n)
+
+    def _tree_draft(
+        self,
+        rows: torch.Tensor,
+        host_rows: list[int] | None,
+        n: int,
+        out_cache_loc: torch.Tensor | None,
+        last_loc: torch.Tensor | None,
+        step: DraftStepWrapper | None,
+        branches: tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> None:
+        """``_draft`` of :meth:`alloc_tree_draft`: the draft and the branches in one launch."""
+        per_row = branches[0] * _pages(self.page_size - 1 + branches[1], self.page_size)
+        bound, drafted, needs = self._draft_bounds(rows, host_rows, n, branches[:2])
+        release = self._branches_may_exist()
+        narrow = self.branch_pages
+        if narrow.size(1) < per_row:  # on the host, outside graphs: the first call sizes it
+            self.branch_pages = torch.zeros(self.max_requests, per_row, dtype=torch.int32, device=self.device)
+            self.branch_pages[:, : narrow.size(1)] = narrow
+        try:
+            if step is None:
+                self._launch_alloc(rows, n, None, None, None, out_cache_loc, last_loc, release, branches=branches)
+            else:
+                step._prepared("release tree draft" if release else "tree draft")()
+        except BaseException:
+            self.branch_pages = narrow  # the wider copy holds nothing yet
+            raise
+        if release:
+            self._forget_branches(rows, host_rows)
+        self._hold_branches(rows, host_rows, per_row, needs)
+        self._pages_bound, self._drafted_since_sync = bound, drafted
+        self._open_windows(host_rows, n)
+
+    def _open_windows(self, host_rows: list[int] | None, n: int) -> None:
+        """Record the windows of ``n`` positions a draft opened (host state)."""
         if host_rows is None:
             self._unknown_window_bound = max(self._unknown_window_bound, n)
         else:
             self._known_windows.update(dict.fromkeys(host_rows, n))
 
-    def _draft_bounds(self, rows: torch.Tensor, host_rows: list[int] | None, n: int) -> tuple[int, int]:
+    def _draft_bounds(
+        self, rows: torch.Tensor, host_rows: list[int] | None, n: int, branches: tuple[int, int] | None = None
+    ) -> tuple[int, int, list[int] | None]:
         """The host bounds after the draft (pages, tokens drafted since the last sync), syncing only if the bound
-        says it might not fit; raises if it does not."""
+        says it might not fit; raises if it does not. ``branches``: ``(topk, num_steps)`` of a tree draft, whose
+        branch pages must fit too; then the third value is each request's branch pages when it synced (else
+        None)."""
         bs = rows.size(0)
         p = self.page_size
         drafted = self._drafted_since_sync + n
@@ -1054,8 +1229,10 @@ class DraftCacheAllocator:
         if self._seq_base_max + drafted > self.max_context_len:  # the longest rows may be gone: look again
             self._seq_base_max = max((self._seq_base[row] for row in self.rows_in_use()), default=0)
         held = self._branch_bound() if self._branch_rows or self._branch_batches else 0
+        if branches is not None:  # the pops never see the pages the call releases
+            held += bs * branches[0] * _pages(p - 1 + branches[1], p)
         if bound + held <= self.num_pages and self._seq_base_max + drafted <= self.max_context_len:
-            return bound, drafted
+            return bound, drafted, None
         # Near capacity: one sync for the exact numbers, then go on or raise with nothing changed.
         self.num_syncs += 1
         # Clamped, so that rows out of range cannot fault before the host has checked them.
@@ -1064,16 +1241,26 @@ class DraftCacheAllocator:
         allocs = self.alloc_lens[rows64]
         ends = seqs + n
         need = ((torch.maximum(allocs, ends) + p - 1) // p - (allocs + p - 1) // p).sum()
-        usage, values = self._read_exact(torch.stack([need, ends.max(), ends.argmax()]), rows.long())
+        extra = [torch.stack([need, ends.max(), ends.argmax()]), rows.long()]
+        if branches is not None:
+            extra.append(branches[0] * ((seqs % p + branches[1] + p - 1) // p))
+        usage, values = self._read_exact(*extra)
         free = usage.free
         need, longest, i = values[:3]
+        branch_needs = None if branches is None else values[3 + bs :]
         if host_rows is None:
-            host_rows = values[3:]
+            host_rows = values[3 : 3 + bs]
             self._check_rows_in_use(host_rows)
         if longest > self.max_context_len:
             raise ContextLengthError(
                 f"alloc_draft: request {i} (row {host_rows[i]}) has {longest - n} committed tokens; a window of "
                 f"{n} needs {longest} positions but max_context_len is {self.max_context_len}"
+            )
+        if branches is not None and need + sum(branch_needs) > free:
+            raise OutOfSlotsError(
+                f"alloc_tree_draft: {bs} requests with {n} draft tokens and {branches[0]} branches of {branches[1]} "
+                f"steps need {need} + {sum(branch_needs)} new pages ({(need + sum(branch_needs)) * p} slots) but "
+                f"{free} pages ({free * p} slots) are free"
             )
         if need > free:
             raise OutOfSlotsError(
@@ -1082,7 +1269,7 @@ class DraftCacheAllocator:
             )
         # Exact now: the next bounds restart from these numbers.
         self._set_exact(usage)
-        return self._pages_bound + need, n
+        return self._pages_bound + need, n, branch_needs
 
     def _most_pages(self) -> int:
         """Pages the rows in use and the prefix cache own at most, whatever was drafted: a full context each (its
@@ -1240,17 +1427,21 @@ class DraftCacheAllocator:
             num_tiles = min(num_tiles, self._max_programs)
         return (max(num_tiles, 1),)
 
-    def _batch_tile(self, bs: int, release: bool = False) -> int:
+    def _batch_tile(self, bs: int, release: bool = False, branch: bool = False) -> int:
         """The tile the batch size asks for (capped by the kernel's limits in _alloc_config); 0 on Ascend, whose
         grid is one program per core: there the limits alone decide. ``release``: a draft that also returns branch
-        pages."""
+        pages; ``branch``: one that also gives branches."""
         if backend.is_npu(self.device):
             return 0
-        if bs <= _MAX_TILE:
-            if release and self.page_size == 1 and bs > _RELEASE_ONE_PROGRAM:
-                return _MIN_TILE
-            return max(1 << (bs - 1).bit_length(), _MIN_TILE)
-        return _MIN_TILE if bs <= _LARGE_BATCH else _MAX_TILE
+        if bs > _MAX_TILE:
+            tile = _MIN_TILE if bs <= _LARGE_BATCH else _MAX_TILE
+        elif (release or branch) and self.page_size == 1 and bs > _RELEASE_ONE_PROGRAM:
+            tile = _MIN_TILE
+        else:
+            tile = max(1 << (bs - 1).bit_length(), _MIN_TILE)
+        if branch and self.page_size > 1:
+            tile = min(tile, _COPY_TREE_DRAFT_TILE)
+        return tile
 
     @staticmethod
     def _alloc_scan_block(bs: int) -> int:
@@ -1267,13 +1458,16 @@ class DraftCacheAllocator:
         release: bool,
         batch_tile: int,
         scan_block: int,
+        branch_block: int,
     ) -> tuple[int, tuple]:
-        """(TILE, constexprs) of the allocation kernel for this kind of call, ``_batch_tile`` and
-        ``_alloc_scan_block``."""
+        """(TILE, constexprs) of the allocation kernel for this kind of call, ``_batch_tile``,
+        ``_alloc_scan_block`` and ``_branch_block`` (0: no branches)."""
         npu = backend.is_npu(self.device)
         block_n = tiles.MAX_BLOCK_N if prefill else tiles.block_n(window_len)
         if not npu:
             elements, max_tile = _ALLOC_ELEMENTS, min(_MAX_TILE, batch_tile)
+        elif branch_block:
+            elements, max_tile = _NPU_RELEASE_ALLOC_ELEMENTS, _NPU_TREE_DRAFT_TILE
         elif release:
             elements, max_tile = _NPU_RELEASE_ALLOC_ELEMENTS, _NPU_RELEASE_MAX_TILE
         else:
@@ -1291,6 +1485,9 @@ class DraftCacheAllocator:
             ("EMIT", emit),
             ("RELEASE", release),
             ("BLOCK_R", self._free_tiles()[1]),
+            ("BRANCH", branch_block > 0),
+            ("BLOCK_E", max(branch_block, 1)),
+            ("COPY", branch_block > 0 and self.page_size > 1),
         )
         return tile, constexprs
 
@@ -1309,9 +1506,12 @@ class DraftCacheAllocator:
         last_loc: torch.Tensor | None,
         release: bool = False,
         prepare: bool = False,
+        branches: tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> backend.Launch | None:
         """Launch the allocation kernel: a draft (``window_ends is None``) or a prefill of new rows; ``release``:
-        a draft that first returns the rows' branch pages; ``prepare=True``: return the launch, made by calling it."""
+        a draft that first returns the rows' branch pages; ``branches``: ``(topk, num_steps, branch_slots,
+        copy_src, copy_dst)`` of a draft that also gives the rows their branches; ``prepare=True``: return the
+        launch, made by calling it."""
         prefill = window_ends is not None
         emit = out_cache_loc is not None
         bs = rows.size(0)
@@ -1321,8 +1521,9 @@ class DraftCacheAllocator:
             prefix_slots is not None,
             emit,
             release,
-            self._batch_tile(bs, release),
+            self._batch_tile(bs, release, branches is not None),
             self._alloc_scan_block(bs),
+            0 if branches is None else self._branch_block(branches[0], branches[1]),
         )
         config = self._alloc_configs.get(key)
         if config is None:
@@ -1330,6 +1531,10 @@ class DraftCacheAllocator:
         tile, constexprs = config
         # Pointers a specialisation does not read get a tensor of the right kind.
         placeholder = self.seq_lens
+        topk, num_steps, slots, copy_src, copy_dst = (
+            (0, 0, placeholder, placeholder, placeholder) if branches is None else branches
+        )
+        branch = release or branches is not None
         return (backend.prepare if prepare else backend.launch)(
             self._kernels()._alloc_windows_kernel,
             self._grid(rows.size(0), tile),
@@ -1349,8 +1554,11 @@ class DraftCacheAllocator:
                 self._scratch,
                 out_cache_loc if emit else placeholder,
                 last_loc if emit else placeholder,
-                self.branch_pages if release else placeholder,
-                self.num_branch_pages if release else placeholder,
+                self.branch_pages if branch else placeholder,
+                self.num_branch_pages if branch else placeholder,
+                slots,
+                copy_src if self.page_size > 1 else slots,
+                copy_dst if self.page_size > 1 else slots,
             ),
             (
                 rows.size(0),
@@ -1360,8 +1568,10 @@ class DraftCacheAllocator:
                 self.req_to_token.stride(0),
                 self.num_pages,
                 0 if prefix_slots is None else prefix_slots.stride(0),
-                self.branch_pages.stride(0) if release else 0,
-                self.branch_pages.size(1) if release else 0,
+                self.branch_pages.stride(0) if branch else 0,
+                self.branch_pages.size(1) if branch else 0,
+                topk,
+                num_steps,
             ),
             constexprs,
             _NUM_WARPS,
@@ -1620,6 +1830,7 @@ class DraftStepWrapper:
         accept_index: torch.Tensor | None = None,
         kv_src: torch.Tensor | None = None,
         kv_dst: torch.Tensor | None = None,
+        keep_branches: bool = False,
         topk: int | None = None,
         num_steps: int | None = None,
         branch_slots: torch.Tensor | None = None,
@@ -1638,7 +1849,7 @@ class DraftStepWrapper:
                 them (no ``out_cache_loc``/``last_loc``).
             accept_index: ``[bs, T]`` tensor that :meth:`commit` reads with ``accept_lens``: then it is
                 :meth:`~DraftCacheAllocator.commit_tree` and returns ``(kv_src, kv_dst)``; ``kv_src``, ``kv_dst``:
-                its optional buffers (as for the method).
+                its optional buffers (as for the method); ``keep_branches``: as for the method.
             topk, num_steps: both or neither; with them, :meth:`alloc_branches` is
                 :meth:`~DraftCacheAllocator.alloc_branches` ``(rows, topk, num_steps)``; ``branch_slots`` (the
                 method's ``out``), ``copy_src``, ``copy_dst``: its optional buffers.
@@ -1665,8 +1876,8 @@ class DraftStepWrapper:
             src, dst, tree_n = alloc._check_tree_commit(accept_index, bs, kv_src, kv_dst)
             tree_commit, tree_result = (accept_index, src, dst), (src[:tree_n], dst[:tree_n])
             commit_reads += [accept_index, _given(kv_src, src), _given(kv_dst, dst)]
-        elif kv_src is not None or kv_dst is not None:
-            raise ValueError("kv_src and kv_dst go with accept_index (the buffers of commit_tree)")
+        elif kv_src is not None or kv_dst is not None or keep_branches:
+            raise ValueError("kv_src, kv_dst and keep_branches go with accept_index (arguments of commit_tree)")
         branch_reads = []
         branches = branch_result = None
         if topk is not None or num_steps is not None:
@@ -1696,6 +1907,7 @@ class DraftStepWrapper:
             accept_index=accept_index,
             kv_src=kv_src,
             kv_dst=kv_dst,
+            keep_branches=keep_branches,
             topk=topk,
             num_steps=num_steps,
             branch_slots=branch_slots,
@@ -1707,7 +1919,7 @@ class DraftStepWrapper:
         self._out, self._last, self._accept = out, last, accept
         self._tree_commit, self._tree_result = tree_commit, tree_result
         self._branches, self._branch_result = branches, branch_result
-        self._emit, self._validate = emit, validate
+        self._emit, self._validate, self._keep_branches = emit, validate, keep_branches
         self._rows_version = alloc._rows_version
         self._launches: dict[str, tuple[backend.Launch, torch.Tensor]] = {}
         self._result = (out if out is None or out.size(0) == bs * n else out[: bs * n]), last
@@ -1753,9 +1965,11 @@ class DraftStepWrapper:
             if tree is None:
                 return self._allocator.commit(rows, self._accept, validate=True)
             index, src, dst = tree
-            return self._allocator.commit_tree(rows, index, self._accept, kv_src=src, kv_dst=dst, validate=True)
+            return self._allocator.commit_tree(
+                rows, index, self._accept, kv_src=src, kv_dst=dst, keep_branches=self._keep_branches, validate=True
+            )
         if self._bs:
-            self._allocator._commit(self._rows, self._host_rows, self._accept, tree, self)
+            self._allocator._commit(self._rows, self._host_rows, self._accept, tree, self, self._keep_branches)
         return self._tree_result
 
     def alloc_branches(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -1775,6 +1989,34 @@ class DraftStepWrapper:
             self._allocator._branches(self._rows, self._host_rows, topk, num_steps, slots, src, dst, self)
         return self._branch_result
 
+    def alloc_tree_draft(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`DraftCacheAllocator.alloc_tree_draft` with the planned arguments (a plan with ``topk`` and
+        ``num_steps``); returns the same ``(out_cache_loc[:bs * N], last_loc, branch_slots, copy_src[:bs * topk *
+        (page_size - 1)], copy_dst[:...])`` tensors every call."""
+        self._check(self._draft_bound)
+        self._check(self._branches_bound)
+        if self._branches is None:
+            raise ValueError("alloc_tree_draft() needs a plan with topk and num_steps")
+        if not self._emit:
+            raise ValueError("this plan has emit=False: alloc_tree_draft() returns the slots")
+        topk, num_steps, slots, src, dst = self._branches
+        if self._validate:
+            return self._allocator.alloc_tree_draft(
+                self._plan_args["req_pool_indices"],
+                self._n,
+                topk,
+                num_steps,
+                out_cache_loc=self._out,
+                last_loc=self._last,
+                branch_slots=slots,
+                copy_src=src,
+                copy_dst=dst,
+                validate=True,
+            )
+        if self._bs:
+            self._allocator._draft(self._rows, self._host_rows, self._n, self._out, self._last, self, self._branches)
+        return self._result + self._branch_result
+
     def _check(self, bound: BoundTensors) -> None:
         """Plan again if a tensor of ``bound`` changed; check host rows again if rows were taken or freed since."""
         if bound.changed():
@@ -1786,7 +2028,8 @@ class DraftStepWrapper:
             self._rows_version = alloc._rows_version
 
     def _prepared(self, kind: str) -> backend.Launch:
-        """The launch of ``kind`` ("draft", "release draft", "release", "commit", "commit tree", "branches"),
+        """The launch of ``kind`` ("draft", "tree draft", "commit tree", each also with "release " before it;
+        "release", "commit", "branches"),
         prepared on first use and again once alloc_branches has replaced the allocator's branch_pages (which the
         release and branch launches read)."""
         alloc = self._allocator
@@ -1795,15 +2038,20 @@ class DraftStepWrapper:
             rows = self._rows
             if kind == "commit":
                 launch = alloc._launch_commit(rows, self._accept, prepare=True)
-            elif kind == "commit tree":
-                launch = alloc._launch_commit_tree(rows, self._accept, *self._tree_commit, prepare=True)
+            elif kind.endswith("commit tree"):
+                launch = alloc._launch_commit_tree(
+                    rows, self._accept, *self._tree_commit, prepare=True, release=kind != "commit tree"
+                )
             elif kind == "branches":
                 launch = alloc._launch_branches(rows, *self._branches, prepare=True)
             elif kind == "release":
                 launch = alloc._release(rows, prepare=True)
-            else:
+            else:  # "draft", "tree draft", each with "release " or not
                 out, last = self._out, self._last
-                launch = alloc._launch_alloc(rows, self._n, None, None, None, out, last, kind != "draft", prepare=True)
+                release, tree = kind.startswith("release"), kind.endswith("tree draft")
+                launch = alloc._launch_alloc(
+                    rows, self._n, None, None, None, out, last, release, True, self._branches if tree else None
+                )
             entry = self._launches[kind] = (launch, alloc.branch_pages)
         return entry[0]
 

@@ -1002,6 +1002,7 @@ LAUNCHING_CALLS = [
     ("reserve_draft", lambda a, r: a.reserve_draft(r, 3)),
     ("commit", lambda a, r: a.commit(r, torch.tensor([1, 1]))),
     ("alloc_branches", lambda a, r: a.alloc_branches(r, 2, 3)),  # the first: it widens branch_pages
+    ("alloc_tree_draft", lambda a, r: a.alloc_tree_draft(r, 2, 2, 3)),  # widens branch_pages too
     ("commit_tree", lambda a, r: a.commit_tree(r, torch.tensor([[0, 1], [1, 0]]), torch.tensor([2, 1]))),
     ("free", lambda a, r: a.free_requests(r)),
     ("free-keep", lambda a, r: a.free_requests(r, keep_lens=[4, 0])),
@@ -1105,8 +1106,8 @@ def test_gpu_step_never_syncs_with_headroom(page_size):
 @pytest.mark.parametrize("page_size", [1, 16], ids=lambda p: f"page{p}")
 def test_gpu_host_lists_never_sync_with_headroom(page_size):
     """Rows and lengths given as host lists reach the device by non-blocking copies from pinned memory: with room
-    in the pool, adding requests, a chain step, a tree step and freeing make no stream synchronization (a copy from
-    pageable memory would make one per list)."""
+    in the pool, adding requests, a chain step, tree steps (of three launches and of two) and freeing make no stream
+    synchronization (a copy from pageable memory would make one per list)."""
     alloc = DraftCacheAllocator(1 << 16, 64, 1024, page_size=page_size, device="cuda")
     keep = alloc.add_requests([5] * 4).tolist()  # in use throughout: freeing never empties the allocator
     rows = list(range(4, 36))  # the lowest free rows, which add_requests hands out (checked after the loop)
@@ -1118,6 +1119,8 @@ def test_gpu_host_lists_never_sync_with_headroom(page_size):
         alloc.commit(rows, [1] * len(rows))
         alloc.alloc_branches(rows, 2, 3)
         alloc.alloc_draft(rows, 4)
+        alloc.commit_tree(rows, torch.zeros(len(rows), 4, dtype=torch.int64, device="cuda"), [1] * len(rows))
+        alloc.alloc_tree_draft(rows, 4, 2, 3)
         alloc.commit_tree(rows, torch.zeros(len(rows), 4, dtype=torch.int64, device="cuda"), [1] * len(rows))
         alloc.free_requests(rows)
 

@@ -265,6 +265,64 @@ def test_alloc_branches(page_size, topk, steps):
     check_layout(alloc, ask_free_slots=False)
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["release", "keep"])
+@pytest.mark.parametrize("page_size", [1, 4, 16, 128], ids=lambda p: f"page{p}")
+@pytest.mark.parametrize("topk, steps", [(1, 1), (4, 5), (3, 17)], ids=["k1s1", "k4s5", "k3s17"])
+def test_alloc_tree_draft_is_the_draft_and_the_branches_in_one_launch(page_size, topk, steps, keep, monkeypatch):
+    """alloc_tree_draft: the window's slots as alloc_draft gives them, branches as alloc_branches gives them, in
+    one launch; commit_tree then releases the branch pages in its own single launch, or (``keep_branches``) leaves
+    them to the next tree draft, which releases them in its own single launch."""
+    rng = random.Random(page_size * 7 + topk)
+    bs, tree = 4, 8
+    num_pages = bs * (pages(260, page_size) + 2 * topk * pages(page_size - 1 + steps, page_size))
+    alloc = DraftCacheAllocator(page_size * num_pages, bs + 1, 300, page_size=page_size, device="cpu")
+    rows = alloc.add_requests([rng.randrange(0, 200) for _ in range(bs)])
+    model = KVModel(alloc)
+    model.prompt(rows.tolist())
+    launches = []
+    launch = allocator_module.backend.launch
+    monkeypatch.setattr(allocator_module.backend, "launch", lambda fn, *a: launches.append(fn) or launch(fn, *a))
+    for _ in range(3):
+        buffers = [sentinel_like(n + 1, torch.int64, "cpu") for n in (bs * tree, bs * topk * steps)]
+        copies = [sentinel_like(bs * topk * (page_size - 1) + 1, torch.int32, "cpu") for _ in range(2)]
+        seq = alloc.seq_lens[:bs].clone()
+        launches.clear()
+        out, last, slots, src, dst = alloc.alloc_tree_draft(
+            rows,
+            tree,
+            topk,
+            steps,
+            out_cache_loc=buffers[0],
+            branch_slots=buffers[1],
+            copy_src=copies[0],
+            copy_dst=copies[1],
+        )
+        assert len(launches) == 1, "one launch"
+        assert slots.shape == (bs, topk, steps) and src.shape == dst.shape == (bs * topk * (page_size - 1),)
+        assert [int(t[-1]) for t in (*buffers, *copies)] == [SENTINEL] * 4, "only the outputs' elements written"
+        for i, row in enumerate(rows.tolist()):
+            window = alloc.req_to_token[row, int(seq[i]) : int(seq[i]) + tree].long()
+            assert out[i * tree : (i + 1) * tree].tolist() == window.tolist()
+            assert int(last[i]) == (int(alloc.req_to_token[row, int(seq[i]) - 1]) if seq[i] > 0 else -1)
+        check_branches(alloc, rows.tolist(), topk, steps, slots, src, dst, model)
+        held = branch_pages_of(alloc)
+        tags = model.verify(out)
+        index, lens = random_paths(rng, bs, tree)
+        launches.clear()
+        kv_src, kv_dst = alloc.commit_tree(rows, index, torch.tensor(lens, dtype=torch.int64), keep_branches=keep)
+        assert len(launches) == 1, "the tree commit releases the branch pages (or not) in its own launch"
+        if keep:
+            assert branch_pages_of(alloc) == held and alloc._branches_may_exist()
+        else:
+            assert not alloc.num_branch_pages.any() and not alloc._branches_may_exist()
+        model.apply(kv_src, kv_dst)
+        model.accept(rows.tolist(), tags, tree, index, lens)
+        model.check()
+        check_layout(alloc)
+    alloc.free_requests(rows)
+    assert alloc.num_free_slots() == alloc.num_slots
+
+
 @pytest.mark.parametrize("release", ["alloc_draft", "commit", "commit_tree", "free", "reserve_draft"])
 @pytest.mark.parametrize("as_list", [False, True], ids=["tensor", "list"])
 def test_branches_are_released_by_the_next_step(release, as_list):
@@ -325,6 +383,36 @@ def test_out_of_slots_for_branches_is_all_or_nothing(page_size):
     assert alloc.num_free_slots() == 0
     check_layout(alloc, ask_free_slots=False)
     alloc.free_requests(rows)
+    assert alloc.num_free_slots() == alloc.num_slots
+
+
+@pytest.mark.parametrize("rows_as", ["tensor", "list"])
+def test_out_of_slots_for_a_tree_draft_is_all_or_nothing(rows_as):
+    alloc = DraftCacheAllocator(16 * 32, 4, 256, page_size=16, device="cpu")
+    rows_t = alloc.add_requests([2, 18, 34, 50])  # 10 pages, offsets 2: a branch of 5 steps takes 1 page
+
+    def rows(k=4):
+        return rows_t[:k].tolist() if rows_as == "list" else rows_t[:k]
+
+    before = snapshot(alloc)
+    # 22 free: windows of 40 take 2 pages each (8), branches 4 each (16).
+    with pytest.raises(
+        OutOfSlotsError, match=r"alloc_tree_draft: 4 requests with 40 draft tokens and 4 branches of 5 "
+    ):
+        alloc.alloc_tree_draft(rows(), 40, 4, 5)
+    assert_unchanged(alloc, before)
+    alloc.alloc_tree_draft(rows(3), 40, 4, 5)  # 6 + 12 pages
+    assert alloc.num_free_slots() == 16 * 4
+    before = snapshot(alloc)
+    with pytest.raises(OutOfSlotsError):  # 4 free: the 12 branch pages it would release do not count
+        alloc.alloc_tree_draft(rows(3), 1, 2, 5)
+    assert_unchanged(alloc, before)
+    alloc.commit_tree(rows(3), torch.zeros(3, 40, dtype=torch.int64), torch.zeros(3, dtype=torch.int64))
+    assert alloc.num_free_slots() == 16 * 16, "the tree commit released the branch pages"
+    alloc.alloc_tree_draft(rows(), 1, 4, 5)  # exactly the 16 free pages
+    assert alloc.num_free_slots() == 0
+    check_layout(alloc)
+    alloc.free_requests(rows())
     assert alloc.num_free_slots() == alloc.num_slots
 
 
@@ -411,9 +499,18 @@ def test_out_of_slots_after_branches_is_all_or_nothing(rows_as):
 # ---------------------------------------------------------------------------------------- many programs
 
 
-def tree_loop(alloc: DraftCacheAllocator, steps: int, seed: int, topk: int = 3, num_steps: int = 4, tree: int = 6):
-    """A seeded loop of tree steps (branches, draft, verify, tree commit) with arrivals and finishes; returns
-    everything the calls returned, and checks the simulated KV after each step."""
+def tree_loop(
+    alloc: DraftCacheAllocator,
+    steps: int,
+    seed: int,
+    topk: int = 3,
+    num_steps: int = 4,
+    tree: int = 6,
+    fused: bool = False,
+):
+    """A seeded loop of tree steps (branches, draft, verify, tree commit; ``fused``: the branches and the draft by
+    alloc_tree_draft) with arrivals and finishes; returns everything the calls returned, and checks the simulated KV
+    after each step."""
     rng = random.Random(seed)
     model = KVModel(alloc)
     model.prompt(alloc.rows_in_use())
@@ -431,8 +528,13 @@ def tree_loop(alloc: DraftCacheAllocator, steps: int, seed: int, topk: int = 3, 
         if not live:
             continue
         rows = torch.tensor(live)
-        slots, copy_src, copy_dst = alloc.alloc_branches(rows, topk, num_steps, return_copies=True)
-        out, last = alloc.alloc_draft(rows, tree)
+        if fused:
+            out, last, slots, copy_src, copy_dst = alloc.alloc_tree_draft(rows, tree, topk, num_steps)
+            check_branches(alloc, live, topk, num_steps, slots, copy_src, copy_dst, model)
+        else:
+            slots, copy_src, copy_dst = alloc.alloc_branches(rows, topk, num_steps, return_copies=True)
+            check_branches(alloc, live, topk, num_steps, slots, copy_src, copy_dst, model)
+            out, last = alloc.alloc_draft(rows, tree)  # releases the branch pages
         tags = model.verify(out)
         index, lens = random_paths(rng, len(live), tree)
         src, dst = alloc.commit_tree(rows, index, torch.tensor(lens, dtype=torch.int64))
@@ -444,13 +546,14 @@ def tree_loop(alloc: DraftCacheAllocator, steps: int, seed: int, topk: int = 3, 
     return outputs
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["branches+draft", "tree-draft"])
 @pytest.mark.parametrize("page_size", [1, 4], ids=lambda p: f"page{p}")
-def test_many_programs_give_what_one_gives(page_size, monkeypatch):
+def test_many_programs_give_what_one_gives(page_size, fused, monkeypatch):
     def run():
         num_pages = 12 * (pages(96, page_size) + 3 * pages(page_size + 3, page_size))
         alloc = DraftCacheAllocator(page_size * num_pages, 12, 96, page_size=page_size, device="cpu")
         alloc.add_requests([(5 * i) % 40 for i in range(9)])
-        return tree_loop(alloc, steps=6, seed=page_size), snapshot(alloc)
+        return tree_loop(alloc, steps=6, seed=page_size, fused=fused), snapshot(alloc)
 
     monkeypatch.setattr(allocator_module, "_COPY_BRANCH_TILE", 32)  # one program for the 9 requests
     one_out, one_state = run()
@@ -472,13 +575,14 @@ def test_many_programs_give_what_one_gives(page_size, monkeypatch):
         assert torch.equal(one_state[name], many_state[name]), name
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["branches+draft", "tree-draft"])
 @pytest.mark.parametrize("page_size", [1, 16], ids=lambda p: f"page{p}")
-def test_same_calls_give_the_same_table(page_size):
+def test_same_calls_give_the_same_table(page_size, fused):
     runs = []
     for _ in range(2):
         num_pages = 6 * (pages(96, page_size) + 3 * pages(page_size + 3, page_size))
         alloc = DraftCacheAllocator(page_size * num_pages, 6, 96, page_size=page_size, device="cpu")
-        runs.append((tree_loop(alloc, steps=8, seed=page_size + 7), snapshot(alloc)))
+        runs.append((tree_loop(alloc, steps=8, seed=page_size + 7, fused=fused), snapshot(alloc)))
         alloc.free_requests(alloc.rows_in_use())
         assert alloc.num_free_slots() == alloc.num_slots
     assert runs[0][0] == runs[1][0]
@@ -607,13 +711,36 @@ class TreeMachine(RuleBasedStateMachine):
         self.window.update(dict.fromkeys(rows, 0))
         self.learn()
 
+    def try_tree_draft(self, data, rows, tree):
+        """alloc_tree_draft, or the failure it must raise (changing nothing); returns out_cache_loc or None."""
+        topk = data.draw(st.integers(1, 3), label="topk")
+        steps = data.draw(st.integers(1, 2 * self.PAGE_SIZE + 1), label="num_steps")
+        p = self.PAGE_SIZE
+        seq, allocs = self.alloc.seq_lens.tolist(), self.alloc.alloc_lens.tolist()
+        need = sum(max(pages(seq[r] + tree, p) - pages(allocs[r], p), 0) for r in rows)
+        need += sum(topk * pages(seq[r] % p + steps, p) for r in rows)
+        before = snapshot(self.alloc)
+        if any(seq[r] + tree > self.MAX_CONTEXT_LEN for r in rows) or need > self.free_pages():
+            with pytest.raises((OutOfSlotsError, allocator_module.ContextLengthError)):
+                self.alloc.alloc_tree_draft(self.as_rows(data, rows), tree, topk, steps)
+            assert_unchanged(self.alloc, before)
+            event("tree draft: fails")
+            return None
+        out, _, slots, src, dst = self.alloc.alloc_tree_draft(self.as_rows(data, rows), tree, topk, steps)
+        check_branches(self.alloc, rows, topk, steps, slots, src, dst, self.model)
+        self.window.update(dict.fromkeys(rows, tree))
+        return out
+
     @rule(data=st.data())
     def tree_step(self, data):
         rows = self.pick_rows(data, everyone=data.draw(st.booleans(), label="everyone"))
-        if data.draw(st.booleans(), label="with branches"):
-            self.branches(data)
         tree = data.draw(st.integers(1, self.MAX_TREE), label="T")
-        out = self.try_draft(data, rows, tree)
+        if data.draw(st.booleans(), label="alloc_tree_draft"):
+            out = self.try_tree_draft(data, rows, tree)
+        else:
+            if data.draw(st.booleans(), label="with branches"):
+                self.branches(data)
+            out = self.try_draft(data, rows, tree)
         if out is None:
             return
         tags = self.model.verify(out)
@@ -621,8 +748,13 @@ class TreeMachine(RuleBasedStateMachine):
         index, lens = random_paths(random.Random(seed), len(rows), tree)
         index = index.to(data.draw(st.sampled_from([torch.int32, torch.int64]), label="index dtype"))
         validate = data.draw(st.booleans(), label="validate")
+        keep = data.draw(st.booleans(), label="keep_branches")
         src, dst = self.alloc.commit_tree(
-            self.as_rows(data, rows), index, torch.tensor(lens, dtype=torch.int64), validate=validate
+            self.as_rows(data, rows),
+            index,
+            torch.tensor(lens, dtype=torch.int64),
+            keep_branches=keep,
+            validate=validate,
         )
         self.model.apply(src, dst)
         self.model.accept(rows, tags, tree, index, lens)
@@ -675,10 +807,12 @@ del _case
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True], ids=["branches+draft", "tree-draft"])
 @pytest.mark.parametrize("page_size", [1, 64], ids=lambda p: f"page{p}")
-def test_gpu_graph_captures_a_whole_tree_step(page_size):
-    """alloc_branches + alloc_draft + commit_tree captured once and replayed with new paths: the same outputs and
-    state as the same calls run eagerly (whose KV bookkeeping the CPU tests check)."""
+def test_gpu_graph_captures_a_whole_tree_step(page_size, fused):
+    """alloc_branches + alloc_draft + commit_tree (``fused``: alloc_tree_draft + commit_tree) captured once and
+    replayed with new paths: the same outputs and state as the same calls run eagerly (whose KV bookkeeping the CPU
+    tests check)."""
     bs, topk, steps, tree, replays = 48, 4, 5, 8, 40
     prompt_lens = [(13 * i) % 200 for i in range(bs)]
     context = 256 + tree * (replays + 2)
@@ -694,8 +828,21 @@ def test_gpu_graph_captures_a_whole_tree_step(page_size):
     kv_pairs = [torch.empty(bs * tree, dtype=torch.int64, device="cuda") for _ in range(2)]
 
     def step(alloc, outputs):
-        alloc.alloc_branches(rows, topk, steps, out=outputs[0], copy_src=outputs[1], copy_dst=outputs[2])
-        alloc.alloc_draft(rows, tree, out_cache_loc=outputs[3], last_loc=outputs[4])
+        if fused:
+            alloc.alloc_tree_draft(
+                rows,
+                tree,
+                topk,
+                steps,
+                out_cache_loc=outputs[3],
+                last_loc=outputs[4],
+                branch_slots=outputs[0],
+                copy_src=outputs[1],
+                copy_dst=outputs[2],
+            )
+        else:
+            alloc.alloc_branches(rows, topk, steps, out=outputs[0], copy_src=outputs[1], copy_dst=outputs[2])
+            alloc.alloc_draft(rows, tree, out_cache_loc=outputs[3], last_loc=outputs[4])
         alloc.commit_tree(rows, index, lens, kv_src=outputs[5], kv_dst=outputs[6])
 
     outputs = [slots, *copies, out, last, *kv_pairs]
@@ -751,6 +898,11 @@ def test_ascend_launch_configs_give_the_same_tree_steps(monkeypatch, page_size):
             slots, src, dst = alloc.alloc_branches(live, 3, 4, return_copies=True)
             out, last = alloc.alloc_draft(live, 6)
             index, lens = random_paths(rng, len(live), 6)
+            kv_src, kv_dst = alloc.commit_tree(live, index, lens)
+            results += [t.clone() for t in (slots, src, dst, out, last, kv_src, kv_dst)]
+            # A tree step in two launches: the draft with the branches, then the commit that releases them.
+            out, last, slots, src, dst = alloc.alloc_tree_draft(live, 5, 2, 3)
+            index, lens = random_paths(rng, len(live), 5)
             kv_src, kv_dst = alloc.commit_tree(live, index, lens)
             results += [t.clone() for t in (slots, src, dst, out, last, kv_src, kv_dst)]
         results += [alloc.req_to_token.clone(), alloc.seq_lens.clone(), alloc.free_page_list()]

@@ -397,15 +397,16 @@ def _same_results(got, expected) -> None:
 
 
 @pytest.mark.parametrize("buffers", [True, False], ids=["buffers", "no-buffers"])
-@pytest.mark.parametrize("emit", [True, False], ids=["alloc", "reserve"])
+@pytest.mark.parametrize("mode", ["alloc", "reserve", "tree-draft"])
 @pytest.mark.parametrize("host_rows", [False, True], ids=["tensor-rows", "list-rows"])
 @pytest.mark.parametrize("page_size", [1, 4], ids=lambda p: f"page{p}")
-def test_the_wrapper_drives_the_tree_step_like_the_methods(page_size, host_rows, emit, buffers):
-    """alloc_branches, the draft of the tree and commit_tree, through one wrapper on one allocator and through the
-    methods on another, into the capacity: the same outputs, the same errors, the same state (device and host)
-    after every call. Every fourth step a second wrapper takes wider branches first: that replaces branch_pages,
-    and the first wrapper's prepared launches must follow."""
-    rng = random.Random(page_size * 8 + host_rows * 4 + emit * 2 + buffers)
+def test_the_wrapper_drives_the_tree_step_like_the_methods(page_size, host_rows, mode, buffers):
+    """alloc_branches, the draft of the tree and commit_tree (or alloc_tree_draft and commit_tree), through one
+    wrapper on one allocator and through the methods on another, into the capacity: the same outputs, the same
+    errors, the same state (device and host) after every call. Every fourth step a second wrapper takes wider
+    branches first: that replaces branch_pages, and the first wrapper's prepared launches must follow."""
+    emit = mode != "reserve"
+    rng = random.Random(page_size * 8 + host_rows * 4 + ["alloc", "reserve", "tree-draft"].index(mode) * 2 + buffers)
     bs, topk, steps, tree = 3, 2, 2, 3
     num_slots = 104 if page_size == 1 else 32 * page_size
     a, b = (DraftCacheAllocator(num_slots, 4, 40, page_size=page_size, device="cpu") for _ in range(2))
@@ -415,8 +416,19 @@ def test_the_wrapper_drives_the_tree_step_like_the_methods(page_size, host_rows,
     accept = torch.zeros(bs, dtype=torch.int64)
     index = torch.zeros(bs, tree, dtype=torch.int32)
     mine, theirs = (_tree_buffers(bs, topk, steps, tree, page_size) if buffers else {} for _ in range(2))
+    keep = mode == "tree-draft" and not buffers  # the two-launch step that leaves the branches to the next draft
     step = DraftStepWrapper(a)
-    step.plan(rows, tree, accept_lens=accept, emit=emit, accept_index=index, topk=topk, num_steps=steps, **mine)
+    step.plan(
+        rows,
+        tree,
+        accept_lens=accept,
+        emit=emit,
+        accept_index=index,
+        keep_branches=keep,
+        topk=topk,
+        num_steps=steps,
+        **mine,
+    )
     wide = DraftStepWrapper(a)
     wide.plan(rows, tree, topk=topk + 1, num_steps=steps)
     branch_buffers = {key: theirs[key] for key in ("copy_src", "copy_dst") if key in theirs}
@@ -436,14 +448,31 @@ def test_the_wrapper_drives_the_tree_step_like_the_methods(page_size, host_rows,
             expected = _call(b.alloc_branches, rows_b, topk + 1, steps, return_copies=True)
             _same_results(got, expected)
             _assert_same(a, b)
-        got = _call(step.alloc_branches)
-        expected = _call(
-            b.alloc_branches, rows_b, topk, steps, out=theirs.get("branch_slots"), return_copies=True, **branch_buffers
-        )
-        _same_results(got, expected)
-        errors.append(type(got[1]).__name__)
-        _assert_same(a, b)
-        if emit:
+        if mode == "tree-draft":
+            got = _call(step.alloc_tree_draft)
+            expected = _call(
+                b.alloc_tree_draft, rows_b, tree, topk, steps, branch_slots=theirs.get("branch_slots"), **branch_buffers
+            )
+            _same_results(got, expected)
+            errors.append(type(got[1]).__name__)
+            _assert_same(a, b)
+        else:
+            got = _call(step.alloc_branches)
+            expected = _call(
+                b.alloc_branches,
+                rows_b,
+                topk,
+                steps,
+                out=theirs.get("branch_slots"),
+                return_copies=True,
+                **branch_buffers,
+            )
+            _same_results(got, expected)
+            errors.append(type(got[1]).__name__)
+            _assert_same(a, b)
+        if mode == "tree-draft":
+            pass
+        elif emit:
             got = _call(step.alloc_draft)
             expected = _call(b.alloc_draft, rows_b, tree)
             _same_results(got, expected)
@@ -457,12 +486,14 @@ def test_the_wrapper_drives_the_tree_step_like_the_methods(page_size, host_rows,
         accept.copy_(torch.tensor(lens))
         got = _call(step.commit)
         kv = {key: theirs[key] for key in ("kv_src", "kv_dst") if key in theirs}
-        expected = _call(b.commit_tree, rows_b, index.clone(), accept.clone(), **kv)
+        expected = _call(b.commit_tree, rows_b, index.clone(), accept.clone(), keep_branches=keep, **kv)
         _same_results(got, expected)
         _assert_same(a, b)
         for key in mine:
             assert torch.equal(mine[key], theirs[key]), f"{key}: the same elements written, and only those"
-    assert {"OutOfSlotsError", "ContextLengthError"} <= set(errors), "the loop must reach the capacity"
+    # (The tree draft's branches take the pool before the context fills up.)
+    reached = {"OutOfSlotsError"} if mode == "tree-draft" else {"OutOfSlotsError", "ContextLengthError"}
+    assert reached <= set(errors), "the loop must reach the capacity"
     check_layout(a)
 
 
@@ -550,8 +581,9 @@ def test_tree_plan_misuse_raises_what_the_methods_raise():
     same(dict(topk=2, num_steps=3, copy_dst=short[:2]), lambda: a.alloc_branches(rows, 2, 3, copy_dst=short[:2]))
     with pytest.raises(ValueError, match=r"accept_index goes with accept_lens \(commit_tree reads both\)"):
         step.plan(rows, 4, accept_index=index)
-    with pytest.raises(ValueError, match=r"kv_src and kv_dst go with accept_index"):
-        step.plan(rows, 4, accept_lens=accept, kv_dst=short)
+    for extra in (dict(kv_dst=short), dict(keep_branches=True)):
+        with pytest.raises(ValueError, match=r"kv_src, kv_dst and keep_branches go with accept_index"):
+            step.plan(rows, 4, accept_lens=accept, **extra)
     with pytest.raises(ValueError, match=r"topk and num_steps must be given together"):
         step.plan(rows, 4, topk=2)
     with pytest.raises(ValueError, match=r"branch_slots, copy_src and copy_dst go with topk and num_steps"):
@@ -585,7 +617,7 @@ def test_tree_validate_runs_the_methods_checks_every_call():
 
 
 @pytest.mark.parametrize("branches", [False, True], ids=["no-branches", "branches"])
-@pytest.mark.parametrize("call", ["alloc_branches", "commit"])
+@pytest.mark.parametrize("call", ["alloc_branches", "alloc_tree_draft", "commit"])
 def test_a_launch_that_raises_in_a_tree_run_changes_nothing(call, branches, monkeypatch):
     a = DraftCacheAllocator(4 * 64, 4, 32, page_size=4, device="cpu")  # room: no sync tightens the host bounds
     rows = a.add_requests([5, 6])
@@ -602,7 +634,7 @@ def test_a_launch_that_raises_in_a_tree_run_changes_nothing(call, branches, monk
     if branches:
         a.alloc_branches(rows.tolist(), 1, 2)  # narrower: the failing alloc_branches would widen branch_pages
     _fail_then_succeed(a, step, call, monkeypatch)
-    assert a._branches_may_exist() == (call == "alloc_branches")
+    assert a._branches_may_exist() == (call != "commit")
     check_layout(a)
 
 

@@ -147,6 +147,8 @@ def _push_branch_pages(
         "prefix_stride",
         "branch_stride",
         "branch_width",
+        "topk",
+        "num_steps",
     ]
 )
 def _alloc_windows_kernel(
@@ -166,6 +168,9 @@ def _alloc_windows_kernel(
     last_loc,
     branch_pages,
     num_branch_pages,
+    branch_slots,
+    copy_src,
+    copy_dst,
     bs,
     window_len,
     num_rows,
@@ -175,6 +180,8 @@ def _alloc_windows_kernel(
     prefix_stride,
     branch_stride,
     branch_width,
+    topk,
+    num_steps,
     PAGE_SIZE: tl.constexpr,
     PAGE_SHIFT: tl.constexpr,
     TILE: tl.constexpr,
@@ -185,6 +192,9 @@ def _alloc_windows_kernel(
     EMIT: tl.constexpr,
     RELEASE: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    BRANCH: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    COPY: tl.constexpr,
 ):
     """Give slots to the windows ``[start_i, end_i)`` and optionally read them back.
 
@@ -198,7 +208,9 @@ def _alloc_windows_kernel(
     ``out_cache_loc[i * window_len + j] = req_to_token[row_i, start_i + j]`` and ``last_loc[i] =
     req_to_token[row_i, start_i - 1]`` (-1 when ``start_i == 0``), as after the allocation. With ``RELEASE``
     (decode only), the rows' branch pages go back to the ring first (see ``_release_branches_kernel``); the pops
-    do not see them.
+    do not see them. With ``BRANCH`` (decode only) each request also takes its ``topk`` branches of ``num_steps``
+    positions from ``seq_len`` (see ``_alloc_branches_kernel``; ``branch_slots`` and, with ``COPY``, ``copy_src`` and
+    ``copy_dst`` as there): its ``need_b_i`` branch pages follow its window's pages in the ring.
     """
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -226,7 +238,7 @@ def _alloc_windows_kernel(
                     k, k < tile_start, req_pool_indices, num_branch_pages, num_rows, branch_width
                 )
                 held_sums += held_earlier
-            _, _, _, _, _, _, _, earlier = _window_needs(
+            _, valid_earlier, seq_earlier, _, _, _, _, earlier = _window_needs(
                 k,
                 k < tile_start,
                 req_pool_indices,
@@ -242,6 +254,10 @@ def _alloc_windows_kernel(
                 PREFILL,
                 PREFIX,
             )
+            if BRANCH:
+                earlier += _branch_shape(
+                    seq_earlier, valid_earlier, branch_width, topk, num_steps, PAGE_SIZE, PAGE_SHIFT
+                )[2]
             lane_sums += earlier
         scanned = tile_start + TILE
         offs = tile_start + tl.arange(0, TILE)  # [TILE]
@@ -275,11 +291,18 @@ def _alloc_windows_kernel(
             prev = tl.load(req_to_token + (row_addr + starts - 1), mask=has_prefix, other=-1)
         if RELEASE:
             held = _branch_counts(offs, in_batch, req_pool_indices, num_branch_pages, num_rows, branch_width)[2]
+        # Pages this request pops: its window's, then (BRANCH) its branches'.
+        pops = need
+        if BRANCH:
+            branch_off, per_branch, branch_need = _branch_shape(
+                starts, valid, branch_width, topk, num_steps, PAGE_SIZE, PAGE_SHIFT
+            )
+            pops += branch_need
         before = tl.reduce(own_sums, 0, _add)
         if (tile_start > 0) & (num_programs > 1):  # other programs' requests came before this tile
             before += tl.reduce(lane_sums, 0, _add)
-        excl = before + tl.associative_scan(need, 0, _add) - need  # [TILE]
-        own_sums += need
+        excl = before + tl.associative_scan(pops, 0, _add) - pops  # [TILE]
+        own_sums += pops
         if RELEASE:
             held_before = tl.reduce(own_held, 0, _add) + tl.reduce(held_sums, 0, _add)
             held_start = count + held_before + tl.associative_scan(held, 0, _add) - held
@@ -287,10 +310,48 @@ def _alloc_windows_kernel(
             _push_branch_pages(
                 rows, valid, held, held_start, branch_pages, free_pages, head, num_pages, branch_stride, BLOCK_R
             )
-            if alone:  # no other program reads these counts
-                tl.store(num_branch_pages + rows, (held * 0).to(num_branch_pages.dtype.element_ty), mask=valid)
-            else:  # for the last program, which sums them
+            if not alone:  # for the last program, which sums them
                 tl.store(scratch + 2 * num_rows + offs, held, mask=in_batch)
+        if BRANCH:
+            tl.debug_barrier()  # the released pages are read before the new ones overwrite them
+            _write_branches(
+                offs,
+                in_batch,
+                rows,
+                valid,
+                starts,
+                branch_off,
+                per_branch,
+                branch_need,
+                excl + need,
+                req_to_token,
+                branch_pages,
+                free_pages,
+                branch_slots,
+                copy_src,
+                copy_dst,
+                head,
+                count,
+                num_pages,
+                row_stride,
+                branch_stride,
+                topk,
+                num_steps,
+                PAGE_SIZE,
+                PAGE_SHIFT,
+                BLOCK_R,
+                BLOCK_E,
+                COPY,
+            )
+            if not alone:  # for the last program, which writes them
+                tl.store(scratch + 3 * num_rows + offs, branch_need, mask=in_batch)
+        if RELEASE or BRANCH:
+            if alone:  # no other program reads these counts
+                if BRANCH:
+                    held_now = branch_need
+                else:
+                    held_now = rows * 0
+                tl.store(num_branch_pages + rows, held_now.to(num_branch_pages.dtype.element_ty), mask=valid)
         # The page of the last partial page, which new positions fill first.
         last_page = _floor_page(tl.maximum(last_slot, 0), PAGE_SIZE, PAGE_SHIFT)
         if EMIT:
@@ -344,7 +405,7 @@ def _alloc_windows_kernel(
             else:  # for the last program, which writes them
                 tl.store(scratch + offs, new_allocs, mask=in_batch)
         if not alone:
-            tl.store(scratch + num_rows + offs, need, mask=in_batch)
+            tl.store(scratch + num_rows + offs, pops, mask=in_batch)
     if alone:
         popped = tl.minimum(tl.reduce(own_sums, 0, _add), count)
         new_count = count - popped
@@ -355,7 +416,8 @@ def _alloc_windows_kernel(
     elif _take_ticket(counters) == num_programs - 1:
         # The last program: no other one reads shared state any more. The owners left each request's new
         # alloc_len at scratch[i], its need at scratch[num_rows + i] and (RELEASE) its branch pages at
-        # scratch[2 * num_rows + i]: loads masked by the batch, not by the rows, so none waits for the rows' load.
+        # scratch[2 * num_rows + i] and (BRANCH) its new branch pages at scratch[3 * num_rows + i]: loads masked by
+        # the batch, not by the rows, so none waits for the rows' load.
         popped_lanes = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
         pushed_lanes = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
         for k0 in range(0, bs, SCAN_BLOCK):
@@ -368,9 +430,12 @@ def _alloc_windows_kernel(
                 tl.store(alloc_lens + rows, new_allocs.to(alloc_lens.dtype.element_ty), mask=valid)
             popped_lanes += tl.load(scratch + num_rows + k, mask=in_range, other=0)
             if RELEASE:
-                held = tl.load(scratch + 2 * num_rows + k, mask=in_range, other=0)
-                pushed_lanes += held
-                tl.store(num_branch_pages + rows, (held * 0).to(num_branch_pages.dtype.element_ty), mask=valid)
+                pushed_lanes += tl.load(scratch + 2 * num_rows + k, mask=in_range, other=0)
+            if BRANCH:
+                held_now = tl.load(scratch + 3 * num_rows + k, mask=in_range, other=0)
+                tl.store(num_branch_pages + rows, held_now.to(num_branch_pages.dtype.element_ty), mask=valid)
+            elif RELEASE:
+                tl.store(num_branch_pages + rows, (rows * 0).to(num_branch_pages.dtype.element_ty), mask=valid)
         popped = tl.minimum(tl.reduce(popped_lanes, 0, _add), count)
         new_count = count - popped
         if RELEASE:
@@ -585,21 +650,71 @@ def _release_branches_kernel(
     held_sums = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
     scanned = tl.full([], 0, dtype=tl.int32)
     for tile in range(pid, num_tiles, num_programs):
-        tile_start = tile * TILE
-        for k0 in range(scanned, tile_start, SCAN_BLOCK):
-            k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
-            _, _, earlier = _branch_counts(
-                k, k < tile_start, req_pool_indices, num_branch_pages, num_rows, branch_width
-            )
-            held_sums += earlier
-        scanned = tile_start
-        offs = tile_start + tl.arange(0, TILE)  # [TILE]
-        rows, valid, held = _branch_counts(offs, offs < bs, req_pool_indices, num_branch_pages, num_rows, branch_width)
-        held_start = count + tl.reduce(held_sums, 0, _add) + tl.associative_scan(held, 0, _add) - held  # [TILE]
-        _push_branch_pages(
-            rows, valid, held, held_start, branch_pages, free_pages, head, num_pages, branch_stride, BLOCK_R
+        held_sums = _release_tile(
+            tile * TILE,
+            scanned,
+            held_sums,
+            req_pool_indices,
+            branch_pages,
+            num_branch_pages,
+            free_pages,
+            head,
+            count,
+            bs,
+            num_rows,
+            num_pages,
+            branch_stride,
+            branch_width,
+            TILE,
+            BLOCK_R,
+            SCAN_BLOCK,
         )
-    if _take_ticket(counters) == num_programs - 1:
+        scanned = tile * TILE
+    _release_finish(
+        counters, req_pool_indices, num_branch_pages, count, bs, num_rows, num_pages, branch_width, SCAN_BLOCK
+    )
+
+
+@triton.jit
+def _release_tile(
+    tile_start,
+    scanned,
+    held_sums,
+    req_pool_indices,
+    branch_pages,
+    num_branch_pages,
+    free_pages,
+    head,
+    count,
+    bs,
+    num_rows,
+    num_pages,
+    branch_stride,
+    branch_width,
+    TILE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr,
+):
+    """Push the branch pages of the batch entries ``[tile_start, tile_start + TILE)`` (see
+    ``_release_branches_kernel``). ``held_sums``: lane-wise sums of the pages held by entries ``[0, scanned)``;
+    returns them for ``[0, tile_start)``."""
+    for k0 in range(scanned, tile_start, SCAN_BLOCK):
+        k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
+        held_sums += _branch_counts(k, k < tile_start, req_pool_indices, num_branch_pages, num_rows, branch_width)[2]
+    offs = tile_start + tl.arange(0, TILE)  # [TILE]
+    rows, valid, held = _branch_counts(offs, offs < bs, req_pool_indices, num_branch_pages, num_rows, branch_width)
+    held_start = count + tl.reduce(held_sums, 0, _add) + tl.associative_scan(held, 0, _add) - held  # [TILE]
+    _push_branch_pages(rows, valid, held, held_start, branch_pages, free_pages, head, num_pages, branch_stride, BLOCK_R)
+    return held_sums
+
+
+@triton.jit
+def _release_finish(
+    counters, req_pool_indices, num_branch_pages, count, bs, num_rows, num_pages, branch_width, SCAN_BLOCK: tl.constexpr
+):
+    """After ``_release_tile`` over the batch: the program that takes the last ticket counts the pushed pages,
+    sets ``num_branch_pages`` of the rows to 0 and moves the ring's count."""
+    if _take_ticket(counters) == tl.num_programs(0) - 1:
         pushed_lanes = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
         for k0 in range(0, bs, SCAN_BLOCK):
             k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
@@ -632,10 +747,98 @@ def _branch_needs(
     rows, valid, held = _branch_counts(k, in_range, req_pool_indices, num_branch_pages, num_rows, branch_width)
     seq = tl.load(seq_lens + rows, mask=valid, other=0).to(tl.int32)
     seq = tl.minimum(tl.maximum(seq, 0), max_context_len)
+    off, per_branch, need = _branch_shape(seq, valid, branch_width, topk, num_steps, PAGE_SIZE, PAGE_SHIFT)
+    return rows, valid, held, seq, off, per_branch, need
+
+
+@triton.jit
+def _branch_shape(seq, valid, branch_width, topk, num_steps, PAGE_SIZE: tl.constexpr, PAGE_SHIFT: tl.constexpr):
+    """For committed lengths ``seq``: the offset of ``seq`` in its last page, the pages of one branch and the pages
+    of all the request's branches (0 where not ``valid``)."""
     off = seq - _floor_page(seq, PAGE_SIZE, PAGE_SHIFT) * PAGE_SIZE
     per_branch = _floor_page(off + num_steps + (PAGE_SIZE - 1), PAGE_SIZE, PAGE_SHIFT)
     need = tl.where(valid, tl.minimum(per_branch * topk, branch_width), 0)
-    return rows, valid, held, seq, off, per_branch, need
+    return off, per_branch, need
+
+
+@triton.jit
+def _write_branches(
+    offs,
+    in_batch,
+    rows,
+    valid,
+    seq,
+    off,
+    per_branch,
+    need,
+    excl,
+    req_to_token,
+    branch_pages,
+    free_pages,
+    branch_slots,
+    copy_src,
+    copy_dst,
+    head,
+    count,
+    num_pages,
+    row_stride,
+    branch_stride,
+    topk,
+    num_steps,
+    PAGE_SIZE: tl.constexpr,
+    PAGE_SHIFT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    COPY: tl.constexpr,
+):
+    """Give batch entries ``offs`` their branches (see ``_alloc_branches_kernel``): request ``i`` pops ``need_i``
+    pages at ring offsets ``excl_i + k`` into ``branch_pages[row_i, k]``, and writes its branch slots and, with
+    ``COPY``, its copy pairs."""
+    cols = tl.arange(0, BLOCK_R)
+    width = topk * num_steps
+    branch_addr = rows.to(tl.int64) * branch_stride  # [TILE]
+    for k0 in range(0, tl.reduce(need, 0, _maximum), BLOCK_R):
+        k = k0 + cols  # [BLOCK_R]
+        mine = valid[:, None] & (k[None, :] < need[:, None])  # [TILE, BLOCK_R]
+        ring_off = excl[:, None] + k[None, :]
+        from_ring = mine & (ring_off < count)
+        ring_idx = _ring_index(head, tl.where(from_ring, ring_off, 0), num_pages)
+        page = tl.load(free_pages + ring_idx, mask=from_ring, other=0)
+        tl.store(branch_pages + (branch_addr[:, None] + k[None, :]), page, mask=mine)
+    out_base = offs.to(tl.int64) * width  # [TILE]
+    for e0 in range(0, width, BLOCK_E):
+        e = e0 + tl.arange(0, BLOCK_E)  # [BLOCK_E]: branch b = e // num_steps, step s
+        b = e // num_steps
+        s = e - b * num_steps
+        in_out = in_batch[:, None] & (e[None, :] < width)  # [TILE, BLOCK_E]
+        pos = off[:, None] + s[None, :]  # offset from the start of the last partial page
+        page_no = _floor_page(pos, PAGE_SIZE, PAGE_SHIFT)
+        ring_off = excl[:, None] + b[None, :] * per_branch[:, None] + page_no
+        from_ring = in_out & valid[:, None] & (ring_off < count)
+        ring_idx = _ring_index(head, tl.where(from_ring, ring_off, 0), num_pages)
+        page = tl.load(free_pages + ring_idx, mask=from_ring, other=0).to(tl.int32)
+        slot = tl.where(from_ring, page * PAGE_SIZE + (pos - page_no * PAGE_SIZE), 0)
+        tl.store(branch_slots + (out_base[:, None] + e[None, :]), slot.to(branch_slots.dtype.element_ty), mask=in_out)
+    if COPY:
+        copy_width = topk * (PAGE_SIZE - 1)
+        copy_base = offs.to(tl.int64) * copy_width  # [TILE]
+        row_addr = rows.to(tl.int64) * row_stride + (seq - off)  # [TILE]: the last partial page
+        for c0 in range(0, copy_width, BLOCK_E):
+            c = c0 + tl.arange(0, BLOCK_E)  # [BLOCK_E]: branch b = c // (PAGE_SIZE - 1), offset q
+            b = c // (PAGE_SIZE - 1)
+            q = c - b * (PAGE_SIZE - 1)
+            in_out = in_batch[:, None] & (c[None, :] < copy_width)  # [TILE, BLOCK_E]
+            ring_off = excl[:, None] + b[None, :] * per_branch[:, None]
+            from_ring = in_out & valid[:, None] & (ring_off < count)
+            ring_idx = _ring_index(head, tl.where(from_ring, ring_off, 0), num_pages)
+            page = tl.load(free_pages + ring_idx, mask=from_ring, other=0).to(tl.int32)
+            dst = tl.where(from_ring, page * PAGE_SIZE + q[None, :], 0)
+            committed = from_ring & (q[None, :] < off[:, None])
+            src = tl.load(req_to_token + (row_addr[:, None] + q[None, :]), mask=committed, other=0).to(tl.int32)
+            src = tl.where(committed, src, dst)
+            dst_addr = copy_base[:, None] + c[None, :]
+            tl.store(copy_src + dst_addr, src.to(copy_src.dtype.element_ty), mask=in_out)
+            tl.store(copy_dst + dst_addr, dst.to(copy_dst.dtype.element_ty), mask=in_out)
 
 
 @triton.jit(
@@ -703,8 +906,6 @@ def _alloc_branches_kernel(
     own_held = tl.full([TILE], 0, dtype=tl.int32)
     own_need = tl.full([TILE], 0, dtype=tl.int32)
     scanned = tl.full([], 0, dtype=tl.int32)
-    cols = tl.arange(0, BLOCK_R)
-    width = topk * num_steps
     for tile in range(pid, num_tiles, num_programs):
         tile_start = tile * TILE
         for k0 in range(scanned, tile_start, SCAN_BLOCK):
@@ -757,51 +958,35 @@ def _alloc_branches_kernel(
         excl = need_before + tl.associative_scan(need, 0, _add) - need  # [TILE]
         if alone:  # no other program reads these counts
             tl.store(num_branch_pages + rows, need.to(num_branch_pages.dtype.element_ty), mask=valid)
-        branch_addr = rows.to(tl.int64) * branch_stride  # [TILE]
-        for k0 in range(0, tl.reduce(need, 0, _maximum), BLOCK_R):
-            k = k0 + cols  # [BLOCK_R]
-            mine = valid[:, None] & (k[None, :] < need[:, None])  # [TILE, BLOCK_R]
-            ring_off = excl[:, None] + k[None, :]
-            from_ring = mine & (ring_off < count)
-            ring_idx = _ring_index(head, tl.where(from_ring, ring_off, 0), num_pages)
-            page = tl.load(free_pages + ring_idx, mask=from_ring, other=0)
-            tl.store(branch_pages + (branch_addr[:, None] + k[None, :]), page, mask=mine)
-        out_base = offs.to(tl.int64) * width  # [TILE]
-        for e0 in range(0, width, BLOCK_E):
-            e = e0 + tl.arange(0, BLOCK_E)  # [BLOCK_E]: branch b = e // num_steps, step s
-            b = e // num_steps
-            s = e - b * num_steps
-            in_out = in_batch[:, None] & (e[None, :] < width)  # [TILE, BLOCK_E]
-            pos = off[:, None] + s[None, :]  # offset from the start of the last partial page
-            page_no = _floor_page(pos, PAGE_SIZE, PAGE_SHIFT)
-            ring_off = excl[:, None] + b[None, :] * per_branch[:, None] + page_no
-            from_ring = in_out & valid[:, None] & (ring_off < count)
-            ring_idx = _ring_index(head, tl.where(from_ring, ring_off, 0), num_pages)
-            page = tl.load(free_pages + ring_idx, mask=from_ring, other=0).to(tl.int32)
-            slot = tl.where(from_ring, page * PAGE_SIZE + (pos - page_no * PAGE_SIZE), 0)
-            tl.store(
-                branch_slots + (out_base[:, None] + e[None, :]), slot.to(branch_slots.dtype.element_ty), mask=in_out
-            )
-        if COPY:
-            copy_width = topk * (PAGE_SIZE - 1)
-            copy_base = offs.to(tl.int64) * copy_width  # [TILE]
-            row_addr = rows.to(tl.int64) * row_stride + (seq - off)  # [TILE]: the last partial page
-            for c0 in range(0, copy_width, BLOCK_E):
-                c = c0 + tl.arange(0, BLOCK_E)  # [BLOCK_E]: branch b = c // (PAGE_SIZE - 1), offset q
-                b = c // (PAGE_SIZE - 1)
-                q = c - b * (PAGE_SIZE - 1)
-                in_out = in_batch[:, None] & (c[None, :] < copy_width)  # [TILE, BLOCK_E]
-                ring_off = excl[:, None] + b[None, :] * per_branch[:, None]
-                from_ring = in_out & valid[:, None] & (ring_off < count)
-                ring_idx = _ring_index(head, tl.where(from_ring, ring_off, 0), num_pages)
-                page = tl.load(free_pages + ring_idx, mask=from_ring, other=0).to(tl.int32)
-                dst = tl.where(from_ring, page * PAGE_SIZE + q[None, :], 0)
-                committed = from_ring & (q[None, :] < off[:, None])
-                src = tl.load(req_to_token + (row_addr[:, None] + q[None, :]), mask=committed, other=0).to(tl.int32)
-                src = tl.where(committed, src, dst)
-                dst_addr = copy_base[:, None] + c[None, :]
-                tl.store(copy_src + dst_addr, src.to(copy_src.dtype.element_ty), mask=in_out)
-                tl.store(copy_dst + dst_addr, dst.to(copy_dst.dtype.element_ty), mask=in_out)
+        _write_branches(
+            offs,
+            in_batch,
+            rows,
+            valid,
+            seq,
+            off,
+            per_branch,
+            need,
+            excl,
+            req_to_token,
+            branch_pages,
+            free_pages,
+            branch_slots,
+            copy_src,
+            copy_dst,
+            head,
+            count,
+            num_pages,
+            row_stride,
+            branch_stride,
+            topk,
+            num_steps,
+            PAGE_SIZE,
+            PAGE_SHIFT,
+            BLOCK_R,
+            BLOCK_E,
+            COPY,
+        )
     if alone:
         popped = tl.minimum(tl.reduce(own_need, 0, _add), count)
         pushed = tl.minimum(tl.reduce(own_held, 0, _add), num_pages - count)
@@ -837,7 +1022,19 @@ def _alloc_branches_kernel(
         tl.store(counters + 2, tl.full([], 0, dtype=counters.dtype.element_ty))
 
 
-@triton.jit(do_not_specialize=["bs", "num_rows", "max_context_len", "row_stride", "tree_size", "index_stride"])
+@triton.jit(
+    do_not_specialize=[
+        "bs",
+        "num_rows",
+        "max_context_len",
+        "row_stride",
+        "tree_size",
+        "index_stride",
+        "num_pages",
+        "branch_stride",
+        "branch_width",
+    ]
+)
 def _commit_tree_kernel(
     req_to_token,
     req_pool_indices,
@@ -847,15 +1044,25 @@ def _commit_tree_kernel(
     window_lens,
     kv_src,
     kv_dst,
+    branch_pages,
+    num_branch_pages,
+    free_pages,
+    counters,
     bs,
     num_rows,
     max_context_len,
     row_stride,
     tree_size,
     index_stride,
+    num_pages,
+    branch_stride,
+    branch_width,
     TILE: tl.constexpr,
     BLOCK_T: tl.constexpr,
     REPOINT: tl.constexpr,
+    RELEASE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr,
 ):
     """Commit the accepted path of each request's tree: ``seq_lens[row_i] += a_i``, the window closes.
 
@@ -865,13 +1072,40 @@ def _commit_tree_kernel(
     ``m < a_i``, positions ``seq + a_i + r`` the unaccepted nodes' slots in node order, and ``kv_src = kv_dst`` is
     the new slot of ``seq + m``. Otherwise ``kv_dst[i * tree_size + m]`` is the slot of ``seq + m`` and
     ``kv_src`` that of ``seq + n_m`` (``m < a_i``) or ``kv_dst`` (``a_i <= m < W_i``). Past the window, and for
-    rows out of range, pairs are ``0 -> 0``.
+    rows out of range, pairs are ``0 -> 0``. With ``RELEASE``, the rows' branch pages go back to the ring first
+    (see ``_release_branches_kernel``).
     """
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
     m = tl.arange(0, BLOCK_T)
+    if RELEASE:
+        head = tl.load(counters).to(tl.int32)
+        count = tl.load(counters + 1).to(tl.int32)
+        held_sums = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
+        scanned = tl.full([], 0, dtype=tl.int32)
     for tile in range(pid, num_tiles, num_programs):
+        if RELEASE:
+            held_sums = _release_tile(
+                tile * TILE,
+                scanned,
+                held_sums,
+                req_pool_indices,
+                branch_pages,
+                num_branch_pages,
+                free_pages,
+                head,
+                count,
+                bs,
+                num_rows,
+                num_pages,
+                branch_stride,
+                branch_width,
+                TILE,
+                BLOCK_R,
+                SCAN_BLOCK,
+            )
+            scanned = tile * TILE
         offs = tile * TILE + tl.arange(0, TILE)  # [TILE]
         in_batch = offs < bs
         rows = tl.load(req_pool_indices + offs, mask=in_batch, other=-1).to(tl.int32)
@@ -923,3 +1157,7 @@ def _commit_tree_kernel(
         tl.store(kv_dst + out, dst.to(kv_dst.dtype.element_ty), mask=in_out)
         tl.store(seq_lens + rows, (seq + a).to(seq_lens.dtype.element_ty), mask=valid)
         tl.store(window_lens + rows, (a * 0).to(window_lens.dtype.element_ty), mask=valid)
+    if RELEASE:
+        _release_finish(
+            counters, req_pool_indices, num_branch_pages, count, bs, num_rows, num_pages, branch_width, SCAN_BLOCK
+        )
