@@ -860,8 +860,9 @@ class DraftCacheAllocator:
         page_size == pos % page_size``), on pages of its own: the branches' slots are disjoint from every slot a
         live request owns and from each other. The row's previous branch pages are released first, in the same
         launch (the new pages never come from them). Branch pages are released by :meth:`release_branches`, the
-        next :meth:`alloc_draft`/:meth:`reserve_draft`, :meth:`commit`, :meth:`commit_tree` or
-        :meth:`alloc_branches` of the row, and :meth:`free_requests`. Positions past ``max_context_len`` are not
+        next :meth:`alloc_draft`/:meth:`reserve_draft`/:meth:`alloc_tree_draft`, :meth:`commit`,
+        :meth:`commit_tree` (unless ``keep_branches``) or :meth:`alloc_branches` of the row, and
+        :meth:`free_requests`. Positions past ``max_context_len`` are not
         checked: branch slots are not in ``req_to_token``.
 
         With ``page_size > 1`` a branch's first page starts at the request's last partial page (``off = seq_len %
@@ -1808,6 +1809,16 @@ class DraftStepWrapper:
             out_cache_loc, last_loc = step.alloc_draft()
             ...  # verify the tree; write the accepted paths into accept_index and accept_lens in place
             kv_src, kv_dst = step.commit()  # then kv[kv_dst] = kv[kv_src]
+
+    The same in two launches a step (:meth:`~DraftCacheAllocator.alloc_tree_draft`, and a tree commit that leaves the
+    branch pages to the next draft)::
+
+        step.plan(rows, N, accept_lens=accept_lens, accept_index=accept_index, keep_branches=True, topk=topk,
+                  num_steps=num_steps)
+        while decoding:
+            out_cache_loc, last_loc, branch_slots, copy_src, copy_dst = step.alloc_tree_draft()
+            ...  # kv[copy_dst] = kv[copy_src]; draft the branches; verify the tree
+            kv_src, kv_dst = step.commit()
 
     Args:
         allocator: the :class:`DraftCacheAllocator` whose step this is.
