@@ -950,10 +950,7 @@ class DraftCacheAllocator:
         p = self.page_size
         per_row = topk * _pages(p - 1 + num_steps, p)  # the most pages a row's branches take
         needs = self._branch_capacity(rows, host_rows, topk, num_steps, bs * per_row)
-        narrow = self.branch_pages
-        if narrow.size(1) < per_row:  # on the host, outside graphs: the first call sizes it
-            self.branch_pages = torch.zeros(self.max_requests, per_row, dtype=torch.int32, device=self.device)
-            self.branch_pages[:, : narrow.size(1)] = narrow
+        narrow = self._widen_branch_pages(per_row)
         try:
             if step is None:
                 self._launch_branches(rows, topk, num_steps, slots, copy_src, copy_dst)
@@ -964,6 +961,15 @@ class DraftCacheAllocator:
             raise
         self._forget_branches(rows, host_rows)
         self._hold_branches(rows, host_rows, per_row, needs)
+
+    def _widen_branch_pages(self, per_row: int) -> torch.Tensor:
+        """Make ``branch_pages`` at least ``per_row`` wide (on the host, outside graphs: the first call that needs it
+        sizes it); returns the table before, for the caller to put back if its launch raises."""
+        narrow = self.branch_pages
+        if narrow.size(1) < per_row:
+            self.branch_pages = torch.zeros(self.max_requests, per_row, dtype=torch.int32, device=self.device)
+            self.branch_pages[:, : narrow.size(1)] = narrow
+        return narrow
 
     def _hold_branches(
         self, rows: torch.Tensor, host_rows: list[int] | None, per_row: int, needs: list[int] | None
@@ -1187,10 +1193,7 @@ class DraftCacheAllocator:
         per_row = branches[0] * _pages(self.page_size - 1 + branches[1], self.page_size)
         bound, drafted, needs = self._draft_bounds(rows, host_rows, n, branches[:2])
         release = self._branches_may_exist()
-        narrow = self.branch_pages
-        if narrow.size(1) < per_row:  # on the host, outside graphs: the first call sizes it
-            self.branch_pages = torch.zeros(self.max_requests, per_row, dtype=torch.int32, device=self.device)
-            self.branch_pages[:, : narrow.size(1)] = narrow
+        narrow = self._widen_branch_pages(per_row)
         try:
             if step is None:
                 self._launch_alloc(rows, n, None, None, None, out_cache_loc, last_loc, release, branches=branches)
