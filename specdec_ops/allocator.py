@@ -599,12 +599,12 @@ class DraftCacheAllocator:
         :meth:`alloc_branches` ``(rows, topk, num_steps)`` for the draft model's branches, both from the committed
         length ``seq_len``.
 
-        The same slots, pairs and guarantees as the two calls (the rows' previous branch pages are released first,
-        in the same launch; the new ones by the calls listed under :meth:`alloc_branches`), in one launch instead of
-        two. With :meth:`commit_tree` after it a tree step takes two launches: the tree commit releases the branch
-        pages in its own launch, or, with ``keep_branches=True``, leaves them to this call's next run, where their
-        release costs little (see :meth:`commit_tree`). Each request's window pages come first in the ring, then its
-        branch pages, so the page numbers differ from those of the two calls.
+        The same slots, pairs and guarantees as the two calls (the rows' previous branch pages are kept or released
+        as :meth:`alloc_branches` says, in the same launch; the new ones are released by the calls listed there), in
+        one launch instead of two. With :meth:`commit_tree` after it a tree step takes two launches: the tree commit
+        releases the branch pages in its own launch, or, with ``keep_branches=True``, leaves them to this call's
+        next run, which keeps them when the shape is the same (see :meth:`commit_tree`). Each request's window pages
+        come first in the ring, then its branch pages, so the page numbers differ from those of the two calls.
 
         Args:
             req_pool_indices, num_draft_tokens, out_cache_loc, last_loc, validate: as for :meth:`alloc_draft`.
@@ -760,12 +760,14 @@ class DraftCacheAllocator:
                 ``accept_lens[i]`` are ignored. ``T <= 256`` (on an NPU 64, and 32 with ``page_size == 1``).
             accept_lens: ``[bs]`` int tensor on the device or a list, values in ``[0, T]``.
             kv_src, kv_dst: optional int32/int64 buffers of at least ``bs * T`` elements (keep them for graphs).
-            keep_branches: leave the rows' branch pages held: the row's next draft (:meth:`alloc_tree_draft`,
-                :meth:`alloc_draft`, :meth:`reserve_draft`) releases them in its own launch, as do
-                :meth:`alloc_branches`, :meth:`release_branches`, :meth:`commit` and :meth:`free_requests`. The
-                release costs the tree commit 2-4 us of device time (its ticket and last pass, H200); kept, it is
-                nearly free in the next draft, but the pool must hold a step's branch pages twice at that draft
-                (its pops never take the pages it releases).
+            keep_branches: leave the rows' branch pages held. The row's next :meth:`alloc_tree_draft` (or
+                :meth:`alloc_branches`) keeps them if its branches take as many pages (same ``topk`` and
+                ``num_steps``, and with ``page_size > 1`` as many pages per branch), with no trip through the
+                pool, and otherwise releases them in its own launch, as do :meth:`alloc_draft`,
+                :meth:`reserve_draft`, :meth:`release_branches`, :meth:`commit` and :meth:`free_requests`.
+                Releasing them here costs the tree commit 2-4 us of device time (its ticket and last pass, H200).
+                A release in the next launch needs room for the old and the new pages at once (its pops never
+                take the pages it releases).
             validate: check rows, ``0 <= accept_lens <= min(window, T)`` and that each path's nodes are in
                 ``[0, min(window, T))`` and strictly increasing; one device->host sync.
 
@@ -859,11 +861,12 @@ class DraftCacheAllocator:
         Branch ``b``, step ``s`` of request ``i`` is position ``seq_len_i + s`` in the paged layout (``slot %
         page_size == pos % page_size``), on pages of its own: the branches' slots are disjoint from every slot a
         live request owns and from each other. The row's previous branch pages are released first, in the same
-        launch (the new pages never come from them). Branch pages are released by :meth:`release_branches`, the
-        next :meth:`alloc_draft`/:meth:`reserve_draft`/:meth:`alloc_tree_draft`, :meth:`commit`,
-        :meth:`commit_tree` (unless ``keep_branches``) or :meth:`alloc_branches` of the row, and
-        :meth:`free_requests`. Positions past ``max_context_len`` are not
-        checked: branch slots are not in ``req_to_token``.
+        launch (the new pages never come from them), unless they are exactly as many as its new branches take:
+        then the row keeps them and its new branches lie on them. Branch pages are released by
+        :meth:`release_branches`, the next :meth:`alloc_draft`/:meth:`reserve_draft` of the row, its next
+        :meth:`alloc_tree_draft`/:meth:`alloc_branches` (unless kept), :meth:`commit`, :meth:`commit_tree` (unless
+        ``keep_branches``) and :meth:`free_requests`. Positions past ``max_context_len`` are not checked: branch
+        slots are not in ``req_to_token``.
 
         With ``page_size > 1`` a branch's first page starts at the request's last partial page (``off = seq_len %
         page_size`` committed tokens), so each branch gets its own copy of that page's committed part, as SGLang's
@@ -1247,11 +1250,12 @@ class DraftCacheAllocator:
         need = ((torch.maximum(allocs, ends) + p - 1) // p - (allocs + p - 1) // p).sum()
         extra = [torch.stack([need, ends.max(), ends.argmax()]), rows.long()]
         if branches is not None:
-            extra.append(branches[0] * ((seqs % p + branches[1] + p - 1) // p))
+            extra += self._branch_pops(rows64, seqs, *branches)
         usage, values = self._read_exact(*extra)
         free = usage.free
         need, longest, i = values[:3]
-        branch_needs = None if branches is None else values[3 + bs :]
+        branch_needs = None if branches is None else values[3 + bs : 3 + 2 * bs]
+        branch_pops = 0 if branches is None else values[-1]
         if host_rows is None:
             host_rows = values[3 : 3 + bs]
             self._check_rows_in_use(host_rows)
@@ -1260,10 +1264,10 @@ class DraftCacheAllocator:
                 f"alloc_draft: request {i} (row {host_rows[i]}) has {longest - n} committed tokens; a window of "
                 f"{n} needs {longest} positions but max_context_len is {self.max_context_len}"
             )
-        if branches is not None and need + sum(branch_needs) > free:
+        if branches is not None and need + branch_pops > free:
             raise OutOfSlotsError(
                 f"alloc_tree_draft: {bs} requests with {n} draft tokens and {branches[0]} branches of {branches[1]} "
-                f"steps need {need} + {sum(branch_needs)} new pages ({(need + sum(branch_needs)) * p} slots) but "
+                f"steps need {need} + {branch_pops} new pages ({(need + branch_pops) * p} slots) but "
                 f"{free} pages ({free * p} slots) are free"
             )
         if need > free:
@@ -1337,14 +1341,14 @@ class DraftCacheAllocator:
         self.num_syncs += 1
         p = self.page_size
         bs = rows.size(0)
-        seqs = self.seq_lens[rows.long().clamp(0, self.max_requests - 1)]
-        needs = topk * ((seqs % p + num_steps + p - 1) // p)
-        usage, values = self._read_exact(needs, rows.long())
+        rows64 = rows.long().clamp(0, self.max_requests - 1)
+        usage, values = self._read_exact(
+            *self._branch_pops(rows64, self.seq_lens[rows64], topk, num_steps), rows.long()
+        )
         free = usage.free
-        needs = values[:bs]
+        needs, need = values[:bs], values[bs]
         if host_rows is None:
-            self._check_rows_in_use(values[bs:])
-        need = sum(needs)
+            self._check_rows_in_use(values[bs + 1 :])
         if need > free:
             raise OutOfSlotsError(
                 f"alloc_branches: {bs} requests with {topk} branches of {num_steps} steps need {need} new "
@@ -1352,6 +1356,15 @@ class DraftCacheAllocator:
             )
         self._set_exact(usage)
         return needs
+
+    def _branch_pops(self, rows64: torch.Tensor, seqs: torch.Tensor, topk: int, num_steps: int) -> list[torch.Tensor]:
+        """Device values, for a sync: each request's branch pages (``[bs]``), and the pages their branches pop
+        (``[1]``): a request that holds exactly as many keeps them (``_reused`` in the kernels)."""
+        p = self.page_size
+        per_branch = (seqs % p + num_steps + p - 1) // p
+        needs = topk * per_branch
+        held = self.num_branch_pages[rows64]
+        return [needs, torch.where(held == needs, 0, needs).sum().view(1)]
 
     def _check_accept_index(self, accept_index: torch.Tensor, bs: int) -> int:
         """Check accept_index's metadata; returns T."""

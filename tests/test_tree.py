@@ -35,6 +35,14 @@ def random_paths(rng: random.Random, bs: int, tree: int, windows: list[int] | No
     return index, lens
 
 
+def branch_pops(alloc: DraftCacheAllocator, rows: list[int], topk: int, steps: int) -> int:
+    """Pages the branches of ``rows`` take from the pool: a row that holds exactly as many keeps them."""
+    p = alloc.page_size
+    seq, held = alloc.seq_lens.tolist(), alloc.num_branch_pages.tolist()
+    needs = [topk * pages(seq[r] % p + steps, p) for r in rows]
+    return sum(need for r, need in zip(rows, needs) if held[r] != need)
+
+
 class KVModel:
     """A KV buffer of tags, and the tag every committed position of every row must read."""
 
@@ -254,7 +262,7 @@ def test_alloc_branches(page_size, topk, steps):
     model = KVModel(alloc)
     model.prompt(rows.tolist())
     free = alloc.num_free_slots()
-    for _ in range(2):  # the second call releases the first call's pages
+    for _ in range(2):  # the second call keeps the first call's pages (the same seq_lens: as many pages)
         out = sentinel_like(bs * topk * steps + 1, torch.int32, "cpu")
         slots, copy_src, copy_dst = alloc.alloc_branches(rows, topk, steps, out=out, return_copies=True)
         assert slots.shape == (bs, topk, steps) and out[-1].item() == SENTINEL
@@ -271,7 +279,7 @@ def test_alloc_branches(page_size, topk, steps):
 def test_alloc_tree_draft_is_the_draft_and_the_branches_in_one_launch(page_size, topk, steps, keep, monkeypatch):
     """alloc_tree_draft: the window's slots as alloc_draft gives them, branches as alloc_branches gives them, in
     one launch; commit_tree then releases the branch pages in its own single launch, or (``keep_branches``) leaves
-    them to the next tree draft, which releases them in its own single launch."""
+    them to the next tree draft, which keeps or trades them in its own single launch."""
     rng = random.Random(page_size * 7 + topk)
     bs, tree = 4, 8
     num_pages = bs * (pages(260, page_size) + 2 * topk * pages(page_size - 1 + steps, page_size))
@@ -487,13 +495,58 @@ def test_out_of_slots_after_branches_is_all_or_nothing(rows_as):
     assert alloc.num_free_slots() == 16 * 12
     check_layout(alloc)
     before = snapshot(alloc)
-    with pytest.raises(OutOfSlotsError, match=r"alloc_branches: 4 requests with 4 branches of 5 steps need 16"):
-        alloc.alloc_branches(rows(), 4, 5)  # 12 free: the 4 pages it would release do not count
+    with pytest.raises(OutOfSlotsError, match=r"alloc_branches: 4 requests with 5 branches of 5 steps need 20"):
+        alloc.alloc_branches(rows(), 5, 5)  # 12 free: the 4 pages it would release do not count
     assert_unchanged(alloc, before)
-    alloc.release_branches(rows_t[3:].tolist() if rows_as == "list" else rows_t[3:])
-    alloc.alloc_branches(rows(), 4, 5)  # the 16 free pages, exactly
+    kept = branch_pages_of(alloc)[int(rows_t[3])]
+    alloc.alloc_branches(rows(), 4, 5)  # the 12 free pages, exactly: the 4th request keeps its 4 pages
     assert alloc.num_free_slots() == 0
+    assert branch_pages_of(alloc)[int(rows_t[3])] == kept
     check_layout(alloc)
+    alloc.release_branches(rows())
+    assert alloc.num_free_slots() == 16 * 16
+
+
+@pytest.mark.parametrize("page_size", [1, 16], ids=lambda p: f"page{p}")
+@pytest.mark.parametrize("fused", [False, True], ids=["alloc_branches", "alloc_tree_draft"])
+def test_rows_keep_the_branch_pages_their_next_branches_take(page_size, fused):
+    """Branch pages held (commit_tree(keep_branches=True), or alloc_branches) by a row whose next branches take as
+    many pages are kept, with no trip through the pool: the same pages, the same free count. Rows whose branches
+    take another number of pages trade theirs, in the same launch."""
+    alloc = DraftCacheAllocator(page_size * 400, 4, 256, page_size=page_size, device="cpu")
+    # Offsets in the last page 0, 5, 15 and 12 (page 16): 3 steps take one page a branch, except from 15.
+    rows = alloc.add_requests([32, 21, 15, 44])
+    model = KVModel(alloc)
+    model.prompt(rows.tolist())
+
+    def branches(topk, steps):
+        if fused:
+            out, _, slots, src, dst = alloc.alloc_tree_draft(rows, 2, topk, steps)
+            # Commit nothing: the windows stay open for the next draft, which takes no new window pages.
+            alloc.commit_tree(
+                rows, torch.zeros(4, 2, dtype=torch.int64), torch.zeros(4, dtype=torch.int64), keep_branches=True
+            )
+        else:
+            slots, src, dst = alloc.alloc_branches(rows, topk, steps, return_copies=True)
+        check_branches(alloc, rows.tolist(), topk, steps, slots, src, dst, model)
+        check_layout(alloc)
+        return slots
+
+    first = branches(4, 3)
+    held, free = branch_pages_of(alloc), alloc.num_free_slots()
+    assert torch.equal(branches(4, 3), first), "the same pages give the same slots"
+    assert branch_pages_of(alloc) == held and alloc.num_free_slots() == free
+    branches(3, 3)  # another topk: every row trades its pages
+    assert alloc.num_free_slots() == free + page_size * (
+        len(sum(held.values(), [])) - int(alloc.num_branch_pages.sum())
+    )
+    held = branch_pages_of(alloc)
+    branches(3, 12)  # page 16: 12 steps take two pages a branch from offsets 5, 15 and 12, one from 0
+    kept = [row for row, pages_held in branch_pages_of(alloc).items() if pages_held == held[row]]
+    assert kept == ([] if page_size == 1 else [int(rows[0]), int(rows[2])])
+    alloc.release_branches(rows)
+    alloc.free_requests(rows)
+    assert alloc.num_free_slots() == alloc.num_slots
 
 
 # ---------------------------------------------------------------------------------------- many programs
@@ -507,10 +560,11 @@ def tree_loop(
     num_steps: int = 4,
     tree: int = 6,
     fused: bool = False,
+    keep: bool = False,
 ):
     """A seeded loop of tree steps (branches, draft, verify, tree commit; ``fused``: the branches and the draft by
-    alloc_tree_draft) with arrivals and finishes; returns everything the calls returned, and checks the simulated KV
-    after each step."""
+    alloc_tree_draft; ``keep``: the tree commit keeps the branch pages) with arrivals and finishes; returns
+    everything the calls returned, and checks the simulated KV after each step."""
     rng = random.Random(seed)
     model = KVModel(alloc)
     model.prompt(alloc.rows_in_use())
@@ -537,7 +591,7 @@ def tree_loop(
             out, last = alloc.alloc_draft(rows, tree)  # releases the branch pages
         tags = model.verify(out)
         index, lens = random_paths(rng, len(live), tree)
-        src, dst = alloc.commit_tree(rows, index, torch.tensor(lens, dtype=torch.int64))
+        src, dst = alloc.commit_tree(rows, index, torch.tensor(lens, dtype=torch.int64), keep_branches=keep)
         model.apply(src, dst)
         model.accept(live, tags, tree, index, lens)
         model.check()
@@ -546,14 +600,19 @@ def tree_loop(
     return outputs
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["branches+draft", "tree-draft"])
+@pytest.mark.parametrize(
+    "fused, keep", [(False, False), (True, False), (True, True)], ids=["branches+draft", "tree-draft", "keep"]
+)
 @pytest.mark.parametrize("page_size", [1, 4], ids=lambda p: f"page{p}")
-def test_many_programs_give_what_one_gives(page_size, fused, monkeypatch):
+def test_many_programs_give_what_one_gives(page_size, fused, keep, monkeypatch):
+    """Split over many programs (and scan blocks), every call gives what one program gives; ``keep``: tree drafts
+    where some requests keep their branch pages and others (a page more or less per branch) trade them."""
+
     def run():
-        num_pages = 12 * (pages(96, page_size) + 3 * pages(page_size + 3, page_size))
+        num_pages = 12 * (pages(96, page_size) + 6 * pages(page_size + 3, page_size))
         alloc = DraftCacheAllocator(page_size * num_pages, 12, 96, page_size=page_size, device="cpu")
         alloc.add_requests([(5 * i) % 40 for i in range(9)])
-        return tree_loop(alloc, steps=6, seed=page_size, fused=fused), snapshot(alloc)
+        return tree_loop(alloc, steps=6, seed=page_size, fused=fused, keep=keep), snapshot(alloc)
 
     monkeypatch.setattr(allocator_module, "_COPY_BRANCH_TILE", 32)  # one program for the 9 requests
     one_out, one_state = run()
@@ -679,9 +738,7 @@ class TreeMachine(RuleBasedStateMachine):
         rows = self.pick_rows(data)
         topk = data.draw(st.integers(1, 3), label="topk")
         steps = data.draw(st.integers(1, 2 * self.PAGE_SIZE + 1), label="num_steps")
-        p = self.PAGE_SIZE
-        seq = self.alloc.seq_lens.tolist()
-        need = sum(topk * pages(seq[r] % p + steps, p) for r in rows)
+        need = branch_pops(self.alloc, rows, topk, steps)
         before = snapshot(self.alloc)
         if need > self.free_pages():
             event("branches: fail")
@@ -718,7 +775,7 @@ class TreeMachine(RuleBasedStateMachine):
         p = self.PAGE_SIZE
         seq, allocs = self.alloc.seq_lens.tolist(), self.alloc.alloc_lens.tolist()
         need = sum(max(pages(seq[r] + tree, p) - pages(allocs[r], p), 0) for r in rows)
-        need += sum(topk * pages(seq[r] % p + steps, p) for r in rows)
+        need += branch_pops(self.alloc, rows, topk, steps)
         before = snapshot(self.alloc)
         if any(seq[r] + tree > self.MAX_CONTEXT_LEN for r in rows) or need > self.free_pages():
             with pytest.raises((OutOfSlotsError, allocator_module.ContextLengthError)):

@@ -210,7 +210,8 @@ def _alloc_windows_kernel(
     (decode only), the rows' branch pages go back to the ring first (see ``_release_branches_kernel``); the pops
     do not see them. With ``BRANCH`` (decode only) each request also takes its ``topk`` branches of ``num_steps``
     positions from ``seq_len`` (see ``_alloc_branches_kernel``; ``branch_slots`` and, with ``COPY``, ``copy_src`` and
-    ``copy_dst`` as there): its ``need_b_i`` branch pages follow its window's pages in the ring.
+    ``copy_dst`` as there): its ``need_b_i`` branch pages follow its window's pages in the ring. With both, a
+    request that holds exactly the pages its branches take keeps them instead (``_reused``): no push, no pop.
     """
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -237,7 +238,6 @@ def _alloc_windows_kernel(
                 _, _, held_earlier = _branch_counts(
                     k, k < tile_start, req_pool_indices, num_branch_pages, num_rows, branch_width
                 )
-                held_sums += held_earlier
             _, valid_earlier, seq_earlier, _, _, _, _, earlier = _window_needs(
                 k,
                 k < tile_start,
@@ -255,9 +255,16 @@ def _alloc_windows_kernel(
                 PREFIX,
             )
             if BRANCH:
-                earlier += _branch_shape(
+                _, per_branch_earlier, branch_earlier = _branch_shape(
                     seq_earlier, valid_earlier, branch_width, topk, num_steps, PAGE_SIZE, PAGE_SHIFT
-                )[2]
+                )
+                if RELEASE:  # requests that keep their pages neither push nor pop them
+                    kept_earlier = _reused(held_earlier, branch_earlier, per_branch_earlier, topk)
+                    held_earlier = held_earlier * (1 - kept_earlier)
+                    branch_earlier = branch_earlier * (1 - kept_earlier)
+                earlier += branch_earlier
+            if RELEASE:
+                held_sums += held_earlier
             lane_sums += earlier
         scanned = tile_start + TILE
         offs = tile_start + tl.arange(0, TILE)  # [TILE]
@@ -291,13 +298,19 @@ def _alloc_windows_kernel(
             prev = tl.load(req_to_token + (row_addr + starts - 1), mask=has_prefix, other=-1)
         if RELEASE:
             held = _branch_counts(offs, in_batch, req_pool_indices, num_branch_pages, num_rows, branch_width)[2]
-        # Pages this request pops: its window's, then (BRANCH) its branches'.
+        # Pages this request pops: its window's, then (BRANCH) its branches', unless (RELEASE) it keeps the branch
+        # pages it holds for them; then it pushes none either.
         pops = need
         if BRANCH:
             branch_off, per_branch, branch_need = _branch_shape(
                 starts, valid, branch_width, topk, num_steps, PAGE_SIZE, PAGE_SHIFT
             )
-            pops += branch_need
+            if RELEASE:
+                reuse = _reused(held, branch_need, per_branch, topk)
+                held = held * (1 - reuse)
+            else:
+                reuse = rows * 0
+            pops += branch_need * (1 - reuse)
         before = tl.reduce(own_sums, 0, _add)
         if (tile_start > 0) & (num_programs > 1):  # other programs' requests came before this tile
             before += tl.reduce(lane_sums, 0, _add)
@@ -324,6 +337,7 @@ def _alloc_windows_kernel(
                 per_branch,
                 branch_need,
                 excl + need,
+                reuse,
                 req_to_token,
                 branch_pages,
                 free_pages,
@@ -762,6 +776,29 @@ def _branch_shape(seq, valid, branch_width, topk, num_steps, PAGE_SIZE: tl.const
 
 
 @triton.jit
+def _reused(held, need, per_branch, topk):
+    """Requests whose branch pages held are exactly as many as their new branches take (same ``topk``, same pages
+    per branch): they keep them, with no push and no pop, and their new branches are laid out on them. 1 or 0
+    (int32)."""
+    return ((need > 0) & (held == need) & (need == per_branch * topk)).to(tl.int32)
+
+
+@triton.jit
+def _branch_page(page_k, in_out, popping, reuse, excl, branch_addr, branch_pages, free_pages, head, count, num_pages):
+    """The ``page_k``-th branch page of each request (``[TILE, E]``) and where there is one: popped at ring offset
+    ``excl + page_k``, or kept in ``branch_pages`` where ``reuse``."""
+    ring_off = excl[:, None] + page_k
+    from_ring = in_out & popping[:, None] & (ring_off < count)
+    ring_idx = _ring_index(head, tl.where(from_ring, ring_off, 0), num_pages)
+    popped = tl.load(free_pages + ring_idx, mask=from_ring, other=0).to(tl.int32)
+    # Two masked gathers: one through a select of the two pointers crashes triton-adapter-opt, and skipping either
+    # when no request of the tile needs it (a branch on a reduction) cost more on an H200 than the gather.
+    from_held = in_out & (reuse != 0)[:, None]
+    kept = tl.load(branch_pages + (branch_addr[:, None] + page_k), mask=from_held, other=0).to(tl.int32)
+    return tl.where(from_held, kept, popped), from_ring | from_held
+
+
+@triton.jit
 def _write_branches(
     offs,
     in_batch,
@@ -772,6 +809,7 @@ def _write_branches(
     per_branch,
     need,
     excl,
+    reuse,
     req_to_token,
     branch_pages,
     free_pages,
@@ -792,14 +830,15 @@ def _write_branches(
     COPY: tl.constexpr,
 ):
     """Give batch entries ``offs`` their branches (see ``_alloc_branches_kernel``): request ``i`` pops ``need_i``
-    pages at ring offsets ``excl_i + k`` into ``branch_pages[row_i, k]``, and writes its branch slots and, with
-    ``COPY``, its copy pairs."""
+    pages at ring offsets ``excl_i + k`` into ``branch_pages[row_i, k]`` (where ``reuse_i``, see ``_reused``, it
+    keeps the pages there instead), and writes its branch slots and, with ``COPY``, its copy pairs."""
     cols = tl.arange(0, BLOCK_R)
     width = topk * num_steps
     branch_addr = rows.to(tl.int64) * branch_stride  # [TILE]
-    for k0 in range(0, tl.reduce(need, 0, _maximum), BLOCK_R):
+    popping = valid & (reuse == 0)
+    for k0 in range(0, tl.reduce(tl.where(popping, need, 0), 0, _maximum), BLOCK_R):
         k = k0 + cols  # [BLOCK_R]
-        mine = valid[:, None] & (k[None, :] < need[:, None])  # [TILE, BLOCK_R]
+        mine = popping[:, None] & (k[None, :] < need[:, None])  # [TILE, BLOCK_R]
         ring_off = excl[:, None] + k[None, :]
         from_ring = mine & (ring_off < count)
         ring_idx = _ring_index(head, tl.where(from_ring, ring_off, 0), num_pages)
@@ -813,11 +852,11 @@ def _write_branches(
         in_out = in_batch[:, None] & (e[None, :] < width)  # [TILE, BLOCK_E]
         pos = off[:, None] + s[None, :]  # offset from the start of the last partial page
         page_no = _floor_page(pos, PAGE_SIZE, PAGE_SHIFT)
-        ring_off = excl[:, None] + b[None, :] * per_branch[:, None] + page_no
-        from_ring = in_out & valid[:, None] & (ring_off < count)
-        ring_idx = _ring_index(head, tl.where(from_ring, ring_off, 0), num_pages)
-        page = tl.load(free_pages + ring_idx, mask=from_ring, other=0).to(tl.int32)
-        slot = tl.where(from_ring, page * PAGE_SIZE + (pos - page_no * PAGE_SIZE), 0)
+        page_k = b[None, :] * per_branch[:, None] + page_no  # the branch page, of the request's need
+        page, has_page = _branch_page(
+            page_k, in_out, popping, reuse, excl, branch_addr, branch_pages, free_pages, head, count, num_pages
+        )
+        slot = tl.where(has_page, page * PAGE_SIZE + (pos - page_no * PAGE_SIZE), 0)
         tl.store(branch_slots + (out_base[:, None] + e[None, :]), slot.to(branch_slots.dtype.element_ty), mask=in_out)
     if COPY:
         copy_width = topk * (PAGE_SIZE - 1)
@@ -828,12 +867,12 @@ def _write_branches(
             b = c // (PAGE_SIZE - 1)
             q = c - b * (PAGE_SIZE - 1)
             in_out = in_batch[:, None] & (c[None, :] < copy_width)  # [TILE, BLOCK_E]
-            ring_off = excl[:, None] + b[None, :] * per_branch[:, None]
-            from_ring = in_out & valid[:, None] & (ring_off < count)
-            ring_idx = _ring_index(head, tl.where(from_ring, ring_off, 0), num_pages)
-            page = tl.load(free_pages + ring_idx, mask=from_ring, other=0).to(tl.int32)
-            dst = tl.where(from_ring, page * PAGE_SIZE + q[None, :], 0)
-            committed = from_ring & (q[None, :] < off[:, None])
+            page_k = b[None, :] * per_branch[:, None] + q[None, :] * 0  # the branch's first page
+            page, has_page = _branch_page(
+                page_k, in_out, popping, reuse, excl, branch_addr, branch_pages, free_pages, head, count, num_pages
+            )
+            dst = tl.where(has_page, page * PAGE_SIZE + q[None, :], 0)
+            committed = has_page & (q[None, :] < off[:, None])
             src = tl.load(req_to_token + (row_addr[:, None] + q[None, :]), mask=committed, other=0).to(tl.int32)
             src = tl.where(committed, src, dst)
             dst_addr = copy_base[:, None] + c[None, :]
@@ -882,7 +921,8 @@ def _alloc_branches_kernel(
     SCAN_BLOCK: tl.constexpr,
     COPY: tl.constexpr,
 ):
-    """Release the rows' branch pages, then give each request ``topk`` branches of ``num_steps`` positions.
+    """Release the rows' branch pages, then give each request ``topk`` branches of ``num_steps`` positions (a
+    request that holds exactly the pages its branches take keeps them instead, see ``_reused``).
 
     Request ``i`` (committed length ``seq``, ``off = seq % PAGE_SIZE``) pushes its ``held_i`` old pages at ring
     offsets ``count + excl_held_i + k`` and pops ``need_i = topk * per_branch`` pages at ``excl_need_i + k``,
@@ -910,7 +950,7 @@ def _alloc_branches_kernel(
         tile_start = tile * TILE
         for k0 in range(scanned, tile_start, SCAN_BLOCK):
             k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
-            _, _, held_earlier, _, _, _, need_earlier = _branch_needs(
+            _, _, held_earlier, _, _, per_branch_earlier, need_earlier = _branch_needs(
                 k,
                 k < tile_start,
                 req_pool_indices,
@@ -924,8 +964,9 @@ def _alloc_branches_kernel(
                 PAGE_SIZE,
                 PAGE_SHIFT,
             )
-            held_sums += held_earlier
-            need_sums += need_earlier
+            moved_earlier = 1 - _reused(held_earlier, need_earlier, per_branch_earlier, topk)
+            held_sums += held_earlier * moved_earlier
+            need_sums += need_earlier * moved_earlier
         scanned = tile_start + TILE
         offs = tile_start + tl.arange(0, TILE)  # [TILE]
         in_batch = offs < bs
@@ -943,19 +984,23 @@ def _alloc_branches_kernel(
             PAGE_SIZE,
             PAGE_SHIFT,
         )
+        # Requests that keep their branch pages (_reused) push and pop none.
+        reuse = _reused(held, need, per_branch, topk)
+        to_push = held * (1 - reuse)
+        to_pop = need * (1 - reuse)
         held_before = tl.reduce(own_held, 0, _add)
         need_before = tl.reduce(own_need, 0, _add)
         if (tile_start > 0) & (num_programs > 1):  # other programs' requests came before this tile
             held_before += tl.reduce(held_sums, 0, _add)
             need_before += tl.reduce(need_sums, 0, _add)
-        held_start = count + held_before + tl.associative_scan(held, 0, _add) - held  # [TILE]
-        own_held += held
-        own_need += need
+        held_start = count + held_before + tl.associative_scan(to_push, 0, _add) - to_push  # [TILE]
+        own_held += to_push
+        own_need += to_pop
         _push_branch_pages(
-            rows, valid, held, held_start, branch_pages, free_pages, head, num_pages, branch_stride, BLOCK_R
+            rows, valid, to_push, held_start, branch_pages, free_pages, head, num_pages, branch_stride, BLOCK_R
         )
         tl.debug_barrier()  # the old pages are read before the new ones overwrite them
-        excl = need_before + tl.associative_scan(need, 0, _add) - need  # [TILE]
+        excl = need_before + tl.associative_scan(to_pop, 0, _add) - to_pop  # [TILE]
         if alone:  # no other program reads these counts
             tl.store(num_branch_pages + rows, need.to(num_branch_pages.dtype.element_ty), mask=valid)
         _write_branches(
@@ -968,6 +1013,7 @@ def _alloc_branches_kernel(
             per_branch,
             need,
             excl,
+            reuse,
             req_to_token,
             branch_pages,
             free_pages,
@@ -997,7 +1043,7 @@ def _alloc_branches_kernel(
         popped_lanes = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
         for k0 in range(0, bs, SCAN_BLOCK):
             k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
-            rows, valid, held, _, _, _, need = _branch_needs(
+            rows, valid, held, _, _, per_branch, need = _branch_needs(
                 k,
                 k < bs,
                 req_pool_indices,
@@ -1011,8 +1057,9 @@ def _alloc_branches_kernel(
                 PAGE_SIZE,
                 PAGE_SHIFT,
             )
-            pushed_lanes += held
-            popped_lanes += need
+            moved = 1 - _reused(held, need, per_branch, topk)
+            pushed_lanes += held * moved
+            popped_lanes += need * moved
             tl.debug_barrier()  # every lane has read the counts it sums
             tl.store(num_branch_pages + rows, need.to(num_branch_pages.dtype.element_ty), mask=valid)
         popped = tl.minimum(tl.reduce(popped_lanes, 0, _add), count)
