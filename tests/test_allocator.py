@@ -78,6 +78,7 @@ def check_layout(alloc: DraftCacheAllocator, *, ask_free_slots: bool = True) -> 
     ``ask_free_slots`` also checks ``num_free_slots()``, which syncs and so tightens the host bound.
     """
     p = alloc.page_size
+    assert alloc._counters[2].item() == 0, "a launch left its ticket set"
     table = alloc.req_to_token.cpu()
     seq_lens = alloc.seq_lens.cpu().tolist()
     alloc_lens = alloc.alloc_lens.cpu().tolist()
@@ -1157,7 +1158,7 @@ def test_gpu_matches_cpu_call_for_call(page_size):
 @pytest.mark.parametrize("page_size", [1, 16, 128], ids=lambda p: f"page{p}")
 def test_gpu_many_programs_match_one_program(page_size):
     """bs 2048: the default grid (several programs and the last-program ticket) against one program per launch,
-    call for call, on the GPU."""
+    call for call, on the GPU; chain steps, then tree steps whose drafts keep or trade the branch pages."""
     bs = 2048
     runs = []
     for tiles in ({}, {"_ALLOC_ELEMENTS": bs * 4, "_MAX_TILE": bs, "_FREE_TILE": bs, "_COMMIT_TILE": bs}):
@@ -1165,13 +1166,22 @@ def test_gpu_many_programs_match_one_program(page_size):
         try:
             for name, value in tiles.items():
                 setattr(allocator_module, name, value)
-            alloc = DraftCacheAllocator(bs * (600 // page_size + 2) * page_size, bs, 1024, page_size=page_size)
+            # Room for the contexts, and for the old and the new branch pages of a tree draft that trades them.
+            branch_pages = 2 * 3 * -(-(page_size - 1 + 3) // page_size)
+            pool = bs * (600 // page_size + 2 + branch_pages) * page_size
+            alloc = DraftCacheAllocator(pool, bs, 1024, page_size=page_size)
             rows = alloc.add_requests([(37 * i) % 500 for i in range(bs)])
             outputs = []
             for step in range(4):
                 out, last = alloc.alloc_draft(rows, 4)
                 outputs.append((out.cpu(), last.cpu()))
                 alloc.commit(rows, torch.tensor([(i + step) % 5 for i in range(bs)], device="cuda"))
+            index = torch.arange(4, device="cuda").repeat(bs, 1)
+            for step in range(3):
+                out, last, slots, src, dst = alloc.alloc_tree_draft(rows, 4, (2, 2, 3)[step], 3)
+                outputs.append((torch.cat([out, slots.view(-1), src, dst]).cpu(), last.cpu()))
+                accept = torch.tensor([(i + step) % 5 for i in range(bs)], device="cuda")
+                alloc.commit_tree(rows, index, accept, keep_branches=True)
             alloc.free_requests(rows[::3])
             runs.append((outputs, {name: getattr(alloc, name).cpu() for name in STATE_TENSORS}))
         finally:
