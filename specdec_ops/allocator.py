@@ -703,7 +703,7 @@ class DraftCacheAllocator:
             else:
                 step._prepared("release commit tree" if release else "commit tree")()
             if release:
-                self._forget_branches(rows, host_rows)
+                self._forget_branches(rows, host_rows, rows.size(0))
         if host_rows is None:
             self._known_windows.clear()
         else:
@@ -962,8 +962,8 @@ class DraftCacheAllocator:
         except BaseException:
             self.branch_pages = narrow  # the wider copy holds nothing yet
             raise
-        self._forget_branches(rows, host_rows)
-        self._hold_branches(rows, host_rows, per_row, needs)
+        self._forget_branches(rows, host_rows, bs)
+        self._hold_branches(rows, host_rows, per_row, needs, bs)
 
     def _widen_branch_pages(self, per_row: int) -> torch.Tensor:
         """Make ``branch_pages`` at least ``per_row`` wide (on the host, outside graphs: the first call that needs it
@@ -975,11 +975,12 @@ class DraftCacheAllocator:
         return narrow
 
     def _hold_branches(
-        self, rows: torch.Tensor, host_rows: list[int] | None, per_row: int, needs: list[int] | None
+        self, rows: torch.Tensor, host_rows: list[int] | None, per_row: int, needs: list[int] | None, bs: int
     ) -> None:
-        """Record that ``rows`` now hold branch pages: ``needs`` each when known exactly, else at most ``per_row``."""
+        """Record that ``rows`` (``bs`` of them) now hold branch pages: ``needs`` each when known exactly, else at
+        most ``per_row``."""
         if host_rows is None:
-            self._branch_batches.append((rows, rows._version, rows.size(0) * per_row if needs is None else sum(needs)))
+            self._branch_batches.append((rows, rows._version, bs * per_row if needs is None else sum(needs)))
         elif needs is None:
             self._branch_rows.update(dict.fromkeys(host_rows, per_row))
         else:
@@ -1178,7 +1179,7 @@ class DraftCacheAllocator:
         else:
             step._prepared("release draft" if release else "draft")()
         if release:
-            self._forget_branches(rows, host_rows)
+            self._forget_branches(rows, host_rows, rows.size(0))
         self._pages_bound, self._drafted_since_sync = bound, drafted
         self._open_windows(host_rows, n)
 
@@ -1206,8 +1207,8 @@ class DraftCacheAllocator:
             self.branch_pages = narrow  # the wider copy holds nothing yet
             raise
         if release:
-            self._forget_branches(rows, host_rows)
-        self._hold_branches(rows, host_rows, per_row, needs)
+            self._forget_branches(rows, host_rows, rows.size(0))
+        self._hold_branches(rows, host_rows, per_row, needs, rows.size(0))
         self._pages_bound, self._drafted_since_sync = bound, drafted
         self._open_windows(host_rows, n)
 
@@ -1228,10 +1229,11 @@ class DraftCacheAllocator:
         bs = rows.size(0)
         p = self.page_size
         drafted = self._drafted_since_sync + n
+        live = self.max_requests - len(self._free_rows)  # num_requests, inlined: this runs every step
         bound = min(
             self._pages_bound + bs * _pages(n, p),
-            self._used_at_sync + self._net_pages_since_sync + self.num_requests * _pages(drafted, p),
-            self._most_pages(),
+            self._used_at_sync + self._net_pages_since_sync + live * _pages(drafted, p),
+            len(self._cache_pages) + live * self._context_pages,  # _most_pages()
         )
         if self._seq_base_max + drafted > self.max_context_len:  # the longest rows may be gone: look again
             self._seq_base_max = max((self._seq_base[row] for row in self.rows_in_use()), default=0)
@@ -1294,9 +1296,9 @@ class DraftCacheAllocator:
     def _branches_may_exist(self) -> bool:
         return bool(self._branch_rows or self._branch_batches)
 
-    def _forget_branches(self, rows: torch.Tensor, host_rows: list[int] | None) -> None:
-        """The branches of ``rows`` were released: drop what the host can tell."""
-        if rows.size(0) == self.num_requests:  # distinct rows in use (checked, or trusted): all of them
+    def _forget_branches(self, rows: torch.Tensor, host_rows: list[int] | None, bs: int) -> None:
+        """The branches of ``rows`` (``bs`` of them) were released: drop what the host can tell."""
+        if bs == self.max_requests - len(self._free_rows):  # distinct rows in use (checked, or trusted): all of them
             self._branch_rows.clear()
             self._branch_batches.clear()
             return
@@ -1315,7 +1317,7 @@ class DraftCacheAllocator:
             self._release(rows)
         else:
             prepared()
-        self._forget_branches(rows, host_rows)
+        self._forget_branches(rows, host_rows, rows.size(0))
 
     def _release(self, rows: torch.Tensor, prepare: bool = False) -> backend.Launch | None:
         """Launch the kernel that returns branch pages; ``prepare=True``: return the launch, made by calling it."""
@@ -1336,6 +1338,10 @@ class DraftCacheAllocator:
         """Raise OutOfSlotsError unless the pops of alloc_branches fit in the free pages (they never see the
         pages the call releases); syncs only when the host bound says they might not. Returns the exact branch
         pages of each request when it synced, else None (``worst`` pages in all at most)."""
+        batches = self._branch_batches
+        held = sum(self._branch_rows.values()) + (sum(map(_third, batches)) if batches else 0)
+        if self._pages_bound + held + worst <= self.num_pages:  # the bounds uncapped: the wrappers' common case
+            return None
         if min(self._pages_bound, self._most_pages()) + self._branch_bound() + worst <= self.num_pages:
             return None
         self.num_syncs += 1
