@@ -1229,11 +1229,10 @@ class DraftCacheAllocator:
         bs = rows.size(0)
         p = self.page_size
         drafted = self._drafted_since_sync + n
-        live = self.max_requests - len(self._free_rows)  # num_requests, inlined: this runs every step
         bound = min(
             self._pages_bound + bs * _pages(n, p),
-            self._used_at_sync + self._net_pages_since_sync + live * _pages(drafted, p),
-            len(self._cache_pages) + live * self._context_pages,  # _most_pages()
+            self._used_at_sync + self._net_pages_since_sync + self.num_requests * _pages(drafted, p),
+            self._most_pages(),
         )
         if self._seq_base_max + drafted > self.max_context_len:  # the longest rows may be gone: look again
             self._seq_base_max = max((self._seq_base[row] for row in self.rows_in_use()), default=0)
@@ -1290,15 +1289,18 @@ class DraftCacheAllocator:
         """An upper bound of the branch pages held (host state)."""
         if not (self._branch_rows or self._branch_batches):
             return 0
-        held = sum(self._branch_rows.values()) + sum(map(_third, self._branch_batches))
-        return min(held, self.num_requests * self.branch_pages.size(1))
+        return min(self._branch_held(), self.num_requests * self.branch_pages.size(1))
+
+    def _branch_held(self) -> int:
+        """The branch pages held as the host recorded them (an upper bound that :meth:`_branch_bound` caps)."""
+        return sum(self._branch_rows.values()) + sum(map(_third, self._branch_batches))
 
     def _branches_may_exist(self) -> bool:
         return bool(self._branch_rows or self._branch_batches)
 
     def _forget_branches(self, rows: torch.Tensor, host_rows: list[int] | None, bs: int) -> None:
         """The branches of ``rows`` (``bs`` of them) were released: drop what the host can tell."""
-        if bs == self.max_requests - len(self._free_rows):  # distinct rows in use (checked, or trusted): all of them
+        if bs == self.num_requests:  # distinct rows in use (checked, or trusted): all of them
             self._branch_rows.clear()
             self._branch_batches.clear()
             return
@@ -1338,9 +1340,7 @@ class DraftCacheAllocator:
         """Raise OutOfSlotsError unless the pops of alloc_branches fit in the free pages (they never see the
         pages the call releases); syncs only when the host bound says they might not. Returns the exact branch
         pages of each request when it synced, else None (``worst`` pages in all at most)."""
-        batches = self._branch_batches
-        held = sum(self._branch_rows.values()) + (sum(map(_third, batches)) if batches else 0)
-        if self._pages_bound + held + worst <= self.num_pages:  # the bounds uncapped: the wrappers' common case
+        if self._pages_bound + self._branch_held() + worst <= self.num_pages:  # uncapped bounds: the common case
             return None
         if min(self._pages_bound, self._most_pages()) + self._branch_bound() + worst <= self.num_pages:
             return None
