@@ -115,6 +115,11 @@ _NPU_BRANCH_BLOCK = 32
 # 16 / 32 / none: bs 4 3.5 / 4.0 / 4.8 / 6.6 / 6.6 us, bs 64 5.7 / 6.0 / 7.1 / 9.7 / 15.9, bs 1024 7.0 / 7.1 / 8.1 /
 # 10.7 / 10.7).
 _COPY_TREE_DRAFT_TILE = 4
+# ... unless the batch has at most this many copy pairs (bs * topk * (page_size - 1)): then one program, with no
+# ticket and no last pass (H100 profiler, topk 4, 5 steps, T 8, tile caps 4 against one program: page 16 bs 8 5.74
+# against 3.77 us, bs 16 5.61 against 4.55, bs 32 5.69 against 5.87; page 64 bs 8 5.97 against 4.68, bs 16 6.01
+# against 6.27).
+_COPY_ONE_PROGRAM = 2048
 # A draft that also gives branches (alloc_tree_draft) on Ascend: 4 requests a tile (with 8 or 16, the on-chip buffer
 # peaked at 144-180 KiB for some windows and page sizes; with 4 at 113 KiB at most).
 _NPU_TREE_DRAFT_TILE = 4
@@ -1450,10 +1455,11 @@ class DraftCacheAllocator:
             num_tiles = min(num_tiles, self._max_programs)
         return (max(num_tiles, 1),)
 
-    def _batch_tile(self, bs: int, release: bool = False, branch: bool = False) -> int:
+    def _batch_tile(self, bs: int, release: bool = False, topk: int = 0) -> int:
         """The tile the batch size asks for (capped by the kernel's limits in _alloc_config); 0 on Ascend, whose
         grid is one program per core: there the limits alone decide. ``release``: a draft that also returns branch
-        pages; ``branch``: one that also gives branches."""
+        pages; ``topk`` > 0: one that also gives that many branches a request."""
+        branch = topk > 0
         if backend.is_npu(self.device):
             return 0
         if bs > _MAX_TILE:
@@ -1463,7 +1469,10 @@ class DraftCacheAllocator:
         else:
             tile = max(1 << (bs - 1).bit_length(), _MIN_TILE)
         if branch and self.page_size > 1:
-            tile = min(tile, _COPY_TREE_DRAFT_TILE)
+            if bs * topk * (self.page_size - 1) <= _COPY_ONE_PROGRAM:
+                tile = 1 << (bs - 1).bit_length()
+            else:
+                tile = min(tile, _COPY_TREE_DRAFT_TILE)
         return tile
 
     @staticmethod
@@ -1544,7 +1553,7 @@ class DraftCacheAllocator:
             prefix_slots is not None,
             emit,
             release,
-            self._batch_tile(bs, release, branches is not None),
+            self._batch_tile(bs, release, 0 if branches is None else branches[0]),
             self._alloc_scan_block(bs),
             0 if branches is None else self._branch_block(branches[0], branches[1]),
         )
