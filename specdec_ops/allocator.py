@@ -115,11 +115,12 @@ _NPU_BRANCH_BLOCK = 32
 # 16 / 32 / none: bs 4 3.5 / 4.0 / 4.8 / 6.6 / 6.6 us, bs 64 5.7 / 6.0 / 7.1 / 9.7 / 15.9, bs 1024 7.0 / 7.1 / 8.1 /
 # 10.7 / 10.7).
 _COPY_TREE_DRAFT_TILE = 4
-# ... unless the batch has at most this many copy pairs (bs * topk * (page_size - 1)): then one program, with no
-# ticket and no last pass (H100 profiler, topk 4, 5 steps, T 8, tile caps 4 against one program: page 16 bs 8 5.74
-# against 3.77 us, bs 16 5.61 against 4.55, bs 32 5.69 against 5.87; page 64 bs 8 5.97 against 4.68, bs 16 6.01
-# against 6.27).
+# ... unless the batch has at most _COPY_ONE_PROGRAM_BS requests and _COPY_ONE_PROGRAM copy pairs (bs * topk *
+# (page_size - 1)): then one program, with no ticket and no last pass (H100 profiler, topk 4, 5 steps, T 8, 4-request
+# tiles against one program: page 16 bs 8 5.74 against 3.77 us, bs 16 5.61 against 4.55, bs 32 5.69 against 5.87-5.93;
+# page 64 bs 8 5.97 against 4.64-4.68, bs 16 6.01 against 6.27).
 _COPY_ONE_PROGRAM = 2048
+_COPY_ONE_PROGRAM_BS = 16
 # A draft that also gives branches (alloc_tree_draft) on Ascend: 4 requests a tile (with 8 or 16, the on-chip buffer
 # peaked at 144-180 KiB for some windows and page sizes; with 4 at 113 KiB at most).
 _NPU_TREE_DRAFT_TILE = 4
@@ -1469,7 +1470,7 @@ class DraftCacheAllocator:
         else:
             tile = max(1 << (bs - 1).bit_length(), _MIN_TILE)
         if branch and self.page_size > 1:
-            if bs * topk * (self.page_size - 1) <= _COPY_ONE_PROGRAM:
+            if bs <= _COPY_ONE_PROGRAM_BS and bs * topk * (self.page_size - 1) <= _COPY_ONE_PROGRAM:
                 tile = 1 << (bs - 1).bit_length()
             else:
                 tile = min(tile, _COPY_TREE_DRAFT_TILE)

@@ -550,11 +550,12 @@ def test_rows_keep_the_branch_pages_their_next_branches_take(page_size, fused):
 
 
 @pytest.mark.parametrize(
-    "page_size, bs, programs", [(16, 8, 1), (16, 16, 1), (16, 64, 16), (64, 8, 1), (64, 16, 4), (1, 16, 1)]
+    "page_size, bs, programs",
+    [(16, 8, 1), (16, 16, 1), (16, 32, 8), (64, 8, 1), (64, 16, 4), (1, 16, 1)],
 )
 def test_tree_draft_takes_one_program_while_its_copy_pairs_are_few(page_size, bs, programs, monkeypatch):
-    """Off Ascend, alloc_tree_draft with pages > 1 runs as one program while the batch has at most
-    _COPY_ONE_PROGRAM copy pairs (topk 4 here: 60 a request at page 16, 252 at page 64), else on 4-request tiles."""
+    """Off Ascend, alloc_tree_draft with pages > 1 runs as one program while the batch has at most 16 requests and
+    2048 copy pairs (topk 4 here: 60 a request at page 16, 252 at page 64), else on 4-request tiles."""
     alloc = DraftCacheAllocator(page_size * 64 * bs, bs, 64, page_size=page_size, device="cpu")
     rows = alloc.add_requests([(5 * i) % 40 for i in range(bs)])
     grids = []
