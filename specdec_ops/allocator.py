@@ -108,6 +108,12 @@ _BRANCH_BLOCK = 128
 # alloc_branches 8.5 -> 3.5 us at bs 4, 13.5 -> 7.1 us at bs 1024, against [32, 128] ones).
 _COPY_BRANCH_TILE = 4
 _COPY_BRANCH_BLOCK = 64
+# ... but a batch of at most _COPY_BRANCH_ONE_PROGRAM_BS requests and _COPY_BRANCH_ONE_PROGRAM copy pairs takes one
+# program (H100 profiler, topk 4, 5 steps, 4-request tiles against one program: page 16 bs 8 5.01 against 3.10 us,
+# bs 16 5.24 against 3.74, bs 32 5.30 against 4.89; page 64 bs 8 5.76 against 4.17, bs 16 5.83 against 5.66, bs 32
+# 5.73 against 8.93).
+_COPY_BRANCH_ONE_PROGRAM = 4096
+_COPY_BRANCH_ONE_PROGRAM_BS = 32
 _NPU_BRANCH_TILE = 8
 _NPU_BRANCH_BLOCK = 32
 # A draft that also gives branches (alloc_tree_draft) with page_size > 1 writes topk * (page_size - 1) copy pairs a
@@ -1008,7 +1014,8 @@ class DraftCacheAllocator:
         if backend.is_npu(self.device):
             tile = _NPU_BRANCH_TILE
         elif p > 1:
-            tile = _COPY_BRANCH_TILE
+            few = bs <= _COPY_BRANCH_ONE_PROGRAM_BS and bs * topk * (p - 1) <= _COPY_BRANCH_ONE_PROGRAM
+            tile = 1 << (bs - 1).bit_length() if few else _COPY_BRANCH_TILE
         elif bs <= 2 * _BRANCH_TILE:
             tile = max(1 << (bs - 1).bit_length(), _BRANCH_TILE)
         else:

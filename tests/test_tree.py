@@ -570,6 +570,24 @@ def test_tree_draft_takes_one_program_while_its_copy_pairs_are_few(page_size, bs
     check_branches(alloc, rows.tolist(), 4, 5, slots, src, dst, model)
 
 
+@pytest.mark.parametrize("page_size, bs, programs", [(16, 32, 1), (64, 16, 1), (64, 32, 8), (1, 16, 1)])
+def test_alloc_branches_takes_one_program_while_its_copy_pairs_are_few(page_size, bs, programs, monkeypatch):
+    """Off Ascend, alloc_branches with pages > 1 runs as one program while the batch has at most 32 requests and
+    4096 copy pairs, else on 4-request tiles."""
+    alloc = DraftCacheAllocator(page_size * 64 * bs, bs, 64, page_size=page_size, device="cpu")
+    rows = alloc.add_requests([(5 * i) % 40 for i in range(bs)])
+    grids = []
+    launch = allocator_module.backend.launch
+    monkeypatch.setattr(
+        allocator_module.backend, "launch", lambda fn, grid, *a: grids.append(grid) or launch(fn, grid, *a)
+    )
+    slots, src, dst = alloc.alloc_branches(rows, 4, 5, return_copies=True)
+    assert grids == [(programs,)]
+    model = KVModel(alloc)
+    model.prompt(rows.tolist())
+    check_branches(alloc, rows.tolist(), 4, 5, slots, src, dst, model)
+
+
 # ---------------------------------------------------------------------------------------- many programs
 
 
@@ -641,6 +659,7 @@ def test_many_programs_give_what_one_gives(page_size, fused, keep, monkeypatch):
         ("_BRANCH_TILE", 2),
         ("_BRANCH_BLOCK", 4),
         ("_COPY_BRANCH_TILE", 2),
+        ("_COPY_BRANCH_ONE_PROGRAM_BS", 0),
         ("_COPY_BRANCH_BLOCK", 4),
         ("_SCAN_BLOCK", 4),
         ("_FREE_TILE", 2),
