@@ -1015,7 +1015,8 @@ class DraftCacheAllocator:
             tile = _NPU_BRANCH_TILE
         elif p > 1:
             few = bs <= _COPY_BRANCH_ONE_PROGRAM_BS and bs * topk * (p - 1) <= _COPY_BRANCH_ONE_PROGRAM
-            tile = 1 << (bs - 1).bit_length() if few else _COPY_BRANCH_TILE
+            # (Never below 4: triton-ascend 3.2's interpreter fails on the scans of 2-request tiles.)
+            tile = max(1 << (bs - 1).bit_length(), _COPY_BRANCH_TILE) if few else _COPY_BRANCH_TILE
         elif bs <= 2 * _BRANCH_TILE:
             tile = max(1 << (bs - 1).bit_length(), _BRANCH_TILE)
         else:
@@ -1478,7 +1479,7 @@ class DraftCacheAllocator:
             tile = max(1 << (bs - 1).bit_length(), _MIN_TILE)
         if branch and self.page_size > 1:
             if bs <= _COPY_ONE_PROGRAM_BS and bs * topk * (self.page_size - 1) <= _COPY_ONE_PROGRAM:
-                tile = 1 << (bs - 1).bit_length()
+                tile = max(1 << (bs - 1).bit_length(), _COPY_TREE_DRAFT_TILE)  # not below the tiles of 4, as before
             else:
                 tile = min(tile, _COPY_TREE_DRAFT_TILE)
         return tile
