@@ -1014,9 +1014,9 @@ class DraftCacheAllocator:
         if backend.is_npu(self.device):
             tile = _NPU_BRANCH_TILE
         elif p > 1:
-            few = bs <= _COPY_BRANCH_ONE_PROGRAM_BS and bs * topk * (p - 1) <= _COPY_BRANCH_ONE_PROGRAM
-            # (Never below 4: triton-ascend 3.2's interpreter fails on the scans of 2-request tiles.)
-            tile = max(1 << (bs - 1).bit_length(), _COPY_BRANCH_TILE) if few else _COPY_BRANCH_TILE
+            tile = self._copy_pairs_tile(
+                bs, topk, _COPY_BRANCH_TILE, _COPY_BRANCH_ONE_PROGRAM_BS, _COPY_BRANCH_ONE_PROGRAM
+            )
         elif bs <= 2 * _BRANCH_TILE:
             tile = max(1 << (bs - 1).bit_length(), _BRANCH_TILE)
         else:
@@ -1478,10 +1478,15 @@ class DraftCacheAllocator:
         else:
             tile = max(1 << (bs - 1).bit_length(), _MIN_TILE)
         if branch and self.page_size > 1:
-            if bs <= _COPY_ONE_PROGRAM_BS and bs * topk * (self.page_size - 1) <= _COPY_ONE_PROGRAM:
-                tile = max(1 << (bs - 1).bit_length(), _COPY_TREE_DRAFT_TILE)  # not below the tiles of 4, as before
-            else:
-                tile = min(tile, _COPY_TREE_DRAFT_TILE)
+            tile = self._copy_pairs_tile(bs, topk, _COPY_TREE_DRAFT_TILE, _COPY_ONE_PROGRAM_BS, _COPY_ONE_PROGRAM)
+        return tile
+
+    def _copy_pairs_tile(self, bs: int, topk: int, tile: int, max_bs: int, max_pairs: int) -> int:
+        """The tile of a launch that writes branch copy pairs (``page_size > 1``): one program for a batch of at most
+        ``max_bs`` requests and ``max_pairs`` pairs (``bs * topk * (page_size - 1)``), else ``tile``-request tiles.
+        Never below ``tile``: triton-ascend 3.2's interpreter fails on the scans of 2-request tiles."""
+        if bs <= max_bs and bs * topk * (self.page_size - 1) <= max_pairs:
+            return max(1 << (bs - 1).bit_length(), tile)
         return tile
 
     @staticmethod

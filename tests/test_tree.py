@@ -550,12 +550,24 @@ def test_rows_keep_the_branch_pages_their_next_branches_take(page_size, fused):
 
 
 @pytest.mark.parametrize(
-    "page_size, bs, programs",
-    [(16, 8, 1), (16, 16, 1), (16, 32, 8), (64, 8, 1), (64, 16, 4), (1, 16, 1)],
+    "call, page_size, bs, programs",
+    [
+        ("alloc_tree_draft", 16, 8, 1),
+        ("alloc_tree_draft", 16, 16, 1),
+        ("alloc_tree_draft", 16, 32, 8),
+        ("alloc_tree_draft", 64, 8, 1),
+        ("alloc_tree_draft", 64, 16, 4),
+        ("alloc_tree_draft", 1, 16, 1),
+        ("alloc_branches", 16, 32, 1),
+        ("alloc_branches", 64, 16, 1),
+        ("alloc_branches", 64, 32, 8),
+        ("alloc_branches", 1, 16, 1),
+    ],
 )
-def test_tree_draft_takes_one_program_while_its_copy_pairs_are_few(page_size, bs, programs, monkeypatch):
-    """Off Ascend, alloc_tree_draft with pages > 1 runs as one program while the batch has at most 16 requests and
-    2048 copy pairs (topk 4 here: 60 a request at page 16, 252 at page 64), else on 4-request tiles."""
+def test_one_program_while_the_copy_pairs_are_few(call, page_size, bs, programs, monkeypatch):
+    """Off Ascend, with pages > 1, alloc_tree_draft runs as one program while the batch has at most 16 requests and
+    2048 copy pairs, alloc_branches at most 32 and 4096 (topk 4 here: 60 pairs a request at page 16, 252 at page 64),
+    else on 4-request tiles."""
     alloc = DraftCacheAllocator(page_size * 64 * bs, bs, 64, page_size=page_size, device="cpu")
     rows = alloc.add_requests([(5 * i) % 40 for i in range(bs)])
     grids = []
@@ -563,25 +575,10 @@ def test_tree_draft_takes_one_program_while_its_copy_pairs_are_few(page_size, bs
     monkeypatch.setattr(
         allocator_module.backend, "launch", lambda fn, grid, *a: grids.append(grid) or launch(fn, grid, *a)
     )
-    out, _, slots, src, dst = alloc.alloc_tree_draft(rows, 4, 4, 5)
-    assert grids == [(programs,)]
-    model = KVModel(alloc)
-    model.prompt(rows.tolist())
-    check_branches(alloc, rows.tolist(), 4, 5, slots, src, dst, model)
-
-
-@pytest.mark.parametrize("page_size, bs, programs", [(16, 32, 1), (64, 16, 1), (64, 32, 8), (1, 16, 1)])
-def test_alloc_branches_takes_one_program_while_its_copy_pairs_are_few(page_size, bs, programs, monkeypatch):
-    """Off Ascend, alloc_branches with pages > 1 runs as one program while the batch has at most 32 requests and
-    4096 copy pairs, else on 4-request tiles."""
-    alloc = DraftCacheAllocator(page_size * 64 * bs, bs, 64, page_size=page_size, device="cpu")
-    rows = alloc.add_requests([(5 * i) % 40 for i in range(bs)])
-    grids = []
-    launch = allocator_module.backend.launch
-    monkeypatch.setattr(
-        allocator_module.backend, "launch", lambda fn, grid, *a: grids.append(grid) or launch(fn, grid, *a)
-    )
-    slots, src, dst = alloc.alloc_branches(rows, 4, 5, return_copies=True)
+    if call == "alloc_tree_draft":
+        slots, src, dst = alloc.alloc_tree_draft(rows, 4, 4, 5)[2:]
+    else:
+        slots, src, dst = alloc.alloc_branches(rows, 4, 5, return_copies=True)
     assert grids == [(programs,)]
     model = KVModel(alloc)
     model.prompt(rows.tolist())
