@@ -145,6 +145,12 @@ _NPU_MAX_TREE = 64
 _NPU_MAX_TREE_REPOINT = 32
 # CUDA warps per program (ignored by triton-ascend and the interpreter).
 _NUM_WARPS = 8
+# ... except for a chain draft (no branches, no release), whose allocation kernel takes 4 warps as one program of
+# 64 or 128 requests and 16 past _LARGE_BATCH requests (H100 profiler, per kernel, alternated twice in one run:
+# bs 128 2.72 -> 2.55 us (N 1, page 1), 2.95 -> 2.63 (N 4, page 16); bs 16384 22.3-23.3 -> 19.5-20.1 for N 1-8,
+# pages 1-128; 8 warps stay best at bs 256-1024, and for drafts with branches or a release).
+_SMALL_TILE_NUM_WARPS = 4
+_LARGE_BATCH_NUM_WARPS = 16
 
 _INT_TYPE = {int}
 _third = operator.itemgetter(2)
@@ -304,7 +310,7 @@ class DraftCacheAllocator:
         # Launch configurations, found on first use: (window_len, prefill, prefix, emit, release) -> (TILE,
         # constexprs);
         # the most programs a launch may have (0: one per tile).
-        self._alloc_configs: dict[tuple, tuple[int, tuple]] = {}
+        self._alloc_configs: dict[tuple, tuple[int, tuple, int]] = {}
         self._max_programs: int | None = None
         # Tree drafts: row r holds branch pages branch_pages[r, :num_branch_pages[r]] (alloc_branches). The host
         # knows which rows may hold some, and at most how many (the worst case, or the exact count when the call
@@ -1505,9 +1511,10 @@ class DraftCacheAllocator:
         batch_tile: int,
         scan_block: int,
         branch_block: int,
-    ) -> tuple[int, tuple]:
-        """(TILE, constexprs) of the allocation kernel for this kind of call, ``_batch_tile``,
-        ``_alloc_scan_block`` and ``_branch_block`` (0: no branches)."""
+        large_batch: bool,
+    ) -> tuple[int, tuple, int]:
+        """(TILE, constexprs, num_warps) of the allocation kernel for this kind of call, ``_batch_tile``,
+        ``_alloc_scan_block``, ``_branch_block`` (0: no branches) and whether the batch is past _LARGE_BATCH."""
         npu = backend.is_npu(self.device)
         block_n = tiles.MAX_BLOCK_N if prefill else tiles.block_n(window_len)
         if not npu:
@@ -1535,7 +1542,13 @@ class DraftCacheAllocator:
             ("BLOCK_E", max(branch_block, 1)),
             ("COPY", branch_block > 0 and self.page_size > 1),
         )
-        return tile, constexprs
+        num_warps = _NUM_WARPS
+        if not (npu or prefill or release or branch_block):  # a chain draft
+            if large_batch:
+                num_warps = _LARGE_BATCH_NUM_WARPS
+            elif batch_tile in (64, 128):
+                num_warps = _SMALL_TILE_NUM_WARPS
+        return tile, constexprs, num_warps
 
     def _kernels(self):
         """The allocator's kernel module for this device."""
@@ -1570,11 +1583,12 @@ class DraftCacheAllocator:
             self._batch_tile(bs, release, 0 if branches is None else branches[0]),
             self._alloc_scan_block(bs),
             0 if branches is None else self._branch_block(branches[0], branches[1]),
+            bs > _LARGE_BATCH,
         )
         config = self._alloc_configs.get(key)
         if config is None:
             config = self._alloc_configs[key] = self._alloc_config(*key)
-        tile, constexprs = config
+        tile, constexprs, num_warps = config
         # Pointers a specialisation does not read get a tensor of the right kind.
         placeholder = self.seq_lens
         topk, num_steps, slots, copy_src, copy_dst = (
@@ -1620,7 +1634,7 @@ class DraftCacheAllocator:
                 num_steps,
             ),
             constexprs,
-            _NUM_WARPS,
+            num_warps,
         )
 
     def _check_prefix(

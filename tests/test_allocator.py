@@ -1194,6 +1194,37 @@ def test_gpu_many_programs_match_one_program(page_size):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("bs", [100, 4608], ids=lambda bs: f"bs{bs}")
+def test_gpu_chain_draft_warps_do_not_change_results(bs):
+    """A chain draft of 64-128 requests runs on 4 warps, one past _LARGE_BATCH on 16: the same, call for call, as on
+    the 8 warps of every other launch."""
+    assert bs > allocator_module._LARGE_BATCH or 64 < bs <= 128
+    runs = []
+    for warps in ({}, {"_SMALL_TILE_NUM_WARPS": 8, "_LARGE_BATCH_NUM_WARPS": 8}):
+        saved = {name: getattr(allocator_module, name) for name in warps}
+        try:
+            for name, value in warps.items():
+                setattr(allocator_module, name, value)
+            alloc = DraftCacheAllocator(bs * 48 * 16, bs, 512, page_size=16)
+            rows = alloc.add_requests([(37 * i) % 400 + 1 for i in range(bs)])
+            outputs = []
+            for step in range(4):
+                out, last = alloc.alloc_draft(rows, (4, 8, 1, 4)[step])
+                outputs.append((out.cpu(), last.cpu()))
+                alloc.commit(rows, torch.tensor([(i + step) % 5 for i in range(bs)], device="cuda"))
+            alloc.free_requests(rows[::3])
+            check_layout(alloc)
+            runs.append((outputs, {name: getattr(alloc, name).cpu() for name in STATE_TENSORS}))
+        finally:
+            for name, value in saved.items():
+                setattr(allocator_module, name, value)
+    for (out_a, last_a), (out_b, last_b) in zip(runs[0][0], runs[1][0]):
+        assert torch.equal(out_a, out_b) and torch.equal(last_a, last_b)
+    for name in STATE_TENSORS:
+        assert torch.equal(runs[0][1][name], runs[1][1][name]), name
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("page_size", [1, 16], ids=lambda p: f"page{p}")
 def test_gpu_graph_captures_a_whole_step(page_size):
     """alloc_draft + commit captured once, replayed with new accept lengths: the same as running them eagerly."""
