@@ -19,7 +19,8 @@ cannot drift from it. Exercised:
   allocator  every method of ALLOCATOR_METHODS (the one table to extend) that DraftCacheAllocator has, over
              page sizes 1, 16, 64, 128, rows as int32/int64 tensors and lists, N in 1..64: prefill
              (add_requests), draft with read-back (alloc_draft: emit on, int64 and int32 buffers), draft
-             without (reserve_draft: emit off), commit, free_requests (with and without keep_lens),
+             without (reserve_draft: emit off), commit, commit_and_draft (also releasing branch pages),
+             free_requests (with and without keep_lens),
              prefixes from a prefix cache (add_requests with prefix_slots), release_slots, and a tree step
              (alloc_branches, alloc_draft releasing them, commit_tree; alloc_tree_draft, commit_tree releasing
              them; release by commit, release_branches, free)
@@ -242,6 +243,13 @@ ALLOCATOR_METHODS = [
     ("alloc_draft", lambda alloc, rows, n: alloc.alloc_draft(rows, n)),
     ("alloc_draft", lambda alloc, rows, n: alloc.alloc_draft(rows, n, out_cache_loc=_int32(3 * n), last_loc=_int32(3))),
     ("reserve_draft", lambda alloc, rows, n: alloc.reserve_draft(rows, n)),
+    ("commit_and_draft", lambda alloc, rows, n: alloc.commit_and_draft(rows, _int32(3, n // 2), n)),
+    (
+        "commit_and_draft",
+        lambda alloc, rows, n: alloc.commit_and_draft(
+            rows, [n // 2] * 3, n, out_cache_loc=_int32(3 * n), last_loc=_int32(3)
+        ),
+    ),
     ("commit", lambda alloc, rows, n: alloc.commit(rows, [n // 2] * 3)),
     ("commit", lambda alloc, rows, n: alloc.commit(rows, _int32(3, n // 2))),
     # A tree step: branches, the verify window (which releases them in its own launch), the tree commit; then
@@ -258,6 +266,8 @@ ALLOCATOR_METHODS = [
     ("commit_tree", _commit_tree),
     ("alloc_branches", _branches),
     ("commit", lambda alloc, rows, n: alloc.commit(rows, [0] * 3)),
+    ("alloc_branches", _branches),
+    ("commit_and_draft", lambda alloc, rows, n: alloc.commit_and_draft(rows, _int32(3), n)),  # releases them
     ("alloc_branches", _branches),
     ("release_branches", lambda alloc, rows, n: alloc.release_branches(rows)),
     ("alloc_branches", _branches),

@@ -14,13 +14,16 @@ Calls (bs --batch-size, N --window-len, buffers given, num_tokens given: the hot
   get_last_loc, assign_extend_cache_locs (uniform)
   alloc_draft      DraftCacheAllocator.alloc_draft(rows, N, out_cache_loc=, last_loc=) with room in the pool
   commit           DraftCacheAllocator.commit(rows, accept_lens); each sample ends with refresh()-free headroom
+  commit_and_draft DraftCacheAllocator.commit_and_draft(rows, accept_lens, N, out_cache_loc=, last_loc=): a chain
+                   step in one launch
   alloc_branches   DraftCacheAllocator.alloc_branches(rows, --topk, --num-steps, out=, copy_src=, copy_dst=): tree
                    drafts' branch slots, each call releasing the previous call's branch pages in its launch
   commit_tree      DraftCacheAllocator.commit_tree(rows, accept_index, accept_lens, kv_src=, kv_dst=) of a tree of N
                    nodes, with no branch pages held (in a tree step the draft before it released them)
   ... (plan/run)   the same calls through CacheLocsWrapper.run() and DraftStepWrapper.alloc_draft()/commit()/
-                   alloc_branches(), planned once with the same arguments (the plan/run form an engine's eager loop
-                   uses; the tree calls' wrapper is planned with topk=, num_steps= and accept_index=)
+                   commit_and_draft()/alloc_branches(), planned once with the same arguments (the plan/run form
+                   an engine's eager loop uses; the tree calls' wrapper is planned with topk=, num_steps= and
+                   accept_index=)
   add_requests + free_requests
                    DraftCacheAllocator.add_requests(prompt_lens) of bs prompts of 7 tokens, then free_requests(rows)
                    of the rows it took, given as a host list, on an allocator of its own with 2 * bs rows of which
@@ -205,6 +208,9 @@ def make_calls(device: torch.device, bs: int, n: int, topk: int, num_steps: int)
         ),
         "alloc_draft": lambda: alloc.alloc_draft(alloc_rows, n, out_cache_loc=alloc_out, last_loc=alloc_last),
         "commit": lambda: alloc.commit(alloc_rows, accept),
+        "commit_and_draft": lambda: alloc.commit_and_draft(
+            alloc_rows, accept, n, out_cache_loc=alloc_out, last_loc=alloc_last
+        ),
         "alloc_branches": lambda: alloc.alloc_branches(
             alloc_rows, topk, num_steps, out=tree["branch_slots"], copy_src=tree["copy_src"], copy_dst=tree["copy_dst"]
         ),
@@ -215,6 +221,7 @@ def make_calls(device: torch.device, bs: int, n: int, topk: int, num_steps: int)
         "fused ragged (plan/run)": ragged.run,
         "alloc_draft (plan/run)": step.alloc_draft,
         "commit (plan/run)": step.commit,
+        "commit_and_draft (plan/run)": step.commit_and_draft,
         "alloc_branches (plan/run)": tree_step.alloc_branches,
         "commit_tree (plan/run)": tree_step.commit,
         REQUEST_PAIR: RequestPair(device, bs, bs * (4 * n + 8) * 64, 4 * n + 8 * 64, alloc.page_size),

@@ -2,6 +2,7 @@
 """Sweep a whole draft/verify step of ``DraftCacheAllocator``: fused (``alloc_draft`` + ``commit``, 2 launches)
 against the same step from the components (``reserve_draft``, ``seq_lens + N``, ``get_last_loc``,
 ``assign_extend_cache_locs``, ``commit``: 5 launches), over batch sizes, page sizes and draft lengths.
+``--variants`` may add ``one-launch``: ``commit_and_draft``, the step in one launch.
 
 Each variant is checked first: three steps from poisoned buffers, each against the PyTorch reference read of the
 table and against the other variant. Then ``--calls`` steps are captured in one CUDA (or NPU) graph and replayed;
@@ -72,7 +73,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--page-sizes", type=_int_list, default=[1, 16, 128], help="default 1,16,128")
     parser.add_argument("--num-draft-tokens", type=_int_list, default=[1, 4, 8], help="N; default 1,4,8")
     parser.add_argument(
-        "--variants", type=lambda t: t.split(","), default=["fused", "unfused"], help="default fused,unfused"
+        "--variants",
+        type=lambda t: t.split(","),
+        default=["fused", "unfused"],
+        help="fused, unfused and/or one-launch (default fused,unfused)",
     )
     parser.add_argument("--prefix-pages", type=int, default=0, help="pages of a shared cached prefix (default 0)")
     parser.add_argument("--calls", type=int, help="steps per graph (default 20; cpu 2)")
@@ -128,7 +132,7 @@ def plot(rows: list[dict], args: argparse.Namespace, env: dict[str, str], path: 
     fig, axes = plt.subplots(1, len(pages), figsize=(5 * len(pages), 4.2), sharey=True, squeeze=False)
     for ax, page in zip(axes[0], pages):
         for n, color in zip(args.num_draft_tokens, ("tab:blue", "tab:orange", "tab:green", "tab:red")):
-            for variant, style in (("fused", "-o"), ("unfused", "--s")):
+            for variant, style in (("fused", "-o"), ("unfused", "--s"), ("one-launch", ":^")):
                 pts = [
                     (r["bs"], r["median_us"])
                     for r in rows
@@ -147,7 +151,10 @@ def plot(rows: list[dict], args: argparse.Namespace, env: dict[str, str], path: 
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels) // 2 or 1, frameon=False)
     what = "Triton interpreter on CPU: says nothing about device speed" if args.interpreted else env_line
-    fig.suptitle(f"DraftCacheAllocator step: alloc_draft + commit (fused) vs 5 launches (unfused)\n{what}")
+    title = "DraftCacheAllocator step: alloc_draft + commit (fused) vs 5 launches (unfused)"
+    if "one-launch" in args.variants:
+        title += " vs commit_and_draft (one-launch)"
+    fig.suptitle(f"{title}\n{what}")
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
 
@@ -187,9 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    one = "one-launch" in args.variants
     lines = [
-        "| page size | N | bs | fused µs | unfused µs | fused vs unfused | SGLang µs (quoted) | fused vs SGLang |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| page size | N | bs | fused µs | unfused µs | fused vs unfused | SGLang µs (quoted) | fused vs SGLang |"
+        + (" one launch µs |" if one else ""),
+        "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if one else ""),
     ]
     by_key = {(r["page_size"], r["N"], r["bs"], r["variant"]): r["median_us"] for r in rows}
     for page in args.page_sizes:
@@ -204,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                     quoted_cell = "—"
                 lines.append(
                     f"| {page} | {n} | {bs} | {_cell(fused)} | {_cell(unfused)} | {ratio} | {quoted_cell} | {vs} |"
+                    + (f" {_cell(by_key.get((page, n, bs, 'one-launch')))} |" if one else "")
                 )
     summary = "\n".join(
         [

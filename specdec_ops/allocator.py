@@ -680,18 +680,63 @@ class DraftCacheAllocator:
             validate: check rows and that ``0 <= accept_lens <= window_lens[rows]``; one device→host sync.
         """
         rows, host_rows, accept = self._check_commit(req_pool_indices, accept_lens, validate)
-        bs = rows.size(0)
-        if validate and bs:
-            window = self.window_lens[rows]
-            bad = (accept < 0) | (accept > window)
-            if bool(bad.any()):
-                i = int(bad.nonzero()[0, 0])
-                raise ValueError(
-                    f"accept_lens[{i}] must be in [0, {int(window[i])}] (the draft window of row {int(rows[i])}), "
-                    f"got {int(accept[i])}"
-                )
-        if bs:
+        if validate:
+            self._validate_accept(rows, accept)
+        if rows.size(0):
             self._commit(rows, host_rows, accept)
+
+    def commit_and_draft(
+        self,
+        req_pool_indices: IntVector,
+        accept_lens: IntVector,
+        num_draft_tokens: int,
+        *,
+        out_cache_loc: torch.Tensor | None = None,
+        last_loc: torch.Tensor | None = None,
+        validate: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`commit` ``(rows, accept_lens)``, then :meth:`alloc_draft` ``(rows, N)``, in one launch: a chain
+        step's bookkeeping after verification, from the accepted tokens to the next window's slots.
+
+        The same results, guarantees and errors as the two calls (accept lengths clamped to the open windows on the
+        device, or checked on the host when given as a list; rows that may hold branch pages release them in the
+        same launch), but one launch instead of two, and all or nothing: if the draft cannot fit, nothing is
+        committed either.
+
+        Args:
+            req_pool_indices, num_draft_tokens, out_cache_loc, last_loc: as for :meth:`alloc_draft`.
+            accept_lens: as for :meth:`commit`.
+            validate: the checks of both calls; one device→host sync.
+
+        Returns:
+            ``(out_cache_loc[:bs * N], last_loc)`` as :meth:`alloc_draft`, from the committed lengths.
+
+        Raises:
+            ContextLengthError, OutOfSlotsError: nothing changed (nothing committed). Only raised after a sync,
+            which happens only when the host bound says the call might not fit.
+        """
+        rows, host_rows, n = self._check_draft(req_pool_indices, num_draft_tokens, validate)
+        accept = self._check_accept(rows, host_rows, accept_lens)
+        if validate:
+            self._validate_accept(rows, accept)
+        bs = rows.size(0)
+        out_cache_loc, last_loc = self._draft_buffers(bs, n, out_cache_loc, last_loc)
+        if bs:
+            self._draft(rows, host_rows, n, out_cache_loc, last_loc, accept=accept)
+        return (out_cache_loc if out_cache_loc.size(0) == bs * n else out_cache_loc[: bs * n]), last_loc
+
+    def _validate_accept(self, rows: torch.Tensor, accept: torch.Tensor) -> None:
+        """``validate=True`` of a commit: ``0 <= accept_lens <= window_lens[rows]`` (one sync)."""
+        if not rows.size(0):
+            return
+        window = self.window_lens[rows]
+        bad = (accept < 0) | (accept > window)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"accept_lens[{i}] must be in [0, {int(window[i])}] (the draft window of row {int(rows[i])}), "
+                f"got {int(accept[i])}"
+            )
 
     def _commit(
         self,
@@ -722,8 +767,15 @@ class DraftCacheAllocator:
                 step._prepared("release commit tree" if release else "commit tree")()
             if release:
                 self._forget_branches(rows, host_rows, rows.size(0))
+        self._close_windows(host_rows)
+
+    def _close_windows(self, host_rows: list[int] | None) -> None:
+        """Forget the windows a commit closed (host state). Rows not known: any row's window may still be open, so
+        the widest known one joins the bound of the windows not known."""
         if host_rows is None:
-            self._known_windows.clear()
+            if self._known_windows:
+                self._unknown_window_bound = max(self._unknown_window_bound, *self._known_windows.values())
+                self._known_windows.clear()
         else:
             for row in host_rows:
                 self._known_windows.pop(row, None)
@@ -1185,21 +1237,25 @@ class DraftCacheAllocator:
         last_loc: torch.Tensor | None,
         step: DraftStepWrapper | None = None,
         branches: tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        accept: torch.Tensor | None = None,
     ) -> None:
         """Check the capacity, launch the draft, then update the host state (nothing changes if anything raises).
         ``step``: the launches a DraftStepWrapper prepared; ``branches``: ``(topk, num_steps, branch_slots,
-        copy_src, copy_dst)`` of a tree draft (:meth:`alloc_tree_draft`)."""
+        copy_src, copy_dst)`` of a tree draft (:meth:`alloc_tree_draft`); ``accept``: the accept lengths of a
+        commit made first, in the same launch (:meth:`commit_and_draft`)."""
         if branches is not None:
             self._tree_draft(rows, host_rows, n, out_cache_loc, last_loc, step, branches)
             return
-        bound, drafted, _ = self._draft_bounds(rows, host_rows, n)
+        bound, drafted, _ = self._draft_bounds(rows, host_rows, n, accept=accept)
         release = self._branches_may_exist()
         if step is None:
-            self._launch_alloc(rows, n, None, None, None, out_cache_loc, last_loc, release)
+            self._launch_alloc(rows, n, None, None, None, out_cache_loc, last_loc, release, accept=accept)
         else:
-            step._prepared("release draft" if release else "draft")()
+            step._prepared(("release " if release else "") + ("commit draft" if accept is not None else "draft"))()
         if release:
             self._forget_branches(rows, host_rows, rows.size(0))
+        if accept is not None:
+            self._close_windows(host_rows)
         self._pages_bound, self._drafted_since_sync = bound, drafted
         self._open_windows(host_rows, n)
 
@@ -1233,19 +1289,27 @@ class DraftCacheAllocator:
         self._open_windows(host_rows, n)
 
     def _open_windows(self, host_rows: list[int] | None, n: int) -> None:
-        """Record the windows of ``n`` positions a draft opened (host state)."""
+        """Record the windows of ``n`` positions a draft opened (host state). Rows not known: any row may be among
+        them, so the windows known so far join the bound of the windows not known."""
         if host_rows is None:
-            self._unknown_window_bound = max(self._unknown_window_bound, n)
+            self._unknown_window_bound = max(self._unknown_window_bound, n, *self._known_windows.values())
+            self._known_windows.clear()
         else:
             self._known_windows.update(dict.fromkeys(host_rows, n))
 
     def _draft_bounds(
-        self, rows: torch.Tensor, host_rows: list[int] | None, n: int, branches: tuple[int, int] | None = None
+        self,
+        rows: torch.Tensor,
+        host_rows: list[int] | None,
+        n: int,
+        branches: tuple[int, int] | None = None,
+        accept: torch.Tensor | None = None,
     ) -> tuple[int, int, list[int] | None]:
         """The host bounds after the draft (pages, tokens drafted since the last sync), syncing only if the bound
         says it might not fit; raises if it does not. ``branches``: ``(topk, num_steps)`` of a tree draft, whose
         branch pages must fit too; then the third value is each request's branch pages when it synced (else
-        None)."""
+        None). ``accept``: the accept lengths of a commit in the same launch (the window starts where it leaves
+        the row; the bounds need no change, as a commit never passes what was drafted)."""
         bs = rows.size(0)
         p = self.page_size
         drafted = self._drafted_since_sync + n
@@ -1267,6 +1331,8 @@ class DraftCacheAllocator:
         rows64 = rows.long().clamp(0, self.max_requests - 1)
         seqs = self.seq_lens[rows64]
         allocs = self.alloc_lens[rows64]
+        if accept is not None:
+            seqs = seqs + torch.minimum(accept.clamp(min=0), self.window_lens[rows64].clamp(min=0))
         ends = seqs + n
         need = ((torch.maximum(allocs, ends) + p - 1) // p - (allocs + p - 1) // p).sum()
         extra = [torch.stack([need, ends.max(), ends.argmax()]), rows.long()]
@@ -1512,9 +1578,11 @@ class DraftCacheAllocator:
         scan_block: int,
         branch_block: int,
         large_batch: bool,
+        commit: bool,
     ) -> tuple[int, tuple, int]:
         """(TILE, constexprs, num_warps) of the allocation kernel for this kind of call, ``_batch_tile``,
-        ``_alloc_scan_block``, ``_branch_block`` (0: no branches) and whether the batch is past _LARGE_BATCH."""
+        ``_alloc_scan_block``, ``_branch_block`` (0: no branches), whether the batch is past _LARGE_BATCH and
+        whether the draft commits first."""
         npu = backend.is_npu(self.device)
         block_n = tiles.MAX_BLOCK_N if prefill else tiles.block_n(window_len)
         if not npu:
@@ -1541,6 +1609,7 @@ class DraftCacheAllocator:
             ("BRANCH", branch_block > 0),
             ("BLOCK_E", max(branch_block, 1)),
             ("COPY", branch_block > 0 and self.page_size > 1),
+            ("COMMIT", commit),
         )
         num_warps = _NUM_WARPS
         if not (npu or prefill or release or branch_block):  # a chain draft
@@ -1566,11 +1635,13 @@ class DraftCacheAllocator:
         release: bool = False,
         prepare: bool = False,
         branches: tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        accept: torch.Tensor | None = None,
     ) -> backend.Launch | None:
         """Launch the allocation kernel: a draft (``window_ends is None``) or a prefill of new rows; ``release``:
         a draft that first returns the rows' branch pages; ``branches``: ``(topk, num_steps, branch_slots,
-        copy_src, copy_dst)`` of a draft that also gives the rows their branches; ``prepare=True``: return the
-        launch, made by calling it."""
+        copy_src, copy_dst)`` of a draft that also gives the rows their branches; ``accept``: the accept lengths
+        of a draft that first commits the rows' open windows; ``prepare=True``: return the launch, made by
+        calling it."""
         prefill = window_ends is not None
         emit = out_cache_loc is not None
         bs = rows.size(0)
@@ -1584,6 +1655,7 @@ class DraftCacheAllocator:
             self._alloc_scan_block(bs),
             0 if branches is None else self._branch_block(branches[0], branches[1]),
             bs > _LARGE_BATCH,
+            accept is not None,
         )
         config = self._alloc_configs.get(key)
         if config is None:
@@ -1608,6 +1680,7 @@ class DraftCacheAllocator:
                 self.prefix_lens,
                 placeholder if window_starts is None else window_starts,
                 placeholder if window_ends is None else window_ends,
+                placeholder if accept is None else accept,
                 self.req_to_token if prefix_slots is None else prefix_slots,
                 self.free_pages,
                 self._counters,
@@ -1739,16 +1812,20 @@ class DraftCacheAllocator:
         """The checks commit and commit_tree share; returns (rows on the device, rows on the host or None, accept
         lengths on the device)."""
         rows, host_rows = self._device_rows(req_pool_indices)
-        accept, host_accept = self._device_ints("accept_lens", accept_lens)
-        if accept.size(0) != rows.size(0):
-            raise ValueError(f"accept_lens has {accept.size(0)} elements but req_pool_indices has {rows.size(0)}")
         if validate and host_rows is None:
             host_rows = rows.tolist()
         if host_rows is not None:
             self._check_rows_in_use(host_rows)
+        return rows, host_rows, self._check_accept(rows, host_rows, accept_lens)
+
+    def _check_accept(self, rows: torch.Tensor, host_rows: list[int] | None, accept_lens: IntVector) -> torch.Tensor:
+        """Accept lengths of checked rows: their number, and as a list their values; returns them on the device."""
+        accept, host_accept = self._device_ints("accept_lens", accept_lens)
+        if accept.size(0) != rows.size(0):
+            raise ValueError(f"accept_lens has {accept.size(0)} elements but req_pool_indices has {rows.size(0)}")
         if host_accept is not None:
             self._check_host_accept(host_rows, host_accept)
-        return rows, host_rows, accept
+        return accept
 
     def _check_host_accept(self, host_rows: list[int] | None, accept: list[int]) -> None:
         """Accept lengths given as a list: each in [0, the row's window], as far as the host knows the window."""
@@ -2042,6 +2119,32 @@ class DraftStepWrapper:
             self._allocator._commit(self._rows, self._host_rows, self._accept, tree, self, self._keep_branches)
         return self._tree_result
 
+    def commit_and_draft(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`DraftCacheAllocator.commit_and_draft` of the planned rows with the current values of
+        ``accept_lens``, then ``N`` draft tokens (a chain plan with ``emit=True``); returns the same
+        ``(out_cache_loc[:bs * N], last_loc)`` tensors every call."""
+        self._check(self._commit_bound)
+        self._check(self._draft_bound)
+        if self._accept is None:
+            raise ValueError("commit_and_draft() needs a plan with accept_lens")
+        if self._tree_commit is not None:
+            raise ValueError("this plan commits a tree (accept_index): call commit(), then alloc_draft()")
+        if not self._emit:
+            raise ValueError("this plan has emit=False: commit_and_draft() returns the slots")
+        if self._validate:
+            return self._allocator.commit_and_draft(
+                self._plan_args["req_pool_indices"],
+                self._accept,
+                self._n,
+                out_cache_loc=self._out,
+                last_loc=self._last,
+                validate=True,
+            )
+        if self._bs:
+            alloc = self._allocator
+            alloc._draft(self._rows, self._host_rows, self._n, self._out, self._last, self, accept=self._accept)
+        return self._result
+
     def alloc_branches(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`DraftCacheAllocator.alloc_branches` with the planned arguments; returns the same
         ``(branch_slots, copy_src[:bs * topk * (page_size - 1)], copy_dst[:...])`` tensors every call (the
@@ -2098,7 +2201,8 @@ class DraftStepWrapper:
             self._rows_version = alloc._rows_version
 
     def _prepared(self, kind: str) -> backend.Launch:
-        """The launch of ``kind`` ("draft", "tree draft", "commit tree", each also with "release " before it;
+        """The launch of ``kind`` ("draft", "commit draft", "tree draft", "commit tree", each also with "release "
+        before it;
         "release", "commit", "branches"),
         prepared on first use and again once alloc_branches has replaced the allocator's branch_pages (which the
         release and branch launches read)."""
@@ -2116,11 +2220,12 @@ class DraftStepWrapper:
                 launch = alloc._launch_branches(rows, *self._branches, prepare=True)
             elif kind == "release":
                 launch = alloc._release(rows, prepare=True)
-            else:  # "draft", "tree draft", each with "release " or not
+            else:  # "draft", "commit draft", "tree draft", each with "release " or not
                 out, last = self._out, self._last
                 release, tree = kind.startswith("release"), kind.endswith("tree draft")
+                accept = self._accept if kind.endswith("commit draft") else None
                 launch = alloc._launch_alloc(
-                    rows, self._n, None, None, None, out, last, release, True, self._branches if tree else None
+                    rows, self._n, None, None, None, out, last, release, True, self._branches if tree else None, accept
                 )
             entry = self._launches[kind] = (launch, alloc.branch_pages)
         return entry[0]

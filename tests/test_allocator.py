@@ -254,9 +254,17 @@ class AllocatorMachine(RuleBasedStateMachine):
         if self.try_draft(data, rows, n):
             self.do_commit(data, rows, [data.draw(st.integers(0, n), label="accept") for _ in rows])
 
-    def try_draft(self, data, rows, n) -> bool:
-        """Draft ``n`` tokens for ``rows``; check the outputs, or the predicted failure. Whether it succeeded."""
-        starts = [self.seq[row] for row in rows]
+    @rule(data=st.data())
+    def commit_and_draft(self, data):
+        """commit_and_draft: the commit, then the next window, in one call; nothing committed if the draft fails."""
+        rows = self.pick_rows(data)
+        accept = [data.draw(st.integers(0, self.window[row]), label="accept") for row in rows]
+        self.try_draft(data, rows, data.draw(st.integers(0, self.MAX_DRAFT), label="N"), accept)
+
+    def try_draft(self, data, rows, n, accept=None) -> bool:
+        """Draft ``n`` tokens for ``rows`` (``accept``: commit_and_draft with these accept lengths first); check the
+        outputs, or the predicted failure. Whether it succeeded."""
+        starts = [self.seq[row] + (0 if accept is None else a) for row, a in zip(rows, accept or rows)]
         p = self.PAGE_SIZE
         need = sum(max(pages(s + n, p) - pages(len(self.owned[row]), p), 0) for row, s in zip(rows, starts))
         if any(s + n > self.MAX_CONTEXT_LEN for s in starts):
@@ -266,19 +274,32 @@ class AllocatorMachine(RuleBasedStateMachine):
         else:
             expected = None
         event(f"draft: {expected.__name__ if expected else 'ok'}")
-        mode = data.draw(st.sampled_from(["alloc", "alloc-into-buffers", "reserve"]), label="mode")
+        modes = ["alloc", "alloc-into-buffers"] + (["reserve"] if accept is None else [])
+        mode = data.draw(st.sampled_from(modes), label="mode")
         validate = data.draw(st.booleans(), label="validate")
         arg = self.as_rows(data, rows)
         before = snapshot(self.alloc)
         free_before = self.NUM_PAGES - self.used_pages()
+        if accept is None:
+            draft = self.alloc.alloc_draft
+        else:
+            dtype = data.draw(st.sampled_from([torch.int32, torch.int64, None]), label="accept dtype")
+            accept_arg = accept if dtype is None else torch.tensor(accept, dtype=dtype, device=self.DEVICE)
+
+            def draft(arg, n, **kwargs):
+                return self.alloc.commit_and_draft(arg, accept_arg, n, **kwargs)
+
         if expected is not None:
             with pytest.raises(expected):
                 if mode == "reserve":
                     self.alloc.reserve_draft(arg, n, validate=validate)
                 else:
-                    self.alloc.alloc_draft(arg, n, validate=validate)
+                    draft(arg, n, validate=validate)
             assert_unchanged(self.alloc, before)
             return False
+        if accept is not None:
+            for row, a in zip(rows, accept):
+                self.seq[row] += a
         if mode == "reserve":
             self.alloc.reserve_draft(arg, n, validate=validate)
             rows_t = torch.tensor(rows, dtype=torch.int64, device=self.DEVICE)
@@ -287,13 +308,13 @@ class AllocatorMachine(RuleBasedStateMachine):
                 self.alloc.req_to_token, rows_t, start_t, start_t + n, window_len=n
             )
         elif mode == "alloc":
-            out, last = self.alloc.alloc_draft(arg, n, validate=validate)
+            out, last = draft(arg, n, validate=validate)
             assert out.dtype == last.dtype == torch.int64
         else:
             tail = 3
             out_buf = sentinel_like(len(rows) * n + tail, torch.int32, self.DEVICE)
             last_buf = sentinel_like(len(rows), torch.int32, self.DEVICE)
-            out, last = self.alloc.alloc_draft(arg, n, out_cache_loc=out_buf, last_loc=last_buf, validate=validate)
+            out, last = draft(arg, n, out_cache_loc=out_buf, last_loc=last_buf, validate=validate)
             assert last is last_buf and (not out.numel() or out.data_ptr() == out_buf.data_ptr())
             assert out_buf[len(rows) * n :].tolist() == [SENTINEL] * tail
         assert out.shape == (len(rows) * n,) and last.shape == (len(rows),)
@@ -758,6 +779,36 @@ BAD_CALLS = [
         ValueError,
         "= 2 is not a row in use",
     ),
+    (
+        "commit-and-draft-too-many",
+        lambda a, r: a.commit_and_draft(r, torch.tensor([1, 3]), 2, validate=True),
+        ValueError,
+        r"accept_lens\[1\] must be in \[0, 2\] \(the draft window of row 1\), got 3",
+    ),
+    (
+        "commit-and-draft-list",
+        lambda a, r: a.commit_and_draft([0, 1], [1, 3], 2),
+        ValueError,
+        r"accept_lens\[1\] must be in \[0, 2\] \(the draft window of row 1\), got 3",
+    ),
+    (
+        "commit-and-draft-length",
+        lambda a, r: a.commit_and_draft(r, torch.tensor([1]), 2),
+        ValueError,
+        "accept_lens has 1 elements but req_pool_indices has 2",
+    ),
+    (
+        "commit-and-draft-negative-n",
+        lambda a, r: a.commit_and_draft(r, torch.tensor([1, 1]), -1),
+        ValueError,
+        "num_draft_tokens must be in",
+    ),
+    (
+        "commit-and-draft-past-the-context",
+        lambda a, r: a.commit_and_draft(r, torch.tensor([2, 2]), 12),
+        ContextLengthError,
+        r"request 1 \(row 1\) has 6 committed tokens; a window of 12 needs 18 positions but max_context_len is 16",
+    ),
     ("free-unused", lambda a, r: a.free_requests([0, 3]), ValueError, r"req_pool_indices\[1\] = 3 is not a row in use"),
     ("free-twice", lambda a, r: a.free_requests(torch.tensor([1, 1])), ValueError, "appears twice"),
     ("free-negative", lambda a, r: a.free_requests([-1]), ValueError, r"must be in \[0, 4\), got -1"),
@@ -918,6 +969,55 @@ def test_many_programs_large_batch_against_the_loop(many_programs):
     assert alloc._counters[2].item() == 0, "the last program resets the ticket"
 
 
+@pytest.mark.parametrize("page_size", [1, 4, 16], ids=lambda p: f"page{p}")
+@pytest.mark.parametrize("programs", ["one", "many"])
+def test_commit_and_draft_is_commit_then_alloc_draft(page_size, programs, monkeypatch):
+    """commit_and_draft against commit + alloc_draft, call for call: the same slots, the same state, on one program
+    and on many; accept lengths past the window or negative are clamped alike; branch pages held by the rows are
+    released in the same launch."""
+    if programs == "many":
+        for name, value in {"_MAX_TILE": 2, "_MIN_TILE": 2, "_SCAN_BLOCK": 4, "_COMMIT_TILE": 2}.items():
+            monkeypatch.setattr(allocator_module, name, value)
+    runs = []
+    for fused in (False, True):
+        rng = random.Random(page_size)
+        alloc = DraftCacheAllocator(max(page_size * 120, 800), 8, 96, page_size=page_size, device="cpu")
+        rows = alloc.add_requests([3, 17, 0, 33, 5, 9, 1])
+        outputs = [alloc.alloc_draft(rows, 4)]
+        for step in range(6):
+            accept = torch.tensor([rng.choice([-2, 0, 1, 3, 5, 2**33]) for _ in range(7)])
+            n = rng.randrange(0, 6)
+            if step == 3:
+                alloc.alloc_branches(rows, 2, 3)  # the next call releases them
+            if fused:
+                out, last = alloc.commit_and_draft(rows, accept, n)
+            else:
+                alloc.commit(rows, accept)
+                out, last = alloc.alloc_draft(rows, n)
+            outputs.append((out.clone(), last.clone()))
+            check_layout(alloc)
+        runs.append((outputs, snapshot(alloc)))
+    for (out_a, last_a), (out_b, last_b) in zip(runs[0][0], runs[1][0]):
+        assert torch.equal(out_a, out_b) and torch.equal(last_a, last_b)
+    for name in STATE_TENSORS:
+        assert torch.equal(runs[0][1][name], runs[1][1][name]), name
+
+
+def test_commit_and_draft_is_all_or_nothing():
+    """A draft that does not fit: OutOfSlotsError, and the commit did not happen either."""
+    alloc = DraftCacheAllocator(4 * 6, 3, 64, page_size=4, device="cpu")
+    rows = alloc.add_requests([4, 4])
+    alloc.alloc_draft(rows, 4)
+    before = snapshot(alloc)
+    with pytest.raises(OutOfSlotsError):
+        alloc.commit_and_draft(rows, torch.tensor([4, 4]), 12)
+    assert_unchanged(alloc, before)
+    out, last = alloc.commit_and_draft(rows, torch.tensor([4, 1]), 4)
+    assert alloc.seq_lens[rows].tolist() == [8, 5] and alloc.window_lens[rows].tolist() == [4, 4]
+    owned = check_layout(alloc)
+    assert out.tolist() == owned[0][8:12] + owned[1][5:9] and last.tolist() == [owned[0][7], owned[1][4]]
+
+
 # --------------------------------------------------------------------------------------------- misuse
 
 
@@ -984,6 +1084,21 @@ def test_accept_lengths_given_as_a_list_are_checked_on_the_host():
     assert alloc.seq_lens[rows].tolist() == [6, 7]
 
 
+def test_rows_on_the_device_leave_the_host_an_upper_bound_of_every_window():
+    """A commit or a draft whose rows the host does not see may close or open any window: the host keeps a bound
+    of them all, so a list of accept lengths within a row's open window passes the host check."""
+    alloc = DraftCacheAllocator(64, 3, 32, page_size=4, device="cpu")
+    alloc.add_requests([3, 6])
+    alloc.alloc_draft([0, 1], 3)
+    alloc.commit(torch.tensor([0]), torch.tensor([1]))  # rows on the device: the host cannot tell which
+    alloc.commit([1], [3])
+    assert alloc.seq_lens[:2].tolist() == [4, 9]
+    alloc.alloc_draft([0], 2)  # row 0's window: 2, as the host knows
+    alloc.alloc_draft(torch.tensor([0]), 5)  # now 5, which the host cannot see
+    alloc.commit([0], [5])
+    assert alloc.seq_lens[:2].tolist() == [9, 9]
+
+
 class LaunchFailed(RuntimeError):
     pass
 
@@ -1002,6 +1117,8 @@ LAUNCHING_CALLS = [
     ("alloc_draft-list", lambda a, r: a.alloc_draft(r.tolist(), 3)),
     ("reserve_draft", lambda a, r: a.reserve_draft(r, 3)),
     ("commit", lambda a, r: a.commit(r, torch.tensor([1, 1]))),
+    ("commit_and_draft", lambda a, r: a.commit_and_draft(r, torch.tensor([1, 1]), 3)),
+    ("commit_and_draft-lists", lambda a, r: a.commit_and_draft(r.tolist(), [1, 2], 3)),
     ("alloc_branches", lambda a, r: a.alloc_branches(r, 2, 3)),  # the first: it widens branch_pages
     ("alloc_tree_draft", lambda a, r: a.alloc_tree_draft(r, 2, 2, 3)),  # widens branch_pages too
     ("commit_tree", lambda a, r: a.commit_tree(r, torch.tensor([[0, 1], [1, 0]]), torch.tensor([2, 1]))),
@@ -1176,6 +1293,11 @@ def test_gpu_many_programs_match_one_program(page_size):
                 out, last = alloc.alloc_draft(rows, 4)
                 outputs.append((out.cpu(), last.cpu()))
                 alloc.commit(rows, torch.tensor([(i + step) % 5 for i in range(bs)], device="cuda"))
+            for step in range(3):
+                accept = torch.tensor([(i + step) % 5 for i in range(bs)], device="cuda")
+                out, last = alloc.commit_and_draft(rows, accept, 4)
+                outputs.append((out.cpu(), last.cpu()))
+            alloc.commit(rows, torch.zeros(bs, dtype=torch.int64, device="cuda"))
             index = torch.arange(4, device="cuda").repeat(bs, 1)
             for step in range(3):
                 out, last, slots, src, dst = alloc.alloc_tree_draft(rows, 4, (2, 2, 3)[step], 3)
@@ -1225,9 +1347,11 @@ def test_gpu_chain_draft_warps_do_not_change_results(bs):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("one_launch", [False, True], ids=["two-launches", "commit_and_draft"])
 @pytest.mark.parametrize("page_size", [1, 16], ids=lambda p: f"page{p}")
-def test_gpu_graph_captures_a_whole_step(page_size):
-    """alloc_draft + commit captured once, replayed with new accept lengths: the same as running them eagerly."""
+def test_gpu_graph_captures_a_whole_step(page_size, one_launch):
+    """alloc_draft + commit (or commit_and_draft) captured once, replayed with new accept lengths: the same as
+    running alloc_draft + commit eagerly."""
     bs, n, replays = 48, 4, 60
     prompt_lens = [(13 * i) % 200 for i in range(bs)]
     graphed, eager = (DraftCacheAllocator(bs * 512, bs + 2, 512, page_size=page_size, device="cuda") for _ in range(2))
@@ -1238,6 +1362,9 @@ def test_gpu_graph_captures_a_whole_step(page_size):
     accept = torch.zeros(bs, dtype=torch.int32, device="cuda")
 
     def step():
+        if one_launch:
+            graphed.commit_and_draft(rows, accept, n, out_cache_loc=out, last_loc=last)
+            return
         graphed.alloc_draft(rows, n, out_cache_loc=out, last_loc=last)
         graphed.commit(rows, accept)
 
@@ -1247,7 +1374,8 @@ def test_gpu_graph_captures_a_whole_step(page_size):
         step()  # compile and warm up outside the capture
     torch.cuda.current_stream().wait_stream(stream)
     eager.alloc_draft(rows, n)
-    eager.commit(rows, accept)
+    if not one_launch:  # commit_and_draft commits at the start of the next step
+        eager.commit(rows, accept)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
@@ -1259,8 +1387,11 @@ def test_gpu_graph_captures_a_whole_step(page_size):
         out.fill_(SENTINEL)
         last.fill_(SENTINEL)
         graph.replay()
+        if one_launch:
+            eager.commit(rows, accepted)
         eager_out, eager_last = eager.alloc_draft(rows, n)
-        eager.commit(rows, accepted)
+        if not one_launch:
+            eager.commit(rows, accepted)
         assert torch.equal(out, eager_out) and torch.equal(last, eager_last)
     torch.cuda.synchronize()
     graphed.refresh()  # the replays ran no host code: re-read the usage before the next eager call

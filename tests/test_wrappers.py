@@ -257,6 +257,42 @@ def test_the_wrapper_drives_the_step_like_the_methods(page_size, host_rows, emit
     check_layout(a)
 
 
+@pytest.mark.parametrize("branches", [False, True], ids=["chain", "branches"])
+@pytest.mark.parametrize("host_rows", [False, True], ids=["tensor-rows", "list-rows"])
+@pytest.mark.parametrize("page_size", [1, 4], ids=lambda p: f"page{p}")
+def test_the_wrapper_commits_and_drafts_like_the_method(page_size, host_rows, branches):
+    """step.commit_and_draft() against DraftCacheAllocator.commit_and_draft, into the capacity: the same outputs,
+    errors and state after every call (``branches``: rows that hold branch pages, released in the same launch)."""
+    rng = random.Random(page_size * 4 + host_rows * 2 + branches)
+    n = 3
+    a, b = (DraftCacheAllocator(36 * page_size, 4, 40, page_size=page_size, device="cpu") for _ in range(2))
+    rows_a, rows_b = a.add_requests([5, 2, 7]), b.add_requests([5, 2, 7])
+    rows = rows_a.tolist() if host_rows else rows_a
+    rows_b = rows_b.tolist() if host_rows else rows_b
+    accept = torch.zeros(3, dtype=torch.int64)
+    out, last = sentinel_like(3 * n, torch.int64, "cpu"), sentinel_like(3, torch.int64, "cpu")
+    step = DraftStepWrapper(a)
+    step.plan(rows, n, accept_lens=accept, out_cache_loc=out, last_loc=last)
+    errors = 0
+    for i in range(30):
+        if branches and i % 3 == 1:
+            assert repr(_call(a.alloc_branches, rows, 2, 2)[1]) == repr(_call(b.alloc_branches, rows_b, 2, 2)[1])
+        accept.copy_(torch.tensor([rng.randint(0, n + 1) for _ in range(3)]))  # in place; n + 1 is clamped
+        expected_out, expected_last = sentinel_like(3 * n, torch.int64, "cpu"), sentinel_like(3, torch.int64, "cpu")
+        out.fill_(SENTINEL)
+        last.fill_(SENTINEL)
+        got = _call(step.commit_and_draft)
+        expected = _call(
+            b.commit_and_draft, rows_b, accept.clone(), n, out_cache_loc=expected_out, last_loc=expected_last
+        )
+        assert repr(got[1]) == repr(expected[1])
+        errors += got[1] is not None
+        assert torch.equal(out, expected_out) and torch.equal(last, expected_last)
+        _assert_same(a, b)
+    assert errors, "the loop must reach the capacity"
+    check_layout(a)
+
+
 def test_rows_freed_after_a_host_list_plan_raise_like_the_method():
     a, b = (DraftCacheAllocator(64, 3, 32, page_size=4, device="cpu") for _ in range(2))
     a.add_requests([3, 6])
@@ -347,6 +383,14 @@ def test_wrapper_misuse_is_an_error_too():
         step.reserve_draft()
     with pytest.raises(ValueError, match=r"commit\(\) needs a plan with accept_lens"):
         step.commit()
+    with pytest.raises(ValueError, match=r"commit_and_draft\(\) needs a plan with accept_lens"):
+        step.commit_and_draft()
+    step.plan(rows, 2, accept_lens=torch.tensor([1, 1]), emit=False)
+    with pytest.raises(ValueError, match=r"this plan has emit=False: commit_and_draft\(\) returns the slots"):
+        step.commit_and_draft()
+    step.plan(rows, 2, accept_lens=torch.tensor([1, 1]), accept_index=torch.zeros(2, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"this plan commits a tree \(accept_index\)"):
+        step.commit_and_draft()
 
 
 class LaunchFailed(RuntimeError):
@@ -358,13 +402,13 @@ def _failing_launch(*args, **kwargs):
 
 
 @pytest.mark.parametrize("branches", [False, True], ids=["chain", "branches"])
-@pytest.mark.parametrize("call", ["alloc_draft", "reserve_draft", "commit"])
+@pytest.mark.parametrize("call", ["alloc_draft", "reserve_draft", "commit", "commit_and_draft"])
 def test_a_launch_that_raises_in_a_run_changes_nothing(call, branches, monkeypatch):
     a = DraftCacheAllocator(64, 4, 32, page_size=4, device="cpu")
     rows = a.add_requests([5, 6])
     step = DraftStepWrapper(a)
     step.plan(rows.tolist(), 2, accept_lens=torch.tensor([1, 2]), emit=call != "reserve_draft")
-    if call == "commit":
+    if call.startswith("commit"):
         step.alloc_draft()
     if branches:
         a.alloc_branches(rows.tolist(), 2, 2)  # the rows the plan names: the host sees them released

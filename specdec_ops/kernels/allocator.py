@@ -64,6 +64,8 @@ def _window_needs(
     alloc_lens,
     window_starts,
     window_ends,
+    accept_lens,
+    window_lens,
     window_len,
     num_rows,
     max_context_len,
@@ -71,10 +73,12 @@ def _window_needs(
     PAGE_SHIFT: tl.constexpr,
     PREFILL: tl.constexpr,
     PREFIX: tl.constexpr,
+    COMMIT: tl.constexpr,
 ):
     """For batch entries ``k``: the row, its window ``[start, end)``, its allocated length before and after, the
-    pages it has and the pages it needs. Decode reads the row's lengths; prefill reads the batch's own
-    ``window_starts`` (the prefix a new row starts from) and ``window_ends``."""
+    pages it has and the pages it needs. Decode reads the row's lengths (with ``COMMIT``, its window starts at
+    ``seq_len + clamp(accept_lens[k], 0, window_lens[row])``, the length a commit would leave); prefill reads the
+    batch's own ``window_starts`` (the prefix a new row starts from) and ``window_ends``."""
     rows = tl.load(req_pool_indices + k, mask=in_range, other=-1).to(tl.int32)
     valid = in_range & (rows >= 0) & (rows < num_rows)
     if PREFILL:
@@ -88,6 +92,12 @@ def _window_needs(
     else:
         starts = tl.load(seq_lens + rows, mask=valid, other=0).to(tl.int32)
         allocs = tl.load(alloc_lens + rows, mask=valid, other=0).to(tl.int32)
+        if COMMIT:
+            # As _commit_kernel: clamped in the caller's dtype, then narrowed.
+            accepted = tl.load(accept_lens + k, mask=valid, other=0)
+            window = tl.load(window_lens + rows, mask=valid, other=0)
+            accepted = tl.minimum(tl.maximum(accepted, 0), tl.maximum(window, 0).to(accepted.dtype))
+            starts += accepted.to(tl.int32)
         starts = tl.minimum(tl.maximum(starts, 0), max_context_len)
         allocs = tl.minimum(tl.maximum(allocs, 0), max_context_len)
         ends = starts + window_len
@@ -160,6 +170,7 @@ def _alloc_windows_kernel(
     prefix_lens,
     window_starts,
     window_ends,
+    accept_lens,
     prefix_slots,
     free_pages,
     counters,
@@ -195,6 +206,7 @@ def _alloc_windows_kernel(
     BRANCH: tl.constexpr,
     BLOCK_E: tl.constexpr,
     COPY: tl.constexpr,
+    COMMIT: tl.constexpr,
 ):
     """Give slots to the windows ``[start_i, end_i)`` and optionally read them back.
 
@@ -212,6 +224,8 @@ def _alloc_windows_kernel(
     positions from ``seq_len`` (see ``_alloc_branches_kernel``; ``branch_slots`` and, with ``COPY``, ``copy_src`` and
     ``copy_dst`` as there): its ``need_b_i`` branch pages follow its window's pages in the ring. With both, a
     request that holds exactly the pages its branches take keeps them instead (``_reused``): no push, no pop.
+    With ``COMMIT`` (decode, not ``BRANCH``) the row's open window is committed first, as ``_commit_kernel`` does:
+    ``start_i = seq_lens[row_i] + clamp(accept_lens[i], 0, window_lens[row_i])``, which becomes ``seq_lens[row_i]``.
     """
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -246,6 +260,8 @@ def _alloc_windows_kernel(
                 alloc_lens,
                 window_starts,
                 window_ends,
+                accept_lens,
+                window_lens,
                 window_len,
                 num_rows,
                 max_context_len,
@@ -253,6 +269,7 @@ def _alloc_windows_kernel(
                 PAGE_SHIFT,
                 PREFILL,
                 PREFIX,
+                COMMIT,
             )
             if BRANCH:
                 _, per_branch_earlier, branch_earlier = _branch_shape(
@@ -277,6 +294,8 @@ def _alloc_windows_kernel(
             alloc_lens,
             window_starts,
             window_ends,
+            accept_lens,
+            window_lens,
             window_len,
             num_rows,
             max_context_len,
@@ -284,6 +303,7 @@ def _alloc_windows_kernel(
             PAGE_SHIFT,
             PREFILL,
             PREFIX,
+            COMMIT,
         )
         # Loads that need only the rows and their lengths are issued here, before the scan below, whose barriers
         # would make each of them a round trip of its own: the slot of the last partial page, last_loc's slot
@@ -412,12 +432,17 @@ def _alloc_windows_kernel(
             tl.store(alloc_lens + rows, ends.to(alloc_lens.dtype.element_ty), mask=valid)
             tl.store(window_lens + rows, zero.to(window_lens.dtype.element_ty), mask=valid)
             tl.store(prefix_lens + rows, starts.to(prefix_lens.dtype.element_ty), mask=valid)
-        else:
+        elif alone:  # no other program reads these lengths
             tl.store(window_lens + rows, lengths.to(window_lens.dtype.element_ty), mask=valid)
-            if alone:  # no other program reads these lengths
-                tl.store(alloc_lens + rows, new_allocs.to(alloc_lens.dtype.element_ty), mask=valid)
-            else:  # for the last program, which writes them
-                tl.store(scratch + offs, new_allocs, mask=in_batch)
+            tl.store(alloc_lens + rows, new_allocs.to(alloc_lens.dtype.element_ty), mask=valid)
+            if COMMIT:
+                tl.store(seq_lens + rows, starts.to(seq_lens.dtype.element_ty), mask=valid)
+        else:  # for the last program, which writes them (COMMIT: other programs read the open windows too)
+            if COMMIT:
+                tl.store(scratch + 3 * num_rows + offs, starts, mask=in_batch)
+            else:
+                tl.store(window_lens + rows, lengths.to(window_lens.dtype.element_ty), mask=valid)
+            tl.store(scratch + offs, new_allocs, mask=in_batch)
         if not alone:
             tl.store(scratch + num_rows + offs, pops, mask=in_batch)
     if alone:
@@ -430,7 +455,8 @@ def _alloc_windows_kernel(
     elif _take_ticket(counters) == num_programs - 1:
         # The last program: no other one reads shared state any more. The owners left each request's new
         # alloc_len at scratch[i], its need at scratch[num_rows + i] and (RELEASE) its branch pages at
-        # scratch[2 * num_rows + i] and (BRANCH) its new branch pages at scratch[3 * num_rows + i]: loads masked by
+        # scratch[2 * num_rows + i] and (BRANCH) its new branch pages or (COMMIT) its committed length at
+        # scratch[3 * num_rows + i]: loads masked by
         # the batch, not by the rows, so none waits for the rows' load.
         popped_lanes = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
         pushed_lanes = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
@@ -442,6 +468,11 @@ def _alloc_windows_kernel(
             if not PREFILL:
                 new_allocs = tl.load(scratch + k, mask=in_range, other=0)
                 tl.store(alloc_lens + rows, new_allocs.to(alloc_lens.dtype.element_ty), mask=valid)
+            if COMMIT:  # the committed length (scratch[3 * num_rows + i]) and the new window
+                seqs = tl.load(scratch + 3 * num_rows + k, mask=in_range, other=0)
+                opened = tl.minimum(seqs + window_len, max_context_len) - seqs
+                tl.store(seq_lens + rows, seqs.to(seq_lens.dtype.element_ty), mask=valid)
+                tl.store(window_lens + rows, opened.to(window_lens.dtype.element_ty), mask=valid)
             popped_lanes += tl.load(scratch + num_rows + k, mask=in_range, other=0)
             if RELEASE:
                 pushed_lanes += tl.load(scratch + 2 * num_rows + k, mask=in_range, other=0)
