@@ -6,6 +6,7 @@ and predicts which calls must fail; after every call the device state is checked
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
@@ -52,6 +53,28 @@ def snapshot(alloc: DraftCacheAllocator) -> dict:
     state["free_rows"] = sorted(alloc._free_rows)
     state["cached_pages"] = alloc.cached_pages()
     return state
+
+
+@contextlib.contextmanager
+def allocator_constants(values: dict[str, int]):
+    """The allocator module's launch constants set to ``values`` inside the block, restored after it."""
+    saved = {name: getattr(allocator_module, name) for name in values}
+    try:
+        for name, value in values.items():
+            setattr(allocator_module, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(allocator_module, name, value)
+
+
+def assert_same_runs(a: tuple[list, dict], b: tuple[list, dict]) -> None:
+    """Two runs, each (the tensors every call returned, the final snapshot), are identical call for call."""
+    assert len(a[0]) == len(b[0])
+    for got, expected in zip(a[0], b[0]):
+        assert len(got) == len(expected) and all(torch.equal(x, y) for x, y in zip(got, expected))
+    for name in STATE_TENSORS:
+        assert torch.equal(a[1][name], b[1][name]), name
 
 
 def assert_unchanged(alloc: DraftCacheAllocator, before: dict) -> None:
@@ -932,28 +955,19 @@ def test_many_programs_match_one_program_call_for_call(page_size, many_programs)
     """The same loop with tiles of 8 (dozens of programs) and with one program per launch: identical."""
     runs = []
     for tiles in ({}, {"_MAX_TILE": 1024, "_SCAN_BLOCK": 1024, "_FREE_TILE": 1024, "_COMMIT_TILE": 1024}):
-        saved = {name: getattr(allocator_module, name) for name in tiles}
-        try:
-            for name, value in tiles.items():
-                setattr(allocator_module, name, value)
+        with allocator_constants(tiles):
             num_slots = (20000 // page_size + 600) * page_size
             alloc = DraftCacheAllocator(num_slots, 300, 96, page_size=page_size, device="cpu")
             rows = alloc.add_requests([(37 * i) % 60 for i in range(300)])
             outputs = []
             for step in range(3):
-                out, last = alloc.alloc_draft(rows, 5)
-                outputs.append((out.tolist(), last.tolist()))
+                outputs.append(alloc.alloc_draft(rows, 5))
                 alloc.commit(rows, torch.tensor([(i + step) % 7 for i in range(300)]))
             check_layout(alloc)
             alloc.free_requests(rows[::3])
             check_layout(alloc)
             runs.append((outputs, snapshot(alloc)))
-        finally:
-            for name, value in saved.items():
-                setattr(allocator_module, name, value)
-    assert runs[0][0] == runs[1][0]
-    for name in STATE_TENSORS:
-        assert torch.equal(runs[0][1][name], runs[1][1][name]), name
+    assert_same_runs(*runs)
 
 
 def test_many_programs_large_batch_against_the_loop(many_programs):
@@ -997,10 +1011,7 @@ def test_commit_and_draft_is_commit_then_alloc_draft(page_size, programs, monkey
             outputs.append((out.clone(), last.clone()))
             check_layout(alloc)
         runs.append((outputs, snapshot(alloc)))
-    for (out_a, last_a), (out_b, last_b) in zip(runs[0][0], runs[1][0]):
-        assert torch.equal(out_a, out_b) and torch.equal(last_a, last_b)
-    for name in STATE_TENSORS:
-        assert torch.equal(runs[0][1][name], runs[1][1][name]), name
+    assert_same_runs(*runs)
 
 
 def test_commit_and_draft_is_all_or_nothing():
@@ -1279,10 +1290,7 @@ def test_gpu_many_programs_match_one_program(page_size):
     bs = 2048
     runs = []
     for tiles in ({}, {"_ALLOC_ELEMENTS": bs * 4, "_MAX_TILE": bs, "_FREE_TILE": bs, "_COMMIT_TILE": bs}):
-        saved = {name: getattr(allocator_module, name) for name in tiles}
-        try:
-            for name, value in tiles.items():
-                setattr(allocator_module, name, value)
+        with allocator_constants(tiles):
             # Room for the contexts, and for the old and the new branch pages of a tree draft that trades them.
             branch_pages = 2 * 3 * -(-(page_size - 1 + 3) // page_size)
             pool = bs * (600 // page_size + 2 + branch_pages) * page_size
@@ -1305,14 +1313,8 @@ def test_gpu_many_programs_match_one_program(page_size):
                 accept = torch.tensor([(i + step) % 5 for i in range(bs)], device="cuda")
                 alloc.commit_tree(rows, index, accept, keep_branches=True)
             alloc.free_requests(rows[::3])
-            runs.append((outputs, {name: getattr(alloc, name).cpu() for name in STATE_TENSORS}))
-        finally:
-            for name, value in saved.items():
-                setattr(allocator_module, name, value)
-    for (out_a, last_a), (out_b, last_b) in zip(runs[0][0], runs[1][0]):
-        assert torch.equal(out_a, out_b) and torch.equal(last_a, last_b)
-    for name in STATE_TENSORS:
-        assert torch.equal(runs[0][1][name], runs[1][1][name]), name
+            runs.append((outputs, snapshot(alloc)))
+    assert_same_runs(*runs)
 
 
 @pytest.mark.gpu
@@ -1323,10 +1325,7 @@ def test_gpu_chain_draft_warps_do_not_change_results(bs):
     assert bs > allocator_module._LARGE_BATCH or 64 < bs <= 128
     runs = []
     for warps in ({}, {"_SMALL_TILE_NUM_WARPS": 8, "_LARGE_BATCH_NUM_WARPS": 8}):
-        saved = {name: getattr(allocator_module, name) for name in warps}
-        try:
-            for name, value in warps.items():
-                setattr(allocator_module, name, value)
+        with allocator_constants(warps):
             alloc = DraftCacheAllocator(bs * 48 * 16, bs, 512, page_size=16)
             rows = alloc.add_requests([(37 * i) % 400 + 1 for i in range(bs)])
             outputs = []
@@ -1336,14 +1335,8 @@ def test_gpu_chain_draft_warps_do_not_change_results(bs):
                 alloc.commit(rows, torch.tensor([(i + step) % 5 for i in range(bs)], device="cuda"))
             alloc.free_requests(rows[::3])
             check_layout(alloc)
-            runs.append((outputs, {name: getattr(alloc, name).cpu() for name in STATE_TENSORS}))
-        finally:
-            for name, value in saved.items():
-                setattr(allocator_module, name, value)
-    for (out_a, last_a), (out_b, last_b) in zip(runs[0][0], runs[1][0]):
-        assert torch.equal(out_a, out_b) and torch.equal(last_a, last_b)
-    for name in STATE_TENSORS:
-        assert torch.equal(runs[0][1][name], runs[1][1][name]), name
+            runs.append((outputs, snapshot(alloc)))
+    assert_same_runs(*runs)
 
 
 @pytest.mark.gpu
