@@ -307,9 +307,8 @@ class DraftCacheAllocator:
         # Bumped whenever rows are taken or freed: a DraftStepWrapper planned on host rows checks them again then.
         self._rows_version = 0
         self._unknown_window_bound = 0
-        # Launch configurations, found on first use: (window_len, prefill, prefix, emit, release) -> (TILE,
-        # constexprs);
-        # the most programs a launch may have (0: one per tile).
+        # Launch configurations of the allocation kernel, found on first use: the arguments of _alloc_config ->
+        # (TILE, constexprs, num_warps); the most programs a launch may have (0: one per tile).
         self._alloc_configs: dict[tuple, tuple[int, tuple, int]] = {}
         self._max_programs: int | None = None
         # Tree drafts: row r holds branch pages branch_pages[r, :num_branch_pages[r]] (alloc_branches). The host
@@ -2202,10 +2201,8 @@ class DraftStepWrapper:
 
     def _prepared(self, kind: str) -> backend.Launch:
         """The launch of ``kind`` ("draft", "commit draft", "tree draft", "commit tree", each also with "release "
-        before it;
-        "release", "commit", "branches"),
-        prepared on first use and again once alloc_branches has replaced the allocator's branch_pages (which the
-        release and branch launches read)."""
+        before it; "release", "commit", "branches"), prepared on first use and again once alloc_branches has
+        replaced the allocator's branch_pages (which the release and branch launches read)."""
         alloc = self._allocator
         entry = self._launches.get(kind)
         if entry is None or entry[1] is not alloc.branch_pages:
