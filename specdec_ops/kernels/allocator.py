@@ -456,8 +456,7 @@ def _alloc_windows_kernel(
         # The last program: no other one reads shared state any more. The owners left each request's new
         # alloc_len at scratch[i], its need at scratch[num_rows + i] and (RELEASE) its branch pages at
         # scratch[2 * num_rows + i] and (BRANCH) its new branch pages or (COMMIT) its committed length at
-        # scratch[3 * num_rows + i]: loads masked by
-        # the batch, not by the rows, so none waits for the rows' load.
+        # scratch[3 * num_rows + i]: loads masked by the batch, not by the rows, so none waits for the rows' load.
         popped_lanes = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
         pushed_lanes = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
         for k0 in range(0, bs, SCAN_BLOCK):
