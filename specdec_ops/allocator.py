@@ -151,6 +151,11 @@ _NUM_WARPS = 8
 # pages 1-128; 8 warps stay best at bs 256-1024, and for drafts with branches or a release).
 _SMALL_TILE_NUM_WARPS = 4
 _LARGE_BATCH_NUM_WARPS = 16
+# commit_and_draft commits in the allocation kernel's launch up to this many requests; past it (off Ascend) it
+# launches the commit kernel, then the draft: there every program's sum over earlier requests would also read their
+# accept lengths and windows (H200, a step: bs 1024 5.9-6.7 us as one launch against 6.2-7.2 as two, bs 4096
+# 13.1-14.3 against 9.4-10.6, bs 16384 36.6-39.2 against 21.0-22.3).
+_COMMIT_DRAFT_MAX_BATCH = 1024
 
 _INT_TYPE = {int}
 _third = operator.itemgetter(2)
@@ -700,7 +705,8 @@ class DraftCacheAllocator:
         The same results, guarantees and errors as the two calls (accept lengths clamped to the open windows on the
         device, or checked on the host when given as a list; rows that may hold branch pages release them in the
         same launch), but one launch instead of two, and all or nothing: if the draft cannot fit, nothing is
-        committed either.
+        committed either. Past 1024 requests (off Ascend, with no branch pages to release) it makes the two
+        launches, which are faster there; the capacity is checked and the draft compiled before the first.
 
         Args:
             req_pool_indices, num_draft_tokens, out_cache_loc, last_loc: as for :meth:`alloc_draft`.
@@ -1247,7 +1253,21 @@ class DraftCacheAllocator:
             return
         bound, drafted, _ = self._draft_bounds(rows, host_rows, n, accept=accept)
         release = self._branches_may_exist()
-        if step is None:
+        if accept is not None and self._commits_apart(rows.size(0), release):
+            # The commit kernel, then the draft, compiled before the commit launches: between the two launches
+            # nothing is left that can fail but a launch itself.
+            draft = (
+                self._launch_alloc(rows, n, None, None, None, out_cache_loc, last_loc, prepare=True)
+                if step is None
+                else step._prepared("draft")
+            )
+            draft.compile()
+            if step is None:
+                self._launch_commit(rows, accept)
+            else:
+                step._prepared("commit")()
+            draft()
+        elif step is None:
             self._launch_alloc(rows, n, None, None, None, out_cache_loc, last_loc, release, accept=accept)
         else:
             step._prepared(("release " if release else "") + ("commit draft" if accept is not None else "draft"))()
@@ -1286,6 +1306,11 @@ class DraftCacheAllocator:
         self._hold_branches(rows, host_rows, per_row, needs, rows.size(0))
         self._pages_bound, self._drafted_since_sync = bound, drafted
         self._open_windows(host_rows, n)
+
+    def _commits_apart(self, bs: int, release: bool) -> bool:
+        """Whether commit_and_draft launches the commit kernel and then the draft instead of one launch: off Ascend,
+        past _COMMIT_DRAFT_MAX_BATCH requests, when no branch pages are to be released."""
+        return bs > _COMMIT_DRAFT_MAX_BATCH and not release and not backend.is_npu(self.device)
 
     def _open_windows(self, host_rows: list[int] | None, n: int) -> None:
         """Record the windows of ``n`` positions a draft opened (host state). Rows not known: any row may be among

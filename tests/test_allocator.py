@@ -984,14 +984,16 @@ def test_many_programs_large_batch_against_the_loop(many_programs):
 
 
 @pytest.mark.parametrize("page_size", [1, 4, 16], ids=lambda p: f"page{p}")
-@pytest.mark.parametrize("programs", ["one", "many"])
+@pytest.mark.parametrize("programs", ["one", "many", "two-launches"])
 def test_commit_and_draft_is_commit_then_alloc_draft(page_size, programs, monkeypatch):
-    """commit_and_draft against commit + alloc_draft, call for call: the same slots, the same state, on one program
-    and on many; accept lengths past the window or negative are clamped alike; branch pages held by the rows are
-    released in the same launch."""
+    """commit_and_draft against commit + alloc_draft, call for call: the same slots, the same state, on one program,
+    on many, and past _COMMIT_DRAFT_MAX_BATCH (two launches); accept lengths past the window or negative are clamped
+    alike; branch pages held by the rows are released in the same launch."""
     if programs == "many":
         for name, value in {"_MAX_TILE": 2, "_MIN_TILE": 2, "_SCAN_BLOCK": 4, "_COMMIT_TILE": 2}.items():
             monkeypatch.setattr(allocator_module, name, value)
+    elif programs == "two-launches":
+        monkeypatch.setattr(allocator_module, "_COMMIT_DRAFT_MAX_BATCH", 6)
     runs = []
     for fused in (False, True):
         rng = random.Random(page_size)
@@ -1012,6 +1014,27 @@ def test_commit_and_draft_is_commit_then_alloc_draft(page_size, programs, monkey
             check_layout(alloc)
         runs.append((outputs, snapshot(alloc)))
     assert_same_runs(*runs)
+
+
+@pytest.mark.parametrize("branches", [False, True], ids=["chain", "branches"])
+def test_commit_and_draft_is_one_launch_up_to_its_batch_limit(branches, monkeypatch):
+    """One launch of the allocation kernel up to _COMMIT_DRAFT_MAX_BATCH requests; past it the commit kernel, then
+    the draft; one launch again when branch pages are released with the commit."""
+    launches = []
+    launch = backend.launch
+    monkeypatch.setattr(backend, "launch", lambda kernel, *a: launches.append(kernel.__name__) or launch(kernel, *a))
+    alloc = DraftCacheAllocator(4 * 64, 8, 64, page_size=4, device="cpu")
+    rows = alloc.add_requests([3, 6, 9])
+    alloc.alloc_draft(rows, 2)
+    for limit, expected in ((3, ["_alloc_windows_kernel"]), (2, ["_commit_kernel", "_alloc_windows_kernel"])):
+        monkeypatch.setattr(allocator_module, "_COMMIT_DRAFT_MAX_BATCH", limit)
+        if branches:
+            alloc.alloc_branches(rows, 2, 2)
+            expected = ["_alloc_windows_kernel"]
+        launches.clear()
+        alloc.commit_and_draft(rows, torch.tensor([1, 2, 0]), 2)
+        assert launches == expected
+    check_layout(alloc)
 
 
 def test_commit_and_draft_is_all_or_nothing():
@@ -1118,6 +1141,12 @@ def _failing_launch(*args, **kwargs):
     raise LaunchFailed("launch failed")
 
 
+def _two_launches(call, *args):
+    """``call(*args)`` with commit_and_draft past its one-launch limit: the commit kernel, then the draft."""
+    with allocator_constants({"_COMMIT_DRAFT_MAX_BATCH": 1}):
+        return call(*args)
+
+
 LAUNCHING_CALLS = [
     ("add", lambda a, r: a.add_requests([5, 0, 9])),
     (
@@ -1130,6 +1159,7 @@ LAUNCHING_CALLS = [
     ("commit", lambda a, r: a.commit(r, torch.tensor([1, 1]))),
     ("commit_and_draft", lambda a, r: a.commit_and_draft(r, torch.tensor([1, 1]), 3)),
     ("commit_and_draft-lists", lambda a, r: a.commit_and_draft(r.tolist(), [1, 2], 3)),
+    ("commit_and_draft-two-launches", lambda a, r: _two_launches(a.commit_and_draft, r, torch.tensor([1, 1]), 3)),
     ("alloc_branches", lambda a, r: a.alloc_branches(r, 2, 3)),  # the first: it widens branch_pages
     ("alloc_tree_draft", lambda a, r: a.alloc_tree_draft(r, 2, 2, 3)),  # widens branch_pages too
     ("commit_tree", lambda a, r: a.commit_tree(r, torch.tensor([[0, 1], [1, 0]]), torch.tensor([2, 1]))),
@@ -1290,7 +1320,7 @@ def test_gpu_many_programs_match_one_program(page_size):
     bs = 2048
     runs = []
     for tiles in ({}, {"_ALLOC_ELEMENTS": bs * 4, "_MAX_TILE": bs, "_FREE_TILE": bs, "_COMMIT_TILE": bs}):
-        with allocator_constants(tiles):
+        with allocator_constants({**tiles, "_COMMIT_DRAFT_MAX_BATCH": bs}):  # commit_and_draft: one launch
             # Room for the contexts, and for the old and the new branch pages of a tree draft that trades them.
             branch_pages = 2 * 3 * -(-(page_size - 1 + 3) // page_size)
             pool = bs * (600 // page_size + 2 + branch_pages) * page_size
@@ -1314,6 +1344,29 @@ def test_gpu_many_programs_match_one_program(page_size):
                 alloc.commit_tree(rows, index, accept, keep_branches=True)
             alloc.free_requests(rows[::3])
             runs.append((outputs, snapshot(alloc)))
+    assert_same_runs(*runs)
+
+
+@pytest.mark.gpu
+def test_gpu_commit_and_draft_past_its_one_launch_limit():
+    """bs 1100: commit_and_draft launches the commit kernel, then the draft it compiled first; the same, call for
+    call, as commit + alloc_draft."""
+    bs = 1100
+    assert bs > allocator_module._COMMIT_DRAFT_MAX_BATCH
+    runs = []
+    for fused in (True, False):
+        alloc = DraftCacheAllocator(bs * 40 * 16, bs, 512, page_size=16)
+        rows = alloc.add_requests([(37 * i) % 400 + 1 for i in range(bs)])
+        outputs = [alloc.alloc_draft(rows, 4)]
+        for step in range(4):
+            accept = torch.tensor([(i + step) % 6 for i in range(bs)], device="cuda")
+            if fused:
+                outputs.append(alloc.commit_and_draft(rows, accept, (4, 8, 1, 4)[step]))
+            else:
+                alloc.commit(rows, accept)
+                outputs.append(alloc.alloc_draft(rows, (4, 8, 1, 4)[step]))
+        check_layout(alloc)
+        runs.append((outputs, snapshot(alloc)))
     assert_same_runs(*runs)
 
 

@@ -22,6 +22,7 @@ from specdec_ops import (
     backend,
     get_last_loc_and_assign_extend_cache_locs,
 )
+from specdec_ops import allocator as allocator_module
 from specdec_ops.allocator import AllocationError
 
 # ------------------------------------------------------------------------------------------ CacheLocsWrapper
@@ -257,12 +258,16 @@ def test_the_wrapper_drives_the_step_like_the_methods(page_size, host_rows, emit
     check_layout(a)
 
 
+@pytest.mark.parametrize("launches", ["one", "two"])
 @pytest.mark.parametrize("branches", [False, True], ids=["chain", "branches"])
 @pytest.mark.parametrize("host_rows", [False, True], ids=["tensor-rows", "list-rows"])
 @pytest.mark.parametrize("page_size", [1, 4], ids=lambda p: f"page{p}")
-def test_the_wrapper_commits_and_drafts_like_the_method(page_size, host_rows, branches):
+def test_the_wrapper_commits_and_drafts_like_the_method(page_size, host_rows, branches, launches, monkeypatch):
     """step.commit_and_draft() against DraftCacheAllocator.commit_and_draft, into the capacity: the same outputs,
-    errors and state after every call (``branches``: rows that hold branch pages, released in the same launch)."""
+    errors and state after every call (``branches``: rows that hold branch pages, released in the same launch;
+    ``launches="two"``: past the one-launch limit, the commit kernel then the draft)."""
+    if launches == "two":
+        monkeypatch.setattr(allocator_module, "_COMMIT_DRAFT_MAX_BATCH", 2)
     rng = random.Random(page_size * 4 + host_rows * 2 + branches)
     n = 3
     a, b = (DraftCacheAllocator(36 * page_size, 4, 40, page_size=page_size, device="cpu") for _ in range(2))
@@ -402,8 +407,11 @@ def _failing_launch(*args, **kwargs):
 
 
 @pytest.mark.parametrize("branches", [False, True], ids=["chain", "branches"])
-@pytest.mark.parametrize("call", ["alloc_draft", "reserve_draft", "commit", "commit_and_draft"])
+@pytest.mark.parametrize("call", ["alloc_draft", "reserve_draft", "commit", "commit_and_draft", "commit_and_draft-two"])
 def test_a_launch_that_raises_in_a_run_changes_nothing(call, branches, monkeypatch):
+    if call == "commit_and_draft-two":  # past the one-launch limit: the commit kernel, then the draft
+        monkeypatch.setattr(allocator_module, "_COMMIT_DRAFT_MAX_BATCH", 1)
+        call = "commit_and_draft"
     a = DraftCacheAllocator(64, 4, 32, page_size=4, device="cpu")
     rows = a.add_requests([5, 6])
     step = DraftStepWrapper(a)
