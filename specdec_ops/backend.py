@@ -157,7 +157,7 @@ _launch_lock = threading.Lock()
 # CUDA launches skip Triton's per-call argument binding once a specialisation is compiled (see launch()).
 # SPECDEC_OPS_FAST_LAUNCH=0 turns this off.
 _fast_launch = os.environ.get("SPECDEC_OPS_FAST_LAUNCH", "1") != "0"
-# Specialisation key -> the compiled kernel (see launch()).
+# Specialisation key -> the compiled kernel (see launch() and Launch.compile()).
 _compiled: dict[tuple, object] = {}
 # Specialisation key -> (launcher, function, packed metadata, compiled kernel, current-stream getter, device index,
 # the launcher's flags when it is Triton 3.6's C launch function, called directly: see _direct_launch).
@@ -294,7 +294,7 @@ class Launch:
         if key in _compiled:
             return
         with _launch_lock:
-            kernel.warmup(*tensors, *scalars, grid=grid, **dict(constexprs), num_warps=num_warps)
+            _compiled[key] = kernel.warmup(*tensors, *scalars, grid=grid, **dict(constexprs), num_warps=num_warps)
 
     def _launch(self) -> None:
         kernel, grid, device, tensors, scalars, constexprs, num_warps = self._arguments
