@@ -19,7 +19,8 @@ cannot drift from it. Exercised:
   allocator  every method of ALLOCATOR_METHODS (the one table to extend) that DraftCacheAllocator has, over
              page sizes 1, 16, 64, 128, rows as int32/int64 tensors and lists, N in 1..64: prefill
              (add_requests), draft with read-back (alloc_draft: emit on, int64 and int32 buffers), draft
-             without (reserve_draft: emit off), commit, commit_and_draft (also releasing branch pages),
+             without (reserve_draft: emit off), commit, commit_and_draft (in one launch, in the two it makes
+             past its one-launch limit, and releasing branch pages),
              free_requests (with and without keep_lens),
              prefixes from a prefix cache (add_requests with prefix_slots), release_slots, and a tree step
              (alloc_branches, alloc_draft releasing them, commit_tree; alloc_tree_draft, commit_tree releasing
@@ -219,6 +220,17 @@ def _add_with_prefix(alloc, n: int) -> None:
     alloc.free_requests(alloc.add_requests([p + n, p], prefix_slots=slots, prefix_lens=[p, p]))
 
 
+def _in_two_launches(alloc, rows, n: int) -> None:
+    """commit_and_draft as it runs past its one-launch limit (the tile counts, then the allocation), on 3 rows."""
+    module = sys.modules[type(alloc).__module__]
+    limit = module._COMMIT_DRAFT_MAX_BATCH
+    module._COMMIT_DRAFT_MAX_BATCH = 1
+    try:
+        alloc.commit_and_draft(rows, _int32(3, n // 2), n)
+    finally:
+        module._COMMIT_DRAFT_MAX_BATCH = limit
+
+
 def _tree_size(alloc, n: int) -> int:
     """The verified tree's node count for draft length ``n``, within what commit_tree takes on an NPU."""
     return min(n, 32 if alloc.page_size == 1 else 64)
@@ -250,6 +262,7 @@ ALLOCATOR_METHODS = [
             rows, [n // 2] * 3, n, out_cache_loc=_int32(3 * n), last_loc=_int32(3)
         ),
     ),
+    ("commit_and_draft", _in_two_launches),
     ("commit", lambda alloc, rows, n: alloc.commit(rows, [n // 2] * 3)),
     ("commit", lambda alloc, rows, n: alloc.commit(rows, _int32(3, n // 2))),
     # A tree step: branches, the verify window (which releases them in its own launch), the tree commit; then

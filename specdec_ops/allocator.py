@@ -151,11 +151,18 @@ _NUM_WARPS = 8
 # pages 1-128; 8 warps stay best at bs 256-1024, and for drafts with branches or a release).
 _SMALL_TILE_NUM_WARPS = 4
 _LARGE_BATCH_NUM_WARPS = 16
-# commit_and_draft commits in the allocation kernel's launch up to this many requests; past it (off Ascend) it
-# launches the commit kernel, then the draft: there every program's sum over earlier requests would also read their
-# accept lengths and windows (H200, a step: bs 1024 5.9-6.7 us as one launch against 6.2-7.2 as two, bs 4096
-# 13.1-14.3 against 9.4-10.6, bs 16384 36.6-39.2 against 21.0-22.3).
-_COMMIT_DRAFT_MAX_BATCH = 1024
+# commit_and_draft is one launch of the allocation kernel while one program holds the batch; past it (with no branch
+# pages to release) two: _count_pops_kernel writes each tile's pops to scratch, then the allocation
+# kernel (SUMS) reads the sums of the tiles before its own instead of every earlier request's lengths, and each
+# program writes its own rows, with no ticket and no last pass over the batch. Tiles of _TWO_PASS_TILE requests on
+# _TWO_PASS_NUM_WARPS warps, past _LARGE_BATCH of _MAX_TILE on _NUM_WARPS. H100 graph replay of a step, N 1-8, pages
+# 1-128, two launches against one: bs 256 4.0-4.2 against 3.0-4.0 us, bs 1024 4.2-4.4 against 5.9-6.2, bs 4096
+# 4.5-4.7 against 13.0-13.5, bs 16384 6.4-7.1 against 36.5-39.3 (and 8.0-8.7 with 32-request tiles); 4 warps as
+# good as 8 or better on 32-request tiles, 64- and 128-request tiles slower up to 4096.
+_COMMIT_DRAFT_MAX_BATCH = 256
+_TWO_PASS_TILE = 32
+_TWO_PASS_NUM_WARPS = 4
+_COUNT_NUM_WARPS = 4
 
 _INT_TYPE = {int}
 _third = operator.itemgetter(2)
@@ -705,8 +712,9 @@ class DraftCacheAllocator:
         The same results, guarantees and errors as the two calls (accept lengths clamped to the open windows on the
         device, or checked on the host when given as a list; rows that may hold branch pages release them in the
         same launch), but one launch instead of two, and all or nothing: if the draft cannot fit, nothing is
-        committed either. Past 1024 requests (off Ascend, with no branch pages to release) it makes the two
-        launches, which are faster there; the capacity is checked and the draft compiled before the first.
+        committed either. Past 256 requests (with no branch pages to release) it makes two launches,
+        which are faster there: the first counts the pages each tile of requests takes, the second allocates;
+        only the second changes the allocator's state.
 
         Args:
             req_pool_indices, num_draft_tokens, out_cache_loc, last_loc: as for :meth:`alloc_draft`.
@@ -1253,20 +1261,14 @@ class DraftCacheAllocator:
             return
         bound, drafted, _ = self._draft_bounds(rows, host_rows, n, accept=accept)
         release = self._branches_may_exist()
-        if accept is not None and self._commits_apart(rows.size(0), release):
-            # The commit kernel, then the draft, compiled before the commit launches: between the two launches
-            # nothing is left that can fail but a launch itself.
-            draft = (
-                self._launch_alloc(rows, n, None, None, None, out_cache_loc, last_loc, prepare=True)
-                if step is None
-                else step._prepared("draft")
-            )
-            draft.compile()
+        if accept is not None and self._in_two_launches(rows.size(0), release):
+            # The first launch writes only scratch: if the second raises, nothing has changed.
             if step is None:
-                self._launch_commit(rows, accept)
+                self._launch_count(rows, n, accept)
+                self._launch_alloc(rows, n, None, None, None, out_cache_loc, last_loc, accept=accept, sums=True)
             else:
-                step._prepared("commit")()
-            draft()
+                step._prepared("count commit draft")()
+                step._prepared("commit draft from counts")()
         elif step is None:
             self._launch_alloc(rows, n, None, None, None, out_cache_loc, last_loc, release, accept=accept)
         else:
@@ -1307,10 +1309,13 @@ class DraftCacheAllocator:
         self._pages_bound, self._drafted_since_sync = bound, drafted
         self._open_windows(host_rows, n)
 
-    def _commits_apart(self, bs: int, release: bool) -> bool:
-        """Whether commit_and_draft launches the commit kernel and then the draft instead of one launch: off Ascend,
-        past _COMMIT_DRAFT_MAX_BATCH requests, when no branch pages are to be released."""
-        return bs > _COMMIT_DRAFT_MAX_BATCH and not release and not backend.is_npu(self.device)
+    def _in_two_launches(self, bs: int, release: bool) -> bool:
+        """Whether commit_and_draft counts each tile's pops in a launch of its own first (``_launch_count``), so that
+        the allocation launch needs no sums over earlier requests and no pass over the batch: past
+        _COMMIT_DRAFT_MAX_BATCH requests, when no branch pages are to be released. Also on Ascend, unmeasured there:
+        the one launch's alternative is a pass over the whole batch by one program after every program has summed
+        the requests before its tiles."""
+        return bs > _COMMIT_DRAFT_MAX_BATCH and not release
 
     def _open_windows(self, host_rows: list[int] | None, n: int) -> None:
         """Record the windows of ``n`` positions a draft opened (host state). Rows not known: any row may be among
@@ -1577,6 +1582,11 @@ class DraftCacheAllocator:
             tile = self._copy_pairs_tile(bs, topk, _COPY_TREE_DRAFT_TILE, _COPY_ONE_PROGRAM_BS, _COPY_ONE_PROGRAM)
         return tile
 
+    @staticmethod
+    def _two_pass_tile(bs: int) -> int:
+        """The tile of a draft in two launches (off Ascend; capped by the kernel's limits in _alloc_config)."""
+        return _TWO_PASS_TILE if bs <= _LARGE_BATCH else _MAX_TILE
+
     def _copy_pairs_tile(self, bs: int, topk: int, tile: int, max_bs: int, max_pairs: int) -> int:
         """The tile of a launch that writes branch copy pairs (``page_size > 1``): one program for a batch of at most
         ``max_bs`` requests and ``max_pairs`` pairs (``bs * topk * (page_size - 1)``), else ``tile``-request tiles.
@@ -1603,10 +1613,11 @@ class DraftCacheAllocator:
         branch_block: int,
         large_batch: bool,
         commit: bool,
+        sums: bool,
     ) -> tuple[int, tuple, int]:
         """(TILE, constexprs, num_warps) of the allocation kernel for this kind of call, ``_batch_tile``,
-        ``_alloc_scan_block``, ``_branch_block`` (0: no branches), whether the batch is past _LARGE_BATCH and
-        whether the draft commits first."""
+        ``_alloc_scan_block``, ``_branch_block`` (0: no branches), whether the batch is past _LARGE_BATCH, whether
+        the draft commits first and whether it is the second launch of two."""
         npu = backend.is_npu(self.device)
         block_n = tiles.MAX_BLOCK_N if prefill else tiles.block_n(window_len)
         if not npu:
@@ -1634,9 +1645,12 @@ class DraftCacheAllocator:
             ("BLOCK_E", max(branch_block, 1)),
             ("COPY", branch_block > 0 and self.page_size > 1),
             ("COMMIT", commit),
+            ("SUMS", sums),
         )
         num_warps = _NUM_WARPS
-        if not (npu or prefill or release or branch_block):  # a chain draft
+        if sums:
+            num_warps = _NUM_WARPS if large_batch else _TWO_PASS_NUM_WARPS
+        elif not (npu or prefill or release or branch_block):  # a chain draft
             if large_batch:
                 num_warps = _LARGE_BATCH_NUM_WARPS
             elif batch_tile in (64, 128):
@@ -1660,31 +1674,19 @@ class DraftCacheAllocator:
         prepare: bool = False,
         branches: tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
         accept: torch.Tensor | None = None,
+        sums: bool = False,
     ) -> backend.Launch | None:
         """Launch the allocation kernel: a draft (``window_ends is None``) or a prefill of new rows; ``release``:
         a draft that first returns the rows' branch pages; ``branches``: ``(topk, num_steps, branch_slots,
         copy_src, copy_dst)`` of a draft that also gives the rows their branches; ``accept``: the accept lengths
-        of a draft that first commits the rows' open windows; ``prepare=True``: return the launch, made by
-        calling it."""
+        of a draft that first commits the rows' open windows; ``sums``: the second launch of a draft in two, after
+        ``_launch_count`` (no ``release`` or ``branches``); ``prepare=True``: return the launch, made by calling
+        it."""
         prefill = window_ends is not None
         emit = out_cache_loc is not None
-        bs = rows.size(0)
-        key = (
-            window_len,
-            prefill,
-            prefix_slots is not None,
-            emit,
-            release,
-            self._batch_tile(bs, release, 0 if branches is None else branches[0]),
-            self._alloc_scan_block(bs),
-            0 if branches is None else self._branch_block(branches[0], branches[1]),
-            bs > _LARGE_BATCH,
-            accept is not None,
+        tile, constexprs, num_warps = self._alloc_launch_config(
+            rows.size(0), window_len, prefill, prefix_slots is not None, emit, release, branches, accept, sums
         )
-        config = self._alloc_configs.get(key)
-        if config is None:
-            config = self._alloc_configs[key] = self._alloc_config(*key)
-        tile, constexprs, num_warps = config
         # Pointers a specialisation does not read get a tensor of the right kind.
         placeholder = self.seq_lens
         topk, num_steps, slots, copy_src, copy_dst = (
@@ -1732,6 +1734,64 @@ class DraftCacheAllocator:
             ),
             constexprs,
             num_warps,
+        )
+
+    def _alloc_launch_config(
+        self,
+        bs: int,
+        window_len: int,
+        prefill: bool,
+        prefix: bool,
+        emit: bool,
+        release: bool,
+        branches: tuple | None,
+        accept: torch.Tensor | None,
+        sums: bool,
+    ) -> tuple[int, tuple, int]:
+        """(TILE, constexprs, num_warps) of an allocation launch (arguments as for ``_launch_alloc``), cached."""
+        key = (
+            window_len,
+            prefill,
+            prefix,
+            emit,
+            release,
+            self._two_pass_tile(bs) if sums else self._batch_tile(bs, release, 0 if branches is None else branches[0]),
+            self._alloc_scan_block(bs),
+            0 if branches is None else self._branch_block(branches[0], branches[1]),
+            bs > _LARGE_BATCH,
+            accept is not None,
+            sums,
+        )
+        config = self._alloc_configs.get(key)
+        if config is None:
+            config = self._alloc_configs[key] = self._alloc_config(*key)
+        return config
+
+    def _launch_count(
+        self, rows: torch.Tensor, window_len: int, accept: torch.Tensor | None, prepare: bool = False
+    ) -> backend.Launch | None:
+        """Launch the first of a draft's two launches (``_count_pops_kernel``): each tile's pops and the ring's
+        counters to scratch, with the tile and grid of the second (``_launch_alloc(..., sums=True)``) for the same
+        arguments; ``prepare=True``: return the launch, made by calling it."""
+        bs = rows.size(0)
+        tile, constexprs, _ = self._alloc_launch_config(bs, window_len, False, False, True, False, None, accept, True)
+        placeholder = self.seq_lens
+        return (backend.prepare if prepare else backend.launch)(
+            self._kernels()._count_pops_kernel,
+            self._grid(bs, tile),
+            self.device,
+            (
+                rows,
+                self.seq_lens,
+                self.alloc_lens,
+                self.window_lens,
+                placeholder if accept is None else accept,
+                self._counters,
+                self._scratch,
+            ),
+            (bs, window_len, self.max_requests, self.max_context_len),
+            (constexprs[0], constexprs[1], ("TILE", tile), ("COMMIT", accept is not None)),
+            _COUNT_NUM_WARPS,
         )
 
     def _check_prefix(
@@ -2226,8 +2286,9 @@ class DraftStepWrapper:
 
     def _prepared(self, kind: str) -> backend.Launch:
         """The launch of ``kind`` ("draft", "commit draft", "tree draft", "commit tree", each also with "release "
-        before it; "release", "commit", "branches"), prepared on first use and again once alloc_branches has
-        replaced the allocator's branch_pages (which the release and branch launches read)."""
+        before it; "release", "commit", "branches"; "count commit draft" and "commit draft from counts", the two
+        launches of a commit_and_draft past _COMMIT_DRAFT_MAX_BATCH), prepared on first use and again once
+        alloc_branches has replaced the allocator's branch_pages (which the release and branch launches read)."""
         alloc = self._allocator
         entry = self._launches.get(kind)
         if entry is None or entry[1] is not alloc.branch_pages:
@@ -2242,12 +2303,25 @@ class DraftStepWrapper:
                 launch = alloc._launch_branches(rows, *self._branches, prepare=True)
             elif kind == "release":
                 launch = alloc._release(rows, prepare=True)
-            else:  # "draft", "commit draft", "tree draft", each with "release " or not
+            elif kind == "count commit draft":
+                launch = alloc._launch_count(rows, self._n, self._accept, prepare=True)
+            else:  # "draft", "commit draft", "tree draft", each with "release " or not; "commit draft from counts"
                 out, last = self._out, self._last
                 release, tree = kind.startswith("release"), kind.endswith("tree draft")
-                accept = self._accept if kind.endswith("commit draft") else None
+                accept = self._accept if "commit draft" in kind else None
                 launch = alloc._launch_alloc(
-                    rows, self._n, None, None, None, out, last, release, True, self._branches if tree else None, accept
+                    rows,
+                    self._n,
+                    None,
+                    None,
+                    None,
+                    out,
+                    last,
+                    release,
+                    True,
+                    self._branches if tree else None,
+                    accept,
+                    kind.endswith("from counts"),
                 )
             entry = self._launches[kind] = (launch, alloc.branch_pages)
         return entry[0]

@@ -157,7 +157,7 @@ _launch_lock = threading.Lock()
 # CUDA launches skip Triton's per-call argument binding once a specialisation is compiled (see launch()).
 # SPECDEC_OPS_FAST_LAUNCH=0 turns this off.
 _fast_launch = os.environ.get("SPECDEC_OPS_FAST_LAUNCH", "1") != "0"
-# Specialisation key -> the compiled kernel (see launch() and Launch.compile()).
+# Specialisation key -> the compiled kernel (see launch()).
 _compiled: dict[tuple, object] = {}
 # Specialisation key -> (launcher, function, packed metadata, compiled kernel, current-stream getter, device index,
 # the launcher's flags when it is Triton 3.6's C launch function, called directly: see _direct_launch).
@@ -281,20 +281,6 @@ class Launch:
         launcher = self._launcher
         if launcher is None or not _run_launcher(launcher, self._grid, self._args):
             self._launch()
-
-    def compile(self) -> None:
-        """Compile the kernel of this launch if need be, without launching it: after it, calling the launch no longer
-        compiles. Nothing to do once the launch or its specialisation has run, or on interpreted devices."""
-        if self._launcher is not None:
-            return
-        kernel, grid, device, tensors, scalars, constexprs, num_warps = self._arguments
-        if is_interpreted(device):
-            return
-        key = _specialisation(kernel, device, tensors, [t.data_ptr() for t in tensors], constexprs, num_warps)
-        if key in _compiled:
-            return
-        with _launch_lock:
-            _compiled[key] = kernel.warmup(*tensors, *scalars, grid=grid, **dict(constexprs), num_warps=num_warps)
 
     def _launch(self) -> None:
         kernel, grid, device, tensors, scalars, constexprs, num_warps = self._arguments

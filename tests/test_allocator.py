@@ -23,6 +23,7 @@ from specdec_ops.allocator import (
     AllocationError,
     ContextLengthError,
     DraftCacheAllocator,
+    DraftStepWrapper,
     OutOfRowsError,
     OutOfSlotsError,
 )
@@ -424,8 +425,16 @@ class PageSize64(AllocatorMachine):
 
 
 # Tiles of 2 requests and scans of 4: every launch spans several programs, each summing the needs of the requests
-# before its tile, and the last program writes the shared state.
-MANY_PROGRAMS = {"_MAX_TILE": 2, "_SCAN_BLOCK": 4, "_FREE_TILE": 2, "_COMMIT_TILE": 2}
+# before its tile, and the last program writes the shared state; commit_and_draft of more than 4 requests takes two
+# launches (the tile counts, then the allocation), with 2-request tiles.
+MANY_PROGRAMS = {
+    "_MAX_TILE": 2,
+    "_SCAN_BLOCK": 4,
+    "_FREE_TILE": 2,
+    "_COMMIT_TILE": 2,
+    "_COMMIT_DRAFT_MAX_BATCH": 4,
+    "_TWO_PASS_TILE": 2,
+}
 
 
 class ManyProgramsPageSize1(PageSize1):
@@ -984,20 +993,24 @@ def test_many_programs_large_batch_against_the_loop(many_programs):
 
 
 @pytest.mark.parametrize("page_size", [1, 4, 16], ids=lambda p: f"page{p}")
-@pytest.mark.parametrize("programs", ["one", "many", "two-launches"])
+@pytest.mark.parametrize("programs", ["one", "many", "two-launches", "two-launches-looping"])
 def test_commit_and_draft_is_commit_then_alloc_draft(page_size, programs, monkeypatch):
     """commit_and_draft against commit + alloc_draft, call for call: the same slots, the same state, on one program,
-    on many, and past _COMMIT_DRAFT_MAX_BATCH (two launches); accept lengths past the window or negative are clamped
-    alike; branch pages held by the rows are released in the same launch."""
+    on many, and past _COMMIT_DRAFT_MAX_BATCH (two launches: the tile counts, then the allocation; "looping": two
+    programs take the four tiles in turn, as on Ascend's grid of one program per core); accept lengths past the
+    window or negative are clamped alike; branch pages held by the rows are released in the same launch."""
     if programs == "many":
         for name, value in {"_MAX_TILE": 2, "_MIN_TILE": 2, "_SCAN_BLOCK": 4, "_COMMIT_TILE": 2}.items():
             monkeypatch.setattr(allocator_module, name, value)
-    elif programs == "two-launches":
-        monkeypatch.setattr(allocator_module, "_COMMIT_DRAFT_MAX_BATCH", 6)
+    elif programs.startswith("two-launches"):
+        for name, value in {"_COMMIT_DRAFT_MAX_BATCH": 6, "_TWO_PASS_TILE": 2, "_SCAN_BLOCK": 2}.items():
+            monkeypatch.setattr(allocator_module, name, value)
     runs = []
     for fused in (False, True):
         rng = random.Random(page_size)
         alloc = DraftCacheAllocator(max(page_size * 120, 800), 8, 96, page_size=page_size, device="cpu")
+        if programs == "two-launches-looping":
+            alloc._max_programs = 2
         rows = alloc.add_requests([3, 17, 0, 33, 5, 9, 1])
         outputs = [alloc.alloc_draft(rows, 4)]
         for step in range(6):
@@ -1018,15 +1031,15 @@ def test_commit_and_draft_is_commit_then_alloc_draft(page_size, programs, monkey
 
 @pytest.mark.parametrize("branches", [False, True], ids=["chain", "branches"])
 def test_commit_and_draft_is_one_launch_up_to_its_batch_limit(branches, monkeypatch):
-    """One launch of the allocation kernel up to _COMMIT_DRAFT_MAX_BATCH requests; past it the commit kernel, then
-    the draft; one launch again when branch pages are released with the commit."""
+    """One launch of the allocation kernel up to _COMMIT_DRAFT_MAX_BATCH requests; past it the tile counts, then the
+    allocation; one launch again when branch pages are released with the commit."""
     launches = []
     launch = backend.launch
     monkeypatch.setattr(backend, "launch", lambda kernel, *a: launches.append(kernel.__name__) or launch(kernel, *a))
     alloc = DraftCacheAllocator(4 * 64, 8, 64, page_size=4, device="cpu")
     rows = alloc.add_requests([3, 6, 9])
     alloc.alloc_draft(rows, 2)
-    for limit, expected in ((3, ["_alloc_windows_kernel"]), (2, ["_commit_kernel", "_alloc_windows_kernel"])):
+    for limit, expected in ((3, ["_alloc_windows_kernel"]), (2, ["_count_pops_kernel", "_alloc_windows_kernel"])):
         monkeypatch.setattr(allocator_module, "_COMMIT_DRAFT_MAX_BATCH", limit)
         if branches:
             alloc.alloc_branches(rows, 2, 2)
@@ -1142,7 +1155,7 @@ def _failing_launch(*args, **kwargs):
 
 
 def _two_launches(call, *args):
-    """``call(*args)`` with commit_and_draft past its one-launch limit: the commit kernel, then the draft."""
+    """``call(*args)`` with commit_and_draft past its one-launch limit: the tile counts, then the allocation."""
     with allocator_constants({"_COMMIT_DRAFT_MAX_BATCH": 1}):
         return call(*args)
 
@@ -1191,6 +1204,43 @@ def test_a_launch_that_raises_changes_nothing(call, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ page arithmetic
+
+
+@pytest.mark.parametrize("wrapper", [False, True], ids=["method", "wrapper"])
+def test_commit_and_draft_in_two_launches_changes_nothing_if_the_second_raises(wrapper, monkeypatch):
+    """Past the one-launch limit the first launch writes only scratch: if the allocation launch raises after it, the
+    allocator is as before, device and host; then the same call goes through, as commit + alloc_draft would."""
+    monkeypatch.setattr(allocator_module, "_COMMIT_DRAFT_MAX_BATCH", 1)
+    alloc, expected = (DraftCacheAllocator(64, 4, 32, page_size=4, device="cpu") for _ in range(2))
+    rows = alloc.add_requests([5, 6])
+    expected.add_requests([5, 6])
+    for a in (alloc, expected):
+        a.alloc_draft(rows, 3)
+    accept = torch.tensor([2, 3])
+    step = DraftStepWrapper(alloc)
+    step.plan(rows, 2, accept_lens=accept)
+    call = step.commit_and_draft if wrapper else lambda: alloc.commit_and_draft(rows, accept, 2)
+    before = snapshot(alloc)
+    host = (alloc._pages_bound, dict(alloc._known_windows), alloc._unknown_window_bound)
+    made = []
+    launch = backend.launch
+
+    def second_raises(kernel, *args):
+        made.append(kernel.__name__)
+        if len(made) == 2:
+            raise LaunchFailed("launch failed")
+        return launch(kernel, *args)
+
+    monkeypatch.setattr(backend, "launch", second_raises)
+    with pytest.raises(LaunchFailed):
+        call()
+    monkeypatch.setattr(backend, "launch", launch)
+    assert made == ["_count_pops_kernel", "_alloc_windows_kernel"]
+    assert_unchanged(alloc, before)
+    assert (alloc._pages_bound, dict(alloc._known_windows), alloc._unknown_window_bound) == host
+    out, last = call()
+    expected.commit(rows, accept)
+    assert_same_runs(([(out, last)], snapshot(alloc)), ([expected.alloc_draft(rows, 2)], snapshot(expected)))
 
 
 def test_power_of_two_pages_shift_and_others_divide():
@@ -1349,8 +1399,8 @@ def test_gpu_many_programs_match_one_program(page_size):
 
 @pytest.mark.gpu
 def test_gpu_commit_and_draft_past_its_one_launch_limit():
-    """bs 1100: commit_and_draft launches the commit kernel, then the draft it compiled first; the same, call for
-    call, as commit + alloc_draft."""
+    """bs 1100: commit_and_draft counts each tile's pops in a launch of its own, then allocates (36 programs that
+    write their own rows; the last tile's moves the counters); the same, call for call, as commit + alloc_draft."""
     bs = 1100
     assert bs > allocator_module._COMMIT_DRAFT_MAX_BATCH
     runs = []

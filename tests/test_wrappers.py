@@ -265,7 +265,7 @@ def test_the_wrapper_drives_the_step_like_the_methods(page_size, host_rows, emit
 def test_the_wrapper_commits_and_drafts_like_the_method(page_size, host_rows, branches, launches, monkeypatch):
     """step.commit_and_draft() against DraftCacheAllocator.commit_and_draft, into the capacity: the same outputs,
     errors and state after every call (``branches``: rows that hold branch pages, released in the same launch;
-    ``launches="two"``: past the one-launch limit, the commit kernel then the draft)."""
+    ``launches="two"``: past the one-launch limit, the tile counts then the allocation)."""
     if launches == "two":
         monkeypatch.setattr(allocator_module, "_COMMIT_DRAFT_MAX_BATCH", 2)
     rng = random.Random(page_size * 4 + host_rows * 2 + branches)
@@ -409,7 +409,7 @@ def _failing_launch(*args, **kwargs):
 @pytest.mark.parametrize("branches", [False, True], ids=["chain", "branches"])
 @pytest.mark.parametrize("call", ["alloc_draft", "reserve_draft", "commit", "commit_and_draft", "commit_and_draft-two"])
 def test_a_launch_that_raises_in_a_run_changes_nothing(call, branches, monkeypatch):
-    if call == "commit_and_draft-two":  # past the one-launch limit: the commit kernel, then the draft
+    if call == "commit_and_draft-two":  # past the one-launch limit: the tile counts, then the allocation
         monkeypatch.setattr(allocator_module, "_COMMIT_DRAFT_MAX_BATCH", 1)
         call = "commit_and_draft"
     a = DraftCacheAllocator(64, 4, 32, page_size=4, device="cpu")

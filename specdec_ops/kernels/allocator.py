@@ -207,6 +207,7 @@ def _alloc_windows_kernel(
     BLOCK_E: tl.constexpr,
     COPY: tl.constexpr,
     COMMIT: tl.constexpr,
+    SUMS: tl.constexpr,
 ):
     """Give slots to the windows ``[start_i, end_i)`` and optionally read them back.
 
@@ -226,15 +227,25 @@ def _alloc_windows_kernel(
     request that holds exactly the pages its branches take keeps them instead (``_reused``): no push, no pop.
     With ``COMMIT`` (decode, not ``BRANCH``) the row's open window is committed first, as ``_commit_kernel`` does:
     ``start_i = seq_lens[row_i] + clamp(accept_lens[i], 0, window_lens[row_i])``, which becomes ``seq_lens[row_i]``.
+    With ``SUMS`` (decode, not ``RELEASE`` or ``BRANCH``) this is the second launch of a draft in two: the first,
+    ``_count_pops_kernel``, left each tile's pops at ``scratch[tile]`` and the ring's head and count at
+    ``scratch[num_rows]`` and ``scratch[num_rows + 1]``, so no program reads another's requests: each writes its
+    own rows' lengths, and the program of the last tile moves the counters (no ticket, no pass over the batch).
     """
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
-    head = tl.load(counters).to(tl.int32)
-    count = tl.load(counters + 1).to(tl.int32)
+    if SUMS:  # this launch writes the counters; the first pass copied them
+        head = tl.load(scratch + num_rows)
+        count = tl.load(scratch + num_rows + 1)
+    else:
+        head = tl.load(counters).to(tl.int32)
+        count = tl.load(counters + 1).to(tl.int32)
     cols = tl.arange(0, BLOCK_N)
-    # A launch of one program owns everything: it writes the shared state as it goes, with no ticket.
+    # A launch of one program owns everything: it writes the shared state as it goes, with no ticket. So does each
+    # program of a second pass (SUMS), as none reads the requests of another.
     alone = num_programs == 1
+    owner = alone or SUMS
     # Needs (and branch pages held) of the requests before this program's next tile, carried lane-wise from one tile
     # to the next (a scalar carry of reduce results read inside the loop is miscompiled by Triton 3.6, see
     # docs/design.md): other programs' requests in lane_sums/held_sums, read from memory; this program's own
@@ -246,44 +257,50 @@ def _alloc_windows_kernel(
     scanned = tl.full([], 0, dtype=tl.int32)
     for tile in range(pid, num_tiles, num_programs):
         tile_start = tile * TILE
-        for k0 in range(scanned, tile_start, SCAN_BLOCK):
-            k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
-            if RELEASE:
-                _, _, held_earlier = _branch_counts(
-                    k, k < tile_start, req_pool_indices, num_branch_pages, num_rows, branch_width
+        if SUMS:  # the tiles before this one, from the first pass (scanned counts tiles here)
+            for t0 in range(scanned, tile, SCAN_BLOCK):
+                t = t0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
+                lane_sums += tl.load(scratch + t, mask=(t < tile) & (t < num_rows), other=0)
+            scanned = tile
+        else:  # every request before this tile, from its row's lengths
+            for k0 in range(scanned, tile_start, SCAN_BLOCK):
+                k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
+                if RELEASE:
+                    _, _, held_earlier = _branch_counts(
+                        k, k < tile_start, req_pool_indices, num_branch_pages, num_rows, branch_width
+                    )
+                _, valid_earlier, seq_earlier, _, _, _, _, earlier = _window_needs(
+                    k,
+                    k < tile_start,
+                    req_pool_indices,
+                    seq_lens,
+                    alloc_lens,
+                    window_starts,
+                    window_ends,
+                    accept_lens,
+                    window_lens,
+                    window_len,
+                    num_rows,
+                    max_context_len,
+                    PAGE_SIZE,
+                    PAGE_SHIFT,
+                    PREFILL,
+                    PREFIX,
+                    COMMIT,
                 )
-            _, valid_earlier, seq_earlier, _, _, _, _, earlier = _window_needs(
-                k,
-                k < tile_start,
-                req_pool_indices,
-                seq_lens,
-                alloc_lens,
-                window_starts,
-                window_ends,
-                accept_lens,
-                window_lens,
-                window_len,
-                num_rows,
-                max_context_len,
-                PAGE_SIZE,
-                PAGE_SHIFT,
-                PREFILL,
-                PREFIX,
-                COMMIT,
-            )
-            if BRANCH:
-                _, per_branch_earlier, branch_earlier = _branch_shape(
-                    seq_earlier, valid_earlier, branch_width, topk, num_steps, PAGE_SIZE, PAGE_SHIFT
-                )
-                if RELEASE:  # requests that keep their pages neither push nor pop them
-                    kept_earlier = _reused(held_earlier, branch_earlier, per_branch_earlier, topk)
-                    held_earlier = held_earlier * (1 - kept_earlier)
-                    branch_earlier = branch_earlier * (1 - kept_earlier)
-                earlier += branch_earlier
-            if RELEASE:
-                held_sums += held_earlier
-            lane_sums += earlier
-        scanned = tile_start + TILE
+                if BRANCH:
+                    _, per_branch_earlier, branch_earlier = _branch_shape(
+                        seq_earlier, valid_earlier, branch_width, topk, num_steps, PAGE_SIZE, PAGE_SHIFT
+                    )
+                    if RELEASE:  # requests that keep their pages neither push nor pop them
+                        kept_earlier = _reused(held_earlier, branch_earlier, per_branch_earlier, topk)
+                        held_earlier = held_earlier * (1 - kept_earlier)
+                        branch_earlier = branch_earlier * (1 - kept_earlier)
+                    earlier += branch_earlier
+                if RELEASE:
+                    held_sums += held_earlier
+                lane_sums += earlier
+            scanned = tile_start + TILE
         offs = tile_start + tl.arange(0, TILE)  # [TILE]
         in_batch = offs < bs
         rows, valid, starts, allocs, ends, new_allocs, have, need = _window_needs(
@@ -331,9 +348,12 @@ def _alloc_windows_kernel(
             else:
                 reuse = rows * 0
             pops += branch_need * (1 - reuse)
-        before = tl.reduce(own_sums, 0, _add)
-        if (tile_start > 0) & (num_programs > 1):  # other programs' requests came before this tile
-            before += tl.reduce(lane_sums, 0, _add)
+        if SUMS:  # every tile before this one, this program's own included
+            before = tl.reduce(lane_sums, 0, _add)
+        else:
+            before = tl.reduce(own_sums, 0, _add)
+            if (tile_start > 0) & (num_programs > 1):  # other programs' requests came before this tile
+                before += tl.reduce(lane_sums, 0, _add)
         excl = before + tl.associative_scan(pops, 0, _add) - pops  # [TILE]
         own_sums += pops
         if RELEASE:
@@ -432,20 +452,27 @@ def _alloc_windows_kernel(
             tl.store(alloc_lens + rows, ends.to(alloc_lens.dtype.element_ty), mask=valid)
             tl.store(window_lens + rows, zero.to(window_lens.dtype.element_ty), mask=valid)
             tl.store(prefix_lens + rows, starts.to(prefix_lens.dtype.element_ty), mask=valid)
-        elif alone:  # no other program reads these lengths
+        elif owner:  # no other program reads these lengths
             tl.store(window_lens + rows, lengths.to(window_lens.dtype.element_ty), mask=valid)
             tl.store(alloc_lens + rows, new_allocs.to(alloc_lens.dtype.element_ty), mask=valid)
             if COMMIT:
                 tl.store(seq_lens + rows, starts.to(seq_lens.dtype.element_ty), mask=valid)
+            if SUMS:
+                if tile == num_tiles - 1:  # the last tile: every pop of the batch is known
+                    popped = tl.minimum(before + tl.reduce(pops, 0, _add), count)
+                    tl.store(counters, _ring_index(head, popped, num_pages).to(counters.dtype.element_ty))
+                    tl.store(counters + 1, (count - popped).to(counters.dtype.element_ty))
         else:  # for the last program, which writes them (COMMIT: other programs read the open windows too)
             if COMMIT:
                 tl.store(scratch + 3 * num_rows + offs, starts, mask=in_batch)
             else:
                 tl.store(window_lens + rows, lengths.to(window_lens.dtype.element_ty), mask=valid)
             tl.store(scratch + offs, new_allocs, mask=in_batch)
-        if not alone:
+        if not owner:
             tl.store(scratch + num_rows + offs, pops, mask=in_batch)
-    if alone:
+    if SUMS:
+        pass  # the program of the last tile moved the counters
+    elif alone:
         popped = tl.minimum(tl.reduce(own_sums, 0, _add), count)
         new_count = count - popped
         if RELEASE:
@@ -487,6 +514,58 @@ def _alloc_windows_kernel(
         tl.store(counters, _ring_index(head, popped, num_pages).to(counters.dtype.element_ty))
         tl.store(counters + 1, new_count.to(counters.dtype.element_ty))
         tl.store(counters + 2, tl.full([], 0, dtype=counters.dtype.element_ty))
+
+
+@triton.jit(do_not_specialize=["bs", "window_len", "num_rows", "max_context_len"])
+def _count_pops_kernel(
+    req_pool_indices,
+    seq_lens,
+    alloc_lens,
+    window_lens,
+    accept_lens,
+    counters,
+    scratch,
+    bs,
+    window_len,
+    num_rows,
+    max_context_len,
+    PAGE_SIZE: tl.constexpr,
+    PAGE_SHIFT: tl.constexpr,
+    TILE: tl.constexpr,
+    COMMIT: tl.constexpr,
+):
+    """The first launch of a draft in two (``SUMS`` of ``_alloc_windows_kernel``, same ``TILE`` and grid):
+    ``scratch[t]`` = the pages that the requests of tile ``t`` (batch entries ``[t * TILE, (t + 1) * TILE)``) pop,
+    and ``scratch[num_rows]``, ``scratch[num_rows + 1]`` = the ring's head and count. Writes nothing else, so the
+    allocator's state is unchanged until the second launch."""
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    num_tiles = (bs + TILE - 1) // TILE
+    for tile in range(pid, num_tiles, num_programs):
+        offs = tile * TILE + tl.arange(0, TILE)  # [TILE]
+        need = _window_needs(
+            offs,
+            offs < bs,
+            req_pool_indices,
+            seq_lens,
+            alloc_lens,
+            seq_lens,
+            seq_lens,
+            accept_lens,
+            window_lens,
+            window_len,
+            num_rows,
+            max_context_len,
+            PAGE_SIZE,
+            PAGE_SHIFT,
+            False,
+            False,
+            COMMIT,
+        )[7]
+        tl.store(scratch + tile, tl.reduce(need, 0, _add), mask=tile < num_rows)
+    if pid == 0:
+        tl.store(scratch + num_rows, tl.load(counters).to(tl.int32))
+        tl.store(scratch + num_rows + 1, tl.load(counters + 1).to(tl.int32))
 
 
 @triton.jit
