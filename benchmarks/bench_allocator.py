@@ -4,10 +4,12 @@
   ``commit(rows, accept_lens)``: two launches.
 - ``unfused``: ``reserve_draft(rows, N)`` (the same allocation, no read-back), ``end = seq_lens + N``,
   ``get_last_loc``, ``assign_extend_cache_locs``, then ``commit``: five launches.
+- ``commit-and-draft``: ``commit_and_draft(rows, accept_lens, N)``, the commit of the previous window and the next
+  window: one launch up to 256 requests, two past them.
 
 Requests accept a fixed mix of 0..N tokens per step, so windows keep crossing page boundaries and new pages are
-taken from the pool inside the timed steps. Groups ``allocator step bs=256 N=4 page=64 | graph`` compare the two.
-Both variants are checked against each other and against the reference, step by step, before timing.
+taken from the pool inside the timed steps. Groups ``allocator step bs=256 N=4 page=64 | graph`` compare the three.
+The variants are checked against each other and against the reference, step by step, before timing.
 """
 
 from __future__ import annotations
@@ -42,15 +44,19 @@ def synchronized_clock_per_step() -> float:
 pytestmark = pytest.mark.benchmark(timer=synchronized_clock_per_step, disable_gc=True)
 
 
-def _steps(bs: int, n: int, page_size: int) -> tuple[harness.AllocatorStep, harness.AllocatorStep]:
+VARIANTS = ("fused", "unfused", "commit-and-draft")
+
+
+def _step(bs: int, n: int, page_size: int, variant: str) -> harness.AllocatorStep:
+    """``variant``'s step, checked for ``CHECK_STEPS`` calls against the fused one."""
     # Checks, the eager run before a capture, (warm-up + timed rounds) x replays of CALLS steps, the last check,
     # with room to spare: past it a replayed step would run out of context.
     steps = 2 * (CHECK_STEPS + CALLS + CALLS * (1 + ROUNDS) * REPLAYS + 1)
-    fused, unfused = (harness.AllocatorStep(v, bs, n, page_size, steps, DEVICE) for v in ("fused", "unfused"))
+    step = harness.AllocatorStep(variant, bs, n, page_size, steps, DEVICE)
+    other = harness.AllocatorStep("unfused" if variant == "fused" else "fused", bs, n, page_size, steps, DEVICE)
     for _ in range(CHECK_STEPS):  # the same calls give the same slots, whichever way the step is built
-        got_fused, got_unfused = fused.checked_call(), unfused.checked_call()
-        harness.check_outputs("allocator step fused vs unfused", got_fused, got_unfused)
-    return fused, unfused
+        harness.check_outputs(f"allocator step {variant} vs {other.variant}", step.checked_call(), other.checked_call())
+    return step
 
 
 def _label(benchmark, bs: int, n: int, page_size: int, mode: str, variant: str) -> None:
@@ -59,10 +65,10 @@ def _label(benchmark, bs: int, n: int, page_size: int, mode: str, variant: str) 
     benchmark.extra_info.update(bs=bs, window_len=n, page_size=page_size, mode=mode, variant=variant, calls=CALLS)
 
 
-@pytest.mark.parametrize("variant", ["fused", "unfused"])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("bs,n,page_size", CASES, ids=[f"bs{b}-N{n}-page{p}" for b, n, p in CASES])
 def test_allocator_step_eager(benchmark, bs, n, page_size, variant):
-    step = dict(zip(("fused", "unfused"), _steps(bs, n, page_size)))[variant]
+    step = _step(bs, n, page_size, variant)
     step.alloc.refresh()
     syncs = step.alloc.num_syncs
     _label(benchmark, bs, n, page_size, "eager", variant)
@@ -71,12 +77,12 @@ def test_allocator_step_eager(benchmark, bs, n, page_size, variant):
 
 
 @GRAPH_MARK
-@pytest.mark.parametrize("variant", ["fused", "unfused"])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("bs,n,page_size", CASES, ids=[f"bs{b}-N{n}-page{p}" for b, n, p in CASES])
 def test_allocator_step_graph(benchmark, bs, n, page_size, variant):
     if not harness.supports_graphs(DEVICE):
         pytest.skip(f"this torch build cannot capture graphs on {DEVICE}")
-    step = dict(zip(("fused", "unfused"), _steps(bs, n, page_size)))[variant]
+    step = _step(bs, n, page_size, variant)
     step.alloc.refresh()
     graph, _ = harness.capture_graph([step] * CALLS, DEVICE)
     _label(benchmark, bs, n, page_size, "graph", variant)

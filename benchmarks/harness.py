@@ -425,8 +425,9 @@ class AllocatorStep:
     - ``fused``: ``alloc_draft`` (allocation, table update and read-back in one launch), then ``commit``;
     - ``unfused``: ``reserve_draft``, ``end = seq_lens + n``, ``get_last_loc``, ``assign_extend_cache_locs``, then
       ``commit``;
-    - ``one-launch``: ``commit_and_draft``, the commit of the previous step's window and the next window in one
-      launch (its first call commits nothing), so its windows are those of ``fused``, call for call.
+    - ``commit-and-draft``: ``commit_and_draft``, the commit of the previous step's window and the next window
+      (one launch up to 256 requests, two past them; its first call commits nothing), so its windows are those of
+      ``fused``, call for call.
 
     Requests accept ``i % (n + 1)`` tokens, so windows keep crossing pages. The pool and the context hold
     ``steps`` steps. With ``prefix_pages``, every request starts from that many pages of a prefix cache (shared
@@ -459,7 +460,7 @@ class AllocatorStep:
         self.variant, self.n = variant, n
 
     def __call__(self) -> None:
-        if self.variant == "one-launch":
+        if self.variant == "commit-and-draft":
             self.alloc.commit_and_draft(self.rows, self.accept, self.n, out_cache_loc=self.out, last_loc=self.last)
             return
         if self.variant == "fused":
@@ -479,7 +480,7 @@ class AllocatorStep:
         self.last.fill_(SENTINEL)
         seq_lens = self.seq_lens.clone()
         self()
-        if self.variant == "one-launch":  # it commits first: the window starts where the commit left each row
+        if self.variant == "commit-and-draft":  # it commits first: the window starts where the commit left each row
             seq_lens = self.seq_lens.clone()
         expected = reference.get_last_loc_and_assign_extend_cache_locs_torch(
             self.alloc.req_to_token, self.rows, seq_lens, seq_lens + self.n

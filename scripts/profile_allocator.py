@@ -2,7 +2,8 @@
 """Sweep a whole draft/verify step of ``DraftCacheAllocator``: fused (``alloc_draft`` + ``commit``, 2 launches)
 against the same step from the components (``reserve_draft``, ``seq_lens + N``, ``get_last_loc``,
 ``assign_extend_cache_locs``, ``commit``: 5 launches), over batch sizes, page sizes and draft lengths.
-``--variants`` may add ``one-launch``: ``commit_and_draft``, the step in one launch.
+``commit-and-draft``: the same step as ``commit_and_draft`` (the commit of the previous window and the next
+window: one launch up to 256 requests, two past them).
 
 Each variant is checked first: three steps from poisoned buffers, each against the PyTorch reference read of the
 table and against the other variant. Then ``--calls`` steps are captured in one CUDA (or NPU) graph and replayed;
@@ -75,8 +76,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--variants",
         type=lambda t: t.split(","),
-        default=["fused", "unfused"],
-        help="fused, unfused and/or one-launch (default fused,unfused)",
+        default=["fused", "unfused", "commit-and-draft"],
+        help="fused, unfused and/or commit-and-draft (default: all three)",
     )
     parser.add_argument("--prefix-pages", type=int, default=0, help="pages of a shared cached prefix (default 0)")
     parser.add_argument("--calls", type=int, help="steps per graph (default 20; cpu 2)")
@@ -127,12 +128,14 @@ def plot(rows: list[dict], args: argparse.Namespace, env: dict[str, str], path: 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, LogLocator
 
     pages = args.page_sizes
-    fig, axes = plt.subplots(1, len(pages), figsize=(5 * len(pages), 4.2), sharey=True, squeeze=False)
+    height = 4.6
+    fig, axes = plt.subplots(1, len(pages), figsize=(5 * len(pages), height), sharey=True, squeeze=False)
     for ax, page in zip(axes[0], pages):
         for n, color in zip(args.num_draft_tokens, ("tab:blue", "tab:orange", "tab:green", "tab:red")):
-            for variant, style in (("fused", "-o"), ("unfused", "--s"), ("one-launch", ":^")):
+            for variant, style in (("fused", "-o"), ("unfused", "--s"), ("commit-and-draft", ":^")):
                 pts = [
                     (r["bs"], r["median_us"])
                     for r in rows
@@ -144,18 +147,23 @@ def plot(rows: list[dict], args: argparse.Namespace, env: dict[str, str], path: 
         ax.set_yscale("log")
         ax.set_xticks(args.batch_sizes, [str(b) for b in args.batch_sizes])
         ax.minorticks_off()
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # labelled ticks 1, 2, 5, 10, 20, ...
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
         ax.set_title(f"page size {page}")
         ax.set_xlabel("batch size")
         ax.grid(True, which="major", alpha=0.3)
     axes[0][0].set_ylabel("µs per step" + (" (graph replay)" if args.mode == "graph" else " (interpreter, eager)"))
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels) // 2 or 1, frameon=False)
+    # One legend column per N (a row per variant), below the axes and their labels.
+    ncol = len(args.num_draft_tokens)
+    legend_rows = -(-len(labels) // ncol)
+    fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=ncol, frameon=False)
     what = "Triton interpreter on CPU: says nothing about device speed" if args.interpreted else env_line
     title = "DraftCacheAllocator step: alloc_draft + commit (fused) vs 5 launches (unfused)"
-    if "one-launch" in args.variants:
-        title += " vs commit_and_draft (one-launch)"
+    if "commit-and-draft" in args.variants:
+        title += " vs commit_and_draft"
     fig.suptitle(f"{title}\n{what}")
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.tight_layout(rect=(0, (0.25 * legend_rows + 0.1) / height, 1, 1))
     fig.savefig(path, dpi=110)
 
 
@@ -194,10 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    one = "one-launch" in args.variants
+    one = "commit-and-draft" in args.variants
     lines = [
         "| page size | N | bs | fused µs | unfused µs | fused vs unfused | SGLang µs (quoted) | fused vs SGLang |"
-        + (" one launch µs |" if one else ""),
+        + (" commit_and_draft µs |" if one else ""),
         "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if one else ""),
     ]
     by_key = {(r["page_size"], r["N"], r["bs"], r["variant"]): r["median_us"] for r in rows}
@@ -213,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                     quoted_cell = "—"
                 lines.append(
                     f"| {page} | {n} | {bs} | {_cell(fused)} | {_cell(unfused)} | {ratio} | {quoted_cell} | {vs} |"
-                    + (f" {_cell(by_key.get((page, n, bs, 'one-launch')))} |" if one else "")
+                    + (f" {_cell(by_key.get((page, n, bs, 'commit-and-draft')))} |" if one else "")
                 )
     summary = "\n".join(
         [
