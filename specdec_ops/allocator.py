@@ -152,14 +152,21 @@ _NUM_WARPS = 8
 _SMALL_TILE_NUM_WARPS = 4
 _LARGE_BATCH_NUM_WARPS = 16
 # commit_and_draft is one launch of the allocation kernel while one program holds the batch; past it (with no branch
-# pages to release) two: _count_pops_kernel writes each tile's pops to scratch, then the allocation
-# kernel (SUMS) reads the sums of the tiles before its own instead of every earlier request's lengths, and each
-# program writes its own rows, with no ticket and no last pass over the batch. Tiles of _TWO_PASS_TILE requests on
-# _TWO_PASS_NUM_WARPS warps, past _LARGE_BATCH of _MAX_TILE on _NUM_WARPS. H100 graph replay of a step, N 1-8, pages
-# 1-128, two launches against one: bs 256 4.0-4.2 against 3.0-4.0 us, bs 1024 4.2-4.4 against 5.9-6.2, bs 4096
-# 4.5-4.7 against 13.0-13.5, bs 16384 6.4-7.1 against 36.5-39.3 (and 8.0-8.7 with 32-request tiles); 4 warps as
-# good as 8 or better on 32-request tiles, 64- and 128-request tiles slower up to 4096.
+# pages to release) two: _count_pops_kernel writes each tile's pops to scratch, then the allocation kernel (SUMS)
+# reads the sums of the tiles before its own instead of every earlier request's lengths, and each program writes its
+# own rows, with no ticket and no last pass over the batch; on CUDA 9.0+ the second is a programmatic dependent launch
+# (PDL) that loads its requests while the first runs. Tiles of _TWO_PASS_TILE requests on _TWO_PASS_NUM_WARPS warps,
+# past _LARGE_BATCH of _MAX_TILE on _NUM_WARPS. H100 graph replay of a step, N 1-8, pages 1-128, two launches (no
+# PDL) against one: bs 256 4.0-4.2 against 3.0-4.0 us, bs 1024 4.2-4.4 against 5.9-6.2, bs 4096 4.5-4.7 against
+# 13.0-13.5, bs 16384 6.4-7.1 against 36.5-39.3 (and 8.0-8.7 with 32-request tiles); 4 warps as good as 8 or better
+# on 32-request tiles, 64- and 128-request tiles slower up to 4096. PDL on an H200: 0.6-1.0 us less from bs 1024.
 _COMMIT_DRAFT_MAX_BATCH = 256
+# Where the second launch is a programmatic dependent launch (CUDA, compute capability 9.0 and up), it loads its
+# requests while the first runs: two launches then also win for 129-256 requests with windows of more than 4 tokens
+# (H200, bs 256 N 8: 3.65-3.78 against 4.02-4.14 us; N 4: 3.54-3.70 against 3.55-3.59; bs 128 N 8: 3.58-3.75
+# against 3.02-3.33).
+_COMMIT_DRAFT_WIDE_MAX_BATCH = 128
+_COMMIT_DRAFT_WIDE_N = 4
 _TWO_PASS_TILE = 32
 _TWO_PASS_NUM_WARPS = 4
 _COUNT_NUM_WARPS = 4
@@ -712,9 +719,10 @@ class DraftCacheAllocator:
         The same results, guarantees and errors as the two calls (accept lengths clamped to the open windows on the
         device, or checked on the host when given as a list; rows that may hold branch pages release them in the
         same launch), but one launch instead of two, and all or nothing: if the draft cannot fit, nothing is
-        committed either. Past 256 requests (with no branch pages to release) it makes two launches,
-        which are faster there: the first counts the pages each tile of requests takes, the second allocates;
-        only the second changes the allocator's state.
+        committed either. Past 256 requests (past 128 with windows of more than 4 tokens on a GPU that takes
+        programmatic dependent launches, compute capability 9.0 and up), with no branch pages to release, it makes
+        two launches, which are faster there: the first counts the pages each tile of requests takes, the second
+        allocates; only the second changes the allocator's state.
 
         Args:
             req_pool_indices, num_draft_tokens, out_cache_loc, last_loc: as for :meth:`alloc_draft`.
@@ -1261,7 +1269,7 @@ class DraftCacheAllocator:
             return
         bound, drafted, _ = self._draft_bounds(rows, host_rows, n, accept=accept)
         release = self._branches_may_exist()
-        if accept is not None and self._in_two_launches(rows.size(0), release):
+        if accept is not None and self._in_two_launches(rows.size(0), n, release):
             # The first launch writes only scratch: if the second raises, nothing has changed.
             if step is None:
                 self._launch_count(rows, n, accept)
@@ -1309,13 +1317,18 @@ class DraftCacheAllocator:
         self._pages_bound, self._drafted_since_sync = bound, drafted
         self._open_windows(host_rows, n)
 
-    def _in_two_launches(self, bs: int, release: bool) -> bool:
+    def _in_two_launches(self, bs: int, n: int, release: bool) -> bool:
         """Whether commit_and_draft counts each tile's pops in a launch of its own first (``_launch_count``), so that
         the allocation launch needs no sums over earlier requests and no pass over the batch: past
-        _COMMIT_DRAFT_MAX_BATCH requests, when no branch pages are to be released. Also on Ascend, unmeasured there:
-        the one launch's alternative is a pass over the whole batch by one program after every program has summed
-        the requests before its tiles."""
-        return bs > _COMMIT_DRAFT_MAX_BATCH and not release
+        _COMMIT_DRAFT_MAX_BATCH requests, or past _COMMIT_DRAFT_WIDE_MAX_BATCH with windows of more than
+        _COMMIT_DRAFT_WIDE_N tokens where the second launch overlaps the first (``backend.supports_pdl``); never when
+        branch pages are to be released. Also on Ascend, unmeasured there: the one launch's alternative is a pass
+        over the whole batch by one program after every program has summed the requests before its tiles."""
+        if release:
+            return False
+        if bs > _COMMIT_DRAFT_MAX_BATCH:
+            return True
+        return bs > _COMMIT_DRAFT_WIDE_MAX_BATCH and n > _COMMIT_DRAFT_WIDE_N and backend.supports_pdl(self.device)
 
     def _open_windows(self, host_rows: list[int] | None, n: int) -> None:
         """Record the windows of ``n`` positions a draft opened (host state). Rows not known: any row may be among
@@ -1646,6 +1659,7 @@ class DraftCacheAllocator:
             ("COPY", branch_block > 0 and self.page_size > 1),
             ("COMMIT", commit),
             ("SUMS", sums),
+            ("PDL", sums and backend.supports_pdl(self.device)),
         )
         num_warps = _NUM_WARPS
         if sums:
@@ -1790,7 +1804,13 @@ class DraftCacheAllocator:
                 self._scratch,
             ),
             (bs, window_len, self.max_requests, self.max_context_len),
-            (constexprs[0], constexprs[1], ("TILE", tile), ("COMMIT", accept is not None)),
+            (
+                constexprs[0],
+                constexprs[1],
+                ("TILE", tile),
+                ("COMMIT", accept is not None),
+                ("TRIGGER", backend.supports_pdl(self.device)),
+            ),
             _COUNT_NUM_WARPS,
         )
 

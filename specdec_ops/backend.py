@@ -143,6 +143,30 @@ def num_cores(device: torch.device) -> int:
     return 1
 
 
+# SPECDEC_OPS_PDL=0 turns programmatic dependent launches off (see supports_pdl).
+_pdl = os.environ.get("SPECDEC_OPS_PDL", "1") != "0"
+
+
+@functools.cache
+def supports_pdl(device: torch.device) -> bool:
+    """Whether kernels on ``device`` may be launched as programmatic dependents (CUDA, compute capability 9.0 and
+    up): such a kernel starts before the previous kernel of the stream has finished, once every program of that
+    one has signalled (``gdc_launch_dependents``), and waits for it to end (``gdc_wait``) before it reads what it
+    wrote or writes anything. :func:`launch` asks for it when a kernel's constexpr ``PDL`` is true."""
+    if not _pdl or device.type != "cuda" or is_interpreted(device):
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _run_triton(kernel, grid, tensors, scalars, constexprs, num_warps):
+    """``kernel[grid](...)`` through Triton, as a programmatic dependent launch when the constexpr ``PDL`` is
+    true."""
+    options = dict(constexprs)
+    if options.get("PDL"):
+        options["launch_pdl"] = True
+    return kernel[grid](*tensors, *scalars, **options, num_warps=num_warps)
+
+
 def prefers_persistent_grid(device: torch.device) -> bool:
     """Ascend binds programs to cores: a grid of one program per core, looping over tiles, runs best."""
     return is_npu(device)
@@ -175,7 +199,8 @@ def launch(
     constexprs: tuple[tuple[str, object], ...],
     num_warps: int,
 ) -> None:
-    """``kernel[grid](*tensors, *scalars, **dict(constexprs), num_warps=num_warps)``, cheaper on the host.
+    """``kernel[grid](*tensors, *scalars, **dict(constexprs), num_warps=num_warps)`` (with ``launch_pdl=True`` when
+    the constexpr ``PDL`` is true), cheaper on the host.
 
     The kernel's parameters must be the tensors, then the scalars, then the constexprs, in that order,
     and every scalar must be ``do_not_specialize`` and below 2**31 (Triton then specialises only on the
@@ -189,7 +214,7 @@ def launch(
         fast = _fast_devices[device] = device.type == "cuda" and not is_interpreted(device)
     if not (fast and _fast_launch):
         with _launch_lock:
-            kernel[grid](*tensors, *scalars, **dict(constexprs), num_warps=num_warps)
+            _run_triton(kernel, grid, tensors, scalars, constexprs, num_warps)
         return
     pointers = [t.data_ptr() for t in tensors]
     key = _specialisation(kernel, device, tensors, pointers, constexprs, num_warps)
@@ -318,7 +343,7 @@ def _disable_fast_launch() -> None:
 def _first_launch(key: tuple, kernel, grid, device, tensors, scalars, constexprs, num_warps) -> None:
     """Launch through Triton (compiling if need be) and keep the compiled kernel's launcher for ``key``."""
     with _launch_lock:
-        compiled = _compiled[key] = kernel[grid](*tensors, *scalars, **dict(constexprs), num_warps=num_warps)
+        compiled = _compiled[key] = _run_triton(kernel, grid, tensors, scalars, constexprs, num_warps)
     try:
         get_stream = triton.runtime.driver.active.get_current_stream
         direct = _direct_launch(compiled.run)

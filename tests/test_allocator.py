@@ -1206,6 +1206,24 @@ def test_a_launch_that_raises_changes_nothing(call, monkeypatch):
 # ------------------------------------------------------------------------------------------ page arithmetic
 
 
+def test_commit_and_draft_takes_two_launches_past_one_program(monkeypatch):
+    """Two launches past _COMMIT_DRAFT_MAX_BATCH requests; where the second overlaps the first (PDL), also past
+    _COMMIT_DRAFT_WIDE_MAX_BATCH with windows of more than _COMMIT_DRAFT_WIDE_N tokens; never with branch pages to
+    release."""
+    alloc = DraftCacheAllocator(64, 4, 32, page_size=4, device="cpu")
+    limit, wide, wide_n = (
+        allocator_module._COMMIT_DRAFT_MAX_BATCH,
+        allocator_module._COMMIT_DRAFT_WIDE_MAX_BATCH,
+        allocator_module._COMMIT_DRAFT_WIDE_N,
+    )
+    for pdl in (False, True):
+        monkeypatch.setattr(backend, "supports_pdl", lambda device, pdl=pdl: pdl)
+        assert alloc._in_two_launches(limit + 1, 1, False) and not alloc._in_two_launches(limit + 1, 1, True)
+        assert not alloc._in_two_launches(limit, wide_n, False)
+        assert alloc._in_two_launches(wide + 1, wide_n + 1, False) == pdl
+        assert not alloc._in_two_launches(wide, wide_n + 1, False)
+
+
 @pytest.mark.parametrize("wrapper", [False, True], ids=["method", "wrapper"])
 def test_commit_and_draft_in_two_launches_changes_nothing_if_the_second_raises(wrapper, monkeypatch):
     """Past the one-launch limit the first launch writes only scratch: if the allocation launch raises after it, the
@@ -1398,13 +1416,18 @@ def test_gpu_many_programs_match_one_program(page_size):
 
 
 @pytest.mark.gpu
-def test_gpu_commit_and_draft_past_its_one_launch_limit():
-    """bs 1100: commit_and_draft counts each tile's pops in a launch of its own, then allocates (36 programs that
-    write their own rows; the last tile's moves the counters); the same, call for call, as commit + alloc_draft."""
+def test_gpu_commit_and_draft_past_its_one_launch_limit(monkeypatch):
+    """bs 1100: commit_and_draft counts each tile's pops in a launch of its own, then allocates (35 programs that
+    write their own rows; the last tile's moves the counters), on compute capability 9.0 and up as a programmatic
+    dependent launch and without; the same, call for call, as commit + alloc_draft."""
     bs = 1100
     assert bs > allocator_module._COMMIT_DRAFT_MAX_BATCH
+    pdl = torch.cuda.get_device_capability()[0] >= 9
+    assert backend.supports_pdl(torch.device("cuda", torch.cuda.current_device())) == pdl
     runs = []
-    for fused in (True, False):
+    for fused in (True, "no-pdl", False):
+        if fused == "no-pdl":
+            monkeypatch.setattr(backend, "supports_pdl", lambda device: False)
         alloc = DraftCacheAllocator(bs * 40 * 16, bs, 512, page_size=16)
         rows = alloc.add_requests([(37 * i) % 400 + 1 for i in range(bs)])
         outputs = [alloc.alloc_draft(rows, 4)]
@@ -1416,8 +1439,11 @@ def test_gpu_commit_and_draft_past_its_one_launch_limit():
                 alloc.commit(rows, accept)
                 outputs.append(alloc.alloc_draft(rows, (4, 8, 1, 4)[step]))
         check_layout(alloc)
+        used_pdl = any(dict(constexprs).get("PDL") for _, constexprs, _ in alloc._alloc_configs.values())
+        assert used_pdl == (pdl and fused is True)
         runs.append((outputs, snapshot(alloc)))
-    assert_same_runs(*runs)
+    for run in runs[1:]:
+        assert_same_runs(runs[0], run)
 
 
 @pytest.mark.gpu
@@ -1443,12 +1469,17 @@ def test_gpu_chain_draft_warps_do_not_change_results(bs):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("one_launch", [False, True], ids=["two-launches", "commit_and_draft"])
+@pytest.mark.parametrize(
+    "one_launch,bs",
+    [(False, 48), (True, 48), (True, 600)],
+    ids=["two-launches", "commit_and_draft", "commit_and_draft-bs600"],
+)
 @pytest.mark.parametrize("page_size", [1, 16], ids=lambda p: f"page{p}")
-def test_gpu_graph_captures_a_whole_step(page_size, one_launch):
-    """alloc_draft + commit (or commit_and_draft) captured once, replayed with new accept lengths: the same as
+def test_gpu_graph_captures_a_whole_step(page_size, one_launch, bs):
+    """alloc_draft + commit (or commit_and_draft: one launch at bs 48, two at bs 600, the second a programmatic
+    dependent launch on compute capability 9.0 and up) captured once, replayed with new accept lengths: the same as
     running alloc_draft + commit eagerly."""
-    bs, n, replays = 48, 4, 60
+    n, replays = 4, 60
     prompt_lens = [(13 * i) % 200 for i in range(bs)]
     graphed, eager = (DraftCacheAllocator(bs * 512, bs + 2, 512, page_size=page_size, device="cuda") for _ in range(2))
     rows = graphed.add_requests(prompt_lens)

@@ -208,6 +208,7 @@ def _alloc_windows_kernel(
     COPY: tl.constexpr,
     COMMIT: tl.constexpr,
     SUMS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Give slots to the windows ``[start_i, end_i)`` and optionally read them back.
 
@@ -231,14 +232,14 @@ def _alloc_windows_kernel(
     ``_count_pops_kernel``, left each tile's pops at ``scratch[tile]`` and the ring's head and count at
     ``scratch[num_rows]`` and ``scratch[num_rows + 1]``, so no program reads another's requests: each writes its
     own rows' lengths, and the program of the last tile moves the counters (no ticket, no pass over the batch).
+    With ``PDL`` (``SUMS`` on CUDA, launched as a programmatic dependent of the first launch) each program loads
+    its own requests before it waits for the first launch to end (``gdc_wait``); it reads scratch and writes
+    nothing before that.
     """
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
-    if SUMS:  # this launch writes the counters; the first pass copied them
-        head = tl.load(scratch + num_rows)
-        count = tl.load(scratch + num_rows + 1)
-    else:
+    if not SUMS:  # (SUMS: from the first launch's copy, in the loop below, as this launch moves the counters)
         head = tl.load(counters).to(tl.int32)
         count = tl.load(counters + 1).to(tl.int32)
     cols = tl.arange(0, BLOCK_N)
@@ -257,12 +258,7 @@ def _alloc_windows_kernel(
     scanned = tl.full([], 0, dtype=tl.int32)
     for tile in range(pid, num_tiles, num_programs):
         tile_start = tile * TILE
-        if SUMS:  # the tiles before this one, from the first pass (scanned counts tiles here)
-            for t0 in range(scanned, tile, SCAN_BLOCK):
-                t = t0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
-                lane_sums += tl.load(scratch + t, mask=(t < tile) & (t < num_rows), other=0)
-            scanned = tile
-        else:  # every request before this tile, from its row's lengths
+        if not SUMS:  # every request before this tile, from its row's lengths (SUMS: its tiles' sums, below)
             for k0 in range(scanned, tile_start, SCAN_BLOCK):
                 k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
                 if RELEASE:
@@ -348,8 +344,16 @@ def _alloc_windows_kernel(
             else:
                 reuse = rows * 0
             pops += branch_need * (1 - reuse)
-        if SUMS:  # every tile before this one, this program's own included
+        if SUMS:  # every tile before this one, this program's own included, from the first launch
+            if PDL:
+                tl.extra.cuda.gdc_wait()  # the first launch has ended: its scratch is written, and so may this be
+            for t0 in range(scanned, tile, SCAN_BLOCK):  # (scanned counts tiles here)
+                t = t0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
+                lane_sums += tl.load(scratch + t, mask=(t < tile) & (t < num_rows), other=0)
+            scanned = tile
             before = tl.reduce(lane_sums, 0, _add)
+            head = tl.load(scratch + num_rows)
+            count = tl.load(scratch + num_rows + 1)
         else:
             before = tl.reduce(own_sums, 0, _add)
             if (tile_start > 0) & (num_programs > 1):  # other programs' requests came before this tile
@@ -533,11 +537,15 @@ def _count_pops_kernel(
     PAGE_SHIFT: tl.constexpr,
     TILE: tl.constexpr,
     COMMIT: tl.constexpr,
+    TRIGGER: tl.constexpr,
 ):
     """The first launch of a draft in two (``SUMS`` of ``_alloc_windows_kernel``, same ``TILE`` and grid):
     ``scratch[t]`` = the pages that the requests of tile ``t`` (batch entries ``[t * TILE, (t + 1) * TILE)``) pop,
     and ``scratch[num_rows]``, ``scratch[num_rows + 1]`` = the ring's head and count. Writes nothing else, so the
-    allocator's state is unchanged until the second launch."""
+    allocator's state is unchanged until the second launch. ``TRIGGER``: let the second, a programmatic dependent
+    launch (``PDL``), start at once."""
+    if TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
