@@ -37,6 +37,37 @@ import triton.language as tl
 _add = tl.standard._sum_combine
 _maximum = tl.standard._elementwise_max
 
+# Programmatic dependent launches (CUDA): the calls exist in Triton's CUDA extras only. triton-ascend has none, and
+# Triton resolves every name a kernel mentions, even under a false constexpr: so the kernels call these two, no-ops
+# where the extras are missing (where PDL is never asked for, see backend.supports_pdl).
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
+
+
+if gdc_wait is None:
+
+    @triton.jit
+    def _pdl_wait():
+        pass
+
+    @triton.jit
+    def _pdl_launch_dependents():
+        pass
+
+else:
+
+    @triton.jit
+    def _pdl_wait():
+        """Wait for the previous kernel of the stream to end (its writes visible); see backend.supports_pdl."""
+        gdc_wait()
+
+    @triton.jit
+    def _pdl_launch_dependents():
+        """Let the next kernel of the stream, a programmatic dependent launch, start."""
+        gdc_launch_dependents()
+
 
 @triton.jit
 def _floor_page(x, PAGE_SIZE: tl.constexpr, PAGE_SHIFT: tl.constexpr):
@@ -346,7 +377,7 @@ def _alloc_windows_kernel(
             pops += branch_need * (1 - reuse)
         if SUMS:  # every tile before this one, this program's own included, from the first launch
             if PDL:
-                tl.extra.cuda.gdc_wait()  # the first launch has ended: its scratch is written, and so may this be
+                _pdl_wait()  # the first launch has ended: its scratch is written, and so may this be
             for t0 in range(scanned, tile, SCAN_BLOCK):  # (scanned counts tiles here)
                 t = t0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
                 lane_sums += tl.load(scratch + t, mask=(t < tile) & (t < num_rows), other=0)
@@ -545,7 +576,7 @@ def _count_pops_kernel(
     allocator's state is unchanged until the second launch. ``TRIGGER``: let the second, a programmatic dependent
     launch (``PDL``), start at once."""
     if TRIGGER:
-        tl.extra.cuda.gdc_launch_dependents()
+        _pdl_launch_dependents()
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
