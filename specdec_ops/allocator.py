@@ -1788,7 +1788,7 @@ class DraftCacheAllocator:
         counters to scratch, with the tile and grid of the second (``_launch_alloc(..., sums=True)``) for the same
         arguments; ``prepare=True``: return the launch, made by calling it."""
         bs = rows.size(0)
-        tile, constexprs, _ = self._alloc_launch_config(bs, window_len, False, False, True, False, None, accept, True)
+        tile = self._alloc_launch_config(bs, window_len, False, False, True, False, None, accept, True)[0]
         placeholder = self.seq_lens
         return (backend.prepare if prepare else backend.launch)(
             self._kernels()._count_pops_kernel,
@@ -1805,8 +1805,8 @@ class DraftCacheAllocator:
             ),
             (bs, window_len, self.max_requests, self.max_context_len),
             (
-                constexprs[0],
-                constexprs[1],
+                ("PAGE_SIZE", self.page_size),
+                ("PAGE_SHIFT", self._page_shift),
                 ("TILE", tile),
                 ("COMMIT", accept is not None),
                 ("TRIGGER", backend.supports_pdl(self.device)),

@@ -15,8 +15,11 @@ that no program reads what another one writes, a launch writes the per-row value
 from (``alloc_lens``, ``prefix_lens``) and the ring counters only in its *last* program: every program takes a
 ticket (``atomic_add`` on ``counters[2]``, ``sem="acq_rel"``, the only atomics triton-ascend supports) after its
 last read of shared state, and the program that draws the last ticket rewrites those values for the whole batch,
-moves the counters and resets the ticket. Pops read the ring at ``[head, head + count)``, pushes write at
-``[head + count, ...)``: disjoint, since the pages pushed are pages in use, so ``count + pushed <= num_pages``.
+moves the counters and resets the ticket. A draft that commits first past one program may take two launches
+instead (``_count_pops_kernel``, then ``SUMS``): the first writes each tile's pops to scratch, so the second reads one
+sum per earlier tile, and each program writes its own rows, with no ticket and no last pass. Pops read the ring at
+``[head, head + count)``, pushes write at ``[head + count, ...)``: disjoint, since the pages pushed are pages in
+use, so ``count + pushed <= num_pages``.
 
 Ascend rules (shared/ASCEND.md): lengths, positions, page numbers and ring offsets are int32 (the host keeps pools
 below 2**30 pages and contexts below 2**30); table addresses are int64. Page arithmetic uses shifts when
