@@ -167,6 +167,12 @@ _COMMIT_DRAFT_MAX_BATCH = 256
 # against 3.02-3.33).
 _COMMIT_DRAFT_WIDE_MAX_BATCH = 128
 _COMMIT_DRAFT_WIDE_N = 4
+# Eager (not capturing a graph), two launches cost the host a second launch: back-to-back eager steps on an H200
+# host, N 4 page 16, one launch against two: DraftStepWrapper 11.6-12.6 against 16.6-17.7 us a step from bs 256 to
+# 2048, 14.5 against 17.3-18.1 at 4096, 39.6 against 16.9-17.2 at 16384 (where the device sets the pace); the method
+# 24.4-25.5 against 37.5-39.1 up to 4096, 40.0 against 38.5 at 16384. So eager calls take one launch up to this
+# many requests (the interpreter on cpu keeps the limits above: there is no device to weigh).
+_COMMIT_DRAFT_EAGER_MAX_BATCH = 4096
 _TWO_PASS_TILE = 32
 _TWO_PASS_NUM_WARPS = 4
 _COUNT_NUM_WARPS = 4
@@ -721,8 +727,10 @@ class DraftCacheAllocator:
         same launch), but one launch instead of two, and all or nothing: if the draft cannot fit, nothing is
         committed either. Past 256 requests (past 128 with windows of more than 4 tokens on a GPU that takes
         programmatic dependent launches, compute capability 9.0 and up), with no branch pages to release, it makes
-        two launches, which are faster there: the first counts the pages each tile of requests takes, the second
-        allocates; only the second changes the allocator's state.
+        two launches, which take less device time there: the first counts the pages each tile of requests takes,
+        the second allocates; only the second changes the allocator's state. Called eagerly (not while a graph is
+        captured) on a GPU or NPU it stays one launch up to 4096 requests, where a second launch costs the host more
+        than it saves on the device.
 
         Args:
             req_pool_indices, num_draft_tokens, out_cache_loc, last_loc: as for :meth:`alloc_draft`.
@@ -1322,13 +1330,19 @@ class DraftCacheAllocator:
         the allocation launch needs no sums over earlier requests and no pass over the batch: past
         _COMMIT_DRAFT_MAX_BATCH requests, or past _COMMIT_DRAFT_WIDE_MAX_BATCH with windows of more than
         _COMMIT_DRAFT_WIDE_N tokens where the second launch overlaps the first (``backend.supports_pdl``); never when
-        branch pages are to be released. Also on Ascend, unmeasured there: the one launch's alternative is a pass
-        over the whole batch by one program after every program has summed the requests before its tiles."""
+        branch pages are to be released. A call outside graph capture on a device (eager, where the host's second
+        launch costs more than it saves on the device) takes one launch up to _COMMIT_DRAFT_EAGER_MAX_BATCH
+        requests. Also on Ascend, unmeasured there: the one launch's alternative is a pass over the whole batch by
+        one program after every program has summed the requests before its tiles."""
         if release:
             return False
-        if bs > _COMMIT_DRAFT_MAX_BATCH:
-            return True
-        return bs > _COMMIT_DRAFT_WIDE_MAX_BATCH and n > _COMMIT_DRAFT_WIDE_N and backend.supports_pdl(self.device)
+        if bs <= _COMMIT_DRAFT_MAX_BATCH and not (
+            bs > _COMMIT_DRAFT_WIDE_MAX_BATCH and n > _COMMIT_DRAFT_WIDE_N and backend.supports_pdl(self.device)
+        ):
+            return False
+        device = self.device
+        eager = bs <= _COMMIT_DRAFT_EAGER_MAX_BATCH and not backend.is_interpreted(device)
+        return not (eager and not backend.is_capturing(device))
 
     def _open_windows(self, host_rows: list[int] | None, n: int) -> None:
         """Record the windows of ``n`` positions a draft opened (host state). Rows not known: any row may be among

@@ -49,6 +49,17 @@ def synchronize(device: torch.device) -> None:
         torch.npu.synchronize(device)
 
 
+def is_capturing(device: torch.device) -> bool:
+    """Whether ``device``'s current stream is capturing a graph (CUDA, or an NPU whose torch_npu can tell; False
+    on cpu). Where torch cannot tell, True: a caller then takes what is fastest on the device."""
+    if device.type == "cuda":
+        return torch.cuda.is_current_stream_capturing()
+    if device.type == "npu":
+        capturing = getattr(torch.npu, "is_current_stream_capturing", None)
+        return True if capturing is None else bool(capturing())
+    return False
+
+
 # Set before specdec_ops is imported: every kernel, whatever its device, runs through the interpreter.
 _INTERPRET_ALL = os.environ.get(_INTERPRET_ENV, "0") == "1"
 _DEVICE_TYPES = ("cpu", "cuda", "npu")

@@ -1209,12 +1209,14 @@ def test_a_launch_that_raises_changes_nothing(call, monkeypatch):
 def test_commit_and_draft_takes_two_launches_past_one_program(monkeypatch):
     """Two launches past _COMMIT_DRAFT_MAX_BATCH requests; where the second overlaps the first (PDL), also past
     _COMMIT_DRAFT_WIDE_MAX_BATCH with windows of more than _COMMIT_DRAFT_WIDE_N tokens; never with branch pages to
-    release."""
+    release. On a device (not the interpreter), eager calls take one launch up to _COMMIT_DRAFT_EAGER_MAX_BATCH;
+    calls captured into a graph take two."""
     alloc = DraftCacheAllocator(64, 4, 32, page_size=4, device="cpu")
-    limit, wide, wide_n = (
+    limit, wide, wide_n, eager = (
         allocator_module._COMMIT_DRAFT_MAX_BATCH,
         allocator_module._COMMIT_DRAFT_WIDE_MAX_BATCH,
         allocator_module._COMMIT_DRAFT_WIDE_N,
+        allocator_module._COMMIT_DRAFT_EAGER_MAX_BATCH,
     )
     for pdl in (False, True):
         monkeypatch.setattr(backend, "supports_pdl", lambda device, pdl=pdl: pdl)
@@ -1222,6 +1224,13 @@ def test_commit_and_draft_takes_two_launches_past_one_program(monkeypatch):
         assert not alloc._in_two_launches(limit, wide_n, False)
         assert alloc._in_two_launches(wide + 1, wide_n + 1, False) == pdl
         assert not alloc._in_two_launches(wide, wide_n + 1, False)
+    monkeypatch.setattr(backend, "is_interpreted", lambda device: False)  # as on a GPU
+    for capturing in (False, True):
+        monkeypatch.setattr(backend, "is_capturing", lambda device, capturing=capturing: capturing)
+        assert alloc._in_two_launches(limit + 1, 1, False) == capturing
+        assert alloc._in_two_launches(eager, 1, False) == capturing
+        assert alloc._in_two_launches(eager + 1, 1, False)
+        assert alloc._in_two_launches(wide + 1, wide_n + 1, False) == capturing
 
 
 @pytest.mark.parametrize("wrapper", [False, True], ids=["method", "wrapper"])
@@ -1424,6 +1433,7 @@ def test_gpu_commit_and_draft_past_its_one_launch_limit(monkeypatch):
     assert bs > allocator_module._COMMIT_DRAFT_MAX_BATCH
     pdl = torch.cuda.get_device_capability()[0] >= 9
     assert backend.supports_pdl(torch.device("cuda", torch.cuda.current_device())) == pdl
+    monkeypatch.setattr(allocator_module, "_COMMIT_DRAFT_EAGER_MAX_BATCH", 256)  # eager calls: two launches too
     runs = []
     for fused in (True, "no-pdl", False):
         if fused == "no-pdl":
