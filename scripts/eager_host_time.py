@@ -30,8 +30,9 @@ Calls (bs --batch-size, N --window-len, buffers given, num_tokens given: the hot
                    bs stay in use: each pair leaves the state it found, so no pair syncs for capacity. Its ratio is
                    to two empty launches (the pair launches two Triton kernels). Each call makes one copy of host
                    lists to the device (add_requests: the rows and prompt_lens together; free_requests: the rows),
-                   on cuda from pinned memory without waiting for the stream; free_requests also clears the rows of
-                   req_to_token (index_fill_, one more kernel). It reads nothing back from host rows (a device
+                   on cuda through the allocator's ring of pinned slots without waiting for the stream
+                   (free_requests' kernel clears the rows of req_to_token itself). It reads nothing back from host
+                   rows (a device
                    tensor of rows, keep_lens= or freeing the last rows in use would). After the tables: syncs per
                    pair, the allocator's num_syncs (capacity syncs) and, on cuda, the stream synchronizations that
                    torch's sync debug mode reports. The two calls are not timed apart: back-to-back add_requests
@@ -43,7 +44,7 @@ host bookkeeping), i.e. where host time goes besides Triton's launcher.
 
 On cpu the kernels run in Triton's interpreter: the first table would time the interpreter, which says nothing
 about a device, so only the second (host Python) table is printed there, with torch on one thread: the calls' own
-tensor ops (free_requests' index_fill_) then run in the timing thread, not in a thread pool whose wake-ups cost
+tensor ops (the copies of host lists) then run in the timing thread, not in a thread pool whose wake-ups cost
 milliseconds on a busy machine.
 
 Examples:

@@ -33,7 +33,6 @@ stop windows at ``max_context_len``.
 
 from __future__ import annotations
 
-import heapq
 import operator
 from collections import Counter
 from collections.abc import Sequence
@@ -46,6 +45,7 @@ from .checks import INDEX_DTYPES as _INDEX_DTYPES
 from .checks import INT32_LIMIT as _INT32_LIMIT
 from .checks import UNPLANNED, BoundTensors
 from .checks import check_vector as _check_vector
+from .staging import HostStaging
 
 __all__ = [
     "AllocationError",
@@ -89,11 +89,13 @@ _NPU_MAX_TILE = 32
 _NPU_RELEASE_ALLOC_ELEMENTS = 256
 _NPU_RELEASE_MAX_TILE = 16
 _NPU_SCAN_BLOCK = 256
-# [TILE, BLOCK_P] tile of the kernel that returns pages to the ring.
+# [TILE, BLOCK_P] tile of the kernel that returns pages to the ring, and [TILE, BLOCK_C] of its clear of the rows.
 _FREE_TILE = 64
 _FREE_BLOCK_P = 16
+_FREE_BLOCK_C = 64
 _NPU_FREE_TILE = 16
 _NPU_FREE_BLOCK_P = 8
+_NPU_FREE_BLOCK_C = 32
 # Pages per step of the kernel that pushes evicted pages.
 _PUSH_TILE = 1024
 # Requests per program of the commit kernel (small tiles won at every batch size on the H100).
@@ -301,8 +303,9 @@ class DraftCacheAllocator:
         self.free_head = self._counters[0:1]
         self.num_free_pages = self._counters[1:2]
         self.num_syncs = 0
-        # Host state: free rows (a min-heap, so new requests take the lowest rows), rows in use, and the bounds.
-        self._free_rows = list(range(max_requests))
+        # Host state: free rows (a stack: the top is the last entry, so a new allocator hands out 0, 1, 2, ... and
+        # freed rows come back first), rows in use, and the bounds.
+        self._free_rows = list(range(max_requests - 1, -1, -1))
         self._in_use = [False] * max_requests
         # >= pages not free, branch pages aside (owned by live requests or by the prefix cache); the branch pages
         # held have a bound of their own (_branch_bound), and every capacity check adds the two.
@@ -344,6 +347,8 @@ class DraftCacheAllocator:
         self.num_branch_pages = torch.zeros(max_requests, dtype=torch.int64, device=self.device)
         self._branch_rows: dict[int, int] = {}
         self._branch_batches: list[tuple[torch.Tensor, int, int]] = []
+        # Host lists on their way to a CUDA device: add_requests sends up to three values a request.
+        self._staging = HostStaging(self.device, 3 * max_requests)
 
     @property
     def total_slots(self) -> int:
@@ -380,7 +385,9 @@ class DraftCacheAllocator:
                 ``prefix_slots``).
 
         Returns:
-            ``[n]`` int64 on the allocator's device: the rows (``req_pool_indices``), lowest free rows first.
+            ``[n]`` int64 on the allocator's device: the rows (``req_pool_indices``). A new allocator hands out rows
+            0, 1, 2, ...; rows freed come back first, the last :meth:`free_requests` first, in its order (a stack, as
+            cheap as a slice: no per-row work).
 
         Raises:
             OutOfRowsError, ContextLengthError, OutOfSlotsError, ValueError: nothing changed.
@@ -395,13 +402,14 @@ class DraftCacheAllocator:
             raise OutOfRowsError(
                 f"add_requests: asked for {n} rows but {len(self._free_rows)} of {self.max_requests} are free"
             )
-        if n and max(lens) > self.max_context_len:
+        longest = max(lens) if n else 0
+        if longest > self.max_context_len:
             i = next(i for i, length in enumerate(lens) if length > self.max_context_len)
             raise ContextLengthError(
                 f"add_requests: prompt_lens[{i}] = {lens[i]} is longer than max_context_len = {self.max_context_len}"
             )
         p = self.page_size
-        pages = [(length + p - 1) // p for length in lens]
+        pages = lens if p == 1 else [(length + p - 1) // p for length in lens]
         if prefix is not None:
             pages = [row_pages - len(cached) for row_pages, cached in zip(pages, prefix_pages)]
         need = sum(pages)
@@ -417,8 +425,11 @@ class DraftCacheAllocator:
                 )
             self._set_exact(usage)
             used = self._pages_bound
-        # The lowest free rows, taken off the heap (O(n log max_requests)); put back if anything below raises.
-        rows = [heapq.heappop(self._free_rows) for _ in range(n)]
+        # The top of the free-row stack (C-level slices); put back if anything below raises.
+        free_rows = self._free_rows
+        rows = free_rows[len(free_rows) - n :]
+        rows.reverse()
+        del free_rows[len(free_rows) - n :]
         try:
             # One copy to the device: rows, window ends (the prompt lengths) and, with a prefix, window starts.
             values = self._to_device(rows + lens if prefix is None else rows + lens + prefix)
@@ -433,8 +444,7 @@ class DraftCacheAllocator:
                         slots = slots.contiguous()
                     self._launch_alloc(rows_t, 0, values[2 * n :], ends, slots, None, None)
         except BaseException:
-            for row in rows:
-                heapq.heappush(self._free_rows, row)
+            free_rows.extend(reversed(rows))
             raise
         # The launch went through: now the host state.
         in_use, seq_base, min_pages = self._in_use, self._seq_base, self._min_pages
@@ -444,7 +454,7 @@ class DraftCacheAllocator:
             seq_base[row] = length - drafted
             min_pages[row] = row_pages
         if n:
-            self._seq_base_max = max(self._seq_base_max, max(lens) - drafted)
+            self._seq_base_max = max(self._seq_base_max, longest - drafted)
         if prefix is not None:
             for row, cached in zip(rows, prefix_pages):
                 self._prefix_pages[row] = cached
@@ -455,7 +465,7 @@ class DraftCacheAllocator:
         return rows_t
 
     def free_requests(self, req_pool_indices: IntVector, *, keep_lens: IntVector | None = None) -> torch.Tensor:
-        """Return the requests' pages to the pool and clear their rows (one launch plus a fill of the rows).
+        """Return the requests' pages to the pool and clear their rows (one launch).
 
         Args:
             req_pool_indices: rows in use, no duplicates; a list or an int tensor (a device tensor is read back).
@@ -487,6 +497,7 @@ class DraftCacheAllocator:
         if self._branches_may_exist():
             self._launch_release(rows_t, rows)
         tile, block_p = self._free_tiles()
+        block_c = _NPU_FREE_BLOCK_C if backend.is_npu(self.device) else _FREE_BLOCK_C
         backend.launch(
             self._kernels()._free_pages_kernel,
             self._grid(n, tile),
@@ -508,17 +519,17 @@ class DraftCacheAllocator:
                 ("PAGE_SHIFT", self._page_shift),
                 ("TILE", tile),
                 ("BLOCK_P", block_p),
+                ("BLOCK_C", block_c),
                 ("SCAN_BLOCK", self._scan_block()),
                 ("KEEP", keep is not None),
             ),
             _NUM_WARPS,
         )
-        self.req_to_token.index_fill_(0, rows_t, 0)
         # The launches went through: now the host state.
         in_use = self._in_use
         for row in rows:
             in_use[row] = False
-            heapq.heappush(self._free_rows, row)
+        self._free_rows.extend(reversed(rows))  # the first row freed is the first handed out again
         if self._prefix_readers:
             readers, prefix_pages = self._prefix_readers, self._prefix_pages
             for row in rows:
@@ -1834,7 +1845,7 @@ class DraftCacheAllocator:
         """Check a prefix given to add_requests; returns (prefix lengths or None, cache pages of each request)."""
         n = len(lens)
         if prefix_slots is None and prefix_lens is None:
-            return None, [[] for _ in range(n)]
+            return None, []
         if prefix_slots is None or prefix_lens is None:
             raise ValueError("prefix_slots and prefix_lens must be given together")
         prefix = self._host_ints("prefix_lens", prefix_lens)
@@ -2000,9 +2011,14 @@ class DraftCacheAllocator:
 
     def _to_device(self, values: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
         """``values`` as a tensor on the allocator's device, without waiting for its stream: on CUDA through pinned
-        memory and a non-blocking copy (a copy from pageable memory synchronizes the stream; torch's pinned-memory
-        cache keeps the block until the copy is done)."""
+        memory and a non-blocking copy (a copy from pageable memory synchronizes the stream), int64 through the
+        allocator's ring of pinned slots (:class:`staging.HostStaging`), the rest through torch's pinned-memory
+        cache, which keeps the block until the copy is done."""
         if self.device.type == "cuda":
+            if dtype is torch.int64:
+                staged = self._staging.to_device(values)
+                if staged is not None:
+                    return staged
             return torch.tensor(values, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
         return torch.tensor(values, dtype=dtype, device=self.device)
 

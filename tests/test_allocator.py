@@ -51,7 +51,7 @@ def snapshot(alloc: DraftCacheAllocator) -> dict:
     """Everything a caller can observe: the device state and the rows in use, in the order they are handed out."""
     state = {name: getattr(alloc, name).clone() for name in STATE_TENSORS}
     state["rows_in_use"] = alloc.rows_in_use()
-    state["free_rows"] = sorted(alloc._free_rows)
+    state["free_rows"] = list(alloc._free_rows)  # in order: the stack hands them out from its end
     state["cached_pages"] = alloc.cached_pages()
     return state
 
@@ -198,6 +198,8 @@ class AllocatorMachine(RuleBasedStateMachine):
             self.seq[row], self.window[row] = n, 0
         self.alloc.add_requests([self.seq[row] for row in sorted(self.seq)])
         self.learn_slots(sorted(self.seq))
+        # Free rows as a stack, its top last: a new allocator hands out 0, 1, 2, ...; freed rows come back first.
+        self.free_stack = list(range(self.MAX_REQUESTS - 1, len(self.seq) - 1, -1))
 
     # -- model ------------------------------------------------------------------------------------
 
@@ -233,7 +235,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         short = st.integers(0, self.MAX_CONTEXT_LEN // 4)
         length = st.one_of(short, short, short, st.integers(0, self.MAX_CONTEXT_LEN + 2))
         prompt_lens = data.draw(st.lists(length, max_size=3), label="prompt_lens")
-        free_rows = sorted(set(range(self.MAX_REQUESTS)) - set(self.seq))
+        free_rows = self.free_stack[::-1]  # in the order add_requests hands them out
         need = sum(pages(n, self.PAGE_SIZE) for n in prompt_lens)
         if len(prompt_lens) > len(free_rows):
             expected = OutOfRowsError
@@ -254,7 +256,8 @@ class AllocatorMachine(RuleBasedStateMachine):
             return
         rows = self.alloc.add_requests(arg)
         assert rows.dtype == torch.int64 and rows.device == self.alloc.device
-        assert rows.tolist() == free_rows[: len(prompt_lens)], "new requests take the lowest free rows"
+        assert rows.tolist() == free_rows[: len(prompt_lens)], "new requests take the rows freed last, in order"
+        del self.free_stack[len(self.free_stack) - len(prompt_lens) :]
         for row, n in zip(rows.tolist(), prompt_lens):
             self.seq[row] = n
             self.window[row] = 0
@@ -376,6 +379,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.alloc.free_requests(arg)
         for row in rows:
             del self.seq[row], self.owned[row], self.window[row]
+        self.free_stack.extend(reversed(rows))
 
     @invariant()
     def state_matches_model(self):
@@ -568,6 +572,17 @@ def test_rejected_positions_keep_their_slots_for_the_next_window():
     assert out3.tolist() == [13, 14, 15, 16]  # the rest of page 3, then page 4
     alloc.free_requests(rows)
     assert alloc.num_free_slots() == 64
+
+
+def test_rows_come_from_a_stack_freed_rows_first_in_their_order():
+    alloc = DraftCacheAllocator(64, 6, 8, device="cpu")
+    assert alloc.add_requests([1, 1, 1]).tolist() == [0, 1, 2]
+    alloc.free_requests([2, 0])
+    assert alloc.add_requests([1, 1, 1]).tolist() == [2, 0, 3]
+    alloc.free_requests(torch.tensor([3, 1]))
+    assert alloc.add_requests([1]).tolist() == [3]
+    assert alloc.add_requests([1, 1, 1]).tolist() == [1, 4, 5]
+    assert alloc.rows_in_use() == [0, 1, 2, 3, 4, 5]
 
 
 def test_first_pages_and_the_padding_page():
@@ -1346,7 +1361,7 @@ def test_gpu_host_lists_never_sync_with_headroom(page_size):
     synchronization (a copy from pageable memory would make one per list)."""
     alloc = DraftCacheAllocator(1 << 16, 64, 1024, page_size=page_size, device="cuda")
     keep = alloc.add_requests([5] * 4).tolist()  # in use throughout: freeing never empties the allocator
-    rows = list(range(4, 36))  # the lowest free rows, which add_requests hands out (checked after the loop)
+    rows = list(range(4, 36))  # the rows add_requests hands out each time, freed last (checked after the loop)
     added = []
 
     def cycle():

@@ -17,6 +17,7 @@ from triton.runtime.jit import JITFunction
 import specdec_ops
 from specdec_ops import DraftCacheAllocator, backend
 from specdec_ops.reference import get_last_loc_and_assign_extend_cache_locs_torch, get_last_loc_torch
+from specdec_ops.staging import HostStaging
 
 
 def run_threads(target, count: int) -> None:
@@ -209,3 +210,32 @@ def test_get_last_loc_gives_minus_one_for_negative_prefix_lens():
     table, rows, _ = small_call_args()
     prefix = torch.tensor([-2, 0, 5])
     assert specdec_ops.get_last_loc(table, rows, prefix).tolist() == [-1, -1, 24]
+
+
+# ------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+def test_gpu_host_staging_never_overwrites_a_queued_copy():
+    """Host lists reach the device through a ring of pinned slots: with every copy queued behind a long kernel, a
+    slot is written again only after the copy that read it (40 calls wrap the 16-slot ring twice)."""
+    staging = HostStaging(torch.device("cuda", 0), 8)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(100_000_000)  # tens of ms on any GPU: the copies below wait behind it
+    sent = [[1000 * i + j for j in range(1 + i % 8)] for i in range(40)]
+    got = [staging.to_device(values) for values in sent]
+    torch.cuda.synchronize()
+    assert [t.tolist() for t in got] == sent
+    assert all(t.device.type == "cuda" and t.dtype == torch.int64 for t in got)
+
+
+@pytest.mark.gpu
+def test_gpu_host_staging_leaves_what_it_cannot_take_to_the_caller():
+    staging = HostStaging(torch.device("cuda", 0), 4)
+    assert staging.to_device([1] * 5) is None  # more than a slot holds
+    assert staging.to_device([2**63]) is None  # not an int64
+    assert staging.to_device([-(2**63), 2**63 - 1]).tolist() == [-(2**63), 2**63 - 1]
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        assert staging.to_device([1, 2]) is None  # a capture would keep the slot's address

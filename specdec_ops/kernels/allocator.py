@@ -625,7 +625,8 @@ def _pages_to_push(
     KEEP: tl.constexpr,
 ):
     """For batch entries ``k``: the row, the first page it gives back and how many (pages ``[first, first + n)``
-    of the row: past the cache-owned prefix and, with ``KEEP``, past the pages kept for the cache)."""
+    of the row: past the cache-owned prefix and, with ``KEEP``, past the pages kept for the cache), and the row's
+    alloc_len clamped to ``[0, max_context_len]``."""
     rows = tl.load(req_pool_indices + k, mask=in_range, other=-1).to(tl.int32)
     valid = in_range & (rows >= 0) & (rows < num_rows)
     allocs = tl.load(alloc_lens + rows, mask=valid, other=0).to(tl.int32)
@@ -636,7 +637,7 @@ def _pages_to_push(
     kept = tl.minimum(tl.maximum(kept, 0), allocs)
     first = _floor_page(kept + (PAGE_SIZE - 1), PAGE_SIZE, PAGE_SHIFT)
     owned = _floor_page(allocs + (PAGE_SIZE - 1), PAGE_SIZE, PAGE_SHIFT)
-    return rows, valid, first, tl.where(valid, tl.maximum(owned - first, 0), 0)
+    return rows, valid, first, tl.where(valid, tl.maximum(owned - first, 0), 0), allocs
 
 
 @triton.jit(do_not_specialize=["bs", "num_rows", "max_context_len", "num_pages", "row_stride"])
@@ -659,10 +660,11 @@ def _free_pages_kernel(
     PAGE_SHIFT: tl.constexpr,
     TILE: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
     SCAN_BLOCK: tl.constexpr,
     KEEP: tl.constexpr,
 ):
-    """Push the pages of the requests back to the ring and zero the rows' lengths.
+    """Push the pages of the requests back to the ring, clear their rows and zero their lengths.
 
     Request ``i`` gives back its pages ``first_i + k``, ``k < n_i`` (``first_i = pages(max(prefix_len,
     keep_lens[i]))``: cache-owned and kept pages stay with the cache); page ``first_i + k`` is
@@ -681,7 +683,7 @@ def _free_pages_kernel(
         tile_start = tile * TILE
         for k0 in range(scanned, tile_start, SCAN_BLOCK):
             k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
-            _, _, _, earlier = _pages_to_push(
+            _, _, _, earlier, _ = _pages_to_push(
                 k,
                 k < tile_start,
                 req_pool_indices,
@@ -697,7 +699,7 @@ def _free_pages_kernel(
             lane_sums += earlier
         scanned = tile_start
         offs = tile_start + tl.arange(0, TILE)  # [TILE]
-        rows, valid, first, n = _pages_to_push(
+        rows, valid, first, n, allocs = _pages_to_push(
             offs,
             offs < bs,
             req_pool_indices,
@@ -722,6 +724,14 @@ def _free_pages_kernel(
             ring_idx = _ring_index(head, tl.where(to_ring, ring_off, 0), num_pages)
             page = _floor_page(tl.maximum(first_slot, 0), PAGE_SIZE, PAGE_SHIFT)
             tl.store(free_pages + ring_idx, page.to(free_pages.dtype.element_ty), mask=to_ring)
+        # The rows go back to padding: positions [0, alloc_len) are cleared, the others hold 0 already (no kernel
+        # writes past alloc_len).
+        tl.debug_barrier()  # every page was read above before its slots are cleared
+        clear = tl.full([TILE, BLOCK_C], 0, dtype=req_to_token.dtype.element_ty)
+        for c0 in range(0, tl.reduce(allocs, 0, _maximum), BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+            owned_pos = valid[:, None] & (c[None, :] < allocs[:, None])  # [TILE, BLOCK_C]
+            tl.store(req_to_token + (row_addr[:, None] + c[None, :]), clear, mask=owned_pos)
         zero = tl.full([TILE], 0, dtype=tl.int32)
         tl.store(seq_lens + rows, zero.to(seq_lens.dtype.element_ty), mask=valid)
         tl.store(window_lens + rows, zero.to(window_lens.dtype.element_ty), mask=valid)
@@ -729,7 +739,7 @@ def _free_pages_kernel(
         pushed_lanes = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
         for k0 in range(0, bs, SCAN_BLOCK):
             k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
-            rows, valid, first, n = _pages_to_push(
+            rows, valid, first, n, _ = _pages_to_push(
                 k,
                 k < bs,
                 req_pool_indices,
