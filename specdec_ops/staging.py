@@ -1,9 +1,10 @@
 """Host ints to a CUDA device without a sync, and without torch's pinned allocation per call.
 
 ``torch.tensor(values, pin_memory=True).to(device, non_blocking=True)`` builds a pageable tensor from the list,
-allocates a pinned one and copies into it before the transfer: about 34 us of host time on an H100 host, most of
-it before the copy is even queued. :class:`HostStaging` keeps a ring of pinned slots instead: a call packs the ints
-into the next slot (``struct.pack_into``), allocates the device tensor and queues the copy (about 10 us there).
+allocates a pinned one and copies into it before the transfer: about 26 us of host time for 128 ints on an H200
+host, most of it before the copy is even queued. :class:`HostStaging` keeps a ring of pinned slots instead: a call
+packs the ints into the next slot (``struct.pack_into``), allocates the device tensor and queues the copy (about
+10 us there).
 """
 
 from __future__ import annotations
