@@ -89,10 +89,15 @@ _NPU_MAX_TILE = 32
 _NPU_RELEASE_ALLOC_ELEMENTS = 256
 _NPU_RELEASE_MAX_TILE = 16
 _NPU_SCAN_BLOCK = 256
-# [TILE, BLOCK_P] tile of the kernel that returns pages to the ring, and [TILE, BLOCK_C] of its clear of the rows.
+# [TILE, BLOCK_P] tile of the kernel that returns branch pages to the ring.
 _FREE_TILE = 64
 _FREE_BLOCK_P = 16
-_FREE_BLOCK_C = 64
+# The kernel that frees requests, off Ascend, by batch size: (largest batch, TILE, BLOCK), [TILE, BLOCK] tiles of
+# the page heads it pushes and of the positions it clears. Every program walks its requests' whole rows, so small
+# tiles spread long rows over many programs (64 requests of 2000 tokens at page 1: 172 -> 7.5 us with 4-request
+# tiles instead of 64); past 1024 requests each program's sum over the requests before its tile dominates, and
+# 16-request tiles cost least (H200, torch.profiler, docs/performance.md). Ascend: [16, 8] and [16, 32] tiles.
+_FREE_CLASSES = ((256, 4, 256), (1024, 8, 128), (None, 16, 64))
 _NPU_FREE_TILE = 16
 _NPU_FREE_BLOCK_P = 8
 _NPU_FREE_BLOCK_C = 32
@@ -496,8 +501,7 @@ class DraftCacheAllocator:
             kept_slots, kept_pages = self._check_keep(rows, rows_t, keep, keep_t)
         if self._branches_may_exist():
             self._launch_release(rows_t, rows)
-        tile, block_p = self._free_tiles()
-        block_c = _NPU_FREE_BLOCK_C if backend.is_npu(self.device) else _FREE_BLOCK_C
+        tile, block_p, block_c = self._free_config(n)
         backend.launch(
             self._kernels()._free_pages_kernel,
             self._grid(n, tile),
@@ -1589,8 +1593,17 @@ class DraftCacheAllocator:
     def _scan_block(self) -> int:
         return _NPU_SCAN_BLOCK if backend.is_npu(self.device) else _SCAN_BLOCK
 
+    def _free_config(self, bs: int) -> tuple[int, int, int]:
+        """(TILE, BLOCK_P, BLOCK_C) of the kernel that frees ``bs`` requests (_FREE_CLASSES)."""
+        if backend.is_npu(self.device):
+            return _NPU_FREE_TILE, _NPU_FREE_BLOCK_P, _NPU_FREE_BLOCK_C
+        # The first class that holds bs (the last one holds any size).
+        _, tile, block = next(c for c in _FREE_CLASSES if c[0] is None or bs <= c[0])
+        return tile, block, block
+
     def _free_tiles(self) -> tuple[int, int]:
-        """(TILE, BLOCK_P) of the kernel that returns pages to the ring."""
+        """(TILE, BLOCK_P) of the kernel that returns branch pages to the ring (BLOCK_P is also BLOCK_R of the
+        kernels that release branch pages in their own launch)."""
         return (_NPU_FREE_TILE, _NPU_FREE_BLOCK_P) if backend.is_npu(self.device) else (_FREE_TILE, _FREE_BLOCK_P)
 
     def _grid(self, bs: int, tile: int) -> tuple[int]:

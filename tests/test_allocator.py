@@ -435,6 +435,7 @@ MANY_PROGRAMS = {
     "_MAX_TILE": 2,
     "_SCAN_BLOCK": 4,
     "_FREE_TILE": 2,
+    "_FREE_CLASSES": ((None, 2, 2),),
     "_COMMIT_TILE": 2,
     "_COMMIT_DRAFT_MAX_BATCH": 4,
     "_TWO_PASS_TILE": 2,
@@ -970,7 +971,8 @@ def test_release_draft_tile_at_page_one(monkeypatch, page_size):
 @pytest.fixture
 def many_programs(monkeypatch):
     """Tiles of 8 requests, scans of 16: a few hundred requests span dozens of programs."""
-    for name, value in {"_MAX_TILE": 8, "_SCAN_BLOCK": 16, "_FREE_TILE": 8, "_COMMIT_TILE": 8}.items():
+    tiles = {"_MAX_TILE": 8, "_SCAN_BLOCK": 16, "_FREE_TILE": 8, "_FREE_CLASSES": ((None, 8, 16),), "_COMMIT_TILE": 8}
+    for name, value in tiles.items():
         monkeypatch.setattr(allocator_module, name, value)
 
 
@@ -978,7 +980,8 @@ def many_programs(monkeypatch):
 def test_many_programs_match_one_program_call_for_call(page_size, many_programs):
     """The same loop with tiles of 8 (dozens of programs) and with one program per launch: identical."""
     runs = []
-    for tiles in ({}, {"_MAX_TILE": 1024, "_SCAN_BLOCK": 1024, "_FREE_TILE": 1024, "_COMMIT_TILE": 1024}):
+    one = {"_MAX_TILE": 1024, "_SCAN_BLOCK": 1024, "_FREE_TILE": 1024, "_FREE_CLASSES": ((None, 1024, 16),)}
+    for tiles in ({}, {**one, "_COMMIT_TILE": 1024}):
         with allocator_constants(tiles):
             num_slots = (20000 // page_size + 600) * page_size
             alloc = DraftCacheAllocator(num_slots, 300, 96, page_size=page_size, device="cpu")
@@ -1411,7 +1414,8 @@ def test_gpu_many_programs_match_one_program(page_size):
     call for call, on the GPU; chain steps, then tree steps whose drafts keep or trade the branch pages."""
     bs = 2048
     runs = []
-    for tiles in ({}, {"_ALLOC_ELEMENTS": bs * 4, "_MAX_TILE": bs, "_FREE_TILE": bs, "_COMMIT_TILE": bs}):
+    one = {"_ALLOC_ELEMENTS": bs * 4, "_MAX_TILE": bs, "_FREE_TILE": bs, "_FREE_CLASSES": ((None, bs, 64),)}
+    for tiles in ({}, {**one, "_COMMIT_TILE": bs}):
         with allocator_constants({**tiles, "_COMMIT_DRAFT_MAX_BATCH": bs}):  # commit_and_draft: one launch
             # Room for the contexts, and for the old and the new branch pages of a tree draft that trades them.
             branch_pages = 2 * 3 * -(-(page_size - 1 + 3) // page_size)

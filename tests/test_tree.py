@@ -661,6 +661,7 @@ def test_many_programs_give_what_one_gives(page_size, fused, keep, monkeypatch):
         ("_SCAN_BLOCK", 4),
         ("_FREE_TILE", 2),
         ("_FREE_BLOCK_P", 2),
+        ("_FREE_CLASSES", ((None, 2, 2),)),
         ("_MAX_TILE", 2),
         ("_TREE_ELEMENTS", 16),
     ]:
