@@ -75,6 +75,14 @@ _MAX_TILE = 256
 # tile below); past it every program's sum over earlier requests dominates, and _MAX_TILE-request tiles cut it.
 _MIN_TILE = 32
 _LARGE_BATCH = 4096
+# A prefill whose prompts average at least _WIDE_PREFILL_TOKENS tokens (twice that past _WIDE_PREFILL_MAX_BATCH
+# requests) reads them in [TILE, _WIDE_PREFILL_BLOCK_N] column blocks (TILE = _ALLOC_ELEMENTS // that: 4 requests)
+# instead of [32, 64]: each program walks its requests' whole prompts, so long prompts go to more programs in fewer
+# steps. Off Ascend; H200, torch.profiler: 64 prompts of 2000 tokens 24.5 -> 5.6 us (page 16), 42.2 -> 5.7 us
+# (page 1); short prompts and 4096 prompts of 256 tokens or fewer keep the narrow blocks (docs/performance.md).
+_WIDE_PREFILL_TOKENS = 256
+_WIDE_PREFILL_MAX_BATCH = 1024
+_WIDE_PREFILL_BLOCK_N = 512
 # A draft that also returns branch pages (RELEASE) with page_size 1 pushes topk * num_steps pages a request and pops
 # one a token: past _RELEASE_ONE_PROGRAM requests it takes _MIN_TILE-request tiles (H100, tree step's draft, topk 4,
 # 5 steps, T 8: bs 128 6.4 -> 5.1 us, bs 256 8.9 -> 5.3 us; with page 64, one program stays as fast or faster).
@@ -441,13 +449,15 @@ class DraftCacheAllocator:
             rows_t = values[:n]
             if n:
                 ends = values[n : 2 * n]
+                tokens = sum(lens)
+                wide = tokens >= _WIDE_PREFILL_TOKENS * n * (1 if n <= _WIDE_PREFILL_MAX_BATCH else 2)
                 if prefix is None:
-                    self._launch_alloc(rows_t, 0, None, ends, None, None, None)
+                    self._launch_alloc(rows_t, 0, None, ends, None, None, None, wide=wide)
                 else:
                     slots = prefix_slots.to(self.device)
                     if slots.stride(-1) != 1:
                         slots = slots.contiguous()
-                    self._launch_alloc(rows_t, 0, values[2 * n :], ends, slots, None, None)
+                    self._launch_alloc(rows_t, 0, values[2 * n :], ends, slots, None, None, wide=wide)
         except BaseException:
             free_rows.extend(reversed(rows))
             raise
@@ -1665,12 +1675,17 @@ class DraftCacheAllocator:
         large_batch: bool,
         commit: bool,
         sums: bool,
+        wide: bool,
     ) -> tuple[int, tuple, int]:
         """(TILE, constexprs, num_warps) of the allocation kernel for this kind of call, ``_batch_tile``,
         ``_alloc_scan_block``, ``_branch_block`` (0: no branches), whether the batch is past _LARGE_BATCH, whether
-        the draft commits first and whether it is the second launch of two."""
+        the draft commits first, whether it is the second launch of two and whether it is a prefill of long prompts
+        (off Ascend)."""
         npu = backend.is_npu(self.device)
-        block_n = tiles.MAX_BLOCK_N if prefill else tiles.block_n(window_len)
+        if prefill:
+            block_n = _WIDE_PREFILL_BLOCK_N if wide else tiles.MAX_BLOCK_N
+        else:
+            block_n = tiles.block_n(window_len)
         if not npu:
             elements, max_tile = _ALLOC_ELEMENTS, min(_MAX_TILE, batch_tile)
         elif branch_block:
@@ -1727,8 +1742,10 @@ class DraftCacheAllocator:
         branches: tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
         accept: torch.Tensor | None = None,
         sums: bool = False,
+        wide: bool = False,
     ) -> backend.Launch | None:
-        """Launch the allocation kernel: a draft (``window_ends is None``) or a prefill of new rows; ``release``:
+        """Launch the allocation kernel: a draft (``window_ends is None``) or a prefill of new rows (``wide``: of
+        long prompts, read in wide column blocks, see _WIDE_PREFILL_TOKENS); ``release``:
         a draft that first returns the rows' branch pages; ``branches``: ``(topk, num_steps, branch_slots,
         copy_src, copy_dst)`` of a draft that also gives the rows their branches; ``accept``: the accept lengths
         of a draft that first commits the rows' open windows; ``sums``: the second launch of a draft in two, after
@@ -1737,7 +1754,7 @@ class DraftCacheAllocator:
         prefill = window_ends is not None
         emit = out_cache_loc is not None
         tile, constexprs, num_warps = self._alloc_launch_config(
-            rows.size(0), window_len, prefill, prefix_slots is not None, emit, release, branches, accept, sums
+            rows.size(0), window_len, prefill, prefix_slots is not None, emit, release, branches, accept, sums, wide
         )
         # Pointers a specialisation does not read get a tensor of the right kind.
         placeholder = self.seq_lens
@@ -1799,6 +1816,7 @@ class DraftCacheAllocator:
         branches: tuple | None,
         accept: torch.Tensor | None,
         sums: bool,
+        wide: bool = False,
     ) -> tuple[int, tuple, int]:
         """(TILE, constexprs, num_warps) of an allocation launch (arguments as for ``_launch_alloc``), cached."""
         key = (
@@ -1813,6 +1831,7 @@ class DraftCacheAllocator:
             bs > _LARGE_BATCH,
             accept is not None,
             sums,
+            wide and prefill and not backend.is_npu(self.device),
         )
         config = self._alloc_configs.get(key)
         if config is None:

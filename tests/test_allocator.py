@@ -997,6 +997,25 @@ def test_many_programs_match_one_program_call_for_call(page_size, many_programs)
     assert_same_runs(*runs)
 
 
+@pytest.mark.parametrize("page_size", [1, 16], ids=lambda p: f"page{p}")
+def test_wide_prefill_matches_the_narrow_one(page_size):
+    """Long prompts (and a cached prefix) read in wide column blocks give the same rows, slots and lengths as the
+    narrow blocks of short prompts."""
+    runs = []
+    for wide in (True, False):
+        with allocator_constants({"_WIDE_PREFILL_TOKENS": 256 if wide else 10**9}):
+            alloc = DraftCacheAllocator(24 * 2048, 24, 2048, page_size=page_size, device="cpu")
+            rows = alloc.add_requests([300 + 97 * i for i in range(10)])  # 10 requests: 3 tiles of 4 when wide
+            keep = [page_size * (100 // page_size)] * 2
+            kept = alloc.free_requests(rows[:2], keep_lens=keep)
+            prefix = kept.view(2, -1)
+            alloc.add_requests([700, 1500], prefix_slots=prefix, prefix_lens=keep)
+            assert alloc._alloc_configs and all(key[-1] == wide for key in alloc._alloc_configs)
+            check_layout(alloc)
+            runs.append(([], snapshot(alloc)))
+    assert_same_runs(*runs)
+
+
 def test_many_programs_large_batch_against_the_loop(many_programs):
     alloc = DraftCacheAllocator(300 * 8 * 32, 300, 256, page_size=32, device="cpu")
     lens = [(7 * i) % 150 for i in range(300)]
