@@ -2129,6 +2129,7 @@ class DraftStepWrapper:
     def __init__(self, allocator: DraftCacheAllocator) -> None:
         self._allocator = allocator
         self._draft_bound = self._commit_bound = self._branches_bound = UNPLANNED
+        self._commit_draft_bound = self._tree_draft_bound = UNPLANNED
         self._plan_args: dict = {}
 
     def plan(
@@ -2210,6 +2211,9 @@ class DraftStepWrapper:
         self._draft_bound = _bind(user, out, last)
         self._commit_bound = _bind(user, *commit_reads)
         self._branches_bound = _bind(user, *branch_reads)
+        # The calls that read two of those sets check them as one.
+        self._commit_draft_bound = _bind(user, out, last, *commit_reads)
+        self._tree_draft_bound = _bind(user, out, last, *branch_reads)
         self._plan_args = dict(
             req_pool_indices=req_pool_indices,
             num_draft_tokens=num_draft_tokens,
@@ -2289,8 +2293,7 @@ class DraftStepWrapper:
         """:meth:`DraftCacheAllocator.commit_and_draft` of the planned rows with the current values of
         ``accept_lens``, then ``N`` draft tokens (a chain plan with ``emit=True``); returns the same
         ``(out_cache_loc[:bs * N], last_loc)`` tensors every call."""
-        self._check(self._commit_bound)
-        self._check(self._draft_bound)
+        self._check(self._commit_draft_bound)
         if self._accept is None:
             raise ValueError("commit_and_draft() needs a plan with accept_lens")
         if self._tree_commit is not None:
@@ -2332,8 +2335,7 @@ class DraftStepWrapper:
         """:meth:`DraftCacheAllocator.alloc_tree_draft` with the planned arguments (a plan with ``topk`` and
         ``num_steps``); returns the same ``(out_cache_loc[:bs * N], last_loc, branch_slots, copy_src[:bs * topk *
         (page_size - 1)], copy_dst[:...])`` tensors every call."""
-        self._check(self._draft_bound)
-        self._check(self._branches_bound)
+        self._check(self._tree_draft_bound)
         if self._branches is None:
             raise ValueError("alloc_tree_draft() needs a plan with topk and num_steps")
         if not self._emit:
