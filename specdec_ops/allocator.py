@@ -191,6 +191,16 @@ _COMMIT_DRAFT_EAGER_MAX_BATCH = 4096
 _TWO_PASS_TILE = 32
 _TWO_PASS_NUM_WARPS = 4
 _COUNT_NUM_WARPS = 4
+# Pages of one token take _TWO_PASS_SMALL_TILE-request tiles up to _TWO_PASS_SMALL_TILE_MAX_BATCH requests; larger
+# pages take them for windows of 2 to _COMMIT_DRAFT_WIDE_N tokens up to _LARGE_BATCH, and keep 32-request tiles for
+# the others, on _TWO_PASS_WIDE_NUM_WARPS warps for longer windows. H200 graph replay of a step, against 32-request
+# tiles on 4 warps in the same run (median of 3 alternations): N 4, pages 16 and 128, bs 512-4096: 0.07-0.29 us less;
+# page 1, bs 512 / 1024: N 8 3.91 -> 3.72 and 4.06 -> 3.85, N 4 0.08-0.11 less, N 1 3.56 -> 3.48 at 1024 (at 2048-4096
+# 0.06 more); N 8, pages 16 and 128, bs 256-2048: 0.16-0.22 us less on 8 warps (16-request tiles: 0.25-0.38 more);
+# N 1, pages 16 and 128: 16-request tiles 0.33-0.42 us more at bs 1024-4096.
+_TWO_PASS_SMALL_TILE = 16
+_TWO_PASS_SMALL_TILE_MAX_BATCH = 1024
+_TWO_PASS_WIDE_NUM_WARPS = 8
 
 _INT_TYPE = {int}
 _third = operator.itemgetter(2)
@@ -1643,10 +1653,16 @@ class DraftCacheAllocator:
             tile = self._copy_pairs_tile(bs, topk, _COPY_TREE_DRAFT_TILE, _COPY_ONE_PROGRAM_BS, _COPY_ONE_PROGRAM)
         return tile
 
-    @staticmethod
-    def _two_pass_tile(bs: int) -> int:
-        """The tile of a draft in two launches (off Ascend; capped by the kernel's limits in _alloc_config)."""
-        return _TWO_PASS_TILE if bs <= _LARGE_BATCH else _MAX_TILE
+    def _two_pass_tile(self, bs: int, n: int) -> int:
+        """The tile of a draft of ``n`` tokens in two launches (off Ascend; capped by the kernel's limits in
+        _alloc_config)."""
+        if bs > _LARGE_BATCH:
+            return _MAX_TILE
+        if self.page_size == 1:
+            small = bs <= _TWO_PASS_SMALL_TILE_MAX_BATCH
+        else:
+            small = 1 < n <= _COMMIT_DRAFT_WIDE_N
+        return min(_TWO_PASS_SMALL_TILE, _TWO_PASS_TILE) if small else _TWO_PASS_TILE
 
     def _copy_pairs_tile(self, bs: int, topk: int, tile: int, max_bs: int, max_pairs: int) -> int:
         """The tile of a launch that writes branch copy pairs (``page_size > 1``): one program for a batch of at most
@@ -1716,7 +1732,12 @@ class DraftCacheAllocator:
         )
         num_warps = _NUM_WARPS
         if sums:
-            num_warps = _NUM_WARPS if large_batch else _TWO_PASS_NUM_WARPS
+            if large_batch:
+                num_warps = _NUM_WARPS
+            elif window_len > _COMMIT_DRAFT_WIDE_N and self.page_size > 1:
+                num_warps = _TWO_PASS_WIDE_NUM_WARPS
+            else:
+                num_warps = _TWO_PASS_NUM_WARPS
         elif not (npu or prefill or release or branch_block):  # a chain draft
             if large_batch:
                 num_warps = _LARGE_BATCH_NUM_WARPS
@@ -1825,7 +1846,9 @@ class DraftCacheAllocator:
             prefix,
             emit,
             release,
-            self._two_pass_tile(bs) if sums else self._batch_tile(bs, release, 0 if branches is None else branches[0]),
+            self._two_pass_tile(bs, window_len)
+            if sums
+            else self._batch_tile(bs, release, 0 if branches is None else branches[0]),
             self._alloc_scan_block(bs),
             0 if branches is None else self._branch_block(branches[0], branches[1]),
             bs > _LARGE_BATCH,
