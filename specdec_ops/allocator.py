@@ -97,7 +97,9 @@ _NPU_MAX_TILE = 32
 _NPU_RELEASE_ALLOC_ELEMENTS = 256
 _NPU_RELEASE_MAX_TILE = 16
 _NPU_SCAN_BLOCK = 256
-# [TILE, BLOCK_P] tile of the kernel that returns branch pages to the ring.
+# [TILE, BLOCK_P] tile of the kernel that returns branch pages to the ring (_release_tiles; BLOCK_P is also BLOCK_R
+# of the kernels that release branch pages in their own launch). The names are older than _FREE_CLASSES, which now
+# sizes the kernel that frees requests; the reference Ascend checker still reads them.
 _FREE_TILE = 64
 _FREE_BLOCK_P = 16
 # The kernel that frees requests, off Ascend, by batch size: (largest batch, TILE, BLOCK), [TILE, BLOCK] tiles of
@@ -971,7 +973,7 @@ class DraftCacheAllocator:
                 ("BLOCK_T", block_t),
                 ("REPOINT", repoint),
                 ("RELEASE", release),
-                ("BLOCK_R", self._free_tiles()[1]),
+                ("BLOCK_R", self._release_tiles()[1]),
                 ("SCAN_BLOCK", self._scan_block()),
             ),
             _TREE_NUM_WARPS,
@@ -1175,7 +1177,7 @@ class DraftCacheAllocator:
                 ("PAGE_SIZE", p),
                 ("PAGE_SHIFT", self._page_shift),
                 ("TILE", tile),
-                ("BLOCK_R", self._free_tiles()[1]),
+                ("BLOCK_R", self._release_tiles()[1]),
                 ("BLOCK_E", block_e),
                 ("SCAN_BLOCK", self._scan_block()),
                 ("COPY", p > 1),
@@ -1500,7 +1502,7 @@ class DraftCacheAllocator:
 
     def _release(self, rows: torch.Tensor, prepare: bool = False) -> backend.Launch | None:
         """Launch the kernel that returns branch pages; ``prepare=True``: return the launch, made by calling it."""
-        tile, block_p = self._free_tiles()
+        tile, block_p = self._release_tiles()
         return (backend.prepare if prepare else backend.launch)(
             backend.kernels("allocator", self.device)._release_branches_kernel,
             self._grid(rows.size(0), tile),
@@ -1621,7 +1623,7 @@ class DraftCacheAllocator:
         _, tile, block = next(c for c in _FREE_CLASSES if c[0] is None or bs <= c[0])
         return tile, block, block
 
-    def _free_tiles(self) -> tuple[int, int]:
+    def _release_tiles(self) -> tuple[int, int]:
         """(TILE, BLOCK_P) of the kernel that returns branch pages to the ring (BLOCK_P is also BLOCK_R of the
         kernels that release branch pages in their own launch)."""
         return (_NPU_FREE_TILE, _NPU_FREE_BLOCK_P) if backend.is_npu(self.device) else (_FREE_TILE, _FREE_BLOCK_P)
@@ -1722,7 +1724,7 @@ class DraftCacheAllocator:
             ("PREFIX", prefix),
             ("EMIT", emit),
             ("RELEASE", release),
-            ("BLOCK_R", self._free_tiles()[1]),
+            ("BLOCK_R", self._release_tiles()[1]),
             ("BRANCH", branch_block > 0),
             ("BLOCK_E", max(branch_block, 1)),
             ("COPY", branch_block > 0 and self.page_size > 1),
