@@ -100,6 +100,9 @@ def test_allocator_step_graph(benchmark, bs, n, page_size, variant):
 #   step's branches), commit_tree with ``keep_branches=True``: two launches. Its page numbers differ from the
 #   others' (each request's window pages come before its branch pages in the ring), so only its lengths are
 #   compared with theirs;
+# - ``one_call``: commit_tree_and_draft, the commit of the previous tree and the next tree's window and branches
+#   (keeping the branch pages): one launch while the tree draft is one program and the tree commit one tile (up
+#   to 8 requests here), else two. Checked against ``tree_draft``, whose steps it runs shifted by half a step;
 # - ``components``: the same step from this library's components, as an engine would chain them today:
 #   release_branches, alloc_branches, reserve_draft, get_last_loc, assign_extend_cache_locs, the copy pairs in
 #   PyTorch (a gather of the accepted nodes' slots), then commit.
@@ -107,7 +110,7 @@ def test_allocator_step_graph(benchmark, bs, n, page_size, variant):
 if DEVICE.type == "cpu":
     TREE_CASES = [(7, 1), (7, 4)]
 else:
-    TREE_CASES = [(bs, page) for page in (1, 64) for bs in (1, 4, 16, 64, 256, 1024)]
+    TREE_CASES = [(bs, page) for page in (1, 64) for bs in (1, 4, 8, 16, 64, 256, 1024)]
 TREE_TOPK, TREE_STEPS, TREE_T = 4, 5, 8
 
 
@@ -138,6 +141,23 @@ class TreeStep:
 
     def __call__(self) -> None:
         alloc, rows, tree = self.alloc, self.rows, TREE_T
+        if self.variant == "one_call":
+            alloc.commit_tree_and_draft(
+                rows,
+                self.index,
+                self.lens,
+                tree,
+                TREE_TOPK,
+                TREE_STEPS,
+                kv_src=self.kv[0],
+                kv_dst=self.kv[1],
+                out_cache_loc=self.out,
+                last_loc=self.last,
+                branch_slots=self.slots,
+                copy_src=self.copies[0],
+                copy_dst=self.copies[1],
+            )
+            return
         if self.variant == "tree_draft":
             alloc.alloc_tree_draft(
                 rows,
@@ -178,6 +198,8 @@ class TreeStep:
     def checked_call(self) -> list[torch.Tensor]:
         seq_lens = self.seq_lens.clone()
         self()
+        if self.variant == "one_call":  # its window starts at the lengths it committed
+            seq_lens = self.seq_lens.clone()
         expected = reference.get_last_loc_and_assign_extend_cache_locs_torch(
             self.alloc.req_to_token, self.rows, seq_lens, seq_lens + TREE_T
         )
@@ -186,23 +208,29 @@ class TreeStep:
         return [t.clone() for t in (self.slots, *self.copies, *self.kv)]
 
 
-TREE_VARIANTS = ("fused", "tree_draft", "components")
+TREE_VARIANTS = ("fused", "tree_draft", "one_call", "components")
 
 
-def _tree_steps(bs: int, page_size: int) -> tuple[TreeStep, TreeStep, TreeStep]:
+def _tree_steps(bs: int, page_size: int) -> tuple[TreeStep, ...]:
     steps = 2 * (CHECK_STEPS + CALLS + CALLS * (1 + ROUNDS) * REPLAYS + 1)
-    fused, tree_draft, components = (TreeStep(v, bs, page_size, steps) for v in TREE_VARIANTS)
+    fused, tree_draft, one_call, components = (TreeStep(v, bs, page_size, steps) for v in TREE_VARIANTS)
+    one_call.checked_call()  # its first window: it commits nothing
     for _ in range(CHECK_STEPS):  # the same step: the same slots, pairs and lengths (tree_draft: lengths)
         got_fused, got_components = fused.checked_call(), components.checked_call()
-        tree_draft.checked_call()
+        got_tree_draft = tree_draft.checked_call()
+        got_one_call = one_call.checked_call()  # tree_draft's commit, then its next draft
         assert torch.equal(fused.seq_lens, tree_draft.seq_lens)
+        assert torch.equal(one_call.seq_lens, tree_draft.seq_lens)
+        assert torch.equal(got_one_call[3], got_tree_draft[3]) and torch.equal(got_one_call[4], got_tree_draft[4]), (
+            "tree step: kv pairs differ between tree_draft and one_call"
+        )
         for a, b in zip(got_fused[:3], got_components[:3]):
             assert torch.equal(a, b), "tree step: branch slots or copy pairs differ between the variants"
         if page_size > 1:
             for a, b in zip(got_fused[3:], got_components[3:]):
                 assert torch.equal(a, b), "tree step: kv pairs differ between the variants"
         assert torch.equal(fused.seq_lens, components.seq_lens)
-    return fused, tree_draft, components
+    return fused, tree_draft, one_call, components
 
 
 def _tree_label(benchmark, bs: int, page_size: int, mode: str, variant: str) -> None:

@@ -20,10 +20,14 @@ Calls (bs --batch-size, N --window-len, buffers given, num_tokens given: the hot
                    drafts' branch slots, each call releasing the previous call's branch pages in its launch
   commit_tree      DraftCacheAllocator.commit_tree(rows, accept_index, accept_lens, kv_src=, kv_dst=) of a tree of N
                    nodes, with no branch pages held (in a tree step the draft before it released them)
+  commit_tree_and_draft
+                   DraftCacheAllocator.commit_tree_and_draft(rows, accept_index, accept_lens, N, --topk,
+                   --num-steps, with every buffer): the tree commit and the next tree (one launch up to 8
+                   requests at page 1, else two), keeping the branch pages
   ... (plan/run)   the same calls through CacheLocsWrapper.run() and DraftStepWrapper.alloc_draft()/commit()/
-                   commit_and_draft()/alloc_branches(), planned once with the same arguments (the plan/run form
-                   an engine's eager loop uses; the tree calls' wrapper is planned with topk=, num_steps= and
-                   accept_index=)
+                   commit_and_draft()/alloc_branches()/commit_tree_and_draft(), planned once with the same
+                   arguments (the plan/run form an engine's eager loop uses; the tree calls' wrapper is planned
+                   with topk=, num_steps= and accept_index=)
   add_requests + free_requests
                    DraftCacheAllocator.add_requests(prompt_lens) of bs prompts of 7 tokens, then free_requests(rows)
                    of the rows it took, given as a host list, on an allocator of its own with 2 * bs rows of which
@@ -163,8 +167,8 @@ def make_calls(device: torch.device, bs: int, n: int, topk: int, num_steps: int)
 
     # Room for every timed call: back-to-back drafts that commit nothing grow the host bounds (tokens drafted since
     # the last exact count) by N a call, and a draft syncs once they reach max_context_len or the pool. Both are
-    # sized past the ~30,000 drafts of a run (their calls count the capacity syncs all the same).
-    max_context_len = 1 << 18
+    # sized past the ~75,000 drafts of a run, timed and stubbed (their calls count the capacity syncs all the same).
+    max_context_len = 1 << 19
     num_slots = bs * max_context_len
     alloc = specdec_ops.DraftCacheAllocator(num_slots, bs, max_context_len, page_size=16, device=device)
     alloc_rows = alloc.add_requests([7] * bs)
@@ -223,6 +227,17 @@ def make_calls(device: torch.device, bs: int, n: int, topk: int, num_steps: int)
         "commit_tree": lambda: alloc.commit_tree(
             alloc_rows, accept_index, accept, kv_src=tree["kv_src"], kv_dst=tree["kv_dst"]
         ),
+        "commit_tree_and_draft": lambda: alloc.commit_tree_and_draft(
+            alloc_rows,
+            accept_index,
+            accept,
+            n,
+            topk,
+            num_steps,
+            out_cache_loc=alloc_out,
+            last_loc=alloc_last,
+            **tree,
+        ),
         "fused uniform (plan/run)": uniform.run,
         "fused ragged (plan/run)": ragged.run,
         "alloc_draft (plan/run)": step.alloc_draft,
@@ -230,6 +245,7 @@ def make_calls(device: torch.device, bs: int, n: int, topk: int, num_steps: int)
         "commit_and_draft (plan/run)": step.commit_and_draft,
         "alloc_branches (plan/run)": tree_step.alloc_branches,
         "commit_tree (plan/run)": tree_step.commit,
+        "commit_tree_and_draft (plan/run)": tree_step.commit_tree_and_draft,
         REQUEST_PAIR: RequestPair(device, bs, bs * (4 * n + 8) * 64, 4 * n + 8 * 64, alloc.page_size),
     }
     for call in calls.values():

@@ -160,6 +160,19 @@ _MAX_TREE = 256
 # as triton-adapter-opt rejects some one-request tiles).
 _NPU_MAX_TREE = 64
 _NPU_MAX_TREE_REPOINT = 32
+# commit_tree_and_draft in one launch on an NPU holds the tree commit's tiles and the tree draft's in one kernel: the
+# project's compile check keeps its on-chip buffer within budget for trees and windows of at most 8 nodes with page 1
+# (the commit's [TILE, T, T] re-pointing tiles; 139-142 KiB at 8) and 32 with larger pages (131-135 KiB; 64 nodes:
+# 181-185 KiB). Larger ones take two launches there.
+_NPU_TREE_STEP_MAX_NODES_REPOINT = 8
+_NPU_TREE_STEP_MAX_NODES = 32
+# Off Ascend, commit_tree_and_draft in one launch commits the batch as one tile of at most _TREE_STEP_ELEMENTS
+# elements ([bs, T, T] with page 1, [bs, T] otherwise; larger batches take two launches): its one program walks the
+# commit's tiles one after the other, where commit_tree's own launch spreads them over programs. H200 graph replay,
+# topk 4, 5 steps, T 8, page 1: one launch 4.3 / 4.7 / 5.5 / 5.8 / 9.0 us a step at bs 4 / 8 / 16 / 32 / 64, against
+# 5.3 / 5.4 / 5.5 / 5.6 / 7.4 in two launches; page 64 (its draft is one program up to bs 8): 4.5 / 5.2 at bs 4 / 8
+# against 5.5 / 6.5.
+_TREE_STEP_ELEMENTS = 512
 # CUDA warps per program (ignored by triton-ascend and the interpreter).
 _NUM_WARPS = 8
 # ... except for a chain draft (no branches, no release), whose allocation kernel takes 4 warps as one program of
@@ -363,6 +376,7 @@ class DraftCacheAllocator:
         # Launch configurations of the allocation kernel, found on first use: the arguments of _alloc_config ->
         # (TILE, constexprs, num_warps); the most programs a launch may have (0: one per tile).
         self._alloc_configs: dict[tuple, tuple[int, tuple, int]] = {}
+        self._tree_step_launches: dict[tuple, bool] = {}  # _tree_step_in_one_launch, by its arguments
         self._max_programs: int | None = None
         # Tree drafts: row r holds branch pages branch_pages[r, :num_branch_pages[r]] (alloc_branches). The host
         # knows which rows may hold some, and at most how many (the worst case, or the exact count when the call
@@ -716,6 +730,86 @@ class DraftCacheAllocator:
             dst[:copy_n],
         )
 
+    def commit_tree_and_draft(
+        self,
+        req_pool_indices: IntVector,
+        accept_index: torch.Tensor,
+        accept_lens: IntVector,
+        num_draft_tokens: int,
+        topk: int,
+        num_steps: int,
+        *,
+        kv_src: torch.Tensor | None = None,
+        kv_dst: torch.Tensor | None = None,
+        out_cache_loc: torch.Tensor | None = None,
+        last_loc: torch.Tensor | None = None,
+        branch_slots: torch.Tensor | None = None,
+        copy_src: torch.Tensor | None = None,
+        copy_dst: torch.Tensor | None = None,
+        validate: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
+        """:meth:`commit_tree` ``(rows, accept_index, accept_lens, keep_branches=True)``, then
+        :meth:`alloc_tree_draft` ``(rows, T, topk, num_steps)``: a tree step's bookkeeping after verification, from
+        the accepted paths to the next tree's window and branches, in **one launch** while the draft runs as one
+        program, two past it.
+
+        The same results, slots and guarantees as the two calls, and all or nothing: if the draft cannot fit,
+        nothing is committed either. The branch pages the rows hold are kept for the new branches when they take as
+        many, else released in the same launch.
+
+        One launch where the tree draft is one program and, off Ascend, the tree commit one tile of at most 512
+        elements: ``bs * T * T`` with ``page_size == 1`` (8 requests of 8-node trees), ``bs * T`` with larger pages,
+        whose draft is one program up to 16 requests and 2048 copy pairs (``bs * topk * (page_size - 1)``). On Ascend,
+        up to 4 requests, with trees and windows of at most 8 nodes (``page_size == 1``) or 32 (larger pages), for its
+        on-chip buffer. Otherwise two launches: the tree commit's, then the draft's, compiled before the first runs,
+        so that once the commit has run only a launch could fail.
+
+        Order of the engine's copies: ``kv[kv_dst] = kv[kv_src]`` (the accepted KV into place) **before**
+        ``kv[copy_dst] = kv[copy_src]`` (the committed prefix into the branches' pages), as with the two calls.
+
+        Args:
+            req_pool_indices: ``[bs]`` rows in use, no duplicates (as for :meth:`alloc_draft`); rows with no open
+                window commit nothing.
+            accept_index, accept_lens, kv_src, kv_dst: as for :meth:`commit_tree`.
+            num_draft_tokens, topk, num_steps, out_cache_loc, last_loc, branch_slots, copy_src, copy_dst: as for
+                :meth:`alloc_tree_draft`.
+            validate: the checks of both calls; one device->host sync.
+
+        Returns:
+            ``(kv_src[:bs * T_commit], kv_dst[:...], out_cache_loc[:bs * T], last_loc, branch_slots,
+            copy_src[:bs * topk * (page_size - 1)], copy_dst[:...])``: those of :meth:`commit_tree`, then those of
+            :meth:`alloc_tree_draft` from the committed lengths (``T_commit = accept_index.size(1)``).
+
+        Raises:
+            ContextLengthError, OutOfSlotsError: nothing changed (nothing committed). Only raised after a sync,
+            which happens only when the host bound says the call might not fit.
+        """
+        rows, host_rows, n = self._check_draft(req_pool_indices, num_draft_tokens, validate)
+        accept = self._check_accept(rows, host_rows, accept_lens)
+        bs = rows.size(0)
+        src, dst, pairs = self._check_tree_commit(accept_index, bs, kv_src, kv_dst)
+        out_cache_loc, last_loc = self._draft_buffers(bs, n, out_cache_loc, last_loc)
+        slots, copy_from, copy_to = self._check_branches(
+            rows, topk, num_steps, branch_slots, copy_src, copy_dst, False, "branch_slots"
+        )[2:]
+        if validate and bs:
+            self._validate_tree(rows, accept_index, accept)
+        if bs:
+            branches = (topk, num_steps, slots, copy_from, copy_to)
+            self._draft(
+                rows, host_rows, n, out_cache_loc, last_loc, branches=branches, tree=(accept, accept_index, src, dst)
+            )
+        copy_n = bs * topk * (self.page_size - 1)
+        return (
+            src[:pairs],
+            dst[:pairs],
+            out_cache_loc if out_cache_loc.size(0) == bs * n else out_cache_loc[: bs * n],
+            last_loc,
+            slots[: bs * topk * num_steps].view(bs, topk, num_steps),
+            copy_from[:copy_n],
+            copy_to[:copy_n],
+        )
+
     def reserve_draft(self, req_pool_indices: IntVector, num_draft_tokens: int, *, validate: bool = False) -> None:
         """:meth:`alloc_draft` without the read-back: only make positions ``[seq_len, seq_len + N)`` own slots.
 
@@ -932,13 +1026,7 @@ class DraftCacheAllocator:
         """Launch the tree commit kernel (``release``: which first returns the rows' branch pages);
         ``prepare=True``: return the launch, made by calling it."""
         bs, tree = accept_index.shape
-        repoint = self.page_size == 1
-        block_t = max(1 << max(tree - 1, 0).bit_length(), 2)  # size-1 tile dimensions: see docs/design.md
-        if backend.is_npu(self.device):
-            elements = _NPU_TREE_CUBE_ELEMENTS // block_t if repoint else _NPU_TREE_ELEMENTS
-            tile = max(min(elements // block_t, _NPU_TREE_MAX_TILE), 2)
-        else:
-            tile = max(min(_TREE_ELEMENTS // (block_t * block_t if repoint else block_t), _TREE_MAX_TILE), 1)
+        tile, block_t, repoint = self._tree_commit_config(tree)
         return (backend.prepare if prepare else backend.launch)(
             self._kernels()._commit_tree_kernel,
             self._grid(bs, tile),
@@ -978,6 +1066,17 @@ class DraftCacheAllocator:
             ),
             _TREE_NUM_WARPS,
         )
+
+    def _tree_commit_config(self, tree: int) -> tuple[int, int, bool]:
+        """(TILE, BLOCK_T, REPOINT) of the tree commit of ``tree``-node trees."""
+        repoint = self.page_size == 1
+        block_t = max(1 << max(tree - 1, 0).bit_length(), 2)  # size-1 tile dimensions: see docs/design.md
+        if backend.is_npu(self.device):
+            elements = _NPU_TREE_CUBE_ELEMENTS // block_t if repoint else _NPU_TREE_ELEMENTS
+            tile = max(min(elements // block_t, _NPU_TREE_MAX_TILE), 2)
+        else:
+            tile = max(min(_TREE_ELEMENTS // (block_t * block_t if repoint else block_t), _TREE_MAX_TILE), 1)
+        return tile, block_t, repoint
 
     def alloc_branches(
         self,
@@ -1304,13 +1403,15 @@ class DraftCacheAllocator:
         step: DraftStepWrapper | None = None,
         branches: tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
         accept: torch.Tensor | None = None,
+        tree: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         """Check the capacity, launch the draft, then update the host state (nothing changes if anything raises).
         ``step``: the launches a DraftStepWrapper prepared; ``branches``: ``(topk, num_steps, branch_slots,
         copy_src, copy_dst)`` of a tree draft (:meth:`alloc_tree_draft`); ``accept``: the accept lengths of a
-        commit made first, in the same launch (:meth:`commit_and_draft`)."""
+        commit made first, in the same launch (:meth:`commit_and_draft`); ``tree``: ``(accept_lens, accept_index,
+        kv_src, kv_dst)`` of a tree commit made first, with ``branches`` (:meth:`commit_tree_and_draft`)."""
         if branches is not None:
-            self._tree_draft(rows, host_rows, n, out_cache_loc, last_loc, step, branches)
+            self._tree_draft(rows, host_rows, n, out_cache_loc, last_loc, step, branches, tree)
             return
         bound, drafted, _ = self._draft_bounds(rows, host_rows, n, accept=accept)
         release = self._branches_may_exist()
@@ -1342,20 +1443,47 @@ class DraftCacheAllocator:
         last_loc: torch.Tensor | None,
         step: DraftStepWrapper | None,
         branches: tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor],
+        tree: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
-        """``_draft`` of :meth:`alloc_tree_draft`: the draft and the branches in one launch."""
+        """``_draft`` of :meth:`alloc_tree_draft`: the draft and the branches in one launch; ``tree``: after the tree
+        commit of :meth:`commit_tree_and_draft`, in the same launch where the draft is one program, else in a launch
+        before it."""
         per_row = branches[0] * _pages(self.page_size - 1 + branches[1], self.page_size)
-        bound, drafted, needs = self._draft_bounds(rows, host_rows, n, branches[:2])
+        bound, drafted, needs = self._draft_bounds(rows, host_rows, n, branches[:2], tree=tree)
         release = self._branches_may_exist()
         narrow = self._widen_branch_pages(per_row)
+        kind = "release tree draft" if release else "tree draft"
         try:
-            if step is None:
-                self._launch_alloc(rows, n, None, None, None, out_cache_loc, last_loc, release, branches=branches)
+            if tree is None:
+                if step is None:
+                    self._launch_alloc(rows, n, None, None, None, out_cache_loc, last_loc, release, branches=branches)
+                else:
+                    step._prepared(kind)()
+            elif self._tree_step_in_one_launch(rows.size(0), n, release, branches, tree[1].size(1)):
+                if step is None:
+                    self._launch_alloc(
+                        rows, n, None, None, None, out_cache_loc, last_loc, release, branches=branches, tree=tree
+                    )
+                else:
+                    step._prepared(kind.replace("tree draft", "commit tree draft"))()
             else:
-                step._prepared("release tree draft" if release else "tree draft")()
+                # The commit changes state: the draft is compiled before it runs, so that only a launch can fail after.
+                if step is None:
+                    draft = self._launch_alloc(
+                        rows, n, None, None, None, out_cache_loc, last_loc, release, True, branches
+                    )
+                    draft.compile()
+                    self._launch_commit_tree(rows, *tree)
+                else:
+                    draft = step._prepared(kind)
+                    draft.compile()
+                    step._prepared("commit tree")()
+                draft()
         except BaseException:
             self.branch_pages = narrow  # the wider copy holds nothing yet
             raise
+        if tree is not None:
+            self._close_windows(host_rows)
         if release:
             self._forget_branches(rows, host_rows, rows.size(0))
         self._hold_branches(rows, host_rows, per_row, needs, rows.size(0))
@@ -1381,6 +1509,32 @@ class DraftCacheAllocator:
         eager = bs <= _COMMIT_DRAFT_EAGER_MAX_BATCH and not backend.is_interpreted(device)
         return not (eager and not backend.is_capturing(device))
 
+    def _tree_step_in_one_launch(self, bs: int, n: int, release: bool, branches: tuple, tree: int) -> bool:
+        """Whether commit_tree_and_draft of ``tree``-node trees and ``n``-node windows makes one launch
+        (``_commit_tree_draft_kernel``): where the tree draft runs as one program, which may then commit first with no
+        other program reading the rows' lengths; off Ascend also only where the tree commit is one tile
+        (_TREE_STEP_ELEMENTS), on an NPU only for trees and windows within _NPU_TREE_STEP_MAX_NODES(_REPOINT)."""
+        key = (bs, n, release, branches[0], branches[1], tree)
+        one = self._tree_step_launches.get(key)
+        if one is None:
+            if backend.is_npu(self.device):
+                limit = _NPU_TREE_STEP_MAX_NODES_REPOINT if self.page_size == 1 else _NPU_TREE_STEP_MAX_NODES
+                fits = max(n, tree) <= limit
+            else:
+                fits = bs <= self._tree_step_commit_tile(bs, tree)
+            tile = self._alloc_launch_config(bs, n, False, False, True, release, branches, None, False)[0]
+            one = self._tree_step_launches[key] = fits and self._grid(bs, tile) == (1,)
+        return one
+
+    def _tree_step_commit_tile(self, bs: int, tree: int) -> int:
+        """The tree commit's tile in commit_tree_and_draft's one launch: on Ascend that of commit_tree (its on-chip
+        buffer is checked), elsewhere the batch's power of two within _TREE_STEP_ELEMENTS elements."""
+        tile, block_t, repoint = self._tree_commit_config(tree)
+        if backend.is_npu(self.device):
+            return tile
+        cap = max(_TREE_STEP_ELEMENTS // (block_t * block_t if repoint else block_t), 1)
+        return min(1 << max(bs - 1, 0).bit_length(), 1 << (cap.bit_length() - 1))
+
     def _open_windows(self, host_rows: list[int] | None, n: int) -> None:
         """Record the windows of ``n`` positions a draft opened (host state). Rows not known: any row may be among
         them, so the windows known so far join the bound of the windows not known."""
@@ -1397,12 +1551,14 @@ class DraftCacheAllocator:
         n: int,
         branches: tuple[int, int] | None = None,
         accept: torch.Tensor | None = None,
+        tree: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[int, int, list[int] | None]:
         """The host bounds after the draft (pages, tokens drafted since the last sync), syncing only if the bound
         says it might not fit; raises if it does not. ``branches``: ``(topk, num_steps)`` of a tree draft, whose
         branch pages must fit too; then the third value is each request's branch pages when it synced (else
         None). ``accept``: the accept lengths of a commit in the same launch (the window starts where it leaves
-        the row; the bounds need no change, as a commit never passes what was drafted)."""
+        the row; the bounds need no change, as a commit never passes what was drafted); ``tree``: ``(accept_lens,
+        accept_index, kv_src, kv_dst)`` of a tree commit in the same step (likewise)."""
         bs = rows.size(0)
         p = self.page_size
         drafted = self._drafted_since_sync + n
@@ -1426,6 +1582,8 @@ class DraftCacheAllocator:
         allocs = self.alloc_lens[rows64]
         if accept is not None:
             seqs = seqs + torch.minimum(accept.clamp(min=0), self.window_lens[rows64].clamp(min=0))
+        elif tree is not None:
+            seqs = seqs + self._tree_accepted(rows64, seqs, tree[0], tree[1])
         ends = seqs + n
         need = ((torch.maximum(allocs, ends) + p - 1) // p - (allocs + p - 1) // p).sum()
         extra = [torch.stack([need, ends.max(), ends.argmax()]), rows.long()]
@@ -1458,6 +1616,21 @@ class DraftCacheAllocator:
         # Exact now: the next bounds restart from these numbers.
         self._set_exact(usage)
         return self._pages_bound + need, n, branch_needs
+
+    def _tree_accepted(
+        self, rows64: torch.Tensor, seqs: torch.Tensor, accept: torch.Tensor, accept_index: torch.Tensor
+    ) -> torch.Tensor:
+        """The positions a tree commit of ``rows64`` (committed lengths ``seqs``) accepts, on the device, exactly as
+        the kernel counts them (``_commit_tree_tile``): for the capacity check after a sync."""
+        tree = accept_index.size(1)
+        seq = seqs.clamp(0, self.max_context_len)
+        window = torch.minimum(self.window_lens[rows64].clamp(min=0), self.max_context_len - seq).clamp(max=tree)
+        accepted = torch.minimum(accept.long().clamp(0, tree), window)
+        node = accept_index.long().clamp(-1, tree)
+        prev = torch.cat([torch.full_like(node[:, :1], -1), node[:, :-1]], 1)
+        m = torch.arange(tree, device=self.device)
+        ok = (m < accepted[:, None]) & (node >= 0) & (node < window[:, None]) & (node > prev)
+        return ok.long().cumprod(1).sum(1)
 
     def _most_pages(self) -> int:
         """Pages the rows in use and the prefix cache own at most, whatever was drafted: a full context each (its
@@ -1766,14 +1939,17 @@ class DraftCacheAllocator:
         accept: torch.Tensor | None = None,
         sums: bool = False,
         wide: bool = False,
+        tree: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> backend.Launch | None:
         """Launch the allocation kernel: a draft (``window_ends is None``) or a prefill of new rows (``wide``: of
         long prompts, read in wide column blocks, see _WIDE_PREFILL_TOKENS); ``release``:
         a draft that first returns the rows' branch pages; ``branches``: ``(topk, num_steps, branch_slots,
         copy_src, copy_dst)`` of a draft that also gives the rows their branches; ``accept``: the accept lengths
         of a draft that first commits the rows' open windows; ``sums``: the second launch of a draft in two, after
-        ``_launch_count`` (no ``release`` or ``branches``); ``prepare=True``: return the launch, made by calling
-        it."""
+        ``_launch_count`` (no ``release`` or ``branches``); ``tree``: ``(accept_lens, accept_index, kv_src,
+        kv_dst)`` of a tree commit made first in the same launch (``_commit_tree_draft_kernel``, with
+        ``branches``, only where the draft is one program: see ``_tree_step_in_one_launch``); ``prepare=True``:
+        return the launch, made by calling it."""
         prefill = window_ends is not None
         emit = out_cache_loc is not None
         tile, constexprs, num_warps = self._alloc_launch_config(
@@ -1785,47 +1961,56 @@ class DraftCacheAllocator:
             (0, 0, placeholder, placeholder, placeholder) if branches is None else branches
         )
         branch = release or branches is not None
+        if tree is not None:
+            accept = tree[0]  # read only by the tree commit: COMMIT, the chain's commit, is off (accept was None)
+        tensors = (
+            self.req_to_token,
+            rows,
+            self.seq_lens,
+            self.alloc_lens,
+            self.window_lens,
+            self.prefix_lens,
+            placeholder if window_starts is None else window_starts,
+            placeholder if window_ends is None else window_ends,
+            placeholder if accept is None else accept,
+            self.req_to_token if prefix_slots is None else prefix_slots,
+            self.free_pages,
+            self._counters,
+            self._scratch,
+            out_cache_loc if emit else placeholder,
+            last_loc if emit else placeholder,
+            self.branch_pages if branch else placeholder,
+            self.num_branch_pages if branch else placeholder,
+            slots,
+            copy_src if self.page_size > 1 else slots,
+            copy_dst if self.page_size > 1 else slots,
+        )
+        scalars = (
+            rows.size(0),
+            window_len,
+            self.max_requests,
+            self.max_context_len,
+            self.req_to_token.stride(0),
+            self.num_pages,
+            0 if prefix_slots is None else prefix_slots.stride(0),
+            self.branch_pages.stride(0) if branch else 0,
+            self.branch_pages.size(1) if branch else 0,
+            topk,
+            num_steps,
+        )
+        kernel, grid = self._kernels()._alloc_windows_kernel, self._grid(rows.size(0), tile)
+        if tree is not None:
+            if grid != (1,):
+                raise RuntimeError(f"a tree commit and draft in one launch needs one program, got a grid of {grid}")
+            accept_index = tree[1]
+            _, block_t, repoint = self._tree_commit_config(accept_index.size(1))
+            tree_tile = self._tree_step_commit_tile(rows.size(0), accept_index.size(1))
+            kernel = self._kernels()._commit_tree_draft_kernel
+            tensors += (accept_index, tree[2], tree[3])
+            scalars += (accept_index.size(1), accept_index.stride(0))
+            constexprs += (("TREE_TILE", tree_tile), ("BLOCK_T", block_t), ("REPOINT", repoint))
         return (backend.prepare if prepare else backend.launch)(
-            self._kernels()._alloc_windows_kernel,
-            self._grid(rows.size(0), tile),
-            self.device,
-            (
-                self.req_to_token,
-                rows,
-                self.seq_lens,
-                self.alloc_lens,
-                self.window_lens,
-                self.prefix_lens,
-                placeholder if window_starts is None else window_starts,
-                placeholder if window_ends is None else window_ends,
-                placeholder if accept is None else accept,
-                self.req_to_token if prefix_slots is None else prefix_slots,
-                self.free_pages,
-                self._counters,
-                self._scratch,
-                out_cache_loc if emit else placeholder,
-                last_loc if emit else placeholder,
-                self.branch_pages if branch else placeholder,
-                self.num_branch_pages if branch else placeholder,
-                slots,
-                copy_src if self.page_size > 1 else slots,
-                copy_dst if self.page_size > 1 else slots,
-            ),
-            (
-                rows.size(0),
-                window_len,
-                self.max_requests,
-                self.max_context_len,
-                self.req_to_token.stride(0),
-                self.num_pages,
-                0 if prefix_slots is None else prefix_slots.stride(0),
-                self.branch_pages.stride(0) if branch else 0,
-                self.branch_pages.size(1) if branch else 0,
-                topk,
-                num_steps,
-            ),
-            constexprs,
-            num_warps,
+            kernel, grid, self.device, tensors, scalars, constexprs, num_warps
         )
 
     def _alloc_launch_config(
@@ -2147,6 +2332,15 @@ class DraftStepWrapper:
             ...  # kv[copy_dst] = kv[copy_src]; draft the branches; verify the tree
             kv_src, kv_dst = step.commit()
 
+    And in one launch a step while the tree draft is one program
+    (:meth:`~DraftCacheAllocator.commit_tree_and_draft`; the same plan, after a first :meth:`alloc_tree_draft`)::
+
+        out_cache_loc, last_loc, branch_slots, copy_src, copy_dst = step.alloc_tree_draft()
+        while decoding:
+            ...  # kv[copy_dst] = kv[copy_src]; draft the branches; verify; write the paths in place
+            kv_src, kv_dst, out_cache_loc, last_loc, branch_slots, copy_src, copy_dst = step.commit_tree_and_draft()
+            ...  # kv[kv_dst] = kv[kv_src], before the next kv[copy_dst] = kv[copy_src]
+
     Args:
         allocator: the :class:`DraftCacheAllocator` whose step this is.
     """
@@ -2154,7 +2348,7 @@ class DraftStepWrapper:
     def __init__(self, allocator: DraftCacheAllocator) -> None:
         self._allocator = allocator
         self._draft_bound = self._commit_bound = self._branches_bound = UNPLANNED
-        self._commit_draft_bound = self._tree_draft_bound = UNPLANNED
+        self._commit_draft_bound = self._tree_draft_bound = self._tree_step_bound = UNPLANNED
         self._plan_args: dict = {}
 
     def plan(
@@ -2239,6 +2433,7 @@ class DraftStepWrapper:
         # The calls that read two of those sets check them as one.
         self._commit_draft_bound = _bind(user, out, last, *commit_reads)
         self._tree_draft_bound = _bind(user, out, last, *branch_reads)
+        self._tree_step_bound = _bind(user, out, last, *commit_reads, *branch_reads)
         self._plan_args = dict(
             req_pool_indices=req_pool_indices,
             num_draft_tokens=num_draft_tokens,
@@ -2383,6 +2578,42 @@ class DraftStepWrapper:
             self._allocator._draft(self._rows, self._host_rows, self._n, self._out, self._last, self, self._branches)
         return self._result + self._branch_result
 
+    def commit_tree_and_draft(self) -> tuple[torch.Tensor, ...]:
+        """:meth:`DraftCacheAllocator.commit_tree_and_draft` of the planned rows with the current values of
+        ``accept_index`` and ``accept_lens``, then ``N`` tree nodes and the planned branches (a plan with
+        ``accept_index``, ``topk`` and ``num_steps``); returns the same ``(kv_src[:bs * T], kv_dst[:...],
+        out_cache_loc[:bs * N], last_loc, branch_slots, copy_src[:...], copy_dst[:...])`` tensors every call."""
+        self._check(self._tree_step_bound)
+        if self._tree_commit is None or self._branches is None:
+            raise ValueError("commit_tree_and_draft() needs a plan with accept_index, topk and num_steps")
+        if not self._emit:
+            raise ValueError("this plan has emit=False: commit_tree_and_draft() returns the slots")
+        index, kv_src, kv_dst = self._tree_commit
+        topk, num_steps, slots, src, dst = self._branches
+        if self._validate:
+            return self._allocator.commit_tree_and_draft(
+                self._plan_args["req_pool_indices"],
+                index,
+                self._accept,
+                self._n,
+                topk,
+                num_steps,
+                kv_src=kv_src,
+                kv_dst=kv_dst,
+                out_cache_loc=self._out,
+                last_loc=self._last,
+                branch_slots=slots,
+                copy_src=src,
+                copy_dst=dst,
+                validate=True,
+            )
+        if self._bs:
+            tree = (self._accept, *self._tree_commit)
+            self._allocator._draft(
+                self._rows, self._host_rows, self._n, self._out, self._last, self, self._branches, tree=tree
+            )
+        return self._tree_result + self._result + self._branch_result
+
     def _check(self, bound: BoundTensors) -> None:
         """Plan again if a tensor of ``bound`` changed; check host rows again if rows were taken or freed since."""
         if bound.changed():
@@ -2394,10 +2625,11 @@ class DraftStepWrapper:
             self._rows_version = alloc._rows_version
 
     def _prepared(self, kind: str) -> backend.Launch:
-        """The launch of ``kind`` ("draft", "commit draft", "tree draft", "commit tree", each also with "release "
-        before it; "release", "commit", "branches"; "count commit draft" and "commit draft from counts", the two
-        launches of a commit_and_draft past _COMMIT_DRAFT_MAX_BATCH), prepared on first use and again once
-        alloc_branches has replaced the allocator's branch_pages (which the release and branch launches read)."""
+        """The launch of ``kind`` ("draft", "commit draft", "tree draft", "commit tree", "commit tree draft", each
+        also with "release " before it; "release", "commit", "branches"; "count commit draft" and "commit draft from
+        counts", the two launches of a commit_and_draft past _COMMIT_DRAFT_MAX_BATCH), prepared on first use and
+        again once alloc_branches has replaced the allocator's branch_pages (which the release and branch launches
+        read)."""
         alloc = self._allocator
         entry = self._launches.get(kind)
         if entry is None or entry[1] is not alloc.branch_pages:
@@ -2414,6 +2646,20 @@ class DraftStepWrapper:
                 launch = alloc._release(rows, prepare=True)
             elif kind == "count commit draft":
                 launch = alloc._launch_count(rows, self._n, self._accept, prepare=True)
+            elif kind.endswith("commit tree draft"):
+                launch = alloc._launch_alloc(
+                    rows,
+                    self._n,
+                    None,
+                    None,
+                    None,
+                    self._out,
+                    self._last,
+                    kind.startswith("release"),
+                    True,
+                    self._branches,
+                    tree=(self._accept, *self._tree_commit),
+                )
             else:  # "draft", "commit draft", "tree draft", each with "release " or not; "commit draft from counts"
                 out, last = self._out, self._last
                 release, tree = kind.startswith("release"), kind.endswith("tree draft")

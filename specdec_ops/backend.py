@@ -318,6 +318,21 @@ class Launch:
         if launcher is None or not _run_launcher(launcher, self._grid, self._args):
             self._launch()
 
+    def compile(self) -> None:
+        """Compile the kernel of this launch if need be, without launching it: after it, calling the launch no longer
+        compiles (so a caller can make sure of that before an earlier launch changes state). Nothing to do once the
+        launch or its specialisation has run, or on interpreted devices."""
+        if self._launcher is not None:
+            return
+        kernel, grid, device, tensors, scalars, constexprs, num_warps = self._arguments
+        if is_interpreted(device):
+            return
+        key = _specialisation(kernel, device, tensors, [t.data_ptr() for t in tensors], constexprs, num_warps)
+        if key in _compiled:
+            return
+        with _launch_lock:
+            kernel.warmup(*tensors, *scalars, grid=grid, **dict(constexprs), num_warps=num_warps)
+
     def _launch(self) -> None:
         kernel, grid, device, tensors, scalars, constexprs, num_warps = self._arguments
         launch(kernel, grid, device, tensors, scalars, constexprs, num_warps)

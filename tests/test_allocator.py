@@ -1197,6 +1197,16 @@ def _two_launches(call, *args):
         return call(*args)
 
 
+def _tree_two_launches(alloc, *args):
+    """commit_tree_and_draft past one program: the tree commit's launch, then the draft's."""
+    one_launch = DraftCacheAllocator._tree_step_in_one_launch
+    DraftCacheAllocator._tree_step_in_one_launch = lambda self, *a: False
+    try:
+        return alloc.commit_tree_and_draft(*args)
+    finally:
+        DraftCacheAllocator._tree_step_in_one_launch = one_launch
+
+
 LAUNCHING_CALLS = [
     ("add", lambda a, r: a.add_requests([5, 0, 9])),
     (
@@ -1213,6 +1223,14 @@ LAUNCHING_CALLS = [
     ("alloc_branches", lambda a, r: a.alloc_branches(r, 2, 3)),  # the first: it widens branch_pages
     ("alloc_tree_draft", lambda a, r: a.alloc_tree_draft(r, 2, 2, 3)),  # widens branch_pages too
     ("commit_tree", lambda a, r: a.commit_tree(r, torch.tensor([[0, 1], [1, 0]]), torch.tensor([2, 1]))),
+    (
+        "commit_tree_and_draft",
+        lambda a, r: a.commit_tree_and_draft(r, torch.tensor([[0, 1], [1, 0]]), torch.tensor([2, 1]), 2, 2, 3),
+    ),
+    (
+        "commit_tree_and_draft-two-launches",
+        lambda a, r: _tree_two_launches(a, r, torch.tensor([[0, 1], [1, 0]]), torch.tensor([2, 1]), 2, 2, 3),
+    ),
     ("free", lambda a, r: a.free_requests(r)),
     ("free-keep", lambda a, r: a.free_requests(r, keep_lens=[4, 0])),
     ("release_slots", lambda a, r: a.release_slots([4 * a.cached_pages()[0] + 3])),

@@ -331,6 +331,221 @@ def test_alloc_tree_draft_is_the_draft_and_the_branches_in_one_launch(page_size,
     assert alloc.num_free_slots() == alloc.num_slots
 
 
+def tree_steps(alloc, rows, rng, steps, tree, topk, num_steps, one_call, rows_as="tensor"):
+    """A first alloc_tree_draft, then ``steps`` times: verify, commit the paths and draft the next tree, by
+    commit_tree_and_draft (``one_call``) or by commit_tree(keep_branches=True) + alloc_tree_draft. Checks the
+    simulated KV and the branches after every step; returns every tensor the calls returned."""
+    model = KVModel(alloc)
+    model.prompt(rows)
+    arg = rows if rows_as == "list" else torch.tensor(rows)
+    bs, p = len(rows), alloc.page_size
+    out, _, slots, src, dst = alloc.alloc_tree_draft(arg, tree, topk, num_steps)
+    model.apply(src, dst)
+    returned = []
+    for _ in range(steps):
+        tags = model.verify(out)
+        index, lens = random_paths(rng, bs, tree)
+        accept = lens if rows_as == "list" else torch.tensor(lens, dtype=torch.int64)
+        if one_call:
+            kv = [sentinel_like(bs * tree + 1, torch.int64, "cpu") for _ in range(2)]
+            window = [sentinel_like(n + 1, torch.int64, "cpu") for n in (bs * tree, bs, bs * topk * num_steps)]
+            copies = [sentinel_like(bs * topk * (p - 1) + 1, torch.int32, "cpu") for _ in range(2)]
+            result = alloc.commit_tree_and_draft(
+                arg,
+                index,
+                accept,
+                tree,
+                topk,
+                num_steps,
+                kv_src=kv[0],
+                kv_dst=kv[1],
+                out_cache_loc=window[0],
+                last_loc=window[1][:bs],
+                branch_slots=window[2],
+                copy_src=copies[0],
+                copy_dst=copies[1],
+            )
+            assert [int(t[-1]) for t in (*kv, *window, *copies)] == [SENTINEL] * 7, "only the outputs' elements"
+        else:
+            result = alloc.commit_tree(arg, index, accept, keep_branches=True)
+            result += alloc.alloc_tree_draft(arg, tree, topk, num_steps)
+        kv_src, kv_dst, out, last, slots, src, dst = result
+        assert slots.shape == (bs, topk, num_steps) and src.shape == dst.shape == (bs * topk * (p - 1),)
+        model.apply(kv_src, kv_dst)  # the accepted KV into place, then the committed prefix into the branches
+        model.accept(rows, tags, tree, index, lens)
+        model.check()
+        check_branches(alloc, rows, topk, num_steps, slots, src, dst, model)
+        for i, row in enumerate(rows):
+            seq = int(alloc.seq_lens[row])
+            assert out[i * tree : (i + 1) * tree].tolist() == alloc.req_to_token[row, seq : seq + tree].tolist()
+            assert int(last[i]) == (int(alloc.req_to_token[row, seq - 1]) if seq else -1)
+        returned.append([t.tolist() for t in result])
+    return returned
+
+
+@pytest.mark.parametrize("rows_as", ["tensor", "list"])
+@pytest.mark.parametrize(
+    "page_size, bs, launches",
+    [
+        (1, 5, 1),
+        (1, 8, 1),
+        (1, 9, 2),
+        (1, 65, 2),
+        (4, 3, 1),
+        (4, 16, 1),
+        (4, 17, 2),
+        (16, 9, 1),
+        (128, 4, 1),
+        (128, 5, 2),
+    ],
+    ids=lambda v: str(v),
+)
+def test_commit_tree_and_draft_is_the_two_calls_in_one_launch(page_size, bs, launches, rows_as, monkeypatch):
+    """commit_tree_and_draft gives exactly what commit_tree(keep_branches=True) + alloc_tree_draft give, call for
+    call (slots, pairs, the whole state), in one launch while the tree draft is one program and the tree commit one
+    tile (here topk 4, 5 steps, T 6: up to 8 requests at page 1; with pages > 1 up to 16 requests and 2048 copy
+    pairs), in two past it."""
+    topk, num_steps, tree = 4, 5, 6
+
+    def run(one_call):
+        rng = random.Random(page_size * 1000 + bs)
+        num_pages = bs * (pages(120, page_size) + 2 * topk * pages(page_size - 1 + num_steps, page_size))
+        alloc = DraftCacheAllocator(page_size * num_pages, bs + 1, 120, page_size=page_size, device="cpu")
+        rows = alloc.add_requests([rng.randrange(0, 60) for _ in range(bs)]).tolist()
+        return tree_steps(alloc, rows, rng, 3, tree, topk, num_steps, one_call, rows_as), snapshot(alloc), alloc
+
+    two_calls, two_state, _ = run(False)
+    made = []
+    launch = allocator_module.backend.launch
+    monkeypatch.setattr(allocator_module.backend, "launch", lambda fn, *a: made.append(fn.__name__) or launch(fn, *a))
+    one_call, one_state, alloc = run(True)
+    assert one_call == two_calls
+    for name in STATE_TENSORS:
+        assert torch.equal(one_state[name], two_state[name]), name
+    assert made[:2] == ["_alloc_windows_kernel"] * 2  # add_requests, the first alloc_tree_draft
+    steps = made[2:]
+    expected = ["_commit_tree_draft_kernel"] if launches == 1 else ["_commit_tree_kernel", "_alloc_windows_kernel"]
+    assert steps == expected * 3
+    alloc.free_requests(alloc.rows_in_use())
+    assert alloc.num_free_slots() == alloc.num_slots and not alloc.num_branch_pages.any()
+
+
+def test_commit_tree_and_draft_commits_nothing_where_no_window_is_open():
+    """Rows with no open window (new ones) commit nothing and get their tree; others commit their path."""
+    alloc, expected = (DraftCacheAllocator(4 * 200, 4, 64, page_size=4, device="cpu") for _ in range(2))
+    for a in (alloc, expected):
+        old = a.add_requests([9, 13])
+        a.alloc_tree_draft(old, 4, 2, 3)
+        new = a.add_requests([6])
+    rows = torch.tensor([*old.tolist(), *new.tolist()])
+    index = torch.tensor([[0, 2, -1, -1], [1, 3, -1, -1], [0, 1, 2, 3]])
+    got = alloc.commit_tree_and_draft(rows, index, torch.tensor([2, 2, 4]), 4, 2, 3)
+    expected_result = expected.commit_tree(rows, index, torch.tensor([2, 2, 4]), keep_branches=True)
+    expected_result += expected.alloc_tree_draft(rows, 4, 2, 3)
+    assert alloc.seq_lens[rows].tolist() == [11, 15, 6]
+    assert all(torch.equal(x, y) for x, y in zip(got, expected_result))
+    for name in STATE_TENSORS:
+        assert torch.equal(getattr(alloc, name), getattr(expected, name)), name
+
+
+@pytest.mark.parametrize("rows_as", ["tensor", "list"])
+def test_out_of_slots_for_commit_tree_and_draft_commits_nothing(rows_as):
+    """All or nothing: a tree draft that cannot fit after the commit raises before anything is committed, with the
+    pages counted from the lengths the commit would leave (the host bound, then the exact numbers after a sync)."""
+    alloc = DraftCacheAllocator(16 * 24, 4, 256, page_size=16, device="cpu")
+    rows_t = alloc.add_requests([14, 30, 46])  # 6 pages, offsets 14
+    rows = rows_t.tolist() if rows_as == "list" else rows_t
+    alloc.alloc_tree_draft(rows, 2, 2, 1)  # windows inside the rows' pages; branches 2 pages a row
+    index = torch.tensor([[0, 1], [0, 1], [0, -1]])
+    accept = [2, 2, 1] if rows_as == "list" else torch.tensor([2, 2, 1])
+    # 12 free. Committed 16, 32, 47: windows of 16 need a page each; 4 branches of 1 step 4 pages a row.
+    before = snapshot(alloc)
+    with pytest.raises(OutOfSlotsError, match="alloc_tree_draft: 3 requests with 16 draft tokens"):
+        alloc.commit_tree_and_draft(rows, index, accept, 16, 4, 1)  # 3 + 12 > 12 (the 6 released do not count)
+    assert_unchanged(alloc, before)
+    assert alloc.window_lens[rows_t].tolist() == [2, 2, 2], "nothing committed"
+    alloc.commit_tree_and_draft(rows, index, accept, 16, 2, 1)  # 3 pages, the 2 branch pages a row kept
+    assert alloc.seq_lens[rows_t].tolist() == [16, 32, 47]
+    assert alloc.num_free_slots() == 16 * 9
+    check_layout(alloc)
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_the_host_counts_what_a_tree_commit_accepts_as_the_kernel_does(page_size):
+    """The capacity check after a sync counts the positions a tree commit accepts on the device (_tree_accepted),
+    garbage paths and lengths included: exactly what commit_tree then commits."""
+    rng = random.Random(page_size)
+    alloc = DraftCacheAllocator(page_size * 400, 8, 40, page_size=page_size, device="cpu")
+    rows = alloc.add_requests([rng.randrange(0, 30) for _ in range(8)])
+    for _ in range(20):
+        alloc.alloc_draft(rows[: rng.randint(0, 8)], rng.randint(0, 9))  # some windows open, of several lengths
+        tree = rng.randint(1, 8)
+        index = torch.tensor([[rng.randint(-2, tree + 1) for _ in range(tree)] for _ in range(8)])
+        accept = torch.tensor([rng.randint(-2, tree + 2) for _ in range(8)])
+        seqs = alloc.seq_lens[rows].clone()
+        counted = alloc._tree_accepted(rows, seqs, accept, index)
+        alloc.commit_tree(rows, index, accept)
+        assert (alloc.seq_lens[rows] - seqs).tolist() == counted.tolist()
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_commit_tree_and_draft_on_ascend_takes_one_launch_for_small_trees_only(page_size, monkeypatch):
+    """On an NPU one launch holds the commit's tiles and the draft's in the on-chip buffer only for trees and windows
+    of at most 8 nodes (page 1) or 32 (larger pages): larger ones take two launches, as past one program."""
+    alloc = DraftCacheAllocator(page_size * 64, 4, 64, page_size=page_size, device="cpu")
+    branches = (2, 3, None, None, None)
+    limit = 8 if page_size == 1 else 32
+    assert alloc._tree_step_in_one_launch(1, limit + 1, False, branches, limit + 1), "off Ascend: one launch"
+    monkeypatch.setattr(allocator_module.backend, "is_npu", lambda device: True)
+    monkeypatch.setattr(allocator_module.backend, "num_cores", lambda device: 40)  # an Ascend 910B's vector cores
+    alloc = DraftCacheAllocator(page_size * 64, 4, 64, page_size=page_size, device="cpu")  # (it caches the answers)
+    assert not alloc._tree_step_in_one_launch(1, limit + 1, False, branches, limit + 1)
+    assert alloc._tree_step_in_one_launch(3, limit, False, branches, limit)
+    assert not alloc._tree_step_in_one_launch(3, limit + 1, False, branches, 2)
+    assert not alloc._tree_step_in_one_launch(3, 2, False, branches, limit + 1)
+    assert not alloc._tree_step_in_one_launch(5, 2, False, branches, 2), "its tree draft tiles take 4 requests"
+
+
+@pytest.mark.parametrize("wrapper", [False, True], ids=["method", "wrapper"])
+def test_commit_tree_and_draft_in_two_launches_compiles_the_draft_first(wrapper, monkeypatch):
+    """Past one program the commit changes state in its own launch: the draft's launch is compiled before it, so a
+    compilation that fails leaves everything as it was; then the same call goes through."""
+    from specdec_ops import DraftStepWrapper
+
+    monkeypatch.setattr(DraftCacheAllocator, "_tree_step_in_one_launch", lambda self, *a: False)
+    alloc = DraftCacheAllocator(4 * 100, 3, 64, page_size=4, device="cpu")
+    rows = alloc.add_requests([5, 9])
+    alloc.alloc_tree_draft(rows, 3, 2, 2)
+    index, accept = torch.tensor([[0, 2, -1], [1, -1, -1]]), torch.tensor([2, 1])
+    step = DraftStepWrapper(alloc)
+    step.plan(rows, 3, accept_lens=accept, accept_index=index, keep_branches=True, topk=2, num_steps=2)
+    call = step.commit_tree_and_draft if wrapper else lambda: alloc.commit_tree_and_draft(rows, index, accept, 3, 2, 2)
+    events = []
+    launch, compile_ = allocator_module.backend.launch, allocator_module.backend.Launch.compile
+    monkeypatch.setattr(allocator_module.backend, "launch", lambda fn, *a: events.append(fn.__name__) or launch(fn, *a))
+
+    def failing_compile(self):
+        events.append("compile")
+        raise RuntimeError("compilation failed")
+
+    monkeypatch.setattr(allocator_module.backend.Launch, "compile", failing_compile)
+    before = snapshot(alloc)
+    host = (alloc._pages_bound, dict(alloc._known_windows), alloc._unknown_window_bound, dict(alloc._branch_rows))
+    with pytest.raises(RuntimeError, match="compilation failed"):
+        call()
+    assert events == ["compile"]
+    assert_unchanged(alloc, before)
+    assert (alloc._pages_bound, dict(alloc._known_windows), alloc._unknown_window_bound, dict(alloc._branch_rows)) == (
+        host
+    )
+    monkeypatch.setattr(allocator_module.backend.Launch, "compile", compile_)
+    events.clear()
+    call()
+    assert events == ["_commit_tree_kernel", "_alloc_windows_kernel"]
+    assert alloc.seq_lens[rows].tolist() == [7, 10]
+    check_layout(alloc)
+
+
 @pytest.mark.parametrize("release", ["alloc_draft", "commit", "commit_tree", "free", "reserve_draft"])
 @pytest.mark.parametrize("as_list", [False, True], ids=["tensor", "list"])
 def test_branches_are_released_by_the_next_step(release, as_list):
@@ -856,6 +1071,57 @@ class TreeMachine(RuleBasedStateMachine):
         self.window.update(dict.fromkeys(rows, 0))
         self.learn()
 
+    @rule(data=st.data())
+    def tree_steps_in_one_call(self, data):
+        """A tree draft, verification, then commit_tree_and_draft (the commit and the next tree) or the failure it must
+        raise, committing nothing (the window is then committed by commit_tree); verification and commit_tree of the
+        new tree."""
+        rows = self.pick_rows(data, everyone=data.draw(st.booleans(), label="everyone"))
+        tree = data.draw(st.integers(1, self.MAX_TREE), label="T")
+        out = self.try_tree_draft(data, rows, tree)
+        if out is None:
+            return
+        tags = self.model.verify(out)
+        index, lens = random_paths(random.Random(data.draw(st.integers(0, 2**16), label="paths")), len(rows), tree)
+        accept = torch.tensor(lens, dtype=torch.int64)
+        new_tree = data.draw(st.integers(1, self.MAX_TREE), label="next T")
+        topk = data.draw(st.integers(1, 3), label="topk")
+        steps = data.draw(st.integers(1, 2 * self.PAGE_SIZE + 1), label="num_steps")
+        p = self.PAGE_SIZE
+        seq, allocs, held = (
+            t.tolist() for t in (self.alloc.seq_lens, self.alloc.alloc_lens, self.alloc.num_branch_pages)
+        )
+        committed = [seq[r] + lens[i] for i, r in enumerate(rows)]
+        need = sum(max(pages(s + new_tree, p) - pages(allocs[r], p), 0) for s, r in zip(committed, rows))
+        branch_needs = [topk * pages(s % p + steps, p) for s in committed]
+        need += sum(b for b, r in zip(branch_needs, rows) if held[r] != b)
+        if any(s + new_tree > self.MAX_CONTEXT_LEN for s in committed) or need > self.free_pages():
+            before = snapshot(self.alloc)
+            with pytest.raises((OutOfSlotsError, allocator_module.ContextLengthError)):
+                self.alloc.commit_tree_and_draft(self.as_rows(data, rows), index, accept, new_tree, topk, steps)
+            assert_unchanged(self.alloc, before)
+            event("commit_tree_and_draft: fails")
+            src, dst = self.alloc.commit_tree(self.as_rows(data, rows), index, accept)
+            self.model.apply(src, dst)
+            self.model.accept(rows, tags, tree, index, lens)
+            self.window.update(dict.fromkeys(rows, 0))
+            self.learn()
+            return
+        src, dst, out, _, slots, copy_src, copy_dst = self.alloc.commit_tree_and_draft(
+            self.as_rows(data, rows), index, accept, new_tree, topk, steps
+        )
+        self.model.apply(src, dst)
+        self.model.accept(rows, tags, tree, index, lens)
+        self.window.update(dict.fromkeys(rows, new_tree))
+        check_branches(self.alloc, rows, topk, steps, slots, copy_src, copy_dst, self.model)
+        tags = self.model.verify(out)
+        index, lens = random_paths(random.Random(data.draw(st.integers(0, 2**16), label="paths")), len(rows), new_tree)
+        src, dst = self.alloc.commit_tree(self.as_rows(data, rows), index, torch.tensor(lens, dtype=torch.int64))
+        self.model.apply(src, dst)
+        self.model.accept(rows, tags, new_tree, index, lens)
+        self.window.update(dict.fromkeys(rows, 0))
+        self.learn()
+
     @invariant()
     def state_matches_model(self):
         if not hasattr(self, "alloc"):
@@ -969,6 +1235,67 @@ def test_gpu_graph_captures_a_whole_tree_step(page_size, fused):
     assert graphed.num_free_slots() == graphed.num_slots
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size, bs", [(1, 8), (1, 48), (16, 8), (16, 48)], ids=lambda v: str(v))
+def test_gpu_graph_captures_commit_tree_and_draft(page_size, bs):
+    """commit_tree_and_draft (one launch at bs 8, two at bs 48) captured once and
+    replayed with new paths: the same outputs and state as commit_tree(keep_branches=True) + alloc_tree_draft run
+    eagerly."""
+    topk, steps, tree, replays = 4, 5, 8, 40
+    prompt_lens = [(13 * i) % 200 for i in range(bs)]
+    context = 256 + tree * (replays + 3)
+    num_slots = bs * (pages(context, page_size) + 2 * topk) * page_size
+    graphed, eager = (DraftCacheAllocator(num_slots, bs, context, page_size=page_size, device="cuda") for _ in "ge")
+    rows = graphed.add_requests(prompt_lens)
+    assert torch.equal(eager.add_requests(prompt_lens), rows)
+    for alloc in (graphed, eager):
+        alloc.alloc_tree_draft(rows, tree, topk, steps)
+    index = torch.zeros(bs, tree, dtype=torch.int64, device="cuda")
+    lens = torch.zeros(bs, dtype=torch.int64, device="cuda")
+    sizes = (
+        bs * tree,
+        bs * tree,
+        bs * tree,
+        bs,
+        bs * topk * steps,
+        bs * topk * (page_size - 1),
+        bs * topk * (page_size - 1),
+    )
+    outputs = [torch.empty(n, dtype=torch.int64, device="cuda") for n in sizes]
+    names = ("kv_src", "kv_dst", "out_cache_loc", "last_loc", "branch_slots", "copy_src", "copy_dst")
+
+    def step(outputs):
+        graphed.commit_tree_and_draft(rows, index, lens, tree, topk, steps, **dict(zip(names, outputs)))
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step(outputs)  # compile and warm up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    eager.commit_tree(rows, index, lens, keep_branches=True)
+    eager.alloc_tree_draft(rows, tree, topk, steps)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(outputs)
+    rng = random.Random(page_size + bs)
+    for _ in range(replays):
+        host_index, host_lens = random_paths(rng, bs, tree)
+        index.copy_(host_index)
+        lens.copy_(torch.tensor(host_lens, dtype=torch.int64))
+        graph.replay()
+        expected = list(eager.commit_tree(rows, index, lens, keep_branches=True))
+        expected += eager.alloc_tree_draft(rows, tree, topk, steps)
+        for got, want in zip(outputs, expected):
+            assert torch.equal(got, want.reshape(-1))
+    torch.cuda.synchronize()
+    graphed.refresh()
+    for name in STATE_TENSORS:
+        assert torch.equal(getattr(graphed, name), getattr(eager, name)), name
+    check_layout(graphed)
+    graphed.free_requests(rows)
+    assert graphed.num_free_slots() == graphed.num_slots
+
+
 @pytest.mark.parametrize("page_size", [1, 16], ids=lambda p: f"page{p}")
 def test_ascend_launch_configs_give_the_same_tree_steps(monkeypatch, page_size):
     """The launch configurations an NPU gets (its tiles, block sizes and scan blocks) run here through the
@@ -977,7 +1304,7 @@ def test_ascend_launch_configs_give_the_same_tree_steps(monkeypatch, page_size):
 
     def loop(npu: bool) -> list[torch.Tensor]:
         monkeypatch.setattr(allocator_module.backend, "is_npu", lambda device: npu)
-        alloc = DraftCacheAllocator(page_size * 2048, 12, 96, page_size=page_size, device="cpu")
+        alloc = DraftCacheAllocator(page_size * 2048, 12, 160, page_size=page_size, device="cpu")
         rng = random.Random(7)
         results = []
         alloc.add_requests([rng.randint(1, 40) for _ in range(12)])
@@ -1000,6 +1327,13 @@ def test_ascend_launch_configs_give_the_same_tree_steps(monkeypatch, page_size):
             index, lens = random_paths(rng, len(live), 5)
             kv_src, kv_dst = alloc.commit_tree(live, index, lens)
             results += [t.clone() for t in (slots, src, dst, out, last, kv_src, kv_dst)]
+            # commit_tree_and_draft: one launch for 3 requests, two for all of them on an NPU's tiles.
+            for batch in (live[:3], live):
+                alloc.alloc_tree_draft(batch, 4, 2, 3)
+                index, lens = random_paths(rng, len(batch), 4)
+                results += [t.clone() for t in alloc.commit_tree_and_draft(batch, index, lens, 4, 2, 3)]
+                index, lens = random_paths(rng, len(batch), 4)
+                results += [t.clone() for t in alloc.commit_tree(batch, index, lens)]
         results += [alloc.req_to_token.clone(), alloc.seq_lens.clone(), alloc.free_page_list()]
         check_layout(alloc)
         return results

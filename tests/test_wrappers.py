@@ -550,6 +550,57 @@ def test_the_wrapper_drives_the_tree_step_like_the_methods(page_size, host_rows,
     check_layout(a)
 
 
+@pytest.mark.parametrize("launches", ["one", "two"])
+@pytest.mark.parametrize("host_rows", [False, True], ids=["tensor-rows", "list-rows"])
+@pytest.mark.parametrize("page_size", [1, 4], ids=lambda p: f"page{p}")
+def test_the_wrapper_commits_the_tree_and_drafts_like_the_method(page_size, host_rows, launches, monkeypatch):
+    """step.commit_tree_and_draft() against DraftCacheAllocator.commit_tree_and_draft, into the capacity: the same
+    outputs (into the plan's buffers), errors and state after every call; after a failure both commit with
+    commit_tree and the loop goes on (``launches="two"``: the tree commit's launch, then the draft's)."""
+    if launches == "two":
+        monkeypatch.setattr(DraftCacheAllocator, "_tree_step_in_one_launch", lambda self, *args: False)
+    rng = random.Random(page_size * 4 + host_rows * 2 + (launches == "two"))
+    bs, topk, steps, tree = 3, 2, 2, 3
+    num_slots = 50 if page_size == 1 else 24 * page_size
+    a, b = (DraftCacheAllocator(num_slots, 4, 40, page_size=page_size, device="cpu") for _ in range(2))
+    rows_a, rows_b = a.add_requests([5, 2, 7]), b.add_requests([5, 2, 7])
+    rows = rows_a.tolist() if host_rows else rows_a
+    rows_b = rows_b.tolist() if host_rows else rows_b
+    accept = torch.zeros(bs, dtype=torch.int64)
+    index = torch.zeros(bs, tree, dtype=torch.int64)
+    mine, theirs = (_tree_buffers(bs, topk, steps, tree, page_size) for _ in range(2))
+    step = DraftStepWrapper(a)
+    step.plan(
+        rows, tree, accept_lens=accept, accept_index=index, keep_branches=True, topk=topk, num_steps=steps, **mine
+    )
+    _same_results(_call(step.alloc_tree_draft), _call(b.alloc_tree_draft, rows_b, tree, topk, steps))
+    errors = []
+    for i in range(30):
+        if i % 10 == 9:  # the longest request finishes and a new one takes its row: the plan's rows stay valid
+            row = int(a.seq_lens[:3].argmax())
+            for alloc in (a, b):
+                alloc.free_requests([row])
+                assert alloc.add_requests([3]).tolist() == [row]
+        for t in (*mine.values(), *theirs.values()):
+            t.fill_(SENTINEL)
+        paths, lens = random_paths(rng, bs, tree)
+        index.copy_(paths)  # in place, like an engine
+        accept.copy_(torch.tensor(lens))
+        got = _call(step.commit_tree_and_draft)
+        expected = _call(b.commit_tree_and_draft, rows_b, index.clone(), accept.clone(), tree, topk, steps, **theirs)
+        _same_results(got, expected)
+        errors.append(type(got[1]).__name__)
+        _assert_same(a, b)
+        for key in mine:
+            assert torch.equal(mine[key], theirs[key]), f"{key}: the same elements written, and only those"
+        if got[1] is not None:
+            expected = _call(b.commit_tree, rows_b, index.clone(), accept.clone(), keep_branches=True)
+            _same_results(_call(step.commit), expected)
+            _assert_same(a, b)
+    assert {"NoneType", "OutOfSlotsError"} <= set(errors), "the loop must step and reach the capacity"
+    check_layout(a)
+
+
 def test_tree_bound_tensors_changed_in_place_plan_again_like_the_methods():
     a = DraftCacheAllocator(4 * 64, 4, 32, page_size=4, device="cpu")
     rows = a.add_requests([3, 6, 2])

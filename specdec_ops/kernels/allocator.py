@@ -180,22 +180,8 @@ def _push_branch_pages(
 
 # No integer argument is specialised on its value: a new batch size or window never recompiles, and a kernel is
 # identified by its tensors' dtypes and alignment and its constexprs alone (see backend.launch).
-@triton.jit(
-    do_not_specialize=[
-        "bs",
-        "window_len",
-        "num_rows",
-        "max_context_len",
-        "row_stride",
-        "num_pages",
-        "prefix_stride",
-        "branch_stride",
-        "branch_width",
-        "topk",
-        "num_steps",
-    ]
-)
-def _alloc_windows_kernel(
+@triton.jit
+def _alloc_windows(
     req_to_token,
     req_pool_indices,
     seq_lens,
@@ -552,6 +538,122 @@ def _alloc_windows_kernel(
         tl.store(counters, _ring_index(head, popped, num_pages).to(counters.dtype.element_ty))
         tl.store(counters + 1, new_count.to(counters.dtype.element_ty))
         tl.store(counters + 2, tl.full([], 0, dtype=counters.dtype.element_ty))
+
+
+@triton.jit(
+    do_not_specialize=[
+        "bs",
+        "window_len",
+        "num_rows",
+        "max_context_len",
+        "row_stride",
+        "num_pages",
+        "prefix_stride",
+        "branch_stride",
+        "branch_width",
+        "topk",
+        "num_steps",
+    ]
+)
+def _alloc_windows_kernel(
+    req_to_token,
+    req_pool_indices,
+    seq_lens,
+    alloc_lens,
+    window_lens,
+    prefix_lens,
+    window_starts,
+    window_ends,
+    accept_lens,
+    prefix_slots,
+    free_pages,
+    counters,
+    scratch,
+    out_cache_loc,
+    last_loc,
+    branch_pages,
+    num_branch_pages,
+    branch_slots,
+    copy_src,
+    copy_dst,
+    bs,
+    window_len,
+    num_rows,
+    max_context_len,
+    row_stride,
+    num_pages,
+    prefix_stride,
+    branch_stride,
+    branch_width,
+    topk,
+    num_steps,
+    PAGE_SIZE: tl.constexpr,
+    PAGE_SHIFT: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr,
+    PREFILL: tl.constexpr,
+    PREFIX: tl.constexpr,
+    EMIT: tl.constexpr,
+    RELEASE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BRANCH: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    COPY: tl.constexpr,
+    COMMIT: tl.constexpr,
+    SUMS: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """Give slots to the windows ``[start_i, end_i)`` and optionally read them back (see ``_alloc_windows``)."""
+    _alloc_windows(
+        req_to_token,
+        req_pool_indices,
+        seq_lens,
+        alloc_lens,
+        window_lens,
+        prefix_lens,
+        window_starts,
+        window_ends,
+        accept_lens,
+        prefix_slots,
+        free_pages,
+        counters,
+        scratch,
+        out_cache_loc,
+        last_loc,
+        branch_pages,
+        num_branch_pages,
+        branch_slots,
+        copy_src,
+        copy_dst,
+        bs,
+        window_len,
+        num_rows,
+        max_context_len,
+        row_stride,
+        num_pages,
+        prefix_stride,
+        branch_stride,
+        branch_width,
+        topk,
+        num_steps,
+        PAGE_SIZE,
+        PAGE_SHIFT,
+        TILE,
+        BLOCK_N,
+        SCAN_BLOCK,
+        PREFILL,
+        PREFIX,
+        EMIT,
+        RELEASE,
+        BLOCK_R,
+        BRANCH,
+        BLOCK_E,
+        COPY,
+        COMMIT,
+        SUMS,
+        PDL,
+    )
 
 
 @triton.jit(do_not_specialize=["bs", "window_len", "num_rows", "max_context_len"])
@@ -1230,6 +1332,80 @@ def _alloc_branches_kernel(
         tl.store(counters + 2, tl.full([], 0, dtype=counters.dtype.element_ty))
 
 
+@triton.jit
+def _commit_tree_tile(
+    tile_start,
+    req_to_token,
+    req_pool_indices,
+    accept_index,
+    accept_lens,
+    seq_lens,
+    window_lens,
+    kv_src,
+    kv_dst,
+    bs,
+    num_rows,
+    max_context_len,
+    row_stride,
+    tree_size,
+    index_stride,
+    TILE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    REPOINT: tl.constexpr,
+):
+    """The tree commit of requests ``[tile_start, tile_start + TILE)`` (see ``_commit_tree_kernel``)."""
+    m = tl.arange(0, BLOCK_T)
+    offs = tile_start + tl.arange(0, TILE)  # [TILE]
+    in_batch = offs < bs
+    rows = tl.load(req_pool_indices + offs, mask=in_batch, other=-1).to(tl.int32)
+    valid = in_batch & (rows >= 0) & (rows < num_rows)
+    seq = tl.load(seq_lens + rows, mask=valid, other=0).to(tl.int32)
+    seq = tl.minimum(tl.maximum(seq, 0), max_context_len)
+    window = tl.load(window_lens + rows, mask=valid, other=0).to(tl.int32)
+    window = tl.minimum(tl.minimum(tl.maximum(window, 0), max_context_len - seq), tree_size)
+    accepted = tl.load(accept_lens + offs, mask=valid, other=0)
+    accepted = tl.minimum(tl.maximum(accepted, 0), tree_size).to(tl.int32)  # clamped before it narrows
+    accepted = tl.minimum(accepted, window)
+    in_tree = valid[:, None] & (m[None, :] < tree_size)  # [TILE, BLOCK_T]
+    index_addr = offs.to(tl.int64)[:, None] * index_stride + m[None, :]
+    node = tl.load(accept_index + index_addr, mask=in_tree, other=-1)
+    node = tl.minimum(tl.maximum(node, -1), tree_size).to(tl.int32)
+    prev = tl.load(accept_index + (index_addr - 1), mask=in_tree & (m[None, :] > 0), other=-1)
+    prev = tl.minimum(tl.maximum(prev, -1), tree_size).to(tl.int32)
+    ok = (m[None, :] < accepted[:, None]) & (node >= 0) & (node < window[:, None]) & (node > prev)
+    # The first entry that is not ok ends the path: a = BLOCK_T - max(BLOCK_T - m over entries not ok).
+    a = BLOCK_T - tl.reduce(tl.where(ok, 0, BLOCK_T - m[None, :]), 1, _maximum)  # [TILE]
+    taken = m[None, :] < a[:, None]  # [TILE, BLOCK_T]
+    in_window = valid[:, None] & (m[None, :] < window[:, None])
+    row_addr = rows.to(tl.int64) * row_stride + seq  # [TILE]
+    if REPOINT:
+        # Old slot of node j (axis 2) moves to position dest_j: accepted nodes to their rank among accepted
+        # nodes, the others after the a accepted ones, in node order.
+        hit = taken[:, :, None] & (node[:, :, None] == m[None, None, :])  # [TILE, m, j]
+        chosen = tl.reduce(hit.to(tl.int32), 1, _maximum)  # [TILE, j]
+        before = tl.associative_scan(chosen, 1, _add) - chosen
+        dest = tl.where(chosen > 0, before, a[:, None] + m[None, :] - before)
+        moves = in_window[:, None, :] & (dest[:, None, :] == m[None, :, None])  # [TILE, m, j]
+        # Position m takes the old slot of the node j that moves there: reduce to j, then gather the slot. (A
+        # reduce result stored under a mask wrote masked-out lanes in triton-ascend 3.2's interpreter.)
+        src_node = tl.reduce(tl.where(moves, m[None, None, :], 0), 2, _add)  # [TILE, m]
+        new = tl.load(req_to_token + (row_addr[:, None] + src_node), mask=in_window, other=0).to(tl.int32)
+        tl.debug_barrier()  # every old slot is read before the window is rewritten
+        tl.store(req_to_token + (row_addr[:, None] + m[None, :]), new.to(req_to_token.dtype.element_ty), mask=in_window)
+        dst = tl.where(in_window, new, 0)
+        src = dst
+    else:
+        dst = tl.load(req_to_token + (row_addr[:, None] + m[None, :]), mask=in_window, other=0).to(tl.int32)
+        src = tl.load(req_to_token + (row_addr[:, None] + node), mask=taken, other=0).to(tl.int32)
+        src = tl.where(taken, src, dst)
+    out = offs[:, None] * tree_size + m[None, :]
+    in_out = in_batch[:, None] & (m[None, :] < tree_size)
+    tl.store(kv_src + out, src.to(kv_src.dtype.element_ty), mask=in_out)
+    tl.store(kv_dst + out, dst.to(kv_dst.dtype.element_ty), mask=in_out)
+    tl.store(seq_lens + rows, (seq + a).to(seq_lens.dtype.element_ty), mask=valid)
+    tl.store(window_lens + rows, (a * 0).to(window_lens.dtype.element_ty), mask=valid)
+
+
 @triton.jit(
     do_not_specialize=[
         "bs",
@@ -1286,7 +1462,6 @@ def _commit_tree_kernel(
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
-    m = tl.arange(0, BLOCK_T)
     if RELEASE:
         head = tl.load(counters).to(tl.int32)
         count = tl.load(counters + 1).to(tl.int32)
@@ -1314,58 +1489,179 @@ def _commit_tree_kernel(
                 SCAN_BLOCK,
             )
             scanned = tile * TILE
-        offs = tile * TILE + tl.arange(0, TILE)  # [TILE]
-        in_batch = offs < bs
-        rows = tl.load(req_pool_indices + offs, mask=in_batch, other=-1).to(tl.int32)
-        valid = in_batch & (rows >= 0) & (rows < num_rows)
-        seq = tl.load(seq_lens + rows, mask=valid, other=0).to(tl.int32)
-        seq = tl.minimum(tl.maximum(seq, 0), max_context_len)
-        window = tl.load(window_lens + rows, mask=valid, other=0).to(tl.int32)
-        window = tl.minimum(tl.minimum(tl.maximum(window, 0), max_context_len - seq), tree_size)
-        accepted = tl.load(accept_lens + offs, mask=valid, other=0)
-        accepted = tl.minimum(tl.maximum(accepted, 0), tree_size).to(tl.int32)  # clamped before it narrows
-        accepted = tl.minimum(accepted, window)
-        in_tree = valid[:, None] & (m[None, :] < tree_size)  # [TILE, BLOCK_T]
-        index_addr = offs.to(tl.int64)[:, None] * index_stride + m[None, :]
-        node = tl.load(accept_index + index_addr, mask=in_tree, other=-1)
-        node = tl.minimum(tl.maximum(node, -1), tree_size).to(tl.int32)
-        prev = tl.load(accept_index + (index_addr - 1), mask=in_tree & (m[None, :] > 0), other=-1)
-        prev = tl.minimum(tl.maximum(prev, -1), tree_size).to(tl.int32)
-        ok = (m[None, :] < accepted[:, None]) & (node >= 0) & (node < window[:, None]) & (node > prev)
-        # The first entry that is not ok ends the path: a = BLOCK_T - max(BLOCK_T - m over entries not ok).
-        a = BLOCK_T - tl.reduce(tl.where(ok, 0, BLOCK_T - m[None, :]), 1, _maximum)  # [TILE]
-        taken = m[None, :] < a[:, None]  # [TILE, BLOCK_T]
-        in_window = valid[:, None] & (m[None, :] < window[:, None])
-        row_addr = rows.to(tl.int64) * row_stride + seq  # [TILE]
-        if REPOINT:
-            # Old slot of node j (axis 2) moves to position dest_j: accepted nodes to their rank among accepted
-            # nodes, the others after the a accepted ones, in node order.
-            hit = taken[:, :, None] & (node[:, :, None] == m[None, None, :])  # [TILE, m, j]
-            chosen = tl.reduce(hit.to(tl.int32), 1, _maximum)  # [TILE, j]
-            before = tl.associative_scan(chosen, 1, _add) - chosen
-            dest = tl.where(chosen > 0, before, a[:, None] + m[None, :] - before)
-            moves = in_window[:, None, :] & (dest[:, None, :] == m[None, :, None])  # [TILE, m, j]
-            # Position m takes the old slot of the node j that moves there: reduce to j, then gather the slot. (A
-            # reduce result stored under a mask wrote masked-out lanes in triton-ascend 3.2's interpreter.)
-            src_node = tl.reduce(tl.where(moves, m[None, None, :], 0), 2, _add)  # [TILE, m]
-            new = tl.load(req_to_token + (row_addr[:, None] + src_node), mask=in_window, other=0).to(tl.int32)
-            tl.debug_barrier()  # every old slot is read before the window is rewritten
-            tl.store(
-                req_to_token + (row_addr[:, None] + m[None, :]), new.to(req_to_token.dtype.element_ty), mask=in_window
-            )
-            dst = tl.where(in_window, new, 0)
-            src = dst
-        else:
-            dst = tl.load(req_to_token + (row_addr[:, None] + m[None, :]), mask=in_window, other=0).to(tl.int32)
-            src = tl.load(req_to_token + (row_addr[:, None] + node), mask=taken, other=0).to(tl.int32)
-            src = tl.where(taken, src, dst)
-        out = offs[:, None] * tree_size + m[None, :]
-        in_out = in_batch[:, None] & (m[None, :] < tree_size)
-        tl.store(kv_src + out, src.to(kv_src.dtype.element_ty), mask=in_out)
-        tl.store(kv_dst + out, dst.to(kv_dst.dtype.element_ty), mask=in_out)
-        tl.store(seq_lens + rows, (seq + a).to(seq_lens.dtype.element_ty), mask=valid)
-        tl.store(window_lens + rows, (a * 0).to(window_lens.dtype.element_ty), mask=valid)
+        _commit_tree_tile(
+            tile * TILE,
+            req_to_token,
+            req_pool_indices,
+            accept_index,
+            accept_lens,
+            seq_lens,
+            window_lens,
+            kv_src,
+            kv_dst,
+            bs,
+            num_rows,
+            max_context_len,
+            row_stride,
+            tree_size,
+            index_stride,
+            TILE,
+            BLOCK_T,
+            REPOINT,
+        )
     if RELEASE:
         _release_finish(
             counters, req_pool_indices, num_branch_pages, count, bs, num_rows, num_pages, branch_width, SCAN_BLOCK
         )
+
+
+@triton.jit(
+    do_not_specialize=[
+        "bs",
+        "window_len",
+        "num_rows",
+        "max_context_len",
+        "row_stride",
+        "num_pages",
+        "prefix_stride",
+        "branch_stride",
+        "branch_width",
+        "topk",
+        "num_steps",
+        "tree_size",
+        "index_stride",
+    ]
+)
+def _commit_tree_draft_kernel(
+    req_to_token,
+    req_pool_indices,
+    seq_lens,
+    alloc_lens,
+    window_lens,
+    prefix_lens,
+    window_starts,
+    window_ends,
+    accept_lens,
+    prefix_slots,
+    free_pages,
+    counters,
+    scratch,
+    out_cache_loc,
+    last_loc,
+    branch_pages,
+    num_branch_pages,
+    branch_slots,
+    copy_src,
+    copy_dst,
+    accept_index,
+    kv_src,
+    kv_dst,
+    bs,
+    window_len,
+    num_rows,
+    max_context_len,
+    row_stride,
+    num_pages,
+    prefix_stride,
+    branch_stride,
+    branch_width,
+    topk,
+    num_steps,
+    tree_size,
+    index_stride,
+    PAGE_SIZE: tl.constexpr,
+    PAGE_SHIFT: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr,
+    PREFILL: tl.constexpr,
+    PREFIX: tl.constexpr,
+    EMIT: tl.constexpr,
+    RELEASE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BRANCH: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    COPY: tl.constexpr,
+    COMMIT: tl.constexpr,
+    SUMS: tl.constexpr,
+    PDL: tl.constexpr,
+    TREE_TILE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    REPOINT: tl.constexpr,
+):
+    """``_commit_tree_kernel`` (without ``RELEASE``) of the batch, then the tree draft ``_alloc_windows`` (``BRANCH``,
+    ``EMIT``; ``RELEASE`` optional) from the committed lengths, in one program (the host launches a grid of 1): a
+    tree step's bookkeeping after verification in one launch. The commit writes ``seq_lens``, ``window_lens`` and,
+    with ``REPOINT``, the windows' slots; the barrier between the two makes those writes visible to every thread
+    of the program before the draft reads them. The commit walks ``TREE_TILE``-request tiles, the draft its own."""
+    for tile_start in range(0, bs, TREE_TILE):
+        _commit_tree_tile(
+            tile_start,
+            req_to_token,
+            req_pool_indices,
+            accept_index,
+            accept_lens,
+            seq_lens,
+            window_lens,
+            kv_src,
+            kv_dst,
+            bs,
+            num_rows,
+            max_context_len,
+            row_stride,
+            tree_size,
+            index_stride,
+            TREE_TILE,
+            BLOCK_T,
+            REPOINT,
+        )
+    tl.debug_barrier()  # every commit is written before the draft reads the rows' lengths and slots
+    _alloc_windows(
+        req_to_token,
+        req_pool_indices,
+        seq_lens,
+        alloc_lens,
+        window_lens,
+        prefix_lens,
+        window_starts,
+        window_ends,
+        accept_lens,
+        prefix_slots,
+        free_pages,
+        counters,
+        scratch,
+        out_cache_loc,
+        last_loc,
+        branch_pages,
+        num_branch_pages,
+        branch_slots,
+        copy_src,
+        copy_dst,
+        bs,
+        window_len,
+        num_rows,
+        max_context_len,
+        row_stride,
+        num_pages,
+        prefix_stride,
+        branch_stride,
+        branch_width,
+        topk,
+        num_steps,
+        PAGE_SIZE,
+        PAGE_SHIFT,
+        TILE,
+        BLOCK_N,
+        SCAN_BLOCK,
+        PREFILL,
+        PREFIX,
+        EMIT,
+        RELEASE,
+        BLOCK_R,
+        BRANCH,
+        BLOCK_E,
+        COPY,
+        COMMIT,
+        SUMS,
+        PDL,
+    )
