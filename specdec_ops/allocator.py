@@ -1469,16 +1469,15 @@ class DraftCacheAllocator:
             else:
                 # The commit changes state: the draft is compiled before it runs, so that only a launch can fail after.
                 if step is None:
-                    draft = self._launch_alloc(
-                        rows, n, None, None, None, out_cache_loc, last_loc, release, True, branches
-                    )
-                    draft.compile()
+                    args = (rows, n, None, None, None, out_cache_loc, last_loc, release)
+                    self._launch_alloc(*args, branches=branches, compile_only=True)
                     self._launch_commit_tree(rows, *tree)
+                    self._launch_alloc(*args, branches=branches)
                 else:
                     draft = step._prepared(kind)
                     draft.compile()
                     step._prepared("commit tree")()
-                draft()
+                    draft()
         except BaseException:
             self.branch_pages = narrow  # the wider copy holds nothing yet
             raise
@@ -1940,6 +1939,7 @@ class DraftCacheAllocator:
         sums: bool = False,
         wide: bool = False,
         tree: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        compile_only: bool = False,
     ) -> backend.Launch | None:
         """Launch the allocation kernel: a draft (``window_ends is None``) or a prefill of new rows (``wide``: of
         long prompts, read in wide column blocks, see _WIDE_PREFILL_TOKENS); ``release``:
@@ -1949,7 +1949,7 @@ class DraftCacheAllocator:
         ``_launch_count`` (no ``release`` or ``branches``); ``tree``: ``(accept_lens, accept_index, kv_src,
         kv_dst)`` of a tree commit made first in the same launch (``_commit_tree_draft_kernel``, with
         ``branches``, only where the draft is one program: see ``_tree_step_in_one_launch``); ``prepare=True``:
-        return the launch, made by calling it."""
+        return the launch, made by calling it; ``compile_only=True``: only compile it (``backend.ensure_compiled``)."""
         prefill = window_ends is not None
         emit = out_cache_loc is not None
         tile, constexprs, num_warps = self._alloc_launch_config(
@@ -2009,9 +2009,8 @@ class DraftCacheAllocator:
             tensors += (accept_index, tree[2], tree[3])
             scalars += (accept_index.size(1), accept_index.stride(0))
             constexprs += (("TREE_TILE", tree_tile), ("BLOCK_T", block_t), ("REPOINT", repoint))
-        return (backend.prepare if prepare else backend.launch)(
-            kernel, grid, self.device, tensors, scalars, constexprs, num_warps
-        )
+        run = backend.ensure_compiled if compile_only else backend.prepare if prepare else backend.launch
+        return run(kernel, grid, self.device, tensors, scalars, constexprs, num_warps)
 
     def _alloc_launch_config(
         self,

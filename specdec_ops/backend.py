@@ -319,19 +319,9 @@ class Launch:
             self._launch()
 
     def compile(self) -> None:
-        """Compile the kernel of this launch if need be, without launching it: after it, calling the launch no longer
-        compiles (so a caller can make sure of that before an earlier launch changes state). Nothing to do once the
-        launch or its specialisation has run, or on interpreted devices."""
-        if self._launcher is not None:
-            return
-        kernel, grid, device, tensors, scalars, constexprs, num_warps = self._arguments
-        if is_interpreted(device):
-            return
-        key = _specialisation(kernel, device, tensors, [t.data_ptr() for t in tensors], constexprs, num_warps)
-        if key in _compiled:
-            return
-        with _launch_lock:
-            kernel.warmup(*tensors, *scalars, grid=grid, **dict(constexprs), num_warps=num_warps)
+        """:func:`ensure_compiled` for this launch: nothing once it has run."""
+        if self._launcher is None:
+            ensure_compiled(*self._arguments)
 
     def _launch(self) -> None:
         kernel, grid, device, tensors, scalars, constexprs, num_warps = self._arguments
@@ -343,6 +333,27 @@ class Launch:
             self._args = (*pointers, *scalars, *[value for _, value in constexprs])
         elif not _fast_launch:
             self._launcher = None
+
+
+def ensure_compiled(
+    kernel,
+    grid: tuple[int],
+    device: torch.device,
+    tensors: tuple[torch.Tensor, ...],
+    scalars: tuple[int, ...],
+    constexprs: tuple[tuple[str, object], ...],
+    num_warps: int,
+) -> None:
+    """Compile what :func:`launch` would launch with these arguments, without launching it: after it, that launch no
+    longer compiles (so a caller can make sure of that before an earlier launch changes state). Nothing to do once
+    the specialisation has run, or on interpreted devices."""
+    if is_interpreted(device):
+        return
+    key = _specialisation(kernel, device, tensors, [t.data_ptr() for t in tensors], constexprs, num_warps)
+    if key in _compiled:
+        return
+    with _launch_lock:
+        kernel.warmup(*tensors, *scalars, grid=grid, **dict(constexprs), num_warps=num_warps)
 
 
 def prepare(

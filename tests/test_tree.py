@@ -521,14 +521,14 @@ def test_commit_tree_and_draft_in_two_launches_compiles_the_draft_first(wrapper,
     step.plan(rows, 3, accept_lens=accept, accept_index=index, keep_branches=True, topk=2, num_steps=2)
     call = step.commit_tree_and_draft if wrapper else lambda: alloc.commit_tree_and_draft(rows, index, accept, 3, 2, 2)
     events = []
-    launch, compile_ = allocator_module.backend.launch, allocator_module.backend.Launch.compile
+    launch, compile_ = allocator_module.backend.launch, allocator_module.backend.ensure_compiled
     monkeypatch.setattr(allocator_module.backend, "launch", lambda fn, *a: events.append(fn.__name__) or launch(fn, *a))
 
-    def failing_compile(self):
+    def failing_compile(*args):
         events.append("compile")
         raise RuntimeError("compilation failed")
 
-    monkeypatch.setattr(allocator_module.backend.Launch, "compile", failing_compile)
+    monkeypatch.setattr(allocator_module.backend, "ensure_compiled", failing_compile)  # Launch.compile calls it too
     before = snapshot(alloc)
     host = (alloc._pages_bound, dict(alloc._known_windows), alloc._unknown_window_bound, dict(alloc._branch_rows))
     with pytest.raises(RuntimeError, match="compilation failed"):
@@ -538,7 +538,7 @@ def test_commit_tree_and_draft_in_two_launches_compiles_the_draft_first(wrapper,
     assert (alloc._pages_bound, dict(alloc._known_windows), alloc._unknown_window_bound, dict(alloc._branch_rows)) == (
         host
     )
-    monkeypatch.setattr(allocator_module.backend.Launch, "compile", compile_)
+    monkeypatch.setattr(allocator_module.backend, "ensure_compiled", compile_)
     events.clear()
     call()
     assert events == ["_commit_tree_kernel", "_alloc_windows_kernel"]
