@@ -1465,7 +1465,7 @@ class DraftCacheAllocator:
                         rows, n, None, None, None, out_cache_loc, last_loc, release, branches=branches, tree=tree
                     )
                 else:
-                    step._prepared(kind.replace("tree draft", "commit tree draft"))()
+                    step._prepared("release commit tree draft" if release else "commit tree draft")()
             else:
                 # The commit changes state: the draft is compiled before it runs, so that only a launch can fail after.
                 if step is None:
