@@ -102,7 +102,8 @@ def test_allocator_step_graph(benchmark, bs, n, page_size, variant):
 #   compared with theirs;
 # - ``one_call``: commit_tree_and_draft, the commit of the previous tree and the next tree's window and branches
 #   (keeping the branch pages): one launch while the tree draft is one program and the tree commit one tile (up
-#   to 8 requests here), else two. Checked against ``tree_draft``, whose steps it runs shifted by half a step;
+#   to 32 requests at page 1 and 8 at page 64 here), else two. Checked against ``tree_draft``, whose steps it runs
+#   shifted by half a step;
 # - ``components``: the same step from this library's components, as an engine would chain them today:
 #   release_branches, alloc_branches, reserve_draft, get_last_loc, assign_extend_cache_locs, the copy pairs in
 #   PyTorch (a gather of the accepted nodes' slots), then commit.
@@ -110,7 +111,7 @@ def test_allocator_step_graph(benchmark, bs, n, page_size, variant):
 if DEVICE.type == "cpu":
     TREE_CASES = [(7, 1), (7, 4)]
 else:
-    TREE_CASES = [(bs, page) for page in (1, 64) for bs in (1, 4, 8, 16, 64, 256, 1024)]
+    TREE_CASES = [(bs, page) for page in (1, 64) for bs in (1, 4, 8, 16, 32, 64, 256, 1024)]
 TREE_TOPK, TREE_STEPS, TREE_T = 4, 5, 8
 
 

@@ -116,7 +116,7 @@ _PUSH_TILE = 1024
 # Requests per program of the commit kernel (small tiles won at every batch size on the H100).
 _COMMIT_TILE = 64
 # Tree drafts: [TILE, BLOCK_E] tiles of the branch allocation (branch slots and copy pairs), and the commit of a
-# tree of at most _MAX_TREE nodes, _TREE_ELEMENTS elements per tile (a [TILE, BLOCK_T, BLOCK_T] tile for page 1).
+# tree of at most _MAX_TREE nodes, _TREE_ELEMENTS elements per tile (_tree_commit_width).
 _BRANCH_TILE = 32
 _BRANCH_BLOCK = 128
 # With page_size 1, a batch of up to 2 * _BRANCH_TILE requests takes one program (no ticket, no last pass): H100,
@@ -156,6 +156,12 @@ _NPU_TREE_ELEMENTS = 512
 _NPU_TREE_CUBE_ELEMENTS = 2048
 _NPU_TREE_MAX_TILE = 8
 _MAX_TREE = 256
+# With page 1 the tree commit re-points the window (its REPOINT constexpr; 0 for pages > 1, which copy): through a
+# 64-bit mask of the accepted nodes, O(T) a request (1), for trees of at most _REPOINT_MASK_NODES nodes, and through
+# [T, T] tiles (2) past that and on Ascend, where the mask's int64 vectors took the one-launch tree step's on-chip
+# buffer from 139-142 to 165-175 KiB. H200 profiler, T 8, per kernel: commit_tree 2.06-2.45 us against 2.11-2.64 at
+# bs 1-1024; commit_tree_and_draft's one program 4.18 us against 5.10 for the two kernels at bs 16.
+_REPOINT_MASK_NODES = 64
 # On an NPU, page 1 re-points through [TILE, T, T] tiles: T <= 32 keeps them in the on-chip buffer (and TILE >= 2,
 # as triton-adapter-opt rejects some one-request tiles).
 _NPU_MAX_TREE = 64
@@ -167,12 +173,13 @@ _NPU_MAX_TREE_REPOINT = 32
 _NPU_TREE_STEP_MAX_NODES_REPOINT = 8
 _NPU_TREE_STEP_MAX_NODES = 32
 # Off Ascend, commit_tree_and_draft in one launch commits the batch as one tile of at most _TREE_STEP_ELEMENTS
-# elements ([bs, T, T] with page 1, [bs, T] otherwise; larger batches take two launches): its one program walks the
-# commit's tiles one after the other, where commit_tree's own launch spreads them over programs. H200 graph replay,
-# topk 4, 5 steps, T 8, page 1: one launch 4.3 / 4.7 / 5.5 / 5.8 / 9.0 us a step at bs 4 / 8 / 16 / 32 / 64, against
-# 5.3 / 5.4 / 5.5 / 5.6 / 7.4 in two launches; page 64 (its draft is one program up to bs 8): 4.5 / 5.2 at bs 4 / 8
-# against 5.5 / 6.5.
-_TREE_STEP_ELEMENTS = 512
+# elements (_tree_commit_width: [bs, T] with page 1 since its mask re-pointing, [bs, T, T] past 64 nodes; larger
+# batches take two launches): its one program does the commit, then the draft, where two launches overlap nothing but
+# spread the commit over programs. H200 graph replay, topk 4, 5 steps, T 8, page 1, mask re-pointing: one launch
+# 3.9 / 4.3 / 4.4 / 7.3 us a step at bs 4 / 8 / 16 / 64, against 5.3 / 5.4 / 5.4 / 7.1 in two launches (profiler,
+# per kernel at bs 64: 7.14 us against 4.52 + 2.15); page 64 (its draft is one program up to bs 8): 4.5 / 5.2 at
+# bs 4 / 8 against 5.6 / 6.6.
+_TREE_STEP_ELEMENTS = 256
 # CUDA warps per program (ignored by triton-ascend and the interpreter).
 _NUM_WARPS = 8
 # ... except for a chain draft (no branches, no release), whose allocation kernel takes 4 warps as one program of
@@ -257,6 +264,12 @@ def _check_size(name: str, value: int, minimum: int, limit: int = _INT32_LIMIT) 
 
 def _pages(length: int, page_size: int) -> int:
     return -(-length // page_size)
+
+
+def _tree_commit_width(block_t: int, repoint: int) -> int:
+    """Elements per request of a tree commit's tile: ``[BLOCK_T]``, or ``[BLOCK_T, BLOCK_T]`` where page 1
+    re-points through tiles (``REPOINT`` 2)."""
+    return block_t * block_t if repoint == 2 else block_t
 
 
 def _page_shift(page_size: int) -> int:
@@ -1067,15 +1080,16 @@ class DraftCacheAllocator:
             _TREE_NUM_WARPS,
         )
 
-    def _tree_commit_config(self, tree: int) -> tuple[int, int, bool]:
-        """(TILE, BLOCK_T, REPOINT) of the tree commit of ``tree``-node trees."""
-        repoint = self.page_size == 1
+    def _tree_commit_config(self, tree: int) -> tuple[int, int, int]:
+        """(TILE, BLOCK_T, REPOINT) of the tree commit of ``tree``-node trees (REPOINT: see _REPOINT_MASK_NODES)."""
         block_t = max(1 << max(tree - 1, 0).bit_length(), 2)  # size-1 tile dimensions: see docs/design.md
-        if backend.is_npu(self.device):
+        npu = backend.is_npu(self.device)
+        repoint = 0 if self.page_size > 1 else 2 if npu or block_t > _REPOINT_MASK_NODES else 1
+        if npu:
             elements = _NPU_TREE_CUBE_ELEMENTS // block_t if repoint else _NPU_TREE_ELEMENTS
             tile = max(min(elements // block_t, _NPU_TREE_MAX_TILE), 2)
         else:
-            tile = max(min(_TREE_ELEMENTS // (block_t * block_t if repoint else block_t), _TREE_MAX_TILE), 1)
+            tile = max(min(_TREE_ELEMENTS // _tree_commit_width(block_t, repoint), _TREE_MAX_TILE), 1)
         return tile, block_t, repoint
 
     def alloc_branches(
@@ -1531,7 +1545,7 @@ class DraftCacheAllocator:
         tile, block_t, repoint = self._tree_commit_config(tree)
         if backend.is_npu(self.device):
             return tile
-        cap = max(_TREE_STEP_ELEMENTS // (block_t * block_t if repoint else block_t), 1)
+        cap = max(_TREE_STEP_ELEMENTS // _tree_commit_width(block_t, repoint), 1)
         return min(1 << max(bs - 1, 0).bit_length(), 1 << (cap.bit_length() - 1))
 
     def _open_windows(self, host_rows: list[int] | None, n: int) -> None:

@@ -86,7 +86,7 @@ class KVModel:
 
 
 @pytest.mark.parametrize("page_size", [1, 4, 16, 128], ids=lambda p: f"page{p}")
-@pytest.mark.parametrize("tree", [1, 2, 5, 8, 33, 64], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("tree", [1, 2, 5, 8, 33, 64, 65], ids=lambda t: f"T{t}")
 def test_commit_tree_moves_the_accepted_kv_into_place(page_size, tree):
     rng = random.Random(page_size * 100 + tree)
     bs, steps = 5, 3
@@ -388,8 +388,8 @@ def tree_steps(alloc, rows, rng, steps, tree, topk, num_steps, one_call, rows_as
     "page_size, bs, launches",
     [
         (1, 5, 1),
-        (1, 8, 1),
-        (1, 9, 2),
+        (1, 32, 1),
+        (1, 33, 2),
         (1, 65, 2),
         (4, 3, 1),
         (4, 16, 1),
@@ -403,7 +403,7 @@ def tree_steps(alloc, rows, rng, steps, tree, topk, num_steps, one_call, rows_as
 def test_commit_tree_and_draft_is_the_two_calls_in_one_launch(page_size, bs, launches, rows_as, monkeypatch):
     """commit_tree_and_draft gives exactly what commit_tree(keep_branches=True) + alloc_tree_draft give, call for
     call (slots, pairs, the whole state), in one launch while the tree draft is one program and the tree commit one
-    tile (here topk 4, 5 steps, T 6: up to 8 requests at page 1; with pages > 1 up to 16 requests and 2048 copy
+    tile (here topk 4, 5 steps, T 6: up to 32 requests at page 1; with pages > 1 up to 16 requests and 2048 copy
     pairs), in two past it."""
     topk, num_steps, tree = 4, 5, 6
 

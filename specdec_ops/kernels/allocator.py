@@ -1378,30 +1378,55 @@ def _commit_tree_tile(
     taken = m[None, :] < a[:, None]  # [TILE, BLOCK_T]
     in_window = valid[:, None] & (m[None, :] < window[:, None])
     row_addr = rows.to(tl.int64) * row_stride + seq  # [TILE]
-    if REPOINT:
-        # Old slot of node j (axis 2) moves to position dest_j: accepted nodes to their rank among accepted
-        # nodes, the others after the a accepted ones, in node order.
-        hit = taken[:, :, None] & (node[:, :, None] == m[None, None, :])  # [TILE, m, j]
-        chosen = tl.reduce(hit.to(tl.int32), 1, _maximum)  # [TILE, j]
-        before = tl.associative_scan(chosen, 1, _add) - chosen
-        dest = tl.where(chosen > 0, before, a[:, None] + m[None, :] - before)
-        moves = in_window[:, None, :] & (dest[:, None, :] == m[None, :, None])  # [TILE, m, j]
-        # Position m takes the old slot of the node j that moves there: reduce to j, then gather the slot. (A
-        # reduce result stored under a mask wrote masked-out lanes in triton-ascend 3.2's interpreter.)
-        src_node = tl.reduce(tl.where(moves, m[None, None, :], 0), 2, _add)  # [TILE, m]
-        new = tl.load(req_to_token + (row_addr[:, None] + src_node), mask=in_window, other=0).to(tl.int32)
-        tl.debug_barrier()  # every old slot is read before the window is rewritten
-        tl.store(req_to_token + (row_addr[:, None] + m[None, :]), new.to(req_to_token.dtype.element_ty), mask=in_window)
-        dst = tl.where(in_window, new, 0)
-        src = dst
+    out = offs[:, None] * tree_size + m[None, :]
+    in_out = in_batch[:, None] & (m[None, :] < tree_size)
+    if REPOINT > 0:
+        # Old slot of node j moves to position dest_j: accepted nodes to their rank among accepted nodes, the others
+        # after the a accepted ones, in node order.
+        if REPOINT == 1:
+            # O(T) a request: the accepted nodes as a bitmask (distinct, so their sum is their OR), and each node's
+            # old slot scattered to its position (dest is a permutation of [0, W)).
+            one = tl.full([TILE, BLOCK_T], 1, dtype=tl.int64)
+            bits = tl.where(taken, one << tl.maximum(node, 0).to(tl.int64), 0)
+            accepted_nodes = tl.reduce(bits, 1, _add)  # [TILE]
+            chosen = ((accepted_nodes[:, None] >> m[None, :].to(tl.int64)) & 1).to(tl.int32)  # [TILE, j]
+            before = tl.associative_scan(chosen, 1, _add) - chosen
+            dest = tl.where(chosen > 0, before, a[:, None] + m[None, :] - before)
+            old = tl.load(req_to_token + (row_addr[:, None] + m[None, :]), mask=in_window, other=0)
+            tl.debug_barrier()  # every old slot is read before the window is rewritten
+            tl.store(req_to_token + (row_addr[:, None] + dest), old, mask=in_window)
+            moved = offs[:, None] * tree_size + dest
+            tl.store(kv_src + moved, old.to(kv_src.dtype.element_ty), mask=in_window)
+            tl.store(kv_dst + moved, old.to(kv_dst.dtype.element_ty), mask=in_window)
+            # Past the window (all of it for rows out of range, whose window is 0): 0 -> 0.
+            past = in_out & (m[None, :] >= window[:, None])
+            zero = tl.full([TILE, BLOCK_T], 0, dtype=tl.int32)
+            tl.store(kv_src + out, zero.to(kv_src.dtype.element_ty), mask=past)
+            tl.store(kv_dst + out, zero.to(kv_dst.dtype.element_ty), mask=past)
+        else:
+            # [TILE, m, j] tiles (trees past 64 nodes, and Ascend: see allocator._REPOINT_MASK_NODES). Position m
+            # takes the old slot of the node j that moves there: reduce to j, then gather the slot. (A reduce result
+            # stored under a mask wrote masked-out lanes in triton-ascend 3.2's interpreter.)
+            hit = taken[:, :, None] & (node[:, :, None] == m[None, None, :])  # [TILE, m, j]
+            chosen = tl.reduce(hit.to(tl.int32), 1, _maximum)  # [TILE, j]
+            before = tl.associative_scan(chosen, 1, _add) - chosen
+            dest = tl.where(chosen > 0, before, a[:, None] + m[None, :] - before)
+            moves = in_window[:, None, :] & (dest[:, None, :] == m[None, :, None])  # [TILE, m, j]
+            src_node = tl.reduce(tl.where(moves, m[None, None, :], 0), 2, _add)  # [TILE, m]
+            new = tl.load(req_to_token + (row_addr[:, None] + src_node), mask=in_window, other=0).to(tl.int32)
+            tl.debug_barrier()  # every old slot is read before the window is rewritten
+            tl.store(
+                req_to_token + (row_addr[:, None] + m[None, :]), new.to(req_to_token.dtype.element_ty), mask=in_window
+            )
+            dst = tl.where(in_window, new, 0)
+            tl.store(kv_src + out, dst.to(kv_src.dtype.element_ty), mask=in_out)
+            tl.store(kv_dst + out, dst.to(kv_dst.dtype.element_ty), mask=in_out)
     else:
         dst = tl.load(req_to_token + (row_addr[:, None] + m[None, :]), mask=in_window, other=0).to(tl.int32)
         src = tl.load(req_to_token + (row_addr[:, None] + node), mask=taken, other=0).to(tl.int32)
         src = tl.where(taken, src, dst)
-    out = offs[:, None] * tree_size + m[None, :]
-    in_out = in_batch[:, None] & (m[None, :] < tree_size)
-    tl.store(kv_src + out, src.to(kv_src.dtype.element_ty), mask=in_out)
-    tl.store(kv_dst + out, dst.to(kv_dst.dtype.element_ty), mask=in_out)
+        tl.store(kv_src + out, src.to(kv_src.dtype.element_ty), mask=in_out)
+        tl.store(kv_dst + out, dst.to(kv_dst.dtype.element_ty), mask=in_out)
     tl.store(seq_lens + rows, (seq + a).to(seq_lens.dtype.element_ty), mask=valid)
     tl.store(window_lens + rows, (a * 0).to(window_lens.dtype.element_ty), mask=valid)
 
@@ -1451,13 +1476,13 @@ def _commit_tree_kernel(
     """Commit the accepted path of each request's tree: ``seq_lens[row_i] += a_i``, the window closes.
 
     ``a_i``: the leading entries ``m < min(accept_lens[i], W_i)`` (``W_i = min(window_lens[row_i], tree_size)``)
-    whose node ``n_m = accept_index[i, m]`` is in ``[0, W_i)`` and greater than ``n_{m-1}``. With ``REPOINT``
-    (``PAGE_SIZE == 1``) the window's slots are permuted: position ``seq + m`` takes the slot of ``seq + n_m`` for
-    ``m < a_i``, positions ``seq + a_i + r`` the unaccepted nodes' slots in node order, and ``kv_src = kv_dst`` is
-    the new slot of ``seq + m``. Otherwise ``kv_dst[i * tree_size + m]`` is the slot of ``seq + m`` and
-    ``kv_src`` that of ``seq + n_m`` (``m < a_i``) or ``kv_dst`` (``a_i <= m < W_i``). Past the window, and for
-    rows out of range, pairs are ``0 -> 0``. With ``RELEASE``, the rows' branch pages go back to the ring first
-    (see ``_release_branches_kernel``).
+    whose node ``n_m = accept_index[i, m]`` is in ``[0, W_i)`` and greater than ``n_{m-1}``. With ``REPOINT`` (1 or 2,
+    ``PAGE_SIZE == 1``: by a bitmask of the accepted nodes or by ``[T, T]`` tiles) the window's slots are permuted:
+    position ``seq + m`` takes the slot of ``seq + n_m`` for ``m < a_i``, positions ``seq + a_i + r`` the unaccepted
+    nodes' slots in node order, and ``kv_src = kv_dst`` is the new slot of ``seq + m``. Otherwise
+    ``kv_dst[i * tree_size + m]`` is the slot of ``seq + m`` and ``kv_src`` that of ``seq + n_m`` (``m < a_i``) or
+    ``kv_dst`` (``a_i <= m < W_i``). Past the window, and for rows out of range, pairs are ``0 -> 0``. With
+    ``RELEASE``, the rows' branch pages go back to the ring first (see ``_release_branches_kernel``).
     """
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
