@@ -159,8 +159,9 @@ _MAX_TREE = 256
 # With page 1 the tree commit re-points the window (its REPOINT constexpr; 0 for pages > 1, which copy): through a
 # 64-bit mask of the accepted nodes, O(T) a request (1), for trees of at most _REPOINT_MASK_NODES nodes, and through
 # [T, T] tiles (2) past that and on Ascend, where the mask's int64 vectors took the one-launch tree step's on-chip
-# buffer from 139-142 to 165-175 KiB. H200 profiler, T 8, per kernel: commit_tree 2.06-2.45 us against 2.11-2.64 at
-# bs 1-1024; commit_tree_and_draft's one program 4.18 us against 5.10 for the two kernels at bs 16.
+# buffer from 139-142 to 165-175 KiB. H200 profiler, T 8, per kernel: commit_tree 2.09 / 2.12 / 2.45 us against
+# 2.11 / 2.27 / 2.65 at bs 4 / 64 / 1024; commit_tree_and_draft's one program 4.21 us against 2.99 + 2.14 for the
+# two kernels at bs 16.
 _REPOINT_MASK_NODES = 64
 # On an NPU, page 1 re-points through [TILE, T, T] tiles: T <= 32 keeps them in the on-chip buffer (and TILE >= 2,
 # as triton-adapter-opt rejects some one-request tiles).
@@ -176,9 +177,9 @@ _NPU_TREE_STEP_MAX_NODES = 32
 # elements (_tree_commit_width: [bs, T] with page 1 since its mask re-pointing, [bs, T, T] past 64 nodes; larger
 # batches take two launches): its one program does the commit, then the draft, where two launches overlap nothing but
 # spread the commit over programs. H200 graph replay, topk 4, 5 steps, T 8, page 1, mask re-pointing: one launch
-# 3.9 / 4.3 / 4.4 / 7.3 us a step at bs 4 / 8 / 16 / 64, against 5.3 / 5.4 / 5.4 / 7.1 in two launches (profiler,
-# per kernel at bs 64: 7.14 us against 4.52 + 2.15); page 64 (its draft is one program up to bs 8): 4.5 / 5.2 at
-# bs 4 / 8 against 5.6 / 6.6.
+# 3.9 / 4.3 / 4.4 / 4.8 us a step at bs 4 / 8 / 16 / 32, against 5.3 / 5.4 / 5.5 / 5.6 in two launches, and at bs 64
+# (a cap of 512) 7.3 against 7.1 (profiler, per kernel: 7.14 us against 4.52 + 2.15); page 64 (its draft is one
+# program up to bs 8): 4.5 / 5.2 at bs 4 / 8 against 5.6 / 6.5.
 _TREE_STEP_ELEMENTS = 256
 # CUDA warps per program (ignored by triton-ascend and the interpreter).
 _NUM_WARPS = 8

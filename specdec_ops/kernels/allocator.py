@@ -1387,7 +1387,8 @@ def _commit_tree_tile(
             # O(T) a request: the accepted nodes as a bitmask (distinct, so their sum is their OR), and each node's
             # old slot scattered to its position (dest is a permutation of [0, W)).
             one = tl.full([TILE, BLOCK_T], 1, dtype=tl.int64)
-            bits = tl.where(taken, one << tl.maximum(node, 0).to(tl.int64), 0)
+            shift = tl.minimum(tl.maximum(node, 0), BLOCK_T - 1).to(tl.int64)  # taken nodes are below W <= BLOCK_T
+            bits = tl.where(taken, one << shift, 0)
             accepted_nodes = tl.reduce(bits, 1, _add)  # [TILE]
             chosen = ((accepted_nodes[:, None] >> m[None, :].to(tl.int64)) & 1).to(tl.int32)  # [TILE, j]
             before = tl.associative_scan(chosen, 1, _add) - chosen
