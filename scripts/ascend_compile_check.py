@@ -24,7 +24,8 @@ cannot drift from it. Exercised:
              free_requests (with and without keep_lens),
              prefixes from a prefix cache (add_requests with prefix_slots), release_slots, and a tree step
              (alloc_branches, alloc_draft releasing them, commit_tree; alloc_tree_draft, commit_tree releasing
-             them; commit_tree_and_draft in one launch and in two; release by commit, release_branches, free)
+             them; commit_tree_and_draft in one launch and in two, with and without the draft's counts; release by
+             commit, release_branches, free)
 
 Each distinct variant (kernel, dtypes, alignment, constexprs) is compiled from the normal (not interpreted)
 module `specdec_ops.kernels.<module>`, through these stages; the line printed per variant names the last one
@@ -250,19 +251,22 @@ def _tree_draft(alloc, rows, n: int) -> None:
     alloc.alloc_tree_draft(rows, _tree_size(alloc, n), 4, n)
 
 
-def _tree_step(alloc, rows, n: int, one_launch: bool = True, window: int | None = None) -> None:
+def _tree_step(alloc, rows, n: int, one_launch: bool = True, window: int | None = None, counts: bool = False) -> None:
     """commit_tree_and_draft of trees of ``_tree_size`` nodes, then windows of as many (or ``window``): one launch for
-    the 3 rows (one program) where the NPU takes one, or as it runs past one program (two)."""
+    the 3 rows (one program) where the NPU takes one, or as it runs past one program (two: the tree commit and the
+    draft, or with ``counts`` as past one program of the draft, the tree commit with the draft's counts and the
+    draft from them)."""
     t = _tree_size(alloc, n)
     index = torch.arange(t, dtype=torch.int64).expand(3, t).contiguous()
     cls = type(alloc)
-    in_one = cls._tree_step_in_one_launch
+    in_one, with_counts = cls._tree_step_in_one_launch, cls._tree_step_counts
     if not one_launch:
         cls._tree_step_in_one_launch = lambda self, *args: False
+        cls._tree_step_counts = lambda self, *args: counts
     try:
         alloc.commit_tree_and_draft(rows, index, _int32(3, t // 2), t if window is None else window, 4, n)
     finally:
-        cls._tree_step_in_one_launch = in_one
+        cls._tree_step_in_one_launch, cls._tree_step_counts = in_one, with_counts
 
 
 ALLOCATOR_METHODS = [
@@ -297,6 +301,7 @@ ALLOCATOR_METHODS = [
     ("commit_tree_and_draft", _tree_step),
     ("commit_tree_and_draft", lambda alloc, rows, n: _tree_step(alloc, rows, n, window=1)),  # a small window
     ("commit_tree_and_draft", lambda alloc, rows, n: _tree_step(alloc, rows, n, one_launch=False)),
+    ("commit_tree_and_draft", lambda alloc, rows, n: _tree_step(alloc, rows, n, one_launch=False, counts=True)),
     ("commit_tree", _commit_tree),
     ("alloc_branches", _branches),
     ("commit", lambda alloc, rows, n: alloc.commit(rows, [0] * 3)),

@@ -87,6 +87,9 @@ _WIDE_PREFILL_BLOCK_N = 512
 # one a token: past _RELEASE_ONE_PROGRAM requests it takes _MIN_TILE-request tiles (H100, tree step's draft, topk 4,
 # 5 steps, T 8: bs 128 6.4 -> 5.1 us, bs 256 8.9 -> 5.3 us; with page 64, one program stays as fast or faster).
 _RELEASE_ONE_PROGRAM = 64
+# ... and the draft of a tree step in two launches that reads its counts from the tree commit's launch (no sums over
+# earlier requests, no ticket: _tree_step_counts) takes them past _MIN_TILE requests: H200 graph replay, topk 4,
+# 5 steps, T 8, page 1: bs 64 7.1 us a step as the tree commit and one program of 64, 5.1 with 32-request tiles.
 _SCAN_BLOCK = 2048
 # The allocation kernel sums earlier requests in blocks of half the batch (rounded up to a power of two), between
 # _SCAN_BLOCK / 2 and 4 * _SCAN_BLOCK: H100 graph replay of a step, N 4 page 16, against 2048 everywhere: bs 1024
@@ -391,6 +394,7 @@ class DraftCacheAllocator:
         # (TILE, constexprs, num_warps); the most programs a launch may have (0: one per tile).
         self._alloc_configs: dict[tuple, tuple[int, tuple, int]] = {}
         self._tree_step_launches: dict[tuple, bool] = {}  # _tree_step_in_one_launch, by its arguments
+        self._tree_step_counted: dict[tuple, bool] = {}  # _tree_step_counts, by its arguments
         self._max_programs: int | None = None
         # Tree drafts: row r holds branch pages branch_pages[r, :num_branch_pages[r]] (alloc_branches). The host
         # knows which rows may hold some, and at most how many (the worst case, or the exact count when the call
@@ -1483,16 +1487,24 @@ class DraftCacheAllocator:
                 else:
                     step._prepared("release commit tree draft" if release else "commit tree draft")()
             else:
-                # The commit changes state: the draft is compiled before it runs, so that only a launch can fail after.
+                # Two launches: the tree commit, then the draft. Where the draft is many programs the commit also
+                # counts each tile's pops and pushes of the draft, which then reads those counts (no sums over
+                # earlier requests, no ticket, no pass over the batch). The commit changes state: the draft is
+                # compiled before it runs, so that only a launch can fail after.
+                counts = self._tree_step_counts(rows.size(0), n, release, branches, tree[1].size(1))
                 if step is None:
                     args = (rows, n, None, None, None, out_cache_loc, last_loc, release)
-                    self._launch_alloc(*args, branches=branches, compile_only=True)
-                    self._launch_commit_tree(rows, *tree)
-                    self._launch_alloc(*args, branches=branches)
+                    count_tile = self._tree_commit_config(tree[1].size(1))[0] if counts else 0
+                    self._launch_alloc(*args, branches=branches, sums=counts, count_tile=count_tile, compile_only=True)
+                    if counts:
+                        self._launch_commit_tree_count(rows, n, release, branches, tree)
+                    else:
+                        self._launch_commit_tree(rows, *tree)
+                    self._launch_alloc(*args, branches=branches, sums=counts, count_tile=count_tile)
                 else:
-                    draft = step._prepared(kind)
+                    draft = step._prepared(kind + " from counts" if counts else kind)
                     draft.compile()
-                    step._prepared("commit tree")()
+                    step._prepared(("release " if release else "") + "commit tree count" if counts else "commit tree")()
                     draft()
         except BaseException:
             self.branch_pages = narrow  # the wider copy holds nothing yet
@@ -1540,6 +1552,19 @@ class DraftCacheAllocator:
             tile = self._alloc_launch_config(bs, n, False, False, True, release, branches, None, False)[0]
             one = self._tree_step_launches[key] = fits and self._grid(bs, tile) == (1,)
         return one
+
+    def _tree_step_counts(self, bs: int, n: int, release: bool, branches: tuple, tree: int) -> bool:
+        """Whether commit_tree_and_draft in two launches counts the draft's pops and pushes in its tree commit
+        (``_launch_commit_tree_count``, then the draft with ``sums``): where the draft runs on more than one program.
+        A draft of one program has no sums over earlier requests and no ticket to save. H200 graph replay, topk 4,
+        5 steps, T 8, a step against the tree commit and the draft with its ticket: page 1 bs 256 / 1024 5.7 / 5.9
+        against 8.6 / 9.7 us, page 64 bs 16 / 1024 5.1 / 6.8 against 7.9 / 10.9 (docs/performance.md)."""
+        key = (bs, n, release, branches[0], branches[1], tree)
+        counts = self._tree_step_counted.get(key)
+        if counts is None:
+            tile = self._tree_count_tiles(bs, n, release, branches, tree)[1]
+            counts = self._tree_step_counted[key] = self._grid(bs, tile) != (1,)
+        return counts
 
     def _tree_step_commit_tile(self, bs: int, tree: int) -> int:
         """The tree commit's tile in commit_tree_and_draft's one launch: on Ascend that of commit_tree (its on-chip
@@ -1826,16 +1851,17 @@ class DraftCacheAllocator:
             num_tiles = min(num_tiles, self._max_programs)
         return (max(num_tiles, 1),)
 
-    def _batch_tile(self, bs: int, release: bool = False, topk: int = 0) -> int:
+    def _batch_tile(self, bs: int, release: bool = False, topk: int = 0, sums: bool = False) -> int:
         """The tile the batch size asks for (capped by the kernel's limits in _alloc_config); 0 on Ascend, whose
         grid is one program per core: there the limits alone decide. ``release``: a draft that also returns branch
-        pages; ``topk`` > 0: one that also gives that many branches a request."""
+        pages; ``topk`` > 0: one that also gives that many branches a request; ``sums``: one that reads its counts
+        from the launch before it."""
         branch = topk > 0
         if backend.is_npu(self.device):
             return 0
         if bs > _MAX_TILE:
             tile = _MIN_TILE if bs <= _LARGE_BATCH else _MAX_TILE
-        elif (release or branch) and self.page_size == 1 and bs > _RELEASE_ONE_PROGRAM:
+        elif (release or branch) and self.page_size == 1 and bs > (_MIN_TILE if sums else _RELEASE_ONE_PROGRAM):
             tile = _MIN_TILE
         else:
             tile = max(1 << (bs - 1).bit_length(), _MIN_TILE)
@@ -1881,12 +1907,14 @@ class DraftCacheAllocator:
         large_batch: bool,
         commit: bool,
         sums: bool,
+        count_tile: int,
         wide: bool,
     ) -> tuple[int, tuple, int]:
         """(TILE, constexprs, num_warps) of the allocation kernel for this kind of call, ``_batch_tile``,
         ``_alloc_scan_block``, ``_branch_block`` (0: no branches), whether the batch is past _LARGE_BATCH, whether
-        the draft commits first, whether it is the second launch of two and whether it is a prefill of long prompts
-        (off Ascend)."""
+        the draft commits first, whether it is the second launch of two, for the second launch of a tree step the
+        tile of the first (0: the first takes this launch's tiles; else it takes ``min(count_tile, TILE)``), and
+        whether it is a prefill of long prompts (off Ascend)."""
         npu = backend.is_npu(self.device)
         if prefill:
             block_n = _WIDE_PREFILL_BLOCK_N if wide else tiles.MAX_BLOCK_N
@@ -1917,11 +1945,12 @@ class DraftCacheAllocator:
             ("BLOCK_E", max(branch_block, 1)),
             ("COPY", branch_block > 0 and self.page_size > 1),
             ("COMMIT", commit),
-            ("SUMS", sums),
+            # The first launch's tiles in one of this launch's (0: this is no second launch).
+            ("SUMS", tile // min(count_tile or tile, tile) if sums else 0),
             ("PDL", sums and backend.supports_pdl(self.device)),
         )
         num_warps = _NUM_WARPS
-        if sums:
+        if sums and not branch_block:
             if large_batch:
                 num_warps = _NUM_WARPS
             elif window_len > _COMMIT_DRAFT_WIDE_N and self.page_size > 1:
@@ -1956,20 +1985,32 @@ class DraftCacheAllocator:
         wide: bool = False,
         tree: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
         compile_only: bool = False,
+        count_tile: int = 0,
     ) -> backend.Launch | None:
         """Launch the allocation kernel: a draft (``window_ends is None``) or a prefill of new rows (``wide``: of
         long prompts, read in wide column blocks, see _WIDE_PREFILL_TOKENS); ``release``:
         a draft that first returns the rows' branch pages; ``branches``: ``(topk, num_steps, branch_slots,
         copy_src, copy_dst)`` of a draft that also gives the rows their branches; ``accept``: the accept lengths
         of a draft that first commits the rows' open windows; ``sums``: the second launch of a draft in two, after
-        ``_launch_count`` (no ``release`` or ``branches``); ``tree``: ``(accept_lens, accept_index, kv_src,
+        ``_launch_count`` or, with ``branches``, after ``_launch_commit_tree_count``, whose tree commit tile is
+        ``count_tile``; ``tree``: ``(accept_lens, accept_index, kv_src,
         kv_dst)`` of a tree commit made first in the same launch (``_commit_tree_draft_kernel``, with
         ``branches``, only where the draft is one program: see ``_tree_step_in_one_launch``); ``prepare=True``:
         return the launch, made by calling it; ``compile_only=True``: only compile it (``backend.ensure_compiled``)."""
         prefill = window_ends is not None
         emit = out_cache_loc is not None
         tile, constexprs, num_warps = self._alloc_launch_config(
-            rows.size(0), window_len, prefill, prefix_slots is not None, emit, release, branches, accept, sums, wide
+            rows.size(0),
+            window_len,
+            prefill,
+            prefix_slots is not None,
+            emit,
+            release,
+            branches,
+            accept,
+            sums,
+            wide,
+            count_tile,
         )
         # Pointers a specialisation does not read get a tensor of the right kind.
         placeholder = self.seq_lens
@@ -2040,6 +2081,7 @@ class DraftCacheAllocator:
         accept: torch.Tensor | None,
         sums: bool,
         wide: bool = False,
+        count_tile: int = 0,
     ) -> tuple[int, tuple, int]:
         """(TILE, constexprs, num_warps) of an allocation launch (arguments as for ``_launch_alloc``), cached."""
         key = (
@@ -2049,13 +2091,14 @@ class DraftCacheAllocator:
             emit,
             release,
             self._two_pass_tile(bs, window_len)
-            if sums
-            else self._batch_tile(bs, release, 0 if branches is None else branches[0]),
+            if sums and branches is None
+            else self._batch_tile(bs, release, 0 if branches is None else branches[0], sums),
             self._alloc_scan_block(bs),
             0 if branches is None else self._branch_block(branches[0], branches[1]),
             bs > _LARGE_BATCH,
             accept is not None,
             sums,
+            count_tile if sums else 0,
             wide and prefill and not backend.is_npu(self.device),
         )
         config = self._alloc_configs.get(key)
@@ -2094,6 +2137,74 @@ class DraftCacheAllocator:
                 ("TRIGGER", backend.supports_pdl(self.device)),
             ),
             _COUNT_NUM_WARPS,
+        )
+
+    def _tree_count_tiles(self, bs: int, n: int, release: bool, branches: tuple, tree: int) -> tuple[int, int]:
+        """(the tree commit's tile in the first launch of a tree step in two, the draft's tile in the second): the
+        commit takes commit_tree's tiles, cut to the draft's so that the draft's tiles are whole numbers of them."""
+        commit_tile = self._tree_commit_config(tree)[0]
+        draft_tile = self._alloc_launch_config(
+            bs, n, False, False, True, release, branches, None, True, False, commit_tile
+        )[0]
+        return min(commit_tile, draft_tile), draft_tile
+
+    def _launch_commit_tree_count(
+        self,
+        rows: torch.Tensor,
+        n: int,
+        release: bool,
+        branches: tuple,
+        tree: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        prepare: bool = False,
+    ) -> backend.Launch | None:
+        """Launch the first of a tree step's two launches (``_commit_tree_count_kernel``): the tree commit of
+        ``tree`` = ``(accept_lens, accept_index, kv_src, kv_dst)``, and each tile's pops and pushes of the tree draft
+        of ``n`` nodes and ``branches`` that follows (``_launch_alloc(..., branches=branches, sums=True)``, ``release``
+        as there) to scratch; ``prepare=True``: return the launch, made by calling it."""
+        accept, accept_index, kv_src, kv_dst = tree
+        bs, nodes = accept_index.shape
+        tile = self._tree_count_tiles(bs, n, release, branches, nodes)[0]
+        block_t, repoint = self._tree_commit_config(nodes)[1:]
+        return (backend.prepare if prepare else backend.launch)(
+            self._kernels()._commit_tree_count_kernel,
+            self._grid(bs, tile),
+            self.device,
+            (
+                self.req_to_token,
+                rows,
+                accept_index,
+                accept,
+                self.seq_lens,
+                self.window_lens,
+                self.alloc_lens,
+                self.num_branch_pages,
+                kv_src,
+                kv_dst,
+                self._counters,
+                self._scratch,
+            ),
+            (
+                bs,
+                n,
+                self.max_requests,
+                self.max_context_len,
+                self.req_to_token.stride(0),
+                nodes,
+                accept_index.stride(0),
+                self.branch_pages.size(1),
+                branches[0],
+                branches[1],
+            ),
+            (
+                ("PAGE_SIZE", self.page_size),
+                ("PAGE_SHIFT", self._page_shift),
+                ("TILE", tile),
+                ("BLOCK_T", block_t),
+                ("REPOINT", repoint),
+                ("RELEASE", release),
+                ("TRIGGER", backend.supports_pdl(self.device)),
+            ),
+            _TREE_NUM_WARPS,
         )
 
     def _check_prefix(
@@ -2642,9 +2753,10 @@ class DraftStepWrapper:
     def _prepared(self, kind: str) -> backend.Launch:
         """The launch of ``kind`` ("draft", "commit draft", "tree draft", "commit tree", "commit tree draft", each
         also with "release " before it; "release", "commit", "branches"; "count commit draft" and "commit draft from
-        counts", the two launches of a commit_and_draft past _COMMIT_DRAFT_MAX_BATCH), prepared on first use and
-        again once alloc_branches has replaced the allocator's branch_pages (which the release and branch launches
-        read)."""
+        counts", the two launches of a commit_and_draft past _COMMIT_DRAFT_MAX_BATCH; "commit tree count" and "tree
+        draft from counts", with "release " or not, those of a commit_tree_and_draft past one launch), prepared on
+        first use and again once alloc_branches has replaced the allocator's branch_pages (which the release and
+        branch launches read)."""
         alloc = self._allocator
         entry = self._launches.get(kind)
         if entry is None or entry[1] is not alloc.branch_pages:
@@ -2661,6 +2773,10 @@ class DraftStepWrapper:
                 launch = alloc._release(rows, prepare=True)
             elif kind == "count commit draft":
                 launch = alloc._launch_count(rows, self._n, self._accept, prepare=True)
+            elif kind.endswith("commit tree count"):
+                tree = (self._accept, *self._tree_commit)
+                release = kind.startswith("release")
+                launch = alloc._launch_commit_tree_count(rows, self._n, release, self._branches, tree, prepare=True)
             elif kind.endswith("commit tree draft"):
                 launch = alloc._launch_alloc(
                     rows,
@@ -2675,10 +2791,12 @@ class DraftStepWrapper:
                     self._branches,
                     tree=(self._accept, *self._tree_commit),
                 )
-            else:  # "draft", "commit draft", "tree draft", each with "release " or not; "commit draft from counts"
+            else:  # "draft", "commit draft", "tree draft", each with "release " or not; "... from counts"
                 out, last = self._out, self._last
-                release, tree = kind.startswith("release"), kind.endswith("tree draft")
+                release, tree = kind.startswith("release"), "tree draft" in kind
                 accept = self._accept if "commit draft" in kind else None
+                sums = kind.endswith("from counts")
+                count_tile = alloc._tree_commit_config(self._tree_commit[0].size(1))[0] if sums and tree else 0
                 launch = alloc._launch_alloc(
                     rows,
                     self._n,
@@ -2691,7 +2809,8 @@ class DraftStepWrapper:
                     True,
                     self._branches if tree else None,
                     accept,
-                    kind.endswith("from counts"),
+                    sums,
+                    count_tile=count_tile,
                 )
             entry = self._launches[kind] = (launch, alloc.branch_pages)
         return entry[0]

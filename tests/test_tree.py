@@ -387,16 +387,16 @@ def tree_steps(alloc, rows, rng, steps, tree, topk, num_steps, one_call, rows_as
 @pytest.mark.parametrize(
     "page_size, bs, launches",
     [
-        (1, 5, 1),
-        (1, 32, 1),
-        (1, 33, 2),
-        (1, 65, 2),
-        (4, 3, 1),
-        (4, 16, 1),
-        (4, 17, 2),
-        (16, 9, 1),
-        (128, 4, 1),
-        (128, 5, 2),
+        (1, 5, "one"),
+        (1, 32, "one"),
+        (1, 33, "count"),
+        (1, 65, "count"),
+        (4, 3, "one"),
+        (4, 16, "one"),
+        (4, 17, "count"),
+        (16, 9, "one"),
+        (128, 4, "one"),
+        (128, 5, "count"),
     ],
     ids=lambda v: str(v),
 )
@@ -404,7 +404,8 @@ def test_commit_tree_and_draft_is_the_two_calls_in_one_launch(page_size, bs, lau
     """commit_tree_and_draft gives exactly what commit_tree(keep_branches=True) + alloc_tree_draft give, call for
     call (slots, pairs, the whole state), in one launch while the tree draft is one program and the tree commit one
     tile (here topk 4, 5 steps, T 6: up to 32 requests at page 1; with pages > 1 up to 16 requests and 2048 copy
-    pairs), in two past it."""
+    pairs), in two past it: the tree commit and the draft while the draft is one program (up to 64 requests at page
+    1), past that the tree commit with the draft's counts and the draft from them."""
     topk, num_steps, tree = 4, 5, 6
 
     def run(one_call):
@@ -424,7 +425,11 @@ def test_commit_tree_and_draft_is_the_two_calls_in_one_launch(page_size, bs, lau
         assert torch.equal(one_state[name], two_state[name]), name
     assert made[:2] == ["_alloc_windows_kernel"] * 2  # add_requests, the first alloc_tree_draft
     steps = made[2:]
-    expected = ["_commit_tree_draft_kernel"] if launches == 1 else ["_commit_tree_kernel", "_alloc_windows_kernel"]
+    expected = {
+        "one": ["_commit_tree_draft_kernel"],
+        "commit": ["_commit_tree_kernel", "_alloc_windows_kernel"],
+        "count": ["_commit_tree_count_kernel", "_alloc_windows_kernel"],
+    }[launches]
     assert steps == expected * 3
     alloc.free_requests(alloc.rows_in_use())
     assert alloc.num_free_slots() == alloc.num_slots and not alloc.num_branch_pages.any()
@@ -506,17 +511,21 @@ def test_commit_tree_and_draft_on_ascend_takes_one_launch_for_small_trees_only(p
     assert not alloc._tree_step_in_one_launch(5, 2, False, branches, 2), "its tree draft tiles take 4 requests"
 
 
+@pytest.mark.parametrize("counts", [False, True], ids=["commit", "count"])
 @pytest.mark.parametrize("wrapper", [False, True], ids=["method", "wrapper"])
-def test_commit_tree_and_draft_in_two_launches_compiles_the_draft_first(wrapper, monkeypatch):
+def test_commit_tree_and_draft_in_two_launches_compiles_the_draft_first(wrapper, counts, monkeypatch):
     """Past one program the commit changes state in its own launch: the draft's launch is compiled before it, so a
-    compilation that fails leaves everything as it was; then the same call goes through."""
+    compilation that fails leaves everything as it was; then the same call goes through. ``counts``: a draft on
+    two programs, whose counts the commit's launch writes."""
     from specdec_ops import DraftStepWrapper
 
     monkeypatch.setattr(DraftCacheAllocator, "_tree_step_in_one_launch", lambda self, *a: False)
-    alloc = DraftCacheAllocator(4 * 100, 3, 64, page_size=4, device="cpu")
-    rows = alloc.add_requests([5, 9])
+    monkeypatch.setattr(allocator_module, "_COPY_ONE_PROGRAM_BS", 0)  # 4-request tiles
+    alloc = DraftCacheAllocator(4 * 100, 6, 64, page_size=4, device="cpu")
+    rows = alloc.add_requests([5, 9] + [3, 4, 6] * counts)
     alloc.alloc_tree_draft(rows, 3, 2, 2)
-    index, accept = torch.tensor([[0, 2, -1], [1, -1, -1]]), torch.tensor([2, 1])
+    index = torch.tensor([[0, 2, -1], [1, -1, -1]] + [[0, 1, 2]] * 3 * counts)
+    accept = torch.tensor([2, 1] + [3] * 3 * counts)
     step = DraftStepWrapper(alloc)
     step.plan(rows, 3, accept_lens=accept, accept_index=index, keep_branches=True, topk=2, num_steps=2)
     call = step.commit_tree_and_draft if wrapper else lambda: alloc.commit_tree_and_draft(rows, index, accept, 3, 2, 2)
@@ -541,8 +550,8 @@ def test_commit_tree_and_draft_in_two_launches_compiles_the_draft_first(wrapper,
     monkeypatch.setattr(allocator_module.backend, "ensure_compiled", compile_)
     events.clear()
     call()
-    assert events == ["_commit_tree_kernel", "_alloc_windows_kernel"]
-    assert alloc.seq_lens[rows].tolist() == [7, 10]
+    assert events == ["_commit_tree_count_kernel" if counts else "_commit_tree_kernel", "_alloc_windows_kernel"]
+    assert alloc.seq_lens[rows].tolist() == [7, 10] + [6, 7, 9] * counts
     check_layout(alloc)
 
 
@@ -885,6 +894,48 @@ def test_many_programs_give_what_one_gives(page_size, fused, keep, monkeypatch):
     assert one_out == many_out
     for name in STATE_TENSORS:
         assert torch.equal(one_state[name], many_state[name]), name
+
+
+@pytest.mark.parametrize("page_size", [1, 4], ids=lambda p: f"page{p}")
+def test_commit_tree_and_draft_in_two_launches_on_many_programs(page_size, monkeypatch):
+    """Past one launch, the tree commit counts each of its tiles' pops and pushes and the draft reads those counts
+    (``_commit_tree_count_kernel``, then ``SUMS``): on many programs, with several commit tiles a draft tile and
+    several scan blocks of counts, it gives exactly what commit_tree(keep_branches=True) + alloc_tree_draft give on
+    one program. At page 4 the branches' page count changes with the committed length's offset in its page, so
+    requests trade their branch pages (pops and pushes) as well as keep them."""
+    topk, num_steps, tree, bs = 3, 4, 6, 11
+
+    def run(one_call):
+        rng = random.Random(page_size)
+        num_pages = bs * (pages(140, page_size) + 2 * topk * pages(page_size - 1 + num_steps, page_size))
+        alloc = DraftCacheAllocator(page_size * num_pages, bs + 1, 140, page_size=page_size, device="cpu")
+        rows = alloc.add_requests([rng.randrange(0, 60) for _ in range(bs)]).tolist()
+        return tree_steps(alloc, rows, rng, 4, tree, topk, num_steps, one_call), snapshot(alloc)
+
+    two_calls, two_state = run(False)
+    monkeypatch.setattr(DraftCacheAllocator, "_tree_step_in_one_launch", lambda self, *a: False)
+    for name, value in [
+        ("_MIN_TILE", 4),
+        ("_RELEASE_ONE_PROGRAM", 0),
+        ("_COPY_ONE_PROGRAM_BS", 0),
+        ("_TREE_ELEMENTS", 16),
+        ("_SCAN_BLOCK", 4),
+    ]:
+        monkeypatch.setattr(allocator_module, name, value)
+    made = []
+    launch = allocator_module.backend.launch
+
+    def record(fn, grid, *args):
+        made.append((fn.__name__, grid, dict(args[-2]).get("TILE"), dict(args[-2]).get("SUMS")))
+        return launch(fn, grid, *args)
+
+    monkeypatch.setattr(allocator_module.backend, "launch", record)
+    one_call, one_state = run(True)
+    assert one_call == two_calls
+    for name in STATE_TENSORS:
+        assert torch.equal(one_state[name], two_state[name]), name
+    # 11 requests: the commit in 2-request tiles (6 programs), the draft in 4-request tiles (3 programs), 2 counts each
+    assert made[-2:] == [("_commit_tree_count_kernel", (6,), 2, None), ("_alloc_windows_kernel", (3,), 4, 2)]
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["branches+draft", "tree-draft"])

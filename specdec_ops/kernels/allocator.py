@@ -108,11 +108,14 @@ def _window_needs(
     PREFILL: tl.constexpr,
     PREFIX: tl.constexpr,
     COMMIT: tl.constexpr,
+    WAIT: tl.constexpr,
 ):
     """For batch entries ``k``: the row, its window ``[start, end)``, its allocated length before and after, the
     pages it has and the pages it needs. Decode reads the row's lengths (with ``COMMIT``, its window starts at
     ``seq_len + clamp(accept_lens[k], 0, window_lens[row])``, the length a commit would leave); prefill reads the
-    batch's own ``window_starts`` (the prefix a new row starts from) and ``window_ends``."""
+    batch's own ``window_starts`` (the prefix a new row starts from) and ``window_ends``. ``WAIT`` (decode): wait
+    for the previous launch to end (``gdc_wait``) after loading the rows and their ``alloc_lens``, before
+    ``seq_lens``, which that launch wrote."""
     rows = tl.load(req_pool_indices + k, mask=in_range, other=-1).to(tl.int32)
     valid = in_range & (rows >= 0) & (rows < num_rows)
     if PREFILL:
@@ -124,8 +127,10 @@ def _window_needs(
         allocs = starts
         ends = tl.load(window_ends + k, mask=valid, other=0).to(tl.int32)
     else:
-        starts = tl.load(seq_lens + rows, mask=valid, other=0).to(tl.int32)
         allocs = tl.load(alloc_lens + rows, mask=valid, other=0).to(tl.int32)
+        if WAIT:
+            _pdl_wait()
+        starts = tl.load(seq_lens + rows, mask=valid, other=0).to(tl.int32)
         if COMMIT:
             # As _commit_kernel: clamped in the caller's dtype, then narrowed.
             accepted = tl.load(accept_lens + k, mask=valid, other=0)
@@ -135,11 +140,20 @@ def _window_needs(
         starts = tl.minimum(tl.maximum(starts, 0), max_context_len)
         allocs = tl.minimum(tl.maximum(allocs, 0), max_context_len)
         ends = starts + window_len
+    ends, new_allocs, have, need = _grow(valid, starts, allocs, ends, max_context_len, PAGE_SIZE, PAGE_SHIFT)
+    return rows, valid, starts, allocs, ends, new_allocs, have, need
+
+
+@triton.jit
+def _grow(valid, starts, allocs, ends, max_context_len, PAGE_SIZE: tl.constexpr, PAGE_SHIFT: tl.constexpr):
+    """Windows ``[starts, ends)`` of rows that own ``[0, allocs)``: the window's end (within
+    ``[starts, max_context_len]``), the allocated length after it, the pages owned before it and the pages it needs
+    (0 where not ``valid``)."""
     ends = tl.minimum(tl.maximum(ends, starts), max_context_len)
     new_allocs = tl.maximum(allocs, ends)
     have = _floor_page(allocs + (PAGE_SIZE - 1), PAGE_SIZE, PAGE_SHIFT)
     need = tl.where(valid, _floor_page(new_allocs + (PAGE_SIZE - 1), PAGE_SIZE, PAGE_SHIFT) - have, 0)
-    return rows, valid, starts, allocs, ends, new_allocs, have, need
+    return ends, new_allocs, have, need
 
 
 @triton.jit
@@ -248,13 +262,16 @@ def _alloc_windows(
     request that holds exactly the pages its branches take keeps them instead (``_reused``): no push, no pop.
     With ``COMMIT`` (decode, not ``BRANCH``) the row's open window is committed first, as ``_commit_kernel`` does:
     ``start_i = seq_lens[row_i] + clamp(accept_lens[i], 0, window_lens[row_i])``, which becomes ``seq_lens[row_i]``.
-    With ``SUMS`` (decode, not ``RELEASE`` or ``BRANCH``) this is the second launch of a draft in two: the first,
-    ``_count_pops_kernel``, left each tile's pops at ``scratch[tile]`` and the ring's head and count at
-    ``scratch[num_rows]`` and ``scratch[num_rows + 1]``, so no program reads another's requests: each writes its
-    own rows' lengths, and the program of the last tile moves the counters (no ticket, no pass over the batch).
-    With ``PDL`` (``SUMS`` on CUDA, launched as a programmatic dependent of the first launch) each program loads
-    its own requests before it waits for the first launch to end (``gdc_wait``); it reads scratch and writes
-    nothing before that.
+    With ``SUMS`` (decode) this is the second launch of a draft in two: the first (``_count_pops_kernel`` for a
+    chain, ``_commit_tree_count_kernel`` for a tree step with ``BRANCH``) left the pops of each of its tiles at
+    ``scratch[t]`` (``SUMS`` of its tiles make one of this launch's), with ``RELEASE`` the pushes at
+    ``scratch[2 * num_rows + t]``, and the ring's head and count at ``scratch[num_rows]`` and
+    ``scratch[num_rows + 1]``, so no program reads another's requests: each writes its own rows' lengths and branch
+    counts, and the program of the last tile moves the counters (no ticket, no pass over the batch). With ``PDL``
+    (``SUMS`` on CUDA, launched as a programmatic dependent of the first launch) each program waits for the first
+    launch to end (``gdc_wait``) before it reads scratch or writes anything: a chain draft loads its own requests
+    first (the count wrote none of them), a tree draft its rows, their ``alloc_lens`` and branch pages held (the
+    first launch committed the rest).
     """
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -266,7 +283,7 @@ def _alloc_windows(
     # A launch of one program owns everything: it writes the shared state as it goes, with no ticket. So does each
     # program of a second pass (SUMS), as none reads the requests of another.
     alone = num_programs == 1
-    owner = alone or SUMS
+    owner = alone or SUMS > 0
     # Needs (and branch pages held) of the requests before this program's next tile, carried lane-wise from one tile
     # to the next (a scalar carry of reduce results read inside the loop is miscompiled by Triton 3.6, see
     # docs/design.md): other programs' requests in lane_sums/held_sums, read from memory; this program's own
@@ -303,6 +320,7 @@ def _alloc_windows(
                     PREFILL,
                     PREFIX,
                     COMMIT,
+                    False,
                 )
                 if BRANCH:
                     _, per_branch_earlier, branch_earlier = _branch_shape(
@@ -319,6 +337,10 @@ def _alloc_windows(
             scanned = tile_start + TILE
         offs = tile_start + tl.arange(0, TILE)  # [TILE]
         in_batch = offs < bs
+        if RELEASE:
+            held = _branch_counts(offs, in_batch, req_pool_indices, num_branch_pages, num_rows, branch_width)[2]
+        # With PDL a tree draft waits for the first launch, which committed its rows, once it has loaded what that
+        # launch does not write: the rows, their alloc_lens and branch pages held (a chain draft waits below).
         rows, valid, starts, allocs, ends, new_allocs, have, need = _window_needs(
             offs,
             in_batch,
@@ -337,10 +359,11 @@ def _alloc_windows(
             PREFILL,
             PREFIX,
             COMMIT,
+            PDL and BRANCH,
         )
-        # Loads that need only the rows and their lengths are issued here, before the scan below, whose barriers
-        # would make each of them a round trip of its own: the slot of the last partial page, last_loc's slot
-        # (positions below alloc_len, which this launch never writes) and the branch pages held. H100, per kernel:
+        # Loads that need only the rows and their lengths are issued here (the branch pages held above), before the
+        # scan below, whose barriers would make each of them a round trip of its own: the slot of the last partial
+        # page and last_loc's slot (positions below alloc_len, which this launch never writes). H100, per kernel:
         # 0.1-0.4 us less from bs 1 to 4096 (0.05 more at bs 64). Not above the sums over earlier requests: held
         # across that loop they cost more at bs >= 1024 (docs/design.md).
         row_addr = rows.to(tl.int64) * row_stride  # [TILE]
@@ -349,8 +372,6 @@ def _alloc_windows(
         if EMIT:
             has_prefix = valid & (starts > 0)
             prev = tl.load(req_to_token + (row_addr + starts - 1), mask=has_prefix, other=-1)
-        if RELEASE:
-            held = _branch_counts(offs, in_batch, req_pool_indices, num_branch_pages, num_rows, branch_width)[2]
         # Pages this request pops: its window's, then (BRANCH) its branches', unless (RELEASE) it keeps the branch
         # pages it holds for them; then it pushes none either.
         pops = need
@@ -366,11 +387,16 @@ def _alloc_windows(
             pops += branch_need * (1 - reuse)
         if SUMS:  # every tile before this one, this program's own included, from the first launch
             if PDL:
-                _pdl_wait()  # the first launch has ended: its scratch is written, and so may this be
-            for t0 in range(scanned, tile, SCAN_BLOCK):  # (scanned counts tiles here)
+                if not BRANCH:
+                    _pdl_wait()  # the first launch has ended: its scratch is written, and so may this be
+            counted = tile * SUMS  # the first launch's tiles before this one (SUMS of them a tile)
+            for t0 in range(scanned, counted, SCAN_BLOCK):  # (scanned counts the first launch's tiles here)
                 t = t0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
-                lane_sums += tl.load(scratch + t, mask=(t < tile) & (t < num_rows), other=0)
-            scanned = tile
+                earlier_tile = (t < counted) & (t < num_rows)
+                lane_sums += tl.load(scratch + t, mask=earlier_tile, other=0)
+                if RELEASE:
+                    held_sums += tl.load(scratch + 2 * num_rows + t, mask=earlier_tile, other=0)
+            scanned = counted
             before = tl.reduce(lane_sums, 0, _add)
             head = tl.load(scratch + num_rows)
             count = tl.load(scratch + num_rows + 1)
@@ -381,13 +407,16 @@ def _alloc_windows(
         excl = before + tl.associative_scan(pops, 0, _add) - pops  # [TILE]
         own_sums += pops
         if RELEASE:
-            held_before = tl.reduce(own_held, 0, _add) + tl.reduce(held_sums, 0, _add)
+            if SUMS:
+                held_before = tl.reduce(held_sums, 0, _add)
+            else:
+                held_before = tl.reduce(own_held, 0, _add) + tl.reduce(held_sums, 0, _add)
             held_start = count + held_before + tl.associative_scan(held, 0, _add) - held
             own_held += held
             _push_branch_pages(
                 rows, valid, held, held_start, branch_pages, free_pages, head, num_pages, branch_stride, BLOCK_R
             )
-            if not alone:  # for the last program, which sums them
+            if not owner:  # for the last program, which sums them
                 tl.store(scratch + 2 * num_rows + offs, held, mask=in_batch)
         if BRANCH:
             tl.debug_barrier()  # the released pages are read before the new ones overwrite them
@@ -421,10 +450,10 @@ def _alloc_windows(
                 BLOCK_E,
                 COPY,
             )
-            if not alone:  # for the last program, which writes them
+            if not owner:  # for the last program, which writes them
                 tl.store(scratch + 3 * num_rows + offs, branch_need, mask=in_batch)
         if RELEASE or BRANCH:
-            if alone:  # no other program reads these counts
+            if owner:  # no other program reads these counts
                 if BRANCH:
                     held_now = branch_need
                 else:
@@ -482,10 +511,13 @@ def _alloc_windows(
             if COMMIT:
                 tl.store(seq_lens + rows, starts.to(seq_lens.dtype.element_ty), mask=valid)
             if SUMS:
-                if tile == num_tiles - 1:  # the last tile: every pop of the batch is known
+                if tile == num_tiles - 1:  # the last tile: every pop (and push) of the batch is known
                     popped = tl.minimum(before + tl.reduce(pops, 0, _add), count)
+                    new_count = count - popped
+                    if RELEASE:
+                        new_count += tl.minimum(held_before + tl.reduce(held, 0, _add), num_pages - count)
                     tl.store(counters, _ring_index(head, popped, num_pages).to(counters.dtype.element_ty))
-                    tl.store(counters + 1, (count - popped).to(counters.dtype.element_ty))
+                    tl.store(counters + 1, new_count.to(counters.dtype.element_ty))
         else:  # for the last program, which writes them (COMMIT: other programs read the open windows too)
             if COMMIT:
                 tl.store(scratch + 3 * num_rows + offs, starts, mask=in_batch)
@@ -705,6 +737,7 @@ def _count_pops_kernel(
             False,
             False,
             COMMIT,
+            False,
         )[7]
         tl.store(scratch + tile, tl.reduce(need, 0, _add), mask=tile < num_rows)
     if pid == 0:
@@ -1353,7 +1386,8 @@ def _commit_tree_tile(
     BLOCK_T: tl.constexpr,
     REPOINT: tl.constexpr,
 ):
-    """The tree commit of requests ``[tile_start, tile_start + TILE)`` (see ``_commit_tree_kernel``)."""
+    """The tree commit of requests ``[tile_start, tile_start + TILE)`` (see ``_commit_tree_kernel``). Returns their
+    rows, whether each is valid and their committed lengths."""
     m = tl.arange(0, BLOCK_T)
     offs = tile_start + tl.arange(0, TILE)  # [TILE]
     in_batch = offs < bs
@@ -1430,6 +1464,37 @@ def _commit_tree_tile(
         tl.store(kv_dst + out, dst.to(kv_dst.dtype.element_ty), mask=in_out)
     tl.store(seq_lens + rows, (seq + a).to(seq_lens.dtype.element_ty), mask=valid)
     tl.store(window_lens + rows, (a * 0).to(window_lens.dtype.element_ty), mask=valid)
+    return rows, valid, seq + a
+
+
+@triton.jit
+def _tree_draft_pops(
+    valid,
+    starts,
+    allocs,
+    held,
+    window_len,
+    max_context_len,
+    branch_width,
+    topk,
+    num_steps,
+    PAGE_SIZE: tl.constexpr,
+    PAGE_SHIFT: tl.constexpr,
+    RELEASE: tl.constexpr,
+):
+    """The pages that the tree draft (``_alloc_windows`` with ``BRANCH``) pops and pushes for rows whose committed
+    lengths are ``starts`` (within ``[0, max_context_len]``), whose ``alloc_lens`` are ``allocs`` and (with
+    ``RELEASE``) which hold ``held`` branch pages (both clamped as the draft clamps them): its window's pages and its
+    branches', unless it keeps the branch pages it holds for them; the pages it holds otherwise go back."""
+    need = _grow(valid, starts, allocs, starts + window_len, max_context_len, PAGE_SIZE, PAGE_SHIFT)[3]
+    _, per_branch, branch_need = _branch_shape(starts, valid, branch_width, topk, num_steps, PAGE_SIZE, PAGE_SHIFT)
+    if RELEASE:
+        reuse = _reused(held, branch_need, per_branch, topk)
+        pushes = held * (1 - reuse)
+    else:
+        reuse = starts * 0
+        pushes = starts * 0
+    return need + branch_need * (1 - reuse), pushes
 
 
 @triton.jit(
@@ -1539,6 +1604,112 @@ def _commit_tree_kernel(
         _release_finish(
             counters, req_pool_indices, num_branch_pages, count, bs, num_rows, num_pages, branch_width, SCAN_BLOCK
         )
+
+
+@triton.jit(
+    do_not_specialize=[
+        "bs",
+        "window_len",
+        "num_rows",
+        "max_context_len",
+        "row_stride",
+        "tree_size",
+        "index_stride",
+        "branch_width",
+        "topk",
+        "num_steps",
+    ]
+)
+def _commit_tree_count_kernel(
+    req_to_token,
+    req_pool_indices,
+    accept_index,
+    accept_lens,
+    seq_lens,
+    window_lens,
+    alloc_lens,
+    num_branch_pages,
+    kv_src,
+    kv_dst,
+    counters,
+    scratch,
+    bs,
+    window_len,
+    num_rows,
+    max_context_len,
+    row_stride,
+    tree_size,
+    index_stride,
+    branch_width,
+    topk,
+    num_steps,
+    PAGE_SIZE: tl.constexpr,
+    PAGE_SHIFT: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    REPOINT: tl.constexpr,
+    RELEASE: tl.constexpr,
+    TRIGGER: tl.constexpr,
+):
+    """The first launch of a tree step in two (``commit_tree_and_draft`` past one program): the tree commit of each
+    ``TILE``-request tile (``_commit_tree_kernel`` without ``RELEASE``), then, from the lengths it leaves in
+    registers, the pages the tree draft of ``window_len`` nodes will pop for the tile at ``scratch[tile]`` and (with
+    ``RELEASE``, the draft's) push at ``scratch[2 * num_rows + tile]`` (``_tree_draft_pops``), and the ring's head and
+    count at ``scratch[num_rows]``, ``scratch[num_rows + 1]``. The second launch, ``_alloc_windows_kernel`` with
+    ``BRANCH`` and ``SUMS`` (its tiles a multiple of these), then reads one sum per earlier tile instead of every
+    earlier request's lengths, and needs no ticket and no pass over the batch. ``TRIGGER``: let the second, a
+    programmatic dependent launch (``PDL``), start at once."""
+    if TRIGGER:
+        _pdl_launch_dependents()
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    num_tiles = (bs + TILE - 1) // TILE
+    for tile in range(pid, num_tiles, num_programs):
+        # What the draft reads that the commit does not write, loaded before the commit's chain of loads.
+        offs = tile * TILE + tl.arange(0, TILE)  # [TILE]
+        rows, valid, held = _branch_counts(offs, offs < bs, req_pool_indices, num_branch_pages, num_rows, branch_width)
+        allocs = tl.load(alloc_lens + rows, mask=valid, other=0).to(tl.int32)
+        allocs = tl.minimum(tl.maximum(allocs, 0), max_context_len)
+        seqs = _commit_tree_tile(
+            tile * TILE,
+            req_to_token,
+            req_pool_indices,
+            accept_index,
+            accept_lens,
+            seq_lens,
+            window_lens,
+            kv_src,
+            kv_dst,
+            bs,
+            num_rows,
+            max_context_len,
+            row_stride,
+            tree_size,
+            index_stride,
+            TILE,
+            BLOCK_T,
+            REPOINT,
+        )[2]
+        pops, pushes = _tree_draft_pops(
+            valid,
+            seqs,
+            allocs,
+            held,
+            window_len,
+            max_context_len,
+            branch_width,
+            topk,
+            num_steps,
+            PAGE_SIZE,
+            PAGE_SHIFT,
+            RELEASE,
+        )
+        tl.store(scratch + tile, tl.reduce(pops, 0, _add), mask=tile < num_rows)
+        if RELEASE:
+            tl.store(scratch + 2 * num_rows + tile, tl.reduce(pushes, 0, _add), mask=tile < num_rows)
+    if pid == 0:
+        tl.store(scratch + num_rows, tl.load(counters).to(tl.int32))
+        tl.store(scratch + num_rows + 1, tl.load(counters + 1).to(tl.int32))
 
 
 @triton.jit(
