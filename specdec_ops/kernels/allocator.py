@@ -16,8 +16,9 @@ from (``alloc_lens``, ``prefix_lens``) and the ring counters only in its *last* 
 ticket (``atomic_add`` on ``counters[2]``, ``sem="acq_rel"``, the only atomics triton-ascend supports) after its
 last read of shared state, and the program that draws the last ticket rewrites those values for the whole batch,
 moves the counters and resets the ticket. A draft that commits first past one program may take two launches
-instead (``_count_pops_kernel``, then ``SUMS``): the first writes each tile's pops to scratch, so the second reads one
-sum per earlier tile, and each program writes its own rows, with no ticket and no last pass. Pops read the ring at
+instead (``_count_pops_kernel`` for a chain, ``_commit_tree_count_kernel`` for a tree, then ``SUMS``): the first
+writes each tile's pops (and pushes) to scratch, so the second reads one sum per earlier tile, and each program
+writes its own rows, with no ticket and no last pass. Pops read the ring at
 ``[head, head + count)``, pushes write at ``[head + count, ...)``: disjoint, since the pages pushed are pages in
 use, so ``count + pushed <= num_pages``.
 
