@@ -390,6 +390,9 @@ def _alloc_windows(
             if PDL:
                 if not BRANCH:
                     _pdl_wait()  # the first launch has ended: its scratch is written, and so may this be
+            # The counters' copy first: loads after the loop below would wait for its last load to come back.
+            head = tl.load(scratch + num_rows)
+            count = tl.load(scratch + num_rows + 1)
             counted = tile * SUMS  # the first launch's tiles before this one (SUMS of them a tile)
             for t0 in range(scanned, counted, SCAN_BLOCK):  # (scanned counts the first launch's tiles here)
                 t = t0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
@@ -399,8 +402,6 @@ def _alloc_windows(
                     held_sums += tl.load(scratch + 2 * num_rows + t, mask=earlier_tile, other=0)
             scanned = counted
             before = tl.reduce(lane_sums, 0, _add)
-            head = tl.load(scratch + num_rows)
-            count = tl.load(scratch + num_rows + 1)
         else:
             before = tl.reduce(own_sums, 0, _add)
             if (tile_start > 0) & (num_programs > 1):  # other programs' requests came before this tile
