@@ -141,6 +141,11 @@ _NPU_BRANCH_BLOCK = 32
 # 16 / 32 / none: bs 4 3.5 / 4.0 / 4.8 / 6.6 / 6.6 us, bs 64 5.7 / 6.0 / 7.1 / 9.7 / 15.9, bs 1024 7.0 / 7.1 / 8.1 /
 # 10.7 / 10.7).
 _COPY_TREE_DRAFT_TILE = 4
+# ... whose copy pairs a counted draft (the second of a tree step's two launches, _tree_step_counts) writes in
+# [TILE, _COPY_COUNTED_BLOCK] blocks: H200 graph replay of commit_tree_and_draft, page 64, topk 4, 5 steps, T 8, two
+# runs alternated: bs 16 / 64 / 256 / 1024 4.93 / 5.43 / 5.54 / 6.32 us against 5.06 / 5.42 / 5.52 / 6.69 with 64
+# (256: 5.37 / 5.65 / 5.88 / 7.33). The one-program draft of a one-launch step keeps 64 (bs 8: 5.10 against 5.44).
+_COPY_COUNTED_BLOCK = 128
 # ... unless the batch has at most _COPY_ONE_PROGRAM_BS requests and _COPY_ONE_PROGRAM copy pairs (bs * topk *
 # (page_size - 1)): then one program, with no ticket and no last pass (H100 profiler, topk 4, 5 steps, T 8, 4-request
 # tiles against one program: page 16 bs 8 5.74 against 3.77 us, bs 16 5.61 against 4.55, bs 32 5.69 against 5.87-5.93;
@@ -1304,14 +1309,16 @@ class DraftCacheAllocator:
             _NUM_WARPS,
         )
 
-    def _branch_block(self, topk: int, num_steps: int) -> int:
+    def _branch_block(self, topk: int, num_steps: int, counted: bool = False) -> int:
         """BLOCK_E of the kernels that write branch slots and copy pairs: the row of a request's slots or pairs,
-        capped."""
+        capped (``counted``: a tree draft that reads its counts from the launch before it)."""
         p = self.page_size
         if backend.is_npu(self.device):
             block = _NPU_BRANCH_BLOCK
+        elif p > 1:
+            block = _COPY_COUNTED_BLOCK if counted else _COPY_BRANCH_BLOCK
         else:
-            block = _COPY_BRANCH_BLOCK if p > 1 else _BRANCH_BLOCK
+            block = _BRANCH_BLOCK
         return min(1 << (max(topk * num_steps, topk * (p - 1), 2) - 1).bit_length(), block)
 
     def release_branches(self, req_pool_indices: IntVector, *, validate: bool = False) -> None:
@@ -2094,7 +2101,7 @@ class DraftCacheAllocator:
             if sums and branches is None
             else self._batch_tile(bs, release, 0 if branches is None else branches[0], sums),
             self._alloc_scan_block(bs),
-            0 if branches is None else self._branch_block(branches[0], branches[1]),
+            0 if branches is None else self._branch_block(branches[0], branches[1], sums),
             bs > _LARGE_BATCH,
             accept is not None,
             sums,
