@@ -1565,7 +1565,7 @@ class DraftCacheAllocator:
         (``_launch_commit_tree_count``, then the draft with ``sums``): where the draft runs on more than one program.
         A draft of one program has no sums over earlier requests and no ticket to save. H200 graph replay, topk 4,
         5 steps, T 8, a step against the tree commit and the draft with its ticket: page 1 bs 256 / 1024 5.8 / 6.2
-        against 8.9 / 9.9 us, page 64 bs 16 / 1024 5.1 / 6.8 against 7.9 / 10.9 (docs/performance.md)."""
+        against 8.9 / 9.9 us, page 64 bs 16 / 1024 5.0 / 6.5 against 8.0 / 11.1 (docs/performance.md)."""
         key = (bs, n, release, branches[0], branches[1], tree)
         counts = self._tree_step_counted.get(key)
         if counts is None:
