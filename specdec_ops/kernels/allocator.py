@@ -328,9 +328,7 @@ def _alloc_windows(
                         seq_earlier, valid_earlier, branch_width, topk, num_steps, PAGE_SIZE, PAGE_SHIFT
                     )
                     if RELEASE:  # requests that keep their pages neither push nor pop them
-                        kept_earlier = _reused(held_earlier, branch_earlier, per_branch_earlier, topk)
-                        held_earlier = held_earlier * (1 - kept_earlier)
-                        branch_earlier = branch_earlier * (1 - kept_earlier)
+                        _, branch_earlier, held_earlier = _trade(held_earlier, branch_earlier, per_branch_earlier, topk)
                     earlier += branch_earlier
                 if RELEASE:
                     held_sums += held_earlier
@@ -381,11 +379,10 @@ def _alloc_windows(
                 starts, valid, branch_width, topk, num_steps, PAGE_SIZE, PAGE_SHIFT
             )
             if RELEASE:
-                reuse = _reused(held, branch_need, per_branch, topk)
-                held = held * (1 - reuse)
+                reuse, branch_pops, held = _trade(held, branch_need, per_branch, topk)
             else:
-                reuse = rows * 0
-            pops += branch_need * (1 - reuse)
+                reuse, branch_pops = rows * 0, branch_need
+            pops += branch_pops
         if SUMS:  # every tile before this one, this program's own included, from the first launch
             if PDL:
                 if not BRANCH:
@@ -1082,6 +1079,15 @@ def _reused(held, need, per_branch, topk):
 
 
 @triton.jit
+def _trade(held, need, per_branch, topk):
+    """The branch pages a request pops and pushes for ``need`` new ones while it holds ``held``: none where it keeps
+    them (``_reused``), else all ``need`` popped and all ``held`` pushed. Returns ``(reuse, pops, pushes)``: every
+    kernel that moves branch pages counts them here, so that a launch's counts and its pops agree."""
+    reuse = _reused(held, need, per_branch, topk)
+    return reuse, need * (1 - reuse), held * (1 - reuse)
+
+
+@triton.jit
 def _branch_page(page_k, in_out, popping, reuse, excl, branch_addr, branch_pages, free_pages, head, count, num_pages):
     """The ``page_k``-th branch page of each request (``[TILE, E]``) and where there is one: popped at ring offset
     ``excl + page_k``, or kept in ``branch_pages`` where ``reuse``."""
@@ -1262,9 +1268,9 @@ def _alloc_branches_kernel(
                 PAGE_SIZE,
                 PAGE_SHIFT,
             )
-            moved_earlier = 1 - _reused(held_earlier, need_earlier, per_branch_earlier, topk)
-            held_sums += held_earlier * moved_earlier
-            need_sums += need_earlier * moved_earlier
+            _, popped_earlier, pushed_earlier = _trade(held_earlier, need_earlier, per_branch_earlier, topk)
+            held_sums += pushed_earlier
+            need_sums += popped_earlier
         scanned = tile_start + TILE
         offs = tile_start + tl.arange(0, TILE)  # [TILE]
         in_batch = offs < bs
@@ -1283,9 +1289,7 @@ def _alloc_branches_kernel(
             PAGE_SHIFT,
         )
         # Requests that keep their branch pages (_reused) push and pop none.
-        reuse = _reused(held, need, per_branch, topk)
-        to_push = held * (1 - reuse)
-        to_pop = need * (1 - reuse)
+        reuse, to_pop, to_push = _trade(held, need, per_branch, topk)
         held_before = tl.reduce(own_held, 0, _add)
         need_before = tl.reduce(own_need, 0, _add)
         if (tile_start > 0) & (num_programs > 1):  # other programs' requests came before this tile
@@ -1355,9 +1359,9 @@ def _alloc_branches_kernel(
                 PAGE_SIZE,
                 PAGE_SHIFT,
             )
-            moved = 1 - _reused(held, need, per_branch, topk)
-            pushed_lanes += held * moved
-            popped_lanes += need * moved
+            _, moved_pops, moved_pushes = _trade(held, need, per_branch, topk)
+            pushed_lanes += moved_pushes
+            popped_lanes += moved_pops
             tl.debug_barrier()  # every lane has read the counts it sums
             tl.store(num_branch_pages + rows, need.to(num_branch_pages.dtype.element_ty), mask=valid)
         popped = tl.minimum(tl.reduce(popped_lanes, 0, _add), count)
@@ -1491,12 +1495,10 @@ def _tree_draft_pops(
     need = _grow(valid, starts, allocs, starts + window_len, max_context_len, PAGE_SIZE, PAGE_SHIFT)[3]
     _, per_branch, branch_need = _branch_shape(starts, valid, branch_width, topk, num_steps, PAGE_SIZE, PAGE_SHIFT)
     if RELEASE:
-        reuse = _reused(held, branch_need, per_branch, topk)
-        pushes = held * (1 - reuse)
+        _, branch_pops, pushes = _trade(held, branch_need, per_branch, topk)
     else:
-        reuse = starts * 0
-        pushes = starts * 0
-    return need + branch_need * (1 - reuse), pushes
+        branch_pops, pushes = branch_need, starts * 0
+    return need + branch_pops, pushes
 
 
 @triton.jit(
