@@ -152,6 +152,13 @@ _COPY_COUNTED_BLOCK = 128
 # page 64 bs 8 5.97 against 4.64-4.68, bs 16 6.01 against 6.27).
 _COPY_ONE_PROGRAM = 2048
 _COPY_ONE_PROGRAM_BS = 16
+# ... and a counted draft (the second of a tree step's two launches) only up to _COPY_COUNTED_ONE_PROGRAM pairs, and
+# so commit_tree_and_draft's one launch, taken where the counted draft would be one program: past them the commit
+# that counts, then the draft on 4-request tiles, wins (H200 graph replay of commit_tree_and_draft, topk 4, 5 steps,
+# T 8, one launch against two, alternated twice: page 16 bs 16 (960 pairs) 5.35 against 4.51-4.52 us, page 64 bs 8
+# (2016) 5.09-5.10 against 4.55-4.89; page 16 bs 8 (480) 4.35-4.37 against 4.49, page 4 bs 16 (192) 4.29-4.30
+# against 4.32-4.33).
+_COPY_COUNTED_ONE_PROGRAM = 512
 # A draft that also gives branches (alloc_tree_draft) on Ascend: 4 requests a tile (with 8 or 16, the on-chip buffer
 # peaked at 144-180 KiB for some windows and page sizes; with 4 at 113 KiB at most).
 _NPU_TREE_DRAFT_TILE = 4
@@ -1546,8 +1553,9 @@ class DraftCacheAllocator:
     def _tree_step_in_one_launch(self, bs: int, n: int, release: bool, branches: tuple, tree: int) -> bool:
         """Whether commit_tree_and_draft of ``tree``-node trees and ``n``-node windows makes one launch
         (``_commit_tree_draft_kernel``): where the tree draft runs as one program, which may then commit first with no
-        other program reading the rows' lengths; off Ascend also only where the tree commit is one tile
-        (_TREE_STEP_ELEMENTS), on an NPU only for trees and windows within _NPU_TREE_STEP_MAX_NODES(_REPOINT)."""
+        other program reading the rows' lengths (one program where the counted draft of the two launches would be,
+        see ``_tree_step_counts``: there are no counts to take); off Ascend also only where the tree commit is one
+        tile (_TREE_STEP_ELEMENTS), on an NPU only for trees and windows within _NPU_TREE_STEP_MAX_NODES(_REPOINT)."""
         key = (bs, n, release, branches[0], branches[1], tree)
         one = self._tree_step_launches.get(key)
         if one is None:
@@ -1556,7 +1564,7 @@ class DraftCacheAllocator:
                 fits = max(n, tree) <= limit
             else:
                 fits = bs <= self._tree_step_commit_tile(bs, tree)
-            tile = self._alloc_launch_config(bs, n, False, False, True, release, branches, None, False)[0]
+            tile = self._alloc_launch_config(bs, n, False, False, True, release, branches, None, True)[0]
             one = self._tree_step_launches[key] = fits and self._grid(bs, tile) == (1,)
         return one
 
@@ -1873,7 +1881,8 @@ class DraftCacheAllocator:
         else:
             tile = max(1 << (bs - 1).bit_length(), _MIN_TILE)
         if branch and self.page_size > 1:
-            tile = self._copy_pairs_tile(bs, topk, _COPY_TREE_DRAFT_TILE, _COPY_ONE_PROGRAM_BS, _COPY_ONE_PROGRAM)
+            pairs = _COPY_COUNTED_ONE_PROGRAM if sums else _COPY_ONE_PROGRAM
+            tile = self._copy_pairs_tile(bs, topk, _COPY_TREE_DRAFT_TILE, _COPY_ONE_PROGRAM_BS, pairs)
         return tile
 
     def _two_pass_tile(self, bs: int, n: int) -> int:
