@@ -194,7 +194,7 @@ _NPU_TREE_STEP_MAX_NODES = 32
 # spread the commit over programs. H200 graph replay, topk 4, 5 steps, T 8, page 1, mask re-pointing: one launch
 # 3.9 / 4.3 / 4.4 / 4.8 us a step at bs 4 / 8 / 16 / 32, against 5.3 / 5.4 / 5.5 / 5.6 in two launches, and at bs 64
 # (a cap of 512) 7.3 against 7.1 (profiler, per kernel: 7.14 us against 4.52 + 2.15); page 64 (its draft is one
-# program up to bs 8): 4.5 / 5.2 at bs 4 / 8 against 5.6 / 6.5.
+# program up to bs 4 since _COPY_COUNTED_ONE_PROGRAM, 8 before): 4.5 / 5.2 at bs 4 / 8 against 5.6 / 6.5.
 _TREE_STEP_ELEMENTS = 256
 # CUDA warps per program (ignored by triton-ascend and the interpreter).
 _NUM_WARPS = 8
@@ -789,8 +789,8 @@ class DraftCacheAllocator:
 
         One launch where the tree draft is one program and, off Ascend, the tree commit one tile of at most 256
         elements: ``bs * T`` (32 requests of 8-node trees at ``page_size == 1``; ``bs * T * T`` past 64 nodes there);
-        with larger pages the draft is one program up to 16 requests and 2048 copy pairs
-        (``bs * topk * (page_size - 1)``). On Ascend,
+        with larger pages the draft is one program up to 16 requests and 512 copy pairs
+        (``bs * topk * (page_size - 1)``), or 4 requests. On Ascend,
         up to 4 requests, with trees and windows of at most 8 nodes (``page_size == 1``) or 32 (larger pages), for its
         on-chip buffer. Otherwise two launches: the tree commit's, then the draft's, compiled before the first runs,
         so that once the commit has run only a launch could fail.

@@ -405,8 +405,8 @@ def test_commit_tree_and_draft_is_the_two_calls_in_one_launch(page_size, bs, lau
     """commit_tree_and_draft gives exactly what commit_tree(keep_branches=True) + alloc_tree_draft give, call for
     call (slots, pairs, the whole state), in one launch while the tree draft is one program and the tree commit one
     tile (here topk 4, 5 steps, T 6: up to 32 requests at page 1; with pages > 1 up to 16 requests and 512 copy
-    pairs, or the 4 of a draft tile), in two past it: the tree commit and the draft while the draft is one program (up to 64 requests at page
-    1), past that the tree commit with the draft's counts and the draft from them."""
+    pairs, or the 4 of a draft tile), in two past it: the tree commit and the draft while the draft is one program
+    (up to 64 requests at page 1), past that the tree commit with the draft's counts and the draft from them."""
     topk, num_steps, tree = 4, 5, 6
 
     def run(one_call):
