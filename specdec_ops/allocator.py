@@ -1554,17 +1554,22 @@ class DraftCacheAllocator:
         """Whether commit_tree_and_draft of ``tree``-node trees and ``n``-node windows makes one launch
         (``_commit_tree_draft_kernel``): where the tree draft runs as one program, which may then commit first with no
         other program reading the rows' lengths (one program where the counted draft of the two launches would be,
-        see ``_tree_step_counts``: there are no counts to take); off Ascend also only where the tree commit is one
-        tile (_TREE_STEP_ELEMENTS), on an NPU only for trees and windows within _NPU_TREE_STEP_MAX_NODES(_REPOINT)."""
-        key = (bs, n, release, branches[0], branches[1], tree)
+        see ``_tree_step_counts``: there are no counts to take; a call outside graph capture on a device, eager, where
+        the host's second launch costs more than it saves on the device, takes the one launch wherever the tree draft
+        alone would be one program); off Ascend also only where the tree commit is one tile (_TREE_STEP_ELEMENTS), on
+        an NPU only for trees and windows within _NPU_TREE_STEP_MAX_NODES(_REPOINT)."""
+        device = self.device
+        eager = not backend.is_interpreted(device) and not backend.is_capturing(device)
+        key = (bs, n, release, branches[0], branches[1], tree, eager)
         one = self._tree_step_launches.get(key)
         if one is None:
-            if backend.is_npu(self.device):
+            if backend.is_npu(device):
                 limit = _NPU_TREE_STEP_MAX_NODES_REPOINT if self.page_size == 1 else _NPU_TREE_STEP_MAX_NODES
                 fits = max(n, tree) <= limit
             else:
                 fits = bs <= self._tree_step_commit_tile(bs, tree)
-            tile = self._alloc_launch_config(bs, n, False, False, True, release, branches, None, True)[0]
+            # Eager, the draft's own one-program limit (a second launch costs the host more than it saves the device)
+            tile = self._alloc_launch_config(bs, n, False, False, True, release, branches, None, not eager)[0]
             one = self._tree_step_launches[key] = fits and self._grid(bs, tile) == (1,)
         return one
 

@@ -512,6 +512,19 @@ def test_commit_tree_and_draft_on_ascend_takes_one_launch_for_small_trees_only(p
     assert not alloc._tree_step_in_one_launch(5, 2, False, branches, 2), "its tree draft tiles take 4 requests"
 
 
+def test_commit_tree_and_draft_takes_one_launch_eagerly_wherever_its_draft_is_one_program(monkeypatch):
+    """With pages > 1, in a graph (and in the interpreter) the one launch is taken up to 512 copy pairs, where the
+    counted draft of two launches would be one program; eager calls on a device take it wherever the tree draft alone
+    is one program (16 requests, 2048 pairs): a second launch costs the host more than it saves the device."""
+    alloc = DraftCacheAllocator(16 * 64, 32, 64, page_size=16, device="cpu")
+    branches = (4, 5, None, None, None)  # 60 copy pairs a request
+    assert [alloc._tree_step_in_one_launch(bs, 4, False, branches, 4) for bs in (4, 8, 9, 16)] == [1, 1, 0, 0]
+    monkeypatch.setattr(allocator_module.backend, "is_interpreted", lambda device: False)
+    assert [alloc._tree_step_in_one_launch(bs, 4, False, branches, 4) for bs in (8, 9, 16, 17)] == [1, 1, 1, 0]
+    monkeypatch.setattr(allocator_module.backend, "is_capturing", lambda device: True)
+    assert [alloc._tree_step_in_one_launch(bs, 4, False, branches, 4) for bs in (8, 9, 16)] == [1, 0, 0]
+
+
 @pytest.mark.parametrize("counts", [False, True], ids=["commit", "count"])
 @pytest.mark.parametrize("wrapper", [False, True], ids=["method", "wrapper"])
 def test_commit_tree_and_draft_in_two_launches_compiles_the_draft_first(wrapper, counts, monkeypatch):
