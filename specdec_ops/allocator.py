@@ -790,7 +790,8 @@ class DraftCacheAllocator:
         One launch where the tree draft is one program and, off Ascend, the tree commit one tile of at most 256
         elements: ``bs * T`` (32 requests of 8-node trees at ``page_size == 1``; ``bs * T * T`` past 64 nodes there);
         with larger pages the draft is one program up to 16 requests and 512 copy pairs
-        (``bs * topk * (page_size - 1)``), or 4 requests. On Ascend,
+        (``bs * topk * (page_size - 1)``), or 4 requests, and in eager calls on a device (not capturing a graph) up to
+        16 requests and 2048 pairs. On Ascend,
         up to 4 requests, with trees and windows of at most 8 nodes (``page_size == 1``) or 32 (larger pages), for its
         on-chip buffer. Otherwise two launches: the tree commit's, then the draft's, compiled before the first runs,
         so that once the commit has run only a launch could fail.

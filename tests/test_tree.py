@@ -1301,11 +1301,11 @@ def test_gpu_graph_captures_a_whole_tree_step(page_size, fused):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("page_size, bs", [(1, 8), (1, 48), (16, 8), (16, 48)], ids=lambda v: str(v))
+@pytest.mark.parametrize("page_size, bs", [(1, 8), (1, 48), (16, 8), (16, 16), (16, 48)], ids=lambda v: str(v))
 def test_gpu_graph_captures_commit_tree_and_draft(page_size, bs):
-    """commit_tree_and_draft (one launch at bs 8, two at bs 48) captured once and
-    replayed with new paths: the same outputs and state as commit_tree(keep_branches=True) + alloc_tree_draft run
-    eagerly."""
+    """commit_tree_and_draft (one launch at bs 8, two at bs 48; at page 16 bs 16 one launch in the eager warm-up and
+    two in the graph, whose kernels first compile during the capture) captured once and replayed with new paths: the
+    same outputs and state as commit_tree(keep_branches=True) + alloc_tree_draft run eagerly."""
     topk, steps, tree, replays = 4, 5, 8, 40
     prompt_lens = [(13 * i) % 200 for i in range(bs)]
     context = 256 + tree * (replays + 3)
