@@ -213,14 +213,22 @@ def _tile_counts(scratch, scanned, counted, num_rows, SCAN_BLOCK: tl.constexpr, 
     All loads, no use: the caller's next loads go out with them."""
     head = tl.load(scratch + num_rows)
     count = tl.load(scratch + num_rows + 1)
-    t = scanned + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
+    pops, pushes = _tile_sums(scratch, scanned, counted, num_rows, SCAN_BLOCK, RELEASE)
+    return head, count, pops, pushes
+
+
+@triton.jit
+def _tile_sums(scratch, t0, counted, num_rows, SCAN_BLOCK: tl.constexpr, RELEASE: tl.constexpr):
+    """The pops and (``RELEASE``) pushes that the first launch of a draft in two left for its tiles
+    ``[t0, min(t0 + SCAN_BLOCK, counted))``, lane-wise (0 elsewhere)."""
+    t = t0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
     earlier_tile = (t < counted) & (t < num_rows)
     pops = tl.load(scratch + t, mask=earlier_tile, other=0)
     if RELEASE:
         pushes = tl.load(scratch + 2 * num_rows + t, mask=earlier_tile, other=0)
     else:
         pushes = pops * 0
-    return head, count, pops, pushes
+    return pops, pushes
 
 
 @triton.jit
@@ -471,11 +479,10 @@ def _alloc_windows(
                 summed = scanned
             counted = tile * SUMS  # the first launch's tiles before this one (SUMS of them a tile)
             for t0 in range(summed, counted, SCAN_BLOCK):  # (scanned counts the first launch's tiles here)
-                t = t0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
-                earlier_tile = (t < counted) & (t < num_rows)
-                lane_sums += tl.load(scratch + t, mask=earlier_tile, other=0)
+                pops_t, pushes_t = _tile_sums(scratch, t0, counted, num_rows, SCAN_BLOCK, RELEASE)
+                lane_sums += pops_t
                 if RELEASE:
-                    held_sums += tl.load(scratch + 2 * num_rows + t, mask=earlier_tile, other=0)
+                    held_sums += pushes_t
             scanned = counted
             before = tl.reduce(lane_sums, 0, _add)
         else:
