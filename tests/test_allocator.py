@@ -392,14 +392,13 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert {row: seq_lens[row] for row in self.seq} == self.seq
 
     def teardown(self):
-        if not hasattr(self, "alloc"):
-            return
         try:
-            self.alloc.free_requests(self.alloc.rows_in_use())
-            assert self.alloc.num_free_slots() == self.alloc.num_slots
-            check_layout(self.alloc)
+            if hasattr(self, "alloc"):
+                self.alloc.free_requests(self.alloc.rows_in_use())
+                assert self.alloc.num_free_slots() == self.alloc.num_slots
+                check_layout(self.alloc)
         finally:
-            for name, value in self._saved_tiles.items():
+            for name, value in getattr(self, "_saved_tiles", {}).items():
                 setattr(allocator_module, name, value)
 
 

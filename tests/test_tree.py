@@ -980,9 +980,16 @@ class TreeMachine(RuleBasedStateMachine):
     MAX_REQUESTS = 4
     MAX_CONTEXT_LEN = 48
     MAX_TREE = 6
+    MAX_ADD = 2  # requests an add makes at most
+
+    # Launch constants of specdec_ops.allocator to shrink for this machine (many programs with few requests).
+    TILES: dict[str, object] = {}
 
     @initialize(data=st.data())
     def start(self, data):
+        self._saved_tiles = {name: getattr(allocator_module, name) for name in self.TILES}
+        for name, value in self.TILES.items():
+            setattr(allocator_module, name, value)
         self.alloc = DraftCacheAllocator(
             self.NUM_PAGES * self.PAGE_SIZE, self.MAX_REQUESTS, self.MAX_CONTEXT_LEN, page_size=self.PAGE_SIZE,
             device="cpu",
@@ -1016,7 +1023,9 @@ class TreeMachine(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def add(self, data):
-        lens = data.draw(st.lists(st.integers(0, self.MAX_CONTEXT_LEN // 3), max_size=2), label="prompt_lens")
+        lens = data.draw(
+            st.lists(st.integers(0, self.MAX_CONTEXT_LEN // 3), max_size=self.MAX_ADD), label="prompt_lens"
+        )
         if len(lens) > self.MAX_REQUESTS - self.alloc.num_requests:
             return
         if sum(pages(n, self.PAGE_SIZE) for n in lens) > self.free_pages():
@@ -1196,12 +1205,15 @@ class TreeMachine(RuleBasedStateMachine):
         assert {row: int(self.alloc.window_lens[row]) for row in self.window} == self.window
 
     def teardown(self):
-        if not hasattr(self, "alloc"):
-            return
-        self.alloc.free_requests(self.alloc.rows_in_use())
-        assert self.alloc.num_free_slots() == self.alloc.num_slots
-        assert not self.alloc.num_branch_pages.any()
-        check_layout(self.alloc, ask_free_slots=False)
+        try:
+            if hasattr(self, "alloc"):
+                self.alloc.free_requests(self.alloc.rows_in_use())
+                assert self.alloc.num_free_slots() == self.alloc.num_slots
+                assert not self.alloc.num_branch_pages.any()
+                check_layout(self.alloc, ask_free_slots=False)
+        finally:
+            for name, value in getattr(self, "_saved_tiles", {}).items():
+                setattr(allocator_module, name, value)
 
 
 TREE_SETTINGS = settings(
@@ -1221,10 +1233,48 @@ class TreePage16(TreeMachine):
     PAGE_SIZE, NUM_PAGES, MAX_CONTEXT_LEN = 16, 14, 64
 
 
+# Tiles of 2 requests, scans of 4 and blocks of 4: every tree draft, branch and tree commit of more than 2 requests
+# spans several programs (each summing the requests before its tile, the last one writing the shared state), and
+# commit_tree_and_draft of more than 2 requests takes two launches, the tree commit counting each draft tile's pops
+# and pushes for the draft (SUMS).
+TREE_MANY_PROGRAMS = {
+    "_MAX_TILE": 2,
+    "_MIN_TILE": 2,
+    "_SCAN_BLOCK": 4,
+    "_FREE_TILE": 2,
+    "_FREE_BLOCK_P": 2,
+    "_FREE_CLASSES": ((None, 2, 2),),
+    "_COMMIT_TILE": 2,
+    "_COMMIT_DRAFT_MAX_BATCH": 4,
+    "_TWO_PASS_TILE": 2,
+    "_BRANCH_TILE": 2,
+    "_BRANCH_BLOCK": 4,
+    "_COPY_BRANCH_TILE": 2,
+    "_COPY_BRANCH_ONE_PROGRAM_BS": 0,
+    "_COPY_BRANCH_BLOCK": 4,
+    "_RELEASE_ONE_PROGRAM": 0,
+    "_COPY_ONE_PROGRAM": 0,
+    "_COPY_ONE_PROGRAM_BS": 0,
+    "_COPY_COUNTED_ONE_PROGRAM": 0,
+    "_COPY_TREE_DRAFT_TILE": 2,
+    "_TREE_ELEMENTS": 16,
+}
+
+
+class TreeManyProgramsPage1(TreePage1):
+    MAX_REQUESTS, MAX_ADD, NUM_PAGES, TILES = 9, 6, 300, TREE_MANY_PROGRAMS
+
+
+class TreeManyProgramsPage4(TreePage4):
+    MAX_REQUESTS, MAX_ADD, NUM_PAGES, TILES = 9, 6, 120, TREE_MANY_PROGRAMS
+
+
 TestTreePage1 = TreePage1.TestCase
 TestTreePage4 = TreePage4.TestCase
 TestTreePage16 = TreePage16.TestCase
-for _case in (TestTreePage1, TestTreePage4, TestTreePage16):
+TestTreeManyProgramsPage1 = TreeManyProgramsPage1.TestCase
+TestTreeManyProgramsPage4 = TreeManyProgramsPage4.TestCase
+for _case in (TestTreePage1, TestTreePage4, TestTreePage16, TestTreeManyProgramsPage1, TestTreeManyProgramsPage4):
     _case.settings = TREE_SETTINGS
 del _case
 
