@@ -9,7 +9,10 @@
 
 Requests accept a fixed mix of 0..N tokens per step, so windows keep crossing page boundaries and new pages are
 taken from the pool inside the timed steps. Groups ``allocator step bs=256 N=4 page=64 | graph`` compare the three.
-The variants are checked against each other and against the reference, step by step, before timing.
+The variants are checked against each other and against the reference, step by step, before timing. Graph groups
+are timed by pytest-benchmark's timer (the host clock once the device is done, over ``REPLAYS`` replays of
+``CALLS`` steps) and then by device events around more replays (``harness.record_device_time``), listed at the end
+of the run.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ if DEVICE.type == "cpu":
 else:
     CASES, CALLS, ROUNDS, REPLAYS = [(256, 4, 1), (256, 4, 64), (1024, 8, 16)], 20, 10, 5
 CHECK_STEPS = 3
+DEVICE_REPLAYS = harness.DEVICE_TIME_WARMUP + harness.DEVICE_TIME_REPEATS  # replays of record_device_time
 GRAPH_MARK = pytest.mark.npu if DEVICE.type == "npu" else pytest.mark.gpu
 
 
@@ -49,9 +53,9 @@ VARIANTS = ("fused", "unfused", "commit-and-draft")
 
 def _step(bs: int, n: int, page_size: int, variant: str) -> harness.AllocatorStep:
     """``variant``'s step, checked for ``CHECK_STEPS`` calls against the fused one."""
-    # Checks, the eager run before a capture, (warm-up + timed rounds) x replays of CALLS steps, the last check,
-    # with room to spare: past it a replayed step would run out of context.
-    steps = 2 * (CHECK_STEPS + CALLS + CALLS * (1 + ROUNDS) * REPLAYS + 1)
+    # Checks, the eager run before a capture, (warm-up + timed rounds) x replays of CALLS steps, the replays timed
+    # with device events, the last check, with room to spare: past it a replayed step would run out of context.
+    steps = 2 * (CHECK_STEPS + CALLS + CALLS * ((1 + ROUNDS) * REPLAYS + DEVICE_REPLAYS) + 1)
     step = harness.AllocatorStep(variant, bs, n, page_size, steps, DEVICE)
     other = harness.AllocatorStep("unfused" if variant == "fused" else "fused", bs, n, page_size, steps, DEVICE)
     for _ in range(CHECK_STEPS):  # the same calls give the same slots, whichever way the step is built
@@ -87,6 +91,7 @@ def test_allocator_step_graph(benchmark, bs, n, page_size, variant):
     graph, _ = harness.capture_graph([step] * CALLS, DEVICE)
     _label(benchmark, bs, n, page_size, "graph", variant)
     benchmark.pedantic(graph.replay, rounds=ROUNDS, warmup_rounds=1, iterations=REPLAYS)
+    harness.record_device_time(benchmark, graph, CALLS, DEVICE)
     step.alloc.refresh()  # the replays grew every request: the table must still read back exactly
     step.checked_call()
 
@@ -213,7 +218,7 @@ TREE_VARIANTS = ("fused", "tree_draft", "one_call", "components")
 
 
 def _tree_steps(bs: int, page_size: int) -> tuple[TreeStep, ...]:
-    steps = 2 * (CHECK_STEPS + CALLS + CALLS * (1 + ROUNDS) * REPLAYS + 1)
+    steps = 2 * (CHECK_STEPS + CALLS + CALLS * ((1 + ROUNDS) * REPLAYS + DEVICE_REPLAYS) + 1)
     fused, tree_draft, one_call, components = (TreeStep(v, bs, page_size, steps) for v in TREE_VARIANTS)
     one_call.checked_call()  # its first window: it commits nothing
     for _ in range(CHECK_STEPS):  # the same step: the same slots, pairs and lengths (tree_draft: lengths)
@@ -264,5 +269,6 @@ def test_tree_step_graph(benchmark, bs, page_size, variant):
     graph, _ = harness.capture_graph([step] * CALLS, DEVICE)
     _tree_label(benchmark, bs, page_size, "graph", variant)
     benchmark.pedantic(graph.replay, rounds=ROUNDS, warmup_rounds=1, iterations=REPLAYS)
+    harness.record_device_time(benchmark, graph, CALLS, DEVICE)
     step.alloc.refresh()
     step.checked_call()

@@ -11,7 +11,9 @@ How a round is timed (the numbers read in seconds per call):
   finished its work; it divides the clock by ``CALLS``. This is the steady-state time per call of an eager caller.
 - ``graph`` (CUDA, or NPU where torch_npu has graphs): ``CALLS`` calls captured in one graph; a round is
   ``GRAPH_REPLAYS`` replays (``pedantic(iterations=GRAPH_REPLAYS)``) timed by the same clock: device time per call
-  inside a graph, plus ``1 / (CALLS * GRAPH_REPLAYS)`` of one launch and one synchronize.
+  inside a graph, plus ``1 / (CALLS * GRAPH_REPLAYS)`` of one launch and one synchronize. Then
+  ``harness.record_device_time`` times more replays with device events (no launch or synchronize in them): the run
+  ends with a list of those, and ``--benchmark-json`` carries them as ``extra_info``.
 
 On the CPU the sizes are tiny and the kernels run in Triton's interpreter. Typical uses::
 
@@ -122,6 +124,7 @@ def test_cache_locs_graph(benchmark, input_sets, case, variant):
     harness.check_graph(graph, outputs, [x.expected for x in sets], DEVICE, name=variant)
     _label(benchmark, case, "graph", variant)
     benchmark.pedantic(graph.replay, rounds=ROUNDS, warmup_rounds=1, iterations=GRAPH_REPLAYS)
+    harness.record_device_time(benchmark, graph, CALLS, DEVICE)
 
 
 class DraftStep:
@@ -199,3 +202,4 @@ def test_allocator_draft_step_graph(benchmark, case):
     harness.check_graph(graph, outputs, [expected], DEVICE, name="allocator")
     _label(benchmark, case, "graph", "allocator")
     benchmark.pedantic(graph.replay, rounds=ROUNDS, warmup_rounds=1, iterations=GRAPH_REPLAYS)
+    harness.record_device_time(benchmark, graph, CALLS, DEVICE)

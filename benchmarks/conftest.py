@@ -36,3 +36,18 @@ def pytest_report_header(config):
 def pytest_benchmark_update_machine_info(config, machine_info):
     """Saved runs (``--benchmark-save``, ``--benchmark-json``) carry the device, driver and versions."""
     machine_info["specdec_ops"] = harness.environment(backend.default_device())
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter):
+    """After pytest-benchmark's tables (the host clock once the device is done), the graph groups' device time by
+    events around further replays (``harness.record_device_time``): a round's share of one launch and one
+    synchronize is not in these."""
+    if not harness.DEVICE_TIMES:
+        return
+    terminalreporter.write_sep("-", "graph replays: device time per call by device events (µs)")
+    width = max(len(f"{group} :: {name}") for group, name, _ in harness.DEVICE_TIMES)
+    terminalreporter.write_line(f"{'group :: name'.ljust(width)}  median     p20     p80")
+    for group, name, s in sorted(harness.DEVICE_TIMES, key=lambda entry: (entry[0], entry[1])):
+        label = f"{group} :: {name}".ljust(width)
+        terminalreporter.write_line(f"{label}  {s.median_us:6.2f}  {s.p20_us:6.2f}  {s.p80_us:6.2f}")

@@ -21,6 +21,10 @@ Timers, each returning seconds per call, one sample per batch of ``K`` calls:
   synchronous and this is plain wall-clock time.
 - :func:`graph_times`: ``K`` calls captured in one CUDA (or NPU) graph; device events around each replay; divide
   by ``K``. This is the device time per call, launch gaps inside a graph included, with no host in the way.
+
+The benchmark suite's graph groups time replays with pytest-benchmark's timer (the host clock once the device is
+done, so each round also carries a share of one launch and one synchronize) and then, through
+:func:`record_device_time`, with :func:`graph_times` as well: the run ends with a list of those device times.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from specdec_ops import backend, reference
 
 __all__ = [
     "SENTINEL",
+    "DEVICE_TIMES",
     "AllocatorStep",
     "VARIANTS",
     "WINDOWS",
@@ -63,6 +68,7 @@ __all__ = [
     "graph_times",
     "make_input_sets",
     "make_table",
+    "record_device_time",
     "rotating_calls",
     "run_calls",
     "summarize",
@@ -416,6 +422,26 @@ def summarize(seconds: list[float]) -> Summary:
     q = torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)
     p20, median, p80 = (torch.tensor(seconds, dtype=torch.float64).quantile(q) * 1e6).tolist()
     return Summary(median_us=median, p20_us=p20, p80_us=p80, samples=len(seconds))
+
+
+# (group, name, Summary) of every benchmark that recorded its device time, for the run's closing list.
+DEVICE_TIMES: list[tuple[str, str, Summary]] = []
+# Replays a benchmark's device time is taken over, after warm-up replays.
+DEVICE_TIME_REPEATS, DEVICE_TIME_WARMUP = 20, 3
+
+
+def record_device_time(benchmark, graph, calls_per_replay: int, device: torch.device) -> Summary:
+    """Time ``DEVICE_TIME_REPEATS`` more replays of ``graph`` with device events (:func:`graph_times`), keep the
+    median and p20/p80 per call in ``benchmark.extra_info`` (``--benchmark-json`` carries them) and in
+    ``DEVICE_TIMES`` (under the benchmark's group and its ``variant`` extra_info, else its name), which
+    ``benchmarks/conftest.py`` lists at the end of the run. Call it after the benchmark's timing, with the group set:
+    the replays advance whatever state the graph changes."""
+    summary = summarize(graph_times(graph, calls_per_replay, device, DEVICE_TIME_REPEATS, DEVICE_TIME_WARMUP))
+    benchmark.extra_info.update(
+        device_median_us=summary.median_us, device_p20_us=summary.p20_us, device_p80_us=summary.p80_us
+    )
+    DEVICE_TIMES.append((benchmark.group, benchmark.extra_info.get("variant", benchmark.name), summary))
+    return summary
 
 
 class AllocatorStep:
