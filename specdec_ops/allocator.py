@@ -1313,6 +1313,7 @@ class DraftCacheAllocator:
                 ("BLOCK_E", block_e),
                 ("SCAN_BLOCK", self._scan_block()),
                 ("COPY", p > 1),
+                ("EARLY_COPY", p > 1 and not backend.is_npu(self.device)),
             ),
             _NUM_WARPS,
         )
@@ -1966,6 +1967,7 @@ class DraftCacheAllocator:
             ("BRANCH", branch_block > 0),
             ("BLOCK_E", max(branch_block, 1)),
             ("COPY", branch_block > 0 and self.page_size > 1),
+            ("EARLY_COPY", branch_block > 0 and self.page_size > 1 and not npu),
             ("COMMIT", commit),
             # The first launch's tiles in one of this launch's (0: this is no second launch).
             ("SUMS", tile // min(count_tile or tile, tile) if sums else 0),

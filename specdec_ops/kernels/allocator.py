@@ -315,6 +315,7 @@ def _alloc_windows(
     BRANCH: tl.constexpr,
     BLOCK_E: tl.constexpr,
     COPY: tl.constexpr,
+    EARLY_COPY: tl.constexpr,
     COMMIT: tl.constexpr,
     SUMS: tl.constexpr,
     PDL: tl.constexpr,
@@ -534,6 +535,7 @@ def _alloc_windows(
                 BLOCK_R,
                 BLOCK_E,
                 COPY,
+                EARLY_COPY,
             )
             if not owner:  # for the last program, which writes them
                 tl.store(scratch + 3 * num_rows + offs, branch_need, mask=in_batch)
@@ -717,6 +719,7 @@ def _alloc_windows_kernel(
     BRANCH: tl.constexpr,
     BLOCK_E: tl.constexpr,
     COPY: tl.constexpr,
+    EARLY_COPY: tl.constexpr,
     COMMIT: tl.constexpr,
     SUMS: tl.constexpr,
     PDL: tl.constexpr,
@@ -767,6 +770,7 @@ def _alloc_windows_kernel(
         BRANCH,
         BLOCK_E,
         COPY,
+        EARLY_COPY,
         COMMIT,
         SUMS,
         PDL,
@@ -1173,18 +1177,63 @@ def _trade(held, need, per_branch, topk):
 
 
 @triton.jit
-def _branch_page(page_k, in_out, popping, reuse, excl, branch_addr, branch_pages, free_pages, head, count, num_pages):
-    """The ``page_k``-th branch page of each request (``[TILE, E]``) and where there is one: popped at ring offset
-    ``excl + page_k``, or kept in ``branch_pages`` where ``reuse``."""
+def _popped_page(page_k, in_out, popping, excl, free_pages, head, count, num_pages):
+    """The ``page_k``-th branch page of each popping request (``[TILE, E]``), at ring offset ``excl + page_k`` (0
+    elsewhere), and where that is."""
     ring_off = excl[:, None] + page_k
     from_ring = in_out & popping[:, None] & (ring_off < count)
     ring_idx = _ring_index(head, tl.where(from_ring, ring_off, 0), num_pages)
-    popped = tl.load(free_pages + ring_idx, mask=from_ring, other=0).to(tl.int32)
+    return tl.load(free_pages + ring_idx, mask=from_ring, other=0).to(tl.int32), from_ring
+
+
+@triton.jit
+def _kept_page(page_k, in_out, reuse, branch_addr, branch_pages):
+    """The ``page_k``-th branch page of each request that keeps its pages (``reuse``), from ``branch_pages`` (0
+    elsewhere), and where that is. The launch neither pushes nor overwrites those pages."""
+    from_held = in_out & (reuse != 0)[:, None]
+    return tl.load(branch_pages + (branch_addr[:, None] + page_k), mask=from_held, other=0).to(tl.int32), from_held
+
+
+@triton.jit
+def _branch_page(page_k, in_out, popping, reuse, excl, branch_addr, branch_pages, free_pages, head, count, num_pages):
+    """The ``page_k``-th branch page of each request (``[TILE, E]``) and where there is one: popped at ring offset
+    ``excl + page_k``, or kept in ``branch_pages`` where ``reuse``."""
     # Two masked gathers: one through a select of the two pointers crashes triton-adapter-opt, and skipping either
     # when no request of the tile needs it (a branch on a reduction) cost more on an H200 than the gather.
-    from_held = in_out & (reuse != 0)[:, None]
-    kept = tl.load(branch_pages + (branch_addr[:, None] + page_k), mask=from_held, other=0).to(tl.int32)
+    popped, from_ring = _popped_page(page_k, in_out, popping, excl, free_pages, head, count, num_pages)
+    kept, from_held = _kept_page(page_k, in_out, reuse, branch_addr, branch_pages)
     return tl.where(from_held, kept, popped), from_ring | from_held
+
+
+@triton.jit
+def _copy_block(c0, in_batch, per_branch, copy_width, PAGE_SIZE: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Copy pairs ``[c0, c0 + BLOCK_E)`` of each request (``c = b * (PAGE_SIZE - 1) + q``): which are written, the
+    offset ``q`` in the page and the branch's first page (of the request's need)."""
+    c = c0 + tl.arange(0, BLOCK_E)  # [BLOCK_E]: branch b = c // (PAGE_SIZE - 1), offset q
+    b = c // (PAGE_SIZE - 1)
+    q = c - b * (PAGE_SIZE - 1)
+    in_out = in_batch[:, None] & (c[None, :] < copy_width)  # [TILE, BLOCK_E]
+    page_k = b[None, :] * per_branch[:, None] + q[None, :] * 0  # the branch's first page
+    return c, q, in_out, page_k
+
+
+@triton.jit
+def _committed_slots(q, mask, off, last_addr, req_to_token):
+    """The slots at offsets ``q < off`` of the last partial page (committed positions, which no launch that gives
+    branches writes) where ``mask``, 0 elsewhere."""
+    committed = mask & (q[None, :] < off[:, None])
+    return tl.load(req_to_token + (last_addr[:, None] + q[None, :]), mask=committed, other=0).to(tl.int32)
+
+
+@triton.jit
+def _copy_pairs(c, q, in_out, page, has_page, src, off, copy_base, copy_src, copy_dst, PAGE_SIZE: tl.constexpr):
+    """Write copy pairs ``c`` of each request: ``copy_dst`` the slot at offset ``q`` of the branch's first page
+    ``page``, ``copy_src`` the committed slot ``src`` for ``q < off``, else ``copy_dst`` (0 -> 0 without a page)."""
+    dst = tl.where(has_page, page * PAGE_SIZE + q[None, :], 0)
+    src = tl.where(has_page & (q[None, :] < off[:, None]), src, dst)
+    dst_addr = copy_base[:, None] + c[None, :]
+    tl.store(copy_src + dst_addr, src.to(copy_src.dtype.element_ty), mask=in_out)
+    tl.store(copy_dst + dst_addr, dst.to(copy_dst.dtype.element_ty), mask=in_out)
 
 
 @triton.jit
@@ -1217,10 +1266,13 @@ def _write_branches(
     BLOCK_R: tl.constexpr,
     BLOCK_E: tl.constexpr,
     COPY: tl.constexpr,
+    EARLY_COPY: tl.constexpr,
 ):
     """Give batch entries ``offs`` their branches (see ``_alloc_branches_kernel``): request ``i`` pops ``need_i``
     pages at ring offsets ``excl_i + k`` into ``branch_pages[row_i, k]`` (where ``reuse_i``, see ``_reused``, it
-    keeps the pages there instead), and writes its branch slots and, with ``COPY``, its copy pairs."""
+    keeps the pages there instead), and writes its branch slots and, with ``COPY``, its copy pairs. With
+    ``EARLY_COPY`` (off Ascend, whose on-chip buffer the extra live tiles overflow) the first block of copy pairs
+    loads its kept pages and committed slots together with the branch slots' loads."""
     cols = tl.arange(0, BLOCK_R)
     width = topk * num_steps
     branch_addr = rows.to(tl.int64) * branch_stride  # [TILE]
@@ -1233,6 +1285,16 @@ def _write_branches(
         ring_idx = _ring_index(head, tl.where(from_ring, ring_off, 0), num_pages)
         page = tl.load(free_pages + ring_idx, mask=from_ring, other=0)
         tl.store(branch_pages + (branch_addr[:, None] + k[None, :]), page, mask=mine)
+    if COPY:
+        copy_width = topk * (PAGE_SIZE - 1)
+        last_addr = rows.to(tl.int64) * row_stride + (seq - off)  # [TILE]: the last partial page
+        if EARLY_COPY:
+            # The first block of copy pairs loads its kept pages and committed slots with the branch slots' loads,
+            # before their stores: one round trip for both (H200, tree step: page 64 bs 1024 6.00 -> 5.75 us, page 16
+            # 5.85 -> 5.20). Held across the scan instead, such loads cost more than they saved (docs/performance.md).
+            c, q, in_copy, copy_k = _copy_block(0, in_batch, per_branch, copy_width, PAGE_SIZE, BLOCK_E)
+            kept, held_copy = _kept_page(copy_k, in_copy, reuse, branch_addr, branch_pages)
+            src = _committed_slots(q, in_copy & valid[:, None], off, last_addr, req_to_token)
     out_base = offs.to(tl.int64) * width  # [TILE]
     for e0 in range(0, width, BLOCK_E):
         e = e0 + tl.arange(0, BLOCK_E)  # [BLOCK_E]: branch b = e // num_steps, step s
@@ -1248,25 +1310,19 @@ def _write_branches(
         slot = tl.where(has_page, page * PAGE_SIZE + (pos - page_no * PAGE_SIZE), 0)
         tl.store(branch_slots + (out_base[:, None] + e[None, :]), slot.to(branch_slots.dtype.element_ty), mask=in_out)
     if COPY:
-        copy_width = topk * (PAGE_SIZE - 1)
         copy_base = offs.to(tl.int64) * copy_width  # [TILE]
-        row_addr = rows.to(tl.int64) * row_stride + (seq - off)  # [TILE]: the last partial page
-        for c0 in range(0, copy_width, BLOCK_E):
-            c = c0 + tl.arange(0, BLOCK_E)  # [BLOCK_E]: branch b = c // (PAGE_SIZE - 1), offset q
-            b = c // (PAGE_SIZE - 1)
-            q = c - b * (PAGE_SIZE - 1)
-            in_out = in_batch[:, None] & (c[None, :] < copy_width)  # [TILE, BLOCK_E]
-            page_k = b[None, :] * per_branch[:, None] + q[None, :] * 0  # the branch's first page
+        if EARLY_COPY:  # the first block from the loads above (peeled off the loop: an `if` on the block inside it
+            # crashes triton-adapter-opt)
+            popped, from_ring = _popped_page(copy_k, in_copy, popping, excl, free_pages, head, count, num_pages)
+            page = tl.where(held_copy, kept, popped)
+            _copy_pairs(c, q, in_copy, page, from_ring | held_copy, src, off, copy_base, copy_src, copy_dst, PAGE_SIZE)
+        for c0 in range(BLOCK_E if EARLY_COPY else 0, copy_width, BLOCK_E):
+            c, q, in_copy, copy_k = _copy_block(c0, in_batch, per_branch, copy_width, PAGE_SIZE, BLOCK_E)
             page, has_page = _branch_page(
-                page_k, in_out, popping, reuse, excl, branch_addr, branch_pages, free_pages, head, count, num_pages
+                copy_k, in_copy, popping, reuse, excl, branch_addr, branch_pages, free_pages, head, count, num_pages
             )
-            dst = tl.where(has_page, page * PAGE_SIZE + q[None, :], 0)
-            committed = has_page & (q[None, :] < off[:, None])
-            src = tl.load(req_to_token + (row_addr[:, None] + q[None, :]), mask=committed, other=0).to(tl.int32)
-            src = tl.where(committed, src, dst)
-            dst_addr = copy_base[:, None] + c[None, :]
-            tl.store(copy_src + dst_addr, src.to(copy_src.dtype.element_ty), mask=in_out)
-            tl.store(copy_dst + dst_addr, dst.to(copy_dst.dtype.element_ty), mask=in_out)
+            src = _committed_slots(q, has_page, off, last_addr, req_to_token)
+            _copy_pairs(c, q, in_copy, page, has_page, src, off, copy_base, copy_src, copy_dst, PAGE_SIZE)
 
 
 @triton.jit(
@@ -1309,6 +1365,7 @@ def _alloc_branches_kernel(
     BLOCK_E: tl.constexpr,
     SCAN_BLOCK: tl.constexpr,
     COPY: tl.constexpr,
+    EARLY_COPY: tl.constexpr,
 ):
     """Release the rows' branch pages, then give each request ``topk`` branches of ``num_steps`` positions (a
     request that holds exactly the pages its branches take keeps them instead, see ``_reused``).
@@ -1419,6 +1476,7 @@ def _alloc_branches_kernel(
             BLOCK_R,
             BLOCK_E,
             COPY,
+            EARLY_COPY,
         )
     if alone:
         popped = tl.minimum(tl.reduce(own_need, 0, _add), count)
@@ -1868,6 +1926,7 @@ def _commit_tree_draft_kernel(
     BRANCH: tl.constexpr,
     BLOCK_E: tl.constexpr,
     COPY: tl.constexpr,
+    EARLY_COPY: tl.constexpr,
     COMMIT: tl.constexpr,
     SUMS: tl.constexpr,
     PDL: tl.constexpr,
@@ -1947,6 +2006,7 @@ def _commit_tree_draft_kernel(
         BRANCH,
         BLOCK_E,
         COPY,
+        EARLY_COPY,
         COMMIT,
         SUMS,
         PDL,
