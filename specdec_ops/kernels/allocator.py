@@ -1290,8 +1290,8 @@ def _write_branches(
         last_addr = rows.to(tl.int64) * row_stride + (seq - off)  # [TILE]: the last partial page
         if EARLY_COPY:
             # The first block of copy pairs loads its kept pages and committed slots with the branch slots' loads,
-            # before their stores: one round trip for both (H200, tree step: page 64 bs 1024 6.00 -> 5.75 us, page 16
-            # 5.85 -> 5.20). Held across the scan instead, such loads cost more than they saved (docs/performance.md).
+            # before their stores: one round trip for both (H200, tree step: page 64 bs 1024 5.96 -> 5.70 us, page 16
+            # 5.81 -> 5.26). Held across the scan instead, such loads cost more than they saved (docs/performance.md).
             c, q, in_copy, copy_k = _copy_block(0, in_batch, per_branch, copy_width, PAGE_SIZE, BLOCK_E)
             kept, held_copy = _kept_page(copy_k, in_copy, reuse, branch_addr, branch_pages)
             src = _committed_slots(q, in_copy & valid[:, None], off, last_addr, req_to_token)
