@@ -165,6 +165,20 @@ def loop_outputs(owned: dict[int, list[int]], rows: list[int], starts: list[int]
     return out, last
 
 
+def patch_tiles(tiles: dict[str, object]) -> dict[str, object]:
+    """Set launch constants of ``specdec_ops.allocator`` (a state machine's ``TILES``); returns their old values for
+    ``restore_tiles``."""
+    saved = {name: getattr(allocator_module, name) for name in tiles}
+    for name, value in tiles.items():
+        setattr(allocator_module, name, value)
+    return saved
+
+
+def restore_tiles(saved: dict[str, object]) -> None:
+    for name, value in saved.items():
+        setattr(allocator_module, name, value)
+
+
 class AllocatorMachine(RuleBasedStateMachine):
     """Add, draft, commit and free in any order; failures must be exactly those the model predicts."""
 
@@ -180,9 +194,7 @@ class AllocatorMachine(RuleBasedStateMachine):
 
     @initialize(data=st.data())
     def start(self, data):
-        self._saved_tiles = {name: getattr(allocator_module, name) for name in self.TILES}
-        for name, value in self.TILES.items():
-            setattr(allocator_module, name, value)
+        self._saved_tiles = patch_tiles(self.TILES)
         self.alloc = DraftCacheAllocator(
             self.NUM_PAGES * self.PAGE_SIZE,
             self.MAX_REQUESTS,
@@ -398,8 +410,7 @@ class AllocatorMachine(RuleBasedStateMachine):
                 assert self.alloc.num_free_slots() == self.alloc.num_slots
                 check_layout(self.alloc)
         finally:
-            for name, value in getattr(self, "_saved_tiles", {}).items():
-                setattr(allocator_module, name, value)
+            restore_tiles(getattr(self, "_saved_tiles", {}))
 
 
 STATEFUL_SETTINGS = settings(

@@ -14,7 +14,16 @@ from conftest import SENTINEL, sentinel_like
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
-from test_allocator import STATE_TENSORS, assert_unchanged, branch_pages_of, check_layout, pages, snapshot
+from test_allocator import (
+    STATE_TENSORS,
+    assert_unchanged,
+    branch_pages_of,
+    check_layout,
+    pages,
+    patch_tiles,
+    restore_tiles,
+    snapshot,
+)
 
 import specdec_ops.allocator as allocator_module
 from specdec_ops.allocator import DraftCacheAllocator, OutOfSlotsError
@@ -987,9 +996,7 @@ class TreeMachine(RuleBasedStateMachine):
 
     @initialize(data=st.data())
     def start(self, data):
-        self._saved_tiles = {name: getattr(allocator_module, name) for name in self.TILES}
-        for name, value in self.TILES.items():
-            setattr(allocator_module, name, value)
+        self._saved_tiles = patch_tiles(self.TILES)
         self.alloc = DraftCacheAllocator(
             self.NUM_PAGES * self.PAGE_SIZE, self.MAX_REQUESTS, self.MAX_CONTEXT_LEN, page_size=self.PAGE_SIZE,
             device="cpu",
@@ -1212,8 +1219,7 @@ class TreeMachine(RuleBasedStateMachine):
                 assert not self.alloc.num_branch_pages.any()
                 check_layout(self.alloc, ask_free_slots=False)
         finally:
-            for name, value in getattr(self, "_saved_tiles", {}).items():
-                setattr(allocator_module, name, value)
+            restore_tiles(getattr(self, "_saved_tiles", {}))
 
 
 TREE_SETTINGS = settings(
