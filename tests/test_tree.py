@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from test_allocator import (
+    MANY_PROGRAMS,
     STATE_TENSORS,
     assert_unchanged,
     branch_pages_of,
@@ -1244,15 +1245,9 @@ class TreePage16(TreeMachine):
 # commit_tree_and_draft of more than 2 requests takes two launches, the tree commit counting each draft tile's pops
 # and pushes for the draft (SUMS).
 TREE_MANY_PROGRAMS = {
-    "_MAX_TILE": 2,
+    **MANY_PROGRAMS,  # the chain machine's
     "_MIN_TILE": 2,
-    "_SCAN_BLOCK": 4,
-    "_FREE_TILE": 2,
     "_FREE_BLOCK_P": 2,
-    "_FREE_CLASSES": ((None, 2, 2),),
-    "_COMMIT_TILE": 2,
-    "_COMMIT_DRAFT_MAX_BATCH": 4,
-    "_TWO_PASS_TILE": 2,
     "_BRANCH_TILE": 2,
     "_BRANCH_BLOCK": 4,
     "_COPY_BRANCH_TILE": 2,
