@@ -449,7 +449,7 @@ def _alloc_windows(
         row_addr = rows.to(tl.int64) * row_stride  # [TILE]
         has_partial = valid & (allocs < have * PAGE_SIZE)
         last_slot = tl.load(req_to_token + (row_addr + allocs - 1), mask=has_partial, other=0).to(tl.int32)
-        if EMIT:
+        if EMIT or COPY:  # (COPY: the branches' copy pairs read the committed part of its page)
             has_prefix = valid & (starts > 0)
             prev = tl.load(req_to_token + (row_addr + starts - 1), mask=has_prefix, other=-1)
         # Pages this request pops: its window's, then (BRANCH) its branches', unless (RELEASE) it keeps the branch
@@ -506,18 +506,21 @@ def _alloc_windows(
                 tl.store(scratch + 2 * num_rows + offs, held, mask=in_batch)
         if BRANCH:
             tl.debug_barrier()  # the released pages are read before the new ones overwrite them
+            if COPY:  # the last partial page, whose committed slots the copy pairs copy (unused where off is 0)
+                tail_page = _floor_page(tl.maximum(prev, 0).to(tl.int32), PAGE_SIZE, PAGE_SHIFT)
+            else:
+                tail_page = rows * 0
             _write_branches(
                 offs,
                 in_batch,
                 rows,
                 valid,
-                starts,
+                tail_page,
                 branch_off,
                 per_branch,
                 branch_need,
                 excl + need,
                 reuse,
-                req_to_token,
                 branch_pages,
                 free_pages,
                 branch_slots,
@@ -526,7 +529,6 @@ def _alloc_windows(
                 head,
                 count,
                 num_pages,
-                row_stride,
                 branch_stride,
                 topk,
                 num_steps,
@@ -1218,19 +1220,12 @@ def _copy_block(c0, in_batch, per_branch, copy_width, PAGE_SIZE: tl.constexpr, B
 
 
 @triton.jit
-def _committed_slots(q, mask, off, last_addr, req_to_token):
-    """The slots at offsets ``q < off`` of the last partial page (committed positions, which no launch that gives
-    branches writes) where ``mask``, 0 elsewhere."""
-    committed = mask & (q[None, :] < off[:, None])
-    return tl.load(req_to_token + (last_addr[:, None] + q[None, :]), mask=committed, other=0).to(tl.int32)
-
-
-@triton.jit
-def _copy_pairs(c, q, in_out, page, has_page, src, off, copy_base, copy_src, copy_dst, PAGE_SIZE: tl.constexpr):
+def _copy_pairs(c, q, in_out, page, has_page, tail_page, off, copy_base, copy_src, copy_dst, PAGE_SIZE: tl.constexpr):
     """Write copy pairs ``c`` of each request: ``copy_dst`` the slot at offset ``q`` of the branch's first page
-    ``page``, ``copy_src`` the committed slot ``src`` for ``q < off``, else ``copy_dst`` (0 -> 0 without a page)."""
+    ``page``, ``copy_src`` the committed slot at offset ``q < off`` of the last partial page ``tail_page``, else
+    ``copy_dst`` (0 -> 0 without a page)."""
     dst = tl.where(has_page, page * PAGE_SIZE + q[None, :], 0)
-    src = tl.where(has_page & (q[None, :] < off[:, None]), src, dst)
+    src = tl.where(has_page & (q[None, :] < off[:, None]), tail_page[:, None] * PAGE_SIZE + q[None, :], dst)
     dst_addr = copy_base[:, None] + c[None, :]
     tl.store(copy_src + dst_addr, src.to(copy_src.dtype.element_ty), mask=in_out)
     tl.store(copy_dst + dst_addr, dst.to(copy_dst.dtype.element_ty), mask=in_out)
@@ -1242,13 +1237,12 @@ def _write_branches(
     in_batch,
     rows,
     valid,
-    seq,
+    tail_page,
     off,
     per_branch,
     need,
     excl,
     reuse,
-    req_to_token,
     branch_pages,
     free_pages,
     branch_slots,
@@ -1257,7 +1251,6 @@ def _write_branches(
     head,
     count,
     num_pages,
-    row_stride,
     branch_stride,
     topk,
     num_steps,
@@ -1270,9 +1263,11 @@ def _write_branches(
 ):
     """Give batch entries ``offs`` their branches (see ``_alloc_branches_kernel``): request ``i`` pops ``need_i``
     pages at ring offsets ``excl_i + k`` into ``branch_pages[row_i, k]`` (where ``reuse_i``, see ``_reused``, it
-    keeps the pages there instead), and writes its branch slots and, with ``COPY``, its copy pairs. With
+    keeps the pages there instead), and writes its branch slots and, with ``COPY``, its copy pairs, whose sources are
+    the committed slots of the last partial page ``tail_page`` (``req_to_token`` keeps SGLang's page layout: the
+    slot at offset ``q`` of a row's page is the page's first slot plus ``q``, so no pair reads the table). With
     ``EARLY_COPY`` (off Ascend, whose on-chip buffer the extra live tiles overflow) the first block of copy pairs
-    loads its kept pages and committed slots together with the branch slots' loads."""
+    loads its kept pages together with the branch slots' loads."""
     cols = tl.arange(0, BLOCK_R)
     width = topk * num_steps
     branch_addr = rows.to(tl.int64) * branch_stride  # [TILE]
@@ -1287,14 +1282,12 @@ def _write_branches(
         tl.store(branch_pages + (branch_addr[:, None] + k[None, :]), page, mask=mine)
     if COPY:
         copy_width = topk * (PAGE_SIZE - 1)
-        last_addr = rows.to(tl.int64) * row_stride + (seq - off)  # [TILE]: the last partial page
         if EARLY_COPY:
-            # The first block of copy pairs loads its kept pages and committed slots with the branch slots' loads,
-            # before their stores: one round trip for both (H200, tree step: page 64 bs 1024 5.96 -> 5.70 us, page 16
-            # 5.81 -> 5.26). Held across the scan instead, such loads cost more than they saved (docs/performance.md).
+            # The first block of copy pairs loads its kept pages with the branch slots' loads, before their stores:
+            # one round trip for both (H200, tree step: page 64 bs 1024 5.96 -> 5.70 us, page 16 5.81 -> 5.26). Held
+            # across the scan instead, such loads cost more than they saved (docs/performance.md).
             c, q, in_copy, copy_k = _copy_block(0, in_batch, per_branch, copy_width, PAGE_SIZE, BLOCK_E)
             kept, held_copy = _kept_page(copy_k, in_copy, reuse, branch_addr, branch_pages)
-            src = _committed_slots(q, in_copy & valid[:, None], off, last_addr, req_to_token)
     out_base = offs.to(tl.int64) * width  # [TILE]
     for e0 in range(0, width, BLOCK_E):
         e = e0 + tl.arange(0, BLOCK_E)  # [BLOCK_E]: branch b = e // num_steps, step s
@@ -1315,14 +1308,14 @@ def _write_branches(
             # crashes triton-adapter-opt)
             popped, from_ring = _popped_page(copy_k, in_copy, popping, excl, free_pages, head, count, num_pages)
             page = tl.where(held_copy, kept, popped)
-            _copy_pairs(c, q, in_copy, page, from_ring | held_copy, src, off, copy_base, copy_src, copy_dst, PAGE_SIZE)
+            has_page = from_ring | held_copy
+            _copy_pairs(c, q, in_copy, page, has_page, tail_page, off, copy_base, copy_src, copy_dst, PAGE_SIZE)
         for c0 in range(BLOCK_E if EARLY_COPY else 0, copy_width, BLOCK_E):
             c, q, in_copy, copy_k = _copy_block(c0, in_batch, per_branch, copy_width, PAGE_SIZE, BLOCK_E)
             page, has_page = _branch_page(
                 copy_k, in_copy, popping, reuse, excl, branch_addr, branch_pages, free_pages, head, count, num_pages
             )
-            src = _committed_slots(q, has_page, off, last_addr, req_to_token)
-            _copy_pairs(c, q, in_copy, page, has_page, src, off, copy_base, copy_src, copy_dst, PAGE_SIZE)
+            _copy_pairs(c, q, in_copy, page, has_page, tail_page, off, copy_base, copy_src, copy_dst, PAGE_SIZE)
 
 
 @triton.jit(
@@ -1432,6 +1425,12 @@ def _alloc_branches_kernel(
         )
         # Requests that keep their branch pages (_reused) push and pop none.
         reuse, to_pop, to_push = _trade(held, need, per_branch, topk)
+        if COPY:  # the last partial page (from its last committed slot), whose committed slots the copy pairs copy
+            tail_addr = rows.to(tl.int64) * row_stride + (seq - 1)
+            tail = tl.load(req_to_token + tail_addr, mask=valid & (off > 0), other=0).to(tl.int32)
+            tail_page = _floor_page(tl.maximum(tail, 0), PAGE_SIZE, PAGE_SHIFT)
+        else:
+            tail_page = rows * 0
         held_before = tl.reduce(own_held, 0, _add)
         need_before = tl.reduce(own_need, 0, _add)
         if (tile_start > 0) & (num_programs > 1):  # other programs' requests came before this tile
@@ -1452,13 +1451,12 @@ def _alloc_branches_kernel(
             in_batch,
             rows,
             valid,
-            seq,
+            tail_page,
             off,
             per_branch,
             need,
             excl,
             reuse,
-            req_to_token,
             branch_pages,
             free_pages,
             branch_slots,
@@ -1467,7 +1465,6 @@ def _alloc_branches_kernel(
             head,
             count,
             num_pages,
-            row_stride,
             branch_stride,
             topk,
             num_steps,
