@@ -1,13 +1,31 @@
-"""Shared fixtures: device markers that skip themselves (and say so at the end), and sentinel-filled outputs."""
+"""Shared fixtures: device markers that skip themselves (and say so at the end), sentinel-filled outputs, and the
+example budget of the property-based tests."""
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 import pytest
 import torch
 
 SENTINEL = -7777
+
+# A factor on every property-based test's number of examples (hypothesis' max_examples), default 1. CI runs the
+# README's test command with the full budget, and the same tests on its other stacks (Triton 3.6, triton-ascend's
+# interpreter), which check the same kernels under another interpreter, with SPECDEC_TEST_EXAMPLES=0.5.
+_EXAMPLES_ENV = "SPECDEC_TEST_EXAMPLES"
+try:
+    EXAMPLES_SCALE = float(os.environ.get(_EXAMPLES_ENV, "1"))
+except ValueError:
+    EXAMPLES_SCALE = -1.0
+if not EXAMPLES_SCALE > 0:
+    raise ValueError(f"{_EXAMPLES_ENV} must be a positive number, got {os.environ.get(_EXAMPLES_ENV)!r}")
+
+
+def examples(n: int) -> int:
+    """``n`` examples of a property-based test, scaled by SPECDEC_TEST_EXAMPLES (at least 1)."""
+    return max(1, round(n * EXAMPLES_SCALE))
 
 
 def pytest_collection_modifyitems(config, items):

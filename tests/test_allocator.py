@@ -11,7 +11,7 @@ import random
 
 import pytest
 import torch
-from conftest import SENTINEL, sentinel_like
+from conftest import SENTINEL, examples, sentinel_like
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -414,7 +414,7 @@ class AllocatorMachine(RuleBasedStateMachine):
 
 
 STATEFUL_SETTINGS = settings(
-    max_examples=40,
+    max_examples=examples(40),
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
@@ -483,7 +483,7 @@ class CudaPageSize16(PageSize16):
 
 
 TestStatefulCudaPageSize16 = pytest.mark.gpu(CudaPageSize16.TestCase)
-TestStatefulCudaPageSize16.settings = settings(STATEFUL_SETTINGS, max_examples=20)
+TestStatefulCudaPageSize16.settings = settings(STATEFUL_SETTINGS, max_examples=examples(20))
 
 
 # --------------------------------------------------------------------------------------------- loops

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import SENTINEL, sentinel_like
+from conftest import SENTINEL, examples, sentinel_like
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -416,7 +416,7 @@ def batches(draw):
     ), dtypes[3]
 
 
-@settings(settings.get_profile("specdec"), max_examples=40)
+@settings(settings.get_profile("specdec"), max_examples=examples(40))
 @given(batches())
 def test_property_random_batches(case):
     batch, out_dtype = case

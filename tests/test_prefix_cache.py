@@ -11,6 +11,7 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import examples
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -195,7 +196,7 @@ class PrefixCachePage16(PrefixCacheMachine):
 
 
 STATEFUL_SETTINGS = settings(
-    max_examples=25, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=examples(25), stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 TestPrefixCachePage1 = PrefixCachePage1.TestCase
 TestPrefixCachePage4 = PrefixCacheMachine.TestCase

@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from conftest import SENTINEL, sentinel_like
+from conftest import SENTINEL, examples, sentinel_like
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -1224,7 +1224,7 @@ class TreeMachine(RuleBasedStateMachine):
 
 
 TREE_SETTINGS = settings(
-    max_examples=20, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=examples(20), stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 
 
