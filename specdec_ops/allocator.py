@@ -1237,7 +1237,7 @@ class DraftCacheAllocator:
         """Make ``branch_pages`` at least ``per_row`` wide (on the host, outside graphs: the first call that needs it
         sizes it); returns the table before, for the caller to put back if its launch raises."""
         narrow = self.branch_pages
-        if narrow.size(1) < per_row:
+        if narrow.shape[1] < per_row:
             self.branch_pages = torch.zeros(self.max_requests, per_row, dtype=torch.int32, device=self.device)
             self.branch_pages[:, : narrow.size(1)] = narrow
         return narrow
@@ -1485,6 +1485,7 @@ class DraftCacheAllocator:
         commit of :meth:`commit_tree_and_draft`, in the same launch where the draft is one program, else in a launch
         before it."""
         per_row = branches[0] * _pages(self.page_size - 1 + branches[1], self.page_size)
+        bs = rows.shape[0]
         bound, drafted, needs = self._draft_bounds(rows, host_rows, n, branches[:2], tree=tree)
         release = self._branches_may_exist()
         narrow = self._widen_branch_pages(per_row)
@@ -1495,7 +1496,7 @@ class DraftCacheAllocator:
                     self._launch_alloc(rows, n, None, None, None, out_cache_loc, last_loc, release, branches=branches)
                 else:
                     step._prepared(kind)()
-            elif self._tree_step_in_one_launch(rows.size(0), n, release, branches, tree[1].size(1)):
+            elif self._tree_step_in_one_launch(bs, n, release, branches, tree[1].size(1)):
                 if step is None:
                     self._launch_alloc(
                         rows, n, None, None, None, out_cache_loc, last_loc, release, branches=branches, tree=tree
@@ -1507,7 +1508,7 @@ class DraftCacheAllocator:
                 # counts each tile's pops and pushes of the draft, which then reads those counts (no sums over
                 # earlier requests, no ticket, no pass over the batch). The commit changes state: the draft is
                 # compiled before it runs, so that only a launch can fail after.
-                counts = self._tree_step_counts(rows.size(0), n, release, branches, tree[1].size(1))
+                counts = self._tree_step_counts(bs, n, release, branches, tree[1].size(1))
                 if step is None:
                     args = (rows, n, None, None, None, out_cache_loc, last_loc, release)
                     count_tile = self._tree_commit_config(tree[1].size(1))[0] if counts else 0
@@ -1528,8 +1529,8 @@ class DraftCacheAllocator:
         if tree is not None:
             self._close_windows(host_rows)
         if release:
-            self._forget_branches(rows, host_rows, rows.size(0))
-        self._hold_branches(rows, host_rows, per_row, needs, rows.size(0))
+            self._forget_branches(rows, host_rows, bs)
+        self._hold_branches(rows, host_rows, per_row, needs, bs)
         self._pages_bound, self._drafted_since_sync = bound, drafted
         self._open_windows(host_rows, n)
 
@@ -1621,7 +1622,7 @@ class DraftCacheAllocator:
         None). ``accept``: the accept lengths of a commit in the same launch (the window starts where it leaves
         the row; the bounds need no change, as a commit never passes what was drafted); ``tree``: ``(accept_lens,
         accept_index, kv_src, kv_dst)`` of a tree commit in the same step (likewise)."""
-        bs = rows.size(0)
+        bs = rows.shape[0]
         p = self.page_size
         drafted = self._drafted_since_sync + n
         bound = min(
@@ -1703,7 +1704,7 @@ class DraftCacheAllocator:
         """An upper bound of the branch pages held (host state)."""
         if not (self._branch_rows or self._branch_batches):
             return 0
-        return min(self._branch_held(), self.num_requests * self.branch_pages.size(1))
+        return min(self._branch_held(), self.num_requests * self.branch_pages.shape[1])
 
     def _branch_held(self) -> int:
         """The branch pages held as the host recorded them (an upper bound that :meth:`_branch_bound` caps)."""
@@ -2610,6 +2611,9 @@ class DraftStepWrapper:
         self._rows_version = alloc._rows_version
         self._launches: dict[str, tuple[backend.Launch, torch.Tensor]] = {}
         self._result = (out if out is None or out.size(0) == bs * n else out[: bs * n]), last
+        # commit_tree_and_draft's tree argument and results, made once
+        self._tree = None if tree_commit is None else (accept, *tree_commit)
+        self._tree_step_result = (tree_result or ()) + self._result + (branch_result or ())
 
     def alloc_draft(self) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`DraftCacheAllocator.alloc_draft` with the planned arguments; returns the same
@@ -2758,11 +2762,10 @@ class DraftStepWrapper:
                 validate=True,
             )
         if self._bs:
-            tree = (self._accept, *self._tree_commit)
             self._allocator._draft(
-                self._rows, self._host_rows, self._n, self._out, self._last, self, self._branches, tree=tree
+                self._rows, self._host_rows, self._n, self._out, self._last, self, self._branches, tree=self._tree
             )
-        return self._tree_result + self._result + self._branch_result
+        return self._tree_step_result
 
     def _check(self, bound: BoundTensors) -> None:
         """Plan again if a tensor of ``bound`` changed; check host rows again if rows were taken or freed since."""
