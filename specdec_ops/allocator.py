@@ -1239,7 +1239,7 @@ class DraftCacheAllocator:
         narrow = self.branch_pages
         if narrow.shape[1] < per_row:
             self.branch_pages = torch.zeros(self.max_requests, per_row, dtype=torch.int32, device=self.device)
-            self.branch_pages[:, : narrow.size(1)] = narrow
+            self.branch_pages[:, : narrow.shape[1]] = narrow
         return narrow
 
     def _hold_branches(
@@ -1313,10 +1313,15 @@ class DraftCacheAllocator:
                 ("BLOCK_E", block_e),
                 ("SCAN_BLOCK", self._scan_block()),
                 ("COPY", p > 1),
-                ("EARLY_COPY", p > 1 and not backend.is_npu(self.device)),
+                ("EARLY_COPY", self._early_copy()),
             ),
             _NUM_WARPS,
         )
+
+    def _early_copy(self) -> bool:
+        """EARLY_COPY of the kernels that write copy pairs (pages > 1): the first block's loads go out with the branch
+        slots' (``_write_branches``); not on Ascend, where the extra live tiles overflow the on-chip buffer."""
+        return self.page_size > 1 and not backend.is_npu(self.device)
 
     def _branch_block(self, topk: int, num_steps: int, counted: bool = False) -> int:
         """BLOCK_E of the kernels that write branch slots and copy pairs: the row of a request's slots or pairs,
@@ -1968,7 +1973,7 @@ class DraftCacheAllocator:
             ("BRANCH", branch_block > 0),
             ("BLOCK_E", max(branch_block, 1)),
             ("COPY", branch_block > 0 and self.page_size > 1),
-            ("EARLY_COPY", branch_block > 0 and self.page_size > 1 and not npu),
+            ("EARLY_COPY", branch_block > 0 and self._early_copy()),
             ("COMMIT", commit),
             # The first launch's tiles in one of this launch's (0: this is no second launch).
             ("SUMS", tile // min(count_tile or tile, tile) if sums else 0),
