@@ -7,7 +7,7 @@ Names and semantics follow SGLang's ``get_last_loc`` and ``assign_extend_cache_l
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -34,23 +34,39 @@ __all__ = [
 _LAST_LOC_TILE = 1024
 # Uniform windows: a [TILE, BLOCK_N] gather tile of _GATHER_ELEMENTS slots, BLOCK_N covering the window.
 _GATHER_ELEMENTS = 512
+
+
+class _RaggedClass(NamedTuple):
+    """One launch class of ragged windows off Ascend (``_RAGGED_CLASSES``)."""
+
+    max_batch: int | None  # the largest batch of the class (None: any)
+    tile: int  # requests per program
+    scan_block: int  # earlier requests summed per step
+    prefetch: bool  # the first column block read while the earlier windows are summed
+    early_sum: bool  # the first block of earlier windows read with the tile's own offsets
+    blocks: tuple[int, ...]  # the column blocks it may take
+    span: int  # mean windows a column block should cover (_ragged_shape)
+
+
 # Ragged windows: a [TILE, BLOCK_N] gather tile, looped over the longest window of the tile. Every program also sums
 # the windows of all earlier requests (about bs**2 / (2 * TILE) reads in all), SCAN_BLOCK of them per step. Off
-# Ascend the batch size picks one of a few fixed classes, (largest batch, TILE, SCAN_BLOCK, PREFETCH, widest
-# BLOCK_N): small tiles and a scan block no wider than the batch cost least up to a few thousand requests; reading
-# the first column block while the earlier windows and the tile's own are summed (PREFETCH) pays up to 1024
-# requests; past 4096 the sum dominates and 256-request tiles halve it (H100 graph replay, docs/performance.md).
-# A new batch size compiles nothing new once its class exists. Ascend keeps one class (one program per core).
+# Ascend the batch size picks one of a few fixed classes: small tiles and a scan block no wider than the batch cost
+# least up to a few thousand requests; reading the first column block while the earlier windows and the tile's own
+# are summed (prefetch) pays up to 1024 requests; past 4096 the sum dominates and 256-request tiles halve it (H100
+# graph replay). Reading the first block of earlier windows with the tile's own offsets (early_sum) took 0.1-0.7 us
+# off 64-4096 requests, and added 0.1-0.5 past them (H200). The column block is the one of the class's blocks nearest
+# `span` mean windows: 2049-4096 requests skip 32 columns (3.6-3.9 us there against 3.2-3.4 for 16 or 64), and past
+# 4096 a block of one mean window beats two (N 8, 65536 requests: 17.5 against 23.8 us). docs/performance.md has the
+# measurements. A new batch size compiles nothing new once its class and block exist. Ascend keeps one class (one
+# program per core).
 _RAGGED_CLASSES = (
-    (256, 16, 256, True, 64),
-    (1024, 16, 1024, True, 64),
-    (4096, 32, 4096, False, 64),
-    (None, 256, 4096, False, 16),
+    _RaggedClass(256, 16, 256, True, True, (8, 16, 32, 64), 2),
+    _RaggedClass(1024, 16, 1024, True, True, (8, 16, 32, 64), 2),
+    _RaggedClass(4096, 32, 4096, False, True, (16, 64), 2),
+    _RaggedClass(None, 256, 4096, False, False, (8, 16), 1),
 )
 _NPU_RAGGED_TILE = 64
-# Ragged gather columns per step off Ascend: twice the mean window, rounded up to a power of two, at least this and
-# at most the class's widest (most windows of a tile are then read in one step); Ascend keeps _NPU_RAGGED_BLOCK_N.
-_RAGGED_MIN_BLOCK_N = 8
+# Ragged gather columns per step on Ascend (off Ascend, the blocks of _RAGGED_CLASSES).
 _NPU_RAGGED_BLOCK_N = 16
 # Requests summed per step when a program adds up the windows of all earlier tiles (at most).
 _SCAN_BLOCK = 4096
@@ -121,21 +137,24 @@ def _launch_grid(num_tiles: int, device: torch.device, persistent: bool | None) 
 
 @functools.cache
 def _window_constexprs(
-    window_len: int | None, npu: bool = False, ragged_class: int = 0, block_n: int = _RAGGED_MIN_BLOCK_N
+    window_len: int | None, npu: bool = False, ragged_class: int = 0, block_n: int = 0
 ) -> tuple[tuple[str, object], ...]:
     """Constexprs of the window kernels: requests per program, window columns per gather step, earlier requests
-    summed per step, uniform or not, first column block read during the sum or not. Ragged windows off Ascend:
-    ``ragged_class`` indexes _RAGGED_CLASSES and ``block_n`` comes from the mean window (``_ragged_shape``)."""
+    summed per step, uniform or not, first column block read during the sum or not, first block of earlier windows
+    read with the tile's own offsets or not (never on Ascend, where it took the ragged kernels' on-chip buffer from
+    100.5 to 140.5 KiB; not measured there). Ragged windows off Ascend: ``ragged_class`` indexes _RAGGED_CLASSES
+    and ``block_n`` is one of its blocks, by the mean window (``_ragged_shape``; 0: the narrowest)."""
     scan_block = _SCAN_BLOCK // _NPU_SHRINK if npu else _SCAN_BLOCK
-    prefetch = False
+    prefetch = early_sum = False
     if window_len is None:
         if npu:
             tile = _NPU_RAGGED_TILE
             block_n = _NPU_RAGGED_BLOCK_N
         else:
-            _, tile, class_scan, prefetch, widest = _RAGGED_CLASSES[ragged_class]
-            scan_block = min(class_scan, scan_block)
-            block_n = min(block_n, widest)
+            launch = _RAGGED_CLASSES[ragged_class]
+            tile, prefetch, early_sum = launch.tile, launch.prefetch, launch.early_sum
+            scan_block = min(launch.scan_block, scan_block)
+            block_n = block_n or launch.blocks[0]
     else:
         block_n = max(tiles.block_n(window_len), _NPU_MIN_BLOCK_N) if npu else tiles.block_n(window_len)
         tile = max(_GATHER_ELEMENTS // block_n, 16)
@@ -145,17 +164,26 @@ def _window_constexprs(
         ("SCAN_BLOCK", scan_block),
         ("UNIFORM", window_len is not None),
         ("PREFETCH", prefetch),
+        ("EARLY_SUM", early_sum),
     )
 
 
 def _ragged_shape(bs: int, num_tokens: int) -> tuple[int, int]:
-    """(class, column block) of a ragged launch off Ascend: the first of _RAGGED_CLASSES that holds ``bs``, and
-    twice the mean window rounded up to a power of two in [_RAGGED_MIN_BLOCK_N, tiles.MAX_BLOCK_N]."""
+    """(class, column block) of a ragged launch off Ascend: the first of _RAGGED_CLASSES that holds ``bs``, and the
+    widest of its blocks up to sqrt(2) times ``span`` mean windows (the narrowest if none is): ``span`` mean windows
+    rounded to the nearest power of two. With a span of 2, windows drawn from ``[0, 2N]`` then take a block of 2N
+    columns whether their mean comes out a little above N or a little below: rounding up to the next power of two
+    took 0.1-0.6 us more at 1024-4096 requests, and a block of N columns a second gather step (H200,
+    docs/performance.md)."""
     ragged_class = 0
-    while _RAGGED_CLASSES[ragged_class][0] is not None and bs > _RAGGED_CLASSES[ragged_class][0]:
+    while _RAGGED_CLASSES[ragged_class].max_batch is not None and bs > _RAGGED_CLASSES[ragged_class].max_batch:
         ragged_class += 1
-    mean = -(-num_tokens // bs) if bs else 0
-    return ragged_class, max(tiles.block_n(2 * mean) if mean else 0, _RAGGED_MIN_BLOCK_N)
+    launch = _RAGGED_CLASSES[ragged_class]
+    block = launch.blocks[0]
+    for wider in launch.blocks[1:]:
+        if (wider * bs) ** 2 <= 2 * (launch.span * num_tokens) ** 2:  # wider <= sqrt(2) * span * num_tokens / bs
+            block = wider
+    return ragged_class, block
 
 
 def _table_dims(req_to_token: torch.Tensor) -> tuple[int, int, int]:

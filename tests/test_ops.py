@@ -302,13 +302,18 @@ def test_persistent_grid_loops_over_tiles(device, lengths, n, cores, bs, monkeyp
 
 
 @pytest.mark.parametrize("lengths,n", [("uniform", 4), ("uniform", 70), ("ragged", 8)], ids=["u4", "u70", "ragged8"])
-def test_ascend_launch_configs_give_the_same_slots(lengths, n, monkeypatch):
+@pytest.mark.parametrize("scan", [None, 64], ids=["npu_scan", "scan64"])
+def test_ascend_launch_configs_give_the_same_slots(lengths, n, scan, monkeypatch, scan_block):
     """The launch configurations an NPU gets (its tiles, column blocks and scan block, a grid of one program per
-    core looping over tiles) run here through the interpreter and give the reference's slots: the compile check
-    proves they compile for Ascend, this that they compute the same."""
+    core looping over tiles, the sums of earlier windows all in the loop: no EARLY_SUM) run here through the
+    interpreter and give the reference's slots: the compile check proves they compile for Ascend, this that they
+    compute the same. With a scan block of 64 the sums take several steps."""
     monkeypatch.setattr(backend, "is_npu", lambda device: True)
     monkeypatch.setattr(backend, "num_cores", lambda device: 3)
     ops._window_constexprs.cache_clear()
+    if scan is not None:
+        scan_block(scan * ops._NPU_SHRINK)
+    assert not dict(ops._window_constexprs(None, True))["EARLY_SUM"]
     try:
         batch = make_batch(700, lengths, n, seed=11, device="cpu")  # several NPU tiles per program
         loop_out, loop_last = loop_reference(batch)
@@ -334,14 +339,15 @@ def test_scan_over_many_earlier_tiles(device, persistent, scan_block):
 
 def test_ragged_launch_shape_follows_the_batch(monkeypatch):
     """Off Ascend, one program per tile: each class of _RAGGED_CLASSES holds the batch sizes up to its bound, and the
-    column block covers twice the mean window (at least _RAGGED_MIN_BLOCK_N, at most MAX_BLOCK_N)."""
+    column block is the one of the class's blocks nearest its span of mean windows (the narrowest below them); the
+    classes up to 4096 requests read the first block of earlier windows early."""
     launches = []
     monkeypatch.setattr(
         backend,
         "launch",
         lambda _kernel, grid, _device, _t, _s, constexprs, *_: launches.append((grid[0], dict(constexprs))),
     )
-    bounds = [c[0] for c in ops._RAGGED_CLASSES if c[0] is not None]
+    bounds = [c.max_batch for c in ops._RAGGED_CLASSES if c.max_batch is not None]
     sizes = [1, *bounds, *[bound + 1 for bound in bounds]]
     for bs in sizes:
         batch = make_batch(bs, "uniform", 2)
@@ -349,11 +355,21 @@ def test_ragged_launch_shape_follows_the_batch(monkeypatch):
             batch.req_to_token, batch.req_pool_indices, batch.start_offset, batch.end_offset, num_tokens=bs * 2
         )
     for bs, (grid, constexprs) in zip(sizes, launches):
-        _, tile, scan, prefetch, _ = next(c for c in ops._RAGGED_CLASSES if c[0] is None or bs <= c[0])
-        got = (grid, constexprs["TILE"], constexprs["SCAN_BLOCK"], constexprs["PREFETCH"])
-        assert got == (-(-bs // tile), tile, scan, prefetch), bs
-        assert constexprs["BLOCK_N"] == ops._RAGGED_MIN_BLOCK_N and not constexprs["UNIFORM"]
-    assert [ops._ragged_shape(10, t)[1] for t in (0, 10, 40, 50, 300, 10**6)] == [8, 8, 8, 16, 64, 64]
+        launch = next(c for c in ops._RAGGED_CLASSES if c.max_batch is None or bs <= c.max_batch)
+        got = (grid, constexprs["TILE"], constexprs["SCAN_BLOCK"], constexprs["PREFETCH"], constexprs["EARLY_SUM"])
+        assert got == (-(-bs // launch.tile), launch.tile, launch.scan_block, launch.prefetch, launch.early_sum), bs
+        assert constexprs["BLOCK_N"] == launch.blocks[0] and not constexprs["UNIFORM"]
+        assert launch.early_sum == (bs <= 4096), bs
+    # Windows uniform in [0, 2N] take 2N columns whether their mean is a little above N or a little below; past 4096
+    # requests, N columns.
+    means = (0, 1, 3.9, 4.1, 7.9, 8.1, 15.9, 16.1, 31.9, 40, 10**5)
+    picks = {
+        10: [8, 8, 8, 8, 16, 16, 32, 32, 64, 64, 64],
+        3000: [16, 16, 16, 16, 16, 16, 16, 16, 64, 64, 64],  # no 32-column block in this class
+        5000: [8, 8, 8, 8, 8, 8, 16, 16, 16, 16, 16],
+    }
+    for bs, expected in picks.items():
+        assert [ops._ragged_shape(bs, round(mean * bs))[1] for mean in means] == expected, bs
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -372,7 +388,7 @@ def test_ragged_column_blocks_are_exact(device, n, bs):
 @pytest.mark.parametrize("device", DEVICES)
 def test_large_ragged_batches_are_exact(device):
     """Past the last bounded class the ragged kernel takes 256-request tiles: still exact, tail untouched."""
-    batch = make_batch(ops._RAGGED_CLASSES[-2][0] + 77, "ragged", 2, seed=5, device=device, num_rows=300)
+    batch = make_batch(ops._RAGGED_CLASSES[-2].max_batch + 77, "ragged", 2, seed=5, device=device, num_rows=300)
     loop_out, loop_last = loop_reference(batch)
     out, last, n_tok = run_fused(batch, persistent=None)
     assert as_list(out[:n_tok]) == loop_out and as_list(last) == loop_last

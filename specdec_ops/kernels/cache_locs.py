@@ -86,14 +86,21 @@ def _store_windows(
 
 
 @triton.jit
+def _add_window_block(acc, start_offset, end_offset, lo, hi, SCAN_BLOCK: tl.constexpr):
+    """``acc`` plus ``max(end_offset[k] - start_offset[k], 0)`` for ``k`` in ``[lo, min(lo + SCAN_BLOCK, hi))``,
+    spread over its lanes."""
+    k = lo + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
+    mask = k < hi
+    starts = tl.load(start_offset + k, mask=mask, other=0).to(tl.int32)
+    ends = tl.load(end_offset + k, mask=mask, other=0).to(tl.int32)
+    return acc + tl.maximum(ends - starts, 0)
+
+
+@triton.jit
 def _add_window_lengths(acc, start_offset, end_offset, lo, hi, SCAN_BLOCK: tl.constexpr):
     """``acc`` plus ``max(end_offset[k] - start_offset[k], 0)`` for ``k`` in ``[lo, hi)``, spread over its lanes."""
     for k0 in range(lo, hi, SCAN_BLOCK):
-        k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
-        mask = k < hi
-        starts = tl.load(start_offset + k, mask=mask, other=0).to(tl.int32)
-        ends = tl.load(end_offset + k, mask=mask, other=0).to(tl.int32)
-        acc += tl.maximum(ends - starts, 0)
+        acc = _add_window_block(acc, start_offset, end_offset, k0, hi, SCAN_BLOCK)
     return acc
 
 
@@ -116,6 +123,7 @@ def _cache_locs_program(
     SCAN_BLOCK: tl.constexpr,
     UNIFORM: tl.constexpr,
     PREFETCH: tl.constexpr,
+    EARLY_SUM: tl.constexpr,
     WITH_LAST_LOC: tl.constexpr,
 ):
     """One program of the window gather, optionally fused with ``last_loc``.
@@ -152,6 +160,13 @@ def _cache_locs_program(
         else:
             ends = tl.load(end_offset + offs, mask=in_batch, other=0).to(tl.int32)
             lengths = tl.maximum(ends - starts, 0)
+            sums_from = scanned
+            if EARLY_SUM:
+                # The first block of earlier windows is read here, with the tile's own offsets and before anything
+                # waits on those: both sets of loads are then in flight together. Inside the loop below, behind the
+                # first column block's loads (which wait for the offsets), it cost a round trip of its own.
+                lane_sums = _add_window_block(lane_sums, start_offset, end_offset, scanned, tile_start, SCAN_BLOCK)
+                sums_from = scanned + SCAN_BLOCK
             if PREFETCH:
                 # The first column block is read before the windows of earlier requests are summed: its loads do
                 # not depend on the sum, so their latencies overlap (most windows fit in that one block). It pays
@@ -159,7 +174,7 @@ def _cache_locs_program(
                 slot = _load_window_block(
                     req_to_token, rows, starts, lengths, in_batch, 0, num_rows, max_context_len, row_stride, BLOCK_N
                 )
-            lane_sums = _add_window_lengths(lane_sums, start_offset, end_offset, scanned, tile_start, SCAN_BLOCK)
+            lane_sums = _add_window_lengths(lane_sums, start_offset, end_offset, sums_from, tile_start, SCAN_BLOCK)
             scanned = tile_start
             # The first tile has nothing before it: skip the [SCAN_BLOCK] reduce (all of a small batch's work).
             earlier = tl.full([], 0, dtype=tl.int32)
@@ -238,6 +253,7 @@ def _assign_extend_cache_locs_kernel(
     SCAN_BLOCK: tl.constexpr,
     UNIFORM: tl.constexpr,
     PREFETCH: tl.constexpr,
+    EARLY_SUM: tl.constexpr,
 ):
     """``out_cache_loc[excl_i + j] = req_to_token[req_pool_indices[i], start_offset[i] + j]``, ``j < len_i``."""
     _cache_locs_program(
@@ -258,6 +274,7 @@ def _assign_extend_cache_locs_kernel(
         SCAN_BLOCK,
         UNIFORM,
         PREFETCH,
+        EARLY_SUM,
         False,
     )
 
@@ -281,6 +298,7 @@ def _get_last_loc_and_assign_extend_cache_locs_kernel(
     SCAN_BLOCK: tl.constexpr,
     UNIFORM: tl.constexpr,
     PREFETCH: tl.constexpr,
+    EARLY_SUM: tl.constexpr,
 ):
     """The window gather of ``_assign_extend_cache_locs_kernel`` and ``last_loc[i]`` (at ``start_offset[i]``)."""
     _cache_locs_program(
@@ -301,5 +319,6 @@ def _get_last_loc_and_assign_extend_cache_locs_kernel(
         SCAN_BLOCK,
         UNIFORM,
         PREFETCH,
+        EARLY_SUM,
         True,
     )
