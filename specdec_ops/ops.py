@@ -40,30 +40,31 @@ class _RaggedClass(NamedTuple):
     """One launch class of ragged windows off Ascend (``_RAGGED_CLASSES``)."""
 
     max_batch: int | None  # the largest batch of the class (None: any)
-    tile: int  # requests per program
+    blocks: tuple[int, ...]  # the column blocks it may take
+    tiles: tuple[int, ...]  # requests per program, for each of those blocks
     scan_block: int  # earlier requests summed per step
     prefetch: bool  # the first column block read while the earlier windows are summed
     early_sum: bool  # the first block of earlier windows read with the tile's own offsets
-    blocks: tuple[int, ...]  # the column blocks it may take
     span: int  # mean windows a column block should cover (_ragged_shape)
 
 
 # Ragged windows: a [TILE, BLOCK_N] gather tile, looped over the longest window of the tile. Every program also sums
 # the windows of all earlier requests (about bs**2 / (2 * TILE) reads in all), SCAN_BLOCK of them per step. Off
 # Ascend the batch size picks one of a few fixed classes: small tiles and a scan block no wider than the batch cost
-# least up to a few thousand requests; reading the first column block while the earlier windows and the tile's own
-# are summed (prefetch) pays up to 1024 requests; past 4096 the sum dominates and 256-request tiles halve it (H100
-# graph replay). Reading the first block of earlier windows with the tile's own offsets (early_sum) took 0.1-0.7 us
-# off 64-4096 requests, and added 0.1-0.5 past them (H200). The column block is the one of the class's blocks nearest
-# `span` mean windows: 2049-4096 requests skip 32 columns (3.6-3.9 us there against 3.2-3.4 for 16 or 64), and past
-# 4096 a block of one mean window beats two (N 8, 65536 requests: 17.5 against 23.8 us). docs/performance.md has the
+# least up to a few thousand requests (8-request tiles for 64-column blocks and from 257 requests: 0.05-0.3 us less
+# than 16, H200); reading the first column block while the earlier windows and the tile's own are summed (prefetch)
+# pays up to 1024 requests; past 4096 the sum dominates and 256-request tiles halve it (H100 graph replay). Reading
+# the first block of earlier windows with the tile's own offsets (early_sum) took 0.1-0.7 us off 64-4096 requests,
+# and added 0.1-0.5 past them (H200). The column block is the one of the class's blocks nearest `span` mean
+# windows: 2049-4096 requests skip 32 columns (3.6-3.9 us there against 3.2-3.4 for 16 or 64), and past 4096 a
+# block of one mean window beats two (N 8, 65536 requests: 17.5 against 23.8 us). docs/performance.md has the
 # measurements. A new batch size compiles nothing new once its class and block exist. Ascend keeps one class (one
 # program per core).
 _RAGGED_CLASSES = (
-    _RaggedClass(256, 16, 256, True, True, (8, 16, 32, 64), 2),
-    _RaggedClass(1024, 16, 1024, True, True, (8, 16, 32, 64), 2),
-    _RaggedClass(4096, 32, 4096, False, True, (16, 64), 2),
-    _RaggedClass(None, 256, 4096, False, False, (8, 16), 1),
+    _RaggedClass(256, (8, 16, 32, 64), (16, 16, 16, 8), 256, True, True, 2),
+    _RaggedClass(1024, (8, 16, 32, 64), (8, 8, 8, 8), 1024, True, True, 2),
+    _RaggedClass(4096, (16, 64), (32, 32), 4096, False, True, 2),
+    _RaggedClass(None, (8, 16), (256, 256), 4096, False, False, 1),
 )
 _NPU_RAGGED_TILE = 64
 # Ragged gather columns per step on Ascend (off Ascend, the blocks of _RAGGED_CLASSES).
@@ -152,9 +153,10 @@ def _window_constexprs(
             block_n = _NPU_RAGGED_BLOCK_N
         else:
             launch = _RAGGED_CLASSES[ragged_class]
-            tile, prefetch, early_sum = launch.tile, launch.prefetch, launch.early_sum
+            prefetch, early_sum = launch.prefetch, launch.early_sum
             scan_block = min(launch.scan_block, scan_block)
             block_n = block_n or launch.blocks[0]
+            tile = launch.tiles[launch.blocks.index(block_n)]
     else:
         block_n = max(tiles.block_n(window_len), _NPU_MIN_BLOCK_N) if npu else tiles.block_n(window_len)
         tile = max(_GATHER_ELEMENTS // block_n, 16)

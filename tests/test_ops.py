@@ -357,7 +357,8 @@ def test_ragged_launch_shape_follows_the_batch(monkeypatch):
     for bs, (grid, constexprs) in zip(sizes, launches):
         launch = next(c for c in ops._RAGGED_CLASSES if c.max_batch is None or bs <= c.max_batch)
         got = (grid, constexprs["TILE"], constexprs["SCAN_BLOCK"], constexprs["PREFETCH"], constexprs["EARLY_SUM"])
-        assert got == (-(-bs // launch.tile), launch.tile, launch.scan_block, launch.prefetch, launch.early_sum), bs
+        tile = launch.tiles[0]
+        assert got == (-(-bs // tile), tile, launch.scan_block, launch.prefetch, launch.early_sum), bs
         assert constexprs["BLOCK_N"] == launch.blocks[0] and not constexprs["UNIFORM"]
         assert launch.early_sum == (bs <= 4096), bs
     # Windows uniform in [0, 2N] take 2N columns whether their mean is a little above N or a little below; past 4096
@@ -370,6 +371,9 @@ def test_ragged_launch_shape_follows_the_batch(monkeypatch):
     }
     for bs, expected in picks.items():
         assert [ops._ragged_shape(bs, round(mean * bs))[1] for mean in means] == expected, bs
+    # Each block of a class has its tile: up to 256 requests, 8 requests for 64 columns, else 16.
+    shapes = [ops._ragged_shape(200, 200 * mean) for mean in (4, 8, 16, 32)]
+    assert [dict(ops._window_constexprs(None, False, *shape))["TILE"] for shape in shapes] == [16, 16, 16, 8]
 
 
 @pytest.mark.parametrize("device", DEVICES)
