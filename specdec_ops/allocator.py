@@ -405,7 +405,8 @@ class DraftCacheAllocator:
         # Launch configurations of the allocation kernel, found on first use: the arguments of _alloc_config ->
         # (TILE, constexprs, num_warps); the most programs a launch may have (0: one per tile).
         self._alloc_configs: dict[tuple, tuple[int, tuple, int]] = {}
-        self._tree_step_launches: dict[tuple, bool] = {}  # _tree_step_in_one_launch, by its arguments
+        # _tree_step_in_one_launch by its arguments: (in a graph or interpreted, eager)
+        self._tree_step_launches: dict[tuple, tuple[bool, bool]] = {}
         self._tree_step_counted: dict[tuple, bool] = {}  # _tree_step_counts, by its arguments
         self._max_programs: int | None = None
         # Tree drafts: row r holds branch pages branch_pages[r, :num_branch_pages[r]] (alloc_branches). The host
@@ -1566,20 +1567,24 @@ class DraftCacheAllocator:
         the host's second launch costs more than it saves on the device, takes the one launch wherever the tree draft
         alone would be one program); off Ascend also only where the tree commit is one tile (_TREE_STEP_ELEMENTS), on
         an NPU only for trees and windows within _NPU_TREE_STEP_MAX_NODES(_REPOINT)."""
-        device = self.device
-        eager = not backend.is_interpreted(device) and not backend.is_capturing(device)
-        key = (bs, n, release, branches[0], branches[1], tree, eager)
+        key = (bs, n, release, branches[0], branches[1], tree)
         one = self._tree_step_launches.get(key)
         if one is None:
+            device = self.device
             if backend.is_npu(device):
                 limit = _NPU_TREE_STEP_MAX_NODES_REPOINT if self.page_size == 1 else _NPU_TREE_STEP_MAX_NODES
                 fits = max(n, tree) <= limit
             else:
                 fits = bs <= self._tree_step_commit_tile(bs, tree)
             # Eager, the draft's own one-program limit (a second launch costs the host more than it saves the device)
-            tile = self._alloc_launch_config(bs, n, False, False, True, release, branches, None, not eager)[0]
-            one = self._tree_step_launches[key] = fits and self._grid(bs, tile) == (1,)
-        return one
+            config = self._alloc_launch_config
+            # (in a graph the draft's tile is that of a counted draft, with sums; eager, that of the one launch)
+            tiles = [config(bs, n, False, False, True, release, branches, None, sums)[0] for sums in (True, False)]
+            one = self._tree_step_launches[key] = tuple(fits and self._grid(bs, tile) == (1,) for tile in tiles)
+        if one[0] == one[1]:  # the same either way: no need to ask whether this call is eager
+            return one[0]
+        device = self.device
+        return one[not backend.is_interpreted(device) and not backend.is_capturing(device)]
 
     def _tree_step_counts(self, bs: int, n: int, release: bool, branches: tuple, tree: int) -> bool:
         """Whether commit_tree_and_draft in two launches counts the draft's pops and pushes in its tree commit

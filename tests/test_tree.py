@@ -534,6 +534,13 @@ def test_commit_tree_and_draft_takes_one_launch_eagerly_wherever_its_draft_is_on
     monkeypatch.setattr(allocator_module.backend, "is_capturing", lambda device: True)
     assert [alloc._tree_step_in_one_launch(bs, 4, False, branches, 4) for bs in (8, 9, 16)] == [1, 0, 0]
 
+    def asked(device):
+        raise AssertionError("asked whether the stream is capturing")
+
+    # Where both answers agree the call does not ask: on CUDA that is a query of the stream, on the hot path.
+    monkeypatch.setattr(allocator_module.backend, "is_capturing", asked)
+    assert [alloc._tree_step_in_one_launch(bs, 4, False, branches, 4) for bs in (8, 17)] == [1, 0]
+
 
 @pytest.mark.parametrize("counts", [False, True], ids=["commit", "count"])
 @pytest.mark.parametrize("wrapper", [False, True], ids=["method", "wrapper"])
