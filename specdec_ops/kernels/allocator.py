@@ -570,6 +570,11 @@ def _alloc_windows(
             in_window = valid[:, None] & (j[None, :] < lengths[:, None])  # [TILE, BLOCK_N]
             pos = starts[:, None] + j[None, :]
             is_new = in_window & (pos >= allocs[:, None])
+            addr = row_addr[:, None] + pos
+            if EMIT:
+                # Old positions are read, new ones written: disjoint masks, so no read-after-write in this launch. The
+                # read comes first: after the store below (same addresses) it would also wait for the ring's pages.
+                old_slot = tl.load(req_to_token + addr, mask=in_window & (pos < allocs[:, None]), other=-1)
             page_no = _floor_page(pos, PAGE_SIZE, PAGE_SHIFT)
             k = page_no - have[:, None]
             ring_off = excl[:, None] + k
@@ -578,11 +583,8 @@ def _alloc_windows(
             popped_page = tl.load(free_pages + ring_idx, mask=from_ring, other=0).to(tl.int32)
             page = tl.where(k >= 0, popped_page, last_page[:, None])
             new_slot = page * PAGE_SIZE + (pos - page_no * PAGE_SIZE)
-            addr = row_addr[:, None] + pos
             tl.store(req_to_token + addr, new_slot.to(req_to_token.dtype.element_ty), mask=is_new)
             if EMIT:
-                # Old positions are read, new ones written: disjoint masks, so no read-after-write in this launch.
-                old_slot = tl.load(req_to_token + addr, mask=in_window & (pos < allocs[:, None]), other=-1)
                 slot = tl.where(is_new, new_slot, old_slot.to(tl.int32))
                 in_out = in_batch[:, None] & (j[None, :] < window_len)
                 dst = offs.to(tl.int64)[:, None] * window_len + j[None, :]
