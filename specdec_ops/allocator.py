@@ -235,9 +235,17 @@ _COUNT_NUM_WARPS = 4
 # tiles on 4 warps in the same run (median of 3 alternations): N 4, pages 16 and 128, bs 512-4096: 0.07-0.29 us less;
 # page 1, bs 512 / 1024: N 8 3.91 -> 3.72 and 4.06 -> 3.85, N 4 0.08-0.11 less, N 1 3.56 -> 3.48 at 1024 (at 2048-4096
 # 0.06 more); N 8, pages 16 and 128, bs 256-2048: 0.16-0.22 us less on 8 warps (16-request tiles: 0.25-0.38 more);
-# N 1, pages 16 and 128: 16-request tiles 0.33-0.42 us more at bs 1024-4096.
+# N 1, pages 16 and 128: 16-request tiles 0.33-0.42 us more at bs 1024-4096. Up to _TWO_PASS_TINY_TILE_MAX_BATCH
+# requests, pages of one token with windows of _TWO_PASS_TINY_TILE_MIN_N tokens or more take _TWO_PASS_TINY_TILE-request
+# tiles (H200, the same step against 16-request tiles, alternated two or three times: N 8 bs 129 / 256 / 512
+# 3.29-3.32 -> 3.26-3.27, 3.78-3.83 -> 3.70-3.74, 3.96-3.98 -> 3.88; N 4 bs 384 / 512 0.04-0.07 less; N 3 bs 512
+# 3.66-3.67 -> 3.59; but N 1 and N 2 at bs 300-512 3.32-3.38 -> 3.78-3.80, so they keep 16; at 1024 requests
+# 8-request tiles cost 0.07-0.09 more).
 _TWO_PASS_SMALL_TILE = 16
 _TWO_PASS_SMALL_TILE_MAX_BATCH = 1024
+_TWO_PASS_TINY_TILE = 8
+_TWO_PASS_TINY_TILE_MAX_BATCH = 512
+_TWO_PASS_TINY_TILE_MIN_N = 3
 _TWO_PASS_WIDE_NUM_WARPS = 8
 
 _INT_TYPE = {int}
@@ -1909,6 +1917,8 @@ class DraftCacheAllocator:
         if bs > _LARGE_BATCH:
             return _MAX_TILE
         if self.page_size == 1:
+            if n >= _TWO_PASS_TINY_TILE_MIN_N and bs <= _TWO_PASS_TINY_TILE_MAX_BATCH:
+                return min(_TWO_PASS_TINY_TILE, _TWO_PASS_TILE)
             small = bs <= _TWO_PASS_SMALL_TILE_MAX_BATCH
         else:
             small = 1 < n <= _COMMIT_DRAFT_WIDE_N

@@ -1298,6 +1298,18 @@ def test_commit_and_draft_takes_two_launches_past_one_program(monkeypatch):
         assert alloc._in_two_launches(wide + 1, wide_n + 1, False) == capturing
 
 
+def test_two_launch_tiles_follow_page_window_and_batch():
+    """The second launch's tiles (the first takes the same): pages of one token take 8-request tiles for windows of
+    3 tokens or more up to 512 requests, else 16 up to 1024; larger pages 16 for windows of 2 to 4 tokens; 32 for
+    the rest up to 4096 requests, 256 past them."""
+    one = DraftCacheAllocator(64, 4, 32, page_size=1, device="cpu")
+    paged = DraftCacheAllocator(64, 4, 32, page_size=16, device="cpu")
+    assert [one._two_pass_tile(512, n) for n in (1, 2, 3, 4, 8)] == [16, 16, 8, 8, 8]
+    assert [one._two_pass_tile(bs, 4) for bs in (257, 513, 1024, 1025, 4096, 4097)] == [8, 16, 16, 32, 32, 256]
+    assert [paged._two_pass_tile(512, n) for n in (1, 2, 4, 5, 8)] == [32, 16, 16, 32, 32]
+    assert paged._two_pass_tile(4097, 4) == 256
+
+
 @pytest.mark.parametrize("wrapper", [False, True], ids=["method", "wrapper"])
 def test_commit_and_draft_in_two_launches_changes_nothing_if_the_second_raises(wrapper, monkeypatch):
     """Past the one-launch limit the first launch writes only scratch: if the allocation launch raises after it, the
@@ -1491,11 +1503,12 @@ def test_gpu_many_programs_match_one_program(page_size):
 
 
 @pytest.mark.gpu
-def test_gpu_commit_and_draft_past_its_one_launch_limit(monkeypatch):
-    """bs 1100: commit_and_draft counts each tile's pops in a launch of its own, then allocates (35 programs that
-    write their own rows; the last tile's moves the counters), on compute capability 9.0 and up as a programmatic
+@pytest.mark.parametrize("page_size, bs", [(16, 1100), (1, 400)], ids=["page16-bs1100", "page1-bs400"])
+def test_gpu_commit_and_draft_past_its_one_launch_limit(page_size, bs, monkeypatch):
+    """commit_and_draft counts each tile's pops in a launch of its own, then allocates (programs that write their
+    own rows; the last tile's moves the counters: 35 at page 16 and bs 1100; at page 1 and bs 400, 50 of 8 requests
+    for windows of 4 and 8 tokens, 25 of 16 for one token), on compute capability 9.0 and up as a programmatic
     dependent launch and without; the same, call for call, as commit + alloc_draft."""
-    bs = 1100
     assert bs > allocator_module._COMMIT_DRAFT_MAX_BATCH
     pdl = torch.cuda.get_device_capability()[0] >= 9
     assert backend.supports_pdl(torch.device("cuda", torch.cuda.current_device())) == pdl
@@ -1504,7 +1517,7 @@ def test_gpu_commit_and_draft_past_its_one_launch_limit(monkeypatch):
     for fused in (True, "no-pdl", False):
         if fused == "no-pdl":
             monkeypatch.setattr(backend, "supports_pdl", lambda device: False)
-        alloc = DraftCacheAllocator(bs * 40 * 16, bs, 512, page_size=16)
+        alloc = DraftCacheAllocator(bs * 40 * 16, bs, 512, page_size=page_size)
         rows = alloc.add_requests([(37 * i) % 400 + 1 for i in range(bs)])
         outputs = [alloc.alloc_draft(rows, 4)]
         for step in range(4):
@@ -1517,6 +1530,8 @@ def test_gpu_commit_and_draft_past_its_one_launch_limit(monkeypatch):
         check_layout(alloc)
         used_pdl = any(dict(constexprs).get("PDL") for _, constexprs, _ in alloc._alloc_configs.values())
         assert used_pdl == (pdl and fused is True)
+        if fused and page_size == 1:
+            assert allocator_module._TWO_PASS_TINY_TILE in {tile for tile, _, _ in alloc._alloc_configs.values()}
         runs.append((outputs, snapshot(alloc)))
     for run in runs[1:]:
         assert_same_runs(runs[0], run)
