@@ -248,8 +248,19 @@ _TWO_PASS_TINY_TILE_MAX_BATCH = 512
 _TWO_PASS_TINY_TILE_MIN_N = 3
 _TWO_PASS_WIDE_NUM_WARPS = 8
 
+# Tensors of rows the host records as holding branch pages, at most; past them the records become one that only a
+# release of every row in use, or a sync that finds none held, forgets.
+_MAX_BRANCH_BATCHES = 64
+
 _INT_TYPE = {int}
 _third = operator.itemgetter(2)
+
+
+def _version_of(tensor: torch.Tensor) -> int | None:
+    """``tensor``'s version counter; None for an inference tensor (``torch.inference_mode``), which keeps none."""
+    return None if tensor.is_inference() else tensor._version
+
+
 IntVector = Union[torch.Tensor, Sequence[int]]
 
 
@@ -307,7 +318,11 @@ class DraftCacheAllocator:
 
     A step is ``alloc_draft(rows, N)`` (one launch), verification, then ``commit(rows, accept_lens)`` (one launch).
     Rows given as tensors are trusted on the hot path: they must be rows in use, without duplicates;
-    ``validate=True`` checks this at the cost of a sync. Accept lengths are clamped on the device to the row's open
+    ``validate=True`` checks this at the cost of a sync. A tensor of rows that a tree call has seen (one that gives
+    or releases branch pages) must be rewritten through torch, not in place by numpy, DLPack or a kernel: its version
+    counter tells the host whether its rows are still those that hold branch pages. (An inference tensor, made under
+    ``torch.inference_mode``, keeps no version counter: the host then forgets its branch pages only once every row in
+    use releases them, or a sync finds none held.) Accept lengths are clamped on the device to the row's open
     draft window, so no value corrupts the pool. After replaying a captured step, call :meth:`refresh` before the
     next eager call.
 
@@ -420,11 +435,12 @@ class DraftCacheAllocator:
         # Tree drafts: row r holds branch pages branch_pages[r, :num_branch_pages[r]] (alloc_branches). The host
         # knows which rows may hold some, and at most how many (the worst case, or the exact count when the call
         # synced): rows given as lists, one by one, and batches given as tensors, in all (a tensor released by the
-        # same tensor, unchanged since, is known to be released).
+        # same tensor, unchanged since by its version counter, is known to be released; an inference tensor keeps no
+        # version counter, so only a release of every row in use, or a sync, forgets it).
         self.branch_pages = torch.zeros(max_requests, 0, dtype=torch.int32, device=self.device)
         self.num_branch_pages = torch.zeros(max_requests, dtype=torch.int64, device=self.device)
         self._branch_rows: dict[int, int] = {}
-        self._branch_batches: list[tuple[torch.Tensor, int, int]] = []
+        self._branch_batches: list[tuple[torch.Tensor | None, int | None, int]] = []
         # Host lists on their way to a CUDA device: add_requests sends up to three values a request.
         self._staging = HostStaging(self.device, 3 * max_requests)
 
@@ -1257,7 +1273,11 @@ class DraftCacheAllocator:
         """Record that ``rows`` (``bs`` of them) now hold branch pages: ``needs`` each when known exactly, else at
         most ``per_row``."""
         if host_rows is None:
-            self._branch_batches.append((rows, rows._version, bs * per_row if needs is None else sum(needs)))
+            batches = self._branch_batches
+            batches.append((rows, _version_of(rows), bs * per_row if needs is None else sum(needs)))
+            if len(batches) > _MAX_BRANCH_BATCHES:  # one record that no release of some rows drops
+                held = min(sum(map(_third, batches)), self.num_requests * self.branch_pages.shape[1])
+                self._branch_batches = [(None, None, held)]
         elif needs is None:
             self._branch_rows.update(dict.fromkeys(host_rows, per_row))
         else:
@@ -1741,7 +1761,9 @@ class DraftCacheAllocator:
             for row in host_rows:
                 self._branch_rows.pop(row, None)
         self._branch_batches = [
-            (t, version, pages) for t, version, pages in self._branch_batches if t is not rows or t._version != version
+            (t, version, pages)
+            for t, version, pages in self._branch_batches
+            if t is not rows or version is None or t._version != version
         ]
 
     def _launch_release(

@@ -27,7 +27,7 @@ from test_allocator import (
 )
 
 import specdec_ops.allocator as allocator_module
-from specdec_ops.allocator import DraftCacheAllocator, OutOfSlotsError
+from specdec_ops.allocator import DraftCacheAllocator, DraftStepWrapper, OutOfSlotsError
 
 
 def random_paths(rng: random.Random, bs: int, tree: int, windows: list[int] | None = None):
@@ -612,6 +612,55 @@ def test_branches_are_released_by_the_next_step(release, as_list):
     assert alloc.num_free_slots() == free
     assert not alloc._branches_may_exist(), "the host knows the same rows released them"
     check_layout(alloc, ask_free_slots=False)
+
+
+@pytest.mark.parametrize("call", ["alloc_branches", "alloc_tree_draft", "commit_tree_and_draft", "wrapper"])
+def test_tree_calls_under_inference_mode(call):
+    """Engines run under torch.inference_mode, whose tensors keep no version counter: a tree call with a tensor of
+    rows made there still releases and records branch pages (conservatively: a release through a tensor whose rows
+    may have changed forgets nothing), and freeing every row returns every page."""
+    with torch.inference_mode():
+        alloc = DraftCacheAllocator(16 * 40, 4, 128, page_size=16, device="cpu")
+        in_use = alloc.add_requests([5, 20, 33, 9])
+        rows = in_use[:3]  # not every row in use: a release of these cannot forget everything
+        step = DraftStepWrapper(alloc)
+        step.plan(rows, 4, accept_lens=torch.tensor([1, 2, 0]), topk=2, num_steps=3)
+        for _ in range(3):
+            if call == "alloc_branches":
+                alloc.alloc_branches(rows, 2, 3)
+            elif call == "alloc_tree_draft":
+                alloc.alloc_tree_draft(rows, 4, 2, 3)
+            elif call == "commit_tree_and_draft":
+                alloc.alloc_tree_draft(rows, 4, 2, 3)
+                paths = torch.tensor([[0, 1, -1, -1], [0, -1, -1, -1], [-1] * 4])
+                alloc.commit_tree_and_draft(rows, paths, torch.tensor([2, 1, 0]), 4, 2, 3)
+            else:
+                step.alloc_branches()
+            assert alloc.num_branch_pages.any() and alloc._branches_may_exist()
+            check_layout(alloc, ask_free_slots=False)
+        alloc.release_branches(rows)
+        assert not alloc.num_branch_pages.any()
+        assert alloc._branches_may_exist(), "an inference tensor's rows may have changed: nothing is forgotten"
+        alloc.free_requests(in_use)
+        assert alloc.num_free_slots() == alloc.num_slots
+        assert not alloc._branches_may_exist(), "a release of every row in use forgets everything"
+        check_layout(alloc)
+
+
+def test_branch_records_of_many_tensors_merge_into_one(monkeypatch):
+    """Past _MAX_BRANCH_BATCHES tensors of rows holding branch pages the host keeps one record of at most what they
+    hold, which a release of some rows never drops; a release of every row in use does."""
+    monkeypatch.setattr(allocator_module, "_MAX_BRANCH_BATCHES", 3)
+    alloc = DraftCacheAllocator(4 * 64, 4, 64, page_size=4, device="cpu")
+    alloc.add_requests([5, 6, 7])
+    for row in (0, 1, 2, 0):
+        alloc.alloc_branches(torch.tensor([row]), 2, 2)
+    assert [(t, v) for t, v, _ in alloc._branch_batches] == [(None, None)]
+    alloc.release_branches(torch.tensor([1]))
+    assert alloc._branches_may_exist()
+    alloc.release_branches(torch.tensor([0, 1, 2]))
+    assert not alloc._branches_may_exist() and not alloc.num_branch_pages.any()
+    check_layout(alloc)
 
 
 def test_chain_users_never_launch_a_release(monkeypatch):
