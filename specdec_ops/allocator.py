@@ -561,7 +561,9 @@ class DraftCacheAllocator:
         return rows_t
 
     def free_requests(self, req_pool_indices: IntVector, *, keep_lens: IntVector | None = None) -> torch.Tensor:
-        """Return the requests' pages to the pool and clear their rows (one launch).
+        """Return the requests' pages to the pool and clear their rows (one launch; while rows may hold branch pages,
+        a launch before it returns those, and the free's kernel is compiled before that one changes anything, so that
+        only a failing launch of the free itself could leave the branch pages returned and the rows not freed).
 
         Args:
             req_pool_indices: rows in use, no duplicates; a list or an int tensor (a device tensor is read back).
@@ -590,10 +592,8 @@ class DraftCacheAllocator:
             values = self._to_device(rows + keep)  # one copy to the device
             rows_t, keep_t = values[:n], values[n:]
             kept_slots, kept_pages = self._check_keep(rows, rows_t, keep, keep_t)
-        if self._branches_may_exist():
-            self._launch_release(rows_t, rows)
         tile, block_p, block_c = self._free_config(n)
-        backend.launch(
+        free = (
             self._kernels()._free_pages_kernel,
             self._grid(n, tile),
             self.device,
@@ -620,6 +620,12 @@ class DraftCacheAllocator:
             ),
             _NUM_WARPS,
         )
+        if self._branches_may_exist():
+            # The rows' branch pages go back in a launch of their own first, and it changes state: the free is
+            # compiled before it, so that only its launch can fail after.
+            backend.ensure_compiled(*free)
+            self._launch_release(rows_t, rows)
+        backend.launch(*free)
         # The launches went through: now the host state.
         in_use = self._in_use
         for row in rows:
@@ -964,18 +970,24 @@ class DraftCacheAllocator:
         step: DraftStepWrapper | None = None,
         keep_branches: bool = False,
     ) -> None:
-        """Launch the commit (``tree``: ``(accept_index, kv_src, kv_dst)`` of a tree commit), after returning the
-        rows' branch pages if any may exist (a launch of its own for a chain commit, in the same launch for a tree
-        commit, unless ``keep_branches``), then close the windows the host knows of (nothing changes if a launch
-        raises). ``step``: the launches a DraftStepWrapper prepared."""
+        """Launch the commit (``tree``: ``(accept_index, kv_src, kv_dst)`` of a tree commit), returning the rows'
+        branch pages in the same launch if any may exist (unless ``keep_branches``), then close the windows the host
+        knows of (nothing changes if the launch raises). ``step``: the launches a DraftStepWrapper prepared. A chain
+        commit that releases is the allocation kernel's commit and release with a window of no tokens
+        (:meth:`commit_and_draft` with ``N = 0``: no pops, the window left at 0, as the commit kernel leaves it)."""
         release = self._branches_may_exist()
         if tree is None:
-            if release:
-                self._launch_release(rows, host_rows, None if step is None else step._prepared("release"))
-            if step is None:
-                self._launch_commit(rows, accept)
+            if not release:
+                if step is None:
+                    self._launch_commit(rows, accept)
+                else:
+                    step._prepared("commit")()
             else:
-                step._prepared("commit")()
+                if step is None:
+                    self._launch_alloc(rows, 0, None, None, None, None, None, True, accept=accept)
+                else:
+                    step._prepared("release commit")()
+                self._forget_branches(rows, host_rows, rows.size(0))
         else:
             release = release and not keep_branches
             if step is None:
@@ -1766,20 +1778,15 @@ class DraftCacheAllocator:
             if t is not rows or version is None or t._version != version
         ]
 
-    def _launch_release(
-        self, rows: torch.Tensor, host_rows: list[int] | None, prepared: backend.Launch | None = None
-    ) -> None:
-        """Return the rows' branch pages (or make the ``prepared`` launch that does), then forget them."""
-        if prepared is None:
-            self._release(rows)
-        else:
-            prepared()
+    def _launch_release(self, rows: torch.Tensor, host_rows: list[int] | None) -> None:
+        """Return the rows' branch pages, then forget them."""
+        self._release(rows)
         self._forget_branches(rows, host_rows, rows.size(0))
 
-    def _release(self, rows: torch.Tensor, prepare: bool = False) -> backend.Launch | None:
-        """Launch the kernel that returns branch pages; ``prepare=True``: return the launch, made by calling it."""
+    def _release(self, rows: torch.Tensor) -> None:
+        """Launch the kernel that returns branch pages."""
         tile, block_p = self._release_tiles()
-        return (backend.prepare if prepare else backend.launch)(
+        backend.launch(
             backend.kernels("allocator", self.device)._release_branches_kernel,
             self._grid(rows.size(0), tile),
             self.device,
@@ -2821,25 +2828,25 @@ class DraftStepWrapper:
 
     def _prepared(self, kind: str) -> backend.Launch:
         """The launch of ``kind`` ("draft", "commit draft", "tree draft", "commit tree", "commit tree draft", each
-        also with "release " before it; "release", "commit", "branches"; "count commit draft" and "commit draft from
-        counts", the two launches of a commit_and_draft past _COMMIT_DRAFT_MAX_BATCH; "commit tree count" and "tree
-        draft from counts", with "release " or not, those of a commit_tree_and_draft past one launch), prepared on
-        first use and again once alloc_branches has replaced the allocator's branch_pages (which the release and
-        branch launches read)."""
+        also with "release " before it; "commit", "release commit", "branches"; "count commit draft" and "commit
+        draft from counts", the two launches of a commit_and_draft past _COMMIT_DRAFT_MAX_BATCH; "commit tree count"
+        and "tree draft from counts", with "release " or not, those of a commit_tree_and_draft past one launch),
+        prepared on first use and again once alloc_branches has replaced the allocator's branch_pages (which the
+        release and branch launches read)."""
         alloc = self._allocator
         entry = self._launches.get(kind)
         if entry is None or entry[1] is not alloc.branch_pages:
             rows = self._rows
             if kind == "commit":
                 launch = alloc._launch_commit(rows, self._accept, prepare=True)
+            elif kind == "release commit":  # the commit, and the branch pages released, in one launch (see _commit)
+                launch = alloc._launch_alloc(rows, 0, None, None, None, None, None, True, True, accept=self._accept)
             elif kind.endswith("commit tree"):
                 launch = alloc._launch_commit_tree(
                     rows, self._accept, *self._tree_commit, prepare=True, release=kind != "commit tree"
                 )
             elif kind == "branches":
                 launch = alloc._launch_branches(rows, *self._branches, prepare=True)
-            elif kind == "release":
-                launch = alloc._release(rows, prepare=True)
             elif kind == "count commit draft":
                 launch = alloc._launch_count(rows, self._n, self._accept, prepare=True)
             elif kind.endswith("commit tree count"):

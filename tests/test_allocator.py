@@ -1268,6 +1268,45 @@ def test_a_launch_that_raises_changes_nothing(call, monkeypatch):
     check_layout(alloc)
 
 
+@pytest.mark.parametrize("call", ["commit", "commit-wrapper", "free"])
+def test_with_branch_pages_held_a_launch_that_raises_changes_nothing(call, monkeypatch):
+    """Rows that hold branch pages give them back in the call that commits or frees them. A chain commit does it in
+    its one launch (the allocation kernel's commit and release, a window of no tokens): whichever launch raises,
+    nothing has changed. free_requests returns them in a launch of its own before the free, whose kernel is compiled
+    first (so only its launch could fail after): the first launch raising changes nothing."""
+    alloc = DraftCacheAllocator(64, 6, 32, page_size=4, device="cpu")
+    rows = alloc.add_requests([5, 6])
+    alloc.alloc_draft(rows, 2)
+    alloc.alloc_branches(rows, 2, 3)
+    step = DraftStepWrapper(alloc)
+    step.plan(rows, 2, accept_lens=torch.tensor([1, 2]))
+    before = snapshot(alloc)
+    host = alloc._pages_bound, dict(alloc._known_windows), dict(alloc._branch_rows), list(alloc._branch_batches)
+    run = {
+        "commit": lambda: alloc.commit(rows, torch.tensor([1, 2])),
+        "commit-wrapper": step.commit,
+        "free": lambda: alloc.free_requests(rows),
+    }[call]
+    launches = []
+    monkeypatch.setattr(backend, "launch", lambda kernel, *args: launches.append(kernel) or _failing_launch())
+    monkeypatch.setattr(backend.Launch, "__call__", lambda self: launches.append(self) or _failing_launch())
+    with pytest.raises(LaunchFailed):
+        run()
+    monkeypatch.undo()
+    assert len(launches) == 1
+    assert_unchanged(alloc, before)
+    assert (alloc._pages_bound, dict(alloc._known_windows), dict(alloc._branch_rows), alloc._branch_batches) == host
+    launches = []
+    monkeypatch.setattr(backend, "launch", lambda *args, launch=backend.launch: launches.append(args) or launch(*args))
+    run()  # and the same call goes through afterwards
+    monkeypatch.undo()
+    assert len(launches) == (2 if call == "free" else 1)
+    assert not alloc.num_branch_pages.any() and not alloc._branches_may_exist()
+    if call != "free":
+        assert alloc.seq_lens[rows].tolist() == [6, 8] and not alloc.window_lens[rows].any()
+    check_layout(alloc)
+
+
 # ------------------------------------------------------------------------------------------ page arithmetic
 
 
