@@ -82,12 +82,17 @@ def is_npu(device: torch.device) -> bool:
 _npu_devices: dict[torch.device, bool] = {}
 
 
+def check_device(device: torch.device) -> None:
+    """Raise ``ValueError`` unless ``device`` is one the kernels run on (cpu, cuda, npu)."""
+    if device.type not in _DEVICE_TYPES:
+        raise ValueError(f"tensors must be on cpu, cuda or npu, got device {device}")
+
+
 def kernels(module_name: str, device: torch.device) -> ModuleType:
     """The kernel module ``specdec_ops.kernels.<module_name>`` built for ``device``'s backend."""
     module = _modules.get((module_name, device))
     if module is None:
-        if device.type not in _DEVICE_TYPES:
-            raise ValueError(f"tensors must be on cpu, cuda or npu, got device {device}")
+        check_device(device)
         with _modules_lock:
             module = _modules_by_type.get((module_name, device.type))
             if module is None:

@@ -32,6 +32,7 @@ def check_table(req_to_token: torch.Tensor) -> None:
     """``req_to_token``: a 2-D int32/int64 tensor with unit stride along positions, dimensions below 2**31."""
     if not isinstance(req_to_token, torch.Tensor):
         raise TypeError(f"req_to_token must be a torch.Tensor, got {type(req_to_token).__name__}")
+    _check_dense("req_to_token", req_to_token)
     if req_to_token.dtype not in INDEX_DTYPES:
         raise TypeError(f"req_to_token must be int32 or int64, got {req_to_token.dtype}")
     if req_to_token.dim() != 2:
@@ -56,7 +57,7 @@ def check_vector(name: str, tensor: torch.Tensor, device: torch.device, length: 
             and (length is None or tensor.size(0) == length)
             and tensor.is_contiguous()
         )
-    except AttributeError:
+    except (AttributeError, RuntimeError):  # (RuntimeError: a sparse or nested tensor, worded below)
         ok = False
     if not ok:  # On the hot path only the expression above runs; this finds the words for the error.
         _raise_vector_error(name, tensor, device, length)
@@ -65,6 +66,7 @@ def check_vector(name: str, tensor: torch.Tensor, device: torch.device, length: 
 def _raise_vector_error(name: str, tensor: torch.Tensor, device: torch.device, length: int | None) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    _check_dense(name, tensor)
     if tensor.dtype not in INDEX_DTYPES:
         raise TypeError(f"{name} must be int32 or int64, got {tensor.dtype}")
     if tensor.dim() != 1:
@@ -74,6 +76,13 @@ def _raise_vector_error(name: str, tensor: torch.Tensor, device: torch.device, l
     if length is not None and tensor.size(0) != length:
         raise ValueError(f"{name} has {tensor.size(0)} elements but req_pool_indices has {length}")
     raise ValueError(f"{name} must have unit stride, got stride {tensor.stride(0)}")
+
+
+def _check_dense(name: str, tensor: torch.Tensor) -> None:
+    """``tensor``: a dense tensor (strided layout, not nested)."""
+    if tensor.is_nested or tensor.layout != torch.strided:
+        kind = "a nested tensor" if tensor.is_nested else f"layout {tensor.layout}"
+        raise ValueError(f"{name} must be a dense (strided) tensor, got {kind}")
 
 
 def check_out(name: str, out: torch.Tensor, device: torch.device, min_len: int) -> None:

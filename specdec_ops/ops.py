@@ -289,7 +289,7 @@ def get_last_loc(
             and _vector_ok(prefix_lens, device, bs)
             and (last_loc is None or _vector_ok(last_loc, device, bs))
         )
-    except (AttributeError, TypeError, ValueError):
+    except (AttributeError, TypeError, ValueError, RuntimeError):
         ok = False
     if not ok:  # The same checks one by one: raise with the words of the first that fails.
         check_table(req_to_token)
@@ -302,6 +302,7 @@ def get_last_loc(
     if last_loc is None:
         last_loc = torch.empty(bs, dtype=prefix_lens.dtype, device=device)
     if validate and bs:
+        backend.check_device(device)  # (the checks read values: not on a device that holds none, such as meta)
         max_context_len = req_to_token.size(1)
         _raise_first_violation(
             [
@@ -347,7 +348,8 @@ def _prepare_windows(
     ``end_offset`` is ``start_offset`` when the caller passed ``None`` with ``window_len`` (the uniform kernels
     never read it).
     """
-    if end_offset is None and window_len is not None:
+    no_end = end_offset is None
+    if no_end and window_len is not None:
         end_offset = start_offset
     try:  # Hot path: every metadata condition in one expression.
         device = req_to_token.device
@@ -360,7 +362,7 @@ def _prepare_windows(
             and _vector_ok(end_offset, device, bs)
             and (last_loc is None or _vector_ok(last_loc, device, bs))
         )
-    except (AttributeError, TypeError, ValueError):
+    except (AttributeError, TypeError, ValueError, RuntimeError):
         ok = False
     if not ok:  # The same checks one by one: raise with the words of the first that fails.
         check_table(req_to_token)
@@ -382,6 +384,8 @@ def _prepare_windows(
             num_tokens = bs * window_len
         elif num_tokens < bs * window_len:
             raise ValueError(f"num_tokens must be at least bs * window_len = {bs * window_len}, got {num_tokens}")
+    if num_tokens is None or validate:  # (reads values: not on a device that holds none, such as meta)
+        backend.check_device(device)
     if num_tokens is None:
         # The one device→host sync of a call without num_tokens: the output's size.
         num_tokens = int((end_offset.long() - start_offset.long()).clamp_(min=0).sum()) if bs else 0
@@ -391,7 +395,7 @@ def _prepare_windows(
     elif not _out_ok(out_cache_loc, device, num_tokens):
         check_out("out_cache_loc", out_cache_loc, device, num_tokens)
     if validate and bs:
-        ends = end_offset if end_offset is not start_offset else start_offset + window_len
+        ends = start_offset + window_len if no_end else end_offset  # (a given end_offset is checked, even start's)
         _validate_windows(req_to_token, req_pool_indices, start_offset, ends, num_tokens, window_len)
     return out_cache_loc, end_offset, num_tokens, window_len, bs, device
 

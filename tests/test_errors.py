@@ -109,6 +109,24 @@ METADATA_ERRORS = [
         ValueError,
         "last_loc has 3 elements but req_pool_indices has 4",
     ),
+    (
+        "table-sparse",
+        {"req_to_token": torch.zeros(6, 10, dtype=torch.int32).to_sparse_csr()},
+        ValueError,
+        "req_to_token must be a dense (strided) tensor, got layout torch.sparse_csr",
+    ),
+    (
+        "rows-sparse",
+        {"req_pool_indices": torch.zeros(4, dtype=torch.int64).to_sparse()},
+        ValueError,
+        "req_pool_indices must be a dense (strided) tensor, got layout torch.sparse_coo",
+    ),
+    (
+        "start-nested",
+        {"start_offset": torch.nested.nested_tensor([torch.zeros(2, dtype=torch.int64)] * 2)},
+        ValueError,
+        "start_offset must be a dense (strided) tensor, got a nested tensor",
+    ),
     ("num-tokens-negative", {"num_tokens": -1}, ValueError, "num_tokens must be in [0, 2**31), got -1"),
     ("num-tokens-float", {"num_tokens": 6.0}, TypeError, "num_tokens must be an int or None, got float"),
     ("num-tokens-bool", {"num_tokens": True}, TypeError, "num_tokens must be an int or None, got bool"),
@@ -168,6 +186,22 @@ def test_validate_reports_the_first_bad_value_and_changes_nothing(overrides, mes
         call()
     assert message in str(info.value)
     assert torch.equal(out, before[0]) and torch.equal(last, before[1])
+
+
+@pytest.mark.parametrize("validate", [False, True])
+@pytest.mark.parametrize("sized", [False, True], ids=["no-num_tokens", "num_tokens"])
+def test_tensors_on_a_device_that_holds_no_data_raise_value_error(validate, sized):
+    """meta tensors pass the metadata checks but hold no values: a ValueError before anything reads them (the
+    size sync, validate) or launches."""
+    args = {key: value.to("meta") for key, value in good_args().items()}
+    kwargs = {"num_tokens": 6} if sized else {}
+    message = "tensors must be on cpu, cuda or npu, got device meta"
+    with pytest.raises(ValueError, match=message):
+        specdec_ops.get_last_loc_and_assign_extend_cache_locs(**args, validate=validate, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        specdec_ops.get_last_loc(
+            args["req_to_token"], args["req_pool_indices"], args["start_offset"], validate=validate
+        )
 
 
 def test_validate_passes_good_input():

@@ -206,6 +206,21 @@ def test_validate_with_window_len_and_no_end_offset_checks_the_context():
         specdec_ops.assign_extend_cache_locs(table, rows, start, None, window_len=4, validate=True)
 
 
+@pytest.mark.parametrize("wrapper", [False, True], ids=["function", "wrapper"])
+def test_validate_checks_window_len_against_an_end_offset_that_is_the_start_tensor(wrapper):
+    """end_offset given as the very tensor of start_offset (windows of 0) is checked against window_len like any
+    other: only end_offset=None stands for start_offset + window_len."""
+    table, rows, start = small_call_args()
+    message = "end_offset[0] - start_offset[0] must equal window_len = 3, got 0"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        if wrapper:
+            specdec_ops.CacheLocsWrapper(table).plan(rows, start, start, window_len=3, validate=True)
+        else:
+            specdec_ops.get_last_loc_and_assign_extend_cache_locs(
+                table, rows, start, start, window_len=3, validate=True
+            )
+
+
 def test_get_last_loc_gives_minus_one_for_negative_prefix_lens():
     table, rows, _ = small_call_args()
     prefix = torch.tensor([-2, 0, 5])
