@@ -181,7 +181,9 @@ def _cache_locs_program(
             if tile_start > 0:
                 earlier = tl.reduce(lane_sums, 0, _add)
             dst_base = earlier + tl.associative_scan(lengths, 0, _add) - lengths
-            num_cols = tl.reduce(lengths, 0, _maximum)
+            # No column past what is left of out_cache_loc after the tile's first window starts: with garbage
+            # lengths (validate=False) the tiles past the output loop no more, and the first one no further.
+            num_cols = tl.minimum(tl.reduce(lengths, 0, _maximum), num_tokens - earlier)
             first_col = 0
             if PREFETCH:
                 _store_window_block(slot, lengths, dst_base, out_cache_loc, in_batch, 0, num_tokens, BLOCK_N)
