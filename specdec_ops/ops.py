@@ -465,8 +465,7 @@ def assign_extend_cache_locs(
             ``num_tokens`` and ``window_len`` may be any ``numbers.Integral`` (e.g. ``numpy.int64``).
         validate: also check values (rows in range, ``0 <= start <= end <= max_context_len``, total
             within ``num_tokens``, the ``window_len`` promise); costs one device→host sync.
-        persistent: one program per core looping over tiles (default: on Ascend, and for ragged windows once
-            their tiles outnumber the cores).
+        persistent: one program per core looping over tiles (default: on Ascend only).
 
     Returns:
         ``out_cache_loc[:num_tokens]``: int64 unless the caller passed ``out_cache_loc``.
@@ -641,7 +640,9 @@ class CacheLocsWrapper:
 
         Returns:
             What the function returns: ``(out_cache_loc[:num_tokens], last_loc)``, or ``out_cache_loc[:num_tokens]``
-            with ``with_last_loc=False``; the same tensors every run (the buffers plan() was given or made).
+            with ``with_last_loc=False``; the same tensors every run (the buffers plan() was given or made), except
+            where every run plans again (``validate=True``, or neither ``num_tokens`` nor ``window_len``) and
+            plan() made the buffers: then each run makes new ones, as the function does.
         """
         if self._bound.changed() or self._replan_each_run:
             self.plan(**self._plan_args)
