@@ -18,6 +18,7 @@ __all__ = [
     "UNPLANNED",
     "BoundTensors",
     "check_count",
+    "check_disjoint",
     "check_out",
     "check_table",
     "check_vector",
@@ -83,6 +84,33 @@ def _check_dense(name: str, tensor: torch.Tensor) -> None:
     if tensor.is_nested or tensor.layout != torch.strided:
         kind = "a nested tensor" if tensor.is_nested else f"layout {tensor.layout}"
         raise ValueError(f"{name} must be a dense (strided) tensor, got {kind}")
+
+
+def check_disjoint(outputs: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> None:
+    """No output shares memory with an input or with another output (``ValueError`` naming both). Kernels read
+    inputs of other requests (the scan) while they write: an overlap would give wrong values without an error.
+    ``outputs`` are unit-stride vectors, ``inputs`` such vectors or a table with unit stride along its rows (both
+    checked before); empty tensors share nothing. Memory spans compared: a table's from its first element to its
+    last, so an output in the gap between the columns of a sliced table counts as sharing."""
+    spans = []
+    for written, tensors in ((True, outputs), (False, inputs)):
+        for name, tensor in tensors.items():
+            size = tensor.nbytes
+            if size:
+                start = tensor.data_ptr()
+                if tensor.dim() == 2:
+                    size = ((tensor.size(0) - 1) * tensor.stride(0) + tensor.size(1)) * tensor.element_size()
+                spans.append((start, start + size, written, name))
+    spans.sort()
+    for i, (_, end, written, name) in enumerate(spans):
+        for other_start, _, other_written, other in spans[i + 1 :]:
+            if other_start >= end:
+                break
+            if written or other_written:
+                first, second = (name, other) if written else (other, name)
+                raise ValueError(
+                    f"{first} must not share memory with {second} (outputs are written while inputs are read)"
+                )
 
 
 def check_out(name: str, out: torch.Tensor, device: torch.device, min_len: int) -> None:

@@ -18,6 +18,7 @@ from .checks import (
     UNPLANNED,
     BoundTensors,
     check_count,
+    check_disjoint,
     check_out,
     check_table,
     check_vector,
@@ -349,6 +350,7 @@ def _prepare_windows(
     never read it).
     """
     no_end = end_offset is None
+    buffers = out_cache_loc is not None or last_loc is not None
     if no_end and window_len is not None:
         end_offset = start_offset
     try:  # Hot path: every metadata condition in one expression.
@@ -394,10 +396,32 @@ def _prepare_windows(
         out_cache_loc = torch.empty(num_tokens, dtype=torch.int64, device=device)
     elif not _out_ok(out_cache_loc, device, num_tokens):
         check_out("out_cache_loc", out_cache_loc, device, num_tokens)
+    if buffers and validate:  # (CacheLocsWrapper.plan checks it always: it costs a few us a call)
+        _check_buffers(
+            req_to_token, req_pool_indices, start_offset, None if no_end else end_offset, out_cache_loc, last_loc
+        )
     if validate and bs:
         ends = start_offset + window_len if no_end else end_offset  # (a given end_offset is checked, even start's)
         _validate_windows(req_to_token, req_pool_indices, start_offset, ends, num_tokens, window_len)
     return out_cache_loc, end_offset, num_tokens, window_len, bs, device
+
+
+def _check_buffers(
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    start_offset: torch.Tensor,
+    end_offset: torch.Tensor | None,
+    out_cache_loc: torch.Tensor,
+    last_loc: torch.Tensor | None,
+) -> None:
+    """The output buffers share no memory with the inputs or each other (``checks.check_disjoint``)."""
+    outputs = {"out_cache_loc": out_cache_loc}
+    if last_loc is not None:
+        outputs["last_loc"] = last_loc
+    inputs = {"req_to_token": req_to_token, "req_pool_indices": req_pool_indices, "start_offset": start_offset}
+    if end_offset is not None:
+        inputs["end_offset"] = end_offset
+    check_disjoint(outputs, inputs)
 
 
 def _launch_windows(
@@ -456,7 +480,9 @@ def assign_extend_cache_locs(
         end_offset: ``[bs]`` int32/int64, one past the last position of each window; may be ``None`` with
             ``window_len`` (it is not read then).
         out_cache_loc: optional int32/int64 buffer of at least ``num_tokens`` elements; elements past
-            ``num_tokens``, and past the windows' total, are left untouched.
+            ``num_tokens``, and past the windows' total, are left untouched. Output buffers must not share memory
+            with the inputs or with each other (the kernel reads other requests' offsets while it writes):
+            ``validate=True`` and :meth:`CacheLocsWrapper.plan` check it (a few us a call, so not on the hot path).
         num_tokens: elements of ``out_cache_loc`` the call may write, at least the windows' total.
             ``None`` sizes the output from the offsets, which costs one device→host sync (and so
             cannot be captured in a CUDA graph); pass it on the hot path.
@@ -464,7 +490,8 @@ def assign_extend_cache_locs(
             ``end_offset`` is not read, and ``num_tokens`` defaults to ``bs * window_len`` (no sync).
             ``num_tokens`` and ``window_len`` may be any ``numbers.Integral`` (e.g. ``numpy.int64``).
         validate: also check values (rows in range, ``0 <= start <= end <= max_context_len``, total
-            within ``num_tokens``, the ``window_len`` promise); costs one device→host sync.
+            within ``num_tokens``, the ``window_len`` promise) and that the output buffers share no memory with
+            the inputs; costs one device→host sync.
         persistent: one program per core looping over tiles (default: on Ascend only).
 
     Returns:
@@ -607,6 +634,8 @@ class CacheLocsWrapper:
             window_len,
             validate,
         )
+        if (out_cache_loc is not None or last_loc is not None) and not validate:  # (validate: checked above)
+            _check_buffers(req_to_token, req_pool_indices, start_offset, end_offset, out, last_loc)
         tensors = (req_to_token, req_pool_indices, start_offset, end, out)
         if self._with_last_loc:
             last = torch.empty(bs, dtype=start_offset.dtype, device=device) if last_loc is None else last_loc

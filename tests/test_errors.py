@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -202,6 +203,49 @@ def test_tensors_on_a_device_that_holds_no_data_raise_value_error(validate, size
         specdec_ops.get_last_loc(
             args["req_to_token"], args["req_pool_indices"], args["start_offset"], validate=validate
         )
+
+
+def _overlap(case: str, args: dict) -> tuple[dict, str | None]:
+    """Output buffers for ``args`` (good_args) that share memory with an input or with each other, and the words
+    of the error (None: they share nothing)."""
+    shared = sentinel_like(10, torch.int64, "cpu")
+    wide = torch.zeros(6, 20, dtype=torch.int32)
+    wide[:, :10] = args["req_to_token"]
+    return {
+        "last-is-start": ({"last_loc": args["start_offset"]}, "last_loc must not share memory with start_offset"),
+        "out-and-last": ({"out_cache_loc": shared[:6], "last_loc": shared[4:8]}, "must not share memory with"),
+        "out-copied": ({"out_cache_loc": torch.cat([args["end_offset"], args["end_offset"]])[:6]}, None),
+        "out-in-table": (
+            {"req_to_token": wide[:, :10], "out_cache_loc": wide.view(-1)[30:36]},
+            "out_cache_loc must not share memory with req_to_token",
+        ),
+        "last-in-rows": ({"last_loc": args["req_pool_indices"][:4]}, "last_loc must not share memory with req_pool"),
+    }[case]
+
+
+@pytest.mark.parametrize("wrapper", [False, True], ids=["validate", "plan"])
+@pytest.mark.parametrize("case", ["last-is-start", "out-and-last", "out-copied", "out-in-table", "last-in-rows"])
+def test_output_buffers_that_share_memory_with_inputs_are_refused(case, wrapper):
+    """The kernel reads other requests' offsets while it writes: an output sharing memory with an input (or the
+    other output) would give wrong values, so validate=True and CacheLocsWrapper.plan raise, naming both."""
+    args = good_args()
+    given, message = _overlap(case, args)
+    args.update(given)
+    table, rows, start, end = (args[k] for k in ("req_to_token", "req_pool_indices", "start_offset", "end_offset"))
+    out, last = args.get("out_cache_loc"), args.get("last_loc")
+    before = [t.clone() for t in (table, rows, start, end)]
+    if wrapper:
+        call = lambda: specdec_ops.CacheLocsWrapper(table).plan(rows, start, end, out, last, num_tokens=6)  # noqa: E731
+    else:
+        call = lambda: specdec_ops.get_last_loc_and_assign_extend_cache_locs(  # noqa: E731
+            table, rows, start, end, out, last, num_tokens=6, validate=True
+        )
+    if message is None:
+        call()
+        return
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call()
+    assert all(torch.equal(a, b) for a, b in zip((table, rows, start, end), before))
 
 
 def test_validate_passes_good_input():
