@@ -250,7 +250,7 @@ _TWO_PASS_WIDE_NUM_WARPS = 8
 
 # Tensors of rows the host records as holding branch pages, at most; past them the records become one that only a
 # release of every row in use, or a sync that finds none held, forgets.
-_MAX_BRANCH_BATCHES = 64
+_MAX_BRANCH_BATCHES = 8
 
 _INT_TYPE = {int}
 _third = operator.itemgetter(2)
