@@ -222,7 +222,10 @@ def _validate_windows(
     end_offset: torch.Tensor,
     num_tokens: int,
     window_len: int | None,
+    end_name: Callable[[int], str] = lambda i: f"end_offset[{i}]",
 ) -> None:
+    """Raise ValueError for the first bad value; ``end_name(i)`` names the end of window ``i`` in the message (the
+    caller's ``start_offset[i] + window_len`` where it passed no ``end_offset``)."""
     max_context_len = req_to_token.size(1)
     lengths = end_offset.long() - start_offset.long()
     checks = [
@@ -230,13 +233,11 @@ def _validate_windows(
         (start_offset < 0, lambda i: f"start_offset[{i}] must be >= 0, got {int(start_offset[i])}"),
         (
             lengths < 0,
-            lambda i: (
-                f"end_offset[{i}] must be >= start_offset[{i}] = {int(start_offset[i])}, got {int(end_offset[i])}"
-            ),
+            lambda i: f"{end_name(i)} must be >= start_offset[{i}] = {int(start_offset[i])}, got {int(end_offset[i])}",
         ),
         (
             end_offset > max_context_len,
-            lambda i: f"end_offset[{i}] must be <= max_context_len = {max_context_len}, got {int(end_offset[i])}",
+            lambda i: f"{end_name(i)} must be <= max_context_len = {max_context_len}, got {int(end_offset[i])}",
         ),
         (
             lengths.clamp(min=0).sum() > num_tokens,
@@ -250,7 +251,7 @@ def _validate_windows(
             (
                 lengths != window_len,
                 lambda i: (
-                    f"end_offset[{i}] - start_offset[{i}] must equal window_len = {window_len}, got {int(lengths[i])}"
+                    f"{end_name(i)} - start_offset[{i}] must equal window_len = {window_len}, got {int(lengths[i])}"
                 ),
             )
         )
@@ -401,8 +402,11 @@ def _prepare_windows(
             req_to_token, req_pool_indices, start_offset, None if no_end else end_offset, out_cache_loc, last_loc
         )
     if validate and bs:
-        ends = start_offset + window_len if no_end else end_offset  # (a given end_offset is checked, even start's)
-        _validate_windows(req_to_token, req_pool_indices, start_offset, ends, num_tokens, window_len)
+        if no_end:
+            ends, end_name = start_offset + window_len, lambda i: f"start_offset[{i}] + window_len"
+            _validate_windows(req_to_token, req_pool_indices, start_offset, ends, num_tokens, window_len, end_name)
+        else:  # (a given end_offset is checked, even the start tensor itself)
+            _validate_windows(req_to_token, req_pool_indices, start_offset, end_offset, num_tokens, window_len)
     return out_cache_loc, end_offset, num_tokens, window_len, bs, device
 
 

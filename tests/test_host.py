@@ -202,7 +202,8 @@ def test_end_offset_none_without_window_len_says_so():
 
 def test_validate_with_window_len_and_no_end_offset_checks_the_context():
     table, rows, start = small_call_args()
-    with pytest.raises(ValueError, match=re.escape("end_offset[2] must be <= max_context_len = 10, got 11")):
+    message = "start_offset[2] + window_len must be <= max_context_len = 10, got 11"  # (no end_offset was given)
+    with pytest.raises(ValueError, match=re.escape(message)):
         specdec_ops.assign_extend_cache_locs(table, rows, start, None, window_len=4, validate=True)
 
 
