@@ -343,8 +343,11 @@ def _prepare_windows(
     num_tokens: int | None,
     window_len: int | None,
     validate: bool,
+    check_buffers: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, int, int | None, int, torch.device]:
-    """Check the window arguments; syncs only when it must.
+    """Check the window arguments; syncs only when it must. Given output buffers are checked to share no memory
+    with the inputs or each other with ``validate`` or ``check_buffers`` (a few us: CacheLocsWrapper.plan's, not a
+    plain call's).
 
     Returns ``(out_cache_loc, end_offset, num_tokens, window_len, bs, device)``, the counts as Python ints;
     ``end_offset`` is ``start_offset`` when the caller passed ``None`` with ``window_len`` (the uniform kernels
@@ -397,10 +400,14 @@ def _prepare_windows(
         out_cache_loc = torch.empty(num_tokens, dtype=torch.int64, device=device)
     elif not _out_ok(out_cache_loc, device, num_tokens):
         check_out("out_cache_loc", out_cache_loc, device, num_tokens)
-    if buffers and validate:  # (CacheLocsWrapper.plan checks it always: it costs a few us a call)
-        _check_buffers(
-            req_to_token, req_pool_indices, start_offset, None if no_end else end_offset, out_cache_loc, last_loc
-        )
+    if buffers and (validate or check_buffers):
+        outputs = {"out_cache_loc": out_cache_loc}
+        if last_loc is not None:
+            outputs["last_loc"] = last_loc
+        inputs = {"req_to_token": req_to_token, "req_pool_indices": req_pool_indices, "start_offset": start_offset}
+        if not no_end:
+            inputs["end_offset"] = end_offset
+        check_disjoint(outputs, inputs)
     if validate and bs:
         if no_end:
             ends, end_name = start_offset + window_len, lambda i: f"start_offset[{i}] + window_len"
@@ -408,24 +415,6 @@ def _prepare_windows(
         else:  # (a given end_offset is checked, even the start tensor itself)
             _validate_windows(req_to_token, req_pool_indices, start_offset, end_offset, num_tokens, window_len)
     return out_cache_loc, end_offset, num_tokens, window_len, bs, device
-
-
-def _check_buffers(
-    req_to_token: torch.Tensor,
-    req_pool_indices: torch.Tensor,
-    start_offset: torch.Tensor,
-    end_offset: torch.Tensor | None,
-    out_cache_loc: torch.Tensor,
-    last_loc: torch.Tensor | None,
-) -> None:
-    """The output buffers share no memory with the inputs or each other (``checks.check_disjoint``)."""
-    outputs = {"out_cache_loc": out_cache_loc}
-    if last_loc is not None:
-        outputs["last_loc"] = last_loc
-    inputs = {"req_to_token": req_to_token, "req_pool_indices": req_pool_indices, "start_offset": start_offset}
-    if end_offset is not None:
-        inputs["end_offset"] = end_offset
-    check_disjoint(outputs, inputs)
 
 
 def _launch_windows(
@@ -637,9 +626,8 @@ class CacheLocsWrapper:
             num_tokens,
             window_len,
             validate,
+            check_buffers=True,
         )
-        if (out_cache_loc is not None or last_loc is not None) and not validate:  # (validate: checked above)
-            _check_buffers(req_to_token, req_pool_indices, start_offset, end_offset, out, last_loc)
         tensors = (req_to_token, req_pool_indices, start_offset, end, out)
         if self._with_last_loc:
             last = torch.empty(bs, dtype=start_offset.dtype, device=device) if last_loc is None else last_loc
