@@ -364,6 +364,9 @@ class DraftCacheAllocator:
         device = backend.default_device() if device is None else torch.device(device)
         self.device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0"
         self._page_shift = _page_shift(page_size)
+        # Every launch a programmatic dependent launch where the device has them (each kernel waits for the one
+        # before it at its start; see backend.supports_pdl).
+        self._pdl = backend.supports_pdl(self.device)
         if backend.is_npu(self.device) and self._page_shift < 0:
             # Slots and positions are divided by the page size on the vector unit: exact only below 2**24 there.
             if num_slots + page_size >= _NPU_EXACT_DIV_LIMIT or max_context_len >= _NPU_EXACT_DIV_LIMIT:
@@ -617,6 +620,7 @@ class DraftCacheAllocator:
                 ("BLOCK_C", block_c),
                 ("SCAN_BLOCK", self._scan_block()),
                 ("KEEP", keep is not None),
+                ("PDL", self._pdl),
             ),
             _NUM_WARPS,
         )
@@ -692,7 +696,7 @@ class DraftCacheAllocator:
             self.device,
             (pages_t, self.free_pages, self._counters),
             (len(pages), self.num_pages),
-            (("TILE", _PUSH_TILE),),
+            (("TILE", _PUSH_TILE), ("PDL", self._pdl)),
             _NUM_WARPS,
         )
         self._cache_pages.difference_update(pages)
@@ -1018,7 +1022,7 @@ class DraftCacheAllocator:
             self.device,
             (rows, accept, self.seq_lens, self.window_lens),
             (bs, self.max_requests),
-            (("TILE", _COMMIT_TILE),),
+            (("TILE", _COMMIT_TILE), ("PDL", self._pdl)),
             _NUM_WARPS,
         )
 
@@ -1132,6 +1136,7 @@ class DraftCacheAllocator:
                 ("RELEASE", release),
                 ("BLOCK_R", self._release_tiles()[1]),
                 ("SCAN_BLOCK", self._scan_block()),
+                ("PDL", self._pdl),
             ),
             _TREE_NUM_WARPS,
         )
@@ -1355,6 +1360,7 @@ class DraftCacheAllocator:
                 ("SCAN_BLOCK", self._scan_block()),
                 ("COPY", p > 1),
                 ("EARLY_COPY", self._early_copy()),
+                ("PDL", self._pdl),
             ),
             _NUM_WARPS,
         )
@@ -1792,7 +1798,7 @@ class DraftCacheAllocator:
             self.device,
             (rows, self.branch_pages, self.num_branch_pages, self.free_pages, self._counters),
             (rows.size(0), self.max_requests, self.num_pages, self.branch_pages.stride(0), self.branch_pages.size(1)),
-            (("TILE", tile), ("BLOCK_R", block_p), ("SCAN_BLOCK", self._scan_block())),
+            (("TILE", tile), ("BLOCK_R", block_p), ("SCAN_BLOCK", self._scan_block()), ("PDL", self._pdl)),
             _NUM_WARPS,
         )
 
@@ -2021,7 +2027,7 @@ class DraftCacheAllocator:
             ("COMMIT", commit),
             # The first launch's tiles in one of this launch's (0: this is no second launch).
             ("SUMS", tile // min(count_tile or tile, tile) if sums else 0),
-            ("PDL", sums and backend.supports_pdl(self.device)),
+            ("PDL", self._pdl),
         )
         num_warps = _NUM_WARPS
         if sums and not branch_block:
@@ -2208,7 +2214,7 @@ class DraftCacheAllocator:
                 ("PAGE_SHIFT", self._page_shift),
                 ("TILE", tile),
                 ("COMMIT", accept is not None),
-                ("TRIGGER", backend.supports_pdl(self.device)),
+                ("PDL", self._pdl),
             ),
             _COUNT_NUM_WARPS,
         )
@@ -2276,7 +2282,7 @@ class DraftCacheAllocator:
                 ("BLOCK_T", block_t),
                 ("REPOINT", repoint),
                 ("RELEASE", release),
-                ("TRIGGER", backend.supports_pdl(self.device)),
+                ("PDL", self._pdl),
             ),
             _TREE_NUM_WARPS,
         )

@@ -165,22 +165,30 @@ _pdl = os.environ.get("SPECDEC_OPS_PDL", "1") != "0"
 
 @functools.cache
 def supports_pdl(device: torch.device) -> bool:
-    """Whether kernels on ``device`` may be launched as programmatic dependents (CUDA, compute capability 9.0 and
-    up): such a kernel starts before the previous kernel of the stream has finished, once every program of that
-    one has signalled (``gdc_launch_dependents``), and waits for it to end (``gdc_wait``) before it reads what it
-    wrote or writes anything. :func:`launch` asks for it when a kernel's constexpr ``PDL`` is true."""
+    """Whether kernels on ``device`` are launched as programmatic dependents (CUDA, compute capability 9.0 and up;
+    ``SPECDEC_OPS_PDL=0`` turns it off): such a kernel may start before the previous kernel of the stream has ended,
+    once every program of that one has signalled (``gdc_launch_dependents``) or exited, and waits for it to end
+    (``gdc_wait``) before it reads or writes anything that one may have written. Every kernel of the library takes
+    the constexpr ``PDL`` and is launched so where this is true (:func:`launch` then passes ``launch_pdl=True``):
+    its launch overlaps the end of the kernel before it, whatever that kernel is (docs/design.md)."""
     if not _pdl or device.type != "cuda" or is_interpreted(device):
         return False
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def _run_triton(kernel, grid, tensors, scalars, constexprs, num_warps):
-    """``kernel[grid](...)`` through Triton, as a programmatic dependent launch when the constexpr ``PDL`` is
-    true."""
+def _options(constexprs: tuple[tuple[str, object], ...]) -> dict[str, object]:
+    """Triton's keyword arguments for these constexprs: ``launch_pdl=True`` too when the constexpr ``PDL`` is true
+    (a compile option of Triton's, so compiling ahead of a launch must pass it as well)."""
     options = dict(constexprs)
     if options.get("PDL"):
         options["launch_pdl"] = True
-    return kernel[grid](*tensors, *scalars, **options, num_warps=num_warps)
+    return options
+
+
+def _run_triton(kernel, grid, tensors, scalars, constexprs, num_warps):
+    """``kernel[grid](...)`` through Triton, as a programmatic dependent launch when the constexpr ``PDL`` is
+    true."""
+    return kernel[grid](*tensors, *scalars, **_options(constexprs), num_warps=num_warps)
 
 
 def prefers_persistent_grid(device: torch.device) -> bool:
@@ -358,7 +366,7 @@ def ensure_compiled(
     if key in _compiled:
         return
     with _launch_lock:
-        kernel.warmup(*tensors, *scalars, grid=grid, **dict(constexprs), num_warps=num_warps)
+        kernel.warmup(*tensors, *scalars, grid=grid, **_options(constexprs), num_warps=num_warps)
 
 
 def prepare(

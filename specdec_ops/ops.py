@@ -139,7 +139,7 @@ def _launch_grid(num_tiles: int, device: torch.device, persistent: bool | None) 
 
 @functools.cache
 def _window_constexprs(
-    window_len: int | None, npu: bool = False, ragged_class: int = 0, block_n: int = 0
+    window_len: int | None, npu: bool = False, ragged_class: int = 0, block_n: int = 0, pdl: bool = False
 ) -> tuple[tuple[str, object], ...]:
     """Constexprs of the window kernels: requests per program, window columns per gather step, earlier requests
     summed per step, uniform or not, first column block read during the sum or not, first block of earlier windows
@@ -168,6 +168,7 @@ def _window_constexprs(
         ("UNIFORM", window_len is not None),
         ("PREFETCH", prefetch),
         ("EARLY_SUM", early_sum),
+        ("PDL", pdl),
     )
 
 
@@ -327,7 +328,7 @@ def get_last_loc(
         device,
         (req_to_token, req_pool_indices, prefix_lens, last_loc),
         (bs, *_table_dims(req_to_token)),
-        (("TILE", _LAST_LOC_TILE),),
+        (("TILE", _LAST_LOC_TILE), ("PDL", backend.supports_pdl(device))),
         _NUM_WARPS,
     )
     return last_loc
@@ -430,10 +431,11 @@ def _launch_windows(
 ) -> backend.Launch | None:
     """Launch a window kernel; ``prepare=True``: return the launch, made by calling it (``backend.prepare``)."""
     npu = backend.is_npu(device)
+    pdl = backend.supports_pdl(device)
     if window_len is None and not npu:
-        constexprs = _window_constexprs(None, False, *_ragged_shape(bs, num_tokens))
+        constexprs = _window_constexprs(None, False, *_ragged_shape(bs, num_tokens), pdl)
     else:
-        constexprs = _window_constexprs(window_len, npu)
+        constexprs = _window_constexprs(window_len, npu, pdl=pdl)
     tile = constexprs[0][1]
     num_tiles = (bs + tile - 1) // tile
     return (backend.prepare if prepare else backend.launch)(

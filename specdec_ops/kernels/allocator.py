@@ -22,6 +22,11 @@ writes its own rows, with no ticket and no last pass. Pops read the ring at
 ``[head, head + count)``, pushes write at ``[head + count, ...)``: disjoint, since the pages pushed are pages in
 use, so ``count + pushed <= num_pages``.
 
+With ``PDL`` (CUDA, compute capability 9.0 and up: ``backend.supports_pdl``) every kernel is launched as a
+programmatic dependent of the kernel before it in the stream and waits for that one to end (``kernels/pdl.py``)
+before it reads anything; the second launch of two (``SUMS``) waits later, after loading what the first launch does
+not write.
+
 Ascend rules (shared/ASCEND.md): lengths, positions, page numbers and ring offsets are int32 (the host keeps pools
 below 2**30 pages and contexts below 2**30); table addresses are int64. Page arithmetic uses shifts when
 ``PAGE_SIZE`` is a power of two (``PAGE_SHIFT >= 0``), as bishengir lowers vector int32 ``//`` through float32,
@@ -38,39 +43,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import pdl
+
 _add = tl.standard._sum_combine
 _maximum = tl.standard._elementwise_max
 
-# Programmatic dependent launches (CUDA): the calls exist in Triton's CUDA extras only. triton-ascend has none, and
-# Triton resolves every name a kernel mentions, even under a false constexpr: so the kernels call these two, no-ops
-# where the extras are missing (where PDL is never asked for, see backend.supports_pdl).
-try:
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:
-    gdc_launch_dependents = gdc_wait = None
-
-
-if gdc_wait is None:
-
-    @triton.jit
-    def _pdl_wait():
-        pass
-
-    @triton.jit
-    def _pdl_launch_dependents():
-        pass
-
-else:
-
-    @triton.jit
-    def _pdl_wait():
-        """Wait for the previous kernel of the stream to end (its writes visible); see backend.supports_pdl."""
-        gdc_wait()
-
-    @triton.jit
-    def _pdl_launch_dependents():
-        """Let the next kernel of the stream, a programmatic dependent launch, start."""
-        gdc_launch_dependents()
+_pdl_wait = pdl.wait
+_pdl_launch_dependents = pdl.launch_dependents
 
 
 @triton.jit
@@ -343,12 +322,16 @@ def _alloc_windows(
     ``scratch[t]`` (``SUMS`` of its tiles make one of this launch's), with ``RELEASE`` the pushes at
     ``scratch[2 * num_rows + t]``, and the ring's head and count at ``scratch[num_rows]`` and
     ``scratch[num_rows + 1]``, so no program reads another's requests: each writes its own rows' lengths and branch
-    counts, and the program of the last tile moves the counters (no ticket, no pass over the batch). With ``PDL``
-    (``SUMS`` on CUDA, launched as a programmatic dependent of the first launch) each program waits for the first
-    launch to end (``gdc_wait``) before it reads scratch or writes anything: a chain draft loads its own requests
-    first (the count wrote none of them), a tree draft its rows, their ``alloc_lens`` and branch pages held (the
-    first launch committed the rest).
+    counts, and the program of the last tile moves the counters (no ticket, no pass over the batch). ``PDL``: launched
+    as a programmatic dependent (CUDA, ``backend.supports_pdl``), so it may start before the previous kernel of the
+    stream has ended. Each program waits for that one (``gdc_wait``) before it reads anything, or, with ``SUMS``,
+    before it reads scratch or writes anything: the first launch let this one start only once the kernel before it
+    had ended, so a chain draft loads its own requests first (the count wrote none of them), a tree draft its rows,
+    their ``alloc_lens`` and branch pages held (the first launch committed the rest).
     """
+    if PDL:
+        if not SUMS:
+            _pdl_wait()  # (a programmatic dependent launch: the previous kernel has ended from here on)
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
@@ -798,14 +781,16 @@ def _count_pops_kernel(
     PAGE_SHIFT: tl.constexpr,
     TILE: tl.constexpr,
     COMMIT: tl.constexpr,
-    TRIGGER: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """The first launch of a draft in two (``SUMS`` of ``_alloc_windows_kernel``, same ``TILE`` and grid):
     ``scratch[t]`` = the pages that the requests of tile ``t`` (batch entries ``[t * TILE, (t + 1) * TILE)``) pop,
     and ``scratch[num_rows]``, ``scratch[num_rows + 1]`` = the ring's head and count. Writes nothing else, so the
-    allocator's state is unchanged until the second launch. ``TRIGGER``: let the second, a programmatic dependent
-    launch (``PDL``), start at once."""
-    if TRIGGER:
+    allocator's state is unchanged until the second launch. ``PDL`` (launched as a programmatic dependent, as is
+    the second): wait for the previous kernel to end, then let the second start, so that what the second loads
+    before its own wait was written before it started."""
+    if PDL:
+        _pdl_wait()  # the previous kernel has ended: the second launch may load what it wrote
         _pdl_launch_dependents()
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -890,6 +875,7 @@ def _free_pages_kernel(
     BLOCK_C: tl.constexpr,
     SCAN_BLOCK: tl.constexpr,
     KEEP: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Push the pages of the requests back to the ring, clear their rows and zero their lengths.
 
@@ -898,6 +884,8 @@ def _free_pages_kernel(
     ``req_to_token[row_i, (first_i + k) * PAGE_SIZE] // PAGE_SIZE`` and goes to ring offset ``count + excl_i + k``
     (``excl_i = sum(n_k for k < i)``), so the ring hands them out again in batch and position order.
     """
+    if PDL:
+        _pdl_wait()  # (a programmatic dependent launch: the previous kernel has ended from here on)
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
@@ -990,8 +978,10 @@ def _free_pages_kernel(
 
 
 @triton.jit(do_not_specialize=["n", "num_pages"])
-def _push_pages_kernel(pages, free_pages, counters, n, num_pages, TILE: tl.constexpr):
+def _push_pages_kernel(pages, free_pages, counters, n, num_pages, TILE: tl.constexpr, PDL: tl.constexpr):
     """Append ``pages[:n]`` to the ring: ``free_pages[(head + count + i) % num_pages] = pages[i]``. One program."""
+    if PDL:
+        _pdl_wait()  # (a programmatic dependent launch: the previous kernel has ended from here on)
     head = tl.load(counters).to(tl.int32)
     count = tl.load(counters + 1).to(tl.int32)
     for k0 in range(0, n, TILE):
@@ -1007,8 +997,12 @@ def _push_pages_kernel(pages, free_pages, counters, n, num_pages, TILE: tl.const
 
 
 @triton.jit(do_not_specialize=["bs", "num_rows"])
-def _commit_kernel(req_pool_indices, accept_lens, seq_lens, window_lens, bs, num_rows, TILE: tl.constexpr):
+def _commit_kernel(
+    req_pool_indices, accept_lens, seq_lens, window_lens, bs, num_rows, TILE: tl.constexpr, PDL: tl.constexpr
+):
     """``seq_lens[row_i] += clamp(accept_lens[i], 0, window_lens[row_i])``; the draft window closes (``= 0``)."""
+    if PDL:
+        _pdl_wait()  # (a programmatic dependent launch: the previous kernel has ended from here on)
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
@@ -1041,9 +1035,12 @@ def _release_branches_kernel(
     TILE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     SCAN_BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Push the branch pages of the requests back to the ring: request ``i``'s ``held_i`` pages go to ring offsets
     ``count + excl_i + k`` (``excl_i = sum(held_k for k < i)``); ``num_branch_pages[row_i] = 0``."""
+    if PDL:
+        _pdl_wait()  # (a programmatic dependent launch: the previous kernel has ended from here on)
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
@@ -1361,6 +1358,7 @@ def _alloc_branches_kernel(
     SCAN_BLOCK: tl.constexpr,
     COPY: tl.constexpr,
     EARLY_COPY: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Release the rows' branch pages, then give each request ``topk`` branches of ``num_steps`` positions (a
     request that holds exactly the pages its branches take keeps them instead, see ``_reused``).
@@ -1374,6 +1372,8 @@ def _alloc_branches_kernel(
     slot of committed position ``seq - off + q`` for ``q < off`` (the committed part of the last partial page);
     ``copy_src = copy_dst`` for ``q >= off``. Rows out of range give slot 0 and pairs ``0 -> 0``.
     """
+    if PDL:
+        _pdl_wait()  # (a programmatic dependent launch: the previous kernel has ended from here on)
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
@@ -1684,6 +1684,7 @@ def _commit_tree_kernel(
     RELEASE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     SCAN_BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Commit the accepted path of each request's tree: ``seq_lens[row_i] += a_i``, the window closes.
 
@@ -1696,6 +1697,8 @@ def _commit_tree_kernel(
     ``kv_dst`` (``a_i <= m < W_i``). Past the window, and for rows out of range, pairs are ``0 -> 0``. With
     ``RELEASE``, the rows' branch pages go back to the ring first (see ``_release_branches_kernel``).
     """
+    if PDL:
+        _pdl_wait()  # (a programmatic dependent launch: the previous kernel has ended from here on)
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
@@ -1795,7 +1798,7 @@ def _commit_tree_count_kernel(
     BLOCK_T: tl.constexpr,
     REPOINT: tl.constexpr,
     RELEASE: tl.constexpr,
-    TRIGGER: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """The first launch of a tree step in two (``commit_tree_and_draft`` past one program): the tree commit of each
     ``TILE``-request tile (``_commit_tree_kernel`` without ``RELEASE``), then, from the lengths it leaves in
@@ -1803,9 +1806,10 @@ def _commit_tree_count_kernel(
     ``RELEASE``, the draft's) push at ``scratch[2 * num_rows + tile]`` (``_tree_draft_pops``), and the ring's head and
     count at ``scratch[num_rows]``, ``scratch[num_rows + 1]``. The second launch, ``_alloc_windows_kernel`` with
     ``BRANCH`` and ``SUMS`` (its tiles a multiple of these), then reads one sum per earlier tile instead of every
-    earlier request's lengths, and needs no ticket and no pass over the batch. ``TRIGGER``: let the second, a
-    programmatic dependent launch (``PDL``), start at once."""
-    if TRIGGER:
+    earlier request's lengths, and needs no ticket and no pass over the batch. ``PDL``: as for
+    ``_count_pops_kernel``."""
+    if PDL:
+        _pdl_wait()  # the previous kernel has ended: the second launch may load what it wrote
         _pdl_launch_dependents()
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -1938,6 +1942,8 @@ def _commit_tree_draft_kernel(
     tree step's bookkeeping after verification in one launch. The commit writes ``seq_lens``, ``window_lens`` and,
     with ``REPOINT``, the windows' slots; the barrier between the two makes those writes visible to every thread
     of the program before the draft reads them. The commit walks ``TREE_TILE``-request tiles, the draft its own."""
+    if PDL:
+        _pdl_wait()  # (a programmatic dependent launch: the previous kernel has ended from here on)
     for tile_start in range(0, bs, TREE_TILE):
         _commit_tree_tile(
             tile_start,
@@ -2008,5 +2014,5 @@ def _commit_tree_draft_kernel(
         EARLY_COPY,
         COMMIT,
         SUMS,
-        PDL,
+        False,  # (waited above)
     )

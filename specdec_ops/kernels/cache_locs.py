@@ -5,6 +5,10 @@ Every kernel walks tiles of ``TILE`` requests with a persistent loop
 tile, with ``grid = number of cores`` (Ascend) each program takes several. Programs never wait for one
 another; a program that needs the token count of earlier requests sums their window lengths itself.
 
+With ``PDL`` (CUDA, compute capability 9.0 and up: ``backend.supports_pdl``) a kernel is launched as a programmatic
+dependent of the kernel before it in the stream and waits for that one to end before it reads anything: its launch
+overlaps the end of that one (``kernels/pdl.py``).
+
 Lengths, positions and output offsets are int32 (Ascend's vector units are int32 machines; the host
 wrapper guarantees every output offset fits). Only table addresses (``row * row_stride``) are int64.
 Every load is masked against the bounds of its tensor and every store against the output's size, so
@@ -22,8 +26,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import pdl
+
 _add = tl.standard._sum_combine
 _maximum = tl.standard._elementwise_max
+_pdl_wait = pdl.wait
 
 
 @triton.jit
@@ -125,6 +132,7 @@ def _cache_locs_program(
     PREFETCH: tl.constexpr,
     EARLY_SUM: tl.constexpr,
     WITH_LAST_LOC: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """One program of the window gather, optionally fused with ``last_loc``.
 
@@ -133,6 +141,8 @@ def _cache_locs_program(
     ``out_cache_loc[excl_i + j] = req_to_token[row_i, start_i + j]`` for ``j < len_i``, and with
     ``WITH_LAST_LOC`` also ``last_loc[i] = req_to_token[row_i, start_i - 1]`` or -1 when ``start_i == 0``.
     """
+    if PDL:
+        _pdl_wait()
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
@@ -224,8 +234,11 @@ def _get_last_loc_kernel(
     max_context_len,
     row_stride,
     TILE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """``last_loc[i] = req_to_token[req_pool_indices[i], prefix_lens[i] - 1]`` if ``prefix_lens[i] > 0`` else -1."""
+    if PDL:
+        _pdl_wait()
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
@@ -256,6 +269,7 @@ def _assign_extend_cache_locs_kernel(
     UNIFORM: tl.constexpr,
     PREFETCH: tl.constexpr,
     EARLY_SUM: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """``out_cache_loc[excl_i + j] = req_to_token[req_pool_indices[i], start_offset[i] + j]``, ``j < len_i``."""
     _cache_locs_program(
@@ -278,6 +292,7 @@ def _assign_extend_cache_locs_kernel(
         PREFETCH,
         EARLY_SUM,
         False,
+        PDL,
     )
 
 
@@ -301,6 +316,7 @@ def _get_last_loc_and_assign_extend_cache_locs_kernel(
     UNIFORM: tl.constexpr,
     PREFETCH: tl.constexpr,
     EARLY_SUM: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """The window gather of ``_assign_extend_cache_locs_kernel`` and ``last_loc[i]`` (at ``start_offset[i]``)."""
     _cache_locs_program(
@@ -323,4 +339,5 @@ def _get_last_loc_and_assign_extend_cache_locs_kernel(
         PREFETCH,
         EARLY_SUM,
         True,
+        PDL,
     )

@@ -1,0 +1,38 @@
+"""Programmatic dependent launches (CUDA, compute capability 9.0 and up; see ``backend.supports_pdl``).
+
+The two calls exist in Triton's CUDA extras only. triton-ascend has none, and Triton resolves every name a kernel
+mentions, even under a false constexpr: so kernels call these two, which are no-ops where the extras are missing
+(where PDL is never asked for).
+"""
+
+from __future__ import annotations
+
+import triton
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
+
+
+if gdc_wait is None:
+
+    @triton.jit
+    def wait():
+        pass
+
+    @triton.jit
+    def launch_dependents():
+        pass
+
+else:
+
+    @triton.jit
+    def wait():
+        """Wait for the previous kernel of the stream to end (its writes visible)."""
+        gdc_wait()
+
+    @triton.jit
+    def launch_dependents():
+        """Let the next kernel of the stream, a programmatic dependent launch, start."""
+        gdc_launch_dependents()
