@@ -297,7 +297,7 @@ def _alloc_windows(
     EARLY_COPY: tl.constexpr,
     COMMIT: tl.constexpr,
     SUMS: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Give slots to the windows ``[start_i, end_i)`` and optionally read them back.
 
@@ -709,7 +709,7 @@ def _alloc_windows_kernel(
     EARLY_COPY: tl.constexpr,
     COMMIT: tl.constexpr,
     SUMS: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Give slots to the windows ``[start_i, end_i)`` and optionally read them back (see ``_alloc_windows``)."""
     _alloc_windows(
@@ -781,7 +781,7 @@ def _count_pops_kernel(
     PAGE_SHIFT: tl.constexpr,
     TILE: tl.constexpr,
     COMMIT: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """The first launch of a draft in two (``SUMS`` of ``_alloc_windows_kernel``, same ``TILE`` and grid):
     ``scratch[t]`` = the pages that the requests of tile ``t`` (batch entries ``[t * TILE, (t + 1) * TILE)``) pop,
@@ -875,7 +875,7 @@ def _free_pages_kernel(
     BLOCK_C: tl.constexpr,
     SCAN_BLOCK: tl.constexpr,
     KEEP: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Push the pages of the requests back to the ring, clear their rows and zero their lengths.
 
@@ -978,7 +978,7 @@ def _free_pages_kernel(
 
 
 @triton.jit(do_not_specialize=["n", "num_pages"])
-def _push_pages_kernel(pages, free_pages, counters, n, num_pages, TILE: tl.constexpr, PDL: tl.constexpr):
+def _push_pages_kernel(pages, free_pages, counters, n, num_pages, TILE: tl.constexpr, PDL: tl.constexpr = False):
     """Append ``pages[:n]`` to the ring: ``free_pages[(head + count + i) % num_pages] = pages[i]``. One program."""
     if PDL:
         _pdl_wait()  # (a programmatic dependent launch: the previous kernel has ended from here on)
@@ -998,7 +998,7 @@ def _push_pages_kernel(pages, free_pages, counters, n, num_pages, TILE: tl.const
 
 @triton.jit(do_not_specialize=["bs", "num_rows"])
 def _commit_kernel(
-    req_pool_indices, accept_lens, seq_lens, window_lens, bs, num_rows, TILE: tl.constexpr, PDL: tl.constexpr
+    req_pool_indices, accept_lens, seq_lens, window_lens, bs, num_rows, TILE: tl.constexpr, PDL: tl.constexpr = False
 ):
     """``seq_lens[row_i] += clamp(accept_lens[i], 0, window_lens[row_i])``; the draft window closes (``= 0``)."""
     if PDL:
@@ -1035,7 +1035,7 @@ def _release_branches_kernel(
     TILE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     SCAN_BLOCK: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Push the branch pages of the requests back to the ring: request ``i``'s ``held_i`` pages go to ring offsets
     ``count + excl_i + k`` (``excl_i = sum(held_k for k < i)``); ``num_branch_pages[row_i] = 0``."""
@@ -1358,7 +1358,7 @@ def _alloc_branches_kernel(
     SCAN_BLOCK: tl.constexpr,
     COPY: tl.constexpr,
     EARLY_COPY: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Release the rows' branch pages, then give each request ``topk`` branches of ``num_steps`` positions (a
     request that holds exactly the pages its branches take keeps them instead, see ``_reused``).
@@ -1684,7 +1684,7 @@ def _commit_tree_kernel(
     RELEASE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     SCAN_BLOCK: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Commit the accepted path of each request's tree: ``seq_lens[row_i] += a_i``, the window closes.
 
@@ -1798,7 +1798,7 @@ def _commit_tree_count_kernel(
     BLOCK_T: tl.constexpr,
     REPOINT: tl.constexpr,
     RELEASE: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """The first launch of a tree step in two (``commit_tree_and_draft`` past one program): the tree commit of each
     ``TILE``-request tile (``_commit_tree_kernel`` without ``RELEASE``), then, from the lengths it leaves in

@@ -3,6 +3,10 @@
 The two calls exist in Triton's CUDA extras only. triton-ascend has none, and Triton resolves every name a kernel
 mentions, even under a false constexpr: so kernels call these two, which are no-ops where the extras are missing
 (where PDL is never asked for).
+
+Kernels default ``PDL`` to false where it is their last parameter, so that callers that predate it (such as the
+reference Ascend checker in ``../shared/tools``) can still launch them; the library itself always passes it
+(``tests/test_pdl.py`` checks every launch).
 """
 
 from __future__ import annotations
