@@ -1,0 +1,196 @@
+"""Programmatic dependent launches (PDL): on CUDA with compute capability 9.0 and up every kernel is launched as a
+programmatic dependent of the kernel before it in the stream and waits for that one to end before it reads or
+writes anything (``backend.supports_pdl``). Everywhere else no launch asks for it."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from test_allocator import assert_same_runs, snapshot
+from triton.runtime.jit import JITFunction
+
+import specdec_ops
+from specdec_ops import allocator as allocator_module
+from specdec_ops import backend
+from specdec_ops.kernels import allocator as allocator_kernels
+from specdec_ops.kernels import cache_locs as cache_locs_kernels
+
+KERNELS = {
+    name
+    for module in (allocator_kernels, cache_locs_kernels)
+    for name, value in vars(module).items()
+    if isinstance(value, JITFunction) and name.endswith("_kernel")
+}
+
+
+def exercise(device: str, monkeypatch) -> tuple[list[torch.Tensor], dict]:
+    """Every kernel of the library at least once: the ops (and a CacheLocsWrapper), then a paged allocator through
+    prefill, chain and tree steps in one and two launches, plan/run calls, branch releases, frees with a prefix kept
+    and the prefix's release. Returns every output (on the CPU) and the allocator's final state."""
+    rng = random.Random(0)
+    outputs = []
+    table = torch.randperm(40 * 64, generator=torch.Generator().manual_seed(0)).view(40, 64).to(torch.int32).to(device)
+    rows = torch.tensor([rng.randrange(40) for _ in range(20)], device=device)
+    starts = torch.tensor([rng.randrange(1, 30) for _ in range(20)], device=device)
+    ends = starts + torch.tensor([rng.randrange(0, 9) for _ in range(20)], device=device)
+    outputs.append(specdec_ops.get_last_loc(table, rows, starts))
+    outputs.append(specdec_ops.assign_extend_cache_locs(table, rows, starts, ends))
+    outputs.append(specdec_ops.assign_extend_cache_locs(table, rows, starts, None, window_len=3))
+    outputs += specdec_ops.get_last_loc_and_assign_extend_cache_locs(table, rows, starts, ends)
+    wrapper = specdec_ops.CacheLocsWrapper(table)
+    wrapper.plan(rows, starts, window_len=4)
+    outputs += wrapper.run()
+
+    topk, steps, tree = 2, 3, 4
+    alloc = specdec_ops.DraftCacheAllocator(16 * 600, 24, 256, page_size=16, device=device)
+    reqs = alloc.add_requests([rng.randrange(16, 60) for _ in range(20)])
+    outputs += alloc.alloc_draft(reqs, 4)
+    accept = torch.tensor([rng.randrange(0, 5) for _ in range(20)], device=device)
+    alloc.commit(reqs, accept)
+    outputs += alloc.alloc_draft(reqs, 4)
+    outputs += alloc.commit_and_draft(reqs, accept, 4)
+    with monkeypatch.context() as m:  # the two launches of commit_and_draft past one program
+        m.setattr(allocator_module.DraftCacheAllocator, "_in_two_launches", lambda self, *a: True)
+        outputs += alloc.commit_and_draft(reqs, accept, 4)
+    step = specdec_ops.DraftStepWrapper(alloc)
+    step.plan(reqs, 4, accept_lens=accept)
+    step.commit()
+    outputs += step.alloc_draft()
+    alloc.commit(reqs, accept)
+    index = torch.tensor([[0, 1, -1, -1]] * 20, device=device)
+    outputs += alloc.alloc_tree_draft(reqs, tree, topk, steps)
+    outputs += alloc.commit_tree(reqs, index, accept, keep_branches=True)
+    outputs += alloc.alloc_tree_draft(reqs, tree, topk, steps)
+    with monkeypatch.context() as m:  # the tree step in one launch (one program: 4 requests)
+        m.setattr(allocator_module.DraftCacheAllocator, "_tree_step_in_one_launch", lambda self, *a: True)
+        outputs += alloc.commit_tree_and_draft(reqs[:4], index[:4], accept[:4], tree, topk, steps)
+    for counts in (False, True):  # past one launch: the commit, then the draft; or the counted commit first
+        with monkeypatch.context() as m:
+            m.setattr(allocator_module.DraftCacheAllocator, "_tree_step_in_one_launch", lambda self, *a: False)
+            m.setattr(allocator_module.DraftCacheAllocator, "_tree_step_counts", lambda self, *a, c=counts: c)
+            outputs += alloc.commit_tree_and_draft(reqs, index, accept, tree, topk, steps)
+    alloc.release_branches(reqs)
+    outputs += alloc.alloc_branches(reqs, topk, steps)
+    alloc.commit_tree(reqs, index, accept)
+    outputs.append(alloc.free_requests(reqs[:5], keep_lens=[16] * 5))
+    prefix = outputs[-1].view(5, 16)
+    outputs.append(alloc.add_requests([20] * 5, prefix_slots=prefix, prefix_lens=[16] * 5))
+    alloc.free_requests(alloc.rows_in_use())
+    alloc.release_slots(prefix.flatten())
+    return [t.cpu() for t in outputs], snapshot(alloc)
+
+
+def record_launches(monkeypatch) -> list[tuple[str, dict]]:
+    """(kernel name, constexprs) of every launch through ``backend.launch`` from here on."""
+    made = []
+    launch = backend.launch
+
+    def record(kernel, grid, device, tensors, scalars, constexprs, num_warps):
+        made.append((kernel.__name__, dict(constexprs)))
+        return launch(kernel, grid, device, tensors, scalars, constexprs, num_warps)
+
+    monkeypatch.setattr(backend, "launch", record)
+    return made
+
+
+def test_every_kernel_takes_pdl_and_asks_for_it_only_where_the_device_has_it(monkeypatch):
+    """On the CPU no launch asks for PDL; every kernel is launched (so every launch site names the constexpr)."""
+    made = record_launches(monkeypatch)
+    exercise("cpu", monkeypatch)
+    assert {name for name, _ in made} == KERNELS
+    assert all(constexprs["PDL"] is False for _, constexprs in made)
+
+
+@pytest.mark.gpu
+def test_gpu_every_launch_is_programmatic_on_hopper_and_gives_what_it_gives_without(monkeypatch):
+    """Compute capability 9.0 and up: every launch of every kernel asks for PDL, and its compiled launcher is a
+    programmatic dependent one; results and allocator state are those of launches without it, call for call."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    pdl = torch.cuda.get_device_capability(device)[0] >= 9
+    assert backend.supports_pdl(device) == pdl
+    made = record_launches(monkeypatch)
+    with_pdl = exercise("cuda", monkeypatch)
+    assert {name for name, _ in made} == KERNELS
+    assert all(constexprs["PDL"] is pdl for _, constexprs in made)
+    for key, launcher in backend._launchers.items():
+        flags = launcher[6]
+        if key[0].__name__ in KERNELS and flags is not None:  # Triton 3.6's C launch function, called directly
+            assert flags[1] == dict(key[2])["PDL"]
+    made.clear()
+    monkeypatch.setattr(backend, "supports_pdl", lambda device: False)
+    without = exercise("cuda", monkeypatch)
+    assert not any(constexprs["PDL"] for _, constexprs in made)
+    assert len(with_pdl[0]) == len(without[0])
+    assert_same_runs(with_pdl, without)
+
+
+def _late_writer_kernel():
+    """A kernel that lets the next one start at once (as a PDL-aware kernel of another library may), then spins for
+    ``delay_ns`` and only then writes ``dst[:n] = src[:n]``; None without Triton's CUDA extras."""
+    import triton
+    import triton.language as tl
+
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents, globaltimer
+    except ImportError:
+        return None
+
+    @triton.jit
+    def late_writer(dst, src, n, delay_ns, BLOCK: tl.constexpr):
+        gdc_launch_dependents()
+        start = globaltimer()
+        now = start
+        while now - start < delay_ns:
+            now = globaltimer()
+        offs = tl.arange(0, BLOCK)
+        values = tl.load(src + offs, mask=offs < n)
+        # The values depend on the loop's last clock reading, so the store cannot move above the loop.
+        tl.store(dst + offs, tl.where(now - start >= delay_ns, values, -1), mask=offs < n)
+
+    return late_writer
+
+
+@pytest.mark.gpu
+def test_gpu_a_kernel_waits_for_the_one_before_even_when_that_one_lets_it_start_early():
+    """The kernel before ours signals its dependents at its start (``gdc_launch_dependents``), then writes our inputs
+    200 us later: a PDL launch that read before waiting would see the old values. Checked for the fused op, a
+    commit (which reads the accept lengths) and a commit_and_draft. Fails if the kernels' wait is removed."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs compute capability 9.0 (programmatic dependent launches)")
+    writer = _late_writer_kernel()
+    if writer is None:
+        pytest.skip("this Triton has no gdc_launch_dependents/globaltimer")
+    rng = random.Random(1)
+    bs, n = 64, 4
+    table = torch.randperm(128 * 256, device="cuda").view(128, 256).to(torch.int32)
+    rows = torch.randperm(128, device="cuda")[:bs]
+    new_starts = torch.tensor([rng.randrange(1, 200) for _ in range(bs)], device="cuda")
+    starts = torch.zeros(bs, dtype=torch.int64, device="cuda")
+    alloc = specdec_ops.DraftCacheAllocator(16 * 1000, bs, 512, page_size=16)
+    reqs = alloc.add_requests([rng.randrange(1, 100) for _ in range(bs)])
+    new_accept = torch.tensor([rng.randrange(1, n + 1) for _ in range(bs)], device="cuda")
+    accept = torch.zeros(bs, dtype=torch.int64, device="cuda")
+    for trial in range(3):
+        starts.zero_()
+        torch.cuda.synchronize()
+        writer[(1,)](starts, new_starts, bs, 200_000, BLOCK=bs)
+        out, last = specdec_ops.get_last_loc_and_assign_extend_cache_locs(table, rows, starts, None, window_len=n)
+        expected = table[rows[:, None], new_starts[:, None] + torch.arange(n, device="cuda")].flatten().long()
+        assert torch.equal(out, expected), trial
+        assert torch.equal(last, table[rows, new_starts - 1].long()), trial
+        for call in ("commit", "commit_and_draft"):
+            alloc.alloc_draft(reqs, n)
+            seq = alloc.seq_lens[reqs].clone()
+            accept.zero_()
+            torch.cuda.synchronize()
+            writer[(1,)](accept, new_accept, bs, 200_000, BLOCK=bs)
+            if call == "commit":
+                alloc.commit(reqs, accept)
+            else:
+                alloc.commit_and_draft(reqs, accept, n)
+            torch.cuda.synchronize()
+            assert torch.equal(alloc.seq_lens[reqs], seq + new_accept), (trial, call)
+            if call == "commit_and_draft":
+                alloc.commit(reqs, torch.zeros_like(accept))
