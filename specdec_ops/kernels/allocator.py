@@ -297,7 +297,7 @@ def _alloc_windows(
     EARLY_COPY: tl.constexpr,
     COMMIT: tl.constexpr,
     SUMS: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr,
 ):
     """Give slots to the windows ``[start_i, end_i)`` and optionally read them back.
 
@@ -331,7 +331,7 @@ def _alloc_windows(
     """
     if PDL:
         if not SUMS:
-            _pdl_wait()  # (a programmatic dependent launch: the previous kernel has ended from here on)
+            _pdl_wait()
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
@@ -885,7 +885,7 @@ def _free_pages_kernel(
     (``excl_i = sum(n_k for k < i)``), so the ring hands them out again in batch and position order.
     """
     if PDL:
-        _pdl_wait()  # (a programmatic dependent launch: the previous kernel has ended from here on)
+        _pdl_wait()
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
@@ -981,7 +981,7 @@ def _free_pages_kernel(
 def _push_pages_kernel(pages, free_pages, counters, n, num_pages, TILE: tl.constexpr, PDL: tl.constexpr = False):
     """Append ``pages[:n]`` to the ring: ``free_pages[(head + count + i) % num_pages] = pages[i]``. One program."""
     if PDL:
-        _pdl_wait()  # (a programmatic dependent launch: the previous kernel has ended from here on)
+        _pdl_wait()
     head = tl.load(counters).to(tl.int32)
     count = tl.load(counters + 1).to(tl.int32)
     for k0 in range(0, n, TILE):
@@ -1002,7 +1002,7 @@ def _commit_kernel(
 ):
     """``seq_lens[row_i] += clamp(accept_lens[i], 0, window_lens[row_i])``; the draft window closes (``= 0``)."""
     if PDL:
-        _pdl_wait()  # (a programmatic dependent launch: the previous kernel has ended from here on)
+        _pdl_wait()
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
@@ -1040,7 +1040,7 @@ def _release_branches_kernel(
     """Push the branch pages of the requests back to the ring: request ``i``'s ``held_i`` pages go to ring offsets
     ``count + excl_i + k`` (``excl_i = sum(held_k for k < i)``); ``num_branch_pages[row_i] = 0``."""
     if PDL:
-        _pdl_wait()  # (a programmatic dependent launch: the previous kernel has ended from here on)
+        _pdl_wait()
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
@@ -1373,7 +1373,7 @@ def _alloc_branches_kernel(
     ``copy_src = copy_dst`` for ``q >= off``. Rows out of range give slot 0 and pairs ``0 -> 0``.
     """
     if PDL:
-        _pdl_wait()  # (a programmatic dependent launch: the previous kernel has ended from here on)
+        _pdl_wait()
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
@@ -1698,7 +1698,7 @@ def _commit_tree_kernel(
     ``RELEASE``, the rows' branch pages go back to the ring first (see ``_release_branches_kernel``).
     """
     if PDL:
-        _pdl_wait()  # (a programmatic dependent launch: the previous kernel has ended from here on)
+        _pdl_wait()
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
@@ -1943,7 +1943,7 @@ def _commit_tree_draft_kernel(
     with ``REPOINT``, the windows' slots; the barrier between the two makes those writes visible to every thread
     of the program before the draft reads them. The commit walks ``TREE_TILE``-request tiles, the draft its own."""
     if PDL:
-        _pdl_wait()  # (a programmatic dependent launch: the previous kernel has ended from here on)
+        _pdl_wait()
     for tile_start in range(0, bs, TREE_TILE):
         _commit_tree_tile(
             tile_start,

@@ -132,7 +132,7 @@ def _cache_locs_program(
     PREFETCH: tl.constexpr,
     EARLY_SUM: tl.constexpr,
     WITH_LAST_LOC: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr,
 ):
     """One program of the window gather, optionally fused with ``last_loc``.
 
