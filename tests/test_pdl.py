@@ -5,6 +5,7 @@ writes anything (``backend.supports_pdl``). Everywhere else no launch asks for i
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
@@ -114,16 +115,34 @@ def test_gpu_every_launch_is_programmatic_on_hopper_and_gives_what_it_gives_with
     with_pdl = exercise("cuda", monkeypatch)
     assert {name for name, _ in made} == KERNELS
     assert all(constexprs["PDL"] is pdl for _, constexprs in made)
-    for key, launcher in backend._launchers.items():
-        flags = launcher[6]
-        if key[0].__name__ in KERNELS and flags is not None:  # Triton 3.6's C launch function, called directly
-            assert flags[1] == dict(key[2])["PDL"]
+    checked = set()
+    for key, compiled in backend._compiled.items():
+        name, constexprs = key[0].__name__, dict(key[2])
+        if name not in KERNELS:
+            continue
+        assert compiled.metadata.launch_pdl == constexprs["PDL"], name
+        if constexprs["PDL"]:
+            assert_waits_first(name, compiled.asm["ptx"], constexprs.get("SUMS", 0))
+            checked.add(name)
+    assert checked == (KERNELS if pdl else set())
     made.clear()
     monkeypatch.setattr(backend, "supports_pdl", lambda device: False)
     without = exercise("cuda", monkeypatch)
     assert not any(constexprs["PDL"] for _, constexprs in made)
     assert len(with_pdl[0]) == len(without[0])
     assert_same_runs(with_pdl, without)
+
+
+def assert_waits_first(name: str, ptx: str, sums: int) -> None:
+    """In the PTX of a PDL kernel nothing touches global memory before its first ``griddepcontrol.wait``, except that
+    the second launch of two (``SUMS``) loads (never stores) first; no ``cp.async`` anywhere (Triton's software
+    pipeliner may move such loads above a wait inside a loop: triton-lang/triton issue 11905)."""
+    assert "griddepcontrol.wait" in ptx, name
+    assert "cp.async" not in ptx, name
+    before = ptx.split("griddepcontrol.wait", 1)[0]
+    assert not re.search(r"\b(st|atom|red)\.global", before), name
+    if not sums:
+        assert "ld.global" not in before, name
 
 
 def _late_writer_kernel():
@@ -194,3 +213,57 @@ def test_gpu_a_kernel_waits_for_the_one_before_even_when_that_one_lets_it_start_
             assert torch.equal(alloc.seq_lens[reqs], seq + new_accept), (trial, call)
             if call == "commit_and_draft":
                 alloc.commit(reqs, torch.zeros_like(accept))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["chain", "tree"])
+def test_gpu_two_launches_wait_for_the_kernel_before_the_first(path, monkeypatch):
+    """The two launches of a step past one program: the first waits for the kernel before it and only then lets the
+    second start, whose programs load their own requests before their own wait. The kernel before signals its
+    dependents at its start and writes, 200 us later, what the second launch loads early: the accept lengths
+    (chain: ``commit_and_draft`` counted), the rows in another order (tree: ``commit_tree_and_draft`` counted).
+    The result must be that of a twin allocator given the final values directly. (The first trial may compile
+    inside the window; the later ones do not.)"""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs compute capability 9.0 (programmatic dependent launches)")
+    writer = _late_writer_kernel()
+    if writer is None:
+        pytest.skip("this Triton has no gdc_launch_dependents/globaltimer")
+    bs, n, topk, steps, tree = 64, 4, 2, 3, 4
+    rng = random.Random(2)
+    prompts = [rng.randrange(16, 100) for _ in range(bs)]
+    twins = [specdec_ops.DraftCacheAllocator(16 * 4000, bs, 1024, page_size=16) for _ in range(2)]
+    rows = [alloc.add_requests(prompts) for alloc in twins]
+    perm = rows[0][torch.randperm(bs, generator=torch.Generator().manual_seed(3)).cuda()]
+    index = torch.tensor([[0, 1, -1, -1]] * bs, device="cuda")
+    accept = torch.tensor([rng.randrange(0, n + 1) for _ in range(bs)], device="cuda")
+    cls = allocator_module.DraftCacheAllocator
+    if path == "chain":
+        monkeypatch.setattr(cls, "_in_two_launches", lambda self, *a: True)
+    else:
+        monkeypatch.setattr(cls, "_tree_step_in_one_launch", lambda self, *a: False)
+        monkeypatch.setattr(cls, "_tree_step_counts", lambda self, *a: True)
+    made = record_launches(monkeypatch)
+    for alloc, r in zip(twins, rows):
+        if path == "chain":
+            alloc.alloc_draft(r, n)
+        else:
+            alloc.alloc_tree_draft(r, tree, topk, steps)
+    for trial in range(3):
+        late = torch.zeros_like(accept) if path == "chain" else rows[0].clone()
+        torch.cuda.synchronize()
+        made.clear()
+        if path == "chain":
+            writer[(1,)](late, accept, bs, 200_000, BLOCK=bs)
+            got = twins[0].commit_and_draft(rows[0], late, n)
+            want = twins[1].commit_and_draft(rows[1], accept, n)
+        else:
+            writer[(1,)](late, perm, bs, 200_000, BLOCK=bs)
+            got = twins[0].commit_tree_and_draft(late, index, accept, tree, topk, steps)
+            want = twins[1].commit_tree_and_draft(perm, index, accept, tree, topk, steps)
+        torch.cuda.synchronize()
+        first = "_count_pops_kernel" if path == "chain" else "_commit_tree_count_kernel"
+        assert [name for name, _ in made][:2] == [first, "_alloc_windows_kernel"] and made[1][1]["SUMS"]
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w), (path, trial)
+    assert_same_runs(([], snapshot(twins[0])), ([], snapshot(twins[1])))
