@@ -400,7 +400,9 @@ def _alloc_windows(
             # A tree draft's first launch committed its rows: with PDL it waits for it once it has loaded what that
             # launch does not write (the rows, their alloc_lens and branch pages held), then issues the loads of the
             # first launch's counts with those of the committed lengths, one round trip for both (a chain draft,
-            # whose first launch wrote none of its requests' lengths, waits below).
+            # whose first launch wrote none of its requests' lengths, waits below). Both waits sit inside the loop
+            # over tiles: right as long as Triton does not software-pipeline it (which may hoist loads above a wait,
+            # triton-lang/triton issue 11905); tests/test_pdl.py checks the PTX for that.
             if PDL:
                 _pdl_wait()
             head, count, first_pops, first_pushes = _tile_counts(

@@ -4,6 +4,11 @@ The two calls exist in Triton's CUDA extras only. triton-ascend has none, and Tr
 mentions, even under a false constexpr: so kernels call these two, which are no-ops where the extras are missing
 (where PDL is never asked for).
 
+A kernel that waits (``wait``) before its first access to memory is ordered as an ordinary launch after the kernel
+before it, whatever that one is. A first launch of two that waits and only then calls ``launch_dependents`` lets the
+second start once the kernel before the first has ended, so the second may load what that one wrote before its own
+wait (docs/design.md, "Every launch a programmatic dependent one").
+
 Kernels default ``PDL`` to false where it is their last parameter, so that callers that predate it (such as the
 reference Ascend checker in ``../shared/tools``) can still launch them; the library itself always passes it
 (``tests/test_pdl.py`` checks every launch).
