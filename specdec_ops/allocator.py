@@ -215,10 +215,15 @@ _LARGE_BATCH_NUM_WARPS = 16
 # on 32-request tiles, 64- and 128-request tiles slower up to 4096. PDL on an H200: 0.6-1.0 us less from bs 1024.
 _COMMIT_DRAFT_MAX_BATCH = 256
 # Where the second launch is a programmatic dependent launch (CUDA, compute capability 9.0 and up), it loads its
-# requests while the first runs: two launches then also win for 129-256 requests with windows of more than 4 tokens
-# (H200, bs 256 N 8: 3.65-3.78 against 4.02-4.14 us; N 4: 3.54-3.70 against 3.55-3.59; bs 128 N 8: 3.58-3.75
-# against 3.02-3.33).
+# requests while the first runs: two launches then also win for 129-256 requests with windows of at least
+# _COMMIT_DRAFT_WIDE_MIN_N tokens. H200 graph replay of a step, every kernel a programmatic dependent launch, pages 1,
+# 16 and 128, bs 129-256, two rounds: N 3-4 2.62-2.89 against 3.02-3.35 us; N 2 2.73-3.08 against 2.49-2.87; N 1
+# 2.36-2.90 against 2.28-2.74. (Before every launch was one, only windows of more than 4 tokens gained: bs 256 N 8
+# 3.65-3.78 against 4.02-4.14 us, N 4 3.54-3.70 against 3.55-3.59.)
 _COMMIT_DRAFT_WIDE_MAX_BATCH = 128
+_COMMIT_DRAFT_WIDE_MIN_N = 3
+# Two-launch tiles: 16 requests on pages of more than one token for windows of 2 to _COMMIT_DRAFT_WIDE_N tokens, and
+# more warps past it (_two_pass_tile, _alloc_config).
 _COMMIT_DRAFT_WIDE_N = 4
 # Eager (not capturing a graph), two launches cost the host a second launch: back-to-back eager steps on an H200
 # host, N 4 page 16, one launch against two: DraftStepWrapper 11.6-12.6 against 16.6-17.7 us a step from bs 256 to
@@ -1589,16 +1594,16 @@ class DraftCacheAllocator:
     def _in_two_launches(self, bs: int, n: int, release: bool) -> bool:
         """Whether commit_and_draft counts each tile's pops in a launch of its own first (``_launch_count``), so that
         the allocation launch needs no sums over earlier requests and no pass over the batch: past
-        _COMMIT_DRAFT_MAX_BATCH requests, or past _COMMIT_DRAFT_WIDE_MAX_BATCH with windows of more than
-        _COMMIT_DRAFT_WIDE_N tokens where the second launch overlaps the first (``backend.supports_pdl``); never when
-        branch pages are to be released. A call outside graph capture on a device (eager, where the host's second
+        _COMMIT_DRAFT_MAX_BATCH requests, or past _COMMIT_DRAFT_WIDE_MAX_BATCH with windows of at least
+        _COMMIT_DRAFT_WIDE_MIN_N tokens where the second launch overlaps the first (``backend.supports_pdl``); never
+        when branch pages are to be released. A call outside graph capture on a device (eager, where the host's second
         launch costs more than it saves on the device) takes one launch up to _COMMIT_DRAFT_EAGER_MAX_BATCH
         requests. Also on Ascend, unmeasured there: the one launch's alternative is a pass over the whole batch by
         one program after every program has summed the requests before its tiles."""
         if release:
             return False
         if bs <= _COMMIT_DRAFT_MAX_BATCH and not (
-            bs > _COMMIT_DRAFT_WIDE_MAX_BATCH and n > _COMMIT_DRAFT_WIDE_N and backend.supports_pdl(self.device)
+            bs > _COMMIT_DRAFT_WIDE_MAX_BATCH and n >= _COMMIT_DRAFT_WIDE_MIN_N and backend.supports_pdl(self.device)
         ):
             return False
         device = self.device

@@ -1312,22 +1312,22 @@ def test_with_branch_pages_held_a_launch_that_raises_changes_nothing(call, monke
 
 def test_commit_and_draft_takes_two_launches_past_one_program(monkeypatch):
     """Two launches past _COMMIT_DRAFT_MAX_BATCH requests; where the second overlaps the first (PDL), also past
-    _COMMIT_DRAFT_WIDE_MAX_BATCH with windows of more than _COMMIT_DRAFT_WIDE_N tokens; never with branch pages to
+    _COMMIT_DRAFT_WIDE_MAX_BATCH with windows of at least _COMMIT_DRAFT_WIDE_MIN_N tokens; never with branch pages to
     release. On a device (not the interpreter), eager calls take one launch up to _COMMIT_DRAFT_EAGER_MAX_BATCH;
     calls captured into a graph take two."""
     alloc = DraftCacheAllocator(64, 4, 32, page_size=4, device="cpu")
     limit, wide, wide_n, eager = (
         allocator_module._COMMIT_DRAFT_MAX_BATCH,
         allocator_module._COMMIT_DRAFT_WIDE_MAX_BATCH,
-        allocator_module._COMMIT_DRAFT_WIDE_N,
+        allocator_module._COMMIT_DRAFT_WIDE_MIN_N,
         allocator_module._COMMIT_DRAFT_EAGER_MAX_BATCH,
     )
     for pdl in (False, True):
         monkeypatch.setattr(backend, "supports_pdl", lambda device, pdl=pdl: pdl)
         assert alloc._in_two_launches(limit + 1, 1, False) and not alloc._in_two_launches(limit + 1, 1, True)
-        assert not alloc._in_two_launches(limit, wide_n, False)
-        assert alloc._in_two_launches(wide + 1, wide_n + 1, False) == pdl
-        assert not alloc._in_two_launches(wide, wide_n + 1, False)
+        assert not alloc._in_two_launches(limit, wide_n - 1, False)
+        assert alloc._in_two_launches(wide + 1, wide_n, False) == pdl
+        assert not alloc._in_two_launches(wide, wide_n, False)
     monkeypatch.setattr(backend, "is_interpreted", lambda device: False)  # as on a GPU
     for capturing in (False, True):
         monkeypatch.setattr(backend, "is_capturing", lambda device, capturing=capturing: capturing)
