@@ -1,6 +1,7 @@
 """Programmatic dependent launches (PDL): on CUDA with compute capability 9.0 and up every kernel is launched as a
-programmatic dependent of the kernel before it in the stream and waits for that one to end before it reads or
-writes anything (``backend.supports_pdl``). Everywhere else no launch asks for it."""
+programmatic dependent of the kernel before it in the stream and waits for that one to end before it touches anything
+that one may write (``backend.supports_pdl``; the second launch of two loads its own requests first, after a first
+launch that waited). Everywhere else no launch asks for it."""
 
 from __future__ import annotations
 
