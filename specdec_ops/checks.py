@@ -137,26 +137,32 @@ def check_count(name: str, value: int | None) -> int | None:
 
 _data_ptr = torch.Tensor.data_ptr
 _layout = operator.attrgetter("shape", "dtype")
+_strides = torch.Tensor.stride
 
 
 class BoundTensors:
-    """The tensors a plan was made for, and what the plan saw of them: address, shape and dtype.
+    """The tensors a plan was made for, and what the plan saw of them: address, shape, dtype and strides.
 
     ``changed()`` is the cheap re-check of a plan's run: True once any tensor has moved (``set_``, ``.data =``, a
-    ``resize_`` that reallocated), been resized or re-typed since, so the caller plans again. Values written in
-    place (the point of binding) change nothing here.
+    ``resize_`` that reallocated), been resized, re-typed or re-strided (``set_`` or ``as_strided_`` in place) since,
+    so the caller plans again. Values written in place (the point of binding) change nothing here.
     """
 
-    __slots__ = ("tensors", "_pointers", "_layouts")
+    __slots__ = ("tensors", "_pointers", "_layouts", "_strides")
 
     def __init__(self, tensors: tuple[torch.Tensor, ...]) -> None:
         self.tensors = tensors
         self._pointers = list(map(_data_ptr, tensors))
         self._layouts = list(map(_layout, tensors))
+        self._strides = list(map(_strides, tensors))
 
     def changed(self) -> bool:
         tensors = self.tensors
-        return list(map(_data_ptr, tensors)) != self._pointers or list(map(_layout, tensors)) != self._layouts
+        return (
+            list(map(_data_ptr, tensors)) != self._pointers
+            or list(map(_layout, tensors)) != self._layouts
+            or list(map(_strides, tensors)) != self._strides
+        )
 
 
 class _Unplanned:

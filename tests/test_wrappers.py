@@ -331,6 +331,34 @@ def test_rows_freed_after_a_host_list_plan_raise_like_the_method():
     _assert_same(a, b)
 
 
+@pytest.mark.parametrize("uniform", [True, False], ids=["uniform", "ragged"])
+def test_a_bound_tensor_restrided_in_place_plans_again(uniform):
+    """``set_`` to other strides at the same address, shape and dtype: run() raises what the function raises (a
+    vector of stride 2), or reads the table in its new layout, never plan()'s. Before the strides were re-checked
+    the run wrote out_cache_loc's old elements (buf[1], buf[3], ... of the storage, no longer the tensor's)."""
+    wide = torch.arange(4 * 32).reshape(4, 32)
+    table = wide[:, :16]  # row stride 32
+    req, start = torch.tensor([0, 1, 2]), torch.tensor([1, 5, 3])
+    end = start + 2
+    window_len = 2 if uniform else None
+    buf = sentinel_like(16, torch.int64, "cpu")
+    out = buf[:6]
+    wrapper = CacheLocsWrapper(table, with_last_loc=False)
+    wrapper.plan(req, start, end, out, num_tokens=6, window_len=window_len)
+
+    def function():
+        return assign_extend_cache_locs(table, req, start, end, out, num_tokens=6, window_len=window_len)
+
+    assert wrapper.run().tolist() == function().tolist() == [1, 2, 37, 38, 67, 68]
+    out.set_(buf.untyped_storage(), 0, (6,), (2,))  # same address, shape and dtype; stride 2
+    buf.fill_(SENTINEL)
+    _same_error(wrapper.run, function)
+    assert buf.tolist() == [SENTINEL] * 16
+    out.set_(buf.untyped_storage(), 0, (6,), (1,))
+    table.set_(wide.untyped_storage(), 0, (4, 16), (16, 1))  # row stride 16 now
+    assert wrapper.run().tolist() == function().tolist() == [1, 2, 21, 22, 35, 36]
+
+
 def test_bound_tensors_changed_in_place_plan_again_like_the_methods():
     a = DraftCacheAllocator(64, 4, 32, page_size=4, device="cpu")
     rows = a.add_requests([3, 6, 2])
