@@ -67,6 +67,16 @@ _RAGGED_CLASSES = (
     _RaggedClass(4096, (16, 64), (32, 32), 4096, False, True, 2),
     _RaggedClass(None, (8, 16), (256, 256), 4096, False, False, 1),
 )
+# Ragged windows of more than _RAGGED_ONE_LAUNCH_MAX_BATCH requests, off Ascend, in a graph or through the
+# interpreter: two launches. The first sums each tile's windows (_window_tile_sums_kernel), the second gathers
+# reading those sums instead of every earlier request's lengths (about bs**2 / (2 * TILE) reads in one launch). H200
+# graph replay: N 4 at 16384 / 65536 requests 4.6 / 13.2 -> 2.7 / 4.2 us, N 64 10.3 / 42.7 -> 6.7 / 28.4
+# (docs/performance.md); at 1024-4096 requests two launches were no faster than one. An eager call keeps one launch:
+# the host's second launch costs more than the device saves. Ascend keeps one launch (not measured there).
+_RAGGED_ONE_LAUNCH_MAX_BATCH = 4096
+_RAGGED_SUMS_CLASS = _RaggedClass(None, (8, 16), (128, 64), 1024, False, False, 1)
+# CUDA warps of the first launch.
+_TILE_SUMS_NUM_WARPS = 4
 _NPU_RAGGED_TILE = 64
 # Ragged gather columns per step on Ascend (off Ascend, the blocks of _RAGGED_CLASSES).
 _NPU_RAGGED_BLOCK_N = 16
@@ -139,13 +149,19 @@ def _launch_grid(num_tiles: int, device: torch.device, persistent: bool | None) 
 
 @functools.cache
 def _window_constexprs(
-    window_len: int | None, npu: bool = False, ragged_class: int = 0, block_n: int = 0, pdl: bool = False
+    window_len: int | None,
+    npu: bool = False,
+    ragged_class: int = 0,
+    block_n: int = 0,
+    pdl: bool = False,
+    sums: bool = False,
 ) -> tuple[tuple[str, object], ...]:
     """Constexprs of the window kernels: requests per program, window columns per gather step, earlier requests
-    summed per step, uniform or not, first column block read during the sum or not, first block of earlier windows
-    read with the tile's own offsets or not (never on Ascend, where it took the ragged kernels' on-chip buffer from
-    100.5 to 140.5 KiB; not measured there). Ragged windows off Ascend: ``ragged_class`` indexes _RAGGED_CLASSES
-    and ``block_n`` is one of its blocks, by the mean window (``_ragged_shape``; 0: the narrowest)."""
+    (``sums``: earlier tiles' sums) summed per step, uniform or not, first column block read during the sum or not,
+    first block of earlier windows read with the tile's own offsets or not (never on Ascend, where it took the ragged
+    kernels' on-chip buffer from 100.5 to 140.5 KiB; not measured there). Ragged windows off Ascend: ``ragged_class``
+    indexes _RAGGED_CLASSES (``sums``: the second of two launches, _RAGGED_SUMS_CLASS) and ``block_n`` is one of its
+    blocks, by the mean window (``_ragged_shape``; 0: the narrowest)."""
     scan_block = _SCAN_BLOCK // _NPU_SHRINK if npu else _SCAN_BLOCK
     prefetch = early_sum = False
     if window_len is None:
@@ -153,7 +169,7 @@ def _window_constexprs(
             tile = _NPU_RAGGED_TILE
             block_n = _NPU_RAGGED_BLOCK_N
         else:
-            launch = _RAGGED_CLASSES[ragged_class]
+            launch = _RAGGED_SUMS_CLASS if sums else _RAGGED_CLASSES[ragged_class]
             prefetch, early_sum = launch.prefetch, launch.early_sum
             scan_block = min(launch.scan_block, scan_block)
             block_n = block_n or launch.blocks[0]
@@ -172,17 +188,17 @@ def _window_constexprs(
     )
 
 
-def _ragged_shape(bs: int, num_tokens: int) -> tuple[int, int]:
+def _ragged_shape(bs: int, num_tokens: int, sums: bool = False) -> tuple[int, int]:
     """(class, column block) of a ragged launch off Ascend: the first of _RAGGED_CLASSES that holds ``bs``, and the
     widest of its blocks up to sqrt(2) times ``span`` mean windows (the narrowest if none is): ``span`` mean windows
     rounded to the nearest power of two. With a span of 2, windows drawn from ``[0, 2N]`` then take a block of 2N
     columns whether their mean comes out a little above N or a little below: rounding up to the next power of two
     took 0.1-0.6 us more at 1024-4096 requests, and a block of N columns a second gather step (H200,
-    docs/performance.md)."""
+    docs/performance.md). ``sums``: the block of _RAGGED_SUMS_CLASS (the class index is then unused)."""
     ragged_class = 0
     while _RAGGED_CLASSES[ragged_class].max_batch is not None and bs > _RAGGED_CLASSES[ragged_class].max_batch:
         ragged_class += 1
-    launch = _RAGGED_CLASSES[ragged_class]
+    launch = _RAGGED_SUMS_CLASS if sums else _RAGGED_CLASSES[ragged_class]
     block = launch.blocks[0]
     for wider in launch.blocks[1:]:
         if (wider * bs) ** 2 <= 2 * (launch.span * num_tokens) ** 2:  # wider <= sqrt(2) * span * num_tokens / bs
@@ -418,8 +434,29 @@ def _prepare_windows(
     return out_cache_loc, end_offset, num_tokens, window_len, bs, device
 
 
+def _ragged_in_two_launches(bs: int, window_len: int | None, device: torch.device) -> bool:
+    """Whether a call of ragged windows takes two launches (``_RAGGED_ONE_LAUNCH_MAX_BATCH``): past that many
+    requests, off Ascend, in a graph or through the interpreter (where there is no device time to weigh)."""
+    if window_len is not None or bs <= _RAGGED_ONE_LAUNCH_MAX_BATCH or backend.is_npu(device):
+        return False
+    return backend.is_interpreted(device) or backend.is_capturing(device)
+
+
+class _TwoLaunches:
+    """The two prepared launches of ragged windows in two (the tile sums, then the gather), called as one."""
+
+    __slots__ = ("first", "second")
+
+    def __init__(self, first: backend.Launch, second: backend.Launch) -> None:
+        self.first, self.second = first, second
+
+    def __call__(self) -> None:
+        self.first()
+        self.second()
+
+
 def _launch_windows(
-    kernel,
+    with_last_loc: bool,
     device: torch.device,
     tensors: tuple[torch.Tensor, ...],
     req_to_token: torch.Tensor,
@@ -428,25 +465,60 @@ def _launch_windows(
     window_len: int | None,
     persistent: bool | None,
     prepare: bool = False,
-) -> backend.Launch | None:
-    """Launch a window kernel; ``prepare=True``: return the launch, made by calling it (``backend.prepare``)."""
+    tile_sums: torch.Tensor | None = None,
+) -> backend.Launch | _TwoLaunches | None:
+    """Launch the window kernel (``with_last_loc``: the fused one); with ``tile_sums`` (int32, at least one element a
+    tile of _RAGGED_SUMS_CLASS), ragged windows in two launches, the first writing those sums. ``prepare=True``:
+    return the launch(es), made by calling it (``backend.prepare``)."""
     npu = backend.is_npu(device)
     pdl = backend.supports_pdl(device)
+    kernels = backend.kernels("cache_locs", device)
+    run = backend.prepare if prepare else backend.launch
+    scalars = (bs, *_table_dims(req_to_token), num_tokens, window_len or 0)
+    if tile_sums is not None:
+        constexprs = _window_constexprs(None, False, *_ragged_shape(bs, num_tokens, sums=True), pdl, True)
+        tile = constexprs[0][1]
+        grid = _launch_grid((bs + tile - 1) // tile, device, persistent)
+        first = run(
+            kernels._window_tile_sums_kernel,
+            grid,
+            device,
+            (tensors[2], tensors[3], tile_sums),
+            (bs,),
+            (("TILE", tile), ("PDL", pdl)),
+            _TILE_SUMS_NUM_WARPS,
+        )
+        kernel = (
+            kernels._get_last_loc_and_assign_extend_cache_locs_from_sums_kernel
+            if with_last_loc
+            else kernels._assign_extend_cache_locs_from_sums_kernel
+        )
+        second = run(kernel, grid, device, (*tensors, tile_sums), scalars, constexprs, _NUM_WARPS)
+        return _TwoLaunches(first, second) if prepare else None
     if window_len is None and not npu:
         constexprs = _window_constexprs(None, False, *_ragged_shape(bs, num_tokens), pdl)
     else:
         constexprs = _window_constexprs(window_len, npu, pdl=pdl)
     tile = constexprs[0][1]
-    num_tiles = (bs + tile - 1) // tile
-    return (backend.prepare if prepare else backend.launch)(
+    kernel = (
+        kernels._get_last_loc_and_assign_extend_cache_locs_kernel
+        if with_last_loc
+        else kernels._assign_extend_cache_locs_kernel
+    )
+    return run(
         kernel,
-        _launch_grid(num_tiles, device, persistent),
+        _launch_grid((bs + tile - 1) // tile, device, persistent),
         device,
         tensors,
-        (bs, *_table_dims(req_to_token), num_tokens, window_len or 0),
+        scalars,
         constexprs,
         _NUM_WARPS,
     )
+
+
+def _new_tile_sums(bs: int, device: torch.device) -> torch.Tensor:
+    """Scratch for the tile sums of ragged windows in two launches (its first launch writes every element it reads)."""
+    return torch.empty(-(-bs // min(_RAGGED_SUMS_CLASS.tiles)), dtype=torch.int32, device=device)
 
 
 def assign_extend_cache_locs(
@@ -497,7 +569,7 @@ def assign_extend_cache_locs(
     )
     if bs:
         _launch_windows(
-            backend.kernels("cache_locs", device)._assign_extend_cache_locs_kernel,
+            False,
             device,
             (req_to_token, req_pool_indices, start_offset, end_offset, out_cache_loc),
             req_to_token,
@@ -505,6 +577,7 @@ def assign_extend_cache_locs(
             num_tokens,
             window_len,
             persistent,
+            tile_sums=_new_tile_sums(bs, device) if _ragged_in_two_launches(bs, window_len, device) else None,
         )
     return out_cache_loc if out_cache_loc.numel() == num_tokens else out_cache_loc[:num_tokens]
 
@@ -546,7 +619,7 @@ def get_last_loc_and_assign_extend_cache_locs(
         last_loc = torch.empty(bs, dtype=start_offset.dtype, device=device)
     if bs:
         _launch_windows(
-            backend.kernels("cache_locs", device)._get_last_loc_and_assign_extend_cache_locs_kernel,
+            True,
             device,
             (req_to_token, req_pool_indices, start_offset, end_offset, out_cache_loc, last_loc),
             req_to_token,
@@ -554,6 +627,7 @@ def get_last_loc_and_assign_extend_cache_locs(
             num_tokens,
             window_len,
             persistent,
+            tile_sums=_new_tile_sums(bs, device) if _ragged_in_two_launches(bs, window_len, device) else None,
         )
     if out_cache_loc.numel() != num_tokens:
         out_cache_loc = out_cache_loc[:num_tokens]
@@ -568,10 +642,10 @@ class CacheLocsWrapper:
     allocates the outputs it is not given and resolves the launch. :meth:`run` then launches on the current values
     of the tensors it was given, like replaying a CUDA graph: write each step's rows and offsets into them in place.
     ``run`` re-checks only that each tensor (the table included) is still where plan() saw it, with the same
-    shape and dtype (about 0.2 us a tensor); if one moved (``set_``, ``.data =``, a reallocating ``resize_``) or
-    changed shape or dtype, it plans again with the same arguments, which raises what the function would raise or
-    goes on with the new tensors. Values are read on the device as by the function (``validate=False``: bad values
-    give wrong slots, never an access outside the tensors).
+    shape, dtype and strides (about 0.3 us a tensor); if one moved (``set_``, ``.data =``, a reallocating ``resize_``)
+    or changed shape, dtype or strides, it plans again with the same arguments, which raises what the function would
+    raise or goes on with the new tensors. Values are read on the device as by the function (``validate=False``: bad
+    values give wrong slots, never an access outside the tensors).
 
     Example::
 
@@ -594,6 +668,8 @@ class CacheLocsWrapper:
         self._plan_args: dict = {}
         self._replan_each_run = False
         self._launch: backend.Launch | None = None
+        self._two_launches: _TwoLaunches | None = None
+        self._bs, self._device = 0, None
         self._result = None
 
     def plan(
@@ -634,12 +710,14 @@ class CacheLocsWrapper:
         if self._with_last_loc:
             last = torch.empty(bs, dtype=start_offset.dtype, device=device) if last_loc is None else last_loc
             tensors += (last,)
-            kernel = backend.kernels("cache_locs", device)._get_last_loc_and_assign_extend_cache_locs_kernel
-        else:
-            kernel = backend.kernels("cache_locs", device)._assign_extend_cache_locs_kernel
-        launch = None
+        launch = two_launches = None
         if bs:
-            launch = _launch_windows(kernel, device, tensors, req_to_token, bs, count, window, persistent, prepare=True)
+            args = (self._with_last_loc, device, tensors, req_to_token, bs, count, window, persistent, True)
+            launch = _launch_windows(*args)
+            # Ragged windows past one launch's batches: both forms, run() picks by whether it is captured (a graph
+            # may capture a wrapper planned eagerly). The scratch stays the plan's.
+            if window is None and bs > _RAGGED_ONE_LAUNCH_MAX_BATCH and not backend.is_npu(device):
+                two_launches = _launch_windows(*args, tile_sums=_new_tile_sums(bs, device))
         result = out if out.numel() == count else out[:count]
         # Checked: now the plan. end_offset None (uniform windows) is the start tensor, bound once.
         self._bound = BoundTensors(tensors if end is not start_offset else tensors[:3] + tensors[4:])
@@ -656,6 +734,8 @@ class CacheLocsWrapper:
         )
         self._replan_each_run = validate or (num_tokens is None and window_len is None)
         self._launch = launch
+        self._two_launches = two_launches
+        self._bs, self._device = bs, device
         self._result = (result, tensors[5]) if self._with_last_loc else result
 
     def run(self) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
@@ -670,6 +750,8 @@ class CacheLocsWrapper:
         if self._bound.changed() or self._replan_each_run:
             self.plan(**self._plan_args)
         launch = self._launch
+        if self._two_launches is not None and _ragged_in_two_launches(self._bs, None, self._device):
+            launch = self._two_launches
         if launch is not None:
             launch()
         return self._result

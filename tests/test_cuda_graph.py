@@ -111,3 +111,64 @@ def test_fast_launch_respects_alignment_and_dtypes(window_len):
     assert any(key[0].fn.__name__ == "_get_last_loc_and_assign_extend_cache_locs_kernel" for key in backend._compiled)
     if triton.__version__.startswith("3.6."):  # the stock stack of torch 2.11: the C launch function is called
         assert all(launcher[-1] is not None for launcher in backend._launchers.values())
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["function", "wrapper"])
+def test_large_ragged_batches_take_two_launches_in_a_graph_and_one_eagerly(wrapped, monkeypatch):
+    """Past _RAGGED_ONE_LAUNCH_MAX_BATCH requests, ragged windows: an eager call makes one launch, a captured one two
+    (the tile sums, then the gather); both exact, and replays read new values written into the captured buffers."""
+    bs = specdec_ops.ops._RAGGED_ONE_LAUNCH_MAX_BATCH + 905
+    batches = [make_batch(bs, "ragged", 4, seed=seed, device="cuda", num_rows=600) for seed in (0, 1)]
+    first, second = batches
+    rows, start, end = first.req_pool_indices.clone(), first.start_offset.clone(), first.end_offset.clone()
+    capacity = bs * 8
+    out = sentinel_like(capacity, torch.int64, "cuda")
+    last = sentinel_like(bs, torch.int64, "cuda")
+    table = first.req_to_token
+    second.req_to_token = table
+    wrapper = specdec_ops.CacheLocsWrapper(table)
+    wrapper.plan(rows, start, end, out, last, num_tokens=capacity)
+    made = []
+    launch = backend.launch
+
+    def record(kernel, *args):
+        made.append(kernel.__name__)
+        return launch(kernel, *args)
+
+    monkeypatch.setattr(backend, "launch", record)
+
+    def step():
+        if wrapped:
+            wrapper.run()
+        else:
+            specdec_ops.get_last_loc_and_assign_extend_cache_locs(
+                table, rows, start, end, out, last, num_tokens=capacity
+            )
+
+    def check(batch):
+        loop_out, loop_last = loop_reference(batch)
+        assert out[: len(loop_out)].tolist() == loop_out and last.tolist() == loop_last
+        assert set(out[len(loop_out) :].tolist()) == {SENTINEL}
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # eager: compile, warm up
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    one = ["_get_last_loc_and_assign_extend_cache_locs_kernel"]
+    assert made == one or wrapped  # (a wrapper's prepared launch goes through backend.launch once only)
+    check(first)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    assert made[-2:] == ["_window_tile_sums_kernel", "_get_last_loc_and_assign_extend_cache_locs_from_sums_kernel"]
+    for batch in (second, first):
+        rows.copy_(batch.req_pool_indices)
+        start.copy_(batch.start_offset)
+        end.copy_(batch.end_offset)
+        out.fill_(SENTINEL)
+        last.fill_(SENTINEL)
+        graph.replay()
+        torch.cuda.synchronize()
+        check(batch)

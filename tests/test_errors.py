@@ -14,7 +14,7 @@ import torch
 from conftest import SENTINEL, sentinel_like
 
 import specdec_ops
-from specdec_ops import DraftCacheAllocator
+from specdec_ops import DraftCacheAllocator, ops
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -297,13 +297,17 @@ def guarded(n: int, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, torc
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("window_len", [None, 3], ids=["ragged", "uniform3"])
-def test_adversarial_values_never_touch_memory_outside_the_tensors(device, window_len):
+@pytest.mark.parametrize("window_len,two", [(None, False), (None, True), (3, False)], ids=["ragged", "ragged2", "u3"])
+def test_adversarial_values_never_touch_memory_outside_the_tensors(device, window_len, two, monkeypatch):
     """validate=False with nonsense values: wrong numbers are allowed, out-of-bounds access is not.
 
     The table is a view inside a larger tensor filled with MARKER: a read outside the view would bring
-    MARKER into an output. The outputs are views with sentinel guards around them.
+    MARKER into an output. The outputs are views with sentinel guards around them. ``two``: ragged windows in two
+    launches (the tile sums, then the gather), as past _RAGGED_ONE_LAUNCH_MAX_BATCH requests in a graph.
     """
+    if two:
+        monkeypatch.setattr(ops, "_RAGGED_ONE_LAUNCH_MAX_BATCH", 3)
+        monkeypatch.setattr(ops, "_ragged_in_two_launches", lambda bs, window_len, device: window_len is None)
     num_rows, max_context_len = 5, 12
     big = torch.full((num_rows + 4, max_context_len + 6), MARKER, dtype=torch.int64)
     big[2 : 2 + num_rows, 3 : 3 + max_context_len] = torch.arange(num_rows * max_context_len).reshape(
@@ -360,7 +364,7 @@ def test_memcheck_finds_no_error_with_adversarial_values():
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "ERROR SUMMARY: 0 errors" in output
-    assert "3 passed" in output
+    assert "4 passed" in output
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
+from unittest import mock
 
 import pytest
 import torch
@@ -347,6 +348,7 @@ def test_ragged_launch_shape_follows_the_batch(monkeypatch):
         "launch",
         lambda _kernel, grid, _device, _t, _s, constexprs, *_: launches.append((grid[0], dict(constexprs))),
     )
+    monkeypatch.setattr(ops, "_ragged_in_two_launches", lambda *_: False)  # (as an eager call on a device)
     bounds = [c.max_batch for c in ops._RAGGED_CLASSES if c.max_batch is not None]
     sizes = [1, *bounds, *[bound + 1 for bound in bounds]]
     for bs in sizes:
@@ -413,6 +415,88 @@ def test_get_last_loc_semantics(device):
 settings.register_profile("specdec", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+def record_launches(monkeypatch) -> list[tuple[str, tuple[int], dict]]:
+    """(kernel name, grid, constexprs) of every launch through ``backend.launch`` from here on."""
+    made = []
+    launch = backend.launch
+
+    def record(kernel, grid, device, tensors, scalars, constexprs, num_warps):
+        made.append((kernel.__name__, grid, dict(constexprs)))
+        return launch(kernel, grid, device, tensors, scalars, constexprs, num_warps)
+
+    monkeypatch.setattr(backend, "launch", record)
+    return made
+
+
+TWO_LAUNCHES = ["_window_tile_sums_kernel", "_get_last_loc_and_assign_extend_cache_locs_from_sums_kernel"]
+
+
+@pytest.mark.parametrize("n", [1, 3, 20], ids=lambda n: f"N{n}")
+@pytest.mark.parametrize("bs", [41, 300, 1100], ids=lambda bs: f"bs{bs}")
+@pytest.mark.parametrize("persistent", [None, True], ids=["grid", "persistent"])
+def test_ragged_in_two_launches_is_exact(n, bs, persistent, monkeypatch):
+    """Past _RAGGED_ONE_LAUNCH_MAX_BATCH requests (40 here) ragged windows take two launches on the interpreter (as
+    in a graph on a GPU): each tile's windows summed, then the gather adding the sums of the tiles before its own.
+    Exact against the loop, the tail untouched, for the fused op, the gather alone and the plan/run wrapper; with a
+    persistent grid of 3 programs each carries the sums from one of its tiles to the next."""
+    monkeypatch.setattr(ops, "_RAGGED_ONE_LAUNCH_MAX_BATCH", 40)
+    monkeypatch.setattr(backend, "num_cores", lambda _device: 3)
+    made = record_launches(monkeypatch)
+    batch = make_batch(bs, "ragged", n, seed=bs + n, num_rows=300)
+    loop_out, loop_last = loop_reference(batch)
+    out, last, n_tok = run_fused(batch, persistent=persistent)
+    assert as_list(out[:n_tok]) == loop_out and as_list(last) == loop_last
+    assert as_list(out[n_tok:]) == [SENTINEL] * TAIL
+    assert [name for name, _, _ in made] == TWO_LAUNCHES
+    (_, grid, first), (_, grid2, second) = made
+    tile = second["TILE"]
+    num_tiles = -(-bs // tile)
+    assert grid == grid2 == ((min(num_tiles, 3),) if persistent else (num_tiles,)) and first["TILE"] == tile
+    assert tile in ops._RAGGED_SUMS_CLASS.tiles and second["SCAN_BLOCK"] == ops._RAGGED_SUMS_CLASS.scan_block
+    made.clear()
+    gathered = sentinel_like(n_tok + TAIL, torch.int32, "cpu")
+    specdec_ops.assign_extend_cache_locs(
+        batch.req_to_token, batch.req_pool_indices, batch.start_offset, batch.end_offset, gathered, num_tokens=n_tok
+    )
+    assert as_list(gathered[:n_tok]) == loop_out and as_list(gathered[n_tok:]) == [SENTINEL] * TAIL
+    assert [name for name, _, _ in made] == ["_window_tile_sums_kernel", "_assign_extend_cache_locs_from_sums_kernel"]
+    wrapper = specdec_ops.CacheLocsWrapper(batch.req_to_token)
+    planned = sentinel_like(n_tok, torch.int64, "cpu")
+    wrapper.plan(batch.req_pool_indices, batch.start_offset, batch.end_offset, planned, num_tokens=n_tok)
+    made.clear()
+    for step in range(2):  # new values in place, as an engine writes them
+        got_out, got_last = wrapper.run()
+        assert as_list(got_out) == loop_out and as_list(got_last) == loop_last, step
+        batch.start_offset.copy_(batch.start_offset.flip(0))
+        batch.end_offset.copy_(batch.end_offset.flip(0))
+        batch.req_pool_indices.copy_(batch.req_pool_indices.flip(0))
+        loop_out, loop_last = loop_reference(batch)
+    assert [name for name, _, _ in made] == TWO_LAUNCHES * 2
+
+
+def test_ragged_takes_two_launches_only_in_graphs_past_one_launchs_batches(monkeypatch):
+    """The rule: ragged windows of more than _RAGGED_ONE_LAUNCH_MAX_BATCH requests, off Ascend, in a graph or through
+    the interpreter; an eager call on a device keeps one launch, as do uniform windows and every NPU call."""
+    cuda = torch.device("cuda", 0)
+    big = ops._RAGGED_ONE_LAUNCH_MAX_BATCH + 1
+    assert ops._RAGGED_ONE_LAUNCH_MAX_BATCH == ops._RAGGED_CLASSES[-2].max_batch
+    assert ops._ragged_in_two_launches(big, None, torch.device("cpu"))
+    assert not ops._ragged_in_two_launches(big - 1, None, torch.device("cpu"))
+    assert not ops._ragged_in_two_launches(big, 4, torch.device("cpu"))
+    monkeypatch.setattr(backend, "is_interpreted", lambda device: device.type == "cpu")
+    for capturing in (False, True):
+        monkeypatch.setattr(backend, "is_capturing", lambda device, c=capturing: c)
+        assert ops._ragged_in_two_launches(big, None, cuda) == capturing
+        assert not ops._ragged_in_two_launches(big - 1, None, cuda)
+        monkeypatch.setattr(backend, "is_npu", lambda device: True)
+        assert not ops._ragged_in_two_launches(big, None, cuda)
+        monkeypatch.undo()
+        monkeypatch.setattr(backend, "is_interpreted", lambda device: device.type == "cpu")
+    # The second launch's column block covers one mean window, as past 4096 requests in one launch.
+    means = (0, 3.9, 8.1, 15.9, 16.1, 40)
+    assert [ops._ragged_shape(5000, round(m * 5000), sums=True)[1] for m in means] == [8, 8, 8, 16, 16, 16]
+
+
 @st.composite
 def batches(draw):
     bs = draw(st.integers(0, 70))
@@ -437,11 +521,14 @@ def batches(draw):
 
 
 @settings(settings.get_profile("specdec"), max_examples=examples(40))
-@given(batches())
-def test_property_random_batches(case):
+@given(batches(), st.sampled_from([None, 0, 3]))
+def test_property_random_batches(case, one_launch_max):
+    """Random batches, ragged windows in one launch or (``one_launch_max``: past that many requests) in two."""
     batch, out_dtype = case
     loop_out, loop_last = loop_reference(batch)
-    out, last, n_tok = run_fused(batch, out_dtype=out_dtype, validate=True)
+    limit = ops._RAGGED_ONE_LAUNCH_MAX_BATCH if one_launch_max is None else one_launch_max
+    with mock.patch.object(ops, "_RAGGED_ONE_LAUNCH_MAX_BATCH", limit):
+        out, last, n_tok = run_fused(batch, out_dtype=out_dtype, validate=True)
     assert as_list(out[:n_tok]) == loop_out
     assert as_list(last) == loop_last
     assert as_list(out[n_tok:]) == [SENTINEL] * TAIL

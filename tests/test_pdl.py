@@ -16,6 +16,7 @@ from triton.runtime.jit import JITFunction
 import specdec_ops
 from specdec_ops import allocator as allocator_module
 from specdec_ops import backend
+from specdec_ops import ops as ops_module
 from specdec_ops.kernels import allocator as allocator_kernels
 from specdec_ops.kernels import cache_locs as cache_locs_kernels
 
@@ -44,6 +45,11 @@ def exercise(device: str, monkeypatch) -> tuple[list[torch.Tensor], dict]:
     wrapper = specdec_ops.CacheLocsWrapper(table)
     wrapper.plan(rows, starts, window_len=4)
     outputs += wrapper.run()
+    with monkeypatch.context() as m:  # ragged windows in two launches, as past 4096 requests in a graph
+        m.setattr(ops_module, "_RAGGED_ONE_LAUNCH_MAX_BATCH", 8)
+        m.setattr(ops_module, "_ragged_in_two_launches", lambda bs, window_len, device: window_len is None)
+        outputs.append(specdec_ops.assign_extend_cache_locs(table, rows, starts, ends))
+        outputs += specdec_ops.get_last_loc_and_assign_extend_cache_locs(table, rows, starts, ends)
 
     topk, steps, tree = 2, 3, 4
     alloc = specdec_ops.DraftCacheAllocator(16 * 600, 24, 256, page_size=16, device=device)
@@ -214,6 +220,46 @@ def test_gpu_a_kernel_waits_for_the_one_before_even_when_that_one_lets_it_start_
             assert torch.equal(alloc.seq_lens[reqs], seq + new_accept), (trial, call)
             if call == "commit_and_draft":
                 alloc.commit(reqs, torch.zeros_like(accept))
+
+
+@pytest.mark.gpu
+def test_gpu_ragged_two_launches_wait_for_the_kernel_before_the_first(monkeypatch):
+    """Ragged windows in two launches: the tile sums wait for the kernel before them, and the gather for the sums.
+    The kernel before signals its dependents at its start and writes the windows' ends 200 us later: the result
+    must be that of the final ends. Fails if the first launch's wait is removed."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs compute capability 9.0 (programmatic dependent launches)")
+    writer = _late_writer_kernel()
+    if writer is None:
+        pytest.skip("this Triton has no gdc_launch_dependents/globaltimer")
+    monkeypatch.setattr(ops_module, "_RAGGED_ONE_LAUNCH_MAX_BATCH", 8)
+    monkeypatch.setattr(ops_module, "_ragged_in_two_launches", lambda bs, window_len, device: window_len is None)
+    made = record_launches(monkeypatch)
+    rng = random.Random(4)
+    bs = 256
+    table = torch.randperm(512 * 128, device="cuda").view(512, 128).to(torch.int32)
+    rows = torch.randperm(512, device="cuda")[:bs]
+    starts = torch.tensor([rng.randrange(0, 100) for _ in range(bs)], device="cuda")
+    new_ends = starts + torch.tensor([rng.randrange(0, 17) for _ in range(bs)], device="cuda")
+    num_tokens = int((new_ends - starts).sum())
+    ends = starts.clone()
+    out = torch.full((num_tokens,), -7, dtype=torch.int64, device="cuda")
+    for trial in range(3):
+        ends.copy_(starts)
+        out.fill_(-7)
+        torch.cuda.synchronize()
+        made.clear()
+        writer[(1,)](ends, new_ends, bs, 200_000, BLOCK=bs)
+        got, last = specdec_ops.get_last_loc_and_assign_extend_cache_locs(
+            table, rows, starts, ends, out, num_tokens=num_tokens
+        )
+        torch.cuda.synchronize()
+        assert [name for name, _ in made] == [
+            "_window_tile_sums_kernel",
+            "_get_last_loc_and_assign_extend_cache_locs_from_sums_kernel",
+        ]
+        want = specdec_ops.reference.get_last_loc_and_assign_extend_cache_locs_torch(table, rows, starts, new_ends)
+        assert torch.equal(got, want[0]) and torch.equal(last, want[1]), trial
 
 
 @pytest.mark.gpu

@@ -3,7 +3,9 @@
 Every kernel walks tiles of ``TILE`` requests with a persistent loop
 (``for tile in range(pid, num_tiles, num_programs)``): with ``grid = num_tiles`` each program takes one
 tile, with ``grid = number of cores`` (Ascend) each program takes several. Programs never wait for one
-another; a program that needs the token count of earlier requests sums their window lengths itself.
+another; a program that needs the token count of earlier requests sums their window lengths itself, or, in the
+second of two launches (``..._from_sums_kernel``, ragged windows of large batches), the per-tile sums that the first
+launch (``_window_tile_sums_kernel``) left.
 
 With ``PDL`` (CUDA, compute capability 9.0 and up: ``backend.supports_pdl``) a kernel is launched as a programmatic
 dependent of the kernel before it in the stream and waits for that one to end before it reads anything: its launch
@@ -31,6 +33,7 @@ from . import pdl
 _add = tl.standard._sum_combine
 _maximum = tl.standard._elementwise_max
 _pdl_wait = pdl.wait
+_pdl_launch_dependents = pdl.launch_dependents
 
 
 @triton.jit
@@ -119,6 +122,7 @@ def _cache_locs_program(
     end_offset,
     out_cache_loc,
     last_loc,
+    tile_sums,
     bs,
     num_rows,
     max_context_len,
@@ -132,6 +136,7 @@ def _cache_locs_program(
     PREFETCH: tl.constexpr,
     EARLY_SUM: tl.constexpr,
     WITH_LAST_LOC: tl.constexpr,
+    SUMS: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """One program of the window gather, optionally fused with ``last_loc``.
@@ -140,15 +145,18 @@ def _cache_locs_program(
     ``excl_i = sum(len_k for k < i)`` (``i * window_len`` when ``UNIFORM``),
     ``out_cache_loc[excl_i + j] = req_to_token[row_i, start_i + j]`` for ``j < len_i``, and with
     ``WITH_LAST_LOC`` also ``last_loc[i] = req_to_token[row_i, start_i - 1]`` or -1 when ``start_i == 0``.
+    With ``SUMS`` (ragged windows) this is the second launch of two: ``_window_tile_sums_kernel`` left the window
+    lengths of each tile of ``TILE`` requests summed at ``tile_sums[t]``, and ``excl_i`` adds those of the tiles before
+    request ``i``'s instead of every earlier request's lengths.
     """
     if PDL:
         _pdl_wait()
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
-    # Window lengths of requests [0, scanned), summed lane-wise: carried from one tile of this program to
-    # its next. The carry is a vector reduced afresh for each tile: a scalar accumulator of reduce results
-    # that is also read inside the loop is miscompiled by some Triton versions (3.6 was seen to drop
+    # Window lengths of requests [0, scanned) (SUMS: of the tiles [0, scanned)), summed lane-wise: carried from one
+    # tile of this program to its next. The carry is a vector reduced afresh for each tile: a scalar accumulator of
+    # reduce results that is also read inside the loop is miscompiled by some Triton versions (3.6 was seen to drop
     # every tile after a program's first).
     lane_sums = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
     scanned = tl.full([], 0, dtype=tl.int32)
@@ -184,8 +192,14 @@ def _cache_locs_program(
                 slot = _load_window_block(
                     req_to_token, rows, starts, lengths, in_batch, 0, num_rows, max_context_len, row_stride, BLOCK_N
                 )
-            lane_sums = _add_window_lengths(lane_sums, start_offset, end_offset, sums_from, tile_start, SCAN_BLOCK)
-            scanned = tile_start
+            if SUMS:  # the first launch's sums of the tiles before this one, SCAN_BLOCK of them a step
+                for t0 in range(scanned, tile, SCAN_BLOCK):
+                    t = t0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
+                    lane_sums += tl.load(tile_sums + t, mask=t < tile, other=0)
+                scanned = tile
+            else:
+                lane_sums = _add_window_lengths(lane_sums, start_offset, end_offset, sums_from, tile_start, SCAN_BLOCK)
+                scanned = tile_start
             # The first tile has nothing before it: skip the [SCAN_BLOCK] reduce (all of a small batch's work).
             earlier = tl.full([], 0, dtype=tl.int32)
             if tile_start > 0:
@@ -279,6 +293,7 @@ def _assign_extend_cache_locs_kernel(
         end_offset,
         out_cache_loc,
         out_cache_loc,
+        out_cache_loc,
         bs,
         num_rows,
         max_context_len,
@@ -291,6 +306,7 @@ def _assign_extend_cache_locs_kernel(
         UNIFORM,
         PREFETCH,
         EARLY_SUM,
+        False,
         False,
         PDL,
     )
@@ -326,6 +342,7 @@ def _get_last_loc_and_assign_extend_cache_locs_kernel(
         end_offset,
         out_cache_loc,
         last_loc,
+        out_cache_loc,
         bs,
         num_rows,
         max_context_len,
@@ -338,6 +355,125 @@ def _get_last_loc_and_assign_extend_cache_locs_kernel(
         UNIFORM,
         PREFETCH,
         EARLY_SUM,
+        True,
+        False,
+        PDL,
+    )
+
+
+@triton.jit(do_not_specialize=["bs"])
+def _window_tile_sums_kernel(start_offset, end_offset, tile_sums, bs, TILE: tl.constexpr, PDL: tl.constexpr):
+    """The first of a ragged gather's two launches: ``tile_sums[t] = sum(max(end_i - start_i, 0))`` over the
+    requests ``i`` of tile ``t`` (``TILE`` requests a tile, as in the second launch). With ``PDL`` it waits for the
+    kernel before it, then lets the second launch start (which waits for this one before it reads anything)."""
+    if PDL:
+        _pdl_wait()
+        _pdl_launch_dependents()
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    num_tiles = (bs + TILE - 1) // TILE
+    for tile in range(pid, num_tiles, num_programs):
+        offs = tile * TILE + tl.arange(0, TILE)  # [TILE]
+        in_batch = offs < bs
+        starts = tl.load(start_offset + offs, mask=in_batch, other=0).to(tl.int32)
+        ends = tl.load(end_offset + offs, mask=in_batch, other=0).to(tl.int32)
+        tl.store(tile_sums + tile, tl.reduce(tl.maximum(ends - starts, 0), 0, _add))
+
+
+@triton.jit(do_not_specialize=_SCALARS + ["num_tokens", "window_len"])
+def _assign_extend_cache_locs_from_sums_kernel(
+    req_to_token,
+    req_pool_indices,
+    start_offset,
+    end_offset,
+    out_cache_loc,
+    tile_sums,
+    bs,
+    num_rows,
+    max_context_len,
+    row_stride,
+    num_tokens,
+    window_len,
+    TILE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr,
+    UNIFORM: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    EARLY_SUM: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """``_assign_extend_cache_locs_kernel`` of ragged windows after ``_window_tile_sums_kernel`` (its ``tile_sums``)."""
+    _cache_locs_program(
+        req_to_token,
+        req_pool_indices,
+        start_offset,
+        end_offset,
+        out_cache_loc,
+        out_cache_loc,
+        tile_sums,
+        bs,
+        num_rows,
+        max_context_len,
+        row_stride,
+        num_tokens,
+        window_len,
+        TILE,
+        BLOCK_N,
+        SCAN_BLOCK,
+        UNIFORM,
+        PREFETCH,
+        EARLY_SUM,
+        False,
+        True,
+        PDL,
+    )
+
+
+@triton.jit(do_not_specialize=_SCALARS + ["num_tokens", "window_len"])
+def _get_last_loc_and_assign_extend_cache_locs_from_sums_kernel(
+    req_to_token,
+    req_pool_indices,
+    start_offset,
+    end_offset,
+    out_cache_loc,
+    last_loc,
+    tile_sums,
+    bs,
+    num_rows,
+    max_context_len,
+    row_stride,
+    num_tokens,
+    window_len,
+    TILE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr,
+    UNIFORM: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    EARLY_SUM: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """``_get_last_loc_and_assign_extend_cache_locs_kernel`` of ragged windows after ``_window_tile_sums_kernel``."""
+    _cache_locs_program(
+        req_to_token,
+        req_pool_indices,
+        start_offset,
+        end_offset,
+        out_cache_loc,
+        last_loc,
+        tile_sums,
+        bs,
+        num_rows,
+        max_context_len,
+        row_stride,
+        num_tokens,
+        window_len,
+        TILE,
+        BLOCK_N,
+        SCAN_BLOCK,
+        UNIFORM,
+        PREFETCH,
+        EARLY_SUM,
+        True,
         True,
         PDL,
     )
