@@ -427,7 +427,7 @@ def _prepare_windows(
         check_disjoint(outputs, inputs)
     if validate and bs:
         if no_end:
-            ends, end_name = start_offset + window_len, lambda i: f"start_offset[{i}] + window_len"
+            ends, end_name = start_offset.long() + window_len, lambda i: f"start_offset[{i}] + window_len"
             _validate_windows(req_to_token, req_pool_indices, start_offset, ends, num_tokens, window_len, end_name)
         else:  # (a given end_offset is checked, even the start tensor itself)
             _validate_windows(req_to_token, req_pool_indices, start_offset, end_offset, num_tokens, window_len)

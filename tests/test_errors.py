@@ -387,3 +387,15 @@ def test_adversarial_allocator_steps_past_capacity_stay_inside_the_tensors(devic
     total = alloc.total_slots
     assert ((out >= -1) & (out < total)).all() and ((last >= -1) & (last < total)).all()
     assert ((alloc.req_to_token >= 0) & (alloc.req_to_token < total)).all()
+
+
+def test_validate_names_the_window_end_past_the_table_not_a_wrapped_one():
+    """int32 start offsets near 2**31 with window_len and no end_offset: the end is computed in int64 for the check,
+    so the message names the real end past max_context_len, not the int32 value it wraps to."""
+    table = torch.zeros(2, 8, dtype=torch.int32)
+    start = torch.tensor([2**31 - 3], dtype=torch.int32)
+    with pytest.raises(ValueError) as caught:
+        specdec_ops.assign_extend_cache_locs(
+            table, torch.tensor([0]), start, None, num_tokens=5, window_len=5, validate=True
+        )
+    assert str(caught.value) == "start_offset[0] + window_len must be <= max_context_len = 8, got 2147483650"
