@@ -70,9 +70,10 @@ _RAGGED_CLASSES = (
 # Ragged windows of more than _RAGGED_ONE_LAUNCH_MAX_BATCH requests, off Ascend, in a graph or through the
 # interpreter: two launches. The first sums each tile's windows (_window_tile_sums_kernel), the second gathers
 # reading those sums instead of every earlier request's lengths (about bs**2 / (2 * TILE) reads in one launch). H200
-# graph replay: N 4 at 16384 / 65536 requests 4.6 / 13.2 -> 2.7 / 4.2 us, N 64 10.3 / 42.7 -> 6.7 / 28.4
-# (docs/performance.md); at 1024-4096 requests two launches were no faster than one. An eager call keeps one launch:
-# the host's second launch costs more than the device saves. Ascend keeps one launch (not measured there).
+# graph replay: N 4 at 16384 / 65536 requests 4.7 / 15.7 -> 3.7 / 7.9 us, N 64 at 8192 / 16384 10.1 / 15.4 -> 7.1 /
+# 12.4 (docs/performance.md); at 256-4096 requests two launches were slower or at most 0.6 us faster. An eager call
+# keeps one launch: the host's second launch costs more than the device saves. Ascend keeps one launch (not measured
+# there).
 _RAGGED_ONE_LAUNCH_MAX_BATCH = 4096
 _RAGGED_SUMS_CLASS = _RaggedClass(None, (8, 16), (128, 64), 1024, False, False, 1)
 # CUDA warps of the first launch.
