@@ -435,10 +435,16 @@ def _prepare_windows(
     return out_cache_loc, end_offset, num_tokens, window_len, bs, device
 
 
+def _ragged_may_take_two_launches(bs: int, window_len: int | None, device: torch.device) -> bool:
+    """Whether ragged windows of this batch take two launches where a call is captured or interpreted: past
+    ``_RAGGED_ONE_LAUNCH_MAX_BATCH`` requests, off Ascend."""
+    return window_len is None and bs > _RAGGED_ONE_LAUNCH_MAX_BATCH and not backend.is_npu(device)
+
+
 def _ragged_in_two_launches(bs: int, window_len: int | None, device: torch.device) -> bool:
-    """Whether a call of ragged windows takes two launches (``_RAGGED_ONE_LAUNCH_MAX_BATCH``): past that many
-    requests, off Ascend, in a graph or through the interpreter (where there is no device time to weigh)."""
-    if window_len is not None or bs <= _RAGGED_ONE_LAUNCH_MAX_BATCH or backend.is_npu(device):
+    """Whether this call takes two launches: ``_ragged_may_take_two_launches``, and in a graph or through the
+    interpreter (where there is no device time to weigh against the host's second launch)."""
+    if not _ragged_may_take_two_launches(bs, window_len, device):
         return False
     return backend.is_interpreted(device) or backend.is_capturing(device)
 
@@ -717,7 +723,7 @@ class CacheLocsWrapper:
             launch = _launch_windows(*args)
             # Ragged windows past one launch's batches: both forms, run() picks by whether it is captured (a graph
             # may capture a wrapper planned eagerly). The scratch stays the plan's.
-            if window is None and bs > _RAGGED_ONE_LAUNCH_MAX_BATCH and not backend.is_npu(device):
+            if _ragged_may_take_two_launches(bs, window, device):
                 two_launches = _launch_windows(*args, tile_sums=_new_tile_sums(bs, device))
         result = out if out.numel() == count else out[:count]
         # Checked: now the plan. end_offset None (uniform windows) is the start tensor, bound once.
