@@ -335,7 +335,9 @@ class DraftCacheAllocator:
         req_to_token: ``[max_requests, max_context_len]`` int32, the slot of every position; 0 (padding) where
             a position owns no slot.
         seq_lens: ``[max_requests]`` int64, committed tokens of each row.
-        alloc_lens: ``[max_requests]`` int64, positions ``[0, alloc_len)`` own slots; ``alloc_len >= seq_len``.
+        alloc_lens: ``[max_requests]`` int64, positions ``[0, alloc_len)`` own slots; ``alloc_len >= seq_len``;
+            -1 for a row not in use. A row not in use that comes in a tensor of rows anyway (a stale row) is left as
+            it is by every call: no slots, no pages, its outputs as for a row out of range.
         window_lens: ``[max_requests]`` int64, the draft window opened by the last :meth:`alloc_draft`, 0 once
             committed.
         prefix_lens: ``[max_requests]`` int64, positions ``[0, prefix_len)`` sit on pages of the prefix cache.
@@ -388,7 +390,8 @@ class DraftCacheAllocator:
         self.max_context_len = max_context_len
         self.req_to_token = torch.zeros(max_requests, max_context_len, dtype=torch.int32, device=self.device)
         self.seq_lens = torch.zeros(max_requests, dtype=torch.int64, device=self.device)
-        self.alloc_lens = torch.zeros(max_requests, dtype=torch.int64, device=self.device)
+        # -1: the row is not in use (add_requests sets it, free_requests puts -1 back); the kernels skip such rows.
+        self.alloc_lens = torch.full((max_requests,), -1, dtype=torch.int64, device=self.device)
         self.window_lens = torch.zeros(max_requests, dtype=torch.int64, device=self.device)
         self.prefix_lens = torch.zeros(max_requests, dtype=torch.int64, device=self.device)
         # Handed out from the head: page 1 first, then 2, ...
@@ -1337,6 +1340,7 @@ class DraftCacheAllocator:
                 self.req_to_token,
                 rows,
                 self.seq_lens,
+                self.alloc_lens,
                 self.branch_pages,
                 self.num_branch_pages,
                 self.free_pages,

@@ -115,7 +115,7 @@ def check_layout(alloc: DraftCacheAllocator, *, ask_free_slots: bool = True) -> 
     for row in range(alloc.max_requests):
         slots = table[row].tolist()
         if row not in live:
-            assert seq_lens[row] == alloc_lens[row] == window_lens[row] == prefix_lens[row] == 0
+            assert seq_lens[row] == window_lens[row] == prefix_lens[row] == 0 and alloc_lens[row] == -1
             assert not any(slots), f"free row {row} is not cleared"
             continue
         n = alloc_lens[row]
@@ -1158,6 +1158,70 @@ def test_misuse_never_corrupts_the_pool(page_size, seed):
     alloc.free_requests(alloc.rows_in_use())
     assert alloc.num_free_slots() == alloc.num_slots
     assert sorted(alloc.free_page_list()) == list(range(1, alloc.num_pages + 1))
+
+
+def _stale_row_step(alloc: DraftCacheAllocator, rows: torch.Tensor, live: list[int]) -> list[torch.Tensor]:
+    """One pass over every call that takes a tensor of rows on the hot path (validate=False), on ``rows``; returns
+    the entries of the outputs that belong to ``live`` batch positions (all of them for the twin without stale
+    rows) and checks that the others are what a row out of range gives."""
+    bs, keep = rows.numel(), torch.tensor(live)
+    stale = torch.tensor([i for i in range(bs) if i not in live], dtype=torch.long)
+    got = []
+
+    def take(values: torch.Tensor, per_request: int, filler: int) -> None:
+        values = values.reshape(bs, per_request)
+        got.append(values[keep].clone())
+        assert (values[stale] == filler).all(), f"a stale row's outputs are {values[stale].tolist()}"
+
+    def accept(step: int) -> torch.Tensor:  # by row, so that the twin's rows accept the same
+        return (rows + step) % 4
+
+    for step in range(2):
+        out, last = alloc.alloc_draft(rows, 3)
+        take(out, 3, -1), take(last, 1, -1)
+        alloc.commit(rows, accept(step))
+        out, last = alloc.commit_and_draft(rows, accept(step + 1), 2)
+        take(out, 2, -1), take(last, 1, -1)
+        alloc.commit(rows, accept(step))
+        alloc.reserve_draft(rows, 4)
+        slots, src, dst = alloc.alloc_branches(rows, 2, 3, return_copies=True)
+        take(slots, 6, 0), take(src, src.numel() // bs, 0), take(dst, dst.numel() // bs, 0)
+        out, last, slots, src, dst = alloc.alloc_tree_draft(rows, 4, 2, 2)
+        take(out, 4, -1), take(last, 1, -1), take(slots, 4, 0)
+        index = torch.tensor([[0, 2, 3, 1]] * bs)
+        kv_src, kv_dst, out, last, slots, src, dst = alloc.commit_tree_and_draft(rows, index, accept(step), 4, 2, 3)
+        take(out, 4, -1), take(last, 1, -1), take(slots, 6, 0)
+        take(kv_src, 4, 0), take(kv_dst, 4, 0)  # stale rows accept nothing: pairs 0 -> 0
+        kv_src, kv_dst = alloc.commit_tree(rows, index, accept(step + 2))
+        take(kv_src, 4, 0), take(kv_dst, 4, 0)
+        alloc.release_branches(rows)
+    return got
+
+
+@pytest.mark.parametrize("programs", ["one", "many"])
+@pytest.mark.parametrize("page_size", [1, 4], ids=lambda p: f"page{p}")
+def test_stale_rows_change_nothing(page_size, programs):
+    """A row not in use (freed, or never taken) in a tensor of rows with validate=False, which the host cannot see
+    without a sync: every call leaves it as it is (alloc_len -1, no slots, no pages), gives its outputs as for a
+    row out of range, and does exactly what it does to the other rows without it. Before, a draft gave such a row
+    pages that nothing ever freed (the next add_requests of the row overwrote them)."""
+    runs = []
+    with allocator_constants(MANY_PROGRAMS if programs == "many" else {}):
+        for with_stale in (True, False):
+            alloc = DraftCacheAllocator(page_size * 400, 8, 96, page_size=page_size, device="cpu")
+            alloc.add_requests([5, 9, 3, 12, 7])
+            alloc.free_requests([1, 3])
+            batch = [0, 1, 2, 6, 4, 3] if with_stale else [0, 2, 4]
+            live = [0, 2, 4] if with_stale else [0, 1, 2]
+            outputs = _stale_row_step(alloc, torch.tensor(batch), live)
+            for row in (1, 3, 5, 6, 7):
+                assert alloc.alloc_lens[row] == -1 and alloc.seq_lens[row] == alloc.window_lens[row] == 0
+                assert alloc.num_branch_pages[row] == 0 and not alloc.req_to_token[row].any()
+            check_layout(alloc)
+            runs.append((outputs, snapshot(alloc)))
+            alloc.free_requests(alloc.rows_in_use())
+            assert sorted(alloc.free_page_list()) == list(range(1, alloc.num_pages + 1))
+    assert_same_runs(*runs)
 
 
 def test_accept_lengths_given_as_a_list_are_checked_on_the_host():

@@ -92,7 +92,7 @@ def _window_needs(
     """For batch entries ``k``: the row, its window ``[start, end)``, its allocated length before and after, the
     pages it has and the pages it needs (``_window_rows``, then ``_window_span``)."""
     rows, valid, allocs = _window_rows(k, in_range, req_pool_indices, alloc_lens, num_rows, PREFILL)
-    starts, allocs, ends, new_allocs, have, need = _window_span(
+    valid, starts, allocs, ends, new_allocs, have, need = _window_span(
         k,
         rows,
         valid,
@@ -145,10 +145,13 @@ def _window_span(
     COMMIT: tl.constexpr,
 ):
     """The window ``[start, end)`` of batch entries ``k`` (rows ``rows``, ``alloc_lens`` ``allocs`` from
-    ``_window_rows``), their allocated length before and after, the pages they have and the pages they need. Decode
-    reads the row's lengths (with ``COMMIT``, its window starts at ``seq_len + clamp(accept_lens[k], 0,
-    window_lens[row])``, the length a commit would leave); prefill reads the batch's own ``window_starts`` (the
-    prefix a new row starts from) and ``window_ends``."""
+    ``_window_rows``), which of them take part, their allocated length before and after, the pages they have and
+    the pages they need. Decode reads the row's lengths (with ``COMMIT``, its window starts at ``seq_len +
+    clamp(accept_lens[k], 0, window_lens[row])``, the length a commit would leave); a row not in use (``alloc_len``
+    -1, as ``_free_pages_kernel`` leaves it) takes no part: an empty window, no pages, and its ``alloc_len`` stays -1
+    (``new_allocs``), so a stale row in a batch changes nothing. Its loads are masked by the rows alone, so none of
+    them waits for the ``alloc_lens`` load. Prefill reads the batch's own ``window_starts`` (the prefix a new row
+    starts from) and ``window_ends``."""
     if PREFILL:
         if PREFIX:
             starts = tl.load(window_starts + k, mask=valid, other=0).to(tl.int32)
@@ -166,10 +169,14 @@ def _window_span(
             accepted = tl.minimum(tl.maximum(accepted, 0), tl.maximum(window, 0).to(accepted.dtype))
             starts += accepted.to(tl.int32)
         starts = tl.minimum(tl.maximum(starts, 0), max_context_len)
+        in_use = allocs >= 0
+        valid = valid & in_use
         allocs = tl.minimum(tl.maximum(allocs, 0), max_context_len)
-        ends = starts + window_len
+        ends = tl.where(in_use, starts + window_len, starts)
     ends, new_allocs, have, need = _grow(valid, starts, allocs, ends, max_context_len, PAGE_SIZE, PAGE_SHIFT)
-    return starts, allocs, ends, new_allocs, have, need
+    if not PREFILL:
+        new_allocs = tl.where(in_use, new_allocs, -1)
+    return valid, starts, allocs, ends, new_allocs, have, need
 
 
 @triton.jit
@@ -408,7 +415,7 @@ def _alloc_windows(
             head, count, first_pops, first_pushes = _tile_counts(
                 scratch, scanned, tile * SUMS, num_rows, SCAN_BLOCK, RELEASE
             )
-        starts, allocs, ends, new_allocs, have, need = _window_span(
+        valid, starts, allocs, ends, new_allocs, have, need = _window_span(
             offs,
             rows,
             valid,
@@ -625,6 +632,7 @@ def _alloc_windows(
             valid = in_range & (rows >= 0) & (rows < num_rows)
             if not PREFILL:
                 new_allocs = tl.load(scratch + k, mask=in_range, other=0)
+                valid = valid & (new_allocs >= 0)  # rows not in use (-1) keep every length
                 tl.store(alloc_lens + rows, new_allocs.to(alloc_lens.dtype.element_ty), mask=valid)
             if COMMIT:  # the committed length (scratch[3 * num_rows + i]) and the new window
                 seqs = tl.load(scratch + 3 * num_rows + k, mask=in_range, other=0)
@@ -879,7 +887,8 @@ def _free_pages_kernel(
     KEEP: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    """Push the pages of the requests back to the ring, clear their rows and zero their lengths.
+    """Push the pages of the requests back to the ring, clear their rows and reset their lengths: 0, and
+    ``alloc_len`` -1, the mark of a row not in use (the allocation kernels skip such rows, see ``_window_span``).
 
     Request ``i`` gives back its pages ``first_i + k``, ``k < n_i`` (``first_i = pages(max(prefix_len,
     keep_lens[i]))``: cache-owned and kept pages stay with the cache); page ``first_i + k`` is
@@ -971,7 +980,7 @@ def _free_pages_kernel(
             )
             zero = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
             tl.debug_barrier()  # every lane has read the lengths it sums
-            tl.store(alloc_lens + rows, zero.to(alloc_lens.dtype.element_ty), mask=valid)
+            tl.store(alloc_lens + rows, (zero - 1).to(alloc_lens.dtype.element_ty), mask=valid)  # not in use
             tl.store(prefix_lens + rows, zero.to(prefix_lens.dtype.element_ty), mask=valid)
             pushed_lanes += n
         pushed = tl.minimum(tl.reduce(pushed_lanes, 0, _add), num_pages - count)
@@ -1134,6 +1143,7 @@ def _branch_needs(
     in_range,
     req_pool_indices,
     seq_lens,
+    alloc_lens,
     num_branch_pages,
     num_rows,
     max_context_len,
@@ -1143,10 +1153,12 @@ def _branch_needs(
     PAGE_SIZE: tl.constexpr,
     PAGE_SHIFT: tl.constexpr,
 ):
-    """For batch entries ``k``: the row, whether it is valid, the branch pages it holds, its committed length, the
+    """For batch entries ``k``: the row, whether it takes branches (a valid row in use: a row not in use, whose
+    ``alloc_len`` is -1, takes none, as in ``_window_span``), the branch pages it holds, its committed length, the
     offset of that length in its last page, the pages of one branch and the pages of all its branches."""
     rows, valid, held = _branch_counts(k, in_range, req_pool_indices, num_branch_pages, num_rows, branch_width)
     seq = tl.load(seq_lens + rows, mask=valid, other=0).to(tl.int32)
+    valid = valid & (tl.load(alloc_lens + rows, mask=valid, other=0) >= 0)  # (loaded with seq, not after it)
     seq = tl.minimum(tl.maximum(seq, 0), max_context_len)
     off, per_branch, need = _branch_shape(seq, valid, branch_width, topk, num_steps, PAGE_SIZE, PAGE_SHIFT)
     return rows, valid, held, seq, off, per_branch, need
@@ -1336,6 +1348,7 @@ def _alloc_branches_kernel(
     req_to_token,
     req_pool_indices,
     seq_lens,
+    alloc_lens,
     branch_pages,
     num_branch_pages,
     free_pages,
@@ -1398,6 +1411,7 @@ def _alloc_branches_kernel(
                 k < tile_start,
                 req_pool_indices,
                 seq_lens,
+                alloc_lens,
                 num_branch_pages,
                 num_rows,
                 max_context_len,
@@ -1418,6 +1432,7 @@ def _alloc_branches_kernel(
             in_batch,
             req_pool_indices,
             seq_lens,
+            alloc_lens,
             num_branch_pages,
             num_rows,
             max_context_len,
@@ -1494,6 +1509,7 @@ def _alloc_branches_kernel(
                 k < bs,
                 req_pool_indices,
                 seq_lens,
+                alloc_lens,
                 num_branch_pages,
                 num_rows,
                 max_context_len,
@@ -1821,6 +1837,7 @@ def _commit_tree_count_kernel(
         offs = tile * TILE + tl.arange(0, TILE)  # [TILE]
         rows, valid, held = _branch_counts(offs, offs < bs, req_pool_indices, num_branch_pages, num_rows, branch_width)
         allocs = tl.load(alloc_lens + rows, mask=valid, other=0).to(tl.int32)
+        in_use = valid & (allocs >= 0)  # as _window_span: a row not in use (-1) pops and pushes nothing
         allocs = tl.minimum(tl.maximum(allocs, 0), max_context_len)
         seqs = _commit_tree_tile(
             tile * TILE,
@@ -1843,7 +1860,7 @@ def _commit_tree_count_kernel(
             REPOINT,
         )[2]
         pops, pushes = _tree_draft_pops(
-            valid,
+            in_use,
             seqs,
             allocs,
             held,
