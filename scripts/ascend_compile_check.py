@@ -215,6 +215,14 @@ def _cached_page(alloc, page: int) -> torch.Tensor:
     return torch.arange(page * alloc.page_size, (page + 1) * alloc.page_size)
 
 
+def _free_keeping(alloc, n: int) -> None:
+    """free_requests with keep_lens of two new requests. Their committed lengths are written on the host, as the
+    prefill would write them: while launches are recorded no kernel runs, and a row not in use has seq_len -1."""
+    rows = alloc.add_requests([n, 1])
+    alloc.seq_lens[rows] = torch.tensor([n, 1])
+    alloc.free_requests(rows, keep_lens=[0, 0])
+
+
 def _add_with_prefix(alloc, n: int) -> None:
     p = alloc.page_size
     slots = _cached_page(alloc, 1).expand(2, p)
@@ -311,7 +319,7 @@ ALLOCATOR_METHODS = [
     ("release_branches", lambda alloc, rows, n: alloc.release_branches(rows)),
     ("alloc_branches", _branches),
     ("free_requests", lambda alloc, rows, n: alloc.free_requests(rows)),
-    ("free_requests", lambda alloc, rows, n: alloc.free_requests(alloc.add_requests([n, 1]), keep_lens=[0, 0])),
+    ("free_requests", lambda alloc, rows, n: _free_keeping(alloc, n)),
     ("add_requests", lambda alloc, rows, n: _add_with_prefix(alloc, n)),
     ("release_slots", lambda alloc, rows, n: alloc.release_slots(_cached_page(alloc, 2)[:1])),
 ]

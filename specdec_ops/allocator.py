@@ -261,9 +261,11 @@ _INT_TYPE = {int}
 _third = operator.itemgetter(2)
 
 
-def _version_of(tensor: torch.Tensor) -> int | None:
-    """``tensor``'s version counter; None for an inference tensor (``torch.inference_mode``), which keeps none."""
-    return None if tensor.is_inference() else tensor._version
+def _contents_key(tensor: torch.Tensor) -> tuple | None:
+    """What tells the host that a tensor of rows still holds the rows it held: its version counter (in-place writes
+    through torch bump it), its address, shape and dtype (``.data =`` and ``set_`` replace the contents without a
+    bump). None for an inference tensor (``torch.inference_mode``), which keeps no version counter."""
+    return None if tensor.is_inference() else (tensor._version, tensor.data_ptr(), tensor.shape, tensor.dtype)
 
 
 IntVector = Union[torch.Tensor, Sequence[int]]
@@ -334,7 +336,7 @@ class DraftCacheAllocator:
     Attributes (device tensors, read them freely, change them only through the methods):
         req_to_token: ``[max_requests, max_context_len]`` int32, the slot of every position; 0 (padding) where
             a position owns no slot.
-        seq_lens: ``[max_requests]`` int64, committed tokens of each row.
+        seq_lens: ``[max_requests]`` int64, committed tokens of each row; -1 for a row not in use.
         alloc_lens: ``[max_requests]`` int64, positions ``[0, alloc_len)`` own slots; ``alloc_len >= seq_len``;
             -1 for a row not in use. A row not in use that comes in a tensor of rows anyway (a stale row) is left as
             it is by every call: no slots, no pages, its outputs as for a row out of range.
@@ -389,8 +391,9 @@ class DraftCacheAllocator:
         self.max_requests = max_requests
         self.max_context_len = max_context_len
         self.req_to_token = torch.zeros(max_requests, max_context_len, dtype=torch.int32, device=self.device)
-        self.seq_lens = torch.zeros(max_requests, dtype=torch.int64, device=self.device)
-        # -1: the row is not in use (add_requests sets it, free_requests puts -1 back); the kernels skip such rows.
+        # -1 in seq_lens and alloc_lens: the row is not in use (add_requests sets them, free_requests puts -1 back);
+        # the kernels skip such rows.
+        self.seq_lens = torch.full((max_requests,), -1, dtype=torch.int64, device=self.device)
         self.alloc_lens = torch.full((max_requests,), -1, dtype=torch.int64, device=self.device)
         self.window_lens = torch.zeros(max_requests, dtype=torch.int64, device=self.device)
         self.prefix_lens = torch.zeros(max_requests, dtype=torch.int64, device=self.device)
@@ -446,12 +449,12 @@ class DraftCacheAllocator:
         # Tree drafts: row r holds branch pages branch_pages[r, :num_branch_pages[r]] (alloc_branches). The host
         # knows which rows may hold some, and at most how many (the worst case, or the exact count when the call
         # synced): rows given as lists, one by one, and batches given as tensors, in all (a tensor released by the
-        # same tensor, unchanged since by its version counter, is known to be released; an inference tensor keeps no
-        # version counter, so only a release of every row in use, or a sync, forgets it).
+        # same tensor, unchanged since by its version counter, address, shape and dtype, is known to be released; an
+        # inference tensor keeps no version counter, so only a release of every row in use, or a sync, forgets it).
         self.branch_pages = torch.zeros(max_requests, 0, dtype=torch.int32, device=self.device)
         self.num_branch_pages = torch.zeros(max_requests, dtype=torch.int64, device=self.device)
         self._branch_rows: dict[int, int] = {}
-        self._branch_batches: list[tuple[torch.Tensor | None, int | None, int]] = []
+        self._branch_batches: list[tuple[torch.Tensor | None, tuple | None, int]] = []
         # Host lists on their way to a CUDA device: add_requests sends up to three values a request.
         self._staging = HostStaging(self.device, 3 * max_requests)
 
@@ -1299,7 +1302,7 @@ class DraftCacheAllocator:
         most ``per_row``."""
         if host_rows is None:
             batches = self._branch_batches
-            batches.append((rows, _version_of(rows), bs * per_row if needs is None else sum(needs)))
+            batches.append((rows, _contents_key(rows), bs * per_row if needs is None else sum(needs)))
             if len(batches) > _MAX_BRANCH_BATCHES:  # one record that no release of some rows drops
                 held = min(sum(map(_third, batches)), self.num_requests * self.branch_pages.shape[1])
                 self._branch_batches = [(None, None, held)]
@@ -1340,7 +1343,6 @@ class DraftCacheAllocator:
                 self.req_to_token,
                 rows,
                 self.seq_lens,
-                self.alloc_lens,
                 self.branch_pages,
                 self.num_branch_pages,
                 self.free_pages,
@@ -1787,10 +1789,9 @@ class DraftCacheAllocator:
         if host_rows is not None:
             for row in host_rows:
                 self._branch_rows.pop(row, None)
+        key = _contents_key(rows)
         self._branch_batches = [
-            (t, version, pages)
-            for t, version, pages in self._branch_batches
-            if t is not rows or version is None or t._version != version
+            record for record in self._branch_batches if record[0] is not rows or record[1] is None or record[1] != key
         ]
 
     def _launch_release(self, rows: torch.Tensor, host_rows: list[int] | None) -> None:
@@ -2514,9 +2515,11 @@ class DraftStepWrapper:
     (:meth:`~DraftCacheAllocator.alloc_branches`), and a plan with ``accept_index`` makes :meth:`commit` the tree
     commit (:meth:`~DraftCacheAllocator.commit_tree`) of the ``N`` drafted nodes.
 
-    Each call re-checks only that each bound tensor it reads is still where plan() saw it, with the same shape and
-    dtype (about 0.2 us a tensor), and, for rows given as a list, that they are still rows in use once rows were
-    added or freed since; otherwise it plans again with the same arguments (raising what the method would).
+    Each call re-checks only that each bound tensor it reads is still where plan() saw it, with the same shape,
+    dtype and strides (about 0.3 us a tensor), and, for rows given as a list, that they are still rows in use once
+    rows were added or freed since; otherwise it plans again with the same arguments, raising what plan() raises
+    for them (a plan checks every argument it was given, so a call may raise about one that only another of the
+    plan's calls reads).
 
     Example::
 
@@ -2640,7 +2643,11 @@ class DraftStepWrapper:
             branch_reads = [_given(branch_slots, slots), _given(copy_src, src), _given(copy_dst, dst)]
         elif branch_slots is not None or copy_src is not None or copy_dst is not None:
             raise ValueError("branch_slots, copy_src and copy_dst go with topk and num_steps (alloc_branches)")
-        user = req_pool_indices if host_rows is None else None
+        # A tensor of rows is bound even where validate=True read it back: each call then reads it again (the method
+        # checks its current values), and a tensor moved or resized plans again. Rows given as a list are the
+        # plan's own, re-checked once rows were taken or freed (_check).
+        listed = not isinstance(req_pool_indices, torch.Tensor)
+        user = None if listed else req_pool_indices
         # Checked: now the plan. Each call re-checks only the tensors it reads.
         self._draft_bound = _bind(user, out, last)
         self._commit_bound = _bind(user, *commit_reads)
@@ -2668,6 +2675,7 @@ class DraftStepWrapper:
             validate=validate,
         )
         self._rows, self._host_rows, self._n, self._bs = rows, host_rows, n, bs
+        self._listed_rows = host_rows if listed else None
         self._out, self._last, self._accept = out, last, accept
         self._tree_commit, self._tree_result = tree_commit, tree_result
         self._branches, self._branch_result = branches, branch_result
@@ -2837,8 +2845,8 @@ class DraftStepWrapper:
             self.plan(**self._plan_args)
         alloc = self._allocator
         if self._rows_version != alloc._rows_version:
-            if self._host_rows is not None:
-                alloc._check_rows_in_use(self._host_rows)
+            if self._listed_rows is not None:
+                alloc._check_rows_in_use(self._listed_rows)
             self._rows_version = alloc._rows_version
 
     def _prepared(self, kind: str) -> backend.Launch:

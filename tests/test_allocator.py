@@ -115,7 +115,7 @@ def check_layout(alloc: DraftCacheAllocator, *, ask_free_slots: bool = True) -> 
     for row in range(alloc.max_requests):
         slots = table[row].tolist()
         if row not in live:
-            assert seq_lens[row] == window_lens[row] == prefix_lens[row] == 0 and alloc_lens[row] == -1
+            assert window_lens[row] == prefix_lens[row] == 0 and seq_lens[row] == alloc_lens[row] == -1
             assert not any(slots), f"free row {row} is not cleared"
             continue
         n = alloc_lens[row]
@@ -1202,9 +1202,9 @@ def _stale_row_step(alloc: DraftCacheAllocator, rows: torch.Tensor, live: list[i
 @pytest.mark.parametrize("page_size", [1, 4], ids=lambda p: f"page{p}")
 def test_stale_rows_change_nothing(page_size, programs):
     """A row not in use (freed, or never taken) in a tensor of rows with validate=False, which the host cannot see
-    without a sync: every call leaves it as it is (alloc_len -1, no slots, no pages), gives its outputs as for a
-    row out of range, and does exactly what it does to the other rows without it. Before, a draft gave such a row
-    pages that nothing ever freed (the next add_requests of the row overwrote them)."""
+    without a sync: every call leaves it as it is (seq_len and alloc_len -1, no slots, no pages), gives its outputs
+    as for a row out of range, and does exactly what it does to the other rows without it. Before, a draft gave such
+    a row pages that nothing ever freed (the next add_requests of the row overwrote them)."""
     runs = []
     with allocator_constants(MANY_PROGRAMS if programs == "many" else {}):
         for with_stale in (True, False):
@@ -1215,7 +1215,7 @@ def test_stale_rows_change_nothing(page_size, programs):
             live = [0, 2, 4] if with_stale else [0, 1, 2]
             outputs = _stale_row_step(alloc, torch.tensor(batch), live)
             for row in (1, 3, 5, 6, 7):
-                assert alloc.alloc_lens[row] == -1 and alloc.seq_lens[row] == alloc.window_lens[row] == 0
+                assert alloc.alloc_lens[row] == alloc.seq_lens[row] == -1 and alloc.window_lens[row] == 0
                 assert alloc.num_branch_pages[row] == 0 and not alloc.req_to_token[row].any()
             check_layout(alloc)
             runs.append((outputs, snapshot(alloc)))

@@ -1513,3 +1513,23 @@ def test_ascend_launch_configs_give_the_same_tree_steps(monkeypatch, page_size):
     npu, default = loop(True), loop(False)
     for a, b in zip(npu, default):
         assert (a == b) if isinstance(a, list) else torch.equal(a, b)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["method", "wrapper"])
+def test_rows_rebound_with_data_keep_their_branch_pages_on_the_books(wrapped):
+    """``rows.data = other`` replaces a tensor's rows without bumping its version counter: the host must not take
+    the new rows' release for the old rows', or it forgets branch pages they hold and never returns them. (Found by
+    a review that fuzzed the wrappers.)"""
+    alloc = DraftCacheAllocator(64, 4, 32, device="cpu")
+    alloc.add_requests([3, 4, 5, 6])
+    rows = torch.tensor([0, 1])
+    step = DraftStepWrapper(alloc)
+    step.plan(rows, 2, topk=2, num_steps=2)
+    step.alloc_branches() if wrapped else alloc.alloc_branches(rows, 2, 2)
+    assert alloc.num_branch_pages[:2].tolist() == [4, 4]
+    rows.data = torch.tensor([2, 3])  # the engine's next batch, as a new tensor: the version counter stays
+    step.alloc_draft() if wrapped else alloc.alloc_draft(rows, 2)
+    alloc.free_requests([0, 1])  # the rows that hold the branch pages finish: their pages come back
+    assert alloc.num_branch_pages.tolist() == [0, 0, 0, 0]
+    alloc.free_requests([2, 3])
+    assert alloc.num_free_slots() == alloc.num_slots

@@ -780,3 +780,28 @@ def test_an_empty_tree_batch_launches_nothing(monkeypatch):
     assert [t.shape for t in step.alloc_branches()] == [(0, 2, 2), (0,), (0,)]
     assert [t.shape for t in step.alloc_draft()] == [(0,), (0,)]
     assert [t.shape for t in step.commit()] == [(0,), (0,)]
+
+
+@pytest.mark.parametrize("validate", [False, True])
+def test_a_tensor_of_rows_is_read_at_each_call_even_with_validate(validate):
+    """A plan with validate=True reads a tensor of rows back to check it, but each call works on the tensor's current
+    values as the method would: rows rewritten in place are checked as they are now (not as plan() saw them), and a
+    resized tensor plans again. (Found by a review that fuzzed the wrappers: the plan kept the rows it read.)"""
+    for change in ("rewrite", "resize"):
+        wrapped = DraftCacheAllocator(256, 4, 32, device="cpu")
+        twin = DraftCacheAllocator(256, 4, 32, device="cpu")
+        for alloc in (wrapped, twin):
+            alloc.add_requests([3, 4, 5])
+        rows = torch.tensor([0, 1])
+        step = DraftStepWrapper(wrapped)
+        step.plan(rows, 2, validate=validate)
+        if change == "rewrite":
+            rows.copy_(torch.tensor([2, 1]))  # the next batch, in place: rows 2 and 1
+            for alloc in (wrapped, twin):
+                alloc.free_requests([0])  # row 0, no longer in the batch, finishes
+        else:
+            rows.resize_(1)  # the batch is now row 0 alone
+        out, last = step.alloc_draft()
+        expected = twin.alloc_draft(rows, 2, validate=validate)
+        assert torch.equal(out, expected[0]) and torch.equal(last, expected[1]), change
+        assert_unchanged(wrapped, snapshot(twin))

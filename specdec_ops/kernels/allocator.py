@@ -89,10 +89,11 @@ def _window_needs(
     PREFIX: tl.constexpr,
     COMMIT: tl.constexpr,
 ):
-    """For batch entries ``k``: the row, its window ``[start, end)``, its allocated length before and after, the
-    pages it has and the pages it needs (``_window_rows``, then ``_window_span``)."""
+    """For batch entries ``k``: the row, whether it is valid and whether it is in use (1 or 0, see
+    ``_window_span``), its window ``[start, end)``, its allocated length before and after, the pages it has and the
+    pages it needs (``_window_rows``, then ``_window_span``)."""
     rows, valid, allocs = _window_rows(k, in_range, req_pool_indices, alloc_lens, num_rows, PREFILL)
-    valid, starts, allocs, ends, new_allocs, have, need = _window_span(
+    in_use, starts, allocs, ends, new_allocs, have, need = _window_span(
         k,
         rows,
         valid,
@@ -110,7 +111,7 @@ def _window_needs(
         PREFIX,
         COMMIT,
     )
-    return rows, valid, starts, allocs, ends, new_allocs, have, need
+    return rows, valid, in_use, starts, allocs, ends, new_allocs, have, need
 
 
 @triton.jit
@@ -145,13 +146,16 @@ def _window_span(
     COMMIT: tl.constexpr,
 ):
     """The window ``[start, end)`` of batch entries ``k`` (rows ``rows``, ``alloc_lens`` ``allocs`` from
-    ``_window_rows``), which of them take part, their allocated length before and after, the pages they have and
+    ``_window_rows``), whether the row is in use, their allocated length before and after, the pages they have and
     the pages they need. Decode reads the row's lengths (with ``COMMIT``, its window starts at ``seq_len +
-    clamp(accept_lens[k], 0, window_lens[row])``, the length a commit would leave); a row not in use (``alloc_len``
-    -1, as ``_free_pages_kernel`` leaves it) takes no part: an empty window, no pages, and its ``alloc_len`` stays -1
-    (``new_allocs``), so a stale row in a batch changes nothing. Its loads are masked by the rows alone, so none of
-    them waits for the ``alloc_lens`` load. Prefill reads the batch's own ``window_starts`` (the prefix a new row
-    starts from) and ``window_ends``."""
+    clamp(accept_lens[k], 0, window_lens[row])``, the length a commit would leave); prefill reads the batch's own
+    ``window_starts`` (the prefix a new row starts from) and ``window_ends``.
+
+    A row not in use carries ``alloc_len`` -1 (``_free_pages_kernel``). ``in_use`` is 1 for a row in use, 0 for such
+    a row, as an int32 from a shift (``1 + (alloc >> 31)``), not a mask: Triton 3.6's compiler fails on some
+    allocation kernels when a mask made from a loaded length joins the batch mask (docs/design.md). Its pages come
+    from ``alloc & 0x7fffffff``, which leaves every length in use as it is and makes -1 a full row, so it needs
+    nothing: the sums over earlier requests pay no extra operation. Its new ``alloc_len`` stays -1."""
     if PREFILL:
         if PREFIX:
             starts = tl.load(window_starts + k, mask=valid, other=0).to(tl.int32)
@@ -169,14 +173,15 @@ def _window_span(
             accepted = tl.minimum(tl.maximum(accepted, 0), tl.maximum(window, 0).to(accepted.dtype))
             starts += accepted.to(tl.int32)
         starts = tl.minimum(tl.maximum(starts, 0), max_context_len)
-        in_use = allocs >= 0
-        valid = valid & in_use
-        allocs = tl.minimum(tl.maximum(allocs, 0), max_context_len)
-        ends = tl.where(in_use, starts + window_len, starts)
+        in_use = 1 + (allocs >> 31)
+        allocs = tl.minimum(allocs & 0x7FFFFFFF, max_context_len)
+        ends = starts + window_len
     ends, new_allocs, have, need = _grow(valid, starts, allocs, ends, max_context_len, PAGE_SIZE, PAGE_SHIFT)
-    if not PREFILL:
-        new_allocs = tl.where(in_use, new_allocs, -1)
-    return valid, starts, allocs, ends, new_allocs, have, need
+    if PREFILL:
+        in_use = rows * 0 + 1
+    else:
+        new_allocs = new_allocs * in_use + (in_use - 1)  # -1 stays -1
+    return in_use, starts, allocs, ends, new_allocs, have, need
 
 
 @triton.jit
@@ -368,7 +373,7 @@ def _alloc_windows(
                     _, _, held_earlier = _branch_counts(
                         k, k < tile_start, req_pool_indices, num_branch_pages, num_rows, branch_width
                     )
-                _, valid_earlier, seq_earlier, _, _, _, _, earlier = _window_needs(
+                _, valid_earlier, in_use_earlier, seq_earlier, _, _, _, _, earlier = _window_needs(
                     k,
                     k < tile_start,
                     req_pool_indices,
@@ -388,8 +393,9 @@ def _alloc_windows(
                     COMMIT,
                 )
                 if BRANCH:
+                    width_earlier = branch_width * in_use_earlier  # (no branches for a row not in use)
                     _, per_branch_earlier, branch_earlier = _branch_shape(
-                        seq_earlier, valid_earlier, branch_width, topk, num_steps, PAGE_SIZE, PAGE_SHIFT
+                        seq_earlier, valid_earlier, width_earlier, topk, num_steps, PAGE_SIZE, PAGE_SHIFT
                     )
                     if RELEASE:  # requests that keep their pages neither push nor pop them
                         _, branch_earlier, held_earlier = _trade(held_earlier, branch_earlier, per_branch_earlier, topk)
@@ -415,7 +421,7 @@ def _alloc_windows(
             head, count, first_pops, first_pushes = _tile_counts(
                 scratch, scanned, tile * SUMS, num_rows, SCAN_BLOCK, RELEASE
             )
-        valid, starts, allocs, ends, new_allocs, have, need = _window_span(
+        in_use, starts, allocs, ends, new_allocs, have, need = _window_span(
             offs,
             rows,
             valid,
@@ -449,7 +455,7 @@ def _alloc_windows(
         pops = need
         if BRANCH:
             branch_off, per_branch, branch_need = _branch_shape(
-                starts, valid, branch_width, topk, num_steps, PAGE_SIZE, PAGE_SHIFT
+                starts, valid, branch_width * in_use, topk, num_steps, PAGE_SIZE, PAGE_SHIFT
             )
             if RELEASE:
                 reuse, branch_pops, held = _trade(held, branch_need, per_branch, topk)
@@ -552,7 +558,7 @@ def _alloc_windows(
                 mine = valid[:, None] & (j[None, :] < starts[:, None])  # [TILE, BLOCK_N]
                 cached = tl.load(prefix_slots + (slots_addr[:, None] + j[None, :]), mask=mine, other=0)
                 tl.store(req_to_token + (row_addr[:, None] + j[None, :]), cached.to(tl.int32), mask=mine)
-        lengths = tl.where(valid, ends - starts, 0)
+        lengths = tl.where(valid, ends - starts, 0) * in_use  # a row not in use: no window
         if PREFILL:
             num_cols = tl.reduce(lengths, 0, _maximum)
         else:
@@ -591,8 +597,8 @@ def _alloc_windows(
         elif owner:  # no other program reads these lengths
             tl.store(window_lens + rows, lengths.to(window_lens.dtype.element_ty), mask=valid)
             tl.store(alloc_lens + rows, new_allocs.to(alloc_lens.dtype.element_ty), mask=valid)
-            if COMMIT:
-                tl.store(seq_lens + rows, starts.to(seq_lens.dtype.element_ty), mask=valid)
+            if COMMIT:  # (a row not in use keeps seq_len -1)
+                tl.store(seq_lens + rows, (starts * in_use + (in_use - 1)).to(seq_lens.dtype.element_ty), mask=valid)
             if SUMS:
                 if tile == num_tiles - 1:  # the last tile: every pop (and push) of the batch is known
                     popped = tl.minimum(before + tl.reduce(pops, 0, _add), count)
@@ -602,8 +608,8 @@ def _alloc_windows(
                     tl.store(counters, _ring_index(head, popped, num_pages).to(counters.dtype.element_ty))
                     tl.store(counters + 1, new_count.to(counters.dtype.element_ty))
         else:  # for the last program, which writes them (COMMIT: other programs read the open windows too)
-            if COMMIT:
-                tl.store(scratch + 3 * num_rows + offs, starts, mask=in_batch)
+            if COMMIT:  # (-1 for a row not in use, which keeps seq_len -1 and opens no window)
+                tl.store(scratch + 3 * num_rows + offs, starts * in_use + (in_use - 1), mask=in_batch)
             else:
                 tl.store(window_lens + rows, lengths.to(window_lens.dtype.element_ty), mask=valid)
             tl.store(scratch + offs, new_allocs, mask=in_batch)
@@ -632,11 +638,10 @@ def _alloc_windows(
             valid = in_range & (rows >= 0) & (rows < num_rows)
             if not PREFILL:
                 new_allocs = tl.load(scratch + k, mask=in_range, other=0)
-                valid = valid & (new_allocs >= 0)  # rows not in use (-1) keep every length
                 tl.store(alloc_lens + rows, new_allocs.to(alloc_lens.dtype.element_ty), mask=valid)
             if COMMIT:  # the committed length (scratch[3 * num_rows + i]) and the new window
                 seqs = tl.load(scratch + 3 * num_rows + k, mask=in_range, other=0)
-                opened = tl.minimum(seqs + window_len, max_context_len) - seqs
+                opened = (tl.minimum(seqs + window_len, max_context_len) - seqs) * (1 + (seqs >> 31))
                 tl.store(seq_lens + rows, seqs.to(seq_lens.dtype.element_ty), mask=valid)
                 tl.store(window_lens + rows, opened.to(window_lens.dtype.element_ty), mask=valid)
             popped_lanes += tl.load(scratch + num_rows + k, mask=in_range, other=0)
@@ -825,7 +830,7 @@ def _count_pops_kernel(
             False,
             False,
             COMMIT,
-        )[7]
+        )[8]
         tl.store(scratch + tile, tl.reduce(need, 0, _add), mask=tile < num_rows)
     if pid == 0:
         tl.store(scratch + num_rows, tl.load(counters).to(tl.int32))
@@ -887,8 +892,9 @@ def _free_pages_kernel(
     KEEP: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    """Push the pages of the requests back to the ring, clear their rows and reset their lengths: 0, and
-    ``alloc_len`` -1, the mark of a row not in use (the allocation kernels skip such rows, see ``_window_span``).
+    """Push the pages of the requests back to the ring, clear their rows and reset their lengths: ``seq_len`` and
+    ``alloc_len`` -1, the mark of a row not in use (which the other kernels leave alone, see ``_window_span``), the
+    others 0.
 
     Request ``i`` gives back its pages ``first_i + k``, ``k < n_i`` (``first_i = pages(max(prefix_len,
     keep_lens[i]))``: cache-owned and kept pages stay with the cache); page ``first_i + k`` is
@@ -959,7 +965,7 @@ def _free_pages_kernel(
             owned_pos = valid[:, None] & (c[None, :] < allocs[:, None])  # [TILE, BLOCK_C]
             tl.store(req_to_token + (row_addr[:, None] + c[None, :]), clear, mask=owned_pos)
         zero = tl.full([TILE], 0, dtype=tl.int32)
-        tl.store(seq_lens + rows, zero.to(seq_lens.dtype.element_ty), mask=valid)
+        tl.store(seq_lens + rows, (zero - 1).to(seq_lens.dtype.element_ty), mask=valid)  # not in use
         tl.store(window_lens + rows, zero.to(window_lens.dtype.element_ty), mask=valid)
     if _take_ticket(counters) == num_programs - 1:
         pushed_lanes = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
@@ -1143,7 +1149,6 @@ def _branch_needs(
     in_range,
     req_pool_indices,
     seq_lens,
-    alloc_lens,
     num_branch_pages,
     num_rows,
     max_context_len,
@@ -1153,14 +1158,15 @@ def _branch_needs(
     PAGE_SIZE: tl.constexpr,
     PAGE_SHIFT: tl.constexpr,
 ):
-    """For batch entries ``k``: the row, whether it takes branches (a valid row in use: a row not in use, whose
-    ``alloc_len`` is -1, takes none, as in ``_window_span``), the branch pages it holds, its committed length, the
-    offset of that length in its last page, the pages of one branch and the pages of all its branches."""
+    """For batch entries ``k``: the row, whether it is valid, the branch pages it holds, its committed length, the
+    offset of that length in its last page, the pages of one branch and the pages of all its branches (none for a
+    row not in use, whose ``seq_len`` is -1, as its ``alloc_len``: see ``_window_span``; from the length loaded
+    anyway, as a load of ``alloc_lens`` here cost the one-program kernel a round trip, 0.6-0.7 us on an H200)."""
     rows, valid, held = _branch_counts(k, in_range, req_pool_indices, num_branch_pages, num_rows, branch_width)
     seq = tl.load(seq_lens + rows, mask=valid, other=0).to(tl.int32)
-    valid = valid & (tl.load(alloc_lens + rows, mask=valid, other=0) >= 0)  # (loaded with seq, not after it)
+    in_use = 1 + (seq >> 31)
     seq = tl.minimum(tl.maximum(seq, 0), max_context_len)
-    off, per_branch, need = _branch_shape(seq, valid, branch_width, topk, num_steps, PAGE_SIZE, PAGE_SHIFT)
+    off, per_branch, need = _branch_shape(seq, valid, branch_width * in_use, topk, num_steps, PAGE_SIZE, PAGE_SHIFT)
     return rows, valid, held, seq, off, per_branch, need
 
 
@@ -1284,7 +1290,7 @@ def _write_branches(
     cols = tl.arange(0, BLOCK_R)
     width = topk * num_steps
     branch_addr = rows.to(tl.int64) * branch_stride  # [TILE]
-    popping = valid & (reuse == 0)
+    popping = valid & (reuse == 0) & (need > 0)  # (a row not in use needs none, see _window_span)
     for k0 in range(0, tl.reduce(tl.where(popping, need, 0), 0, _maximum), BLOCK_R):
         k = k0 + cols  # [BLOCK_R]
         mine = popping[:, None] & (k[None, :] < need[:, None])  # [TILE, BLOCK_R]
@@ -1348,7 +1354,6 @@ def _alloc_branches_kernel(
     req_to_token,
     req_pool_indices,
     seq_lens,
-    alloc_lens,
     branch_pages,
     num_branch_pages,
     free_pages,
@@ -1411,7 +1416,6 @@ def _alloc_branches_kernel(
                 k < tile_start,
                 req_pool_indices,
                 seq_lens,
-                alloc_lens,
                 num_branch_pages,
                 num_rows,
                 max_context_len,
@@ -1432,7 +1436,6 @@ def _alloc_branches_kernel(
             in_batch,
             req_pool_indices,
             seq_lens,
-            alloc_lens,
             num_branch_pages,
             num_rows,
             max_context_len,
@@ -1509,7 +1512,6 @@ def _alloc_branches_kernel(
                 k < bs,
                 req_pool_indices,
                 seq_lens,
-                alloc_lens,
                 num_branch_pages,
                 num_rows,
                 max_context_len,
@@ -1560,6 +1562,7 @@ def _commit_tree_tile(
     rows = tl.load(req_pool_indices + offs, mask=in_batch, other=-1).to(tl.int32)
     valid = in_batch & (rows >= 0) & (rows < num_rows)
     seq = tl.load(seq_lens + rows, mask=valid, other=0).to(tl.int32)
+    in_use = 1 + (seq >> 31)  # a row not in use (seq_len -1) has no window, and keeps its -1
     seq = tl.minimum(tl.maximum(seq, 0), max_context_len)
     window = tl.load(window_lens + rows, mask=valid, other=0).to(tl.int32)
     window = tl.minimum(tl.minimum(tl.maximum(window, 0), max_context_len - seq), tree_size)
@@ -1628,7 +1631,7 @@ def _commit_tree_tile(
         src = tl.where(taken, src, dst)
         tl.store(kv_src + out, src.to(kv_src.dtype.element_ty), mask=in_out)
         tl.store(kv_dst + out, dst.to(kv_dst.dtype.element_ty), mask=in_out)
-    tl.store(seq_lens + rows, (seq + a).to(seq_lens.dtype.element_ty), mask=valid)
+    tl.store(seq_lens + rows, ((seq + a) * in_use + (in_use - 1)).to(seq_lens.dtype.element_ty), mask=valid)
     tl.store(window_lens + rows, (a * 0).to(window_lens.dtype.element_ty), mask=valid)
     return rows, valid, seq + a
 
@@ -1837,8 +1840,8 @@ def _commit_tree_count_kernel(
         offs = tile * TILE + tl.arange(0, TILE)  # [TILE]
         rows, valid, held = _branch_counts(offs, offs < bs, req_pool_indices, num_branch_pages, num_rows, branch_width)
         allocs = tl.load(alloc_lens + rows, mask=valid, other=0).to(tl.int32)
-        in_use = valid & (allocs >= 0)  # as _window_span: a row not in use (-1) pops and pushes nothing
-        allocs = tl.minimum(tl.maximum(allocs, 0), max_context_len)
+        in_use = 1 + (allocs >> 31)  # as _window_span: a row not in use (-1) pops and pushes nothing
+        allocs = tl.minimum(allocs & 0x7FFFFFFF, max_context_len)
         seqs = _commit_tree_tile(
             tile * TILE,
             req_to_token,
@@ -1860,13 +1863,13 @@ def _commit_tree_count_kernel(
             REPOINT,
         )[2]
         pops, pushes = _tree_draft_pops(
-            in_use,
+            valid,
             seqs,
             allocs,
             held,
             window_len,
             max_context_len,
-            branch_width,
+            branch_width * in_use,
             topk,
             num_steps,
             PAGE_SIZE,
