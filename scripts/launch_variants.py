@@ -1,0 +1,306 @@
+"""The kernel variants that specdec_ops launches, recorded from the launching code itself, for the offline compile
+checks (scripts/ascend_compile_check.py, scripts/cuda_compile_check.py).
+
+The public API runs on CPU tensors while `backend` answers as the target device would (`answering_as`) and
+`backend.launch` is replaced by a `Recorder`, which keeps (kernel, tensor dtypes and 16-byte alignment, scalars,
+constexprs, num_warps) and runs nothing. So the constexprs are those the code picks at launch time, and a check
+cannot drift from it. No kernel runs: device state stays as the host wrote it (a row not in use keeps seq_len -1,
+which `_free_keeping` accounts for).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Dtypes of the ops' tensors: (req_to_token, req_pool_indices, offsets, out_cache_loc, last_loc).
+PROFILES = {
+    "i32": ("int32", "int32", "int32", "int32", "int32"),
+    "i64": ("int64", "int64", "int64", "int64", "int64"),
+    "sglang": ("int32", "int64", "int64", "int64", "int64"),
+    "mix": ("int64", "int32", "int64", "int32", "int64"),
+}
+WINDOWS = [None, *range(0, 65)]  # None: ragged
+PAGE_SIZES = [1, 16, 64, 128]
+DRAFT_LENS = range(1, 65)
+ROW_KINDS = ("int64", "int32", "list")
+
+
+@dataclass(frozen=True)
+class Launch:
+    module: str  # specdec_ops.kernels.<module>
+    kernel: str
+    tensors: tuple[tuple[str, bool], ...]  # (dtype, 16-byte aligned) per tensor argument
+    scalars: tuple[int, ...]
+    constexprs: tuple[tuple[str, object], ...]
+    num_warps: int
+
+    @property
+    def key(self) -> tuple:
+        return (self.module, self.kernel, self.tensors, self.constexprs, self.num_warps)
+
+    @property
+    def label(self) -> str:
+        short = {"int32": "i32", "int64": "i64"}
+        dtypes = "/".join(short.get(d, d) + ("" if aligned else "~") for d, aligned in self.tensors)
+        cx = ",".join(f"{k}={v}" for k, v in self.constexprs)
+        return f"{self.kernel}[{dtypes},{cx}]"
+
+
+class Recorder:
+    """Stands in for backend.launch: records each launch and the public method that made it, runs nothing."""
+
+    def __init__(self, real_launch):
+        self.signature = inspect.signature(real_launch)
+        self.launches: dict[tuple, Launch] = {}
+        self.by_method: dict[str, int] = {}
+        self.method = "?"
+
+    def __call__(self, *args, **kwargs):
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        fn = getattr(a["kernel"], "fn", a["kernel"])
+        launch = Launch(
+            module=fn.__module__,
+            kernel=fn.__name__,
+            tensors=tuple((str(t.dtype).replace("torch.", ""), t.data_ptr() % 16 == 0) for t in a["tensors"]),
+            scalars=tuple(int(s) for s in a["scalars"]),
+            constexprs=tuple((k, v) for k, v in a["constexprs"]),
+            num_warps=int(a.get("num_warps") or 0),
+        )
+        self.launches.setdefault(launch.key, launch)
+        self.by_method[self.method] = self.by_method.get(self.method, 0) + 1
+
+    @contextlib.contextmanager
+    def calling(self, method: str):
+        self.method = method
+        try:
+            yield
+        finally:
+            self.method = "?"
+
+
+def _tensor(values, dtype: str, misalign: bool = False) -> torch.Tensor:
+    t = torch.as_tensor(values, dtype=getattr(torch, dtype))
+    if not misalign:
+        return t
+    buf = torch.zeros(t.numel() + 1, dtype=t.dtype)  # one element in: not 16-byte aligned
+    buf[1:] = t.reshape(-1)
+    return buf[1:].reshape(t.shape)
+
+
+def exercise_ops(rec: Recorder) -> None:
+    import specdec_ops
+
+    bs, rows_n, ctx = 70, 9, 200  # two ragged tiles, several uniform ones
+    for pname, (tab, idx, off, out, last) in PROFILES.items():
+        for misalign in (False, True) if pname == "sglang" else (False,):
+            table = _tensor(torch.arange(rows_n * ctx).reshape(rows_n, ctx), tab, misalign)
+            rows = _tensor(torch.arange(bs) % rows_n, idx, misalign)
+            with rec.calling("get_last_loc"):
+                specdec_ops.get_last_loc(
+                    table, rows, _tensor([5] * bs, off, misalign), last_loc=_tensor([0] * bs, last, misalign)
+                )
+            for w in WINDOWS:
+                n = 3 if w is None else w
+                start = _tensor([7] * bs, off, misalign)
+                end = _tensor([7 + n] * bs, off, misalign)
+                buf = _tensor([0] * (bs * n), out, misalign)
+                kw = {"num_tokens": bs * n, "window_len": w}
+                with rec.calling("assign_extend_cache_locs"):
+                    specdec_ops.assign_extend_cache_locs(table, rows, start, end, buf, **kw)
+                with rec.calling("get_last_loc_and_assign_extend_cache_locs"):
+                    specdec_ops.get_last_loc_and_assign_extend_cache_locs(
+                        table, rows, start, end, buf, _tensor([0] * bs, last, misalign), **kw
+                    )
+                    specdec_ops.get_last_loc_and_assign_extend_cache_locs(table, rows, start, end, **kw)
+
+
+def _int32(n: int, fill: int = 0) -> torch.Tensor:
+    return torch.full((n,), fill, dtype=torch.int32)
+
+
+# The allocator's public methods and how to call them: (name, call(alloc, rows, n)). Add new methods here; a name
+# that DraftCacheAllocator does not have (yet) is skipped. `rows` are 3 live rows (a tensor or a list, ROW_KINDS),
+# n the draft length.
+def _cached_page(alloc, page: int) -> torch.Tensor:
+    """Slots of ``page``, handed to the prefix cache on the host: while launches are recorded no kernel runs, so no
+    finished request can have left a real page to the cache."""
+    alloc._cache_pages.add(page)
+    return torch.arange(page * alloc.page_size, (page + 1) * alloc.page_size)
+
+
+def _free_keeping(alloc, n: int) -> None:
+    """free_requests with keep_lens of two new requests. Their committed lengths are written on the host, as the
+    prefill would write them: while launches are recorded no kernel runs, and a row not in use has seq_len -1."""
+    rows = alloc.add_requests([n, 1])
+    alloc.seq_lens[rows] = torch.tensor([n, 1])
+    alloc.free_requests(rows, keep_lens=[0, 0])
+
+
+def _add_with_prefix(alloc, n: int) -> None:
+    p = alloc.page_size
+    slots = _cached_page(alloc, 1).expand(2, p)
+    alloc.free_requests(alloc.add_requests([p + n, p], prefix_slots=slots, prefix_lens=[p, p]))
+
+
+def _in_two_launches(alloc, rows, n: int) -> None:
+    """commit_and_draft as it runs past its one-launch limit (the tile counts, then the allocation), on 3 rows."""
+    module = sys.modules[type(alloc).__module__]
+    limit = module._COMMIT_DRAFT_MAX_BATCH
+    module._COMMIT_DRAFT_MAX_BATCH = 1
+    try:
+        alloc.commit_and_draft(rows, _int32(3, n // 2), n)
+    finally:
+        module._COMMIT_DRAFT_MAX_BATCH = limit
+
+
+def _tree_size(alloc, n: int) -> int:
+    """The verified tree's node count for draft length ``n``, within what commit_tree takes on an NPU."""
+    return min(n, 32 if alloc.page_size == 1 else 64)
+
+
+def _commit_tree(alloc, rows, n: int) -> None:
+    t = _tree_size(alloc, n)
+    index = torch.arange(t, dtype=torch.int64).expand(3, t).contiguous()
+    alloc.commit_tree(rows, index if isinstance(rows, list) else index.to(rows.dtype), [t // 2] * 3)
+
+
+def _branches(alloc, rows, n: int) -> None:
+    alloc.alloc_branches(rows, 4, n, return_copies=alloc.page_size > 1)
+
+
+def _tree_draft(alloc, rows, n: int) -> None:
+    alloc.alloc_tree_draft(rows, _tree_size(alloc, n), 4, n)
+
+
+def _tree_step(alloc, rows, n: int, one_launch: bool = True, window: int | None = None, counts: bool = False) -> None:
+    """commit_tree_and_draft of trees of ``_tree_size`` nodes, then windows of as many (or ``window``): one launch for
+    the 3 rows (one program) where the NPU takes one, or as it runs past one program (two: the tree commit and the
+    draft, or with ``counts`` as past one program of the draft, the tree commit with the draft's counts and the
+    draft from them)."""
+    t = _tree_size(alloc, n)
+    index = torch.arange(t, dtype=torch.int64).expand(3, t).contiguous()
+    cls = type(alloc)
+    in_one, with_counts = cls._tree_step_in_one_launch, cls._tree_step_counts
+    if not one_launch:
+        cls._tree_step_in_one_launch = lambda self, *args: False
+        cls._tree_step_counts = lambda self, *args: counts
+    try:
+        alloc.commit_tree_and_draft(rows, index, _int32(3, t // 2), t if window is None else window, 4, n)
+    finally:
+        cls._tree_step_in_one_launch, cls._tree_step_counts = in_one, with_counts
+
+
+ALLOCATOR_METHODS = [
+    ("add_requests", lambda alloc, rows, n: alloc.free_requests(alloc.add_requests([n, 0, 3 * n + 1]).tolist())),
+    ("alloc_draft", lambda alloc, rows, n: alloc.alloc_draft(rows, n)),
+    ("alloc_draft", lambda alloc, rows, n: alloc.alloc_draft(rows, n, out_cache_loc=_int32(3 * n), last_loc=_int32(3))),
+    ("reserve_draft", lambda alloc, rows, n: alloc.reserve_draft(rows, n)),
+    ("commit_and_draft", lambda alloc, rows, n: alloc.commit_and_draft(rows, _int32(3, n // 2), n)),
+    (
+        "commit_and_draft",
+        lambda alloc, rows, n: alloc.commit_and_draft(
+            rows, [n // 2] * 3, n, out_cache_loc=_int32(3 * n), last_loc=_int32(3)
+        ),
+    ),
+    ("commit_and_draft", _in_two_launches),
+    ("commit", lambda alloc, rows, n: alloc.commit(rows, [n // 2] * 3)),
+    ("commit", lambda alloc, rows, n: alloc.commit(rows, _int32(3, n // 2))),
+    # A tree step: branches, the verify window (which releases them in its own launch), the tree commit; then
+    # branches released by commit, by release_branches, and by free_requests below.
+    ("alloc_branches", _branches),
+    ("alloc_draft", lambda alloc, rows, n: alloc.alloc_draft(rows, _tree_size(alloc, n))),
+    ("commit_tree", _commit_tree),
+    # A tree step in two launches: the window with the branches, then the tree commit that releases them; and one
+    # that first releases the branches of an alloc_branches.
+    ("alloc_tree_draft", _tree_draft),
+    ("commit_tree", _commit_tree),
+    ("alloc_branches", _branches),
+    ("alloc_tree_draft", _tree_draft),
+    ("commit_tree", _commit_tree),
+    # A tree step in one call: the commit and the next tree (keeping the branch pages), in one launch or two.
+    ("alloc_tree_draft", _tree_draft),
+    ("commit_tree_and_draft", _tree_step),
+    ("commit_tree_and_draft", lambda alloc, rows, n: _tree_step(alloc, rows, n, window=1)),  # a small window
+    ("commit_tree_and_draft", lambda alloc, rows, n: _tree_step(alloc, rows, n, one_launch=False)),
+    ("commit_tree_and_draft", lambda alloc, rows, n: _tree_step(alloc, rows, n, one_launch=False, counts=True)),
+    ("commit_tree", _commit_tree),
+    ("alloc_branches", _branches),
+    ("commit", lambda alloc, rows, n: alloc.commit(rows, [0] * 3)),
+    ("alloc_branches", _branches),
+    ("commit_and_draft", lambda alloc, rows, n: alloc.commit_and_draft(rows, _int32(3), n)),  # releases them
+    ("alloc_branches", _branches),
+    ("release_branches", lambda alloc, rows, n: alloc.release_branches(rows)),
+    ("alloc_branches", _branches),
+    ("free_requests", lambda alloc, rows, n: alloc.free_requests(rows)),
+    ("free_requests", lambda alloc, rows, n: _free_keeping(alloc, n)),
+    ("add_requests", lambda alloc, rows, n: _add_with_prefix(alloc, n)),
+    ("release_slots", lambda alloc, rows, n: alloc.release_slots(_cached_page(alloc, 2)[:1])),
+]
+
+
+def exercise_allocator(rec: Recorder) -> tuple[list[str], list[str]]:
+    """Returns (methods of the table the allocator has, public methods it has that the table lacks)."""
+    from specdec_ops import DraftCacheAllocator
+
+    present = [(name, call) for name, call in ALLOCATOR_METHODS if hasattr(DraftCacheAllocator, name)]
+    for page_size in PAGE_SIZES:
+        for kind in ROW_KINDS:
+            for n in DRAFT_LENS:
+                alloc = DraftCacheAllocator(page_size * 4096, 8, 8192, page_size=page_size, device="cpu")
+                with rec.calling("add_requests"):
+                    rows = alloc.add_requests([5, 0, 17])
+                rows = rows.tolist() if kind == "list" else rows.to(getattr(torch, kind))
+                for name, call in present:
+                    with rec.calling(name):
+                        call(alloc, rows, n)
+    names = sorted({name for name, _ in present})
+    public = {
+        name for name, member in inspect.getmembers(DraftCacheAllocator, inspect.isfunction) if not name.startswith("_")
+    }
+    return names, sorted(public - {name for name, _ in ALLOCATOR_METHODS})
+
+
+@contextlib.contextmanager
+def answering_as(recorder: Recorder, **fakes):
+    """``backend``'s functions named in ``fakes`` (``is_npu=lambda device: True``, ...) answer as given and
+    ``backend.launch`` records, in every specdec_ops module that imported those names directly too."""
+    from specdec_ops import backend
+
+    fakes = {**fakes, "launch": recorder}
+    originals = {name: getattr(backend, name) for name in fakes if hasattr(backend, name)}
+    patched = []
+    for mod in [m for name, m in list(sys.modules.items()) if name.startswith("specdec_ops") and m is not None]:
+        for name, original in originals.items():
+            if getattr(mod, name, None) is original:
+                setattr(mod, name, fakes[name])
+                patched.append((mod, name, original))
+    try:
+        yield
+    finally:
+        for mod, name, original in patched:
+            setattr(mod, name, original)
+
+
+def record_launches(*backends: dict) -> tuple[list[Launch], Recorder, list[str], list[str]]:
+    """Run the public API once per entry of ``backends`` (the fakes of ``answering_as``) and return the distinct
+    variants, sorted by label; the recorder (launches by public method); the allocator methods exercised; and
+    public allocator methods ALLOCATOR_METHODS lacks."""
+    sys.path.insert(0, str(REPO))
+    from specdec_ops import backend
+
+    rec = Recorder(backend.launch)
+    for fakes in backends:
+        with answering_as(rec, **fakes):
+            exercise_ops(rec)
+            allocator_methods, unlisted = exercise_allocator(rec)
+    return sorted(rec.launches.values(), key=lambda v: v.label), rec, allocator_methods, unlisted
