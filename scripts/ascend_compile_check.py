@@ -283,11 +283,6 @@ def _compile_in_worker(args: tuple[Launch, int]) -> tuple[bool, str, str, int]:
         crashes.append(note)
 
 
-def _init_worker(path: str) -> None:
-    sys.path.insert(0, path)
-    os.environ.pop("TRITON_INTERPRET", None)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", metavar="SUBSTRING", help="only variants whose label contains SUBSTRING")
@@ -340,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(v, ub_limit) for v in launches]
     failed = flaky = 0
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max(1, args.jobs), mp_context=ctx, initializer=_init_worker, initargs=(str(REPO),)) as ex:
+    start = launch_variants.init_worker
+    with ProcessPoolExecutor(max(1, args.jobs), mp_context=ctx, initializer=start, initargs=(str(REPO),)) as ex:
         for v, (ok, stage, note, crashes) in zip(launches, ex.map(_compile_in_worker, jobs)):
             failed += not ok
             flaky += ok and crashes > 0

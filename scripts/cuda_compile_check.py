@@ -82,11 +82,6 @@ def _compile_in_worker(args: tuple[Launch, int]) -> tuple[bool, str]:
         return False, f"setup: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
 
 
-def _init_worker(path: str) -> None:
-    sys.path.insert(0, path)
-    os.environ.pop("TRITON_INTERPRET", None)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer allocator shapes, every kernel and branch (CI)")
@@ -115,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     ctx = multiprocessing.get_context("spawn")
     jobs = [(v, args.arch) for v in launches]
-    with ProcessPoolExecutor(max(1, args.jobs), mp_context=ctx, initializer=_init_worker, initargs=(str(REPO),)) as ex:
+    start = launch_variants.init_worker
+    with ProcessPoolExecutor(max(1, args.jobs), mp_context=ctx, initializer=start, initargs=(str(REPO),)) as ex:
         for v, (ok, note) in zip(launches, ex.map(_compile_in_worker, jobs)):
             failed += not ok
             print(f"{'PASS' if ok else 'FAIL'} {v.label}" + ("" if ok else f" {note}"), flush=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -304,3 +305,9 @@ def record_launches(*backends: dict) -> tuple[list[Launch], Recorder, list[str],
             exercise_ops(rec)
             allocator_methods, unlisted = exercise_allocator(rec)
     return sorted(rec.launches.values(), key=lambda v: v.label), rec, allocator_methods, unlisted
+
+
+def init_worker(path: str) -> None:
+    """A compile worker's start (spawned): the repository importable, kernels compiled, not interpreted."""
+    sys.path.insert(0, path)
+    os.environ.pop("TRITON_INTERPRET", None)
