@@ -46,7 +46,6 @@ ops bishengir warns will run on the scalar unit. Exit status 0 when every varian
 from __future__ import annotations
 
 import argparse
-import importlib
 import multiprocessing
 import os
 import re
@@ -60,7 +59,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import launch_variants
-import torch
 from launch_variants import Launch, Recorder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,11 +172,7 @@ def compile_variant(launch: Launch, ub_limit: int) -> tuple[bool, str, str]:
     from triton.compiler import ASTSource
     from triton.compiler.compiler import make_backend
 
-    fn = getattr(importlib.import_module(launch.module), launch.kernel)
-    tensors = []
-    for dtype, aligned in launch.tensors:
-        buf = torch.zeros(80, dtype=getattr(torch, dtype))
-        tensors.append(buf[:64] if aligned else buf[1:65])
+    fn, tensors = launch_variants.kernel_and_tensors(launch)
     target = GPUTarget("npu", ARCH, 0)
     backend = make_backend(target)
     kwargs = {**dict(launch.constexprs), "num_warps": launch.num_warps, "debug": False}

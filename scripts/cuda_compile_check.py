@@ -23,7 +23,6 @@ lists), which cover every kernel and every constexpr branch the full set does, a
 from __future__ import annotations
 
 import argparse
-import importlib
 import multiprocessing
 import os
 import sys
@@ -33,7 +32,6 @@ import traceback
 from concurrent.futures import ProcessPoolExecutor
 
 import launch_variants
-import torch
 from launch_variants import REPO, Launch
 
 # How backend answers on a Hopper GPU, in a graph and eagerly. No kernel runs while launches are recorded, and
@@ -55,11 +53,7 @@ def compile_variant(launch: Launch, arch: int) -> tuple[bool, str]:
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    fn = getattr(importlib.import_module(launch.module), launch.kernel)
-    tensors = []
-    for dtype, aligned in launch.tensors:
-        buf = torch.zeros(80, dtype=getattr(torch, dtype))
-        tensors.append(buf[:64] if aligned else buf[1:65])
+    fn, tensors = launch_variants.kernel_and_tensors(launch)
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     kwargs = {**dict(launch.constexprs), "num_warps": launch.num_warps or 4}

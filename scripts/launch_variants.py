@@ -311,3 +311,16 @@ def init_worker(path: str) -> None:
     """A compile worker's start (spawned): the repository importable, kernels compiled, not interpreted."""
     sys.path.insert(0, path)
     os.environ.pop("TRITON_INTERPRET", None)
+
+
+def kernel_and_tensors(launch: Launch):
+    """The jitted kernel of ``launch`` from its normal (not interpreted) module, and CPU tensors of its dtypes and
+    16-byte alignment (64 elements each) to bind it with: what a compile check needs instead of the real tensors."""
+    import importlib
+
+    fn = getattr(importlib.import_module(launch.module), launch.kernel)
+    tensors = []
+    for dtype, aligned in launch.tensors:
+        buf = torch.zeros(80, dtype=getattr(torch, dtype))
+        tensors.append(buf[:64] if aligned else buf[1:65])
+    return fn, tensors
