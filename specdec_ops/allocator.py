@@ -1789,10 +1789,13 @@ class DraftCacheAllocator:
         if host_rows is not None:
             for row in host_rows:
                 self._branch_rows.pop(row, None)
-        key = _contents_key(rows)
-        self._branch_batches = [
-            record for record in self._branch_batches if record[0] is not rows or record[1] is None or record[1] != key
-        ]
+        if self._branch_batches:  # (no key to compute when no batch is on the books)
+            key = _contents_key(rows)
+            self._branch_batches = [
+                record
+                for record in self._branch_batches
+                if record[0] is not rows or record[1] is None or record[1] != key
+            ]
 
     def _launch_release(self, rows: torch.Tensor, host_rows: list[int] | None) -> None:
         """Return the rows' branch pages, then forget them."""
