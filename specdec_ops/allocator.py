@@ -33,6 +33,7 @@ stop windows at ``max_context_len``.
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections import Counter
 from collections.abc import Sequence
@@ -73,6 +74,8 @@ _MAX_TILE = 256
 # its tile the smallest power of two that holds it but at least _MIN_TILE; up to _LARGE_BATCH requests take
 # _MIN_TILE-request tiles (H100 graph replay of a step: bs 1 4.4 -> 3.5 us, bs 1024 8.1 -> 6.9 us with the commit
 # tile below); past it every program's sum over earlier requests dominates, and _MAX_TILE-request tiles cut it.
+# That is the rule of prefills, of drafts with branches or releases, and of everything on Ascend; a chain draft on
+# a GPU past one program looks back instead, on tiles of its own (_LOOK_BACK_MIN_TILE).
 _MIN_TILE = 32
 _LARGE_BATCH = 4096
 # A prefill whose prompts average at least _WIDE_PREFILL_TOKENS tokens (twice that past _WIDE_PREFILL_MAX_BATCH
@@ -94,6 +97,14 @@ _SCAN_BLOCK = 2048
 # The allocation kernel sums earlier requests in blocks of half the batch (rounded up to a power of two), between
 # _SCAN_BLOCK / 2 and 4 * _SCAN_BLOCK: H100 graph replay of a step, N 4 page 16, against 2048 everywhere: bs 1024
 # 7.04 -> 6.71 us, bs 16384 28.5 -> 24.6 us, bs 4096 unchanged (9.8).
+# A chain draft past one program looks back (off Ascend): the published pops of this many earlier tiles a load.
+# Its tile is the smallest power of two, at least _LOOK_BACK_MIN_TILE requests, that keeps the grid within one
+# program per SM (_batch_tile): H200 graph replay of alloc_draft + commit, against 32-request tiles, bs 1024
+# 4.71-5.02 -> 4.67-4.84 us, bs 2048 4.71-4.78 -> 4.56 (N 4-8, pages 1-128; 64-request tiles 0.1-0.3 us slower,
+# 4 warps no better); up to _MAX_TILE requests one program stays faster (bs 128 3.45 against 3.86-3.99 us,
+# bs 256 4.08 against 4.13-4.18).
+_LOOK_BACK_BLOCK = 256
+_LOOK_BACK_MIN_TILE = 16
 _NPU_ALLOC_ELEMENTS = 128
 _NPU_MAX_TILE = 32
 # A draft that also releases branch pages (RELEASE) carries more per request: 16 requests, [16, 16] at most.
@@ -399,11 +410,15 @@ class DraftCacheAllocator:
         self.prefix_lens = torch.zeros(max_requests, dtype=torch.int64, device=self.device)
         # Handed out from the head: page 1 first, then 2, ...
         self.free_pages = torch.arange(1, self.num_pages + 1, dtype=torch.int32, device=self.device)
-        # [head, count, ticket]: the ticket is the kernels' last-program counter, 0 between launches.
-        self._counters = torch.tensor([0, self.num_pages, 0], dtype=torch.int32, device=self.device)
+        # [head, count, ticket, epoch, tiles]: the ticket is the kernels' last-program counter, 0 between launches;
+        # the epoch counts the chain drafts that looked back (its parity picks their bank in scratch), tiles is
+        # the number of tiles of the last of them (_look_back_programs).
+        self._counters = torch.tensor([0, self.num_pages, 0, 0, 0], dtype=torch.int32, device=self.device)
         # Per batch entry, a request's new alloc_len, its page need, the branch pages it gives back and the branch
-        # pages it takes, for the last program of a launch.
-        self._scratch = torch.zeros(4 * max_requests, dtype=torch.int32, device=self.device)
+        # pages it takes, for the last program of a launch; then two banks of max_requests: per tile of a chain
+        # draft that looks back, the pops its program published (the bank of the next such draft is 0: each clears
+        # the other one; see _look_back_programs).
+        self._scratch = torch.zeros(6 * max_requests, dtype=torch.int32, device=self.device)
         self.free_head = self._counters[0:1]
         self.num_free_pages = self._counters[1:2]
         self.num_syncs = 0
@@ -1421,7 +1436,7 @@ class DraftCacheAllocator:
 
     def free_page_list(self) -> list[int]:
         """The free pages in the order they will be handed out (one device→host copy)."""
-        head, count, _ = self._counters.tolist()
+        head, count = self._counters[:2].tolist()
         ring = self.free_pages.tolist()
         return [ring[(head + k) % self.num_pages] for k in range(count)]
 
@@ -1930,6 +1945,20 @@ class DraftCacheAllocator:
         kernels that release branch pages in their own launch)."""
         return (_NPU_FREE_TILE, _NPU_FREE_BLOCK_P) if backend.is_npu(self.device) else (_FREE_TILE, _FREE_BLOCK_P)
 
+    @functools.cached_property
+    def _look_back_programs(self) -> int:
+        """The most programs of a chain draft that looks back (``LOOKBACK`` of the allocation kernel; 0: no bound).
+
+        A program waits until every earlier tile's program has published its pops, so every program of the launch
+        must run at once, or a waiting one could hold the core an earlier one needs. On CUDA a grid of at most one
+        program per SM does: each SM holds at least one program of the kernel, and a programmatic dependent launch
+        after it starts only once all of them have started. The interpreter runs the programs one after another in
+        order, so every earlier tile is published before a program looks back: no bound. Ascend gives no such
+        guarantee, and never looks back (``_alloc_config``)."""
+        if backend.is_npu(self.device) or backend.is_interpreted(self.device):
+            return 0
+        return backend.num_cores(self.device)
+
     def _grid(self, bs: int, tile: int) -> tuple[int]:
         """One program per tile; on Ascend, which binds programs to cores, at most one per core."""
         num_tiles = (bs + tile - 1) // tile
@@ -1940,16 +1969,21 @@ class DraftCacheAllocator:
             num_tiles = min(num_tiles, self._max_programs)
         return (max(num_tiles, 1),)
 
-    def _batch_tile(self, bs: int, release: bool = False, topk: int = 0, sums: bool = False) -> int:
+    def _batch_tile(
+        self, bs: int, release: bool = False, topk: int = 0, sums: bool = False, chain: bool = False
+    ) -> int:
         """The tile the batch size asks for (capped by the kernel's limits in _alloc_config); 0 on Ascend, whose
         grid is one program per core: there the limits alone decide. ``release``: a draft that also returns branch
         pages; ``topk`` > 0: one that also gives that many branches a request; ``sums``: one that reads its counts
-        from the launch before it."""
+        from the launch before it; ``chain``: a chain draft in one launch, which looks back past one program."""
         branch = topk > 0
         if backend.is_npu(self.device):
             return 0
         if bs > _MAX_TILE:
-            tile = _MIN_TILE if bs <= _LARGE_BATCH else _MAX_TILE
+            if chain and self._look_back_programs:  # at most one program per SM
+                tile = max(1 << (-(-bs // self._look_back_programs) - 1).bit_length(), _LOOK_BACK_MIN_TILE)
+            else:
+                tile = _MIN_TILE if bs <= _LARGE_BATCH else _MAX_TILE
         elif (release or branch) and self.page_size == 1 and bs > (_MIN_TILE if sums else _RELEASE_ONE_PROGRAM):
             tile = _MIN_TILE
         else:
@@ -2001,12 +2035,13 @@ class DraftCacheAllocator:
         sums: bool,
         count_tile: int,
         wide: bool,
+        small_batch: bool,
     ) -> tuple[int, tuple, int]:
         """(TILE, constexprs, num_warps) of the allocation kernel for this kind of call, ``_batch_tile``,
         ``_alloc_scan_block``, ``_branch_block`` (0: no branches), whether the batch is past _LARGE_BATCH, whether
         the draft commits first, whether it is the second launch of two, for the second launch of a tree step the
-        tile of the first (0: the first takes this launch's tiles; else it takes ``min(count_tile, TILE)``), and
-        whether it is a prefill of long prompts (off Ascend)."""
+        tile of the first (0: the first takes this launch's tiles; else it takes ``min(count_tile, TILE)``),
+        whether it is a prefill of long prompts (off Ascend), and whether the batch has at most _MAX_TILE requests."""
         npu = backend.is_npu(self.device)
         if prefill:
             block_n = _WIDE_PREFILL_BLOCK_N if wide else tiles.MAX_BLOCK_N
@@ -2022,6 +2057,9 @@ class DraftCacheAllocator:
             elements, max_tile = _NPU_ALLOC_ELEMENTS, _NPU_MAX_TILE
         block_n = min(block_n, elements)
         tile = max(min(elements // block_n, max_tile), 1)
+        chain = not (npu or prefill or release or branch_block or sums)  # a chain draft in one launch, off Ascend
+        # Past one program (a batch of at most _MAX_TILE requests within one tile is one program: nothing to read).
+        look_back = chain and not (small_batch and batch_tile <= tile)
         constexprs = (
             ("PAGE_SIZE", self.page_size),
             ("PAGE_SHIFT", self._page_shift),
@@ -2040,6 +2078,9 @@ class DraftCacheAllocator:
             ("COMMIT", commit),
             # The first launch's tiles in one of this launch's (0: this is no second launch).
             ("SUMS", tile // min(count_tile or tile, tile) if sums else 0),
+            # A chain draft in one launch past one program: each program publishes its tiles' pops and reads those
+            # of earlier tiles, instead of summing every earlier request (_look_back_programs).
+            ("LOOKBACK", _LOOK_BACK_BLOCK if look_back else 0),
             ("PDL", self._pdl),
         )
         num_warps = _NUM_WARPS
@@ -2050,8 +2091,8 @@ class DraftCacheAllocator:
                 num_warps = _TWO_PASS_WIDE_NUM_WARPS
             else:
                 num_warps = _TWO_PASS_NUM_WARPS
-        elif not (npu or prefill or release or branch_block):  # a chain draft
-            if large_batch:
+        elif chain:
+            if large_batch and not self._look_back_programs:  # (every program sums the earlier requests)
                 num_warps = _LARGE_BATCH_NUM_WARPS
             elif batch_tile in (64, 128):
                 num_warps = _SMALL_TILE_NUM_WARPS
@@ -2149,6 +2190,8 @@ class DraftCacheAllocator:
             num_steps,
         )
         kernel, grid = self._kernels()._alloc_windows_kernel, self._grid(rows.size(0), tile)
+        if not (prefill or branch or sums) and grid[0] > self._look_back_programs > 0:
+            grid = (self._look_back_programs,)  # (LOOKBACK: each program loops over its tiles)
         if tree is not None:
             if grid != (1,):
                 raise RuntimeError(f"a tree commit and draft in one launch needs one program, got a grid of {grid}")
@@ -2185,7 +2228,9 @@ class DraftCacheAllocator:
             release,
             self._two_pass_tile(bs, window_len)
             if sums and branches is None
-            else self._batch_tile(bs, release, 0 if branches is None else branches[0], sums),
+            else self._batch_tile(
+                bs, release, 0 if branches is None else branches[0], sums, not (prefill or release or branches)
+            ),
             self._alloc_scan_block(bs),
             0 if branches is None else self._branch_block(branches[0], branches[1], sums),
             bs > _LARGE_BATCH,
@@ -2193,6 +2238,7 @@ class DraftCacheAllocator:
             sums,
             count_tile if sums else 0,
             wide and prefill and not backend.is_npu(self.device),
+            bs <= _MAX_TILE,
         )
         config = self._alloc_configs.get(key)
         if config is None:

@@ -94,6 +94,13 @@ def branch_pages_of(alloc: DraftCacheAllocator) -> dict[int, list[int]]:
     return {row: table[row][: counts[row]] for row in range(alloc.max_requests) if counts[row]}
 
 
+def next_look_back_bank(alloc: DraftCacheAllocator) -> torch.Tensor:
+    """The tiles' statuses that the next chain draft looking back takes: all 0 (unpublished) between launches."""
+    n = alloc.max_requests
+    bank = int(alloc._counters[3].item()) & 1
+    return alloc._scratch[(4 + bank) * n : (5 + bank) * n]
+
+
 def check_layout(alloc: DraftCacheAllocator, *, ask_free_slots: bool = True) -> dict[int, list[int]]:
     """Check every guarantee that the device state alone must keep; returns the owned slots of each row in use.
 
@@ -103,6 +110,7 @@ def check_layout(alloc: DraftCacheAllocator, *, ask_free_slots: bool = True) -> 
     """
     p = alloc.page_size
     assert alloc._counters[2].item() == 0, "a launch left its ticket set"
+    assert not next_look_back_bank(alloc).any(), "the next chain draft that looks back finds a tile published"
     table = alloc.req_to_token.cpu()
     seq_lens = alloc.seq_lens.cpu().tolist()
     alloc_lens = alloc.alloc_lens.cpu().tolist()
@@ -1007,6 +1015,55 @@ def test_many_programs_match_one_program_call_for_call(page_size, many_programs)
     assert_same_runs(*runs)
 
 
+@pytest.mark.parametrize("page_size", [1, 4], ids=lambda p: f"page{p}")
+def test_looking_back_matches_summing_call_for_call(page_size, many_programs, monkeypatch):
+    """A chain draft past one program looks back (each program publishes its tiles' pops and adds those of earlier
+    tiles) off Ascend; on Ascend every program sums the earlier requests itself (_LOOK_BACK_BLOCK = 0 here). Both,
+    call for call, on dozens of programs: the same slots and state, with rows not in use, clamped accept lengths and
+    a draft that commits first in the batch; check_layout checks that every published tile went back to 0. (A grid
+    capped below the tiles, each program looping over several, runs on a GPU only, test_gpu.py: the interpreter
+    runs programs one after another, so a program would wait for a later one's tile.)"""
+    looping = False
+    launches = []
+    launch = backend.launch
+
+    def record(kernel, grid, device, tensors, scalars, constexprs, num_warps):
+        if kernel.__name__ == "_alloc_windows_kernel":
+            launches.append((grid[0], dict(constexprs)["LOOKBACK"]))
+        return launch(kernel, grid, device, tensors, scalars, constexprs, num_warps)
+
+    monkeypatch.setattr(backend, "launch", record)
+    runs = []
+    for block in (0, 4):  # summing; looking back at 4 tiles a load, past the dozens of tiles of a batch
+        with allocator_constants({"_LOOK_BACK_BLOCK": block}):
+            rng = random.Random(page_size)
+            alloc = DraftCacheAllocator(page_size * 8000, 200, 64, page_size=page_size, device="cpu")
+            if looping:
+                alloc._look_back_programs = 2
+            rows = alloc.add_requests([rng.randrange(0, 40) for _ in range(150)])
+            alloc.free_requests(rows[100:110])  # rows not in use, still in the batch: they change nothing
+            launches.clear()
+            outputs = []
+            for step in range(4):
+                outputs.append(alloc.alloc_draft(rows, rng.randrange(0, 6)))
+                check_layout(alloc)
+                accept = torch.tensor([rng.choice([-1, 0, 1, 2, 3, 9]) for _ in range(150)])
+                if step % 2:
+                    outputs.append(alloc.commit_and_draft(rows[:64], accept[:64], 3))
+                else:
+                    alloc.commit(rows, accept)
+                if step == 2:
+                    alloc.reserve_draft(rows[::2].contiguous(), 2)
+                check_layout(alloc)
+            runs.append((outputs, snapshot(alloc)))
+            drafts = [grid for grid, looked in launches if looked]
+            if block:
+                assert drafts and max(drafts) == (2 if looping else 150 // 8 + 1), launches
+            else:
+                assert not drafts
+    assert_same_runs(*runs)
+
+
 @pytest.mark.parametrize("page_size", [1, 16], ids=lambda p: f"page{p}")
 def test_wide_prefill_matches_the_narrow_one(page_size):
     """Long prompts (and a cached prefix) read in wide column blocks give the same rows, slots and lengths as the
@@ -1020,7 +1077,7 @@ def test_wide_prefill_matches_the_narrow_one(page_size):
             kept = alloc.free_requests(rows[:2], keep_lens=keep)
             prefix = kept.view(2, -1)
             alloc.add_requests([700, 1500], prefix_slots=prefix, prefix_lens=keep)
-            assert alloc._alloc_configs and all(key[-1] == wide for key in alloc._alloc_configs)
+            assert alloc._alloc_configs and all(key[-2] == wide for key in alloc._alloc_configs)
             check_layout(alloc)
             runs.append(([], snapshot(alloc)))
     assert_same_runs(*runs)
@@ -1603,6 +1660,50 @@ def test_gpu_many_programs_match_one_program(page_size):
             alloc.free_requests(rows[::3])
             runs.append((outputs, snapshot(alloc)))
     assert_same_runs(*runs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [1, 16], ids=lambda p: f"page{p}")
+def test_gpu_looking_back_matches_summing(page_size):
+    """A chain draft past one program looks back on the GPU (programs running at once, each waiting for the pops of
+    the tiles before its own): the same, call for call, as every program summing the earlier requests (Ascend's
+    way), on a grid of one program per tile and on grids capped at 2 and 5 programs that loop over the tiles; with
+    a CUDA graph replayed, which needs every launch to leave the published pops at 0."""
+    bs = 3000
+    runs = []
+    for block, programs in ((0, 0), (256, 0), (256, 2), (256, 5)):
+        with allocator_constants({"_LOOK_BACK_BLOCK": block, "_COMMIT_DRAFT_MAX_BATCH": bs}):
+            alloc = DraftCacheAllocator(bs * 300, bs, 256, page_size=page_size)
+            if programs:
+                alloc._look_back_programs = programs
+            rows = alloc.add_requests([(37 * i) % 150 for i in range(bs)])
+            alloc.free_requests(rows[1000:1100])  # rows not in use, left in the batch
+            outputs = []
+            for step in range(4):
+                out, last = alloc.alloc_draft(rows, (4, 8, 1, 3)[step])
+                outputs.append((out.cpu(), last.cpu()))
+                accept = torch.tensor([(i * 7 + step) % 6 for i in range(bs)], device="cuda")
+                if step % 2:
+                    out, last = alloc.commit_and_draft(rows, accept, 2)  # one launch: commits, then looks back
+                    outputs.append((out.cpu(), last.cpu()))
+                alloc.commit(rows, accept)
+            check_layout(alloc)
+            graph = torch.cuda.CUDAGraph()
+            accept = torch.ones(bs, dtype=torch.int64, device="cuda")
+            out, last = alloc.alloc_draft(rows, 2)  # compiled, and a window open for the graph's first commit
+            with torch.cuda.graph(graph):
+                alloc.commit(rows, accept)
+                alloc.alloc_draft(rows, 2, out_cache_loc=out, last_loc=last)
+            for _ in range(3):
+                graph.replay()
+                outputs.append((out.cpu(), last.cpu()))
+            # (The host's bound on committed lengths does not see replays: check_layout would fail on it.)
+            assert alloc._counters[2].item() == 0 and not next_look_back_bank(alloc).any()
+            launched = {dict(constexprs)["LOOKBACK"] for _, constexprs, _ in alloc._alloc_configs.values()}
+            assert launched == ({0} if block == 0 else {0, 256}), launched  # (add_requests never looks back)
+            runs.append((outputs, snapshot(alloc)))
+    for run in runs[1:]:
+        assert_same_runs(runs[0], run)
 
 
 @pytest.mark.gpu

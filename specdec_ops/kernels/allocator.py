@@ -3,7 +3,8 @@
 State (all on the device): ``req_to_token[row, pos]`` is the slot of position ``pos`` of the request in ``row``;
 ``alloc_lens[row]``: positions ``[0, alloc_len)`` own slots; ``seq_lens[row]`` of them are committed;
 ``window_lens[row]`` is the open draft window; ``prefix_lens[row]``: positions ``[0, prefix_len)`` sit on pages that
-the caller's prefix cache owns. Free pages form a FIFO ring: ``counters = [head, count, ticket]`` and the free pages
+the caller's prefix cache owns. Free pages form a FIFO ring: ``counters = [head, count, ticket, epoch, tiles]`` (the
+last two for ``LOOKBACK``, below) and the free pages
 are ``free_pages[(head + k) % num_pages]`` for ``k < count``; pops take from the head, pushes append at the tail.
 Slots of page ``p`` are ``p * PAGE_SIZE + (0 .. PAGE_SIZE - 1)`` and position ``pos`` of a request lives at offset
 ``pos % PAGE_SIZE`` of its page.
@@ -18,7 +19,19 @@ last read of shared state, and the program that draws the last ticket rewrites t
 moves the counters and resets the ticket. A draft that commits first past one program may take two launches
 instead (``_count_pops_kernel`` for a chain, ``_commit_tree_count_kernel`` for a tree, then ``SUMS``): the first
 writes each tile's pops (and pushes) to scratch, so the second reads one sum per earlier tile, and each program
-writes its own rows, with no ticket and no last pass. Pops read the ring at
+writes its own rows, with no ticket and no last pass.
+
+Looking back (``LOOKBACK``, a chain draft past one program, off Ascend). Each program publishes its tile's pops
+(``-1 - pops`` at ``statuses[tile]``, an atomic exchange that *releases*: its loads of the counters are done before
+any program sees it), then reads those of every earlier tile, re-reading until all are published (``_look_back``).
+No program reads another's requests, so each writes its own rows, and the program of the last tile, which waits for
+every other tile's status with loads that *acquire*, moves the counters: no sums over earlier requests, no ticket,
+no last pass. This waits on other programs, so it needs them all running at once: the host caps the grid at one
+program per SM (``DraftCacheAllocator._look_back_programs``; the interpreter runs programs in order). Ascend gives
+no such guarantee and never looks back. Statuses take one of two banks in scratch by the parity of
+``counters[3]``, the launches that looked back; the last tile advances it, records its launch's tiles in
+``counters[4]`` and clears the other bank (the previous such launch's, which has ended), so the next launch finds
+its bank all 0. Pops read the ring at
 ``[head, head + count)``, pushes write at ``[head + count, ...)``: disjoint, since the pages pushed are pages in
 use, so ``count + pushed <= num_pages``.
 
@@ -223,6 +236,35 @@ def _tile_sums(scratch, t0, counted, num_rows, SCAN_BLOCK: tl.constexpr, RELEASE
 
 
 @triton.jit
+def _look_back(statuses, tile, BLOCK: tl.constexpr, ACQUIRE: tl.constexpr):
+    """The pops of tiles ``[0, tile)``, as their programs published them at ``statuses[t]`` (``-1 - pops``; 0 while
+    unpublished), ``BLOCK`` tiles a load, each load repeated until all of its tiles are published; ``ACQUIRE``:
+    atomic loads that acquire what each publishing program released. Only where every program of the launch runs at
+    once (CUDA: a grid of at most one program per SM; the interpreter runs the programs in order), so that every
+    earlier tile's program makes progress: never on Ascend."""
+    lanes = tl.full([BLOCK], 0, dtype=tl.int32)
+    for t0 in range(0, tile, BLOCK):
+        t = t0 + tl.arange(0, BLOCK)
+        earlier = t < tile
+        status = _statuses(statuses + t, earlier, ACQUIRE)
+        while tl.reduce(status, 0, _maximum) >= 0:  # a tile not published yet
+            status = _statuses(statuses + t, earlier, ACQUIRE)
+        lanes += -1 - status
+    return tl.reduce(lanes, 0, _add)
+
+
+@triton.jit
+def _statuses(pointers, mask, ACQUIRE: tl.constexpr):
+    """Published statuses (-1 where masked off), read past any cache; ``ACQUIRE``: as atomics that acquire."""
+    if ACQUIRE:
+        status = tl.atomic_add(pointers, 0, mask=mask, sem="acquire", scope="gpu")
+        status = tl.where(mask, status, -1)
+    else:
+        status = tl.load(pointers, mask=mask, other=-1, volatile=True)
+    return status
+
+
+@triton.jit
 def _take_ticket(counters):
     """This program's place among the programs that finished reading shared state (0 .. num_programs - 1)."""
     tl.debug_barrier()  # every thread of this program is done with its reads
@@ -309,6 +351,7 @@ def _alloc_windows(
     EARLY_COPY: tl.constexpr,
     COMMIT: tl.constexpr,
     SUMS: tl.constexpr,
+    LOOKBACK: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """Give slots to the windows ``[start_i, end_i)`` and optionally read them back.
@@ -334,7 +377,10 @@ def _alloc_windows(
     ``scratch[t]`` (``SUMS`` of its tiles make one of this launch's), with ``RELEASE`` the pushes at
     ``scratch[2 * num_rows + t]``, and the ring's head and count at ``scratch[num_rows]`` and
     ``scratch[num_rows + 1]``, so no program reads another's requests: each writes its own rows' lengths and branch
-    counts, and the program of the last tile moves the counters (no ticket, no pass over the batch). ``PDL``: launched
+    counts, and the program of the last tile moves the counters (no ticket, no pass over the batch). With
+    ``LOOKBACK`` (decode, not ``BRANCH`` or ``RELEASE``; that many statuses a load) each program publishes its
+    tiles' pops and reads those of earlier tiles instead of summing earlier requests (module docstring): each
+    writes its own rows, the program of the last tile moves the counters. ``PDL``: launched
     as a programmatic dependent (CUDA, ``backend.supports_pdl``), so it may start before the previous kernel of the
     stream has ended. Each program waits for that one (``gdc_wait``) before it reads anything, or, with ``SUMS``,
     before it reads scratch or writes anything: the first launch let this one start only once the kernel before it
@@ -350,11 +396,16 @@ def _alloc_windows(
     if not SUMS:  # (SUMS: from the first launch's copy, in the loop below, as this launch moves the counters)
         head = tl.load(counters).to(tl.int32)
         count = tl.load(counters + 1).to(tl.int32)
+    if LOOKBACK:  # the bank of published tiles this launch takes, and the tiles of the launch before in the other
+        epoch = tl.load(counters + 3).to(tl.int32)
+        prev_tiles = tl.load(counters + 4).to(tl.int32)
+        statuses = scratch + 4 * num_rows + (epoch & 1) * num_rows
     cols = tl.arange(0, BLOCK_N)
     # A launch of one program owns everything: it writes the shared state as it goes, with no ticket. So does each
     # program of a second pass (SUMS), as none reads the requests of another.
     alone = num_programs == 1
-    owner = alone or SUMS > 0
+    owner = alone or SUMS > 0 or LOOKBACK > 0
+    tl.static_assert(LOOKBACK == 0 or not (PREFILL or RELEASE or BRANCH or SUMS), "look-back: chain drafts only")
     # Needs (and branch pages held) of the requests before this program's next tile, carried lane-wise from one tile
     # to the next (a scalar carry of reduce results read inside the loop is miscompiled by Triton 3.6, see
     # docs/design.md): other programs' requests in lane_sums/held_sums, read from memory; this program's own
@@ -366,7 +417,8 @@ def _alloc_windows(
     scanned = tl.full([], 0, dtype=tl.int32)
     for tile in range(pid, num_tiles, num_programs):
         tile_start = tile * TILE
-        if not SUMS:  # every request before this tile, from its row's lengths (SUMS: its tiles' sums, below)
+        if not SUMS and LOOKBACK == 0:  # every request before this tile, from its row's lengths (SUMS: its tiles'
+            # sums, below; LOOKBACK: what the programs of earlier tiles published)
             for k0 in range(scanned, tile_start, SCAN_BLOCK):
                 k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
                 if RELEASE:
@@ -484,6 +536,15 @@ def _alloc_windows(
                     held_sums += pushes_t
             scanned = counted
             before = tl.reduce(lane_sums, 0, _add)
+        elif LOOKBACK:
+            before = tl.reduce(own_sums, 0, _add)  # (one program: its own earlier tiles)
+            if num_programs > 1:  # publish this tile's pops, then add those every earlier tile published
+                # Released: this program's loads of the counters are done before any program can see it.
+                tl.atomic_xchg(statuses + tile, -1 - tl.reduce(pops, 0, _add), sem="release", scope="gpu")
+                if tile == num_tiles - 1:  # acquired: the counters this tile moves were read by every program
+                    before = _look_back(statuses, tile, LOOKBACK, True)
+                else:
+                    before = _look_back(statuses, tile, LOOKBACK, False)
         else:
             before = tl.reduce(own_sums, 0, _add)
             if (tile_start > 0) & (num_programs > 1):  # other programs' requests came before this tile
@@ -599,6 +660,19 @@ def _alloc_windows(
             tl.store(alloc_lens + rows, new_allocs.to(alloc_lens.dtype.element_ty), mask=valid)
             if COMMIT:  # (a row not in use keeps seq_len -1)
                 tl.store(seq_lens + rows, (starts * in_use + (in_use - 1)).to(seq_lens.dtype.element_ty), mask=valid)
+            if LOOKBACK:
+                if (tile == num_tiles - 1) & (num_programs > 1):  # the last tile: every pop of the batch is known
+                    popped = tl.minimum(before + tl.reduce(pops, 0, _add), count)
+                    tl.store(counters, _ring_index(head, popped, num_pages).to(counters.dtype.element_ty))
+                    tl.store(counters + 1, (count - popped).to(counters.dtype.element_ty))
+                    # The next launch that looks back takes the other bank, which this one clears: the launch
+                    # that used it has ended.
+                    tl.store(counters + 3, (epoch + 1).to(counters.dtype.element_ty))
+                    tl.store(counters + 4, num_tiles.to(counters.dtype.element_ty))
+                    other = scratch + 4 * num_rows + (1 - (epoch & 1)) * num_rows
+                    for t0 in range(0, prev_tiles, LOOKBACK):
+                        t = t0 + tl.arange(0, LOOKBACK)
+                        tl.store(other + t, t * 0, mask=t < prev_tiles)
             if SUMS:
                 if tile == num_tiles - 1:  # the last tile: every pop (and push) of the batch is known
                     popped = tl.minimum(before + tl.reduce(pops, 0, _add), count)
@@ -624,6 +698,8 @@ def _alloc_windows(
             new_count += tl.minimum(tl.reduce(own_held, 0, _add), num_pages - count)
         tl.store(counters, _ring_index(head, popped, num_pages).to(counters.dtype.element_ty))
         tl.store(counters + 1, new_count.to(counters.dtype.element_ty))
+    elif LOOKBACK:
+        pass  # the program of the last tile moved the counters
     elif _take_ticket(counters) == num_programs - 1:
         # The last program: no other one reads shared state any more. The owners left each request's new
         # alloc_len at scratch[i], its need at scratch[num_rows + i] and (RELEASE) its branch pages at
@@ -724,6 +800,7 @@ def _alloc_windows_kernel(
     EARLY_COPY: tl.constexpr,
     COMMIT: tl.constexpr,
     SUMS: tl.constexpr,
+    LOOKBACK: tl.constexpr = 0,
     PDL: tl.constexpr = False,
 ):
     """Give slots to the windows ``[start_i, end_i)`` and optionally read them back (see ``_alloc_windows``)."""
@@ -775,6 +852,7 @@ def _alloc_windows_kernel(
         EARLY_COPY,
         COMMIT,
         SUMS,
+        LOOKBACK,
         PDL,
     )
 
@@ -1954,6 +2032,7 @@ def _commit_tree_draft_kernel(
     EARLY_COPY: tl.constexpr,
     COMMIT: tl.constexpr,
     SUMS: tl.constexpr,
+    LOOKBACK: tl.constexpr,
     PDL: tl.constexpr,
     TREE_TILE: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -2036,5 +2115,6 @@ def _commit_tree_draft_kernel(
         EARLY_COPY,
         COMMIT,
         SUMS,
+        LOOKBACK,
         False,  # (waited above)
     )
