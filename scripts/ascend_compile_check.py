@@ -213,7 +213,9 @@ def compile_variant(launch: Launch, ub_limit: int) -> tuple[bool, str, str]:
             mod = src.make_ir(options, backend.get_codegen_implementation(), backend.get_module_map(), context)
         except Exception as e:  # noqa: BLE001
             lines = [ln for ln in str(e).splitlines() if ln.strip()]
-            return False, "frontend", (f"{lines[0]} {lines[-1].strip()}" if lines else type(e).__name__)[:300]
+            # The location, then the reason, which ends the last line (after the source it quotes).
+            reason = f"{lines[0][:100]} ... {lines[-1].strip()[-200:]}" if lines else type(e).__name__
+            return False, "frontend", reason
         try:
             mod = stages["ttir"](mod, metadata)
         except Exception as e:  # noqa: BLE001

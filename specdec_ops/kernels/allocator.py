@@ -404,8 +404,9 @@ def _alloc_windows(
     # A launch of one program owns everything: it writes the shared state as it goes, with no ticket. So does each
     # program of a second pass (SUMS), as none reads the requests of another.
     alone = num_programs == 1
-    owner = alone or SUMS > 0 or LOOKBACK > 0
-    tl.static_assert(LOOKBACK == 0 or not (PREFILL or RELEASE or BRANCH or SUMS), "look-back: chain drafts only")
+    # (triton-ascend's frontend takes no chain of three boolean operands: pairs in parentheses.)
+    owner = alone or (SUMS > 0 or LOOKBACK > 0)
+    tl.static_assert(LOOKBACK == 0 or not ((PREFILL or RELEASE) or (BRANCH or SUMS > 0)), "look-back: chain drafts")
     # Needs (and branch pages held) of the requests before this program's next tile, carried lane-wise from one tile
     # to the next (a scalar carry of reduce results read inside the loop is miscompiled by Triton 3.6, see
     # docs/design.md): other programs' requests in lane_sums/held_sums, read from memory; this program's own
