@@ -209,12 +209,13 @@ _NPU_TREE_STEP_MAX_NODES = 32
 _TREE_STEP_ELEMENTS = 256
 # CUDA warps per program (ignored by triton-ascend and the interpreter).
 _NUM_WARPS = 8
-# ... except for a chain draft (no branches, no release), whose allocation kernel takes 4 warps as one program of
-# 64 or 128 requests and 16 past _LARGE_BATCH requests (H100 profiler, per kernel, alternated twice in one run:
-# bs 128 2.72 -> 2.55 us (N 1, page 1), 2.95 -> 2.63 (N 4, page 16); bs 16384 22.3-23.3 -> 19.5-20.1 for N 1-8,
-# pages 1-128; 8 warps stay best at bs 256-1024, and for drafts with branches or a release).
+# ... except for a chain draft (no branches, no release), whose allocation kernel takes 4 warps on tiles of 64 or 128
+# requests: one program (H100 profiler, per kernel, alternated twice in one run: bs 128 2.72 -> 2.55 us (N 1, page
+# 1), 2.95 -> 2.63 (N 4, page 16)) or the tiles of a draft that looks back past 4224 requests (H200, bs 16384: 128-
+# request tiles 6.84 us a step on 4 warps, 256-request ones 7.76 on 8 and 8.88 on 16). 8 warps stay best at bs
+# 256-2048, and for drafts with branches or a release. (While every program summed the earlier requests, 16 warps
+# were best past 4096 requests: bs 16384 22.3-23.3 -> 19.5-20.1 us, H100.)
 _SMALL_TILE_NUM_WARPS = 4
-_LARGE_BATCH_NUM_WARPS = 16
 # commit_and_draft is one launch of the allocation kernel while one program holds the batch; past it (with no branch
 # pages to release) two: _count_pops_kernel writes each tile's pops to scratch, then the allocation kernel (SUMS)
 # reads the sums of the tiles before its own instead of every earlier request's lengths, and each program writes its
@@ -2091,11 +2092,8 @@ class DraftCacheAllocator:
                 num_warps = _TWO_PASS_WIDE_NUM_WARPS
             else:
                 num_warps = _TWO_PASS_NUM_WARPS
-        elif chain:
-            if large_batch and not self._look_back_programs:  # (every program sums the earlier requests)
-                num_warps = _LARGE_BATCH_NUM_WARPS
-            elif batch_tile in (64, 128):
-                num_warps = _SMALL_TILE_NUM_WARPS
+        elif chain and batch_tile in (64, 128):
+            num_warps = _SMALL_TILE_NUM_WARPS
         return tile, constexprs, num_warps
 
     def _kernels(self):

@@ -1744,11 +1744,11 @@ def test_gpu_commit_and_draft_past_its_one_launch_limit(page_size, bs, monkeypat
 @pytest.mark.gpu
 @pytest.mark.parametrize("bs", [100, 4608], ids=lambda bs: f"bs{bs}")
 def test_gpu_chain_draft_warps_do_not_change_results(bs):
-    """A chain draft of 64-128 requests runs on 4 warps, one past _LARGE_BATCH on 16: the same, call for call, as on
-    the 8 warps of every other launch."""
+    """A chain draft on tiles of 64-128 requests runs on 4 warps (one program of 64-128 requests; past 4224 requests
+    on a 132-SM GPU, looking back): the same, call for call, as on the 8 warps of every other launch."""
     assert bs > allocator_module._LARGE_BATCH or 64 < bs <= 128
     runs = []
-    for warps in ({}, {"_SMALL_TILE_NUM_WARPS": 8, "_LARGE_BATCH_NUM_WARPS": 8}):
+    for warps in ({}, {"_SMALL_TILE_NUM_WARPS": 8}):
         with allocator_constants(warps):
             alloc = DraftCacheAllocator(bs * 48 * 16, bs, 512, page_size=16)
             rows = alloc.add_requests([(37 * i) % 400 + 1 for i in range(bs)])
