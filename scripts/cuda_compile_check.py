@@ -16,6 +16,10 @@ Triton's CUDA stages (TTIR, TTGIR, LLVM IR, PTX, cubin). A line per variant, `PA
 Why: Triton's compiler rejects some constructs that its interpreter runs. Triton 3.6 failed
 `PassManager::run failed` in `make_ttgir` on allocation kernels whose mask joined a loaded length to the batch
 mask (docs/design.md, "Stale rows are skipped on the device"); the CPU tests, which run the interpreter, passed.
+The allocator is exercised with a batch of 3 requests and again with batches of 600 to 17000 (int64 rows, seven draft
+lengths), whose launches take other tiles, scan blocks and warps on a GPU (`backend.num_cores` answers 132 SMs):
+16- to 128-request tiles of a chain draft that looks back, the two launches of `commit_and_draft`, and the wider
+scan blocks of large batches.
 `--quick` (CI) records fewer allocator shapes (page sizes 1 and 16, ten draft lengths, rows as int64 tensors and as
 lists), which cover every kernel and every constexpr branch the full set does, at about a third of the variants.
 """
@@ -38,6 +42,7 @@ from launch_variants import REPO, Launch
 # ensure_compiled (which compiles a second launch before a first changes state) would need a driver.
 HOPPER = {
     "is_npu": lambda device: False,
+    "num_cores": lambda device: 132,  # SMs of an H100 or H200 (the tiles of a chain draft that looks back)
     "prefers_persistent_grid": lambda device: False,
     "supports_pdl": lambda device: True,
     "is_interpreted": lambda device: False,
@@ -88,7 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="specdec-cuda-cc-cache-"))
     import triton
 
+    # Batches that take each class of tiles on a 132-SM GPU: 16-request tiles looking back, two launches of
+    # commit_and_draft, 32-request tiles (and wider scan blocks), then 64- and 128-request ones.
+    launch_variants.LARGE_BATCHES = (600, 3000, 5000, 9000, 17000)
     if args.quick:
+        launch_variants.LARGE_BATCHES = (600, 5000, 17000)
+        launch_variants.LARGE_DRAFT_LENS = (1, 4, 33)
         launch_variants.PAGE_SIZES = [1, 16]
         launch_variants.DRAFT_LENS = [1, 2, 3, 4, 5, 8, 9, 17, 33, 64]
         launch_variants.ROW_KINDS = ("int64", "list")

@@ -32,6 +32,11 @@ WINDOWS = [None, *range(0, 65)]  # None: ragged
 PAGE_SIZES = [1, 16, 64, 128]
 DRAFT_LENS = range(1, 65)
 ROW_KINDS = ("int64", "int32", "list")
+# Batches past one program, exercised again with int64 rows and these draft lengths where a target's launch
+# configuration depends on the batch size (a GPU's: tiles, scan blocks, warps, one launch or two). Empty for Ascend,
+# whose tiles and scan block do not depend on it.
+LARGE_BATCHES: tuple[int, ...] = ()
+LARGE_DRAFT_LENS = (1, 2, 4, 8, 16, 33, 64)
 
 
 @dataclass(frozen=True)
@@ -130,7 +135,8 @@ def _int32(n: int, fill: int = 0) -> torch.Tensor:
 
 
 # The allocator's public methods and how to call them: (name, call(alloc, rows, n)). Add new methods here; a name
-# that DraftCacheAllocator does not have (yet) is skipped. `rows` are 3 live rows (a tensor or a list, ROW_KINDS),
+# that DraftCacheAllocator does not have (yet) is skipped. `rows` are the live rows (3, as a tensor or a list,
+# ROW_KINDS; or LARGE_BATCHES of them),
 # n the draft length.
 def _cached_page(alloc, page: int) -> torch.Tensor:
     """Slots of ``page``, handed to the prefix cache on the host: while launches are recorded no kernel runs, so no
@@ -154,12 +160,12 @@ def _add_with_prefix(alloc, n: int) -> None:
 
 
 def _in_two_launches(alloc, rows, n: int) -> None:
-    """commit_and_draft as it runs past its one-launch limit (the tile counts, then the allocation), on 3 rows."""
+    """commit_and_draft as it runs past its one-launch limit (the tile counts, then the allocation)."""
     module = sys.modules[type(alloc).__module__]
     limit = module._COMMIT_DRAFT_MAX_BATCH
     module._COMMIT_DRAFT_MAX_BATCH = 1
     try:
-        alloc.commit_and_draft(rows, _int32(3, n // 2), n)
+        alloc.commit_and_draft(rows, _int32(len(rows), n // 2), n)
     finally:
         module._COMMIT_DRAFT_MAX_BATCH = limit
 
@@ -171,8 +177,8 @@ def _tree_size(alloc, n: int) -> int:
 
 def _commit_tree(alloc, rows, n: int) -> None:
     t = _tree_size(alloc, n)
-    index = torch.arange(t, dtype=torch.int64).expand(3, t).contiguous()
-    alloc.commit_tree(rows, index if isinstance(rows, list) else index.to(rows.dtype), [t // 2] * 3)
+    index = torch.arange(t, dtype=torch.int64).expand(len(rows), t).contiguous()
+    alloc.commit_tree(rows, index if isinstance(rows, list) else index.to(rows.dtype), [t // 2] * len(rows))
 
 
 def _branches(alloc, rows, n: int) -> None:
@@ -185,18 +191,18 @@ def _tree_draft(alloc, rows, n: int) -> None:
 
 def _tree_step(alloc, rows, n: int, one_launch: bool = True, window: int | None = None, counts: bool = False) -> None:
     """commit_tree_and_draft of trees of ``_tree_size`` nodes, then windows of as many (or ``window``): one launch for
-    the 3 rows (one program) where the NPU takes one, or as it runs past one program (two: the tree commit and the
+    3 rows (one program) where the NPU takes one, or as it runs past one program (two: the tree commit and the
     draft, or with ``counts`` as past one program of the draft, the tree commit with the draft's counts and the
     draft from them)."""
     t = _tree_size(alloc, n)
-    index = torch.arange(t, dtype=torch.int64).expand(3, t).contiguous()
+    index = torch.arange(t, dtype=torch.int64).expand(len(rows), t).contiguous()
     cls = type(alloc)
     in_one, with_counts = cls._tree_step_in_one_launch, cls._tree_step_counts
     if not one_launch:
         cls._tree_step_in_one_launch = lambda self, *args: False
         cls._tree_step_counts = lambda self, *args: counts
     try:
-        alloc.commit_tree_and_draft(rows, index, _int32(3, t // 2), t if window is None else window, 4, n)
+        alloc.commit_tree_and_draft(rows, index, _int32(len(rows), t // 2), t if window is None else window, 4, n)
     finally:
         cls._tree_step_in_one_launch, cls._tree_step_counts = in_one, with_counts
 
@@ -204,18 +210,23 @@ def _tree_step(alloc, rows, n: int, one_launch: bool = True, window: int | None 
 ALLOCATOR_METHODS = [
     ("add_requests", lambda alloc, rows, n: alloc.free_requests(alloc.add_requests([n, 0, 3 * n + 1]).tolist())),
     ("alloc_draft", lambda alloc, rows, n: alloc.alloc_draft(rows, n)),
-    ("alloc_draft", lambda alloc, rows, n: alloc.alloc_draft(rows, n, out_cache_loc=_int32(3 * n), last_loc=_int32(3))),
+    (
+        "alloc_draft",
+        lambda alloc, rows, n: alloc.alloc_draft(
+            rows, n, out_cache_loc=_int32(len(rows) * n), last_loc=_int32(len(rows))
+        ),
+    ),
     ("reserve_draft", lambda alloc, rows, n: alloc.reserve_draft(rows, n)),
-    ("commit_and_draft", lambda alloc, rows, n: alloc.commit_and_draft(rows, _int32(3, n // 2), n)),
+    ("commit_and_draft", lambda alloc, rows, n: alloc.commit_and_draft(rows, _int32(len(rows), n // 2), n)),
     (
         "commit_and_draft",
         lambda alloc, rows, n: alloc.commit_and_draft(
-            rows, [n // 2] * 3, n, out_cache_loc=_int32(3 * n), last_loc=_int32(3)
+            rows, [n // 2] * len(rows), n, out_cache_loc=_int32(len(rows) * n), last_loc=_int32(len(rows))
         ),
     ),
     ("commit_and_draft", _in_two_launches),
-    ("commit", lambda alloc, rows, n: alloc.commit(rows, [n // 2] * 3)),
-    ("commit", lambda alloc, rows, n: alloc.commit(rows, _int32(3, n // 2))),
+    ("commit", lambda alloc, rows, n: alloc.commit(rows, [n // 2] * len(rows))),
+    ("commit", lambda alloc, rows, n: alloc.commit(rows, _int32(len(rows), n // 2))),
     # A tree step: branches, the verify window (which releases them in its own launch), the tree commit; then
     # branches released by commit, by release_branches, and by free_requests below.
     ("alloc_branches", _branches),
@@ -236,9 +247,9 @@ ALLOCATOR_METHODS = [
     ("commit_tree_and_draft", lambda alloc, rows, n: _tree_step(alloc, rows, n, one_launch=False, counts=True)),
     ("commit_tree", _commit_tree),
     ("alloc_branches", _branches),
-    ("commit", lambda alloc, rows, n: alloc.commit(rows, [0] * 3)),
+    ("commit", lambda alloc, rows, n: alloc.commit(rows, [0] * len(rows))),
     ("alloc_branches", _branches),
-    ("commit_and_draft", lambda alloc, rows, n: alloc.commit_and_draft(rows, _int32(3), n)),  # releases them
+    ("commit_and_draft", lambda alloc, rows, n: alloc.commit_and_draft(rows, _int32(len(rows)), n)),  # releases them
     ("alloc_branches", _branches),
     ("release_branches", lambda alloc, rows, n: alloc.release_branches(rows)),
     ("alloc_branches", _branches),
@@ -261,6 +272,17 @@ def exercise_allocator(rec: Recorder) -> tuple[list[str], list[str]]:
                 with rec.calling("add_requests"):
                     rows = alloc.add_requests([5, 0, 17])
                 rows = rows.tolist() if kind == "list" else rows.to(getattr(torch, kind))
+                for name, call in present:
+                    with rec.calling(name):
+                        call(alloc, rows, n)
+    for bs in LARGE_BATCHES:
+        for page_size in PAGE_SIZES:
+            for n in LARGE_DRAFT_LENS:
+                # Room for each request's context and its old and new branch pages (4 branches of up to n tokens).
+                pages = 1024 // page_size + 8 * -(-(page_size - 1 + n) // page_size) + 8
+                alloc = DraftCacheAllocator(page_size * bs * pages, bs + 8, 1024, page_size=page_size, device="cpu")
+                with rec.calling("add_requests"):
+                    rows = alloc.add_requests([(5, 0, 17)[i % 3] for i in range(bs)])
                 for name, call in present:
                     with rec.calling(name):
                         call(alloc, rows, n)

@@ -78,6 +78,10 @@ _MAX_TILE = 256
 # a GPU past one program looks back instead, on tiles of its own (_LOOK_BACK_MIN_TILE).
 _MIN_TILE = 32
 _LARGE_BATCH = 4096
+# ... but a draft with branches takes 128-request tiles past _LARGE_BATCH: with 256, Triton 3.6 fails to compile the
+# tree draft at page 1 on 8 warps (TritonGPURemoveLayoutConversions: `PassManager::run failed`, found by
+# scripts/cuda_compile_check.py with batches past 4096; 128-request tiles compile). Not timed on a GPU yet.
+_BRANCH_LARGE_TILE = 128
 # A prefill whose prompts average at least _WIDE_PREFILL_TOKENS tokens (twice that past _WIDE_PREFILL_MAX_BATCH
 # requests) reads them in [TILE, _WIDE_PREFILL_BLOCK_N] column blocks (TILE = _ALLOC_ELEMENTS // that: 4 requests)
 # instead of [32, 64]: each program walks its requests' whole prompts, so long prompts go to more programs in fewer
@@ -1983,8 +1987,10 @@ class DraftCacheAllocator:
         if bs > _MAX_TILE:
             if chain and self._look_back_programs:  # at most one program per SM
                 tile = max(1 << (-(-bs // self._look_back_programs) - 1).bit_length(), _LOOK_BACK_MIN_TILE)
+            elif bs <= _LARGE_BATCH:
+                tile = _MIN_TILE
             else:
-                tile = _MIN_TILE if bs <= _LARGE_BATCH else _MAX_TILE
+                tile = _BRANCH_LARGE_TILE if branch else _MAX_TILE
         elif (release or branch) and self.page_size == 1 and bs > (_MIN_TILE if sums else _RELEASE_ONE_PROGRAM):
             tile = _MIN_TILE
         else:

@@ -13,7 +13,7 @@ SENTINEL = -7777
 
 # A factor on every property-based test's number of examples (hypothesis' max_examples), default 1. CI runs the
 # README's test command with the full budget, and the same tests on its other stacks (Triton 3.6, triton-ascend's
-# interpreter), which check the same kernels under another interpreter, with SPECDEC_TEST_EXAMPLES=0.5.
+# interpreter), which check the same kernels under another interpreter, with SPECDEC_TEST_EXAMPLES=0.25.
 _EXAMPLES_ENV = "SPECDEC_TEST_EXAMPLES"
 try:
     EXAMPLES_SCALE = float(os.environ.get(_EXAMPLES_ENV, "1"))
