@@ -461,7 +461,7 @@ class DraftCacheAllocator:
         self._unknown_window_bound = 0
         # Launch configurations of the allocation kernel, found on first use: the arguments of _alloc_config ->
         # (TILE, constexprs, num_warps); the most programs a launch may have (0: one per tile).
-        self._alloc_configs: dict[tuple, tuple[int, tuple, int]] = {}
+        self._alloc_configs: dict[tuple, tuple[int, tuple, int, int]] = {}
         # _tree_step_in_one_launch by its arguments: (in a graph or interpreted, eager)
         self._tree_step_launches: dict[tuple, tuple[bool, bool]] = {}
         self._tree_step_counted: dict[tuple, bool] = {}  # _tree_step_counts, by its arguments
@@ -1951,6 +1951,11 @@ class DraftCacheAllocator:
         return (_NPU_FREE_TILE, _NPU_FREE_BLOCK_P) if backend.is_npu(self.device) else (_FREE_TILE, _FREE_BLOCK_P)
 
     @functools.cached_property
+    def _num_cores(self) -> int:
+        """Programs that run at once on the device (``backend.num_cores``: SMs on CUDA, 1 on the interpreter)."""
+        return backend.num_cores(self.device)
+
+    @functools.cached_property
     def _look_back_programs(self) -> int:
         """The most programs of a chain draft that looks back (``LOOKBACK`` of the allocation kernel; 0: no bound).
 
@@ -1962,7 +1967,7 @@ class DraftCacheAllocator:
         guarantee, and never looks back (``_alloc_config``)."""
         if backend.is_npu(self.device) or backend.is_interpreted(self.device):
             return 0
-        return backend.num_cores(self.device)
+        return self._num_cores
 
     def _grid(self, bs: int, tile: int) -> tuple[int]:
         """One program per tile; on Ascend, which binds programs to cores, at most one per core."""
@@ -1980,7 +1985,8 @@ class DraftCacheAllocator:
         """The tile the batch size asks for (capped by the kernel's limits in _alloc_config); 0 on Ascend, whose
         grid is one program per core: there the limits alone decide. ``release``: a draft that also returns branch
         pages; ``topk`` > 0: one that also gives that many branches a request; ``sums``: one that reads its counts
-        from the launch before it; ``chain``: a chain draft in one launch, which looks back past one program."""
+        from the launch before it; ``chain``: a chain draft in one launch (``_chain_draft``), which looks back past
+        one program."""
         branch = topk > 0
         if backend.is_npu(self.device):
             return 0
@@ -2021,6 +2027,12 @@ class DraftCacheAllocator:
             return max(1 << (bs - 1).bit_length(), tile)
         return tile
 
+    def _chain_draft(self, prefill: bool, release: bool, branches: bool, sums: bool) -> bool:
+        """Whether an allocation launch is a chain draft in one launch: no prefill, no branch pages released or
+        given, not the second launch of two; off Ascend. The only launch that looks back past one program
+        (``_batch_tile`` picks its tiles, ``_alloc_config`` its LOOKBACK and its bound on the grid)."""
+        return not (prefill or release or branches or sums or backend.is_npu(self.device))
+
     @staticmethod
     def _alloc_scan_block(bs: int) -> int:
         """How many earlier requests the allocation kernel sums at a time for a batch of ``bs`` off Ascend (on
@@ -2042,13 +2054,15 @@ class DraftCacheAllocator:
         sums: bool,
         count_tile: int,
         wide: bool,
+        chain: bool,
         small_batch: bool,
-    ) -> tuple[int, tuple, int]:
-        """(TILE, constexprs, num_warps) of the allocation kernel for this kind of call, ``_batch_tile``,
-        ``_alloc_scan_block``, ``_branch_block`` (0: no branches), whether the batch is past _LARGE_BATCH, whether
-        the draft commits first, whether it is the second launch of two, for the second launch of a tree step the
-        tile of the first (0: the first takes this launch's tiles; else it takes ``min(count_tile, TILE)``),
-        whether it is a prefill of long prompts (off Ascend), and whether the batch has at most _MAX_TILE requests."""
+    ) -> tuple[int, tuple, int, int]:
+        """(TILE, constexprs, num_warps, most programs: 0 for no bound) of the allocation kernel for this kind of
+        call, ``_batch_tile``, ``_alloc_scan_block``, ``_branch_block`` (0: no branches), whether the batch is past
+        _LARGE_BATCH, whether the draft commits first, whether it is the second launch of two, for the second launch
+        of a tree step the tile of the first (0: the first takes this launch's tiles; else it takes
+        ``min(count_tile, TILE)``), whether it is a prefill of long prompts (off Ascend), whether it is a chain draft
+        in one launch (``_chain_draft``), and whether the batch has at most _MAX_TILE requests."""
         npu = backend.is_npu(self.device)
         if prefill:
             block_n = _WIDE_PREFILL_BLOCK_N if wide else tiles.MAX_BLOCK_N
@@ -2064,8 +2078,8 @@ class DraftCacheAllocator:
             elements, max_tile = _NPU_ALLOC_ELEMENTS, _NPU_MAX_TILE
         block_n = min(block_n, elements)
         tile = max(min(elements // block_n, max_tile), 1)
-        chain = not (npu or prefill or release or branch_block or sums)  # a chain draft in one launch, off Ascend
-        # Past one program (a batch of at most _MAX_TILE requests within one tile is one program: nothing to read).
+        # A chain draft past one program looks back (a batch of at most _MAX_TILE requests within one tile is one
+        # program: nothing to read), on a grid of at most _look_back_programs programs.
         look_back = chain and not (small_batch and batch_tile <= tile)
         constexprs = (
             ("PAGE_SIZE", self.page_size),
@@ -2100,7 +2114,7 @@ class DraftCacheAllocator:
                 num_warps = _TWO_PASS_NUM_WARPS
         elif chain and batch_tile in (64, 128):
             num_warps = _SMALL_TILE_NUM_WARPS
-        return tile, constexprs, num_warps
+        return tile, constexprs, num_warps, self._look_back_programs if look_back else 0
 
     def _kernels(self):
         """The allocator's kernel module for this device."""
@@ -2137,7 +2151,7 @@ class DraftCacheAllocator:
         return the launch, made by calling it; ``compile_only=True``: only compile it (``backend.ensure_compiled``)."""
         prefill = window_ends is not None
         emit = out_cache_loc is not None
-        tile, constexprs, num_warps = self._alloc_launch_config(
+        tile, constexprs, num_warps, max_programs = self._alloc_launch_config(
             rows.size(0),
             window_len,
             prefill,
@@ -2194,8 +2208,8 @@ class DraftCacheAllocator:
             num_steps,
         )
         kernel, grid = self._kernels()._alloc_windows_kernel, self._grid(rows.size(0), tile)
-        if not (prefill or branch or sums) and grid[0] > self._look_back_programs > 0:
-            grid = (self._look_back_programs,)  # (LOOKBACK: each program loops over its tiles)
+        if grid[0] > max_programs > 0:
+            grid = (max_programs,)  # a chain draft that looks back: each program loops over its tiles
         if tree is not None:
             if grid != (1,):
                 raise RuntimeError(f"a tree commit and draft in one launch needs one program, got a grid of {grid}")
@@ -2222,8 +2236,10 @@ class DraftCacheAllocator:
         sums: bool,
         wide: bool = False,
         count_tile: int = 0,
-    ) -> tuple[int, tuple, int]:
-        """(TILE, constexprs, num_warps) of an allocation launch (arguments as for ``_launch_alloc``), cached."""
+    ) -> tuple[int, tuple, int, int]:
+        """(TILE, constexprs, num_warps, most programs) of an allocation launch (arguments as for ``_launch_alloc``),
+        cached."""
+        chain = self._chain_draft(prefill, release, branches is not None, sums)
         key = (
             window_len,
             prefill,
@@ -2232,9 +2248,7 @@ class DraftCacheAllocator:
             release,
             self._two_pass_tile(bs, window_len)
             if sums and branches is None
-            else self._batch_tile(
-                bs, release, 0 if branches is None else branches[0], sums, not (prefill or release or branches)
-            ),
+            else self._batch_tile(bs, release, 0 if branches is None else branches[0], sums, chain),
             self._alloc_scan_block(bs),
             0 if branches is None else self._branch_block(branches[0], branches[1], sums),
             bs > _LARGE_BATCH,
@@ -2242,6 +2256,7 @@ class DraftCacheAllocator:
             sums,
             count_tile if sums else 0,
             wide and prefill and not backend.is_npu(self.device),
+            chain,
             bs <= _MAX_TILE,
         )
         config = self._alloc_configs.get(key)

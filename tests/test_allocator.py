@@ -1077,7 +1077,7 @@ def test_wide_prefill_matches_the_narrow_one(page_size):
             kept = alloc.free_requests(rows[:2], keep_lens=keep)
             prefix = kept.view(2, -1)
             alloc.add_requests([700, 1500], prefix_slots=prefix, prefix_lens=keep)
-            assert alloc._alloc_configs and all(key[-2] == wide for key in alloc._alloc_configs)
+            assert alloc._alloc_configs and all(key[-3] == wide for key in alloc._alloc_configs)
             check_layout(alloc)
             runs.append(([], snapshot(alloc)))
     assert_same_runs(*runs)
@@ -1699,7 +1699,7 @@ def test_gpu_looking_back_matches_summing(page_size):
                 outputs.append((out.cpu(), last.cpu()))
             # (The host's bound on committed lengths does not see replays: check_layout would fail on it.)
             assert alloc._counters[2].item() == 0 and not next_look_back_bank(alloc).any()
-            launched = {dict(constexprs)["LOOKBACK"] for _, constexprs, _ in alloc._alloc_configs.values()}
+            launched = {dict(constexprs)["LOOKBACK"] for _, constexprs, *_ in alloc._alloc_configs.values()}
             assert launched == ({0} if block == 0 else {0, 256}), launched  # (add_requests never looks back)
             runs.append((outputs, snapshot(alloc)))
     for run in runs[1:]:
@@ -1732,10 +1732,10 @@ def test_gpu_commit_and_draft_past_its_one_launch_limit(page_size, bs, monkeypat
                 alloc.commit(rows, accept)
                 outputs.append(alloc.alloc_draft(rows, (4, 8, 1, 4)[step]))
         check_layout(alloc)
-        used_pdl = any(dict(constexprs).get("PDL") for _, constexprs, _ in alloc._alloc_configs.values())
+        used_pdl = any(dict(constexprs).get("PDL") for _, constexprs, *_ in alloc._alloc_configs.values())
         assert used_pdl == (pdl and fused is True)
         if fused and page_size == 1:
-            assert allocator_module._TWO_PASS_TINY_TILE in {tile for tile, _, _ in alloc._alloc_configs.values()}
+            assert allocator_module._TWO_PASS_TINY_TILE in {tile for tile, *_ in alloc._alloc_configs.values()}
         runs.append((outputs, snapshot(alloc)))
     for run in runs[1:]:
         assert_same_runs(runs[0], run)
