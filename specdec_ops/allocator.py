@@ -78,9 +78,12 @@ _MAX_TILE = 256
 # a GPU past one program looks back instead, on tiles of its own (_LOOK_BACK_MIN_TILE).
 _MIN_TILE = 32
 _LARGE_BATCH = 4096
-# ... but a draft with branches takes 128-request tiles past _LARGE_BATCH: with 256, Triton 3.6 fails to compile the
-# tree draft at page 1 on 8 warps (TritonGPURemoveLayoutConversions: `PassManager::run failed`, found by
-# scripts/cuda_compile_check.py with batches past 4096; 128-request tiles compile). Not timed on a GPU yet.
+# ... but a draft with branches past _LARGE_BATCH takes the smallest power of two of at least _MIN_TILE requests that
+# keeps the grid within one program per core (SM), at most _BRANCH_LARGE_TILE: with 256, Triton 3.6 fails to compile
+# the tree draft at page 1 on 8 warps (TritonGPURemoveLayoutConversions: `PassManager::run failed`, found by
+# scripts/cuda_compile_check.py with batches past 4096). H200 graph replay, topk 4, 5 steps, T 8, page 1, tiles of
+# 32 / 64 / 128 requests: bs 8192 `commit_tree_and_draft` 7.75 / 7.56 / 9.25 us, `alloc_tree_draft` + `commit_tree`
+# 27.1 / 23.7 / 26.9-27.5; bs 16384 18.0 / 14.1 / 12.2 and 66.2-67.1 / 51.9-52.1 / 43.8-43.9 (docs/performance.md).
 _BRANCH_LARGE_TILE = 128
 # A prefill whose prompts average at least _WIDE_PREFILL_TOKENS tokens (twice that past _WIDE_PREFILL_MAX_BATCH
 # requests) reads them in [TILE, _WIDE_PREFILL_BLOCK_N] column blocks (TILE = _ALLOC_ELEMENTS // that: 4 requests)
@@ -1995,8 +1998,10 @@ class DraftCacheAllocator:
                 tile = max(1 << (-(-bs // self._look_back_programs) - 1).bit_length(), _LOOK_BACK_MIN_TILE)
             elif bs <= _LARGE_BATCH:
                 tile = _MIN_TILE
+            elif branch:  # about one program per core
+                tile = min(max(1 << (-(-bs // self._num_cores) - 1).bit_length(), _MIN_TILE), _BRANCH_LARGE_TILE)
             else:
-                tile = _BRANCH_LARGE_TILE if branch else _MAX_TILE
+                tile = _MAX_TILE
         elif (release or branch) and self.page_size == 1 and bs > (_MIN_TILE if sums else _RELEASE_ONE_PROGRAM):
             tile = _MIN_TILE
         else:

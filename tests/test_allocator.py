@@ -958,6 +958,35 @@ def test_batch_size_picks_the_allocation_tile(monkeypatch):
     check_layout(alloc)
 
 
+def test_tree_draft_past_large_batch_takes_about_one_program_per_core(monkeypatch):
+    """Past _LARGE_BATCH requests a draft with branches at page 1 takes the smallest power-of-two tile of at least
+    _MIN_TILE requests that keeps the grid within one program per core, at most _BRANCH_LARGE_TILE; whichever the
+    tile, the same slots, pairs and lengths."""
+    monkeypatch.setattr(allocator_module, "_LARGE_BATCH", 300)
+    bs, low, high = 500, allocator_module._MIN_TILE, allocator_module._BRANCH_LARGE_TILE
+    launches = []
+    real = backend.launch
+
+    def record(kernel, grid, *args):
+        if kernel.__name__ == "_alloc_windows_kernel" and dict(args[-2])["BRANCH"]:
+            launches.append((grid[0], dict(args[-2])["TILE"]))
+        real(kernel, grid, *args)
+
+    monkeypatch.setattr(backend, "launch", record)
+    results = []
+    for cores, tile in ((2, high), (8, 64), (100, low)):  # 250 -> 256 (capped), 63 -> 64, 5 -> 8 (at least low)
+        alloc = DraftCacheAllocator(8 * 1024, bs, 32, page_size=1, device="cpu")
+        alloc._num_cores = cores
+        rows = alloc.add_requests([i % 7 for i in range(bs)])
+        launches.clear()
+        outputs = alloc.alloc_tree_draft(rows, 3, 2, 2)
+        assert launches == [(-(-bs // tile), tile)]
+        check_layout(alloc)
+        results.append(([outputs], snapshot(alloc)))
+    for run in results[1:]:
+        assert_same_runs(run, results[0])
+
+
 @pytest.mark.parametrize("page_size", [1, 16], ids=lambda p: f"page{p}")
 def test_release_draft_tile_at_page_one(monkeypatch, page_size):
     """A draft that returns branch pages with page_size 1 runs on _MIN_TILE-request tiles past
