@@ -112,6 +112,8 @@ _SCAN_BLOCK = 2048
 # bs 256 4.08 against 4.13-4.18).
 _LOOK_BACK_BLOCK = 256
 _LOOK_BACK_MIN_TILE = 16
+# Launch configs kept by their arguments (DraftCacheAllocator._alloc_launch_config) before the cache starts over.
+_MAX_LAUNCH_CONFIGS = 4096
 _NPU_ALLOC_ELEMENTS = 128
 _NPU_MAX_TILE = 32
 # A draft that also releases branch pages (RELEASE) carries more per request: 16 requests, [16, 16] at most.
@@ -465,6 +467,9 @@ class DraftCacheAllocator:
         # Launch configurations of the allocation kernel, found on first use: the arguments of _alloc_config ->
         # (TILE, constexprs, num_warps); the most programs a launch may have (0: one per tile).
         self._alloc_configs: dict[tuple, tuple[int, tuple, int, int]] = {}
+        # The same by the launch's own arguments (batch size included): a method call asks once per launch.
+        self._launch_configs: dict[tuple, tuple[int, tuple, int, int]] = {}
+        self._tree_commit_configs: dict[int, tuple[int, int, int]] = {}
         # _tree_step_in_one_launch by its arguments: (in a graph or interpreted, eager)
         self._tree_step_launches: dict[tuple, tuple[bool, bool]] = {}
         self._tree_step_counted: dict[tuple, bool] = {}  # _tree_step_counts, by its arguments
@@ -1176,7 +1181,14 @@ class DraftCacheAllocator:
         )
 
     def _tree_commit_config(self, tree: int) -> tuple[int, int, int]:
-        """(TILE, BLOCK_T, REPOINT) of the tree commit of ``tree``-node trees (REPOINT: see _REPOINT_MASK_NODES)."""
+        """(TILE, BLOCK_T, REPOINT) of the tree commit of ``tree``-node trees (REPOINT: see _REPOINT_MASK_NODES),
+        cached."""
+        config = self._tree_commit_configs.get(tree)
+        if config is None:
+            config = self._tree_commit_configs[tree] = self._make_tree_commit_config(tree)
+        return config
+
+    def _make_tree_commit_config(self, tree: int) -> tuple[int, int, int]:
         block_t = max(1 << max(tree - 1, 0).bit_length(), 2)  # size-1 tile dimensions: see docs/design.md
         npu = backend.is_npu(self.device)
         repoint = 0 if self.page_size > 1 else 2 if npu or block_t > _REPOINT_MASK_NODES else 1
@@ -2243,7 +2255,23 @@ class DraftCacheAllocator:
         count_tile: int = 0,
     ) -> tuple[int, tuple, int, int]:
         """(TILE, constexprs, num_warps, most programs) of an allocation launch (arguments as for ``_launch_alloc``),
-        cached."""
+        cached by these arguments, and by what decides the config (``_alloc_configs``, shared across batch sizes)."""
+        asked = (
+            bs,
+            window_len,
+            prefill,
+            prefix,
+            emit,
+            release,
+            None if branches is None else branches[:2],
+            accept is not None,
+            sums,
+            wide,
+            count_tile,
+        )
+        config = self._launch_configs.get(asked)
+        if config is not None:
+            return config
         chain = self._chain_draft(prefill, release, branches is not None, sums)
         key = (
             window_len,
@@ -2267,6 +2295,9 @@ class DraftCacheAllocator:
         config = self._alloc_configs.get(key)
         if config is None:
             config = self._alloc_configs[key] = self._alloc_config(*key)
+        if len(self._launch_configs) >= _MAX_LAUNCH_CONFIGS:  # batch sizes without end: start over
+            self._launch_configs.clear()
+        self._launch_configs[asked] = config
         return config
 
     def _launch_count(
