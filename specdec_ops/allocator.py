@@ -465,7 +465,7 @@ class DraftCacheAllocator:
         self._rows_version = 0
         self._unknown_window_bound = 0
         # Launch configurations of the allocation kernel, found on first use: the arguments of _alloc_config ->
-        # (TILE, constexprs, num_warps); the most programs a launch may have (0: one per tile).
+        # (TILE, constexprs, num_warps, the most programs the launch may have: 0 for one per tile).
         self._alloc_configs: dict[tuple, tuple[int, tuple, int, int]] = {}
         # The same by the launch's own arguments (batch size included): a method call asks once per launch.
         self._launch_configs: dict[tuple, tuple[int, tuple, int, int]] = {}
