@@ -473,7 +473,7 @@ class DraftCacheAllocator:
         # _tree_step_in_one_launch by its arguments: (in a graph or interpreted, eager)
         self._tree_step_launches: dict[tuple, tuple[bool, bool]] = {}
         self._tree_step_counted: dict[tuple, bool] = {}  # _tree_step_counts, by its arguments
-        self._max_programs: int | None = None
+        self._max_programs: int | None = None  # _grid's bound (0: one program per tile), found on first use
         # Tree drafts: row r holds branch pages branch_pages[r, :num_branch_pages[r]] (alloc_branches). The host
         # knows which rows may hold some, and at most how many (the worst case, or the exact count when the call
         # synced): rows given as lists, one by one, and batches given as tensors, in all (a tensor released by the
