@@ -335,6 +335,12 @@ def _tree_commit_width(block_t: int, repoint: int) -> int:
     return block_t * block_t if repoint == 2 else block_t
 
 
+def _per_core_tile(bs: int, cores: int, least: int) -> int:
+    """The smallest power-of-two tile of at least ``least`` requests that keeps a batch of ``bs`` within ``cores``
+    programs."""
+    return max(1 << (-(-bs // cores) - 1).bit_length(), least)
+
+
 def _page_shift(page_size: int) -> int:
     """log2(page_size) for a power of two, else -1 (the kernels then divide)."""
     return page_size.bit_length() - 1 if page_size & (page_size - 1) == 0 else -1
@@ -2007,11 +2013,11 @@ class DraftCacheAllocator:
             return 0
         if bs > _MAX_TILE:
             if chain and self._look_back_programs:  # at most one program per SM
-                tile = max(1 << (-(-bs // self._look_back_programs) - 1).bit_length(), _LOOK_BACK_MIN_TILE)
+                tile = _per_core_tile(bs, self._look_back_programs, _LOOK_BACK_MIN_TILE)
             elif bs <= _LARGE_BATCH:
                 tile = _MIN_TILE
             elif branch:  # about one program per core
-                tile = min(max(1 << (-(-bs // self._num_cores) - 1).bit_length(), _MIN_TILE), _BRANCH_LARGE_TILE)
+                tile = min(_per_core_tile(bs, self._num_cores, _MIN_TILE), _BRANCH_LARGE_TILE)
             else:
                 tile = _MAX_TILE
         elif (release or branch) and self.page_size == 1 and bs > (_MIN_TILE if sums else _RELEASE_ONE_PROGRAM):
