@@ -74,8 +74,9 @@ _MAX_TILE = 256
 # its tile the smallest power of two that holds it but at least _MIN_TILE; up to _LARGE_BATCH requests take
 # _MIN_TILE-request tiles (H100 graph replay of a step: bs 1 4.4 -> 3.5 us, bs 1024 8.1 -> 6.9 us with the commit
 # tile below); past it every program's sum over earlier requests dominates, and _MAX_TILE-request tiles cut it.
-# That is the rule of prefills, of drafts with branches or releases, and of everything on Ascend; a chain draft on
-# a GPU past one program looks back instead, on tiles of its own (_LOOK_BACK_MIN_TILE).
+# That is the rule of prefills, of drafts with branches, and of everything on Ascend; a chain draft on a GPU past
+# one program (one that releases branch pages too) looks back instead, on tiles of its own (_LOOK_BACK_MIN_TILE);
+# a tree draft in one launch looks back on these tiles.
 _MIN_TILE = 32
 _LARGE_BATCH = 4096
 # ... but a draft with branches past _LARGE_BATCH takes the smallest power of two of at least _MIN_TILE requests that
@@ -426,15 +427,16 @@ class DraftCacheAllocator:
         self.prefix_lens = torch.zeros(max_requests, dtype=torch.int64, device=self.device)
         # Handed out from the head: page 1 first, then 2, ...
         self.free_pages = torch.arange(1, self.num_pages + 1, dtype=torch.int32, device=self.device)
-        # [head, count, ticket, epoch, tiles]: the ticket is the kernels' last-program counter, 0 between launches;
-        # the epoch counts the chain drafts that looked back (its parity picks their bank in scratch), tiles is
-        # the number of tiles of the last of them (_look_back_programs).
-        self._counters = torch.tensor([0, self.num_pages, 0, 0, 0], dtype=torch.int32, device=self.device)
+        # [head, count, ticket, epoch, tiles, push epoch, push tiles]: the ticket is the kernels' last-program
+        # counter, 0 between launches; the epoch counts the drafts that looked back (its parity picks their bank in
+        # scratch), tiles is the number of tiles of the last of them; the push epoch and push tiles the same for
+        # those of them that released branch pages (_look_back_programs).
+        self._counters = torch.tensor([0, self.num_pages, 0, 0, 0, 0, 0], dtype=torch.int32, device=self.device)
         # Per batch entry, a request's new alloc_len, its page need, the branch pages it gives back and the branch
-        # pages it takes, for the last program of a launch; then two banks of max_requests: per tile of a chain
-        # draft that looks back, the pops its program published (the bank of the next such draft is 0: each clears
-        # the other one; see _look_back_programs).
-        self._scratch = torch.zeros(6 * max_requests, dtype=torch.int32, device=self.device)
+        # pages it takes, for the last program of a launch; then two banks of max_requests: per tile of a draft
+        # that looks back, the pops its program published, and two more: the pushes of one that releases branch
+        # pages (the bank of the next such draft is 0: each clears the other one; see _look_back_programs).
+        self._scratch = torch.zeros(8 * max_requests, dtype=torch.int32, device=self.device)
         self.free_head = self._counters[0:1]
         self.num_free_pages = self._counters[1:2]
         self.num_syncs = 0
@@ -1978,14 +1980,14 @@ class DraftCacheAllocator:
 
     @functools.cached_property
     def _look_back_programs(self) -> int:
-        """The most programs of a chain draft that looks back (``LOOKBACK`` of the allocation kernel; 0: no bound).
+        """The most programs of a draft that looks back (``LOOKBACK`` of the allocation kernel; 0: no bound).
 
-        A program waits until every earlier tile's program has published its pops, so every program of the launch
-        must run at once, or a waiting one could hold the core an earlier one needs. On CUDA a grid of at most one
-        program per SM does: each SM holds at least one program of the kernel, and a programmatic dependent launch
-        after it starts only once all of them have started. The interpreter runs the programs one after another in
-        order, so every earlier tile is published before a program looks back: no bound. Ascend gives no such
-        guarantee, and never looks back (``_alloc_config``)."""
+        A program waits until every earlier tile's program has published its pops (and pushes), so every program of
+        the launch must run at once, or a waiting one could hold the core an earlier one needs. On CUDA a grid of at
+        most one program per SM does: each SM holds at least one program of the kernel, and a programmatic dependent
+        launch after it starts only once all of them have started. The interpreter runs the programs one after
+        another in order, so every earlier tile is published before a program looks back: no bound. Ascend gives no
+        such guarantee, and never looks back (``_alloc_config``)."""
         if backend.is_npu(self.device) or backend.is_interpreted(self.device):
             return 0
         return self._num_cores
@@ -2050,11 +2052,12 @@ class DraftCacheAllocator:
             return max(1 << (bs - 1).bit_length(), tile)
         return tile
 
-    def _chain_draft(self, prefill: bool, release: bool, branches: bool, sums: bool) -> bool:
-        """Whether an allocation launch is a chain draft in one launch: no prefill, no branch pages released or
-        given, not the second launch of two; off Ascend. The only launch that looks back past one program
-        (``_batch_tile`` picks its tiles, ``_alloc_config`` its LOOKBACK and its bound on the grid)."""
-        return not (prefill or release or branches or sums or backend.is_npu(self.device))
+    def _chain_draft(self, prefill: bool, branches: bool, sums: bool) -> bool:
+        """Whether an allocation launch is a chain draft in one launch: no prefill, no branches given (branch pages
+        may be released), not the second launch of two; off Ascend. ``_batch_tile`` picks its tiles past one
+        program for a grid of at most one program per SM, as it looks back there (``_alloc_config``, which also lets
+        a tree draft in one launch look back, on the tiles of its own rule)."""
+        return not (prefill or branches or sums or backend.is_npu(self.device))
 
     @staticmethod
     def _alloc_scan_block(bs: int) -> int:
@@ -2078,14 +2081,14 @@ class DraftCacheAllocator:
         count_tile: int,
         wide: bool,
         chain: bool,
-        small_batch: bool,
+        one_tile: bool,
     ) -> tuple[int, tuple, int, int]:
         """(TILE, constexprs, num_warps, most programs: 0 for no bound) of the allocation kernel for this kind of
         call, ``_batch_tile``, ``_alloc_scan_block``, ``_branch_block`` (0: no branches), whether the batch is past
         _LARGE_BATCH, whether the draft commits first, whether it is the second launch of two, for the second launch
         of a tree step the tile of the first (0: the first takes this launch's tiles; else it takes
         ``min(count_tile, TILE)``), whether it is a prefill of long prompts (off Ascend), whether it is a chain draft
-        in one launch (``_chain_draft``), and whether the batch has at most _MAX_TILE requests."""
+        in one launch (``_chain_draft``), and whether the batch fits ``_batch_tile``'s tile."""
         npu = backend.is_npu(self.device)
         if prefill:
             block_n = _WIDE_PREFILL_BLOCK_N if wide else tiles.MAX_BLOCK_N
@@ -2101,9 +2104,10 @@ class DraftCacheAllocator:
             elements, max_tile = _NPU_ALLOC_ELEMENTS, _NPU_MAX_TILE
         block_n = min(block_n, elements)
         tile = max(min(elements // block_n, max_tile), 1)
-        # A chain draft past one program looks back (a batch of at most _MAX_TILE requests within one tile is one
-        # program: nothing to read), on a grid of at most _look_back_programs programs.
-        look_back = chain and not (small_batch and batch_tile <= tile)
+        # A draft in one launch (a chain, or a tree with its branches) past one program looks back (a batch within
+        # its tile is one program: nothing to read), on a grid of at most _look_back_programs programs; with a
+        # _LOOK_BACK_BLOCK of 0 it sums instead, on a grid of a program per tile (as tests compare).
+        look_back = _LOOK_BACK_BLOCK > 0 and not (prefill or sums or npu) and not (one_tile and batch_tile <= tile)
         constexprs = (
             ("PAGE_SIZE", self.page_size),
             ("PAGE_SHIFT", self._page_shift),
@@ -2122,8 +2126,8 @@ class DraftCacheAllocator:
             ("COMMIT", commit),
             # The first launch's tiles in one of this launch's (0: this is no second launch).
             ("SUMS", tile // min(count_tile or tile, tile) if sums else 0),
-            # A chain draft in one launch past one program: each program publishes its tiles' pops and reads those
-            # of earlier tiles, instead of summing every earlier request (_look_back_programs).
+            # A draft in one launch past one program: each program publishes its tiles' pops (and pushes) and reads
+            # those of earlier tiles, instead of summing every earlier request (_look_back_programs).
             ("LOOKBACK", _LOOK_BACK_BLOCK if look_back else 0),
             ("PDL", self._pdl),
         )
@@ -2135,7 +2139,7 @@ class DraftCacheAllocator:
                 num_warps = _TWO_PASS_WIDE_NUM_WARPS
             else:
                 num_warps = _TWO_PASS_NUM_WARPS
-        elif chain and batch_tile in (64, 128):
+        elif chain and not release and batch_tile in (64, 128):
             num_warps = _SMALL_TILE_NUM_WARPS
         return tile, constexprs, num_warps, self._look_back_programs if look_back else 0
 
@@ -2232,7 +2236,7 @@ class DraftCacheAllocator:
         )
         kernel, grid = self._kernels()._alloc_windows_kernel, self._grid(rows.size(0), tile)
         if grid[0] > max_programs > 0:
-            grid = (max_programs,)  # a chain draft that looks back: each program loops over its tiles
+            grid = (max_programs,)  # a draft that looks back: each program loops over its tiles
         if tree is not None:
             if grid != (1,):
                 raise RuntimeError(f"a tree commit and draft in one launch needs one program, got a grid of {grid}")
@@ -2278,16 +2282,18 @@ class DraftCacheAllocator:
         config = self._launch_configs.get(asked)
         if config is not None:
             return config
-        chain = self._chain_draft(prefill, release, branches is not None, sums)
+        chain = self._chain_draft(prefill, branches is not None, sums)
+        if sums and branches is None:
+            batch_tile = self._two_pass_tile(bs, window_len)
+        else:
+            batch_tile = self._batch_tile(bs, release, 0 if branches is None else branches[0], sums, chain)
         key = (
             window_len,
             prefill,
             prefix,
             emit,
             release,
-            self._two_pass_tile(bs, window_len)
-            if sums and branches is None
-            else self._batch_tile(bs, release, 0 if branches is None else branches[0], sums, chain),
+            batch_tile,
             self._alloc_scan_block(bs),
             0 if branches is None else self._branch_block(branches[0], branches[1], sums),
             bs > _LARGE_BATCH,
@@ -2296,7 +2302,7 @@ class DraftCacheAllocator:
             count_tile if sums else 0,
             wide and prefill and not backend.is_npu(self.device),
             chain,
-            bs <= _MAX_TILE,
+            bs <= batch_tile,
         )
         config = self._alloc_configs.get(key)
         if config is None:

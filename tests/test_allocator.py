@@ -95,10 +95,12 @@ def branch_pages_of(alloc: DraftCacheAllocator) -> dict[int, list[int]]:
 
 
 def next_look_back_bank(alloc: DraftCacheAllocator) -> torch.Tensor:
-    """The tiles' statuses that the next chain draft looking back takes: all 0 (unpublished) between launches."""
+    """The tiles' statuses that the next draft looking back takes, its pops and its pushes: all 0 (unpublished)
+    between launches."""
     n = alloc.max_requests
-    bank = int(alloc._counters[3].item()) & 1
-    return alloc._scratch[(4 + bank) * n : (5 + bank) * n]
+    bank, push_bank = (int(alloc._counters[i].item()) & 1 for i in (3, 5))
+    pops = alloc._scratch[(4 + bank) * n : (5 + bank) * n]
+    return torch.cat([pops, alloc._scratch[(6 + push_bank) * n : (7 + push_bank) * n]])
 
 
 def check_layout(alloc: DraftCacheAllocator, *, ask_free_slots: bool = True) -> dict[int, list[int]]:
@@ -110,7 +112,7 @@ def check_layout(alloc: DraftCacheAllocator, *, ask_free_slots: bool = True) -> 
     """
     p = alloc.page_size
     assert alloc._counters[2].item() == 0, "a launch left its ticket set"
-    assert not next_look_back_bank(alloc).any(), "the next chain draft that looks back finds a tile published"
+    assert not next_look_back_bank(alloc).any(), "the next draft that looks back finds a tile published"
     table = alloc.req_to_token.cpu()
     seq_lens = alloc.seq_lens.cpu().tolist()
     alloc_lens = alloc.alloc_lens.cpu().tolist()

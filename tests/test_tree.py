@@ -20,6 +20,7 @@ from test_allocator import (
     assert_unchanged,
     branch_pages_of,
     check_layout,
+    next_look_back_bank,
     pages,
     patch_tiles,
     restore_tiles,
@@ -1018,6 +1019,59 @@ def test_commit_tree_and_draft_in_two_launches_on_many_programs(page_size, monke
     assert made[-2:] == [("_commit_tree_count_kernel", (6,), 2, None), ("_alloc_windows_kernel", (3,), 4, 2)]
 
 
+@pytest.mark.parametrize("page_size", [1, 4], ids=lambda p: f"page{p}")
+def test_tree_drafts_looking_back_match_summing_call_for_call(page_size, monkeypatch):
+    """A tree draft in one launch past one program looks back off Ascend, as a chain draft does: each program
+    publishes its tiles' pops, and where branch pages go back to the ring its pushes too, and adds those of earlier
+    tiles. Against every program summing the earlier requests (Ascend's way, _LOOK_BACK_BLOCK = 0), call for call on
+    many programs: alloc_tree_draft with branches only, then trading branch pages (pops and pushes) step after step,
+    then (page 1) a chain draft that releases them and one that has none to release, which clears the pushes the
+    one before published; with rows not in use in the batch. check_layout checks that both banks of published
+    tiles went back to 0."""
+    topk, num_steps, tree = 2, 3, 5
+    bs = 80 if page_size == 1 else 24  # page 1: 32-request tiles (3 programs); page 4: 4-request tiles (5-6)
+    launches = []
+    launch = allocator_module.backend.launch
+
+    def record(fn, grid, *args):
+        constexprs = dict(args[-2])
+        if fn.__name__ == "_alloc_windows_kernel" and not constexprs["PREFILL"]:
+            launches.append((grid[0], constexprs["LOOKBACK"] > 0, constexprs["RELEASE"], constexprs["BRANCH"]))
+        return launch(fn, grid, *args)
+
+    monkeypatch.setattr(allocator_module.backend, "launch", record)
+    monkeypatch.setattr(allocator_module, "_ALLOC_ELEMENTS", 128)  # chain drafts of 2 tokens: 32-request tiles
+    runs = []
+    for block in (0, 4):  # summing; looking back at 4 tiles a load
+        monkeypatch.setattr(allocator_module, "_LOOK_BACK_BLOCK", block)
+        rng = random.Random(page_size)
+        num_pages = bs * (pages(200, page_size) + 2 * topk * pages(page_size - 1 + num_steps, page_size))
+        alloc = DraftCacheAllocator(page_size * num_pages, bs + 6, 200, page_size=page_size, device="cpu")
+        rows = alloc.add_requests([rng.randrange(0, 60) for _ in range(bs + 6)]).tolist()
+        alloc.free_requests(rows[-6:])
+        rows = rows[: bs - 6] + rows[-6:]  # rows not in use, still in the batch: they change nothing
+        launches.clear()
+        outputs = tree_steps(alloc, rows[: bs - 6], rng, 3, tree, topk, num_steps, False)
+        check_layout(alloc)
+        rows_t = torch.tensor(rows)  # (a tensor of rows is not checked on the host)
+        out, last = alloc.alloc_draft(rows_t, 3)  # a chain draft that gives the branch pages back
+        alloc.commit(rows_t, torch.tensor([rng.randrange(0, 4) for _ in rows]))
+        check_layout(alloc)
+        outputs.append([out.tolist(), last.tolist()])
+        out, last = alloc.alloc_draft(rows_t, 2)  # no branch pages left: a chain draft that clears the pushes
+        check_layout(alloc)
+        outputs.append([out.tolist(), last.tolist()])
+        runs.append((outputs, snapshot(alloc)))
+        # (past page 1 a draft without branches stays one program up to _MAX_TILE requests)
+        assert all(grid > 1 for grid, _, _, branch in launches if branch or page_size == 1), launches
+        kinds = {(release, branch) for _, looked, release, branch in launches if looked}
+        expected = {(False, True), (True, True)} | ({(True, False), (False, False)} if page_size == 1 else set())
+        assert kinds == (set() if block == 0 else expected), launches
+    assert runs[0][0] == runs[1][0]
+    for name in STATE_TENSORS:
+        assert torch.equal(runs[0][1][name], runs[1][1][name]), name
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["branches+draft", "tree-draft"])
 @pytest.mark.parametrize("page_size", [1, 16], ids=lambda p: f"page{p}")
 def test_same_calls_give_the_same_table(page_size, fused):
@@ -1405,6 +1459,61 @@ def test_gpu_graph_captures_a_whole_tree_step(page_size, fused):
     check_layout(graphed)
     graphed.free_requests(rows)
     assert graphed.num_free_slots() == graphed.num_slots
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [1, 16], ids=lambda p: f"page{p}")
+def test_gpu_tree_drafts_looking_back_match_summing(page_size, monkeypatch):
+    """Tree drafts past one program look back on the GPU (programs running at once, each waiting for the pops and
+    pushes of the tiles before its own): the same, call for call, as every program summing the earlier requests
+    (Ascend's way), on a grid of one program per tile and on grids capped at 2 and 5 programs that loop over the
+    tiles: alloc_tree_draft with branches only, then trading branch pages, a chain draft that releases them, and a
+    replayed CUDA graph of a tree step, which needs every launch to leave both banks of published tiles at 0."""
+    bs, topk, num_steps, tree = 3000, 2, 3, 4
+    runs = []
+    for block, programs in ((0, 0), (256, 0), (256, 2), (256, 5)):
+        monkeypatch.setattr(allocator_module, "_LOOK_BACK_BLOCK", block)
+        rng = random.Random(page_size)
+        num_pages = bs * (pages(300, page_size) + 2 * topk * pages(page_size - 1 + num_steps, page_size))
+        alloc = DraftCacheAllocator(page_size * num_pages, bs, 300, page_size=page_size, device="cuda")
+        if programs:
+            alloc._look_back_programs = programs
+        rows = alloc.add_requests([(37 * i) % 150 for i in range(bs)])
+        alloc.free_requests(rows[1000:1100])  # rows not in use, left in the batch
+        outputs = []
+        for _ in range(3):
+            outputs.append(alloc.alloc_tree_draft(rows, tree, topk, num_steps))
+            index, lens = random_paths(rng, bs, tree)
+            alloc.commit_tree(rows, index.cuda(), torch.tensor(lens, device="cuda"), keep_branches=True)
+        outputs.append(alloc.alloc_draft(rows, 3))  # gives the branch pages back
+        alloc.commit(rows, torch.tensor([i % 4 for i in range(bs)], device="cuda"))
+        check_layout(alloc)
+        index = torch.zeros(bs, tree, dtype=torch.int64, device="cuda")
+        lens = torch.ones(bs, dtype=torch.int64, device="cuda")
+        graph_outputs = alloc.alloc_tree_draft(rows, tree, topk, num_steps)  # compiled, a window open
+        out, last, slots, src, dst = graph_outputs
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            alloc.commit_tree(rows, index, lens, keep_branches=True)
+            alloc.alloc_tree_draft(
+                rows, tree, topk, num_steps, out_cache_loc=out, last_loc=last, branch_slots=slots.view(-1),
+                copy_src=src, copy_dst=dst,
+            )  # fmt: skip
+        for _ in range(3):
+            graph.replay()
+            outputs.append(tuple(t.clone() for t in graph_outputs))
+        # (The host's bound on committed lengths does not see replays: check_layout would fail on it.)
+        assert alloc._counters[2].item() == 0 and not next_look_back_bank(alloc).any()
+        launched = {dict(constexprs)["LOOKBACK"] for _, constexprs, *_ in alloc._alloc_configs.values()}
+        assert launched == ({0} if block == 0 else {0, 256}), launched  # (add_requests never looks back)
+        runs.append(([[t.cpu() for t in result] for result in outputs], snapshot(alloc)))
+    for run in runs[1:]:
+        assert all(
+            len(got) == len(expected) and all(torch.equal(x, y) for x, y in zip(got, expected))
+            for got, expected in zip(run[0], runs[0][0])
+        )
+        for name in STATE_TENSORS:
+            assert torch.equal(run[1][name], runs[0][1][name]), name
 
 
 @pytest.mark.gpu

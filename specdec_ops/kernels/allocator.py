@@ -3,8 +3,8 @@
 State (all on the device): ``req_to_token[row, pos]`` is the slot of position ``pos`` of the request in ``row``;
 ``alloc_lens[row]``: positions ``[0, alloc_len)`` own slots; ``seq_lens[row]`` of them are committed;
 ``window_lens[row]`` is the open draft window; ``prefix_lens[row]``: positions ``[0, prefix_len)`` sit on pages that
-the caller's prefix cache owns. Free pages form a FIFO ring: ``counters = [head, count, ticket, epoch, tiles]`` (the
-last two for ``LOOKBACK``, below) and the free pages
+the caller's prefix cache owns. Free pages form a FIFO ring: ``counters = [head, count, ticket, epoch, tiles,
+push epoch, push tiles]`` (the last four for ``LOOKBACK``, below) and the free pages
 are ``free_pages[(head + k) % num_pages]`` for ``k < count``; pops take from the head, pushes append at the tail.
 Slots of page ``p`` are ``p * PAGE_SIZE + (0 .. PAGE_SIZE - 1)`` and position ``pos`` of a request lives at offset
 ``pos % PAGE_SIZE`` of its page.
@@ -21,9 +21,11 @@ instead (``_count_pops_kernel`` for a chain, ``_commit_tree_count_kernel`` for a
 writes each tile's pops (and pushes) to scratch, so the second reads one sum per earlier tile, and each program
 writes its own rows, with no ticket and no last pass.
 
-Looking back (``LOOKBACK``, a chain draft past one program, off Ascend). Each program publishes its tile's pops
-(``-1 - pops`` at ``statuses[tile]``, an atomic exchange that *releases*: its loads of the counters are done before
-any program sees it), then reads those of every earlier tile, re-reading until all are published (``_look_back``).
+Looking back (``LOOKBACK``, a draft in one launch past one program: a chain or a tree draft, either of which may
+release branch pages; off Ascend). Each program publishes its tile's pops (``-1 - pops`` at ``statuses[tile]``, an
+atomic exchange that *releases*: its loads of the counters are done before any program sees it), and with
+``RELEASE`` first its pushes the same way in banks of their own, then reads those of every earlier tile, re-reading
+until all are published (``_look_back``).
 No program reads another's requests, so each writes its own rows, and the program of the last tile, which waits for
 every other tile's status with loads that *acquire*, moves the counters: no sums over earlier requests, no ticket,
 no last pass. This waits on other programs, so it needs them all running at once: the host caps the grid at one
@@ -31,7 +33,8 @@ program per SM (``DraftCacheAllocator._look_back_programs``; the interpreter run
 no such guarantee and never looks back. Statuses take one of two banks in scratch by the parity of
 ``counters[3]``, the launches that looked back; the last tile advances it, records its launch's tiles in
 ``counters[4]`` and clears the other bank (the previous such launch's, which has ended), so the next launch finds
-its bank all 0. Pops read the ring at
+its bank all 0; the pushes' banks go by ``counters[5]`` and ``counters[6]`` the same way, among the launches that
+release. Pops read the ring at
 ``[head, head + count)``, pushes write at ``[head + count, ...)``: disjoint, since the pages pushed are pages in
 use, so ``count + pushed <= num_pages``.
 
@@ -236,21 +239,30 @@ def _tile_sums(scratch, t0, counted, num_rows, SCAN_BLOCK: tl.constexpr, RELEASE
 
 
 @triton.jit
-def _look_back(statuses, tile, BLOCK: tl.constexpr, ACQUIRE: tl.constexpr):
+def _look_back(statuses, push_statuses, tile, BLOCK: tl.constexpr, ACQUIRE: tl.constexpr, PUSHES: tl.constexpr):
     """The pops of tiles ``[0, tile)``, as their programs published them at ``statuses[t]`` (``-1 - pops``; 0 while
-    unpublished), ``BLOCK`` tiles a load, each load repeated until all of its tiles are published; ``ACQUIRE``:
-    atomic loads that acquire what each publishing program released. Only where every program of the launch runs at
-    once (CUDA: a grid of at most one program per SM; the interpreter runs the programs in order), so that every
-    earlier tile's program makes progress: never on Ascend."""
-    lanes = tl.full([BLOCK], 0, dtype=tl.int32)
+    unpublished), and with ``PUSHES`` their pushes, published the same way at ``push_statuses[t]`` (else 0),
+    ``BLOCK`` tiles a load, each load repeated until all of its tiles are published; ``ACQUIRE``: atomic loads that
+    acquire what each publishing program released. Only where every program of the launch runs at once (CUDA: a grid
+    of at most one program per SM; the interpreter runs the programs in order), so that every earlier tile's program
+    makes progress: never on Ascend."""
+    popped = tl.full([BLOCK], 0, dtype=tl.int32)
+    pushed = tl.full([BLOCK], 0, dtype=tl.int32)
     for t0 in range(0, tile, BLOCK):
         t = t0 + tl.arange(0, BLOCK)
         earlier = t < tile
         status = _statuses(statuses + t, earlier, ACQUIRE)
-        while tl.reduce(status, 0, _maximum) >= 0:  # a tile not published yet
-            status = _statuses(statuses + t, earlier, ACQUIRE)
-        lanes += -1 - status
-    return tl.reduce(lanes, 0, _add)
+        if PUSHES:  # (a tile's two words are both published before either counts)
+            pushes = _statuses(push_statuses + t, earlier, ACQUIRE)
+            while tl.reduce(tl.maximum(status, pushes), 0, _maximum) >= 0:  # a tile not published yet
+                status = _statuses(statuses + t, earlier, ACQUIRE)
+                pushes = _statuses(push_statuses + t, earlier, ACQUIRE)
+            pushed += -1 - pushes
+        else:
+            while tl.reduce(status, 0, _maximum) >= 0:  # a tile not published yet
+                status = _statuses(statuses + t, earlier, ACQUIRE)
+        popped += -1 - status
+    return tl.reduce(popped, 0, _add), tl.reduce(pushed, 0, _add)
 
 
 @triton.jit
@@ -378,9 +390,9 @@ def _alloc_windows(
     ``scratch[2 * num_rows + t]``, and the ring's head and count at ``scratch[num_rows]`` and
     ``scratch[num_rows + 1]``, so no program reads another's requests: each writes its own rows' lengths and branch
     counts, and the program of the last tile moves the counters (no ticket, no pass over the batch). With
-    ``LOOKBACK`` (decode, not ``BRANCH`` or ``RELEASE``; that many statuses a load) each program publishes its
-    tiles' pops and reads those of earlier tiles instead of summing earlier requests (module docstring): each
-    writes its own rows, the program of the last tile moves the counters. ``PDL``: launched
+    ``LOOKBACK`` (decode, not ``SUMS``; that many statuses a load) each program publishes its tiles' pops (with
+    ``RELEASE`` also their pushes) and reads those of earlier tiles instead of summing earlier requests (module
+    docstring): each writes its own rows, the program of the last tile moves the counters. ``PDL``: launched
     as a programmatic dependent (CUDA, ``backend.supports_pdl``), so it may start before the previous kernel of the
     stream has ended. Each program waits for that one (``gdc_wait``) before it reads anything, or, with ``SUMS``,
     before it reads scratch or writes anything: the first launch let this one start only once the kernel before it
@@ -400,13 +412,19 @@ def _alloc_windows(
         epoch = tl.load(counters + 3).to(tl.int32)
         prev_tiles = tl.load(counters + 4).to(tl.int32)
         statuses = scratch + 4 * num_rows + (epoch & 1) * num_rows
+        if RELEASE:  # pushes: banks of their own, taken by the launches that looked back and released pages
+            push_epoch = tl.load(counters + 5).to(tl.int32)
+            prev_push_tiles = tl.load(counters + 6).to(tl.int32)
+            push_statuses = scratch + 6 * num_rows + (push_epoch & 1) * num_rows
+        else:
+            push_statuses = statuses
     cols = tl.arange(0, BLOCK_N)
     # A launch of one program owns everything: it writes the shared state as it goes, with no ticket. So does each
     # program of a second pass (SUMS), as none reads the requests of another.
     alone = num_programs == 1
     # (triton-ascend's frontend takes no chain of three boolean operands: pairs in parentheses.)
     owner = alone or (SUMS > 0 or LOOKBACK > 0)
-    tl.static_assert(LOOKBACK == 0 or not ((PREFILL or RELEASE) or (BRANCH or SUMS > 0)), "look-back: chain drafts")
+    tl.static_assert(LOOKBACK == 0 or not (PREFILL or SUMS > 0), "look-back: drafts in one launch")
     # Needs (and branch pages held) of the requests before this program's next tile, carried lane-wise from one tile
     # to the next (a scalar carry of reduce results read inside the loop is miscompiled by Triton 3.6, see
     # docs/design.md): other programs' requests in lane_sums/held_sums, read from memory; this program's own
@@ -539,13 +557,19 @@ def _alloc_windows(
             before = tl.reduce(lane_sums, 0, _add)
         elif LOOKBACK:
             before = tl.reduce(own_sums, 0, _add)  # (one program: its own earlier tiles)
-            if num_programs > 1:  # publish this tile's pops, then add those every earlier tile published
+            if RELEASE:
+                pushed_before = tl.reduce(own_held, 0, _add)
+            if num_programs > 1:  # publish this tile's pops (and pushes), then add those every earlier tile published
                 # Released: this program's loads of the counters are done before any program can see it.
+                if RELEASE:
+                    tl.atomic_xchg(push_statuses + tile, -1 - tl.reduce(held, 0, _add), sem="release", scope="gpu")
                 tl.atomic_xchg(statuses + tile, -1 - tl.reduce(pops, 0, _add), sem="release", scope="gpu")
                 if tile == num_tiles - 1:  # acquired: the counters this tile moves were read by every program
-                    before = _look_back(statuses, tile, LOOKBACK, True)
+                    before, pushed = _look_back(statuses, push_statuses, tile, LOOKBACK, True, RELEASE)
                 else:
-                    before = _look_back(statuses, tile, LOOKBACK, False)
+                    before, pushed = _look_back(statuses, push_statuses, tile, LOOKBACK, False, RELEASE)
+                if RELEASE:
+                    pushed_before = pushed
         else:
             before = tl.reduce(own_sums, 0, _add)
             if (tile_start > 0) & (num_programs > 1):  # other programs' requests came before this tile
@@ -555,6 +579,8 @@ def _alloc_windows(
         if RELEASE:
             if SUMS:
                 held_before = tl.reduce(held_sums, 0, _add)
+            elif LOOKBACK:
+                held_before = pushed_before
             else:
                 held_before = tl.reduce(own_held, 0, _add) + tl.reduce(held_sums, 0, _add)
             held_start = count + held_before + tl.associative_scan(held, 0, _add) - held
@@ -664,16 +690,26 @@ def _alloc_windows(
             if LOOKBACK:
                 if (tile == num_tiles - 1) & (num_programs > 1):  # the last tile: every pop of the batch is known
                     popped = tl.minimum(before + tl.reduce(pops, 0, _add), count)
+                    new_count = count - popped
+                    if RELEASE:
+                        new_count += tl.minimum(held_before + tl.reduce(held, 0, _add), num_pages - count)
                     tl.store(counters, _ring_index(head, popped, num_pages).to(counters.dtype.element_ty))
-                    tl.store(counters + 1, (count - popped).to(counters.dtype.element_ty))
+                    tl.store(counters + 1, new_count.to(counters.dtype.element_ty))
                     # The next launch that looks back takes the other bank, which this one clears: the launch
-                    # that used it has ended.
+                    # that used it has ended. So for the pushes' banks, among the launches that release.
                     tl.store(counters + 3, (epoch + 1).to(counters.dtype.element_ty))
                     tl.store(counters + 4, num_tiles.to(counters.dtype.element_ty))
                     other = scratch + 4 * num_rows + (1 - (epoch & 1)) * num_rows
                     for t0 in range(0, prev_tiles, LOOKBACK):
                         t = t0 + tl.arange(0, LOOKBACK)
                         tl.store(other + t, t * 0, mask=t < prev_tiles)
+                    if RELEASE:
+                        tl.store(counters + 5, (push_epoch + 1).to(counters.dtype.element_ty))
+                        tl.store(counters + 6, num_tiles.to(counters.dtype.element_ty))
+                        other = scratch + 6 * num_rows + (1 - (push_epoch & 1)) * num_rows
+                        for t0 in range(0, prev_push_tiles, LOOKBACK):
+                            t = t0 + tl.arange(0, LOOKBACK)
+                            tl.store(other + t, t * 0, mask=t < prev_push_tiles)
             if SUMS:
                 if tile == num_tiles - 1:  # the last tile: every pop (and push) of the batch is known
                     popped = tl.minimum(before + tl.reduce(pops, 0, _add), count)
