@@ -160,7 +160,12 @@ _NPU_BRANCH_BLOCK = 32
 # A draft that also gives branches (alloc_tree_draft) with page_size > 1 writes topk * (page_size - 1) copy pairs a
 # request: at most _COPY_TREE_DRAFT_TILE requests a tile (H200 profiler, page 64, topk 4, 5 steps, T 8, caps 4 / 8 /
 # 16 / 32 / none: bs 4 3.5 / 4.0 / 4.8 / 6.6 / 6.6 us, bs 64 5.7 / 6.0 / 7.1 / 9.7 / 15.9, bs 1024 7.0 / 7.1 / 8.1 /
-# 10.7 / 10.7).
+# 10.7 / 10.7, every program summing the earlier requests) ... Where it looks back (a GPU), at least that many
+# but the smallest power of two that keeps the grid within one program per SM, at most _BRANCH_LARGE_TILE: H200
+# graph replay of alloc_tree_draft + commit_tree, topk 4, 5 steps, T 8, page 64, tiles of 4 / 8 / 16 requests at
+# bs 1024: 12.0-12.4 / 8.4-8.8 / 9.9-10.1 us; 4 / 16 / 32 / 64 at bs 4096: 41.3 / 17.5 / 14.2 / 21.6-21.8; 4 / 128
+# at bs 16384: 248 / 81 (256 fails to compile, as at page 1); page 16, 4 / 8 / 16 at bs 1024: 11.8 / 8.1 / 8.6,
+# 4 / 32 at bs 4096: 37.8-38.2 / 10.5-10.6.
 _COPY_TREE_DRAFT_TILE = 4
 # ... whose copy pairs a counted draft (the second of a tree step's two launches, _tree_step_counts) writes in
 # [TILE, _COPY_COUNTED_BLOCK] blocks: H200 graph replay of commit_tree_and_draft, page 64, topk 4, 5 steps, T 8, two
@@ -2029,6 +2034,8 @@ class DraftCacheAllocator:
         if branch and self.page_size > 1:
             pairs = _COPY_COUNTED_ONE_PROGRAM if sums else _COPY_ONE_PROGRAM
             tile = self._copy_pairs_tile(bs, topk, _COPY_TREE_DRAFT_TILE, _COPY_ONE_PROGRAM_BS, pairs)
+            if tile < bs and not sums and self._look_back_programs:  # it looks back: about one program per SM
+                tile = min(_per_core_tile(bs, self._look_back_programs, tile), _BRANCH_LARGE_TILE)
         return tile
 
     def _two_pass_tile(self, bs: int, n: int) -> int:

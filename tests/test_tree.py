@@ -17,6 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from test_allocator import (
     MANY_PROGRAMS,
     STATE_TENSORS,
+    assert_same_runs,
     assert_unchanged,
     branch_pages_of,
     check_layout,
@@ -527,6 +528,7 @@ def test_commit_tree_and_draft_takes_one_launch_eagerly_wherever_its_draft_is_on
     """With pages > 1, in a graph (and in the interpreter) the one launch is taken up to 512 copy pairs, where the
     counted draft of two launches would be one program; eager calls on a device take it wherever the tree draft alone
     is one program (16 requests, 2048 pairs): a second launch costs the host more than it saves the device."""
+    monkeypatch.setattr(allocator_module.backend, "num_cores", lambda device: 132)  # where it answers as a GPU
     alloc = DraftCacheAllocator(16 * 64, 32, 64, page_size=16, device="cpu")
     branches = (4, 5, None, None, None)  # 60 copy pairs a request
     assert [alloc._tree_step_in_one_launch(bs, 4, False, branches, 4) for bs in (4, 8, 9, 16)] == [1, 1, 0, 0]
@@ -1070,6 +1072,42 @@ def test_tree_drafts_looking_back_match_summing_call_for_call(page_size, monkeyp
     assert runs[0][0] == runs[1][0]
     for name in STATE_TENSORS:
         assert torch.equal(runs[0][1][name], runs[1][1][name]), name
+
+
+def test_tree_draft_with_copies_looking_back_takes_about_one_program_per_core(monkeypatch):
+    """Past one program a tree draft with page_size > 1 (copy pairs) that looks back takes the smallest power-of-two
+    tile of at least _COPY_TREE_DRAFT_TILE requests that keeps the grid within one program per core, at most
+    _BRANCH_LARGE_TILE; where it does not look back (_look_back_programs 0: the interpreter, Ascend), that minimum.
+    Whichever the tile, the same slots, pairs and lengths."""
+    bs, low = 40, allocator_module._COPY_TREE_DRAFT_TILE
+    launches = []
+    launch = allocator_module.backend.launch
+
+    def record(fn, grid, *args):
+        constexprs = dict(args[-2])
+        if fn.__name__ == "_alloc_windows_kernel" and constexprs["BRANCH"]:
+            launches.append((grid[0], constexprs["TILE"]))
+        return launch(fn, grid, *args)
+
+    monkeypatch.setattr(allocator_module.backend, "launch", record)
+    results = []
+    # (the interpreter runs programs in order, so each grid here holds one program per tile: a program that looped
+    # over tiles would wait for a later one's)
+    assert allocator_module._BRANCH_LARGE_TILE >= 32
+    for cores, tile in ((0, low), (100, low), (5, 8), (2, 32)):  # 40 / 5 -> 8; 40 / 2 -> 32
+        alloc = DraftCacheAllocator(4 * 2048, bs, 32, page_size=4, device="cpu")
+        alloc._look_back_programs = cores
+        rows = alloc.add_requests([i % 7 for i in range(bs)])
+        # The config first: a grid capped below its tiles would hang here (a program waiting for a later one).
+        config = alloc._alloc_launch_config(bs, 3, False, False, True, False, (2, 2), None, False)
+        assert (config[0], config[3]) == (tile, cores), (cores, config)
+        launches.clear()
+        outputs = alloc.alloc_tree_draft(rows, 3, 2, 2)
+        assert launches == [(-(-bs // tile), tile)], (cores, launches)
+        check_layout(alloc)
+        results.append(([outputs], snapshot(alloc)))
+    for run in results[1:]:
+        assert_same_runs(run, results[0])
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["branches+draft", "tree-draft"])
