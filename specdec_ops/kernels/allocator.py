@@ -266,6 +266,19 @@ def _look_back(statuses, push_statuses, tile, BLOCK: tl.constexpr, ACQUIRE: tl.c
 
 
 @triton.jit
+def _turn_banks(epochs, epoch, num_tiles, banks, num_rows, prev_tiles, BLOCK: tl.constexpr):
+    """After a launch that looked back: ``epochs[0]`` (``epoch``, whose parity picked this launch's bank of the two
+    at ``banks``, ``num_rows`` each) advances, ``epochs[1]`` records this launch's ``num_tiles``, and the other bank
+    is cleared over the ``prev_tiles`` that the launch before published there (it has ended), ``BLOCK`` a store."""
+    tl.store(epochs, (epoch + 1).to(epochs.dtype.element_ty))
+    tl.store(epochs + 1, num_tiles.to(epochs.dtype.element_ty))
+    other = banks + (1 - (epoch & 1)) * num_rows
+    for t0 in range(0, prev_tiles, BLOCK):
+        t = t0 + tl.arange(0, BLOCK)
+        tl.store(other + t, t * 0, mask=t < prev_tiles)
+
+
+@triton.jit
 def _statuses(pointers, mask, ACQUIRE: tl.constexpr):
     """Published statuses (-1 where masked off), read past any cache; ``ACQUIRE``: as atomics that acquire."""
     if ACQUIRE:
@@ -697,19 +710,10 @@ def _alloc_windows(
                     tl.store(counters + 1, new_count.to(counters.dtype.element_ty))
                     # The next launch that looks back takes the other bank, which this one clears: the launch
                     # that used it has ended. So for the pushes' banks, among the launches that release.
-                    tl.store(counters + 3, (epoch + 1).to(counters.dtype.element_ty))
-                    tl.store(counters + 4, num_tiles.to(counters.dtype.element_ty))
-                    other = scratch + 4 * num_rows + (1 - (epoch & 1)) * num_rows
-                    for t0 in range(0, prev_tiles, LOOKBACK):
-                        t = t0 + tl.arange(0, LOOKBACK)
-                        tl.store(other + t, t * 0, mask=t < prev_tiles)
+                    _turn_banks(counters + 3, epoch, num_tiles, scratch + 4 * num_rows, num_rows, prev_tiles, LOOKBACK)
                     if RELEASE:
-                        tl.store(counters + 5, (push_epoch + 1).to(counters.dtype.element_ty))
-                        tl.store(counters + 6, num_tiles.to(counters.dtype.element_ty))
-                        other = scratch + 6 * num_rows + (1 - (push_epoch & 1)) * num_rows
-                        for t0 in range(0, prev_push_tiles, LOOKBACK):
-                            t = t0 + tl.arange(0, LOOKBACK)
-                            tl.store(other + t, t * 0, mask=t < prev_push_tiles)
+                        pushes = scratch + 6 * num_rows
+                        _turn_banks(counters + 5, push_epoch, num_tiles, pushes, num_rows, prev_push_tiles, LOOKBACK)
             if SUMS:
                 if tile == num_tiles - 1:  # the last tile: every pop (and push) of the batch is known
                     popped = tl.minimum(before + tl.reduce(pops, 0, _add), count)
