@@ -1546,12 +1546,7 @@ def test_gpu_tree_drafts_looking_back_match_summing(page_size, monkeypatch):
         assert launched == ({0} if block == 0 else {0, 256}), launched  # (add_requests never looks back)
         runs.append(([[t.cpu() for t in result] for result in outputs], snapshot(alloc)))
     for run in runs[1:]:
-        assert all(
-            len(got) == len(expected) and all(torch.equal(x, y) for x, y in zip(got, expected))
-            for got, expected in zip(run[0], runs[0][0])
-        )
-        for name in STATE_TENSORS:
-            assert torch.equal(run[1][name], runs[0][1][name]), name
+        assert_same_runs(run, runs[0])
 
 
 @pytest.mark.gpu
