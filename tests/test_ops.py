@@ -302,13 +302,14 @@ def test_persistent_grid_loops_over_tiles(device, lengths, n, cores, bs, monkeyp
     assert as_list(comp) == loop_last
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("lengths,n", [("uniform", 4), ("uniform", 70), ("ragged", 8)], ids=["u4", "u70", "ragged8"])
 @pytest.mark.parametrize("scan", [None, 64], ids=["npu_scan", "scan64"])
-def test_ascend_launch_configs_give_the_same_slots(lengths, n, scan, monkeypatch, scan_block):
+def test_ascend_launch_configs_give_the_same_slots(device, lengths, n, scan, monkeypatch, scan_block):
     """The launch configurations an NPU gets (its tiles, column blocks and scan block, a grid of one program per
     core looping over tiles, the sums of earlier windows all in the loop: no EARLY_SUM) run here through the
-    interpreter and give the reference's slots: the compile check proves they compile for Ascend, this that they
-    compute the same. With a scan block of 64 the sums take several steps."""
+    interpreter, and on a GPU through Triton's compiler, and give the reference's slots: the compile check proves
+    they compile for Ascend, this that they compute the same. With a scan block of 64 the sums take several steps."""
     monkeypatch.setattr(backend, "is_npu", lambda device: True)
     monkeypatch.setattr(backend, "num_cores", lambda device: 3)
     ops._window_constexprs.cache_clear()
@@ -316,7 +317,7 @@ def test_ascend_launch_configs_give_the_same_slots(lengths, n, scan, monkeypatch
         scan_block(scan * ops._NPU_SHRINK)
     assert not dict(ops._window_constexprs(None, True))["EARLY_SUM"]
     try:
-        batch = make_batch(700, lengths, n, seed=11, device="cpu")  # several NPU tiles per program
+        batch = make_batch(700, lengths, n, seed=11, device=device)  # several NPU tiles per program
         loop_out, loop_last = loop_reference(batch)
         out, last, n_tok = run_fused(batch)
         assert as_list(out[:n_tok]) == loop_out and as_list(last) == loop_last

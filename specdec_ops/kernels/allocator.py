@@ -79,6 +79,16 @@ def _floor_page(x, PAGE_SIZE: tl.constexpr, PAGE_SHIFT: tl.constexpr):
 
 
 @triton.jit
+def _unsummed(tile, num_programs, OWN: tl.constexpr):
+    """The first tile whose requests a program has not summed before its tile ``tile`` (it takes tiles ``pid``,
+    ``pid + num_programs``, ...): 0 at its first tile, else its previous tile, or with ``OWN`` (it carries its own
+    tiles' sums apart) the tile after that. Derived from the tile, not carried from one tile to the next: Triton 3.6
+    on an H200 miscompiles a loop whose lower bound is a scalar carried by the loop around it, and every tile after
+    a program's first took wrong pages (docs/design.md, "A loop's lower bound carried from the tile before")."""
+    return tl.maximum(tile - num_programs + OWN, 0)
+
+
+@triton.jit
 def _ring_index(head, offset, num_pages):
     """``(head + offset) % num_pages`` for ``0 <= head, offset < num_pages``, without ``%``."""
     idx = head + offset
@@ -446,9 +456,12 @@ def _alloc_windows(
     held_sums = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
     own_sums = tl.full([TILE], 0, dtype=tl.int32)
     own_held = tl.full([TILE], 0, dtype=tl.int32)
-    scanned = tl.full([], 0, dtype=tl.int32)
     for tile in range(pid, num_tiles, num_programs):
         tile_start = tile * TILE
+        if SUMS:  # the first launch's tiles this program has not summed yet start here
+            scanned = _unsummed(tile, num_programs, 0) * SUMS
+        else:  # its own earlier tiles are in own_sums: other programs' requests start here
+            scanned = _unsummed(tile, num_programs, 1) * TILE
         if not SUMS and LOOKBACK == 0:  # every request before this tile, from its row's lengths (SUMS: its tiles'
             # sums, below; LOOKBACK: what the programs of earlier tiles published)
             for k0 in range(scanned, tile_start, SCAN_BLOCK):
@@ -487,7 +500,6 @@ def _alloc_windows(
                 if RELEASE:
                     held_sums += held_earlier
                 lane_sums += earlier
-            scanned = tile_start + TILE
         offs = tile_start + tl.arange(0, TILE)  # [TILE]
         in_batch = offs < bs
         if RELEASE:
@@ -566,7 +578,6 @@ def _alloc_windows(
                 lane_sums += pops_t
                 if RELEASE:
                     held_sums += pushes_t
-            scanned = counted
             before = tl.reduce(lane_sums, 0, _add)
         elif LOOKBACK:
             before = tl.reduce(own_sums, 0, _add)  # (one program: its own earlier tiles)
@@ -1029,10 +1040,9 @@ def _free_pages_kernel(
     count = tl.load(counters + 1).to(tl.int32)
     cols = tl.arange(0, BLOCK_P)
     lane_sums = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
-    scanned = tl.full([], 0, dtype=tl.int32)
     for tile in range(pid, num_tiles, num_programs):
         tile_start = tile * TILE
-        for k0 in range(scanned, tile_start, SCAN_BLOCK):
+        for k0 in range(_unsummed(tile, num_programs, 0) * TILE, tile_start, SCAN_BLOCK):
             k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
             _, _, _, earlier, _ = _pages_to_push(
                 k,
@@ -1048,7 +1058,6 @@ def _free_pages_kernel(
                 KEEP,
             )
             lane_sums += earlier
-        scanned = tile_start
         offs = tile_start + tl.arange(0, TILE)  # [TILE]
         rows, valid, first, n, allocs = _pages_to_push(
             offs,
@@ -1183,11 +1192,10 @@ def _release_branches_kernel(
     head = tl.load(counters).to(tl.int32)
     count = tl.load(counters + 1).to(tl.int32)
     held_sums = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
-    scanned = tl.full([], 0, dtype=tl.int32)
     for tile in range(pid, num_tiles, num_programs):
         held_sums = _release_tile(
             tile * TILE,
-            scanned,
+            _unsummed(tile, num_programs, 0) * TILE,
             held_sums,
             req_pool_indices,
             branch_pages,
@@ -1204,7 +1212,6 @@ def _release_branches_kernel(
             BLOCK_R,
             SCAN_BLOCK,
         )
-        scanned = tile * TILE
     _release_finish(
         counters, req_pool_indices, num_branch_pages, count, bs, num_rows, num_pages, branch_width, SCAN_BLOCK
     )
@@ -1525,10 +1532,9 @@ def _alloc_branches_kernel(
     need_sums = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
     own_held = tl.full([TILE], 0, dtype=tl.int32)
     own_need = tl.full([TILE], 0, dtype=tl.int32)
-    scanned = tl.full([], 0, dtype=tl.int32)
     for tile in range(pid, num_tiles, num_programs):
         tile_start = tile * TILE
-        for k0 in range(scanned, tile_start, SCAN_BLOCK):
+        for k0 in range(_unsummed(tile, num_programs, 1) * TILE, tile_start, SCAN_BLOCK):
             k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
             _, _, held_earlier, _, _, per_branch_earlier, need_earlier = _branch_needs(
                 k,
@@ -1547,7 +1553,6 @@ def _alloc_branches_kernel(
             _, popped_earlier, pushed_earlier = _trade(held_earlier, need_earlier, per_branch_earlier, topk)
             held_sums += pushed_earlier
             need_sums += popped_earlier
-        scanned = tile_start + TILE
         offs = tile_start + tl.arange(0, TILE)  # [TILE]
         in_batch = offs < bs
         rows, valid, held, seq, off, per_branch, need = _branch_needs(
@@ -1846,12 +1851,11 @@ def _commit_tree_kernel(
         head = tl.load(counters).to(tl.int32)
         count = tl.load(counters + 1).to(tl.int32)
         held_sums = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
-        scanned = tl.full([], 0, dtype=tl.int32)
     for tile in range(pid, num_tiles, num_programs):
         if RELEASE:
             held_sums = _release_tile(
                 tile * TILE,
-                scanned,
+                _unsummed(tile, num_programs, 0) * TILE,
                 held_sums,
                 req_pool_indices,
                 branch_pages,
@@ -1868,7 +1872,6 @@ def _commit_tree_kernel(
                 BLOCK_R,
                 SCAN_BLOCK,
             )
-            scanned = tile * TILE
         _commit_tree_tile(
             tile * TILE,
             req_to_token,
