@@ -1382,10 +1382,18 @@ class DraftCacheAllocator:
             tile = max(1 << (bs - 1).bit_length(), _BRANCH_TILE)
         else:
             tile = _BRANCH_TILE
+        # Past one program it looks back, as a draft does (off Ascend): on a GPU about one program per SM.
+        look_back = _LOOK_BACK_BLOCK if tile < bs and not backend.is_npu(self.device) else 0
+        programs = self._look_back_programs
+        if look_back and programs:
+            tile = min(_per_core_tile(bs, programs, tile), _BRANCH_LARGE_TILE)
+        grid = self._grid(bs, tile)
+        if look_back and grid[0] > programs > 0:
+            grid = (programs,)  # each program loops over its tiles
         block_e = self._branch_block(topk, num_steps)
         return (backend.prepare if prepare else backend.launch)(
             self._kernels()._alloc_branches_kernel,
-            self._grid(bs, tile),
+            grid,
             self.device,
             (
                 self.req_to_token,
@@ -1398,6 +1406,7 @@ class DraftCacheAllocator:
                 slots,
                 copy_src if p > 1 else slots,
                 copy_dst if p > 1 else slots,
+                self._scratch,
             ),
             (
                 bs,
@@ -1419,6 +1428,7 @@ class DraftCacheAllocator:
                 ("SCAN_BLOCK", self._scan_block()),
                 ("COPY", p > 1),
                 ("EARLY_COPY", self._early_copy()),
+                ("LOOKBACK", look_back),
                 ("PDL", self._pdl),
             ),
             _NUM_WARPS,

@@ -1074,6 +1074,50 @@ def test_tree_drafts_looking_back_match_summing_call_for_call(page_size, monkeyp
         assert torch.equal(runs[0][1][name], runs[1][1][name]), name
 
 
+@pytest.mark.parametrize("page_size", [1, 4], ids=lambda p: f"page{p}")
+def test_alloc_branches_looking_back_matches_summing_call_for_call(page_size, monkeypatch):
+    """alloc_branches past one program looks back off Ascend, as a tree draft does: each program publishes its tiles'
+    pushes (the branch pages it returns) and pops and adds those of earlier tiles. Against every program summing the
+    earlier requests (Ascend's way, _LOOK_BACK_BLOCK = 0), call for call on many programs: branches for rows that
+    hold none, for rows that trade them or keep them (the branch shape changes, then stays), after a tree commit and
+    a chain draft that released them, with rows not in use in the batch. check_layout also checks that both banks of
+    published tiles went back to 0."""
+    bs = 80 if page_size == 1 else 40  # page 1: 32-request tiles (3 programs); page 4: 4-request tiles (10)
+    launches = []
+    launch = allocator_module.backend.launch
+
+    def record(fn, grid, *args):
+        if fn.__name__ == "_alloc_branches_kernel":
+            launches.append((grid[0], dict(args[-2])["LOOKBACK"]))
+        return launch(fn, grid, *args)
+
+    monkeypatch.setattr(allocator_module.backend, "launch", record)
+    runs = []
+    for block in (0, 4):  # summing; looking back at 4 tiles a load
+        monkeypatch.setattr(allocator_module, "_LOOK_BACK_BLOCK", block)
+        rng = random.Random(page_size)
+        num_pages = bs * (pages(200, page_size) + 2 * 3 * pages(page_size - 1 + 4, page_size))
+        alloc = DraftCacheAllocator(page_size * num_pages, bs + 6, 200, page_size=page_size, device="cpu")
+        rows = alloc.add_requests([rng.randrange(0, 60) for _ in range(bs + 6)]).tolist()
+        alloc.free_requests(rows[-6:])
+        batch = torch.tensor(rows[: bs - 6] + rows[-6:])  # rows not in use, still in the batch: they change nothing
+        launches.clear()
+        outputs = []
+        for topk, num_steps in ((2, 3), (3, 4), (3, 4), (2, 2)):  # none held, then traded, kept, traded
+            outputs.append([t.tolist() for t in alloc.alloc_branches(batch, topk, num_steps, return_copies=True)])
+            check_layout(alloc)
+        out, last = alloc.alloc_draft(batch, 3)  # gives the branch pages back
+        alloc.commit(batch, torch.tensor([rng.randrange(0, 4) for _ in range(bs)]))
+        outputs.append([out.tolist(), last.tolist()])
+        outputs.append([t.tolist() for t in alloc.alloc_branches(batch, 2, 3, return_copies=True)])
+        check_layout(alloc)
+        runs.append((outputs, snapshot(alloc)))
+        assert len(launches) == 5 and all(grid > 1 and looked == block for grid, looked in launches), launches
+    assert runs[0][0] == runs[1][0]
+    for name in STATE_TENSORS:
+        assert torch.equal(runs[0][1][name], runs[1][1][name]), name
+
+
 def test_tree_draft_with_copies_looking_back_takes_about_one_program_per_core(monkeypatch):
     """Past one program a tree draft with page_size > 1 (copy pairs) that looks back takes the smallest power-of-two
     tile of at least _COPY_TREE_DRAFT_TILE requests that keeps the grid within one program per core, at most
@@ -1505,14 +1549,15 @@ def test_gpu_tree_drafts_looking_back_match_summing(page_size, monkeypatch):
     """Tree drafts past one program look back on the GPU (programs running at once, each waiting for the pops and
     pushes of the tiles before its own): the same, call for call, as every program summing the earlier requests
     (Ascend's way), on a grid of one program per tile and on grids capped at 2 and 5 programs that loop over the
-    tiles: alloc_tree_draft with branches only, then trading branch pages, a chain draft that releases them, and a
-    replayed CUDA graph of a tree step, which needs every launch to leave both banks of published tiles at 0."""
+    tiles: alloc_tree_draft with branches only, then trading branch pages, alloc_branches trading and keeping them,
+    a chain draft that releases them, and a replayed CUDA graph of a tree step, which needs every launch to leave
+    both banks of published tiles at 0."""
     bs, topk, num_steps, tree = 3000, 2, 3, 4
     runs = []
     for block, programs in ((0, 0), (256, 0), (256, 2), (256, 5)):
         monkeypatch.setattr(allocator_module, "_LOOK_BACK_BLOCK", block)
         rng = random.Random(page_size)
-        num_pages = bs * (pages(300, page_size) + 2 * topk * pages(page_size - 1 + num_steps, page_size))
+        num_pages = bs * (pages(300, page_size) + 2 * 3 * pages(page_size - 1 + 4, page_size))
         alloc = DraftCacheAllocator(page_size * num_pages, bs, 300, page_size=page_size, device="cuda")
         if programs:
             alloc._look_back_programs = programs
@@ -1523,6 +1568,8 @@ def test_gpu_tree_drafts_looking_back_match_summing(page_size, monkeypatch):
             outputs.append(alloc.alloc_tree_draft(rows, tree, topk, num_steps))
             index, lens = random_paths(rng, bs, tree)
             alloc.commit_tree(rows, index.cuda(), torch.tensor(lens, device="cuda"), keep_branches=True)
+        for shape in ((3, 4), (3, 4), (topk, num_steps)):  # alloc_branches: traded, kept, traded back
+            outputs.append(alloc.alloc_branches(rows, *shape, return_copies=True))
         outputs.append(alloc.alloc_draft(rows, 3))  # gives the branch pages back
         alloc.commit(rows, torch.tensor([i % 4 for i in range(bs)], device="cuda"))
         check_layout(alloc)

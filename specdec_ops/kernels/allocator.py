@@ -1487,6 +1487,7 @@ def _alloc_branches_kernel(
     branch_slots,
     copy_src,
     copy_dst,
+    scratch,
     bs,
     num_rows,
     max_context_len,
@@ -1504,6 +1505,7 @@ def _alloc_branches_kernel(
     SCAN_BLOCK: tl.constexpr,
     COPY: tl.constexpr,
     EARLY_COPY: tl.constexpr,
+    LOOKBACK: tl.constexpr = 0,
     PDL: tl.constexpr = False,
 ):
     """Release the rows' branch pages, then give each request ``topk`` branches of ``num_steps`` positions (a
@@ -1516,7 +1518,10 @@ def _alloc_branches_kernel(
     ``(off + s) // PAGE_SIZE``: ``branch_slots[(i * topk + b) * num_steps + s]``. With ``COPY`` (``PAGE_SIZE >
     1``): ``copy_dst[(i * topk + b) * (PAGE_SIZE - 1) + q] = first_page_b * PAGE_SIZE + q`` and ``copy_src`` the
     slot of committed position ``seq - off + q`` for ``q < off`` (the committed part of the last partial page);
-    ``copy_src = copy_dst`` for ``q >= off``. Rows out of range give slot 0 and pairs ``0 -> 0``.
+    ``copy_src = copy_dst`` for ``q >= off``. Rows out of range give slot 0 and pairs ``0 -> 0``. With ``LOOKBACK``
+    (that many statuses a load) each program publishes its tiles' pushes and pops in ``scratch`` and reads those of
+    earlier tiles instead of summing earlier requests, as ``_alloc_windows`` does for a draft that releases: each
+    writes its own rows' branch counts, the program of the last tile moves the counters (no ticket).
     """
     if PDL:
         _pdl_wait()
@@ -1525,34 +1530,44 @@ def _alloc_branches_kernel(
     num_tiles = (bs + TILE - 1) // TILE
     head = tl.load(counters).to(tl.int32)
     count = tl.load(counters + 1).to(tl.int32)
-    # A launch of one program writes the shared state as it goes (no ticket). Sums of the requests before the next
-    # tile: other programs' from memory (held_sums, need_sums), this program's own earlier tiles carried (own_*).
+    if LOOKBACK:  # the banks of published tiles this launch takes (pops and pushes), as in _alloc_windows
+        epoch = tl.load(counters + 3).to(tl.int32)
+        prev_tiles = tl.load(counters + 4).to(tl.int32)
+        statuses = scratch + 4 * num_rows + (epoch & 1) * num_rows
+        push_epoch = tl.load(counters + 5).to(tl.int32)
+        prev_push_tiles = tl.load(counters + 6).to(tl.int32)
+        push_statuses = scratch + 6 * num_rows + (push_epoch & 1) * num_rows
+    # A launch of one program writes the shared state as it goes (no ticket), and so does each program that looks
+    # back. Sums of the requests before the next tile: other programs' from memory (held_sums, need_sums), this
+    # program's own earlier tiles carried (own_*).
     alone = num_programs == 1
+    owner = alone or LOOKBACK > 0
     held_sums = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
     need_sums = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
     own_held = tl.full([TILE], 0, dtype=tl.int32)
     own_need = tl.full([TILE], 0, dtype=tl.int32)
     for tile in range(pid, num_tiles, num_programs):
         tile_start = tile * TILE
-        for k0 in range(_unsummed(tile, num_programs, 1) * TILE, tile_start, SCAN_BLOCK):
-            k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
-            _, _, held_earlier, _, _, per_branch_earlier, need_earlier = _branch_needs(
-                k,
-                k < tile_start,
-                req_pool_indices,
-                seq_lens,
-                num_branch_pages,
-                num_rows,
-                max_context_len,
-                branch_width,
-                topk,
-                num_steps,
-                PAGE_SIZE,
-                PAGE_SHIFT,
-            )
-            _, popped_earlier, pushed_earlier = _trade(held_earlier, need_earlier, per_branch_earlier, topk)
-            held_sums += pushed_earlier
-            need_sums += popped_earlier
+        if LOOKBACK == 0:  # (LOOKBACK: what the programs of earlier tiles published, below)
+            for k0 in range(_unsummed(tile, num_programs, 1) * TILE, tile_start, SCAN_BLOCK):
+                k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
+                _, _, held_earlier, _, _, per_branch_earlier, need_earlier = _branch_needs(
+                    k,
+                    k < tile_start,
+                    req_pool_indices,
+                    seq_lens,
+                    num_branch_pages,
+                    num_rows,
+                    max_context_len,
+                    branch_width,
+                    topk,
+                    num_steps,
+                    PAGE_SIZE,
+                    PAGE_SHIFT,
+                )
+                _, popped_earlier, pushed_earlier = _trade(held_earlier, need_earlier, per_branch_earlier, topk)
+                held_sums += pushed_earlier
+                need_sums += popped_earlier
         offs = tile_start + tl.arange(0, TILE)  # [TILE]
         in_batch = offs < bs
         rows, valid, held, seq, off, per_branch, need = _branch_needs(
@@ -1579,7 +1594,15 @@ def _alloc_branches_kernel(
             tail_page = rows * 0
         held_before = tl.reduce(own_held, 0, _add)
         need_before = tl.reduce(own_need, 0, _add)
-        if (tile_start > 0) & (num_programs > 1):  # other programs' requests came before this tile
+        if LOOKBACK:
+            if num_programs > 1:  # publish this tile's pushes, then its pops; add those every earlier tile published
+                tl.atomic_xchg(push_statuses + tile, -1 - tl.reduce(to_push, 0, _add), sem="release", scope="gpu")
+                tl.atomic_xchg(statuses + tile, -1 - tl.reduce(to_pop, 0, _add), sem="release", scope="gpu")
+                if tile == num_tiles - 1:  # acquired: the counters this tile moves were read by every program
+                    need_before, held_before = _look_back(statuses, push_statuses, tile, LOOKBACK, True, True)
+                else:
+                    need_before, held_before = _look_back(statuses, push_statuses, tile, LOOKBACK, False, True)
+        elif (tile_start > 0) & (num_programs > 1):  # other programs' requests came before this tile
             held_before += tl.reduce(held_sums, 0, _add)
             need_before += tl.reduce(need_sums, 0, _add)
         held_start = count + held_before + tl.associative_scan(to_push, 0, _add) - to_push  # [TILE]
@@ -1590,8 +1613,17 @@ def _alloc_branches_kernel(
         )
         tl.debug_barrier()  # the old pages are read before the new ones overwrite them
         excl = need_before + tl.associative_scan(to_pop, 0, _add) - to_pop  # [TILE]
-        if alone:  # no other program reads these counts
+        if owner:  # no other program reads these counts
             tl.store(num_branch_pages + rows, need.to(num_branch_pages.dtype.element_ty), mask=valid)
+        if LOOKBACK:
+            if (tile == num_tiles - 1) & (num_programs > 1):  # the last tile: every pop and push of the batch is known
+                popped = tl.minimum(need_before + tl.reduce(to_pop, 0, _add), count)
+                pushed = tl.minimum(held_before + tl.reduce(to_push, 0, _add), num_pages - count)
+                tl.store(counters, _ring_index(head, popped, num_pages).to(counters.dtype.element_ty))
+                tl.store(counters + 1, (count - popped + pushed).to(counters.dtype.element_ty))
+                _turn_banks(counters + 3, epoch, num_tiles, scratch + 4 * num_rows, num_rows, prev_tiles, LOOKBACK)
+                pushes = scratch + 6 * num_rows
+                _turn_banks(counters + 5, push_epoch, num_tiles, pushes, num_rows, prev_push_tiles, LOOKBACK)
         _write_branches(
             offs,
             in_batch,
@@ -1626,6 +1658,8 @@ def _alloc_branches_kernel(
         pushed = tl.minimum(tl.reduce(own_held, 0, _add), num_pages - count)
         tl.store(counters, _ring_index(head, popped, num_pages).to(counters.dtype.element_ty))
         tl.store(counters + 1, (count - popped + pushed).to(counters.dtype.element_ty))
+    elif LOOKBACK:
+        pass  # the program of the last tile moved the counters
     elif _take_ticket(counters) == num_programs - 1:
         pushed_lanes = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
         popped_lanes = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
