@@ -1384,12 +1384,9 @@ class DraftCacheAllocator:
             tile = _BRANCH_TILE
         # Past one program it looks back, as a draft does (off Ascend): on a GPU about one program per SM.
         look_back = _LOOK_BACK_BLOCK if tile < bs and not backend.is_npu(self.device) else 0
-        programs = self._look_back_programs
-        if look_back and programs:
-            tile = min(_per_core_tile(bs, programs, tile), _BRANCH_LARGE_TILE)
-        grid = self._grid(bs, tile)
-        if look_back and grid[0] > programs > 0:
-            grid = (programs,)  # each program loops over its tiles
+        if look_back:
+            tile = self._look_back_tile(bs, tile)
+        grid = self._grid(bs, tile, self._look_back_programs if look_back else 0)
         block_e = self._branch_block(topk, num_steps)
         return (backend.prepare if prepare else backend.launch)(
             self._kernels()._alloc_branches_kernel,
@@ -2007,14 +2004,17 @@ class DraftCacheAllocator:
             return 0
         return self._num_cores
 
-    def _grid(self, bs: int, tile: int) -> tuple[int]:
-        """One program per tile; on Ascend, which binds programs to cores, at most one per core."""
+    def _grid(self, bs: int, tile: int, most: int = 0) -> tuple[int]:
+        """One program per tile; on Ascend, which binds programs to cores, at most one per core; at most ``most``
+        programs where it is not 0 (a launch that looks back: each program loops over its tiles)."""
         num_tiles = (bs + tile - 1) // tile
         if self._max_programs is None:
             persistent = backend.prefers_persistent_grid(self.device)
             self._max_programs = backend.num_cores(self.device) if persistent else 0
         if self._max_programs:
             num_tiles = min(num_tiles, self._max_programs)
+        if most:
+            num_tiles = min(num_tiles, most)
         return (max(num_tiles, 1),)
 
     def _batch_tile(
@@ -2044,9 +2044,16 @@ class DraftCacheAllocator:
         if branch and self.page_size > 1:
             pairs = _COPY_COUNTED_ONE_PROGRAM if sums else _COPY_ONE_PROGRAM
             tile = self._copy_pairs_tile(bs, topk, _COPY_TREE_DRAFT_TILE, _COPY_ONE_PROGRAM_BS, pairs)
-            if tile < bs and not sums and self._look_back_programs:  # it looks back: about one program per SM
-                tile = min(_per_core_tile(bs, self._look_back_programs, tile), _BRANCH_LARGE_TILE)
+            if tile < bs and not sums:  # it looks back: about one program per SM
+                tile = self._look_back_tile(bs, tile)
         return tile
+
+    def _look_back_tile(self, bs: int, tile: int) -> int:
+        """The tile of a launch with branches that looks back past one program: the smallest power of two of at least
+        ``tile`` requests that keeps the grid within _look_back_programs (about one program per SM on a GPU), at most
+        _BRANCH_LARGE_TILE; ``tile`` where nothing bounds the grid (the interpreter)."""
+        programs = self._look_back_programs
+        return min(_per_core_tile(bs, programs, tile), _BRANCH_LARGE_TILE) if programs else tile
 
     def _two_pass_tile(self, bs: int, n: int) -> int:
         """The tile of a draft of ``n`` tokens in two launches (off Ascend; capped by the kernel's limits in
@@ -2251,9 +2258,8 @@ class DraftCacheAllocator:
             topk,
             num_steps,
         )
-        kernel, grid = self._kernels()._alloc_windows_kernel, self._grid(rows.size(0), tile)
-        if grid[0] > max_programs > 0:
-            grid = (max_programs,)  # a draft that looks back: each program loops over its tiles
+        # (a draft that looks back: at most max_programs programs, each looping over its tiles)
+        kernel, grid = self._kernels()._alloc_windows_kernel, self._grid(rows.size(0), tile, max_programs)
         if tree is not None:
             if grid != (1,):
                 raise RuntimeError(f"a tree commit and draft in one launch needs one program, got a grid of {grid}")

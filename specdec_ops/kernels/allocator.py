@@ -289,6 +289,79 @@ def _turn_banks(epochs, epoch, num_tiles, banks, num_rows, prev_tiles, BLOCK: tl
 
 
 @triton.jit
+def _look_back_banks(counters, scratch, num_rows, PUSHES: tl.constexpr):
+    """The banks of published tiles that a launch looking back takes: the pops' epoch (``counters[3]``, whose parity
+    picks this launch's bank of the two at ``scratch[4n:6n]``), the tiles the launch before it published
+    (``counters[4]``) and that bank; with ``PUSHES`` the same for the pushes (``counters[5..6]``, ``scratch[6n:8n]``),
+    taken by the launches that release only, else the pops' again (never written)."""
+    epoch = tl.load(counters + 3).to(tl.int32)
+    prev_tiles = tl.load(counters + 4).to(tl.int32)
+    statuses = scratch + 4 * num_rows + (epoch & 1) * num_rows
+    if PUSHES:
+        push_epoch = tl.load(counters + 5).to(tl.int32)
+        prev_push_tiles = tl.load(counters + 6).to(tl.int32)
+        push_statuses = scratch + 6 * num_rows + (push_epoch & 1) * num_rows
+    else:
+        push_epoch, prev_push_tiles, push_statuses = epoch, prev_tiles, statuses
+    return epoch, prev_tiles, statuses, push_epoch, prev_push_tiles, push_statuses
+
+
+@triton.jit
+def _publish_and_look_back(
+    statuses, push_statuses, tile, num_tiles, pops, pushes, BLOCK: tl.constexpr, PUSHES: tl.constexpr
+):
+    """Publish tile ``tile``'s ``pops`` (with ``PUSHES`` its ``pushes`` first), released: this program's loads of the
+    counters are done before any program can see them. Then the pops and pushes of every earlier tile
+    (``_look_back``), acquired by the last tile, whose program moves the counters that every program read."""
+    if PUSHES:
+        tl.atomic_xchg(push_statuses + tile, -1 - pushes, sem="release", scope="gpu")
+    tl.atomic_xchg(statuses + tile, -1 - pops, sem="release", scope="gpu")
+    if tile == num_tiles - 1:
+        before, pushed = _look_back(statuses, push_statuses, tile, BLOCK, True, PUSHES)
+    else:
+        before, pushed = _look_back(statuses, push_statuses, tile, BLOCK, False, PUSHES)
+    return before, pushed
+
+
+@triton.jit
+def _finish_look_back(
+    counters,
+    head,
+    count,
+    pops,
+    pushes,
+    num_pages,
+    num_tiles,
+    scratch,
+    num_rows,
+    epoch,
+    prev_tiles,
+    push_epoch,
+    prev_push_tiles,
+    BLOCK: tl.constexpr,
+    PUSHES: tl.constexpr,
+):
+    """The last tile's program of a launch that looked back (``_look_back_banks``): every pop and push of the batch
+    is known, so it moves the counters, then turns the banks. The next launch that looks back takes the other bank,
+    which this one clears: the launch that used it has ended. So for the pushes' banks, among the launches that
+    release (``PUSHES``)."""
+    _move_counters(counters, head, count, pops, pushes, num_pages)
+    _turn_banks(counters + 3, epoch, num_tiles, scratch + 4 * num_rows, num_rows, prev_tiles, BLOCK)
+    if PUSHES:
+        _turn_banks(counters + 5, push_epoch, num_tiles, scratch + 6 * num_rows, num_rows, prev_push_tiles, BLOCK)
+
+
+@triton.jit
+def _move_counters(counters, head, count, pops, pushes, num_pages):
+    """After a launch's ``pops`` and ``pushes`` (as summed; 0 for no pushes): the ring's head moves past the pages
+    popped (at most ``count``), and its count loses those and gains the pages pushed (at most the room left)."""
+    popped = tl.minimum(pops, count)
+    pushed = tl.minimum(num_pages - count, pushes)
+    tl.store(counters, _ring_index(head, popped, num_pages).to(counters.dtype.element_ty))
+    tl.store(counters + 1, (count - popped + pushed).to(counters.dtype.element_ty))
+
+
+@triton.jit
 def _statuses(pointers, mask, ACQUIRE: tl.constexpr):
     """Published statuses (-1 where masked off), read past any cache; ``ACQUIRE``: as atomics that acquire."""
     if ACQUIRE:
@@ -431,16 +504,10 @@ def _alloc_windows(
     if not SUMS:  # (SUMS: from the first launch's copy, in the loop below, as this launch moves the counters)
         head = tl.load(counters).to(tl.int32)
         count = tl.load(counters + 1).to(tl.int32)
-    if LOOKBACK:  # the bank of published tiles this launch takes, and the tiles of the launch before in the other
-        epoch = tl.load(counters + 3).to(tl.int32)
-        prev_tiles = tl.load(counters + 4).to(tl.int32)
-        statuses = scratch + 4 * num_rows + (epoch & 1) * num_rows
-        if RELEASE:  # pushes: banks of their own, taken by the launches that looked back and released pages
-            push_epoch = tl.load(counters + 5).to(tl.int32)
-            prev_push_tiles = tl.load(counters + 6).to(tl.int32)
-            push_statuses = scratch + 6 * num_rows + (push_epoch & 1) * num_rows
-        else:
-            push_statuses = statuses
+    if LOOKBACK:  # the banks of published tiles this launch takes (the pushes' where it releases pages)
+        epoch, prev_tiles, statuses, push_epoch, prev_push_tiles, push_statuses = _look_back_banks(
+            counters, scratch, num_rows, RELEASE
+        )
     cols = tl.arange(0, BLOCK_N)
     # A launch of one program owns everything: it writes the shared state as it goes, with no ticket. So does each
     # program of a second pass (SUMS), as none reads the requests of another.
@@ -583,17 +650,16 @@ def _alloc_windows(
             before = tl.reduce(own_sums, 0, _add)  # (one program: its own earlier tiles)
             if RELEASE:
                 pushed_before = tl.reduce(own_held, 0, _add)
+                tile_pushes = tl.reduce(held, 0, _add)
+            else:
+                tile_pushes = 0
             if num_programs > 1:  # publish this tile's pops (and pushes), then add those every earlier tile published
-                # Released: this program's loads of the counters are done before any program can see it.
+                pops_before, pushes_before = _publish_and_look_back(
+                    statuses, push_statuses, tile, num_tiles, tl.reduce(pops, 0, _add), tile_pushes, LOOKBACK, RELEASE
+                )
+                before = pops_before
                 if RELEASE:
-                    tl.atomic_xchg(push_statuses + tile, -1 - tl.reduce(held, 0, _add), sem="release", scope="gpu")
-                tl.atomic_xchg(statuses + tile, -1 - tl.reduce(pops, 0, _add), sem="release", scope="gpu")
-                if tile == num_tiles - 1:  # acquired: the counters this tile moves were read by every program
-                    before, pushed = _look_back(statuses, push_statuses, tile, LOOKBACK, True, RELEASE)
-                else:
-                    before, pushed = _look_back(statuses, push_statuses, tile, LOOKBACK, False, RELEASE)
-                if RELEASE:
-                    pushed_before = pushed
+                    pushed_before = pushes_before
         else:
             before = tl.reduce(own_sums, 0, _add)
             if (tile_start > 0) & (num_programs > 1):  # other programs' requests came before this tile
@@ -711,28 +777,32 @@ def _alloc_windows(
             tl.store(alloc_lens + rows, new_allocs.to(alloc_lens.dtype.element_ty), mask=valid)
             if COMMIT:  # (a row not in use keeps seq_len -1)
                 tl.store(seq_lens + rows, (starts * in_use + (in_use - 1)).to(seq_lens.dtype.element_ty), mask=valid)
+            if RELEASE:
+                pushed_all = held_before + tl.reduce(held, 0, _add)
+            else:
+                pushed_all = 0
             if LOOKBACK:
                 if (tile == num_tiles - 1) & (num_programs > 1):  # the last tile: every pop of the batch is known
-                    popped = tl.minimum(before + tl.reduce(pops, 0, _add), count)
-                    new_count = count - popped
-                    if RELEASE:
-                        new_count += tl.minimum(held_before + tl.reduce(held, 0, _add), num_pages - count)
-                    tl.store(counters, _ring_index(head, popped, num_pages).to(counters.dtype.element_ty))
-                    tl.store(counters + 1, new_count.to(counters.dtype.element_ty))
-                    # The next launch that looks back takes the other bank, which this one clears: the launch
-                    # that used it has ended. So for the pushes' banks, among the launches that release.
-                    _turn_banks(counters + 3, epoch, num_tiles, scratch + 4 * num_rows, num_rows, prev_tiles, LOOKBACK)
-                    if RELEASE:
-                        pushes = scratch + 6 * num_rows
-                        _turn_banks(counters + 5, push_epoch, num_tiles, pushes, num_rows, prev_push_tiles, LOOKBACK)
+                    _finish_look_back(
+                        counters,
+                        head,
+                        count,
+                        before + tl.reduce(pops, 0, _add),
+                        pushed_all,
+                        num_pages,
+                        num_tiles,
+                        scratch,
+                        num_rows,
+                        epoch,
+                        prev_tiles,
+                        push_epoch,
+                        prev_push_tiles,
+                        LOOKBACK,
+                        RELEASE,
+                    )
             if SUMS:
                 if tile == num_tiles - 1:  # the last tile: every pop (and push) of the batch is known
-                    popped = tl.minimum(before + tl.reduce(pops, 0, _add), count)
-                    new_count = count - popped
-                    if RELEASE:
-                        new_count += tl.minimum(held_before + tl.reduce(held, 0, _add), num_pages - count)
-                    tl.store(counters, _ring_index(head, popped, num_pages).to(counters.dtype.element_ty))
-                    tl.store(counters + 1, new_count.to(counters.dtype.element_ty))
+                    _move_counters(counters, head, count, before + tl.reduce(pops, 0, _add), pushed_all, num_pages)
         else:  # for the last program, which writes them (COMMIT: other programs read the open windows too)
             if COMMIT:  # (-1 for a row not in use, which keeps seq_len -1 and opens no window)
                 tl.store(scratch + 3 * num_rows + offs, starts * in_use + (in_use - 1), mask=in_batch)
@@ -744,12 +814,11 @@ def _alloc_windows(
     if SUMS:
         pass  # the program of the last tile moved the counters
     elif alone:
-        popped = tl.minimum(tl.reduce(own_sums, 0, _add), count)
-        new_count = count - popped
         if RELEASE:
-            new_count += tl.minimum(tl.reduce(own_held, 0, _add), num_pages - count)
-        tl.store(counters, _ring_index(head, popped, num_pages).to(counters.dtype.element_ty))
-        tl.store(counters + 1, new_count.to(counters.dtype.element_ty))
+            own_pushes = tl.reduce(own_held, 0, _add)
+        else:  # (no reduce of the carried zeros)
+            own_pushes = 0
+        _move_counters(counters, head, count, tl.reduce(own_sums, 0, _add), own_pushes, num_pages)
     elif LOOKBACK:
         pass  # the program of the last tile moved the counters
     elif _take_ticket(counters) == num_programs - 1:
@@ -780,12 +849,11 @@ def _alloc_windows(
                 tl.store(num_branch_pages + rows, held_now.to(num_branch_pages.dtype.element_ty), mask=valid)
             elif RELEASE:
                 tl.store(num_branch_pages + rows, (rows * 0).to(num_branch_pages.dtype.element_ty), mask=valid)
-        popped = tl.minimum(tl.reduce(popped_lanes, 0, _add), count)
-        new_count = count - popped
         if RELEASE:
-            new_count += tl.minimum(tl.reduce(pushed_lanes, 0, _add), num_pages - count)
-        tl.store(counters, _ring_index(head, popped, num_pages).to(counters.dtype.element_ty))
-        tl.store(counters + 1, new_count.to(counters.dtype.element_ty))
+            pushed_all = tl.reduce(pushed_lanes, 0, _add)
+        else:
+            pushed_all = 0
+        _move_counters(counters, head, count, tl.reduce(popped_lanes, 0, _add), pushed_all, num_pages)
         tl.store(counters + 2, tl.full([], 0, dtype=counters.dtype.element_ty))
 
 
@@ -1297,6 +1365,41 @@ def _branch_needs(
 
 
 @triton.jit
+def _branch_moves(
+    k,
+    in_range,
+    req_pool_indices,
+    seq_lens,
+    num_branch_pages,
+    num_rows,
+    max_context_len,
+    branch_width,
+    topk,
+    num_steps,
+    PAGE_SIZE: tl.constexpr,
+    PAGE_SHIFT: tl.constexpr,
+):
+    """For batch entries ``k``: the row, whether it is valid, the branch pages it needs, and the pages it pops and
+    pushes for them (``_branch_needs``, then ``_trade``: none where it keeps the pages it holds)."""
+    rows, valid, held, _, _, per_branch, need = _branch_needs(
+        k,
+        in_range,
+        req_pool_indices,
+        seq_lens,
+        num_branch_pages,
+        num_rows,
+        max_context_len,
+        branch_width,
+        topk,
+        num_steps,
+        PAGE_SIZE,
+        PAGE_SHIFT,
+    )
+    _, pops, pushes = _trade(held, need, per_branch, topk)
+    return rows, valid, need, pops, pushes
+
+
+@triton.jit
 def _branch_shape(seq, valid, branch_width, topk, num_steps, PAGE_SIZE: tl.constexpr, PAGE_SHIFT: tl.constexpr):
     """For committed lengths ``seq``: the offset of ``seq`` in its last page, the pages of one branch and the pages
     of all the request's branches (0 where not ``valid``)."""
@@ -1530,13 +1633,10 @@ def _alloc_branches_kernel(
     num_tiles = (bs + TILE - 1) // TILE
     head = tl.load(counters).to(tl.int32)
     count = tl.load(counters + 1).to(tl.int32)
-    if LOOKBACK:  # the banks of published tiles this launch takes (pops and pushes), as in _alloc_windows
-        epoch = tl.load(counters + 3).to(tl.int32)
-        prev_tiles = tl.load(counters + 4).to(tl.int32)
-        statuses = scratch + 4 * num_rows + (epoch & 1) * num_rows
-        push_epoch = tl.load(counters + 5).to(tl.int32)
-        prev_push_tiles = tl.load(counters + 6).to(tl.int32)
-        push_statuses = scratch + 6 * num_rows + (push_epoch & 1) * num_rows
+    if LOOKBACK:  # the banks of published tiles this launch takes, the pushes' too (it releases pages)
+        epoch, prev_tiles, statuses, push_epoch, prev_push_tiles, push_statuses = _look_back_banks(
+            counters, scratch, num_rows, True
+        )
     # A launch of one program writes the shared state as it goes (no ticket), and so does each program that looks
     # back. Sums of the requests before the next tile: other programs' from memory (held_sums, need_sums), this
     # program's own earlier tiles carried (own_*).
@@ -1551,7 +1651,7 @@ def _alloc_branches_kernel(
         if LOOKBACK == 0:  # (LOOKBACK: what the programs of earlier tiles published, below)
             for k0 in range(_unsummed(tile, num_programs, 1) * TILE, tile_start, SCAN_BLOCK):
                 k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
-                _, _, held_earlier, _, _, per_branch_earlier, need_earlier = _branch_needs(
+                _, _, _, popped_earlier, pushed_earlier = _branch_moves(
                     k,
                     k < tile_start,
                     req_pool_indices,
@@ -1565,7 +1665,6 @@ def _alloc_branches_kernel(
                     PAGE_SIZE,
                     PAGE_SHIFT,
                 )
-                _, popped_earlier, pushed_earlier = _trade(held_earlier, need_earlier, per_branch_earlier, topk)
                 held_sums += pushed_earlier
                 need_sums += popped_earlier
         offs = tile_start + tl.arange(0, TILE)  # [TILE]
@@ -1595,13 +1694,17 @@ def _alloc_branches_kernel(
         held_before = tl.reduce(own_held, 0, _add)
         need_before = tl.reduce(own_need, 0, _add)
         if LOOKBACK:
-            if num_programs > 1:  # publish this tile's pushes, then its pops; add those every earlier tile published
-                tl.atomic_xchg(push_statuses + tile, -1 - tl.reduce(to_push, 0, _add), sem="release", scope="gpu")
-                tl.atomic_xchg(statuses + tile, -1 - tl.reduce(to_pop, 0, _add), sem="release", scope="gpu")
-                if tile == num_tiles - 1:  # acquired: the counters this tile moves were read by every program
-                    need_before, held_before = _look_back(statuses, push_statuses, tile, LOOKBACK, True, True)
-                else:
-                    need_before, held_before = _look_back(statuses, push_statuses, tile, LOOKBACK, False, True)
+            if num_programs > 1:  # publish this tile's pushes and pops; add those every earlier tile published
+                need_before, held_before = _publish_and_look_back(
+                    statuses,
+                    push_statuses,
+                    tile,
+                    num_tiles,
+                    tl.reduce(to_pop, 0, _add),
+                    tl.reduce(to_push, 0, _add),
+                    LOOKBACK,
+                    True,
+                )
         elif (tile_start > 0) & (num_programs > 1):  # other programs' requests came before this tile
             held_before += tl.reduce(held_sums, 0, _add)
             need_before += tl.reduce(need_sums, 0, _add)
@@ -1617,13 +1720,23 @@ def _alloc_branches_kernel(
             tl.store(num_branch_pages + rows, need.to(num_branch_pages.dtype.element_ty), mask=valid)
         if LOOKBACK:
             if (tile == num_tiles - 1) & (num_programs > 1):  # the last tile: every pop and push of the batch is known
-                popped = tl.minimum(need_before + tl.reduce(to_pop, 0, _add), count)
-                pushed = tl.minimum(held_before + tl.reduce(to_push, 0, _add), num_pages - count)
-                tl.store(counters, _ring_index(head, popped, num_pages).to(counters.dtype.element_ty))
-                tl.store(counters + 1, (count - popped + pushed).to(counters.dtype.element_ty))
-                _turn_banks(counters + 3, epoch, num_tiles, scratch + 4 * num_rows, num_rows, prev_tiles, LOOKBACK)
-                pushes = scratch + 6 * num_rows
-                _turn_banks(counters + 5, push_epoch, num_tiles, pushes, num_rows, prev_push_tiles, LOOKBACK)
+                _finish_look_back(
+                    counters,
+                    head,
+                    count,
+                    need_before + tl.reduce(to_pop, 0, _add),
+                    held_before + tl.reduce(to_push, 0, _add),
+                    num_pages,
+                    num_tiles,
+                    scratch,
+                    num_rows,
+                    epoch,
+                    prev_tiles,
+                    push_epoch,
+                    prev_push_tiles,
+                    LOOKBACK,
+                    True,
+                )
         _write_branches(
             offs,
             in_batch,
@@ -1654,10 +1767,7 @@ def _alloc_branches_kernel(
             EARLY_COPY,
         )
     if alone:
-        popped = tl.minimum(tl.reduce(own_need, 0, _add), count)
-        pushed = tl.minimum(tl.reduce(own_held, 0, _add), num_pages - count)
-        tl.store(counters, _ring_index(head, popped, num_pages).to(counters.dtype.element_ty))
-        tl.store(counters + 1, (count - popped + pushed).to(counters.dtype.element_ty))
+        _move_counters(counters, head, count, tl.reduce(own_need, 0, _add), tl.reduce(own_held, 0, _add), num_pages)
     elif LOOKBACK:
         pass  # the program of the last tile moved the counters
     elif _take_ticket(counters) == num_programs - 1:
@@ -1665,7 +1775,7 @@ def _alloc_branches_kernel(
         popped_lanes = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
         for k0 in range(0, bs, SCAN_BLOCK):
             k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
-            rows, valid, held, _, _, per_branch, need = _branch_needs(
+            rows, valid, need, moved_pops, moved_pushes = _branch_moves(
                 k,
                 k < bs,
                 req_pool_indices,
@@ -1679,15 +1789,13 @@ def _alloc_branches_kernel(
                 PAGE_SIZE,
                 PAGE_SHIFT,
             )
-            _, moved_pops, moved_pushes = _trade(held, need, per_branch, topk)
             pushed_lanes += moved_pushes
             popped_lanes += moved_pops
             tl.debug_barrier()  # every lane has read the counts it sums
             tl.store(num_branch_pages + rows, need.to(num_branch_pages.dtype.element_ty), mask=valid)
-        popped = tl.minimum(tl.reduce(popped_lanes, 0, _add), count)
-        pushed = tl.minimum(tl.reduce(pushed_lanes, 0, _add), num_pages - count)
-        tl.store(counters, _ring_index(head, popped, num_pages).to(counters.dtype.element_ty))
-        tl.store(counters + 1, (count - popped + pushed).to(counters.dtype.element_ty))
+        _move_counters(
+            counters, head, count, tl.reduce(popped_lanes, 0, _add), tl.reduce(pushed_lanes, 0, _add), num_pages
+        )
         tl.store(counters + 2, tl.full([], 0, dtype=counters.dtype.element_ty))
 
 
