@@ -407,8 +407,8 @@ class DraftCacheAllocator:
         self.device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0"
         self._page_shift = _page_shift(page_size)
         # Every launch a programmatic dependent launch where the device has them (each kernel waits for the one
-        # before it at its start; see backend.supports_pdl).
-        self._pdl = backend.supports_pdl(self.device)
+        # before it at its start, then lets the next one start, but a tree draft; see backend.pdl_level).
+        self._pdl = backend.pdl_level(self.device)
         if backend.is_npu(self.device) and self._page_shift < 0:
             # Slots and positions are divided by the page size on the vector unit: exact only below 2**24 there.
             if num_slots + page_size >= _NPU_EXACT_DIV_LIMIT or max_context_len >= _NPU_EXACT_DIV_LIMIT:

@@ -169,11 +169,22 @@ def supports_pdl(device: torch.device) -> bool:
     ``SPECDEC_OPS_PDL=0`` turns it off): such a kernel may start before the previous kernel of the stream has ended,
     once every program of that one has signalled (``gdc_launch_dependents``) or exited, and waits for it to end
     (``gdc_wait``) before it reads or writes anything that one may have written. Every kernel of the library takes
-    the constexpr ``PDL`` and is launched so where this is true (:func:`launch` then passes ``launch_pdl=True``):
-    its launch overlaps the end of the kernel before it, whatever that kernel is (docs/design.md)."""
+    the constexpr ``PDL`` (a level: :func:`pdl_level`) and is launched so where this is true (:func:`launch` then
+    passes ``launch_pdl=True``): its launch overlaps the end of the kernel before it, whatever that kernel is
+    (docs/design.md)."""
     if not _pdl or device.type != "cuda" or is_interpreted(device):
         return False
     return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def pdl_level(device: torch.device, next_early: bool = True) -> int:
+    """The constexpr ``PDL`` of a launch on ``device``: 0 where kernels are not programmatic dependents
+    (:func:`supports_pdl`); else 2, a kernel that waits for the kernel before it and then lets the next one start
+    (``gdc_launch_dependents``), which waits in turn; or 1 with ``next_early=False``, a kernel that only waits (the next
+    one starts once it has ended). A first launch of two lets the second start at either level."""
+    if not supports_pdl(device):
+        return 0
+    return 2 if next_early else 1
 
 
 def _options(constexprs: tuple[tuple[str, object], ...]) -> dict[str, object]:

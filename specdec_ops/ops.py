@@ -90,6 +90,12 @@ _NPU_SHRINK = 4
 _NPU_MIN_BLOCK_N = 8
 # CUDA warps per program (ignored by triton-ascend and the interpreter).
 _NUM_WARPS = 8
+# With PDL (backend.pdl_level) a kernel of a call of at most this many requests lets the next kernel of the stream
+# start once it has waited for the one before it. H200 graph replay, in-process A/B: 0.14-0.48 us a call less up to
+# 4096 requests (fused, and get_last_loc + assign_extend_cache_locs); past it mixed, ragged windows at 16384
+# requests 0.33 us slower and the unfused pair of uniform windows at 65536 requests, N 8, 9.3 -> 16.7 us
+# (docs/performance.md).
+_NEXT_EARLY_MAX_BATCH = 4096
 # The names under which the project's reference Ascend checker (../shared/tools/ascend_compile_check.py) reads the
 # block-size rule; the rule itself lives in specdec_ops.tiles.
 _block_n = tiles.block_n
@@ -154,7 +160,7 @@ def _window_constexprs(
     npu: bool = False,
     ragged_class: int = 0,
     block_n: int = 0,
-    pdl: bool = False,
+    pdl: int = 0,
     sums: bool = False,
 ) -> tuple[tuple[str, object], ...]:
     """Constexprs of the window kernels: requests per program, window columns per gather step, earlier requests
@@ -345,7 +351,7 @@ def get_last_loc(
         device,
         (req_to_token, req_pool_indices, prefix_lens, last_loc),
         (bs, *_table_dims(req_to_token)),
-        (("TILE", _LAST_LOC_TILE), ("PDL", backend.supports_pdl(device))),
+        (("TILE", _LAST_LOC_TILE), ("PDL", backend.pdl_level(device, bs <= _NEXT_EARLY_MAX_BATCH))),
         _NUM_WARPS,
     )
     return last_loc
@@ -478,7 +484,7 @@ def _launch_windows(
     tile of _RAGGED_SUMS_CLASS), ragged windows in two launches, the first writing those sums. ``prepare=True``:
     return the launch(es), made by calling it (``backend.prepare``)."""
     npu = backend.is_npu(device)
-    pdl = backend.supports_pdl(device)
+    pdl = backend.pdl_level(device, bs <= _NEXT_EARLY_MAX_BATCH)
     kernels = backend.kernels("cache_locs", device)
     run = backend.prepare if prepare else backend.launch
     scalars = (bs, *_table_dims(req_to_token), num_tokens, window_len or 0)

@@ -20,6 +20,8 @@ from specdec_ops import ops as ops_module
 from specdec_ops.kernels import allocator as allocator_kernels
 from specdec_ops.kernels import cache_locs as cache_locs_kernels
 
+# The first of two launches: they let the second start at any level of PDL.
+FIRST_LAUNCHES = {"_count_pops_kernel", "_commit_tree_count_kernel", "_window_tile_sums_kernel"}
 KERNELS = {
     name
     for module in (allocator_kernels, cache_locs_kernels)
@@ -108,7 +110,33 @@ def test_every_kernel_takes_pdl_and_asks_for_it_only_where_the_device_has_it(mon
     made = record_launches(monkeypatch)
     exercise("cpu", monkeypatch)
     assert {name for name, _ in made} == KERNELS
-    assert all(constexprs["PDL"] is False for _, constexprs in made)
+    assert all(constexprs["PDL"] == 0 for _, constexprs in made)
+
+
+def test_calls_up_to_4096_requests_let_the_next_kernel_start(monkeypatch):
+    """Where PDL is on (faked here, launches recorded, not run): the ops ask for level 2 (wait, then let the next kernel
+    start) up to ops._NEXT_EARLY_MAX_BATCH requests and for level 1 (only wait) past it, every launch of a call alike;
+    the allocator always asks for 2 (its tree drafts leave it out in the kernel)."""
+    monkeypatch.setattr(backend, "supports_pdl", lambda device: True)
+    made = []
+    monkeypatch.setattr(backend, "launch", lambda kernel, grid, device, *args: made.append(dict(args[-2])["PDL"]))
+    table = torch.zeros(8, 64, dtype=torch.int32)
+    most = ops_module._NEXT_EARLY_MAX_BATCH
+    for bs, level in ((1, 2), (most, 2), (most + 1, 1)):
+        rows = torch.zeros(bs, dtype=torch.int64)
+        starts = torch.ones(bs, dtype=torch.int64)
+        made.clear()
+        specdec_ops.get_last_loc(table, rows, starts)
+        specdec_ops.assign_extend_cache_locs(table, rows, starts, None, window_len=2)
+        specdec_ops.get_last_loc_and_assign_extend_cache_locs(table, rows, starts, starts + 2, num_tokens=2 * bs)
+        assert len(made) >= 3 and set(made) == {level}, (bs, made)
+    made.clear()
+    alloc = specdec_ops.DraftCacheAllocator(4096, 4, 256, page_size=16)
+    rows = alloc.add_requests([5, 9])
+    alloc.alloc_draft(rows, 4)
+    alloc.commit(rows, [1, 2])
+    alloc.alloc_tree_draft(rows, 4, 2, 3)
+    assert len(made) == 4 and set(made) == {2}, made
 
 
 @pytest.mark.gpu
@@ -121,15 +149,18 @@ def test_gpu_every_launch_is_programmatic_on_hopper_and_gives_what_it_gives_with
     made = record_launches(monkeypatch)
     with_pdl = exercise("cuda", monkeypatch)
     assert {name for name, _ in made} == KERNELS
-    assert all(constexprs["PDL"] is pdl for _, constexprs in made)
+    # Every call here is a small batch: each launch waits, then lets the next kernel start (level 2).
+    assert all(constexprs["PDL"] == (2 if pdl else 0) for _, constexprs in made)
     checked = set()
     for key, compiled in backend._compiled.items():
         name, constexprs = key[0].__name__, dict(key[2])
         if name not in KERNELS:
             continue
-        assert compiled.metadata.launch_pdl == constexprs["PDL"], name
+        assert compiled.metadata.launch_pdl == bool(constexprs["PDL"]), name
         if constexprs["PDL"]:
-            assert_waits_first(name, compiled.asm["ptx"], constexprs.get("SUMS", 0))
+            tree_draft = bool(constexprs.get("BRANCH")) or name == "_commit_tree_draft_kernel"
+            lets_next_start = name in FIRST_LAUNCHES or (constexprs["PDL"] > 1 and not tree_draft)
+            assert_waits_first(name, compiled.asm["ptx"], constexprs.get("SUMS", 0), lets_next_start)
             checked.add(name)
     assert checked == (KERNELS if pdl else set())
     made.clear()
@@ -140,16 +171,20 @@ def test_gpu_every_launch_is_programmatic_on_hopper_and_gives_what_it_gives_with
     assert_same_runs(with_pdl, without)
 
 
-def assert_waits_first(name: str, ptx: str, sums: int) -> None:
+def assert_waits_first(name: str, ptx: str, sums: int, lets_next_start: bool) -> None:
     """In the PTX of a PDL kernel nothing touches global memory before its first ``griddepcontrol.wait``, except that
     the second launch of two (``SUMS``) loads (never stores) first; no ``cp.async`` anywhere (Triton's software
-    pipeliner may move such loads above a wait inside a loop: triton-lang/triton issue 11905)."""
+    pipeliner may move such loads above a wait inside a loop: triton-lang/triton issue 11905). The kernel lets the
+    next one start (``griddepcontrol.launch_dependents``) only after that wait, and exactly where
+    ``lets_next_start``: a first launch of two always, others at ``PDL`` 2 unless they are tree drafts."""
     assert "griddepcontrol.wait" in ptx, name
     assert "cp.async" not in ptx, name
     before = ptx.split("griddepcontrol.wait", 1)[0]
     assert not re.search(r"\b(st|atom|red)\.global", before), name
     if not sums:
         assert "ld.global" not in before, name
+    assert "griddepcontrol.launch_dependents" not in before, name
+    assert ("griddepcontrol.launch_dependents" in ptx) == lets_next_start, name
 
 
 def _late_writer_kernel():

@@ -41,7 +41,10 @@ use, so ``count + pushed <= num_pages``.
 With ``PDL`` (CUDA, compute capability 9.0 and up: ``backend.supports_pdl``) every kernel is launched as a
 programmatic dependent of the kernel before it in the stream and waits for that one to end (``kernels/pdl.py``)
 before it reads anything; the second launch of two (``SUMS``) waits later, after loading what the first launch does
-not write.
+not write. Once it has waited, each kernel lets the next one start (``launch_dependents``; ``PDL`` is 2, which the
+allocator always asks for where PDL is on), which then waits in turn: when the next kernel starts, every kernel
+before this one has ended. Tree drafts (``BRANCH``) do not: the next kernel's programs, resident beside a long tree
+draft, made the step slower (docs/design.md).
 
 Ascend rules (shared/ASCEND.md): lengths, positions, page numbers and ring offsets are int32 (the host keeps pools
 below 2**30 pages and contexts below 2**30); table addresses are int64. Page arithmetic uses shifts when
@@ -493,11 +496,14 @@ def _alloc_windows(
     stream has ended. Each program waits for that one (``gdc_wait``) before it reads anything, or, with ``SUMS``,
     before it reads scratch or writes anything: the first launch let this one start only once the kernel before it
     had ended, so a chain draft loads its own requests first (the count wrote none of them), a tree draft its rows,
-    their ``alloc_lens`` and branch pages held (the first launch committed the rest).
+    their ``alloc_lens`` and branch pages held (the first launch committed the rest). Once it has waited, a launch
+    that gives no branches lets the next kernel start (module docstring).
     """
     if PDL:
         if not SUMS:
             _pdl_wait()
+            if PDL > 1 and not BRANCH:
+                _pdl_launch_dependents()
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
@@ -634,6 +640,8 @@ def _alloc_windows(
             else:
                 if PDL:
                     _pdl_wait()  # the first launch has ended: its scratch is written, and so may this be
+                    if PDL > 1:
+                        _pdl_launch_dependents()
                 # The counters' copy first: loads after the loop below would wait for its last load to come back.
                 # (Loading the first sums out of the loop, as the tree draft does, cost 0.04-0.10 us at bs 1024, H200.)
                 head = tl.load(scratch + num_rows)
@@ -1101,6 +1109,8 @@ def _free_pages_kernel(
     """
     if PDL:
         _pdl_wait()
+        if PDL > 1:
+            _pdl_launch_dependents()
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
@@ -1195,6 +1205,8 @@ def _push_pages_kernel(pages, free_pages, counters, n, num_pages, TILE: tl.const
     """Append ``pages[:n]`` to the ring: ``free_pages[(head + count + i) % num_pages] = pages[i]``. One program."""
     if PDL:
         _pdl_wait()
+        if PDL > 1:
+            _pdl_launch_dependents()
     head = tl.load(counters).to(tl.int32)
     count = tl.load(counters + 1).to(tl.int32)
     for k0 in range(0, n, TILE):
@@ -1216,6 +1228,8 @@ def _commit_kernel(
     """``seq_lens[row_i] += clamp(accept_lens[i], 0, window_lens[row_i])``; the draft window closes (``= 0``)."""
     if PDL:
         _pdl_wait()
+        if PDL > 1:
+            _pdl_launch_dependents()
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
@@ -1254,6 +1268,8 @@ def _release_branches_kernel(
     ``count + excl_i + k`` (``excl_i = sum(held_k for k < i)``); ``num_branch_pages[row_i] = 0``."""
     if PDL:
         _pdl_wait()
+        if PDL > 1:
+            _pdl_launch_dependents()
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
@@ -1628,6 +1644,8 @@ def _alloc_branches_kernel(
     """
     if PDL:
         _pdl_wait()
+        if PDL > 1:
+            _pdl_launch_dependents()
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
@@ -1986,6 +2004,8 @@ def _commit_tree_kernel(
     """
     if PDL:
         _pdl_wait()
+        if PDL > 1:
+            _pdl_launch_dependents()
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
@@ -2230,7 +2250,7 @@ def _commit_tree_draft_kernel(
     with ``REPOINT``, the windows' slots; the barrier between the two makes those writes visible to every thread
     of the program before the draft reads them. The commit walks ``TREE_TILE``-request tiles, the draft its own."""
     if PDL:
-        _pdl_wait()
+        _pdl_wait()  # a tree draft: it lets nothing start early (module docstring)
     for tile_start in range(0, bs, TREE_TILE):
         _commit_tree_tile(
             tile_start,

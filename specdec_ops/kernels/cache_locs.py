@@ -9,7 +9,9 @@ launch (``_window_tile_sums_kernel``) left.
 
 With ``PDL`` (CUDA, compute capability 9.0 and up: ``backend.supports_pdl``) a kernel is launched as a programmatic
 dependent of the kernel before it in the stream and waits for that one to end before it reads anything: its launch
-overlaps the end of that one (``kernels/pdl.py``).
+overlaps the end of that one (``kernels/pdl.py``). With ``PDL`` 2 it then lets the next kernel start, which waits in
+turn (the host asks for that up to 4096 requests: ``ops._NEXT_EARLY_MAX_BATCH``); the first of two launches always
+does.
 
 Lengths, positions and output offsets are int32 (Ascend's vector units are int32 machines; the host
 wrapper guarantees every output offset fits). Only table addresses (``row * row_stride``) are int64.
@@ -151,6 +153,8 @@ def _cache_locs_program(
     """
     if PDL:
         _pdl_wait()
+        if PDL > 1:
+            _pdl_launch_dependents()
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
@@ -253,6 +257,8 @@ def _get_last_loc_kernel(
     """``last_loc[i] = req_to_token[req_pool_indices[i], prefix_lens[i] - 1]`` if ``prefix_lens[i] > 0`` else -1."""
     if PDL:
         _pdl_wait()
+        if PDL > 1:
+            _pdl_launch_dependents()
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE

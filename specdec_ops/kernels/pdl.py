@@ -5,11 +5,13 @@ mentions, even under a false constexpr: so kernels call these two, which are no-
 (where PDL is never asked for).
 
 A kernel that waits (``wait``) before its first access to memory is ordered as an ordinary launch after the kernel
-before it, whatever that one is. A first launch of two that waits and only then calls ``launch_dependents`` lets the
-second start once the kernel before the first has ended, so the second may load what that one wrote before its own
-wait (docs/design.md, "Every launch a programmatic dependent one").
+before it, whatever that one is. The constexpr ``PDL`` is a level (``backend.pdl_level``): 0 off, 1 wait only, 2
+wait and then call ``launch_dependents``, so that the next kernel of the stream may start (and wait in turn) while
+this one runs; when it starts, every kernel before this one has ended. The first launch of two always calls it after
+its wait, so the second launch may load what the kernels before the first wrote before its own wait; tree drafts
+never do (docs/design.md, "Every launch a programmatic dependent one").
 
-Kernels default ``PDL`` to false where it is their last parameter, so that callers that predate it (such as the
+Kernels default ``PDL`` to false (0) where it is their last parameter, so that callers that predate it (such as the
 reference Ascend checker in ``../shared/tools``) can still launch them; the library itself always passes it
 (``tests/test_pdl.py`` checks every launch).
 """
