@@ -43,8 +43,8 @@ programmatic dependent of the kernel before it in the stream and waits for that 
 before it reads anything; the second launch of two (``SUMS``) waits later, after loading what the first launch does
 not write. Once it has waited, each kernel lets the next one start (``launch_dependents``; ``PDL`` is 2, which the
 allocator always asks for where PDL is on), which then waits in turn: when the next kernel starts, every kernel
-before this one has ended. Tree drafts (``BRANCH``) do not: the next kernel's programs, resident beside a long tree
-draft, made the step slower (docs/design.md).
+before this one has ended. Kernels that give branches (tree drafts, ``BRANCH``, and ``_alloc_branches_kernel``) do
+not: the next kernel's programs, resident beside them, made the tree steps slower (docs/design.md).
 
 Ascend rules (shared/ASCEND.md): lengths, positions, page numbers and ring offsets are int32 (the host keeps pools
 below 2**30 pages and contexts below 2**30); table addresses are int64. Page arithmetic uses shifts when
@@ -1643,9 +1643,7 @@ def _alloc_branches_kernel(
     writes its own rows' branch counts, the program of the last tile moves the counters (no ticket).
     """
     if PDL:
-        _pdl_wait()
-        if PDL > 1:
-            _pdl_launch_dependents()
+        _pdl_wait()  # it gives branches: it lets nothing start early (module docstring)
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
