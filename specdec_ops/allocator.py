@@ -406,9 +406,12 @@ class DraftCacheAllocator:
         device = backend.default_device() if device is None else torch.device(device)
         self.device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0"
         self._page_shift = _page_shift(page_size)
-        # Every launch a programmatic dependent launch where the device has them (each kernel waits for the one
-        # before it at its start, then lets the next one start, but a tree draft; see backend.pdl_level).
+        # Every launch a programmatic dependent launch where the device has them: each kernel waits for the one
+        # before it at its start, then lets the next one start (backend.pdl_level). The launches that give branches
+        # (tree drafts, alloc_branches) only wait: with the next kernel's programs resident beside them the tree steps
+        # took 0.5-1.9 us more at 4096-16384 requests (H200, docs/performance.md).
         self._pdl = backend.pdl_level(self.device)
+        self._pdl_branches = backend.pdl_level(self.device, next_early=False)
         if backend.is_npu(self.device) and self._page_shift < 0:
             # Slots and positions are divided by the page size on the vector unit: exact only below 2**24 there.
             if num_slots + page_size >= _NPU_EXACT_DIV_LIMIT or max_context_len >= _NPU_EXACT_DIV_LIMIT:
@@ -1426,7 +1429,7 @@ class DraftCacheAllocator:
                 ("COPY", p > 1),
                 ("EARLY_COPY", self._early_copy()),
                 ("LOOKBACK", look_back),
-                ("PDL", self._pdl),
+                ("PDL", self._pdl_branches),
             ),
             _NUM_WARPS,
         )
@@ -2153,7 +2156,7 @@ class DraftCacheAllocator:
             # A draft in one launch past one program: each program publishes its tiles' pops (and pushes) and reads
             # those of earlier tiles, instead of summing every earlier request (_look_back_programs).
             ("LOOKBACK", _LOOK_BACK_BLOCK if look_back else 0),
-            ("PDL", self._pdl),
+            ("PDL", self._pdl_branches if branch_block else self._pdl),
         )
         num_warps = _NUM_WARPS
         if sums and not branch_block:

@@ -22,8 +22,8 @@ from specdec_ops.kernels import cache_locs as cache_locs_kernels
 
 # The first of two launches: they let the second start at any level of PDL.
 FIRST_LAUNCHES = {"_count_pops_kernel", "_commit_tree_count_kernel", "_window_tile_sums_kernel"}
-# Kernels that give branches (and the allocation kernel with BRANCH): they never let the next kernel start.
-GIVE_BRANCHES = {"_alloc_branches_kernel", "_commit_tree_draft_kernel"}
+# Kernels that give branches (and the allocation kernels with BRANCH): launched to wait only (level 1).
+GIVE_BRANCHES = {"_alloc_branches_kernel"}
 KERNELS = {
     name
     for module in (allocator_kernels, cache_locs_kernels)
@@ -118,7 +118,7 @@ def test_every_kernel_takes_pdl_and_asks_for_it_only_where_the_device_has_it(mon
 def test_calls_up_to_4096_requests_let_the_next_kernel_start(monkeypatch):
     """Where PDL is on (faked here, launches recorded, not run): the ops ask for level 2 (wait, then let the next kernel
     start) up to ops._NEXT_EARLY_MAX_BATCH requests and for level 1 (only wait) past it, every launch of a call alike;
-    the allocator always asks for 2 (its kernels that give branches leave it out)."""
+    the allocator asks for 2, and for 1 where a launch gives branches (tree drafts, ``alloc_branches``)."""
     monkeypatch.setattr(backend, "supports_pdl", lambda device: True)
     made = []
     monkeypatch.setattr(backend, "launch", lambda kernel, grid, device, *args: made.append(dict(args[-2])["PDL"]))
@@ -138,7 +138,9 @@ def test_calls_up_to_4096_requests_let_the_next_kernel_start(monkeypatch):
     alloc.alloc_draft(rows, 4)
     alloc.commit(rows, [1, 2])
     alloc.alloc_tree_draft(rows, 4, 2, 3)
-    assert len(made) == 4 and set(made) == {2}, made
+    alloc.alloc_branches(rows, 2, 3)
+    # add_requests, alloc_draft, commit: 2; the tree draft and alloc_branches, which give branches: 1
+    assert made == [2, 2, 2, 1, 1], made
 
 
 @pytest.mark.gpu
@@ -151,8 +153,11 @@ def test_gpu_every_launch_is_programmatic_on_hopper_and_gives_what_it_gives_with
     made = record_launches(monkeypatch)
     with_pdl = exercise("cuda", monkeypatch)
     assert {name for name, _ in made} == KERNELS
-    # Every call here is a small batch: each launch waits, then lets the next kernel start (level 2).
-    assert all(constexprs["PDL"] == (2 if pdl else 0) for _, constexprs in made)
+    # Every call here is a small batch: each launch waits, then lets the next kernel start (level 2), but those that
+    # give branches, which only wait (level 1).
+    for name, constexprs in made:
+        branches = bool(constexprs.get("BRANCH")) or name in GIVE_BRANCHES
+        assert constexprs["PDL"] == ((1 if branches else 2) if pdl else 0), name
     checked = set()
     for key, compiled in backend._compiled.items():
         name, constexprs = key[0].__name__, dict(key[2])
@@ -160,8 +165,7 @@ def test_gpu_every_launch_is_programmatic_on_hopper_and_gives_what_it_gives_with
             continue
         assert compiled.metadata.launch_pdl == bool(constexprs["PDL"]), name
         if constexprs["PDL"]:
-            branches = bool(constexprs.get("BRANCH")) or name in GIVE_BRANCHES
-            lets_next_start = name in FIRST_LAUNCHES or (constexprs["PDL"] > 1 and not branches)
+            lets_next_start = name in FIRST_LAUNCHES or constexprs["PDL"] > 1
             assert_waits_first(name, compiled.asm["ptx"], constexprs.get("SUMS", 0), lets_next_start)
             checked.add(name)
     assert checked == (KERNELS if pdl else set())
@@ -178,7 +182,7 @@ def assert_waits_first(name: str, ptx: str, sums: int, lets_next_start: bool) ->
     the second launch of two (``SUMS``) loads (never stores) first; no ``cp.async`` anywhere (Triton's software
     pipeliner may move such loads above a wait inside a loop: triton-lang/triton issue 11905). The kernel lets the
     next one start (``griddepcontrol.launch_dependents``) only after that wait, and exactly where
-    ``lets_next_start``: a first launch of two always, others at ``PDL`` 2 unless they give branches."""
+    ``lets_next_start``: a first launch of two always, others at ``PDL`` 2."""
     assert "griddepcontrol.wait" in ptx, name
     assert "cp.async" not in ptx, name
     before = ptx.split("griddepcontrol.wait", 1)[0]

@@ -41,10 +41,10 @@ use, so ``count + pushed <= num_pages``.
 With ``PDL`` (CUDA, compute capability 9.0 and up: ``backend.supports_pdl``) every kernel is launched as a
 programmatic dependent of the kernel before it in the stream and waits for that one to end (``kernels/pdl.py``)
 before it reads anything; the second launch of two (``SUMS``) waits later, after loading what the first launch does
-not write. Once it has waited, each kernel lets the next one start (``launch_dependents``; ``PDL`` is 2, which the
-allocator always asks for where PDL is on), which then waits in turn: when the next kernel starts, every kernel
-before this one has ended. Kernels that give branches (tree drafts, ``BRANCH``, and ``_alloc_branches_kernel``) do
-not: the next kernel's programs, resident beside them, made the tree steps slower (docs/design.md).
+not write. Once it has waited, a kernel launched with ``PDL`` 2 lets the next one start (``launch_dependents``),
+which then waits in turn: when the next kernel starts, every kernel before this one has ended. The allocator asks for
+2, but 1 (wait only) for the launches that give branches (``DraftCacheAllocator._pdl_branches``); a first launch of
+two lets the second start at either level.
 
 Ascend rules (shared/ASCEND.md): lengths, positions, page numbers and ring offsets are int32 (the host keeps pools
 below 2**30 pages and contexts below 2**30); table addresses are int64. Page arithmetic uses shifts when
@@ -496,13 +496,13 @@ def _alloc_windows(
     stream has ended. Each program waits for that one (``gdc_wait``) before it reads anything, or, with ``SUMS``,
     before it reads scratch or writes anything: the first launch let this one start only once the kernel before it
     had ended, so a chain draft loads its own requests first (the count wrote none of them), a tree draft its rows,
-    their ``alloc_lens`` and branch pages held (the first launch committed the rest). Once it has waited, a launch
-    that gives no branches lets the next kernel start (module docstring).
+    their ``alloc_lens`` and branch pages held (the first launch committed the rest). Once it has waited, with
+    ``PDL`` 2 it lets the next kernel start (module docstring).
     """
     if PDL:
         if not SUMS:
             _pdl_wait()
-            if PDL > 1 and not BRANCH:
+            if PDL > 1:
                 _pdl_launch_dependents()
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -587,6 +587,8 @@ def _alloc_windows(
             # triton-lang/triton issue 11905); tests/test_pdl.py checks the PTX for that.
             if PDL:
                 _pdl_wait()
+                if PDL > 1:
+                    _pdl_launch_dependents()
             head, count, first_pops, first_pushes = _tile_counts(
                 scratch, scanned, tile * SUMS, num_rows, SCAN_BLOCK, RELEASE
             )
@@ -1643,7 +1645,9 @@ def _alloc_branches_kernel(
     writes its own rows' branch counts, the program of the last tile moves the counters (no ticket).
     """
     if PDL:
-        _pdl_wait()  # it gives branches: it lets nothing start early (module docstring)
+        _pdl_wait()
+        if PDL > 1:
+            _pdl_launch_dependents()
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
@@ -2248,7 +2252,9 @@ def _commit_tree_draft_kernel(
     with ``REPOINT``, the windows' slots; the barrier between the two makes those writes visible to every thread
     of the program before the draft reads them. The commit walks ``TREE_TILE``-request tiles, the draft its own."""
     if PDL:
-        _pdl_wait()  # a tree draft: it lets nothing start early (module docstring)
+        _pdl_wait()
+        if PDL > 1:
+            _pdl_launch_dependents()
     for tile_start in range(0, bs, TREE_TILE):
         _commit_tree_tile(
             tile_start,

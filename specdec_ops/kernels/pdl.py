@@ -8,9 +8,9 @@ A kernel that waits (``wait``) before its first access to memory is ordered as a
 before it, whatever that one is. The constexpr ``PDL`` is a level (``backend.pdl_level``): 0 off, 1 wait only, 2
 wait and then call ``launch_dependents``, so that the next kernel of the stream may start (and wait in turn) while
 this one runs; when it starts, every kernel before this one has ended. The first launch of two always calls it after
-its wait, so the second launch may load what the kernels before the first wrote before its own wait; kernels that
-give branches (tree drafts, ``alloc_branches``) never do (docs/design.md, "Every launch a programmatic dependent
-one").
+its wait, so the second launch may load what the kernels before the first wrote before its own wait. The host picks
+the level: the allocator's launches that give branches (tree drafts, ``alloc_branches``) and the ops' past 4096
+requests only wait (docs/design.md, "Every launch a programmatic dependent one").
 
 Kernels default ``PDL`` to false (0) where it is their last parameter, so that callers that predate it (such as the
 reference Ascend checker in ``../shared/tools``) can still launch them; the library itself always passes it
