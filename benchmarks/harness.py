@@ -457,15 +457,26 @@ class AllocatorStep:
 
     Requests accept ``i % (n + 1)`` tokens, so windows keep crossing pages. The pool and the context hold
     ``steps`` steps. With ``prefix_pages``, every request starts from that many pages of a prefix cache (shared
-    by all requests, as a system prompt would be).
+    by all requests, as a system prompt would be). ``context_len``: rows of ``req_to_token`` at least that long
+    (an engine's rows hold its whole context, and longer rows cost the step more); the pool stays sized for
+    ``steps`` steps.
     """
 
     def __init__(
-        self, variant: str, bs: int, n: int, page_size: int, steps: int, device: torch.device, prefix_pages: int = 0
+        self,
+        variant: str,
+        bs: int,
+        n: int,
+        page_size: int,
+        steps: int,
+        device: torch.device,
+        prefix_pages: int = 0,
+        context_len: int | None = None,
     ) -> None:
         prefix = prefix_pages * page_size
-        context_len = prefix + PROMPT_MAX + n * (steps + 1)
-        num_slots = (bs * -(-context_len // page_size) + 2 * prefix_pages) * page_size  # a partial page per request
+        needed = prefix + PROMPT_MAX + n * (steps + 1)
+        num_slots = (bs * -(-needed // page_size) + 2 * prefix_pages) * page_size  # a partial page per request
+        context_len = max(needed, context_len or 0)
         self.alloc = specdec_ops.DraftCacheAllocator(num_slots, bs + 1, context_len, page_size=page_size, device=device)
         prompt_lens = torch.randint(1, PROMPT_MAX + 1, (bs,), generator=torch.Generator().manual_seed(bs))
         if prefix_pages:

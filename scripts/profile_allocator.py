@@ -13,6 +13,10 @@ accept ``i % (N + 1)`` tokens a step), so the allocation itself is timed, not a 
 
 ``--prefix-pages K`` starts every request from ``K`` pages of a prefix cache (one shared system prompt).
 
+Rows of ``req_to_token`` are as long as the run needs (about ``64 + 1000 N`` positions) unless ``--context-len``
+asks for longer ones, as an engine's ``max_context_len`` would: the same step costs more on longer rows (up to
+0.6 µs a step at 256-1024 requests on an H200, docs/performance.md). The pool stays sized for the run.
+
 On a CPU there are no graphs: the script then times eager steps through Triton's interpreter, labels them as such
 and prints no speedups (interpreter timings say nothing about a device).
 
@@ -21,6 +25,7 @@ Writes ``allocator_sweep.csv``, ``allocator_summary.md`` and ``allocator_sweep.p
 Examples:
   python scripts/profile_allocator.py                                     # the sweep of docs/performance.md
   python scripts/profile_allocator.py --batch-sizes 256 --page-sizes 64 --num-draft-tokens 4 --prefix-pages 4
+  python scripts/profile_allocator.py --batch-sizes 256,1024 --context-len 131072            # rows of 128K positions
 """
 
 from __future__ import annotations
@@ -67,6 +72,13 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    values = _int_list(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one positive integer, got {text!r}")
+    return values[0]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", help="cuda, npu or cpu (default: npu, then cuda, then cpu)")
@@ -80,6 +92,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="fused, unfused and/or commit-and-draft (default: all three)",
     )
     parser.add_argument("--prefix-pages", type=int, default=0, help="pages of a shared cached prefix (default 0)")
+    parser.add_argument(
+        "--context-len",
+        type=_positive_int,
+        help="rows of req_to_token at least this long, as an engine's max_context_len (default: what the run needs, "
+        "about 64 + N * 1000 positions); the pool stays sized for the run",
+    )
     parser.add_argument("--calls", type=int, help="steps per graph (default 20; cpu 2)")
     parser.add_argument("--repeats", type=int, help="samples (default 20; cpu 3)")
     parser.add_argument("--warmup", type=int, default=3, help="samples dropped first (default 3)")
@@ -96,11 +114,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def measure(variant: str, bs: int, n: int, page_size: int, args: argparse.Namespace) -> harness.Summary:
-    """Device time per step of ``variant`` (graph replay), or wall-clock per eager step on the interpreter."""
+def measure(variant: str, bs: int, n: int, page_size: int, args: argparse.Namespace) -> tuple[harness.Summary, int]:
+    """Device time per step of ``variant`` (graph replay), or wall-clock per eager step on the interpreter; and the
+    length of the allocator's rows."""
     samples = args.repeats + args.warmup
     steps = 2 * (CHECK_STEPS + args.calls * (2 + samples) + 1)
-    step = harness.AllocatorStep(variant, bs, n, page_size, steps, args.device, args.prefix_pages)
+    step = harness.AllocatorStep(variant, bs, n, page_size, steps, args.device, args.prefix_pages, args.context_len)
     other = harness.AllocatorStep(
         "unfused" if variant == "fused" else "fused", bs, n, page_size, CHECK_STEPS, args.device, args.prefix_pages
     )
@@ -119,7 +138,7 @@ def measure(variant: str, bs: int, n: int, page_size: int, args: argparse.Namesp
     step.checked_call()
     if args.mode == "eager":
         assert step.alloc.num_syncs == syncs, "a timed eager step synced with the host"
-    return harness.summarize(seconds)
+    return harness.summarize(seconds), step.alloc.max_context_len
 
 
 def plot(rows: list[dict], args: argparse.Namespace, env: dict[str, str], path: Path) -> None:
@@ -181,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.num_draft_tokens:
             for bs in args.batch_sizes:
                 for variant in args.variants:
-                    s = measure(variant, bs, n, page, args)
+                    s, context_len = measure(variant, bs, n, page, args)
                     rows.append(
                         dict(
                             bs=bs,
@@ -190,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                             variant=variant,
                             mode=args.mode,
                             prefix_pages=args.prefix_pages,
+                            context_len=context_len,
                             median_us=s.median_us,
                             p20_us=s.p20_us,
                             p80_us=s.p80_us,
@@ -226,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = "\n".join(
         [
             "\n".join(harness.format_environment(env)),
-            f"mode: {args.mode}, prefix pages: {args.prefix_pages}",
+            f"mode: {args.mode}, prefix pages: {args.prefix_pages}, rows of req_to_token: "
+            + (f"at least {args.context_len} positions" if args.context_len else "what the run needs"),
             "",
             *lines,
         ]
