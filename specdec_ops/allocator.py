@@ -113,6 +113,14 @@ _SCAN_BLOCK = 2048
 # bs 256 4.08 against 4.13-4.18).
 _LOOK_BACK_BLOCK = 256
 _LOOK_BACK_MIN_TILE = 16
+# ... unless the batch is more than one tile of _ALLOC_ELEMENTS slots holds (windows wider than 8 tokens: past
+# _ALLOC_ELEMENTS / block requests). Such a draft looked back anyway, on two to eight tiles of 2048 slots ([128, 16] at
+# N 16); it now takes the per-SM tiles it takes past _MAX_TILE. H200 graph replay, in one process, rows of 48K and of
+# 128K positions: alloc_draft + commit, N 16 bs 256 (page 128) 5.90-6.03 -> 4.50-4.60 us, N 32 bs 128 (page 16)
+# 6.18-6.23 -> 4.40-4.48, N 64 bs 256 (page 1) 5.59-5.61 -> 5.18-5.22; commit_and_draft in one launch, N 32 bs 128,
+# 6.20-6.24 -> 4.21-4.31. Not for a batch within one tile, which stays one program: there looking back on small tiles
+# gained little or lost (N 16 bs 128 page 16: alloc_draft + commit 4.36 -> 4.08 us but commit_and_draft 3.65 -> 4.10;
+# page 1 N 8 at 96-256 requests -0.2 to +0.5 by row length) (docs/performance.md).
 # Launch configs kept by their arguments (DraftCacheAllocator._alloc_launch_config) before the cache starts over.
 _MAX_LAUNCH_CONFIGS = 4096
 _NPU_ALLOC_ELEMENTS = 128
@@ -2021,13 +2029,20 @@ class DraftCacheAllocator:
         return (max(num_tiles, 1),)
 
     def _batch_tile(
-        self, bs: int, release: bool = False, topk: int = 0, sums: bool = False, chain: bool = False
+        self,
+        bs: int,
+        release: bool = False,
+        topk: int = 0,
+        sums: bool = False,
+        chain: bool = False,
+        window_len: int = 0,
     ) -> int:
         """The tile the batch size asks for (capped by the kernel's limits in _alloc_config); 0 on Ascend, whose
         grid is one program per core: there the limits alone decide. ``release``: a draft that also returns branch
         pages; ``topk`` > 0: one that also gives that many branches a request; ``sums``: one that reads its counts
         from the launch before it; ``chain``: a chain draft in one launch (``_chain_draft``), which looks back past
-        one program."""
+        one program, on per-SM tiles, and so within _MAX_TILE requests too where the batch is more than one tile of
+        windows of ``window_len`` tokens (``_exceeds_one_tile``)."""
         branch = topk > 0
         if backend.is_npu(self.device):
             return 0
@@ -2042,6 +2057,8 @@ class DraftCacheAllocator:
                 tile = _MAX_TILE
         elif (release or branch) and self.page_size == 1 and bs > (_MIN_TILE if sums else _RELEASE_ONE_PROGRAM):
             tile = _MIN_TILE
+        elif chain and not release and self._exceeds_one_tile(bs, window_len):
+            tile = _per_core_tile(bs, self._look_back_programs, _LOOK_BACK_MIN_TILE)
         else:
             tile = max(1 << (bs - 1).bit_length(), _MIN_TILE)
         if branch and self.page_size > 1:
@@ -2078,6 +2095,11 @@ class DraftCacheAllocator:
         if bs <= max_bs and bs * topk * (self.page_size - 1) <= max_pairs:
             return max(1 << (bs - 1).bit_length(), tile)
         return tile
+
+    def _exceeds_one_tile(self, bs: int, window_len: int) -> bool:
+        """Whether a chain draft of ``bs`` windows of ``window_len`` tokens is more than one tile of _ALLOC_ELEMENTS
+        slots (so it looks back, where drafts do), on a device where drafts look back."""
+        return self._look_back_programs > 0 and bs > _ALLOC_ELEMENTS // tiles.block_n(window_len)
 
     def _chain_draft(self, prefill: bool, branches: bool, sums: bool) -> bool:
         """Whether an allocation launch is a chain draft in one launch: no prefill, no branches given (branch pages
@@ -2312,7 +2334,7 @@ class DraftCacheAllocator:
         if sums and branches is None:
             batch_tile = self._two_pass_tile(bs, window_len)
         else:
-            batch_tile = self._batch_tile(bs, release, 0 if branches is None else branches[0], sums, chain)
+            batch_tile = self._batch_tile(bs, release, 0 if branches is None else branches[0], sums, chain, window_len)
         key = (
             window_len,
             prefill,

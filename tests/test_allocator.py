@@ -1096,6 +1096,52 @@ def test_looking_back_matches_summing_call_for_call(page_size, many_programs, mo
 
 
 @pytest.mark.parametrize("page_size", [1, 16], ids=lambda p: f"page{p}")
+def test_a_draft_of_more_than_one_tile_looks_back_on_small_tiles(page_size, monkeypatch):
+    """Up to _MAX_TILE requests, a chain draft that is more than one tile of _ALLOC_ELEMENTS slots (more than
+    _ALLOC_ELEMENTS / block requests: windows wider than 8 tokens) looks back on the per-SM tiles of larger batches; a
+    batch within one tile keeps one program. Slots and state are those of one program, call for call (alloc_draft and
+    commit_and_draft, rows not in use in the batch)."""
+    launches = []
+    launch = backend.launch
+
+    def record(kernel, grid, device, tensors, scalars, constexprs, num_warps):
+        if kernel.__name__ == "_alloc_windows_kernel" and not dict(constexprs)["PREFILL"]:
+            launches.append((grid[0], dict(constexprs)["TILE"], dict(constexprs)["LOOKBACK"]))
+        return launch(kernel, grid, device, tensors, scalars, constexprs, num_warps)
+
+    monkeypatch.setattr(backend, "launch", record)
+    elements, tile = allocator_module._ALLOC_ELEMENTS, allocator_module._LOOK_BACK_MIN_TILE
+    cases = [
+        (elements // 16 + 1, 9),
+        (elements // 16, 16),
+        (elements // 32 + 1, 32),
+        (elements // 64 + 1, 64),
+        (elements // 64, 64),
+        (allocator_module._MAX_TILE, 8),
+    ]
+    for bs, n in cases:
+        looks = bs > elements // specdec_ops.tiles.block_n(n)
+        runs = []
+        for programs in (132, 0):  # a GPU's 132 SMs; none: the interpreter's one program (no looking back)
+            alloc = DraftCacheAllocator(
+                page_size * (bs * (40 + 3 * n) // page_size + 2 * bs), bs, 40 + 3 * n, page_size=page_size, device="cpu"
+            )
+            alloc._look_back_programs = programs
+            rows = alloc.add_requests([(7 * i) % 40 for i in range(bs)])
+            alloc.free_requests(rows[5:9])  # rows not in use, still in the batch
+            launches.clear()
+            outputs = [alloc.alloc_draft(rows, n)]
+            outputs.append(alloc.commit_and_draft(rows, torch.tensor([i % (n + 2) for i in range(bs)]), n))
+            check_layout(alloc)
+            if programs:
+                one = max(1 << (bs - 1).bit_length(), allocator_module._MIN_TILE)  # one program, one tile
+                expected = (-(-bs // tile), tile, allocator_module._LOOK_BACK_BLOCK) if looks else (1, one, 0)
+                assert launches == [expected, expected], (bs, n, launches)
+            runs.append((outputs, snapshot(alloc)))
+        assert_same_runs(*runs)
+
+
+@pytest.mark.parametrize("page_size", [1, 16], ids=lambda p: f"page{p}")
 def test_wide_prefill_matches_the_narrow_one(page_size):
     """Long prompts (and a cached prefix) read in wide column blocks give the same rows, slots and lengths as the
     narrow blocks of short prompts."""
@@ -1735,6 +1781,40 @@ def test_gpu_looking_back_matches_summing(page_size):
             runs.append((outputs, snapshot(alloc)))
     for run in runs[1:]:
         assert_same_runs(runs[0], run)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bs, n, page_size", [(256, 16, 1), (128, 32, 16), (64, 64, 128)])
+def test_gpu_wide_windows_look_back_on_small_tiles_as_on_large_ones(bs, n, page_size, monkeypatch):
+    """A batch of more than one tile looks back on per-SM tiles (_exceeds_one_tile): the same, call for call, as on
+    tiles of 2048 slots, eagerly and in a replayed graph (alloc_draft, commit_and_draft in one launch, commit)."""
+    runs = []
+    for looks in (True, False):
+        if not looks:
+            monkeypatch.setattr(DraftCacheAllocator, "_exceeds_one_tile", lambda self, bs, window_len: False)
+        alloc = DraftCacheAllocator(2 * bs * 1024, bs + 1, 1000, page_size=page_size)
+        rows = alloc.add_requests([(37 * i) % 150 for i in range(bs)])
+        alloc.free_requests(rows[3:7])  # rows not in use, still in the batch
+        outputs = []
+        for step in range(3):
+            outputs.append(tuple(t.cpu() for t in alloc.alloc_draft(rows, n - step)))
+            accept = torch.tensor([(i * 7 + step) % (n + 2) for i in range(bs)], device="cuda")
+            outputs.append(tuple(t.cpu() for t in alloc.commit_and_draft(rows, accept, n)))
+            alloc.commit(rows, accept)
+        check_layout(alloc)
+        out, last = alloc.alloc_draft(rows, n)
+        accept = torch.ones(bs, dtype=torch.int64, device="cuda")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            alloc.commit(rows, accept)
+            alloc.alloc_draft(rows, n, out_cache_loc=out, last_loc=last)
+        for _ in range(3):
+            graph.replay()
+            outputs.append((out.cpu(), last.cpu()))
+        drafts = {dict(c)["TILE"] for (_, c, *_) in alloc._alloc_configs.values() if not dict(c)["PREFILL"]}
+        assert drafts == ({allocator_module._LOOK_BACK_MIN_TILE} if looks else {2048 // n}), drafts
+        runs.append((outputs, snapshot(alloc)))
+    assert_same_runs(*runs)
 
 
 @pytest.mark.gpu
