@@ -67,8 +67,7 @@ from . import pdl
 _add = tl.standard._sum_combine
 _maximum = tl.standard._elementwise_max
 
-_pdl_wait = pdl.wait
-_pdl_launch_dependents = pdl.launch_dependents
+_pdl_start = pdl.start
 
 
 @triton.jit
@@ -501,9 +500,7 @@ def _alloc_windows(
     """
     if PDL:
         if not SUMS:
-            _pdl_wait()
-            if PDL > 1:
-                _pdl_launch_dependents()
+            _pdl_start(PDL)
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
@@ -586,9 +583,7 @@ def _alloc_windows(
             # over tiles: right as long as Triton does not software-pipeline it (which may hoist loads above a wait,
             # triton-lang/triton issue 11905); tests/test_pdl.py checks the PTX for that.
             if PDL:
-                _pdl_wait()
-                if PDL > 1:
-                    _pdl_launch_dependents()
+                _pdl_start(PDL)
             head, count, first_pops, first_pushes = _tile_counts(
                 scratch, scanned, tile * SUMS, num_rows, SCAN_BLOCK, RELEASE
             )
@@ -641,9 +636,7 @@ def _alloc_windows(
                 summed = scanned + SCAN_BLOCK
             else:
                 if PDL:
-                    _pdl_wait()  # the first launch has ended: its scratch is written, and so may this be
-                    if PDL > 1:
-                        _pdl_launch_dependents()
+                    _pdl_start(PDL)  # the first launch has ended: its scratch is written, and so may this be
                 # The counters' copy first: loads after the loop below would wait for its last load to come back.
                 # (Loading the first sums out of the loop, as the tree draft does, cost 0.04-0.10 us at bs 1024, H200.)
                 head = tl.load(scratch + num_rows)
@@ -1013,8 +1006,7 @@ def _count_pops_kernel(
     the second): wait for the previous kernel to end, then let the second start, so that what the second loads
     before its own wait was written before it started."""
     if PDL:
-        _pdl_wait()  # the previous kernel has ended: the second launch may load what it wrote
-        _pdl_launch_dependents()
+        _pdl_start(2)  # the previous kernel has ended: the second launch may load what it wrote
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
@@ -1110,9 +1102,7 @@ def _free_pages_kernel(
     (``excl_i = sum(n_k for k < i)``), so the ring hands them out again in batch and position order.
     """
     if PDL:
-        _pdl_wait()
-        if PDL > 1:
-            _pdl_launch_dependents()
+        _pdl_start(PDL)
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
@@ -1206,9 +1196,7 @@ def _free_pages_kernel(
 def _push_pages_kernel(pages, free_pages, counters, n, num_pages, TILE: tl.constexpr, PDL: tl.constexpr = False):
     """Append ``pages[:n]`` to the ring: ``free_pages[(head + count + i) % num_pages] = pages[i]``. One program."""
     if PDL:
-        _pdl_wait()
-        if PDL > 1:
-            _pdl_launch_dependents()
+        _pdl_start(PDL)
     head = tl.load(counters).to(tl.int32)
     count = tl.load(counters + 1).to(tl.int32)
     for k0 in range(0, n, TILE):
@@ -1229,9 +1217,7 @@ def _commit_kernel(
 ):
     """``seq_lens[row_i] += clamp(accept_lens[i], 0, window_lens[row_i])``; the draft window closes (``= 0``)."""
     if PDL:
-        _pdl_wait()
-        if PDL > 1:
-            _pdl_launch_dependents()
+        _pdl_start(PDL)
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
@@ -1269,9 +1255,7 @@ def _release_branches_kernel(
     """Push the branch pages of the requests back to the ring: request ``i``'s ``held_i`` pages go to ring offsets
     ``count + excl_i + k`` (``excl_i = sum(held_k for k < i)``); ``num_branch_pages[row_i] = 0``."""
     if PDL:
-        _pdl_wait()
-        if PDL > 1:
-            _pdl_launch_dependents()
+        _pdl_start(PDL)
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
@@ -1645,9 +1629,7 @@ def _alloc_branches_kernel(
     writes its own rows' branch counts, the program of the last tile moves the counters (no ticket).
     """
     if PDL:
-        _pdl_wait()
-        if PDL > 1:
-            _pdl_launch_dependents()
+        _pdl_start(PDL)
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
@@ -2005,9 +1987,7 @@ def _commit_tree_kernel(
     ``RELEASE``, the rows' branch pages go back to the ring first (see ``_release_branches_kernel``).
     """
     if PDL:
-        _pdl_wait()
-        if PDL > 1:
-            _pdl_launch_dependents()
+        _pdl_start(PDL)
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
@@ -2116,8 +2096,7 @@ def _commit_tree_count_kernel(
     earlier request's lengths, and needs no ticket and no pass over the batch. ``PDL``: as for
     ``_count_pops_kernel``."""
     if PDL:
-        _pdl_wait()  # the previous kernel has ended: the second launch may load what it wrote
-        _pdl_launch_dependents()
+        _pdl_start(2)  # the previous kernel has ended: the second launch may load what it wrote
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
@@ -2252,9 +2231,7 @@ def _commit_tree_draft_kernel(
     with ``REPOINT``, the windows' slots; the barrier between the two makes those writes visible to every thread
     of the program before the draft reads them. The commit walks ``TREE_TILE``-request tiles, the draft its own."""
     if PDL:
-        _pdl_wait()
-        if PDL > 1:
-            _pdl_launch_dependents()
+        _pdl_start(PDL)
     for tile_start in range(0, bs, TREE_TILE):
         _commit_tree_tile(
             tile_start,

@@ -34,8 +34,7 @@ from . import pdl
 
 _add = tl.standard._sum_combine
 _maximum = tl.standard._elementwise_max
-_pdl_wait = pdl.wait
-_pdl_launch_dependents = pdl.launch_dependents
+_pdl_start = pdl.start
 
 
 @triton.jit
@@ -152,9 +151,7 @@ def _cache_locs_program(
     request ``i``'s instead of every earlier request's lengths.
     """
     if PDL:
-        _pdl_wait()
-        if PDL > 1:
-            _pdl_launch_dependents()
+        _pdl_start(PDL)
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
@@ -256,9 +253,7 @@ def _get_last_loc_kernel(
 ):
     """``last_loc[i] = req_to_token[req_pool_indices[i], prefix_lens[i] - 1]`` if ``prefix_lens[i] > 0`` else -1."""
     if PDL:
-        _pdl_wait()
-        if PDL > 1:
-            _pdl_launch_dependents()
+        _pdl_start(PDL)
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE
@@ -373,8 +368,7 @@ def _window_tile_sums_kernel(start_offset, end_offset, tile_sums, bs, TILE: tl.c
     requests ``i`` of tile ``t`` (``TILE`` requests a tile, as in the second launch). With ``PDL`` it waits for the
     kernel before it, then lets the second launch start (which waits for this one before it reads anything)."""
     if PDL:
-        _pdl_wait()
-        _pdl_launch_dependents()
+        _pdl_start(2)
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = (bs + TILE - 1) // TILE

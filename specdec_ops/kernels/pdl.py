@@ -2,7 +2,7 @@
 
 The two calls exist in Triton's CUDA extras only. triton-ascend has none, and Triton resolves every name a kernel
 mentions, even under a false constexpr: so kernels call these two, which are no-ops where the extras are missing
-(where PDL is never asked for).
+(where PDL is never asked for). Kernels call ``start``, which makes the two calls a level asks for.
 
 A kernel that waits (``wait``) before its first access to memory is ordered as an ordinary launch after the kernel
 before it, whatever that one is. The constexpr ``PDL`` is a level (``backend.pdl_level``): 0 off, 1 wait only, 2
@@ -20,6 +20,7 @@ reference Ascend checker in ``../shared/tools``) can still launch them; the libr
 from __future__ import annotations
 
 import triton
+import triton.language as tl
 
 try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -48,3 +49,12 @@ else:
     def launch_dependents():
         """Let the next kernel of the stream, a programmatic dependent launch, start."""
         gdc_launch_dependents()
+
+
+@triton.jit
+def start(LEVEL: tl.constexpr):
+    """The start of a kernel launched at PDL ``LEVEL`` (>= 1): wait for the kernel before it to end, then, at level 2,
+    let the next kernel of the stream start. A first launch of two passes 2 at any level."""
+    wait()
+    if LEVEL > 1:
+        launch_dependents()
