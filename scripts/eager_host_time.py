@@ -32,12 +32,13 @@ Calls (bs --batch-size, N --window-len, buffers given, num_tokens given: the hot
                    DraftCacheAllocator.add_requests(prompt_lens) of bs prompts of 7 tokens, then free_requests(rows)
                    of the rows it took, given as a host list, on an allocator of its own with 2 * bs rows of which
                    bs stay in use: each pair leaves the state it found, so no pair syncs for capacity. Its ratio is
-                   to two empty launches (the pair launches two Triton kernels). Each call makes one copy of host
-                   lists to the device (add_requests: the rows and prompt_lens together; free_requests: the rows),
-                   on cuda through the allocator's ring of pinned slots without waiting for the stream
-                   (free_requests' kernel clears the rows of req_to_token itself). It reads nothing back from host
-                   rows (a device
-                   tensor of rows, keep_lens= or freeing the last rows in use would). After the tables: syncs per
+                   to two empty launches (the pair launches two Triton kernels). Each call sends its host lists
+                   to the device through the allocator's ring of pinned slots, without waiting for the stream:
+                   add_requests copies the rows and prompt_lens together; free_requests' kernel reads the rows
+                   from their slot in place where the device reads pinned memory at its host address (every
+                   64-bit CUDA platform; else a copy), and clears the rows of req_to_token itself. It reads
+                   nothing back from host rows (a device tensor of rows, keep_lens= or freeing the last rows in
+                   use would). After the tables: syncs per
                    pair, the allocator's num_syncs (capacity syncs) and, on cuda, the stream synchronizations that
                    torch's sync debug mode reports. The two calls are not timed apart: back-to-back add_requests
                    need room for --iters batches, so they would time a pool sized for it
@@ -335,9 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\ncapacity syncs of the allocators while timing: {capacity_syncs(pools) - syncs_before} (the pools have "
         f"room for every timed call)\n{REQUEST_PAIR}, syncs per pair: num_syncs {pair_syncs:g} (capacity syncs), "
-        f"stream synchronizations {stream} (torch's sync debug mode).\nEach pair makes 2 copies of host lists to "
-        "the device (add_requests: rows and prompt_lens together; free_requests: rows); on cuda through pinned "
-        "memory, without waiting for the stream."
+        f"stream synchronizations {stream} (torch's sync debug mode).\nEach pair sends 2 host lists to the "
+        "device (add_requests: rows and prompt_lens together, copied; free_requests: rows, which on cuda its kernel "
+        "reads in place from pinned memory where the device can), without waiting for the stream."
     )
     return 0
 

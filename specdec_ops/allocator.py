@@ -497,6 +497,8 @@ class DraftCacheAllocator:
         # _tree_step_in_one_launch by its arguments: (in a graph or interpreted, eager)
         self._tree_step_launches: dict[tuple, tuple[bool, bool]] = {}
         self._tree_step_counted: dict[tuple, bool] = {}  # _tree_step_counts, by its arguments
+        self._free_launches: dict[tuple[int, bool], tuple] = {}  # _free_launch_config, by its arguments
+        self._kernel_module = None  # _kernels(), found on first use
         self._max_programs: int | None = None  # _grid's bound (0: one program per tile), found on first use
         # Tree drafts: row r holds branch pages branch_pages[r, :num_branch_pages[r]] (alloc_branches). The host
         # knows which rows may hold some, and at most how many (the worst case, or the exact count when the call
@@ -509,6 +511,7 @@ class DraftCacheAllocator:
         self._branch_batches: list[tuple[torch.Tensor | None, tuple | None, int]] = []
         # Host lists on their way to a CUDA device: add_requests sends up to three values a request.
         self._staging = HostStaging(self.device, 3 * max_requests)
+        self._cuda = self.device.type == "cuda"  # (torch.device.type costs more than this attribute)
 
     @property
     def total_slots(self) -> int:
@@ -651,17 +654,17 @@ class DraftCacheAllocator:
         n = len(rows)
         kept_pages: list[int] = []
         if keep is None:
-            rows_t = keep_t = self._to_device(rows)
+            rows_t = keep_t = self._host_visible(rows)
         else:
             if len(keep) != n:
                 raise ValueError(f"keep_lens has {len(keep)} elements but req_pool_indices has {n}")
             values = self._to_device(rows + keep)  # one copy to the device
             rows_t, keep_t = values[:n], values[n:]
             kept_slots, kept_pages = self._check_keep(rows, rows_t, keep, keep_t)
-        tile, block_p, block_c = self._free_config(n)
+        kernel, grid, constexprs = self._free_launch_config(n, keep is not None)
         free = (
-            self._kernels()._free_pages_kernel,
-            self._grid(n, tile),
+            kernel,
+            grid,
             self.device,
             (
                 self.req_to_token,
@@ -675,16 +678,7 @@ class DraftCacheAllocator:
                 self._counters,
             ),
             (n, self.max_requests, self.max_context_len, self.num_pages, self.req_to_token.stride(0)),
-            (
-                ("PAGE_SIZE", self.page_size),
-                ("PAGE_SHIFT", self._page_shift),
-                ("TILE", tile),
-                ("BLOCK_P", block_p),
-                ("BLOCK_C", block_c),
-                ("SCAN_BLOCK", self._scan_block()),
-                ("KEEP", keep is not None),
-                ("PDL", self._pdl),
-            ),
+            constexprs,
             _NUM_WARPS,
         )
         if self._branches_may_exist():
@@ -1872,7 +1866,7 @@ class DraftCacheAllocator:
         """Launch the kernel that returns branch pages."""
         tile, block_p = self._release_tiles()
         backend.launch(
-            backend.kernels("allocator", self.device)._release_branches_kernel,
+            self._kernels()._release_branches_kernel,
             self._grid(rows.size(0), tile),
             self.device,
             (rows, self.branch_pages, self.num_branch_pages, self.free_pages, self._counters),
@@ -1982,6 +1976,26 @@ class DraftCacheAllocator:
 
     def _scan_block(self) -> int:
         return _NPU_SCAN_BLOCK if backend.is_npu(self.device) else _SCAN_BLOCK
+
+    def _free_launch_config(self, bs: int, keep: bool) -> tuple[object, tuple[int], tuple]:
+        """(kernel, grid, constexprs) of the launch that frees ``bs`` requests, ``keep``: with keep_lens; found once
+        for each batch size (``_free_launches``)."""
+        config = self._free_launches.get((bs, keep))
+        if config is None:
+            tile, block_p, block_c = self._free_config(bs)
+            constexprs = (
+                ("PAGE_SIZE", self.page_size),
+                ("PAGE_SHIFT", self._page_shift),
+                ("TILE", tile),
+                ("BLOCK_P", block_p),
+                ("BLOCK_C", block_c),
+                ("SCAN_BLOCK", self._scan_block()),
+                ("KEEP", keep),
+                ("PDL", self._pdl),
+            )
+            kernel = self._kernels()._free_pages_kernel
+            config = self._free_launches[bs, keep] = (kernel, self._grid(bs, tile), constexprs)
+        return config
 
     def _free_config(self, bs: int) -> tuple[int, int, int]:
         """(TILE, BLOCK_P, BLOCK_C) of the kernel that frees ``bs`` requests (_FREE_CLASSES)."""
@@ -2193,8 +2207,11 @@ class DraftCacheAllocator:
         return tile, constexprs, num_warps, self._look_back_programs if look_back else 0
 
     def _kernels(self):
-        """The allocator's kernel module for this device."""
-        return backend.kernels("allocator", self.device)
+        """The allocator's kernel module for this device (looked up once)."""
+        module = self._kernel_module
+        if module is None:
+            module = self._kernel_module = backend.kernels("allocator", self.device)
+        return module
 
     def _launch_alloc(
         self,
@@ -2636,13 +2653,24 @@ class DraftCacheAllocator:
         memory and a non-blocking copy (a copy from pageable memory synchronizes the stream), int64 through the
         allocator's ring of pinned slots (:class:`staging.HostStaging`), the rest through torch's pinned-memory
         cache, which keeps the block until the copy is done."""
-        if self.device.type == "cuda":
+        if self._cuda:
             if dtype is torch.int64:
                 staged = self._staging.to_device(values)
                 if staged is not None:
                     return staged
             return torch.tensor(values, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
         return torch.tensor(values, dtype=dtype, device=self.device)
+
+    def _host_visible(self, values: list[int]) -> torch.Tensor:
+        """``values`` (int64) where the allocator's next launch reads them: on a CUDA device that reads pinned host
+        memory in place, a slot of the allocator's ring (``HostStaging.stage``: no device tensor, no copy; only that
+        launch may read it, as the ring reuses its slots); elsewhere, or where the ring cannot take them, a tensor on
+        the device (:meth:`_to_device`)."""
+        if self._cuda:
+            staged = self._staging.stage(values)
+            if staged is not None:
+                return staged
+        return self._to_device(values)
 
     def _device_rows(self, req_pool_indices: IntVector) -> tuple[torch.Tensor, list[int] | None]:
         return self._device_ints("req_pool_indices", req_pool_indices)

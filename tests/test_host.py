@@ -16,6 +16,7 @@ from triton.runtime.jit import JITFunction
 
 import specdec_ops
 from specdec_ops import DraftCacheAllocator, backend
+from specdec_ops import staging as staging_module
 from specdec_ops.reference import get_last_loc_and_assign_extend_cache_locs_torch, get_last_loc_torch
 from specdec_ops.staging import HostStaging
 
@@ -246,6 +247,48 @@ def test_gpu_host_staging_never_overwrites_a_queued_copy():
 
 
 @pytest.mark.gpu
+def test_gpu_host_staging_asks_the_driver_whether_the_device_reads_pinned_memory_in_place():
+    pinned = torch.zeros(8, dtype=torch.int64).pin_memory()
+    assert staging_module._device_reads_in_place(pinned.data_ptr())  # every 64-bit CUDA platform maps it there
+    assert not staging_module._device_reads_in_place(torch.zeros(8, dtype=torch.int64).data_ptr())  # pageable
+
+
+@pytest.mark.gpu
+def test_gpu_free_requests_reads_host_rows_in_place(monkeypatch):
+    """Rows freed as a host list reach the free kernel in a slot of the pinned ring, read in place (no device tensor,
+    no copy): with 40 adds and frees queued behind a long kernel (the ring wraps more than twice), the state is that
+    of a twin allocator given every freed list as a device tensor, call for call."""
+    twins = [DraftCacheAllocator(4 * 2048, 64, 128, page_size=4, device="cuda") for _ in range(2)]
+    staged = []
+    stage = HostStaging.stage
+
+    def spy(self, values):
+        view = stage(self, values)
+        staged.append(view)
+        return view
+
+    monkeypatch.setattr(HostStaging, "stage", spy)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 100, size=int(rng.integers(1, 6))).tolist() for _ in range(40)]
+    for k, alloc in enumerate(twins):
+        alloc.add_requests([7])  # in use throughout: no free empties the allocator (which would sync)
+        torch.cuda.synchronize()
+        if k == 0:
+            torch.cuda._sleep(100_000_000)  # tens of ms on any GPU: every launch below waits behind it
+        for i, lens in enumerate(prompts):
+            gone = alloc.rows_in_use()[1 + i % 3 :: 4][:3]
+            if gone:
+                alloc.free_requests(gone if k == 0 else torch.tensor(gone, device="cuda"))
+            alloc.add_requests(lens)
+        torch.cuda.synchronize()
+    assert len(staged) > 16
+    assert all(view is not None and view.device.type == "cpu" and view.is_pinned() for view in staged)
+    for name in ("req_to_token", "seq_lens", "alloc_lens", "prefix_lens", "free_pages", "free_head", "num_free_pages"):
+        assert torch.equal(getattr(twins[0], name), getattr(twins[1], name)), name
+    assert twins[0].rows_in_use() == twins[1].rows_in_use()
+
+
+@pytest.mark.gpu
 def test_gpu_host_staging_leaves_what_it_cannot_take_to_the_caller():
     staging = HostStaging(torch.device("cuda", 0), 4)
     assert staging.to_device([1] * 5) is None  # more than a slot holds
@@ -255,3 +298,6 @@ def test_gpu_host_staging_leaves_what_it_cannot_take_to_the_caller():
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
         assert staging.to_device([1, 2]) is None  # a capture would keep the slot's address
+        assert staging.stage([1, 2]) is None
+    assert staging.stage([1] * 5) is None
+    assert staging.stage([2**63]) is None
