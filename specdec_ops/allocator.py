@@ -370,7 +370,8 @@ class DraftCacheAllocator:
     or releases branch pages) must be rewritten through torch, not in place by numpy, DLPack or a kernel: its version
     counter tells the host whether its rows are still those that hold branch pages. (An inference tensor, made under
     ``torch.inference_mode``, keeps no version counter: the host then forgets its branch pages only once every row in
-    use releases them, or a sync finds none held.) Accept lengths are clamped on the device to the row's open
+    use releases them in a call given the rows as a list, :meth:`free_requests` included, or a sync finds none
+    held.) Accept lengths are clamped on the device to the row's open
     draft window, so no value corrupts the pool. After replaying a captured step, call :meth:`refresh` before the
     next eager call.
 
@@ -504,7 +505,8 @@ class DraftCacheAllocator:
         # knows which rows may hold some, and at most how many (the worst case, or the exact count when the call
         # synced): rows given as lists, one by one, and batches given as tensors, in all (a tensor released by the
         # same tensor, unchanged since by its version counter, address, shape and dtype, is known to be released; an
-        # inference tensor keeps no version counter, so only a release of every row in use, or a sync, forgets it).
+        # inference tensor keeps no version counter, so only a release of every row in use given as a list (as
+        # free_requests has them), or a sync, forgets it).
         self.branch_pages = torch.zeros(max_requests, 0, dtype=torch.int32, device=self.device)
         self.num_branch_pages = torch.zeros(max_requests, dtype=torch.int64, device=self.device)
         self._branch_rows: dict[int, int] = {}
@@ -1841,8 +1843,10 @@ class DraftCacheAllocator:
         return bool(self._branch_rows or self._branch_batches)
 
     def _forget_branches(self, rows: torch.Tensor, host_rows: list[int] | None, bs: int) -> None:
-        """The branches of ``rows`` (``bs`` of them) were released: drop what the host can tell."""
-        if bs == self.num_requests:  # distinct rows in use (checked, or trusted): all of them
+        """The branches of ``rows`` (``bs`` of them) were released: drop what the host can tell. Rows given as a list
+        (checked: distinct rows in use) as many as the rows in use are all of them; a tensor of as many rows may hold
+        a stale row in place of one in use (the kernels skip it), so it only drops its own records."""
+        if host_rows is not None and bs == self.num_requests:
             self._branch_rows.clear()
             self._branch_batches.clear()
             return
