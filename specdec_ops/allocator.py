@@ -381,7 +381,8 @@ class DraftCacheAllocator:
         seq_lens: ``[max_requests]`` int64, committed tokens of each row; -1 for a row not in use.
         alloc_lens: ``[max_requests]`` int64, positions ``[0, alloc_len)`` own slots; ``alloc_len >= seq_len``;
             -1 for a row not in use. A row not in use that comes in a tensor of rows anyway (a stale row) is left as
-            it is by every call: no slots, no pages, its outputs as for a row out of range.
+            it is by every call: no slots, no pages, its outputs as for a row out of range (a call that syncs for
+            capacity reads the rows back and raises ``ValueError`` for it instead, changing nothing).
         window_lens: ``[max_requests]`` int64, the draft window opened by the last :meth:`alloc_draft`, 0 once
             committed.
         prefix_lens: ``[max_requests]`` int64, positions ``[0, prefix_len)`` sit on pages of the prefix cache.
