@@ -1358,6 +1358,25 @@ def test_stale_rows_change_nothing(page_size, programs):
     assert_same_runs(*runs)
 
 
+def test_a_stale_row_raises_where_the_call_syncs_for_capacity():
+    """Near capacity a draft syncs for an exact count and reads the rows back with it: a stale row is then caught
+    (ValueError, nothing changed), where with headroom the kernels skip it; the same call without it goes through."""
+    alloc = DraftCacheAllocator(4 * 6, 3, 64, page_size=4, device="cpu")
+    alloc.add_requests([4, 4, 4])  # rows 0, 1, 2: 3 of the 6 pages
+    alloc.free_requests([2])
+    batch = torch.tensor([0, 1, 2])
+    alloc.alloc_draft(batch, 1)  # headroom: no sync, row 2 skipped
+    assert alloc.num_syncs == 0
+    before = snapshot(alloc)
+    with pytest.raises(ValueError, match=r"req_pool_indices\[2\] = 2 is not a row in use"):
+        alloc.alloc_draft(batch, 8)  # 4 pages more than the bound allows without a sync
+    assert alloc.num_syncs == 1
+    assert_unchanged(alloc, before)
+    alloc.alloc_draft(batch[:2], 8)
+    assert alloc.num_free_slots() == 0
+    check_layout(alloc)
+
+
 def test_accept_lengths_given_as_a_list_are_checked_on_the_host():
     alloc = DraftCacheAllocator(64, 3, 32, page_size=4, device="cpu")
     rows = alloc.add_requests([3, 6])
