@@ -253,6 +253,9 @@ ALLOCATOR_METHODS = [
     ("alloc_branches", _branches),
     ("release_branches", lambda alloc, rows, n: alloc.release_branches(rows)),
     ("alloc_branches", _branches),
+    # Frees while branch pages may be held (their release in the free's launch), with keep_lens and without; then,
+    # every row freed, frees with keep_lens and (add_requests above, _add_with_prefix below) without, none held.
+    ("free_requests", lambda alloc, rows, n: _free_keeping(alloc, n)),
     ("free_requests", lambda alloc, rows, n: alloc.free_requests(rows)),
     ("free_requests", lambda alloc, rows, n: _free_keeping(alloc, n)),
     ("add_requests", lambda alloc, rows, n: _add_with_prefix(alloc, n)),

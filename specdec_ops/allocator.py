@@ -129,6 +129,9 @@ _NPU_MAX_TILE = 32
 _NPU_RELEASE_ALLOC_ELEMENTS = 256
 _NPU_RELEASE_MAX_TILE = 16
 _NPU_SCAN_BLOCK = 256
+# Ascend: the free kernel that also releases branch pages sums the requests before its tile this many times fewer at
+# a step (scripts/ascend_compile_check.py: UB 148-159 KiB at pages > 1 with the full scan block).
+_NPU_FREE_BRANCHES_SHRINK = 2
 # [TILE, BLOCK_P] tile of the kernel that returns branch pages to the ring (_release_tiles; BLOCK_P is also BLOCK_R
 # of the kernels that release branch pages in their own launch). The names are older than _FREE_CLASSES, which now
 # sizes the kernel that frees requests; the reference Ascend checker still reads them.
@@ -499,7 +502,7 @@ class DraftCacheAllocator:
         # _tree_step_in_one_launch by its arguments: (in a graph or interpreted, eager)
         self._tree_step_launches: dict[tuple, tuple[bool, bool]] = {}
         self._tree_step_counted: dict[tuple, bool] = {}  # _tree_step_counts, by its arguments
-        self._free_launches: dict[tuple[int, bool], tuple] = {}  # _free_launch_config, by its arguments
+        self._free_launches: dict[tuple[int, bool, bool], tuple] = {}  # _free_launch_config, by its arguments
         self._kernel_module = None  # _kernels(), found on first use
         self._max_programs: int | None = None  # _grid's bound (0: one program per tile), found on first use
         # Tree drafts: row r holds branch pages branch_pages[r, :num_branch_pages[r]] (alloc_branches). The host
@@ -633,9 +636,8 @@ class DraftCacheAllocator:
         return rows_t
 
     def free_requests(self, req_pool_indices: IntVector, *, keep_lens: IntVector | None = None) -> torch.Tensor:
-        """Return the requests' pages to the pool and clear their rows (one launch; while rows may hold branch pages,
-        a launch before it returns those, and the free's kernel is compiled before that one changes anything, so that
-        only a failing launch of the free itself could leave the branch pages returned and the rows not freed).
+        """Return the requests' pages to the pool, and the branch pages their rows hold, and clear their rows (one
+        launch).
 
         Args:
             req_pool_indices: rows in use, no duplicates; a list or an int tensor (a device tensor is read back).
@@ -664,8 +666,9 @@ class DraftCacheAllocator:
             values = self._to_device(rows + keep)  # one copy to the device
             rows_t, keep_t = values[:n], values[n:]
             kept_slots, kept_pages = self._check_keep(rows, rows_t, keep, keep_t)
-        kernel, grid, constexprs = self._free_launch_config(n, keep is not None)
-        free = (
+        branches = self._branches_may_exist()  # the rows' branch pages go back in the same launch
+        kernel, grid, constexprs = self._free_launch_config(n, keep is not None, branches)
+        backend.launch(
             kernel,
             grid,
             self.device,
@@ -679,17 +682,23 @@ class DraftCacheAllocator:
                 self.prefix_lens,
                 self.free_pages,
                 self._counters,
+                self.branch_pages,
+                self.num_branch_pages,
             ),
-            (n, self.max_requests, self.max_context_len, self.num_pages, self.req_to_token.stride(0)),
+            (
+                n,
+                self.max_requests,
+                self.max_context_len,
+                self.num_pages,
+                self.req_to_token.stride(0),
+                self.branch_pages.stride(0),
+                self.branch_pages.size(1),
+            ),
             constexprs,
             _NUM_WARPS,
         )
-        if self._branches_may_exist():
-            # The rows' branch pages go back in a launch of their own first, and it changes state: the free is
-            # compiled before it, so that only its launch can fail after.
-            backend.ensure_compiled(*free)
-            self._launch_release(rows_t, rows)
-        backend.launch(*free)
+        if branches:
+            self._forget_branches(rows_t, rows, n)
         # The launches went through: now the host state.
         in_use = self._in_use
         for row in rows:
@@ -1982,10 +1991,17 @@ class DraftCacheAllocator:
     def _scan_block(self) -> int:
         return _NPU_SCAN_BLOCK if backend.is_npu(self.device) else _SCAN_BLOCK
 
-    def _free_launch_config(self, bs: int, keep: bool) -> tuple[object, tuple[int], tuple]:
-        """(kernel, grid, constexprs) of the launch that frees ``bs`` requests, ``keep``: with keep_lens; found once
-        for each batch size (``_free_launches``)."""
-        config = self._free_launches.get((bs, keep))
+    def _free_scan_block(self, branches: bool) -> int:
+        """The free kernel's scan block: on Ascend half the allocator's where it also releases branch pages (their
+        counts take on-chip buffer beside the pages': 148-159 KiB with the full block at pages > 1)."""
+        if branches and backend.is_npu(self.device):
+            return _NPU_SCAN_BLOCK // _NPU_FREE_BRANCHES_SHRINK
+        return self._scan_block()
+
+    def _free_launch_config(self, bs: int, keep: bool, branches: bool) -> tuple[object, tuple[int], tuple]:
+        """(kernel, grid, constexprs) of the launch that frees ``bs`` requests, ``keep``: with keep_lens,
+        ``branches``: also releasing their branch pages; found once for each batch size (``_free_launches``)."""
+        config = self._free_launches.get((bs, keep, branches))
         if config is None:
             tile, block_p, block_c = self._free_config(bs)
             constexprs = (
@@ -1994,12 +2010,14 @@ class DraftCacheAllocator:
                 ("TILE", tile),
                 ("BLOCK_P", block_p),
                 ("BLOCK_C", block_c),
-                ("SCAN_BLOCK", self._scan_block()),
+                ("SCAN_BLOCK", self._free_scan_block(branches)),
                 ("KEEP", keep),
+                ("BRANCHES", branches),
+                ("BLOCK_R", self._release_tiles()[1] if branches else 1),
                 ("PDL", self._pdl),
             )
             kernel = self._kernels()._free_pages_kernel
-            config = self._free_launches[bs, keep] = (kernel, self._grid(bs, tile), constexprs)
+            config = self._free_launches[bs, keep, branches] = (kernel, self._grid(bs, tile), constexprs)
         return config
 
     def _free_config(self, bs: int) -> tuple[int, int, int]:

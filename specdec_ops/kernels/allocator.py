@@ -1067,7 +1067,40 @@ def _pages_to_push(
     return rows, valid, first, tl.where(valid, tl.maximum(owned - first, 0), 0), allocs
 
 
-@triton.jit(do_not_specialize=["bs", "num_rows", "max_context_len", "num_pages", "row_stride"])
+@triton.jit
+def _pages_and_branches_to_push(
+    k,
+    in_range,
+    req_pool_indices,
+    alloc_lens,
+    prefix_lens,
+    keep_lens,
+    num_branch_pages,
+    num_rows,
+    max_context_len,
+    branch_width,
+    PAGE_SIZE: tl.constexpr,
+    PAGE_SHIFT: tl.constexpr,
+    KEEP: tl.constexpr,
+    BRANCHES: tl.constexpr,
+):
+    """``_pages_to_push``, and with ``BRANCHES`` the branch pages each entry's row holds (clamped to
+    ``[0, branch_width]``; else 0)."""
+    rows, valid, first, n, allocs = _pages_to_push(
+        k, in_range, req_pool_indices, alloc_lens, prefix_lens, keep_lens, num_rows, max_context_len, PAGE_SIZE,
+        PAGE_SHIFT, KEEP,
+    )  # fmt: skip
+    held = n * 0
+    if BRANCHES:
+        # Masked lanes load 0: no tl.where on the mask (held feeds 2-D masks, see _branch_counts).
+        held = tl.load(num_branch_pages + rows, mask=valid, other=0).to(tl.int32)
+        held = tl.minimum(tl.maximum(held, 0), branch_width)
+    return rows, valid, first, n, allocs, held
+
+
+@triton.jit(
+    do_not_specialize=["bs", "num_rows", "max_context_len", "num_pages", "row_stride", "branch_stride", "branch_width"]
+)
 def _free_pages_kernel(
     req_to_token,
     req_pool_indices,
@@ -1078,11 +1111,15 @@ def _free_pages_kernel(
     prefix_lens,
     free_pages,
     counters,
+    branch_pages,
+    num_branch_pages,
     bs,
     num_rows,
     max_context_len,
     num_pages,
     row_stride,
+    branch_stride,
+    branch_width,
     PAGE_SIZE: tl.constexpr,
     PAGE_SHIFT: tl.constexpr,
     TILE: tl.constexpr,
@@ -1090,16 +1127,20 @@ def _free_pages_kernel(
     BLOCK_C: tl.constexpr,
     SCAN_BLOCK: tl.constexpr,
     KEEP: tl.constexpr,
+    BRANCHES: tl.constexpr = False,
+    BLOCK_R: tl.constexpr = 1,
     PDL: tl.constexpr = False,
 ):
     """Push the pages of the requests back to the ring, clear their rows and reset their lengths: ``seq_len`` and
     ``alloc_len`` -1, the mark of a row not in use (which the other kernels leave alone, see ``_window_span``), the
-    others 0.
+    others 0. With ``BRANCHES`` also the branch pages the rows hold (``alloc_branches``), in the same launch.
 
     Request ``i`` gives back its pages ``first_i + k``, ``k < n_i`` (``first_i = pages(max(prefix_len,
     keep_lens[i]))``: cache-owned and kept pages stay with the cache); page ``first_i + k`` is
-    ``req_to_token[row_i, (first_i + k) * PAGE_SIZE] // PAGE_SIZE`` and goes to ring offset ``count + excl_i + k``
-    (``excl_i = sum(n_k for k < i)``), so the ring hands them out again in batch and position order.
+    ``req_to_token[row_i, (first_i + k) * PAGE_SIZE] // PAGE_SIZE`` and goes to ring offset ``count + excl_i + k``,
+    then its ``held_i`` branch pages ``branch_pages[row_i, k]`` (``BRANCHES``, else none) to ``count + excl_i + n_i +
+    k`` (``excl_i = sum(n_k + held_k for k < i)``), so the ring hands them out again in batch and position order;
+    ``num_branch_pages[row_i] = 0``.
     """
     if PDL:
         _pdl_start(PDL)
@@ -1114,35 +1155,42 @@ def _free_pages_kernel(
         tile_start = tile * TILE
         for k0 in range(_unsummed(tile, num_programs, 0) * TILE, tile_start, SCAN_BLOCK):
             k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
-            _, _, _, earlier, _ = _pages_to_push(
+            _, _, _, earlier, _, earlier_held = _pages_and_branches_to_push(
                 k,
                 k < tile_start,
                 req_pool_indices,
                 alloc_lens,
                 prefix_lens,
                 keep_lens,
+                num_branch_pages,
                 num_rows,
                 max_context_len,
+                branch_width,
                 PAGE_SIZE,
                 PAGE_SHIFT,
                 KEEP,
+                BRANCHES,
             )
-            lane_sums += earlier
+            lane_sums += earlier + earlier_held
         offs = tile_start + tl.arange(0, TILE)  # [TILE]
-        rows, valid, first, n, allocs = _pages_to_push(
+        rows, valid, first, n, allocs, held = _pages_and_branches_to_push(
             offs,
             offs < bs,
             req_pool_indices,
             alloc_lens,
             prefix_lens,
             keep_lens,
+            num_branch_pages,
             num_rows,
             max_context_len,
+            branch_width,
             PAGE_SIZE,
             PAGE_SHIFT,
             KEEP,
+            BRANCHES,
         )
-        excl = count + tl.reduce(lane_sums, 0, _add) + tl.associative_scan(n, 0, _add) - n  # [TILE]
+        pushes = n + held
+        excl = count + tl.reduce(lane_sums, 0, _add) + tl.associative_scan(pushes, 0, _add) - pushes  # [TILE]
         row_addr = rows.to(tl.int64) * row_stride
         for k0 in range(0, tl.reduce(n, 0, _maximum), BLOCK_P):
             k = k0 + cols  # [BLOCK_P]
@@ -1154,6 +1202,10 @@ def _free_pages_kernel(
             ring_idx = _ring_index(head, tl.where(to_ring, ring_off, 0), num_pages)
             page = _floor_page(tl.maximum(first_slot, 0), PAGE_SIZE, PAGE_SHIFT)
             tl.store(free_pages + ring_idx, page.to(free_pages.dtype.element_ty), mask=to_ring)
+        if BRANCHES:
+            _push_branch_pages(
+                rows, valid, held, excl + n, branch_pages, free_pages, head, num_pages, branch_stride, BLOCK_R
+            )
         # The rows go back to padding: positions [0, alloc_len) are cleared, the others hold 0 already (no kernel
         # writes past alloc_len).
         tl.debug_barrier()  # every page was read above before its slots are cleared
@@ -1169,24 +1221,29 @@ def _free_pages_kernel(
         pushed_lanes = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
         for k0 in range(0, bs, SCAN_BLOCK):
             k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
-            rows, valid, first, n, _ = _pages_to_push(
+            rows, valid, first, n, _, held = _pages_and_branches_to_push(
                 k,
                 k < bs,
                 req_pool_indices,
                 alloc_lens,
                 prefix_lens,
                 keep_lens,
+                num_branch_pages,
                 num_rows,
                 max_context_len,
+                branch_width,
                 PAGE_SIZE,
                 PAGE_SHIFT,
                 KEEP,
+                BRANCHES,
             )
             zero = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
             tl.debug_barrier()  # every lane has read the lengths it sums
             tl.store(alloc_lens + rows, (zero - 1).to(alloc_lens.dtype.element_ty), mask=valid)  # not in use
             tl.store(prefix_lens + rows, zero.to(prefix_lens.dtype.element_ty), mask=valid)
-            pushed_lanes += n
+            if BRANCHES:
+                tl.store(num_branch_pages + rows, zero.to(num_branch_pages.dtype.element_ty), mask=valid)
+            pushed_lanes += n + held
         pushed = tl.minimum(tl.reduce(pushed_lanes, 0, _add), num_pages - count)
         tl.store(counters + 1, (count + pushed).to(counters.dtype.element_ty))
         tl.store(counters + 2, tl.full([], 0, dtype=counters.dtype.element_ty))
