@@ -1991,26 +1991,22 @@ class DraftCacheAllocator:
     def _scan_block(self) -> int:
         return _NPU_SCAN_BLOCK if backend.is_npu(self.device) else _SCAN_BLOCK
 
-    def _free_scan_block(self, branches: bool) -> int:
-        """The free kernel's scan block: on Ascend half the allocator's where it also releases branch pages (their
-        counts take on-chip buffer beside the pages': 148-159 KiB with the full block at pages > 1)."""
-        if branches and backend.is_npu(self.device):
-            return _NPU_SCAN_BLOCK // _NPU_FREE_BRANCHES_SHRINK
-        return self._scan_block()
-
     def _free_launch_config(self, bs: int, keep: bool, branches: bool) -> tuple[object, tuple[int], tuple]:
         """(kernel, grid, constexprs) of the launch that frees ``bs`` requests, ``keep``: with keep_lens,
         ``branches``: also releasing their branch pages; found once for each batch size (``_free_launches``)."""
         config = self._free_launches.get((bs, keep, branches))
         if config is None:
             tile, block_p, block_c = self._free_config(bs)
+            scan_block = self._scan_block()
+            if branches and backend.is_npu(self.device):  # the branch counts take on-chip buffer too
+                scan_block //= _NPU_FREE_BRANCHES_SHRINK
             constexprs = (
                 ("PAGE_SIZE", self.page_size),
                 ("PAGE_SHIFT", self._page_shift),
                 ("TILE", tile),
                 ("BLOCK_P", block_p),
                 ("BLOCK_C", block_c),
-                ("SCAN_BLOCK", self._free_scan_block(branches)),
+                ("SCAN_BLOCK", scan_block),
                 ("KEEP", keep),
                 ("BRANCHES", branches),
                 ("BLOCK_R", self._release_tiles()[1] if branches else 1),

@@ -1045,15 +1045,19 @@ def _pages_to_push(
     alloc_lens,
     prefix_lens,
     keep_lens,
+    num_branch_pages,
     num_rows,
     max_context_len,
+    branch_width,
     PAGE_SIZE: tl.constexpr,
     PAGE_SHIFT: tl.constexpr,
     KEEP: tl.constexpr,
+    BRANCHES: tl.constexpr,
 ):
     """For batch entries ``k``: the row, the first page it gives back and how many (pages ``[first, first + n)``
-    of the row: past the cache-owned prefix and, with ``KEEP``, past the pages kept for the cache), and the row's
-    alloc_len clamped to ``[0, max_context_len]``."""
+    of the row: past the cache-owned prefix and, with ``KEEP``, past the pages kept for the cache), the row's
+    alloc_len clamped to ``[0, max_context_len]``, and with ``BRANCHES`` the branch pages the row holds (clamped to
+    ``[0, branch_width]``; else 0)."""
     rows = tl.load(req_pool_indices + k, mask=in_range, other=-1).to(tl.int32)
     valid = in_range & (rows >= 0) & (rows < num_rows)
     allocs = tl.load(alloc_lens + rows, mask=valid, other=0).to(tl.int32)
@@ -1064,32 +1068,7 @@ def _pages_to_push(
     kept = tl.minimum(tl.maximum(kept, 0), allocs)
     first = _floor_page(kept + (PAGE_SIZE - 1), PAGE_SIZE, PAGE_SHIFT)
     owned = _floor_page(allocs + (PAGE_SIZE - 1), PAGE_SIZE, PAGE_SHIFT)
-    return rows, valid, first, tl.where(valid, tl.maximum(owned - first, 0), 0), allocs
-
-
-@triton.jit
-def _pages_and_branches_to_push(
-    k,
-    in_range,
-    req_pool_indices,
-    alloc_lens,
-    prefix_lens,
-    keep_lens,
-    num_branch_pages,
-    num_rows,
-    max_context_len,
-    branch_width,
-    PAGE_SIZE: tl.constexpr,
-    PAGE_SHIFT: tl.constexpr,
-    KEEP: tl.constexpr,
-    BRANCHES: tl.constexpr,
-):
-    """``_pages_to_push``, and with ``BRANCHES`` the branch pages each entry's row holds (clamped to
-    ``[0, branch_width]``; else 0)."""
-    rows, valid, first, n, allocs = _pages_to_push(
-        k, in_range, req_pool_indices, alloc_lens, prefix_lens, keep_lens, num_rows, max_context_len, PAGE_SIZE,
-        PAGE_SHIFT, KEEP,
-    )  # fmt: skip
+    n = tl.where(valid, tl.maximum(owned - first, 0), 0)
     held = n * 0
     if BRANCHES:
         # Masked lanes load 0: no tl.where on the mask (held feeds 2-D masks, see _branch_counts).
@@ -1155,7 +1134,7 @@ def _free_pages_kernel(
         tile_start = tile * TILE
         for k0 in range(_unsummed(tile, num_programs, 0) * TILE, tile_start, SCAN_BLOCK):
             k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
-            _, _, _, earlier, _, earlier_held = _pages_and_branches_to_push(
+            _, _, _, earlier, _, earlier_held = _pages_to_push(
                 k,
                 k < tile_start,
                 req_pool_indices,
@@ -1173,7 +1152,7 @@ def _free_pages_kernel(
             )
             lane_sums += earlier + earlier_held
         offs = tile_start + tl.arange(0, TILE)  # [TILE]
-        rows, valid, first, n, allocs, held = _pages_and_branches_to_push(
+        rows, valid, first, n, allocs, held = _pages_to_push(
             offs,
             offs < bs,
             req_pool_indices,
@@ -1221,7 +1200,7 @@ def _free_pages_kernel(
         pushed_lanes = tl.full([SCAN_BLOCK], 0, dtype=tl.int32)
         for k0 in range(0, bs, SCAN_BLOCK):
             k = k0 + tl.arange(0, SCAN_BLOCK)  # [SCAN_BLOCK]
-            rows, valid, first, n, _, held = _pages_and_branches_to_push(
+            rows, valid, first, n, _, held = _pages_to_push(
                 k,
                 k < bs,
                 req_pool_indices,
