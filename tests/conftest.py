@@ -47,7 +47,7 @@ def pytest_terminal_summary(terminalreporter):
         reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
         reasons[reason.removeprefix("Skipped: ")] += 1
     if reasons:
-        terminalreporter.write_sep("-", "skipped tests, by reason (on a GPU machine: python -m pytest -m gpu)")
+        terminalreporter.write_sep("-", "skipped tests, by reason (GPU: python -m pytest -m gpu; NPU: -m npu)")
         for reason, count in reasons.most_common():
             terminalreporter.write_line(f"{count:5d} skipped: {reason}")
 

@@ -16,6 +16,9 @@ window, cache pages read and branch pages held) that predicts every result and e
 - pages are taken from the head of the free ring (in batch order, then position order, for a chain draft or a
   prefill) and released pages join its end;
 - failures (OutOfSlotsError, ContextLengthError, OutOfRowsError, ValueError) change nothing.
+
+The machine runs on the cpu (Triton's interpreter, one program after another) and also on a CUDA GPU and an Ascend NPU
+(``pytest -m gpu`` / ``pytest -m npu``), where the kernels run concurrently: look-back, PDL, programs in parallel.
 """
 
 from __future__ import annotations
@@ -134,6 +137,11 @@ class EngineMachine(RuleBasedStateMachine):
     # Launch constants of specdec_ops.allocator to shrink (many programs with few requests).
     TILES: dict[str, object] = {}
 
+    # The allocator's device. Every tensor the machine gives the allocator (rows, accept lengths, paths, prompt and
+    # prefix lengths, prefix and released slots, output buffers) is made there; the host model (the KV model, the
+    # lists) stays on the cpu and reads the device through .tolist()/.cpu().
+    DEVICE = "cpu"
+
     # -- setup ------------------------------------------------------------------------------------
 
     @initialize(data=st.data())
@@ -141,7 +149,7 @@ class EngineMachine(RuleBasedStateMachine):
         self._saved_tiles = patch_tiles(self.TILES)
         p = self.PAGE_SIZE
         self.alloc = DraftCacheAllocator(
-            self.NUM_PAGES * p, self.MAX_REQUESTS, self.MAX_CONTEXT_LEN, page_size=p, device="cpu"
+            self.NUM_PAGES * p, self.MAX_REQUESTS, self.MAX_CONTEXT_LEN, page_size=p, device=self.DEVICE
         )
         self.kv = KVModel(self.alloc)  # kv: the simulated KV buffer; committed[row] is reqs[row].tokens
         self.cache = ToyRadixCache(p)
@@ -224,8 +232,8 @@ class EngineMachine(RuleBasedStateMachine):
             return list(batch)
         if kind == "inference":
             with torch.inference_mode():
-                return torch.tensor(batch, dtype=torch.int64)
-        return torch.tensor(batch, dtype=getattr(torch, kind))
+                return torch.tensor(batch, dtype=torch.int64, device=self.DEVICE)
+        return torch.tensor(batch, dtype=getattr(torch, kind), device=self.DEVICE)
 
     def draw_kind(self, data, label: str) -> str:
         return data.draw(st.sampled_from(["list", "int64", "int32", "inference"]), label=label)
@@ -267,7 +275,7 @@ class EngineMachine(RuleBasedStateMachine):
             else:
                 lens[i] = rng.choice([-1, 2**31 - 1, windows[i] + 1])
         dtype = data.draw(st.sampled_from([torch.int32, torch.int64]), label="index dtype")
-        return index.to(dtype), lens
+        return index.to(device=self.DEVICE, dtype=dtype), lens
 
     def draw_branches(self, data) -> tuple[int, int]:
         topk = data.draw(st.integers(1, self.MAX_TOPK), label="topk")
@@ -398,9 +406,11 @@ class EngineMachine(RuleBasedStateMachine):
             table = self.alloc.req_to_token
             if c.reserve:  # the engine reads the slots itself (a stale row is out of range: -1, as the draft gives)
                 rows_t = torch.tensor(
-                    [row if row in self.reqs else self.MAX_REQUESTS for row in c.batch], dtype=torch.int64
+                    [row if row in self.reqs else self.MAX_REQUESTS for row in c.batch],
+                    dtype=torch.int64,
+                    device=self.DEVICE,
                 )
-                start_t = torch.tensor([starts.get(row, 0) for row in c.batch], dtype=torch.int64)
+                start_t = torch.tensor([starts.get(row, 0) for row in c.batch], dtype=torch.int64, device=self.DEVICE)
                 out, last = specdec_ops.get_last_loc_and_assign_extend_cache_locs(
                     table, rows_t, start_t, start_t + n, window_len=n
                 )
@@ -451,24 +461,25 @@ class EngineMachine(RuleBasedStateMachine):
         rows = self.rows_arg(c.batch, c.rows_kind)
         accept = None
         if c.accept is not None:
-            accept = (
-                c.accept if c.accept_kind == "list" else torch.tensor(c.accept, dtype=getattr(torch, c.accept_kind))
-            )
+            if c.accept_kind == "list":
+                accept = c.accept
+            else:
+                accept = torch.tensor(c.accept, dtype=getattr(torch, c.accept_kind), device=self.DEVICE)
         bufs: dict[str, torch.Tensor] = {}
         if buffers:
             if c.n is not None and not c.reserve:
-                bufs["out_cache_loc"] = sentinel_like(bs * c.n + TAIL, torch.int32, "cpu")
-                bufs["last_loc"] = sentinel_like(bs, torch.int32, "cpu")
+                bufs["out_cache_loc"] = sentinel_like(bs * c.n + TAIL, torch.int32, self.DEVICE)
+                bufs["last_loc"] = sentinel_like(bs, torch.int32, self.DEVICE)
             if c.branches is not None:
                 topk, steps = c.branches
                 name = "out" if c.name == "alloc_branches" else "branch_slots"
-                bufs[name] = sentinel_like(bs * topk * steps + TAIL, torch.int32, "cpu")
+                bufs[name] = sentinel_like(bs * topk * steps + TAIL, torch.int32, self.DEVICE)
                 if p > 1:
-                    bufs["copy_src"] = sentinel_like(bs * topk * (p - 1) + TAIL, torch.int32, "cpu")
-                    bufs["copy_dst"] = sentinel_like(bs * topk * (p - 1) + TAIL, torch.int32, "cpu")
+                    bufs["copy_src"] = sentinel_like(bs * topk * (p - 1) + TAIL, torch.int32, self.DEVICE)
+                    bufs["copy_dst"] = sentinel_like(bs * topk * (p - 1) + TAIL, torch.int32, self.DEVICE)
             if c.index is not None:
-                bufs["kv_src"] = sentinel_like(bs * c.index.size(1) + TAIL, torch.int32, "cpu")
-                bufs["kv_dst"] = sentinel_like(bs * c.index.size(1) + TAIL, torch.int32, "cpu")
+                bufs["kv_src"] = sentinel_like(bs * c.index.size(1) + TAIL, torch.int32, self.DEVICE)
+                bufs["kv_dst"] = sentinel_like(bs * c.index.size(1) + TAIL, torch.int32, self.DEVICE)
         v = c.validate
 
         def call():
@@ -538,19 +549,19 @@ class EngineMachine(RuleBasedStateMachine):
         lens = [len(t) for t in prompts]
         with_prefix = any(hits) or data.draw(st.booleans(), label="prefix arguments")
         width = max([len(h) * p for h in hits] + [1])
-        prefix_slots = torch.full((k, width), 12345, dtype=torch.int64)  # past each prefix: ignored
+        prefix_slots = torch.full((k, width), 12345, dtype=torch.int64, device=self.DEVICE)  # past each prefix: ignored
         for i, hit in enumerate(hits):
             for m, page in enumerate(hit):
-                prefix_slots[i, m * p : (m + 1) * p] = torch.arange(page * p, (page + 1) * p)
+                prefix_slots[i, m * p : (m + 1) * p] = torch.arange(page * p, (page + 1) * p, device=self.DEVICE)
         prefix_slots = prefix_slots.to(data.draw(st.sampled_from([torch.int32, torch.int64]), label="slots dtype"))
         prefix_lens = [len(h) * p for h in hits]
         as_list = data.draw(st.booleans(), label="lens as list")
 
         def call():
-            arg = lens if as_list else torch.tensor(lens)
+            arg = lens if as_list else torch.tensor(lens, device=self.DEVICE)
             if not with_prefix:
                 return self.alloc.add_requests(arg)
-            plens = prefix_lens if as_list else torch.tensor(prefix_lens, dtype=torch.int32)
+            plens = prefix_lens if as_list else torch.tensor(prefix_lens, dtype=torch.int32, device=self.DEVICE)
             return self.alloc.add_requests(arg, prefix_slots=prefix_slots, prefix_lens=plens)
 
         def expected():
@@ -661,7 +672,8 @@ class EngineMachine(RuleBasedStateMachine):
         else:
             slots = [page * p + data.draw(st.integers(0, p - 1), label="slot of page") for page in pages_]
         free = self.alloc.free_page_list()
-        self.alloc.release_slots(slots if data.draw(st.booleans(), label="slots as list") else torch.tensor(slots))
+        as_list = data.draw(st.booleans(), label="slots as list")
+        self.alloc.release_slots(slots if as_list else torch.tensor(slots, device=self.DEVICE))
         assert self.alloc.free_page_list() == free + list(dict.fromkeys(pages_)), "released pages join the end"
         assert not set(pages_) & set(self.alloc.cached_pages())
 
@@ -837,21 +849,22 @@ class EngineMachine(RuleBasedStateMachine):
         branches = self.draw_branches(data) if tree or data.draw(st.booleans(), label="branches") else None
         keep = tree and data.draw(st.booleans(), label="plan keep_branches")
         emit = tree or data.draw(st.sampled_from([True, True, False]), label="emit")  # emit=False: reserve_draft()
-        accept = torch.zeros(bs, dtype=data.draw(st.sampled_from([torch.int32, torch.int64]), label="accept dtype"))
-        index = torch.zeros(bs, n, dtype=torch.int64) if tree else None
+        accept_dtype = data.draw(st.sampled_from([torch.int32, torch.int64]), label="accept dtype")
+        accept = torch.zeros(bs, dtype=accept_dtype, device=self.DEVICE)
+        index = torch.zeros(bs, n, dtype=torch.int64, device=self.DEVICE) if tree else None
         buffers: dict[str, torch.Tensor] = {}
         if data.draw(st.booleans(), label="plan buffers"):
             if emit:
-                buffers["out_cache_loc"] = sentinel_like(bs * n + TAIL, torch.int32, "cpu")
-                buffers["last_loc"] = sentinel_like(bs, torch.int32, "cpu")
+                buffers["out_cache_loc"] = sentinel_like(bs * n + TAIL, torch.int32, self.DEVICE)
+                buffers["last_loc"] = sentinel_like(bs, torch.int32, self.DEVICE)
             if tree:
-                buffers["kv_src"] = sentinel_like(bs * n + TAIL, torch.int32, "cpu")
-                buffers["kv_dst"] = sentinel_like(bs * n + TAIL, torch.int32, "cpu")
+                buffers["kv_src"] = sentinel_like(bs * n + TAIL, torch.int32, self.DEVICE)
+                buffers["kv_dst"] = sentinel_like(bs * n + TAIL, torch.int32, self.DEVICE)
             if branches is not None:
-                buffers["branch_slots"] = sentinel_like(bs * branches[0] * branches[1] + TAIL, torch.int32, "cpu")
+                buffers["branch_slots"] = sentinel_like(bs * branches[0] * branches[1] + TAIL, torch.int32, self.DEVICE)
                 if p > 1:
-                    buffers["copy_src"] = sentinel_like(bs * branches[0] * (p - 1) + TAIL, torch.int32, "cpu")
-                    buffers["copy_dst"] = sentinel_like(bs * branches[0] * (p - 1) + TAIL, torch.int32, "cpu")
+                    buffers["copy_src"] = sentinel_like(bs * branches[0] * (p - 1) + TAIL, torch.int32, self.DEVICE)
+                    buffers["copy_dst"] = sentinel_like(bs * branches[0] * (p - 1) + TAIL, torch.int32, self.DEVICE)
         validate = data.draw(st.sampled_from([False] * 5 + [True]), label="plan validate")
         step = DraftStepWrapper(self.alloc)
         before = snapshot(self.alloc)
@@ -911,12 +924,12 @@ class EngineMachine(RuleBasedStateMachine):
                 """The accept lengths (and paths) of the current windows, written in place."""
                 if pl.index is None:
                     values = self.draw_accept(data, batch)
-                    pl.accept.copy_(torch.tensor(values))
+                    pl.accept.copy_(torch.tensor(values, device=self.DEVICE))
                     return dict(accept=values, accept_kind=str(pl.accept.dtype).removeprefix("torch."))
                 index, lens = self.draw_paths(data, batch, pl.n)
                 lens = [max(min(a, 2**31 - 1), -(2**31)) for a in lens]
                 pl.index.copy_(index)
-                pl.accept.copy_(torch.tensor(lens))
+                pl.accept.copy_(torch.tensor(lens, device=self.DEVICE))
                 kind = str(pl.accept.dtype).removeprefix("torch.")
                 return dict(accept=lens, accept_kind=kind, index=pl.index.clone(), keep=pl.keep)
 
@@ -999,7 +1012,7 @@ class EngineMachine(RuleBasedStateMachine):
             free = alloc.free_page_list()
             if free:
                 page = data.draw(st.sampled_from(free), label="page")
-                call = lambda: alloc.release_slots(torch.tensor([page * p]))  # noqa: E731
+                call = lambda: alloc.release_slots(torch.tensor([page * p], device=self.DEVICE))  # noqa: E731
         elif how == "release the padding page":
             call = lambda: alloc.release_slots([data.draw(st.integers(0, p - 1), label="slot")])  # noqa: E731
         elif how == "release a branch page":
@@ -1011,7 +1024,7 @@ class EngineMachine(RuleBasedStateMachine):
             free = alloc.free_page_list()
             if free:
                 page = data.draw(st.sampled_from(free), label="page")
-                slots = torch.arange(page * p, (page + 1) * p)[None, :]
+                slots = torch.arange(page * p, (page + 1) * p, device=self.DEVICE)[None, :]
                 call = lambda: alloc.add_requests([p + 1], prefix_slots=slots, prefix_lens=[p])  # noqa: E731
         elif how == "keep past the committed length" and self.reqs:
             row = data.draw(st.sampled_from(sorted(self.reqs)), label="row")
@@ -1084,6 +1097,32 @@ class EngineManyPrograms(EngineMachine):
     MAX_REQUESTS, MAX_ADD, NUM_PAGES, TILES = 9, 5, 80, TREE_MANY_PROGRAMS
 
 
+# The same machine on a device, where the kernels really run concurrently: drafts look back on the tiles before them
+# while those are still running, launches overlap through programmatic dependent launch (PDL) on CUDA, and a launch's
+# programs run in parallel. The cpu runs them through Triton's interpreter, one program after another, so a bug in the
+# ordering or publication between programs shows only on a device.
+class EngineOnGpu(EnginePage4):
+    DEVICE = "cuda"
+
+
+class EngineOnGpuPage16(EnginePage16):
+    DEVICE = "cuda"
+
+
+# Many programs with few requests (EngineManyPrograms' tiles) on a real GPU: every launch of more than 2 requests
+# spans several programs running at once.
+class EngineOnGpuManyPrograms(EngineManyPrograms):
+    DEVICE = "cuda"
+
+
+class EngineOnNpu(EnginePage4):
+    DEVICE = "npu"
+
+
+class EngineOnNpuPage16(EnginePage16):
+    DEVICE = "npu"
+
+
 ENGINE_SETTINGS = settings(
     max_examples=examples(10),
     stateful_step_count=30,
@@ -1094,8 +1133,22 @@ TestEnginePage1 = EnginePage1.TestCase
 TestEnginePage4 = EnginePage4.TestCase
 TestEnginePage16 = EnginePage16.TestCase
 TestEngineManyPrograms = EngineManyPrograms.TestCase
+TestEngineOnGpu = pytest.mark.gpu(EngineOnGpu.TestCase)
+TestEngineOnGpuPage16 = pytest.mark.gpu(EngineOnGpuPage16.TestCase)
+TestEngineOnGpuManyPrograms = pytest.mark.gpu(EngineOnGpuManyPrograms.TestCase)
+TestEngineOnNpu = pytest.mark.npu(EngineOnNpu.TestCase)
+TestEngineOnNpuPage16 = pytest.mark.npu(EngineOnNpuPage16.TestCase)
 for _case in (TestEnginePage1, TestEnginePage4, TestEnginePage16, TestEngineManyPrograms):
     _case.settings = ENGINE_SETTINGS
+# Fewer examples on a device (each of its launches costs a host round trip there: about 9 s an example on an H200).
+for _case in (
+    TestEngineOnGpu,
+    TestEngineOnGpuPage16,
+    TestEngineOnGpuManyPrograms,
+    TestEngineOnNpu,
+    TestEngineOnNpuPage16,
+):
+    _case.settings = settings(ENGINE_SETTINGS, max_examples=examples(4))
 del _case
 
 

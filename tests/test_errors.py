@@ -16,7 +16,7 @@ from conftest import SENTINEL, sentinel_like
 import specdec_ops
 from specdec_ops import DraftCacheAllocator, ops
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu), pytest.param("npu", marks=pytest.mark.npu)]
 
 
 def good_args(device="cpu"):

@@ -25,7 +25,7 @@ from specdec_ops.reference import (
     get_last_loc_torch,
 )
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu), pytest.param("npu", marks=pytest.mark.npu)]
 # Output elements past the windows' total that must stay untouched.
 TAIL = 5
 

@@ -1866,3 +1866,67 @@ def test_gpu_ascend_launch_configs_give_the_same_steps(monkeypatch, page_size, c
     assert len(npu) == len(default)
     for a, b in zip(npu, default):
         assert (a == b) if isinstance(a, list) else torch.equal(a, b)
+
+
+ACCELERATORS = [pytest.param("cuda", marks=pytest.mark.gpu), pytest.param("npu", marks=pytest.mark.npu)]
+
+
+@pytest.mark.parametrize("device", ACCELERATORS)
+@pytest.mark.parametrize("page_size", [1, 16], ids=lambda p: f"page{p}")
+def test_device_steps_match_the_cpu_call_for_call(device, page_size):
+    """The allocator on an accelerator, with the launches that device picks (on an NPU: a grid of one program per
+    core, each looping over its tiles, programs that sum earlier requests and a last program's pass; on a GPU: drafts
+    that look back, programmatic dependent launches), against the same calls on the CPU interpreter, 1000 requests:
+    adds, chain steps, frees, tree steps in one and two launches, branches, commit_and_draft, a prefix kept and
+    reused; every output and the final state, call for call. On an NPU this is the first check that the kernels
+    triton-ascend compiles compute what the interpreter computes (tests/test_ops.py covers the ops there)."""
+    bs = 1000
+
+    def run(on: str) -> list:
+        alloc = DraftCacheAllocator(page_size * 120 * bs, bs + 8, 320, page_size=page_size, device=on)
+        rng = random.Random(11)
+        results = []
+
+        def keep(*tensors):
+            results.extend(t.cpu() for t in tensors)
+
+        keep(alloc.add_requests([rng.randint(1, 40) for _ in range(bs)]))
+        live = alloc.rows_in_use()
+        keep(*alloc.alloc_draft(live, 3))
+        alloc.commit(live, [rng.randint(0, 3) for _ in live])
+        kept = alloc.free_requests(live[::5], keep_lens=[0] * len(live[::5]))
+        keep(kept, alloc.add_requests([rng.randint(1, 40) for _ in live[::5]]))
+        live = alloc.rows_in_use()
+        rows = torch.tensor(live, device=on)
+        keep(*alloc.alloc_branches(rows, 3, 4, return_copies=True))
+        keep(*alloc.alloc_draft(rows, 6))
+        index, lens = random_paths(rng, len(live), 6)
+        keep(*alloc.commit_tree(rows, index.to(on), torch.tensor(lens, device=on)))
+        keep(*alloc.alloc_tree_draft(rows, 5, 2, 3))
+        index, lens = random_paths(rng, len(live), 5)
+        keep(*alloc.commit_tree(rows, index.to(on), torch.tensor(lens, device=on)))
+        for batch in (rows[:3], rows):  # commit_tree_and_draft: one launch for 3 requests, two for all
+            alloc.alloc_tree_draft(batch, 4, 2, 3)
+            index, lens = random_paths(rng, len(batch), 4)
+            keep(*alloc.commit_tree_and_draft(batch, index.to(on), torch.tensor(lens, device=on), 4, 2, 3))
+            index, lens = random_paths(rng, len(batch), 4)
+            keep(*alloc.commit_tree(batch, index.to(on), torch.tensor(lens, device=on)))
+        accept = torch.tensor([rng.randint(0, 4) for _ in live], device=on)
+        keep(*alloc.commit_and_draft(rows, accept, 4))
+        alloc.commit(rows, torch.zeros_like(accept))
+        # A prefix kept by finished requests and read by new ones.
+        live = alloc.rows_in_use()
+        longest = sorted(live, key=lambda row: int(alloc.seq_lens[row]))[-4:]
+        k = min(int(alloc.seq_lens[row]) for row in longest) // page_size * page_size
+        kept = alloc.free_requests(longest, keep_lens=[k] * 4)
+        prefix = dict(prefix_slots=kept.view(4, k), prefix_lens=[k] * 4) if k else {}
+        keep(kept, alloc.add_requests([k + 5] * 4, **prefix))
+        keep(alloc.req_to_token, alloc.seq_lens, alloc.alloc_lens, alloc.window_lens, alloc.num_branch_pages)
+        results.append(alloc.free_page_list())
+        check_layout(alloc)
+        return results
+
+    on_device, on_cpu = run(device), run("cpu")
+    assert len(on_device) == len(on_cpu)
+    for i, (a, b) in enumerate(zip(on_device, on_cpu)):
+        assert (a == b) if isinstance(a, list) else torch.equal(a, b), i
