@@ -11,6 +11,10 @@ import torch
 
 SENTINEL = -7777
 
+# The devices a test of kernels runs on: each accelerator's case carries its marker and skips itself without one.
+ACCELERATORS = [pytest.param("cuda", marks=pytest.mark.gpu), pytest.param("npu", marks=pytest.mark.npu)]
+DEVICES = ["cpu", *ACCELERATORS]
+
 # A factor on every property-based test's number of examples (hypothesis' max_examples), default 1. CI runs the
 # README's test command with the full budget, and the same tests on its other stacks (Triton 3.6, triton-ascend's
 # interpreter), which check the same kernels under another interpreter, with SPECDEC_TEST_EXAMPLES=0.25.

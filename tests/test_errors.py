@@ -11,12 +11,10 @@ import warnings
 
 import pytest
 import torch
-from conftest import SENTINEL, sentinel_like
+from conftest import DEVICES, SENTINEL, sentinel_like
 
 import specdec_ops
 from specdec_ops import DraftCacheAllocator, ops
-
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu), pytest.param("npu", marks=pytest.mark.npu)]
 
 
 def good_args(device="cpu"):

@@ -13,7 +13,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import SENTINEL, examples, sentinel_like
+from conftest import DEVICES, SENTINEL, examples, sentinel_like
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,7 +25,6 @@ from specdec_ops.reference import (
     get_last_loc_torch,
 )
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu), pytest.param("npu", marks=pytest.mark.npu)]
 # Output elements past the windows' total that must stay untouched.
 TAIL = 5
 

@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from conftest import SENTINEL, examples, sentinel_like
+from conftest import ACCELERATORS, SENTINEL, examples, sentinel_like
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -1866,9 +1866,6 @@ def test_gpu_ascend_launch_configs_give_the_same_steps(monkeypatch, page_size, c
     assert len(npu) == len(default)
     for a, b in zip(npu, default):
         assert (a == b) if isinstance(a, list) else torch.equal(a, b)
-
-
-ACCELERATORS = [pytest.param("cuda", marks=pytest.mark.gpu), pytest.param("npu", marks=pytest.mark.npu)]
 
 
 @pytest.mark.parametrize("device", ACCELERATORS)
