@@ -297,6 +297,7 @@ _MAX_BRANCH_BATCHES = 8
 
 _INT_TYPE = {int}
 _third = operator.itemgetter(2)
+_NO_KEY = object()  # _forget_branches without the rows' key (None is the key of an inference tensor)
 
 
 def _contents_key(tensor: torch.Tensor) -> tuple | None:
@@ -1348,8 +1349,7 @@ class DraftCacheAllocator:
         except BaseException:
             self.branch_pages = narrow  # the wider copy holds nothing yet
             raise
-        self._forget_branches(rows, host_rows, bs)
-        self._hold_branches(rows, host_rows, per_row, needs, bs)
+        self._hold_branches(rows, host_rows, per_row, needs, bs, released=True)
 
     def _widen_branch_pages(self, per_row: int) -> torch.Tensor:
         """Make ``branch_pages`` at least ``per_row`` wide (on the host, outside graphs: the first call that needs it
@@ -1361,17 +1361,30 @@ class DraftCacheAllocator:
         return narrow
 
     def _hold_branches(
-        self, rows: torch.Tensor, host_rows: list[int] | None, per_row: int, needs: list[int] | None, bs: int
+        self,
+        rows: torch.Tensor,
+        host_rows: list[int] | None,
+        per_row: int,
+        needs: list[int] | None,
+        bs: int,
+        released: bool,
     ) -> None:
         """Record that ``rows`` (``bs`` of them) now hold branch pages: ``needs`` each when known exactly, else at
-        most ``per_row``."""
+        most ``per_row``. ``released``: the same launch first returned the rows' earlier branch pages
+        (:meth:`_forget_branches`, with the rows' contents read once for both)."""
         if host_rows is None:
+            key = _contents_key(rows)
+            if released:
+                self._forget_branches(rows, None, bs, key)
             batches = self._branch_batches
-            batches.append((rows, _contents_key(rows), bs * per_row if needs is None else sum(needs)))
+            batches.append((rows, key, bs * per_row if needs is None else sum(needs)))
             if len(batches) > _MAX_BRANCH_BATCHES:  # one record that no release of some rows drops
                 held = min(sum(map(_third, batches)), self.num_requests * self.branch_pages.shape[1])
                 self._branch_batches = [(None, None, held)]
-        elif needs is None:
+            return
+        if released:
+            self._forget_branches(rows, host_rows, bs)
+        if needs is None:
             self._branch_rows.update(dict.fromkeys(host_rows, per_row))
         else:
             self._branch_rows.update(zip(host_rows, needs))
@@ -1663,9 +1676,7 @@ class DraftCacheAllocator:
             raise
         if tree is not None:
             self._close_windows(host_rows)
-        if release:
-            self._forget_branches(rows, host_rows, bs)
-        self._hold_branches(rows, host_rows, per_row, needs, bs)
+        self._hold_branches(rows, host_rows, per_row, needs, bs, released=release)
         self._pages_bound, self._drafted_since_sync = bound, drafted
         self._open_windows(host_rows, n)
 
@@ -1852,10 +1863,13 @@ class DraftCacheAllocator:
     def _branches_may_exist(self) -> bool:
         return bool(self._branch_rows or self._branch_batches)
 
-    def _forget_branches(self, rows: torch.Tensor, host_rows: list[int] | None, bs: int) -> None:
+    def _forget_branches(
+        self, rows: torch.Tensor, host_rows: list[int] | None, bs: int, key: tuple | None | object = _NO_KEY
+    ) -> None:
         """The branches of ``rows`` (``bs`` of them) were released: drop what the host can tell. Rows given as a list
         (checked: distinct rows in use) as many as the rows in use are all of them; a tensor of as many rows may hold
-        a stale row in place of one in use (the kernels skip it), so it only drops its own records."""
+        a stale row in place of one in use (the kernels skip it), so it only drops its own records. ``key``: the
+        rows' ``_contents_key`` where the caller has it."""
         if host_rows is not None and bs == self.num_requests:
             self._branch_rows.clear()
             self._branch_batches.clear()
@@ -1864,7 +1878,8 @@ class DraftCacheAllocator:
             for row in host_rows:
                 self._branch_rows.pop(row, None)
         if self._branch_batches:  # (no key to compute when no batch is on the books)
-            key = _contents_key(rows)
+            if key is _NO_KEY:
+                key = _contents_key(rows)
             self._branch_batches = [
                 record
                 for record in self._branch_batches

@@ -160,8 +160,8 @@ class BoundTensors:
         tensors = self.tensors
         return (
             list(map(_data_ptr, tensors)) != self._pointers
-            or list(map(_layout, tensors)) != self._layouts
             or list(map(_strides, tensors)) != self._strides
+            or list(map(_layout, tensors)) != self._layouts
         )
 
 
