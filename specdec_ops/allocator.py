@@ -34,7 +34,6 @@ stop windows at ``max_context_len``.
 from __future__ import annotations
 
 import functools
-import operator
 from collections import Counter
 from collections.abc import Sequence
 from typing import NamedTuple, Union
@@ -45,7 +44,9 @@ from . import backend, tiles
 from .checks import INDEX_DTYPES as _INDEX_DTYPES
 from .checks import INT32_LIMIT as _INT32_LIMIT
 from .checks import UNPLANNED, BoundTensors
+from .checks import check_disjoint as _check_disjoint
 from .checks import check_vector as _check_vector
+from .checks import type_name as _type_name
 from .staging import HostStaging
 
 __all__ = [
@@ -291,20 +292,8 @@ _TWO_PASS_TINY_TILE_MAX_BATCH = 512
 _TWO_PASS_TINY_TILE_MIN_N = 3
 _TWO_PASS_WIDE_NUM_WARPS = 8
 
-# Tensors of rows the host records as holding branch pages, at most; past them the records become one that only a
-# release of every row in use, or a sync that finds none held, forgets.
-_MAX_BRANCH_BATCHES = 8
-
 _INT_TYPE = {int}
-_third = operator.itemgetter(2)
-_NO_KEY = object()  # _forget_branches without the rows' key (None is the key of an inference tensor)
-
-
-def _contents_key(tensor: torch.Tensor) -> tuple | None:
-    """What tells the host that a tensor of rows still holds the rows it held: its version counter (in-place writes
-    through torch bump it), its address, shape and dtype (``.data =`` and ``set_`` replace the contents without a
-    bump). None for an inference tensor (``torch.inference_mode``), which keeps no version counter."""
-    return None if tensor.is_inference() else (tensor._version, tensor.data_ptr(), tensor.shape, tensor.dtype)
+_INT64_LIMIT = 1 << 63
 
 
 IntVector = Union[torch.Tensor, Sequence[int]]
@@ -318,6 +307,7 @@ class _Usage(NamedTuple):
     rows: list[int]  # the rows in use; alloc_lens and ends are theirs
     alloc_lens: list[int]
     ends: list[int]  # seq_len + open window: the longest seq_len a commit can make
+    branch_pages: list[int]  # the branch pages each of those rows holds
 
 
 class AllocationError(RuntimeError):
@@ -338,9 +328,14 @@ class ContextLengthError(AllocationError):
 
 def _check_size(name: str, value: int, minimum: int, limit: int = _INT32_LIMIT) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        raise TypeError(f"{name} must be an int, got {_type_name(value)}")
     if not minimum <= value < limit:
         raise ValueError(f"{name} must be in [{minimum}, 2**{limit.bit_length() - 1}), got {value}")
+
+
+def _storage_address(tensor: torch.Tensor) -> int:
+    """The address of the memory ``tensor`` is a view of (0 for none)."""
+    return tensor.untyped_storage().data_ptr()
 
 
 def _pages(length: int, page_size: int) -> int:
@@ -370,12 +365,11 @@ class DraftCacheAllocator:
 
     A step is ``alloc_draft(rows, N)`` (one launch), verification, then ``commit(rows, accept_lens)`` (one launch).
     Rows given as tensors are trusted on the hot path: they must be rows in use, without duplicates;
-    ``validate=True`` checks this at the cost of a sync. A tensor of rows that a tree call has seen (one that gives
-    or releases branch pages) must be rewritten through torch, not in place by numpy, DLPack or a kernel: its version
-    counter tells the host whether its rows are still those that hold branch pages. (An inference tensor, made under
-    ``torch.inference_mode``, keeps no version counter: the host then forgets its branch pages only once every row in
-    use releases them in a call given the rows as a list, :meth:`free_requests` included, or a sync finds none
-    held.) Accept lengths are clamped on the device to the row's open
+    ``validate=True`` checks this at the cost of a sync. A tensor of rows may be rewritten in any way between calls:
+    the host never takes a release through a tensor for that of particular rows, so it keeps the branch pages that
+    tree calls took (at most every row's worst case) on its books until a call given every row in use as a list
+    releases them, :meth:`free_requests` included, or a sync counts them exactly. Accept lengths are clamped on the
+    device to the row's open
     draft window, so no value corrupts the pool. After replaying a captured step, call :meth:`refresh` before the
     next eager call.
 
@@ -508,14 +502,16 @@ class DraftCacheAllocator:
         self._max_programs: int | None = None  # _grid's bound (0: one program per tile), found on first use
         # Tree drafts: row r holds branch pages branch_pages[r, :num_branch_pages[r]] (alloc_branches). The host
         # knows which rows may hold some, and at most how many (the worst case, or the exact count when the call
-        # synced): rows given as lists, one by one, and batches given as tensors, in all (a tensor released by the
-        # same tensor, unchanged since by its version counter, address, shape and dtype, is known to be released; an
-        # inference tensor keeps no version counter, so only a release of every row in use given as a list (as
-        # free_requests has them), or a sync, forgets it).
+        # synced): rows given as lists, one by one (_branch_rows), and batches given as tensors, in all
+        # (_branch_batch_pages). The host cannot know what a tensor of rows holds when a call reads it, so a release
+        # through a tensor forgets nothing: only a release of every row in use given as a list (as free_requests has
+        # them) or a sync does (see _set_exact).
         self.branch_pages = torch.zeros(max_requests, 0, dtype=torch.int32, device=self.device)
         self.num_branch_pages = torch.zeros(max_requests, dtype=torch.int64, device=self.device)
+        # (branch_pages when found, the addresses of the memory of the allocator's own tensors): _owns_memory_of
+        self._own_storages: tuple[torch.Tensor | None, set[int]] = (None, set())
         self._branch_rows: dict[int, int] = {}
-        self._branch_batches: list[tuple[torch.Tensor | None, tuple | None, int]] = []
+        self._branch_batch_pages = 0
         # Host lists on their way to a CUDA device: add_requests sends up to three values a request.
         self._staging = HostStaging(self.device, 3 * max_requests)
         self._cuda = self.device.type == "cuda"  # (torch.device.type costs more than this attribute)
@@ -699,7 +695,7 @@ class DraftCacheAllocator:
             _NUM_WARPS,
         )
         if branches:
-            self._forget_branches(rows_t, rows, n)
+            self._forget_branches(rows, n)
         # The launches went through: now the host state.
         in_use = self._in_use
         for row in rows:
@@ -805,6 +801,8 @@ class DraftCacheAllocator:
         rows, host_rows, n = self._check_draft(req_pool_indices, num_draft_tokens, validate)
         bs = rows.size(0)
         out_cache_loc, last_loc = self._draft_buffers(bs, n, out_cache_loc, last_loc)
+        if validate:
+            self._check_shared_memory(rows, dict(out_cache_loc=out_cache_loc, last_loc=last_loc))
         if bs:
             self._draft(rows, host_rows, n, out_cache_loc, last_loc)
         return (out_cache_loc if out_cache_loc.size(0) == bs * n else out_cache_loc[: bs * n]), last_loc
@@ -854,6 +852,9 @@ class DraftCacheAllocator:
         slots, src, dst = self._check_branches(
             rows, topk, num_steps, branch_slots, copy_src, copy_dst, False, "branch_slots"
         )[2:]
+        if validate:
+            written = dict(out_cache_loc=out_cache_loc, last_loc=last_loc)
+            self._check_shared_memory(rows, {**written, "branch_slots": slots, "copy_src": src, "copy_dst": dst})
         if bs:
             self._draft(rows, host_rows, n, out_cache_loc, last_loc, branches=(topk, num_steps, slots, src, dst))
         copy_n = bs * topk * (self.page_size - 1)
@@ -929,6 +930,10 @@ class DraftCacheAllocator:
         slots, copy_from, copy_to = self._check_branches(
             rows, topk, num_steps, branch_slots, copy_src, copy_dst, False, "branch_slots"
         )[2:]
+        if validate:
+            written = dict(out_cache_loc=out_cache_loc, last_loc=last_loc, kv_src=src, kv_dst=dst)
+            written.update(branch_slots=slots, copy_src=copy_from, copy_dst=copy_to)
+            self._check_shared_memory(rows, written, accept_lens=accept, accept_index=accept_index)
         if validate and bs:
             self._validate_tree(rows, accept_index, accept)
         if bs:
@@ -1018,6 +1023,8 @@ class DraftCacheAllocator:
             self._validate_accept(rows, accept)
         bs = rows.size(0)
         out_cache_loc, last_loc = self._draft_buffers(bs, n, out_cache_loc, last_loc)
+        if validate:
+            self._check_shared_memory(rows, dict(out_cache_loc=out_cache_loc, last_loc=last_loc), accept_lens=accept)
         if bs:
             self._draft(rows, host_rows, n, out_cache_loc, last_loc, accept=accept)
         return (out_cache_loc if out_cache_loc.size(0) == bs * n else out_cache_loc[: bs * n]), last_loc
@@ -1061,7 +1068,7 @@ class DraftCacheAllocator:
                     self._launch_alloc(rows, 0, None, None, None, None, None, True, accept=accept)
                 else:
                     step._prepared("release commit")()
-                self._forget_branches(rows, host_rows, rows.size(0))
+                self._forget_branches(host_rows, rows.size(0))
         else:
             release = release and not keep_branches
             if step is None:
@@ -1069,7 +1076,7 @@ class DraftCacheAllocator:
             else:
                 step._prepared("release commit tree" if release else "commit tree")()
             if release:
-                self._forget_branches(rows, host_rows, rows.size(0))
+                self._forget_branches(host_rows, rows.size(0))
         self._close_windows(host_rows)
 
     def _close_windows(self, host_rows: list[int] | None) -> None:
@@ -1150,6 +1157,9 @@ class DraftCacheAllocator:
         rows, host_rows, accept = self._check_commit(req_pool_indices, accept_lens, validate)
         bs = rows.size(0)
         src, dst, n = self._check_tree_commit(accept_index, bs, kv_src, kv_dst)
+        if validate:
+            written = dict(kv_src=src, kv_dst=dst)
+            self._check_shared_memory(rows, written, accept_lens=accept, accept_index=accept_index)
         if validate and bs:
             self._validate_tree(rows, accept_index, accept)
         if bs:
@@ -1282,6 +1292,8 @@ class DraftCacheAllocator:
         rows, host_rows, slots, src, dst = self._check_branches(
             req_pool_indices, topk, num_steps, out, copy_src, copy_dst, validate
         )
+        if validate:
+            self._check_shared_memory(rows, dict(out=slots, copy_src=src, copy_dst=dst))
         bs = rows.size(0)
         if bs:
             self._branches(rows, host_rows, topk, num_steps, slots, src, dst)
@@ -1371,19 +1383,13 @@ class DraftCacheAllocator:
     ) -> None:
         """Record that ``rows`` (``bs`` of them) now hold branch pages: ``needs`` each when known exactly, else at
         most ``per_row``. ``released``: the same launch first returned the rows' earlier branch pages
-        (:meth:`_forget_branches`, with the rows' contents read once for both)."""
-        if host_rows is None:
-            key = _contents_key(rows)
-            if released:
-                self._forget_branches(rows, None, bs, key)
-            batches = self._branch_batches
-            batches.append((rows, key, bs * per_row if needs is None else sum(needs)))
-            if len(batches) > _MAX_BRANCH_BATCHES:  # one record that no release of some rows drops
-                held = min(sum(map(_third, batches)), self.num_requests * self.branch_pages.shape[1])
-                self._branch_batches = [(None, None, held)]
+        (:meth:`_forget_branches`)."""
+        if host_rows is None:  # added to the batches' pages, at most every row's worst case
+            held = self._branch_batch_pages + (bs * per_row if needs is None else sum(needs))
+            self._branch_batch_pages = min(held, self.num_requests * self.branch_pages.shape[1])
             return
         if released:
-            self._forget_branches(rows, host_rows, bs)
+            self._forget_branches(host_rows, bs)
         if needs is None:
             self._branch_rows.update(dict.fromkeys(host_rows, per_row))
         else:
@@ -1530,17 +1536,21 @@ class DraftCacheAllocator:
         live_t = torch.tensor(live, dtype=torch.int64, device=self.device)
         counts = torch.stack([self.num_free_pages[0].long(), self.num_branch_pages.sum()])
         ends = self.seq_lens[live_t] + self.window_lens[live_t]
-        values = torch.cat([counts, self.alloc_lens[live_t], ends, *extra]).tolist()
+        values = torch.cat([counts, self.alloc_lens[live_t], ends, self.num_branch_pages[live_t], *extra]).tolist()
         k = len(live)
-        return _Usage(values[0], values[1], live, values[2 : 2 + k], values[2 + k : 2 + 2 * k]), values[2 + 2 * k :]
+        usage = _Usage(
+            values[0], values[1], live, values[2 : 2 + k], values[2 + k : 2 + 2 * k], values[2 + 2 * k : 2 + 3 * k]
+        )
+        return usage, values[2 + 3 * k :]
 
     def _set_exact(self, usage: _Usage) -> None:
         """Restart the bounds from exact counts. Branch pages are bounded apart (:meth:`_branch_bound`), so the
         pages bound leaves the held ones out."""
         self._pages_bound = self._used_at_sync = self.num_pages - usage.free - usage.held
-        if not usage.held:  # no row holds branch pages: no release to launch until the next alloc_branches
-            self._branch_rows.clear()
-            self._branch_batches.clear()
+        # The branch pages of each row, exactly (none: no release to launch until the next alloc_branches); any
+        # held by rows not in use (freeing a row returns them, so none) stay on the books as a batch's.
+        self._branch_rows = {row: held for row, held in zip(usage.rows, usage.branch_pages) if held}
+        self._branch_batch_pages = usage.held - sum(self._branch_rows.values())
         self._net_pages_since_sync = self._drafted_since_sync = 0
         for row, alloc, end in zip(usage.rows, usage.alloc_lens, usage.ends):
             self._min_pages[row] = _pages(alloc, self.page_size) - len(self._prefix_pages[row])
@@ -1612,7 +1622,7 @@ class DraftCacheAllocator:
         else:
             step._prepared(("release " if release else "") + ("commit draft" if accept is not None else "draft"))()
         if release:
-            self._forget_branches(rows, host_rows, rows.size(0))
+            self._forget_branches(host_rows, rows.size(0))
         if accept is not None:
             self._close_windows(host_rows)
         self._pages_bound, self._drafted_since_sync = bound, drafted
@@ -1782,7 +1792,7 @@ class DraftCacheAllocator:
         )
         if self._seq_base_max + drafted > self.max_context_len:  # the longest rows may be gone: look again
             self._seq_base_max = max((self._seq_base[row] for row in self.rows_in_use()), default=0)
-        held = self._branch_bound() if self._branch_rows or self._branch_batches else 0
+        held = self._branch_bound() if self._branch_rows or self._branch_batch_pages else 0
         if branches is not None:  # the pops never see the pages the call releases
             held += bs * branches[0] * _pages(p - 1 + branches[1], p)
         if bound + held <= self.num_pages and self._seq_base_max + drafted <= self.max_context_len:
@@ -1852,44 +1862,33 @@ class DraftCacheAllocator:
 
     def _branch_bound(self) -> int:
         """An upper bound of the branch pages held (host state)."""
-        if not (self._branch_rows or self._branch_batches):
+        if not (self._branch_rows or self._branch_batch_pages):
             return 0
-        return min(self._branch_held(), self.num_requests * self.branch_pages.shape[1])
-
-    def _branch_held(self) -> int:
-        """The branch pages held as the host recorded them (an upper bound that :meth:`_branch_bound` caps)."""
-        return sum(self._branch_rows.values()) + sum(map(_third, self._branch_batches))
+        held = sum(self._branch_rows.values()) + self._branch_batch_pages
+        return min(held, self.num_requests * self.branch_pages.shape[1])
 
     def _branches_may_exist(self) -> bool:
-        return bool(self._branch_rows or self._branch_batches)
+        return bool(self._branch_rows or self._branch_batch_pages)
 
-    def _forget_branches(
-        self, rows: torch.Tensor, host_rows: list[int] | None, bs: int, key: tuple | None | object = _NO_KEY
-    ) -> None:
-        """The branches of ``rows`` (``bs`` of them) were released: drop what the host can tell. Rows given as a list
-        (checked: distinct rows in use) as many as the rows in use are all of them; a tensor of as many rows may hold
-        a stale row in place of one in use (the kernels skip it), so it only drops its own records. ``key``: the
-        rows' ``_contents_key`` where the caller has it."""
-        if host_rows is not None and bs == self.num_requests:
-            self._branch_rows.clear()
-            self._branch_batches.clear()
+    def _forget_branches(self, host_rows: list[int] | None, bs: int) -> None:
+        """The branches of ``bs`` rows were released: drop what the host can tell. Rows given as a list (checked:
+        distinct rows in use) are forgotten one by one, and as many as the rows in use are all of them. Rows given as
+        a tensor (``host_rows`` None) drop nothing: the host cannot know which rows the tensor held when the call
+        read it (it may have been rewritten in any way since it was last seen, or hold a stale row in place of one
+        in use, which the kernels skip)."""
+        if host_rows is None:
             return
-        if host_rows is not None:
-            for row in host_rows:
-                self._branch_rows.pop(row, None)
-        if self._branch_batches:  # (no key to compute when no batch is on the books)
-            if key is _NO_KEY:
-                key = _contents_key(rows)
-            self._branch_batches = [
-                record
-                for record in self._branch_batches
-                if record[0] is not rows or record[1] is None or record[1] != key
-            ]
+        if bs == self.num_requests:
+            self._branch_rows.clear()
+            self._branch_batch_pages = 0
+            return
+        for row in host_rows:
+            self._branch_rows.pop(row, None)
 
     def _launch_release(self, rows: torch.Tensor, host_rows: list[int] | None) -> None:
         """Return the rows' branch pages, then forget them."""
         self._release(rows)
-        self._forget_branches(rows, host_rows, rows.size(0))
+        self._forget_branches(host_rows, rows.size(0))
 
     def _release(self, rows: torch.Tensor) -> None:
         """Launch the kernel that returns branch pages."""
@@ -1910,8 +1909,6 @@ class DraftCacheAllocator:
         """Raise OutOfSlotsError unless the pops of alloc_branches fit in the free pages (they never see the
         pages the call releases); syncs only when the host bound says they might not. Returns the exact branch
         pages of each request when it synced, else None (``worst`` pages in all at most)."""
-        if self._pages_bound + self._branch_held() + worst <= self.num_pages:  # uncapped bounds: the common case
-            return None
         if min(self._pages_bound, self._most_pages()) + self._branch_bound() + worst <= self.num_pages:
             return None
         self.num_syncs += 1
@@ -2668,10 +2665,10 @@ class DraftCacheAllocator:
             self._check_int_tensor(name, values, check_device=False)
             return values.tolist()
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-            raise TypeError(f"{name} must be a 1-D int tensor or a sequence of ints, got {type(values).__name__}")
+            raise TypeError(f"{name} must be a 1-D int tensor or a sequence of ints, got {_type_name(values)}")
         for i, value in enumerate(values):
             if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name}[{i}] must be an int, got {type(value).__name__}")
+                raise TypeError(f"{name}[{i}] must be an int, got {_type_name(value)}")
         return list(values)
 
     def _device_ints(self, name: str, values: IntVector) -> tuple[torch.Tensor, list[int] | None]:
@@ -2680,7 +2677,13 @@ class DraftCacheAllocator:
             self._check_int_tensor(name, values, check_device=True)
             return values, None
         host = self._host_ints(name, values)
-        return self._to_device(host), host
+        try:
+            return self._to_device(host), host
+        except (OverflowError, RuntimeError, ValueError):  # torch's copy of an int outside int64 names nothing
+            bad = next((i for i, value in enumerate(host) if not -_INT64_LIMIT <= value < _INT64_LIMIT), None)
+            if bad is None:
+                raise
+            raise ValueError(f"{name}[{bad}] must fit in int64, got {host[bad]}") from None
 
     def _to_device(self, values: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
         """``values`` as a tensor on the allocator's device, without waiting for its stream: on CUDA through pinned
@@ -2718,11 +2721,41 @@ class DraftCacheAllocator:
         if tensor.dim() != 1:
             raise ValueError(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
 
+    def _check_shared_memory(self, rows: torch.Tensor, written: dict[str, torch.Tensor], **read: torch.Tensor) -> None:
+        """No output (``written``) shares memory with another or with an input (the rows, ``read``): what
+        ``validate=True`` and DraftStepWrapper.plan() check (a few us), as the ops do with ``validate``."""
+        _check_disjoint(written, {"req_pool_indices": rows, **read})
+
+    def _owns_memory_of(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is a view of one of the allocator's own tensors (no output buffer may be one)."""
+        branch_pages, addresses = self._own_storages
+        if branch_pages is not self.branch_pages:  # found again once alloc_branches widened branch_pages
+            own = (
+                self.req_to_token,
+                self.seq_lens,
+                self.alloc_lens,
+                self.window_lens,
+                self.prefix_lens,
+                self.free_pages,
+                self._counters,
+                self._scratch,
+                self.branch_pages,
+                self.num_branch_pages,
+            )
+            addresses = {_storage_address(t) for t in own} - {0}
+            self._own_storages = (self.branch_pages, addresses)
+        return _storage_address(tensor) in addresses
+
     def _check_buffer(self, name: str, out: torch.Tensor, length: int, *, exact: bool) -> None:
         self._check_int_tensor(name, out, check_device=True)
         if (out.size(0) != length) if exact else (out.size(0) < length):
             expected = f"{length}" if exact else f"at least {length}"
             raise ValueError(f"{name} must have {expected} elements, got {out.size(0)}")
+        if self._owns_memory_of(out):
+            raise ValueError(
+                f"{name} must not share memory with the allocator's own tensors (req_to_token, seq_lens, free_pages, "
+                "...): the call would write its results into the allocator's state"
+            )
 
 
 class DraftStepWrapper:
@@ -2874,6 +2907,16 @@ class DraftStepWrapper:
         # plan's own, re-checked once rows were taken or freed (_check).
         listed = not isinstance(req_pool_indices, torch.Tensor)
         user = None if listed else req_pool_indices
+        # No output shares memory with an input or another output (checked once here; the methods do not).
+        written = {"out_cache_loc": out, "last_loc": last}
+        if tree_commit is not None:
+            written.update(kv_src=tree_commit[1], kv_dst=tree_commit[2])
+        if branches is not None:
+            written.update(branch_slots=branches[2], copy_src=branches[3], copy_dst=branches[4])
+        read = {"req_pool_indices": user, "accept_lens": accept, "accept_index": accept_index}
+        _check_disjoint(
+            {k: v for k, v in written.items() if v is not None}, {k: v for k, v in read.items() if v is not None}
+        )
         # Checked: now the plan. Each call re-checks only the tensors it reads.
         self._draft_bound = _bind(user, out, last)
         self._commit_bound = _bind(user, *commit_reads)
@@ -2883,7 +2926,7 @@ class DraftStepWrapper:
         self._tree_draft_bound = _bind(user, out, last, *branch_reads)
         self._tree_step_bound = _bind(user, out, last, *commit_reads, *branch_reads)
         self._plan_args = dict(
-            req_pool_indices=req_pool_indices,
+            req_pool_indices=host_rows if listed else req_pool_indices,  # the plan's own copy of a list
             num_draft_tokens=num_draft_tokens,
             accept_lens=accept_lens,
             out_cache_loc=out_cache_loc,

@@ -22,6 +22,7 @@ __all__ = [
     "check_out",
     "check_table",
     "check_vector",
+    "type_name",
 ]
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -126,13 +127,18 @@ def check_count(name: str, value: int | None) -> int | None:
     if value is None or type(value) is int and 0 <= value < INT32_LIMIT:
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        kind = type(value)
-        kind = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-        raise TypeError(f"{name} must be an int or None, got {kind}")
+        raise TypeError(f"{name} must be an int or None, got {type_name(value)}")
     value = operator.index(value)
     if not 0 <= value < INT32_LIMIT:
         raise ValueError(f"{name} must be in [0, 2**31), got {value}")
     return value
+
+
+def type_name(value: object) -> str:
+    """The Python type of ``value`` as an error message names it: ``int``, ``float``, but ``numpy.int64``, which a
+    bare ``int64`` would let a reader take for ``torch.int64``."""
+    kind = type(value)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
 _data_ptr = torch.Tensor.data_ptr

@@ -22,6 +22,7 @@ from .checks import (
     check_out,
     check_table,
     check_vector,
+    type_name,
 )
 
 __all__ = [
@@ -149,6 +150,8 @@ def _out_ok(tensor: torch.Tensor, device: torch.device, min_len: int) -> bool:
 def _launch_grid(num_tiles: int, device: torch.device, persistent: bool | None) -> tuple[int]:
     if persistent is None:
         persistent = backend.prefers_persistent_grid(device)
+    elif type(persistent) is not bool:
+        raise TypeError(f"persistent must be a bool or None, got {type_name(persistent)}")
     if persistent:
         return (max(1, min(num_tiles, backend.num_cores(device))),)
     return (num_tiles,)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import random
 
+import numpy as np
 import pytest
 import torch
 from conftest import SENTINEL, examples, sentinel_like
@@ -768,6 +769,56 @@ BAD_CALLS = [
     ("add-str", lambda a, r: a.add_requests("12"), TypeError, "sequence of ints, got str"),
     ("draft-negative-n", lambda a, r: a.alloc_draft(r, -1), ValueError, "num_draft_tokens must be in"),
     ("draft-float-n", lambda a, r: a.alloc_draft(r, 2.0), TypeError, "num_draft_tokens must be an int, got float"),
+    (  # the allocator's own tensors are never an output buffer: the call would write into its state
+        "draft-last-is-state",
+        lambda a, r: a.alloc_draft(r, 2, last_loc=a.seq_lens[:2]),
+        ValueError,
+        "last_loc must not share memory with the allocator's own tensors",
+    ),
+    (
+        "draft-out-in-table",
+        lambda a, r: a.alloc_draft(r, 2, out_cache_loc=a.req_to_token[1]),
+        ValueError,
+        "out_cache_loc must not share memory with the allocator's own tensors",
+    ),
+    (  # with validate, as the ops: no output shares memory with an input
+        "draft-validate-last-is-rows",
+        lambda a, r: a.alloc_draft(r, 2, last_loc=r, validate=True),
+        ValueError,
+        "last_loc must not share memory with req_pool_indices",
+    ),
+    (
+        "tree-commit-validate-kv-in-accept-index",
+        lambda a, r: a.commit_tree(
+            r, (idx := torch.zeros(2, 2, dtype=torch.int64)), [0, 0], kv_src=idx.view(-1), validate=True
+        ),
+        ValueError,
+        "kv_src must not share memory with accept_index",
+    ),
+    (  # named as numpy's, not to be read as torch.int64
+        "draft-numpy-n",
+        lambda a, r: a.alloc_draft(r, np.int64(2)),
+        TypeError,
+        "num_draft_tokens must be an int, got numpy.int64",
+    ),
+    (
+        "draft-numpy-row",
+        lambda a, r: a.alloc_draft([0, np.int64(1)], 2),
+        TypeError,
+        r"req_pool_indices\[1\] must be an int, got numpy.int64",
+    ),
+    (  # an int past int64 in a list: named, not torch's "Overflow when unpacking long long"
+        "draft-row-past-int64",
+        lambda a, r: a.alloc_draft([0, 2**63], 2),
+        ValueError,
+        r"req_pool_indices\[1\] must fit in int64, got 9223372036854775808",
+    ),
+    (
+        "commit-accept-past-int64",
+        lambda a, r: a.commit([0, 1], [0, -(2**64)]),
+        ValueError,
+        r"accept_lens\[1\] must fit in int64, got -18446744073709551616",
+    ),
     ("draft-float-rows", lambda a, r: a.alloc_draft(r.float(), 2), TypeError, "req_pool_indices must be int32"),
     ("draft-2d-rows", lambda a, r: a.alloc_draft(r[None], 2), ValueError, "req_pool_indices must be 1-D"),
     ("draft-strided-rows", lambda a, r: a.alloc_draft(r.repeat(2)[::2], 2), ValueError, "unit stride"),
@@ -1497,7 +1548,7 @@ def test_with_branch_pages_held_a_launch_that_raises_changes_nothing(call, monke
     step = DraftStepWrapper(alloc)
     step.plan(rows, 2, accept_lens=torch.tensor([1, 2]))
     before = snapshot(alloc)
-    host = alloc._pages_bound, dict(alloc._known_windows), dict(alloc._branch_rows), list(alloc._branch_batches)
+    host = alloc._pages_bound, dict(alloc._known_windows), dict(alloc._branch_rows), alloc._branch_batch_pages
     run = {
         "commit": lambda: alloc.commit(rows, torch.tensor([1, 2])),
         "commit-wrapper": step.commit,
@@ -1511,7 +1562,7 @@ def test_with_branch_pages_held_a_launch_that_raises_changes_nothing(call, monke
     monkeypatch.undo()
     assert len(launches) == 1
     assert_unchanged(alloc, before)
-    assert (alloc._pages_bound, dict(alloc._known_windows), dict(alloc._branch_rows), alloc._branch_batches) == host
+    assert (alloc._pages_bound, dict(alloc._known_windows), dict(alloc._branch_rows), alloc._branch_batch_pages) == host
     launches = []
     monkeypatch.setattr(backend, "launch", lambda *args, launch=backend.launch: launches.append(args) or launch(*args))
     run()  # and the same call goes through afterwards
@@ -1519,7 +1570,9 @@ def test_with_branch_pages_held_a_launch_that_raises_changes_nothing(call, monke
     assert len(launches) == 1
     if call == "free":
         assert ("BRANCHES", True) in launches[0][5]  # (kernel, grid, device, tensors, scalars, constexprs, warps)
-    assert not alloc.num_branch_pages.any() and not alloc._branches_may_exist()
+    assert not alloc.num_branch_pages.any()
+    # A free reads its rows back (every row in use: all forgotten); the host cannot tell what a tensor held.
+    assert alloc._branches_may_exist() == (call != "free")
     if call != "free":
         assert alloc.seq_lens[rows].tolist() == [6, 8] and not alloc.window_lens[rows].any()
     check_layout(alloc)

@@ -227,7 +227,7 @@ class EngineMachine(RuleBasedStateMachine):
 
     def rows_arg(self, batch: list[int], kind: str):
         """Rows as a list, an int64 or int32 tensor, or an int64 tensor made under torch.inference_mode (which keeps
-        no version counter for the host's records of branch pages)."""
+        no version counter, as engines' tensors)."""
         if kind == "list":
             return list(batch)
         if kind == "inference":

@@ -138,6 +138,7 @@ METADATA_ERRORS = [
     ("num-tokens-float", {"num_tokens": 6.0}, TypeError, "num_tokens must be an int or None, got float"),
     ("num-tokens-bool", {"num_tokens": True}, TypeError, "num_tokens must be an int or None, got bool"),
     ("window-negative", {"window_len": -2}, ValueError, "window_len must be in [0, 2**31), got -2"),
+    ("persistent-str", {"persistent": "yes"}, TypeError, "persistent must be a bool or None, got str"),
     ("window-too-many", {"window_len": 2}, ValueError, "num_tokens must be at least bs * window_len = 8, got 6"),
 ]
 

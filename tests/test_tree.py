@@ -334,7 +334,7 @@ def test_alloc_tree_draft_is_the_draft_and_the_branches_in_one_launch(page_size,
         if keep:
             assert branch_pages_of(alloc) == held and alloc._branches_may_exist()
         else:
-            assert not alloc.num_branch_pages.any() and not alloc._branches_may_exist()
+            assert not alloc.num_branch_pages.any()  # (on the host's books still: rows given as a tensor)
         model.apply(kv_src, kv_dst)
         model.accept(rows.tolist(), tags, tree, index, lens)
         model.check()
@@ -650,22 +650,82 @@ def test_tree_calls_under_inference_mode(call):
         check_layout(alloc)
 
 
-def test_branch_records_of_many_tensors_merge_into_one(monkeypatch):
-    """Past _MAX_BRANCH_BATCHES tensors of rows holding branch pages the host keeps one record of at most what they
-    hold, which a release of some rows never drops, nor one through a tensor of every row in use (it might hold a
-    stale row instead of one of them); a release of every row in use given as a list does."""
-    monkeypatch.setattr(allocator_module, "_MAX_BRANCH_BATCHES", 3)
+def test_branch_pages_of_tensors_of_rows_stay_on_the_books_until_every_row_is_released_or_a_sync():
+    """Branch pages taken through tensors of rows count in all, at most every row's worst case; a release through a
+    tensor never drops them (it might hold a stale row, or other rows than when it was seen), a release of every row
+    in use given as a list does, and a sync puts each row's exact count on the books."""
     alloc = DraftCacheAllocator(4 * 64, 4, 64, page_size=4, device="cpu")
     alloc.add_requests([5, 6, 7])
-    for row in (0, 1, 2, 0):
+    for row in (0, 1, 2, 0, 1):
         alloc.alloc_branches(torch.tensor([row]), 2, 2)
-    assert [(t, v) for t, v, _ in alloc._branch_batches] == [(None, None)]
+    worst = 3 * alloc.branch_pages.shape[1]
+    assert alloc._branch_batch_pages == worst == alloc._branch_bound()  # capped at every row's worst case
+    alloc.refresh()
+    held = alloc.num_branch_pages.tolist()
+    assert alloc._branch_rows == {row: n for row, n in enumerate(held) if n} and alloc._branch_batch_pages == 0
+    alloc.release_branches(torch.tensor([0]))
+    assert alloc._branch_rows == {row: n for row, n in enumerate(held) if n}, "nothing known of a tensor"
+    alloc.release_branches([1])
+    assert alloc._branch_rows == {row: n for row, n in enumerate(held) if n and row != 1}
+    alloc.alloc_branches(torch.tensor([1]), 2, 2)
     alloc.release_branches(torch.tensor([1]))
     assert alloc._branches_may_exist()
     alloc.release_branches(torch.tensor([0, 1, 2]))
     assert alloc._branches_may_exist() and not alloc.num_branch_pages.any()
     alloc.release_branches([0, 1, 2])
     assert not alloc._branches_may_exist() and not alloc.num_branch_pages.any()
+    check_layout(alloc)
+
+
+@pytest.mark.parametrize("rewrite", ["data-swap", "data-copy", "numpy"])
+@pytest.mark.parametrize("form", ["wrapper", "methods"])
+def test_a_tensor_of_rows_rewritten_any_way_never_makes_the_host_forget_branch_pages(rewrite, form):
+    """A tensor of rows pointed back with ``.data =`` at a buffer refilled meanwhile (its own version counter
+    unchanged), written through ``.data`` or through numpy holds other rows than the tree call saw, with nothing in
+    the tensor to tell. The host used to take the release through it for the release of the rows it recorded, forget
+    branch pages that rows 0 and 1 still held and, after a sync, hand out the padding page: now a release through a
+    tensor forgets nothing, the next draft releases them in its launch, and a draft past the free pages raises
+    (found by an audit of the plan/run wrappers, 2026-11-24)."""
+    alloc = DraftCacheAllocator(24, 4, 64, page_size=1, device="cpu")
+    alloc.add_requests([2, 2, 2, 2])  # 8 pages used, 16 free
+    first, second = torch.tensor([0, 1]), torch.tensor([2, 3])
+    rows = torch.empty(0, dtype=torch.int64)
+    rows.data = first
+    step = DraftStepWrapper(alloc)
+    step.plan(rows, 1, accept_lens=torch.zeros(2, dtype=torch.int64), topk=2, num_steps=2)
+    if form == "wrapper":
+        step.alloc_branches()
+    else:
+        alloc.alloc_branches(rows, 2, 2)
+    held = alloc.num_branch_pages.tolist()
+    assert held == [4, 4, 0, 0]  # rows 0, 1: 8 branch pages, 8 free
+
+    def draft():
+        if form == "wrapper":
+            step.alloc_draft()
+        else:
+            alloc.alloc_draft(rows, 1)
+
+    if rewrite == "data-swap":  # double-buffered batches: the other buffer, then this one refilled
+        rows.data = second
+        draft()
+        first.copy_(second)
+        rows.data = first
+    elif rewrite == "data-copy":
+        rows.data.copy_(second)
+    else:
+        rows.numpy()[:] = [2, 3]
+    draft()  # rows 2, 3: no branch page released
+    assert alloc.num_branch_pages.tolist() == held and alloc._branches_may_exist()
+    alloc.refresh()
+    assert alloc._branch_rows == {0: 4, 1: 4}
+    with pytest.raises(OutOfSlotsError):  # 12 pages, 6 free: the pops never see the 8 that the launch would release
+        alloc.alloc_draft([0, 1, 2, 3], 3)
+    alloc.alloc_draft([0, 1], 3)  # releases rows 0 and 1's branch pages in its launch
+    assert not alloc.num_branch_pages.any() and not alloc._branches_may_exist()
+    check_layout(alloc)
+    alloc.free_requests(alloc.rows_in_use())
+    assert alloc.num_free_slots() == alloc.num_slots
     check_layout(alloc)
 
 
@@ -788,11 +848,11 @@ def run_tree_step(
 @pytest.mark.parametrize("rows_as", ["tensor", "list", "new-tensors"])
 def test_no_sync_in_a_tree_loop_with_headroom(rows_as):
     # The pool holds every request at max_context_len and every branch at its worst, so no call needs a sync,
-    # however long the loop: requests arrive and finish after 3 to 6 steps, long prompts among them. Given a new
-    # tensor to every call, the host keeps the branches a draft released on its books (below) until the next
-    # alloc_branches takes new ones, which it counts beside them: that takes room for every branch twice.
+    # however long the loop: requests arrive and finish after 3 to 6 steps, long prompts among them. Given rows as
+    # a tensor, the host keeps the branches a draft released on its books (below: it cannot know which rows a tensor
+    # held) until the next alloc_branches takes new ones, which it counts beside them: room for every branch twice.
     p, bs, topk, steps = 16, 8, 4, 5
-    branches = topk * pages(p - 1 + steps, p) * (2 if rows_as == "new-tensors" else 1)
+    branches = topk * pages(p - 1 + steps, p) * (1 if rows_as == "list" else 2)
     num_pages = bs * (pages(512, p) + branches)
     alloc = DraftCacheAllocator(p * num_pages, bs, 512, page_size=p, device="cpu")
     rng = random.Random(len(rows_as))
@@ -806,11 +866,11 @@ def test_no_sync_in_a_tree_loop_with_headroom(rows_as):
         new = alloc.add_requests([rng.randint(300, 440) for _ in range(bs - alloc.num_requests)]).tolist()
         finish_at.update((row, step + rng.randint(3, 6)) for row in new)
         run_tree_step(alloc, alloc.rows_in_use(), rows_as, rng, topk, steps)
-        # A new tensor to every call: the host cannot tell that a tensor as long as the rows in use names every one
-        # of them (a stale row may stand in for one), so it keeps their branch pages on its books, bounded by every
-        # row's worst case, which this pool holds: still no sync.
+        # Rows as a tensor: the host cannot tell which rows the tensor held (a stale row may stand in for one, or it
+        # may have been rewritten in any way), so it keeps their branch pages on its books, bounded by every row's
+        # worst case, which this pool holds: still no sync.
         may_exist = alloc._branches_may_exist()
-        assert may_exist if rows_as == "new-tensors" else not may_exist, "the draft released every branch"
+        assert not may_exist if rows_as == "list" else may_exist, "the draft released every branch"
     assert alloc.num_syncs == 0
     check_layout(alloc)
 

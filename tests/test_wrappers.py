@@ -175,7 +175,7 @@ def _host_state(alloc: DraftCacheAllocator) -> tuple:
         alloc._unknown_window_bound,
         list(alloc._min_pages),
         dict(alloc._branch_rows),
-        len(alloc._branch_batches),
+        alloc._branch_batch_pages,
         alloc.num_syncs,
     )
 
@@ -399,6 +399,53 @@ def test_validate_runs_the_methods_checks_every_call():
     with pytest.raises(ValueError, match=r"accept_lens\[1\] must be in \[0, 2\] \(the draft window of row 1\), got 3"):
         step.commit()
     assert_unchanged(a, before)
+
+
+@pytest.mark.parametrize("validate", [False, True])
+def test_rows_planned_as_a_list_are_the_plans_own(validate):
+    """The caller's list reused for its next batch after plan() changes nothing: every call drafts the planned rows,
+    with or without validate, before and after a re-plan (validate=True and re-plans read the caller's list itself
+    until an audit found it, 2026-11-24)."""
+    alloc = DraftCacheAllocator(64, 4, 32, page_size=1, device="cpu")
+    alloc.add_requests([3, 5, 2, 6])
+    batch = [0, 1]
+    accept = torch.zeros(2, dtype=torch.int64)
+    step = DraftStepWrapper(alloc)
+    step.plan(batch, 2, accept_lens=accept, validate=validate)
+    batch[:] = [2, 3]  # the engine's next batch, in the same list
+    opened = lambda: [row for row, n in enumerate(alloc.window_lens.tolist()) if n]  # noqa: E731
+    step.alloc_draft()
+    assert opened() == [0, 1]
+    step.commit()
+    accept.data = torch.zeros(2, dtype=torch.int64)  # moved: the next call that reads it plans again
+    step.commit()
+    step.alloc_draft()
+    assert opened() == [0, 1]
+    check_layout(alloc)
+
+
+def test_plan_refuses_outputs_that_share_memory_with_inputs_or_the_allocator():
+    """As CacheLocsWrapper.plan(): no output shares memory with an input or another output (found by an audit,
+    2026-11-24: the kernels wrote the slots into the rows they read), nor with the allocator's own tensors."""
+    alloc = DraftCacheAllocator(64, 4, 32, page_size=4, device="cpu")
+    rows = alloc.add_requests([5, 6])
+    accept = torch.zeros(2, dtype=torch.int64)
+    buf = torch.zeros(8, dtype=torch.int64)
+    step = DraftStepWrapper(alloc)
+    cases = [
+        (dict(last_loc=rows), "last_loc must not share memory with req_pool_indices"),
+        (dict(accept_lens=buf[:2], out_cache_loc=buf[1:5]), "out_cache_loc must not share memory with accept_lens"),
+        (dict(out_cache_loc=buf[:4], last_loc=buf[3:5]), "must not share memory with"),
+        (dict(last_loc=alloc.alloc_lens[:2]), "last_loc must not share memory with the allocator's own tensors"),
+    ]
+    for kwargs, message in cases:
+        before = snapshot(alloc)
+        with pytest.raises(ValueError, match=message):
+            step.plan(rows, 2, **kwargs)
+        assert_unchanged(alloc, before)
+    step.plan(rows, 2, accept_lens=accept, out_cache_loc=buf[:4], last_loc=buf[4:6])  # disjoint views: fine
+    step.alloc_draft()
+    check_layout(alloc)
 
 
 def test_wrapper_misuse_is_an_error_too():
