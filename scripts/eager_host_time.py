@@ -19,7 +19,8 @@ Calls (bs --batch-size, N --window-len, buffers given, num_tokens given: the hot
   alloc_branches   DraftCacheAllocator.alloc_branches(rows, --topk, --num-steps, out=, copy_src=, copy_dst=): tree
                    drafts' branch slots, each call releasing the previous call's branch pages in its launch
   commit_tree      DraftCacheAllocator.commit_tree(rows, accept_index, accept_lens, kv_src=, kv_dst=) of a tree of N
-                   nodes, with no branch pages held (in a tree step the draft before it released them)
+                   nodes, releasing branch pages in its launch (the host cannot know that a tensor of rows released
+                   them, so it launches the release, as in an engine's tree step)
   commit_tree_and_draft
                    DraftCacheAllocator.commit_tree_and_draft(rows, accept_index, accept_lens, N, --topk,
                    --num-steps, with every buffer): the tree commit and the next tree (one launch up to 8
@@ -28,6 +29,9 @@ Calls (bs --batch-size, N --window-len, buffers given, num_tokens given: the hot
                    commit_and_draft()/alloc_branches()/commit_tree_and_draft(), planned once with the same
                    arguments (the plan/run form an engine's eager loop uses; the tree calls' wrapper is planned
                    with topk=, num_steps= and accept_index=)
+
+The chain calls (alloc_draft, commit, commit_and_draft) run on an allocator of their own that never takes branch
+pages, as a chain engine's (topk 1); the tree calls on another.
   add_requests + free_requests
                    DraftCacheAllocator.add_requests(prompt_lens) of bs prompts of 7 tokens, then free_requests(rows)
                    of the rows it took, given as a host list, on an allocator of its own with 2 * bs rows of which
@@ -182,6 +186,10 @@ def make_calls(device: torch.device, bs: int, n: int, topk: int, num_steps: int)
     ragged.plan(rows, start, ragged_end, out, last, num_tokens=ragged_tokens)
     step = specdec_ops.DraftStepWrapper(alloc)
     step.plan(alloc_rows, n, accept_lens=accept, out_cache_loc=alloc_out, last_loc=alloc_last)
+    # The tree calls' own allocator: once they have taken branch pages through a tensor of rows, the host keeps them
+    # on its books, and every draft and commit would launch their release (a chain engine never takes any).
+    tree_alloc = specdec_ops.DraftCacheAllocator(num_slots, bs, max_context_len, page_size=16, device=device)
+    tree_rows = tree_alloc.add_requests([7] * bs)
     # Tree drafts: branch slots and copy pairs, then the commit of a tree of N nodes (nothing accepted).
     copies = bs * topk * (alloc.page_size - 1)
     tree = dict(
@@ -192,9 +200,9 @@ def make_calls(device: torch.device, bs: int, n: int, topk: int, num_steps: int)
         kv_dst=torch.empty(bs * n, dtype=torch.int64, device=device),
     )
     accept_index = torch.zeros(bs, n, dtype=torch.int64, device=device)
-    tree_step = specdec_ops.DraftStepWrapper(alloc)
+    tree_step = specdec_ops.DraftStepWrapper(tree_alloc)
     tree_step.plan(
-        alloc_rows,
+        tree_rows,
         n,
         accept_lens=accept,
         out_cache_loc=alloc_out,
@@ -222,14 +230,14 @@ def make_calls(device: torch.device, bs: int, n: int, topk: int, num_steps: int)
         "commit_and_draft": lambda: alloc.commit_and_draft(
             alloc_rows, accept, n, out_cache_loc=alloc_out, last_loc=alloc_last
         ),
-        "alloc_branches": lambda: alloc.alloc_branches(
-            alloc_rows, topk, num_steps, out=tree["branch_slots"], copy_src=tree["copy_src"], copy_dst=tree["copy_dst"]
+        "alloc_branches": lambda: tree_alloc.alloc_branches(
+            tree_rows, topk, num_steps, out=tree["branch_slots"], copy_src=tree["copy_src"], copy_dst=tree["copy_dst"]
         ),
-        "commit_tree": lambda: alloc.commit_tree(
-            alloc_rows, accept_index, accept, kv_src=tree["kv_src"], kv_dst=tree["kv_dst"]
+        "commit_tree": lambda: tree_alloc.commit_tree(
+            tree_rows, accept_index, accept, kv_src=tree["kv_src"], kv_dst=tree["kv_dst"]
         ),
-        "commit_tree_and_draft": lambda: alloc.commit_tree_and_draft(
-            alloc_rows,
+        "commit_tree_and_draft": lambda: tree_alloc.commit_tree_and_draft(
+            tree_rows,
             accept_index,
             accept,
             n,
@@ -252,7 +260,7 @@ def make_calls(device: torch.device, bs: int, n: int, topk: int, num_steps: int)
     for call in calls.values():
         call()
     backend.synchronize(device)
-    return calls, (alloc, calls[REQUEST_PAIR].pool)
+    return calls, (alloc, tree_alloc, calls[REQUEST_PAIR].pool)
 
 
 def capacity_syncs(pools) -> int:

@@ -714,7 +714,7 @@ class DraftCacheAllocator:
                 self._known_windows.pop(row, None)
         self._rows_version += 1
         self._cache_pages.update(kept_pages)
-        if not self.num_requests:
+        if not self.num_requests and not self._capturing():  # (a capture cannot sync: the bound below holds)
             self._sync_bounds()
         else:
             # The freed rows' pages leave the bound, less the pages they hand to the cache (still not free): each
@@ -1526,12 +1526,23 @@ class DraftCacheAllocator:
 
     # ---------------------------------------------------------------------------------------------- internals
 
+    def _capturing(self) -> bool:
+        """Whether a CUDA graph is being captured on the current stream (which cannot sync)."""
+        return self._cuda and torch.cuda.is_current_stream_capturing()
+
     def _sync_bounds(self) -> None:
         """Make the host bounds exact: one device→host copy."""
         self._set_exact(self._read_exact()[0])
 
     def _read_exact(self, *extra: torch.Tensor) -> tuple[_Usage, list[int]]:
         """One device→host copy of the exact usage and of the int64 vectors ``extra`` (their values, concatenated)."""
+        if self._capturing():
+            raise RuntimeError(
+                "the host bound of the pool says this call might not fit, and only an exact count read from the "
+                "device (a sync) can tell, which CUDA graph capture cannot make: capture with more free pages (tree "
+                "steps given tensors of rows count every row's branch pages at their worst twice), or run the call "
+                "eagerly; nothing was changed"
+            )
         live = self.rows_in_use()
         live_t = torch.tensor(live, dtype=torch.int64, device=self.device)
         counts = torch.stack([self.num_free_pages[0].long(), self.num_branch_pages.sum()])

@@ -1704,6 +1704,29 @@ def test_slots_near_2_31_and_a_wrapping_ring_are_exact(page_size):
 
 
 @pytest.mark.gpu
+def test_gpu_a_capture_that_needs_a_sync_raises_and_changes_nothing():
+    """A call whose capacity check needs an exact count from the device (a sync) cannot make it inside CUDA graph
+    capture: it says so, and changes nothing (it used to fail in torch's copy, with no word of why)."""
+    alloc = DraftCacheAllocator(16 * 4, 4, 64, page_size=16, device="cuda")
+    rows = alloc.add_requests([16, 16, 16])  # 3 pages used, 1 free: a window of 16 for each needs 3 more
+    out, last = torch.empty(48, dtype=torch.int64, device="cuda"), torch.empty(3, dtype=torch.int64, device="cuda")
+    before = snapshot(alloc)
+    host = alloc._pages_bound, alloc._drafted_since_sync, dict(alloc._known_windows)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with pytest.raises(RuntimeError, match="which CUDA graph capture cannot make"):
+        with torch.cuda.stream(stream), torch.cuda.graph(torch.cuda.CUDAGraph(), stream=stream):
+            alloc.alloc_draft(rows, 16, out_cache_loc=out, last_loc=last)
+    torch.cuda.synchronize()
+    assert_unchanged(alloc, before)
+    assert (alloc._pages_bound, alloc._drafted_since_sync, dict(alloc._known_windows)) == host
+    with pytest.raises(OutOfSlotsError):  # eagerly, the sync tells
+        alloc.alloc_draft(rows, 16)
+    alloc.alloc_draft(rows[:1], 16)
+    check_layout(alloc)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("page_size", [1, 16], ids=lambda p: f"page{p}")
 def test_gpu_step_never_syncs_with_headroom(page_size):
     alloc = DraftCacheAllocator(1 << 16, 64, 1024, page_size=page_size, device="cuda")
