@@ -389,7 +389,9 @@ class DraftCacheAllocator:
         free_head, num_free_pages: ``[1]`` int32 views of the ring's counters.
         page_size, num_slots, num_pages, max_requests, max_context_len, device.
         num_syncs: device→host syncs that :meth:`alloc_draft`, :meth:`reserve_draft`, :meth:`alloc_branches`
-            and :meth:`add_requests` made because the host bound reached the capacity.
+            and :meth:`add_requests` made because the host bound reached the capacity. A call that raises after such
+            a sync (out of slots, a launch that fails) still counts it, and keeps the exact bounds it read: the one
+            exception to "a call that raises changes nothing", which concerns the pool and its requests.
     """
 
     def __init__(
@@ -650,16 +652,23 @@ class DraftCacheAllocator:
         rows = self._host_ints("req_pool_indices", req_pool_indices)
         self._check_rows_in_use(rows)
         keep = None if keep_lens is None else self._host_ints("keep_lens", keep_lens)
+        n = len(rows)
+        if keep is not None:  # (also for no rows: the same errors whatever the batch)
+            if len(keep) != n:
+                raise ValueError(f"keep_lens has {len(keep)} elements but req_pool_indices has {n}")
+            p, most = self.page_size, self.max_context_len
+            for i, length in enumerate(keep):
+                if length < 0 or length % p:
+                    raise ValueError(f"keep_lens[{i}] must be a multiple of page_size = {p} and >= 0, got {length}")
+                if length > most:
+                    raise ValueError(f"keep_lens[{i}] must be <= max_context_len = {most}, got {length}")
         kept_slots = torch.empty(0, dtype=torch.int64, device=self.device)
         if not rows:
             return kept_slots
-        n = len(rows)
         kept_pages: list[int] = []
         if keep is None:
             rows_t = keep_t = self._host_visible(rows)
         else:
-            if len(keep) != n:
-                raise ValueError(f"keep_lens has {len(keep)} elements but req_pool_indices has {n}")
             values = self._to_device(rows + keep)  # one copy to the device
             rows_t, keep_t = values[:n], values[n:]
             kept_slots, kept_pages = self._check_keep(rows, rows_t, keep, keep_t)
@@ -2538,6 +2547,8 @@ class DraftCacheAllocator:
             raise TypeError(f"prefix_slots must be int32 or int64, got {prefix_slots.dtype}")
         if prefix_slots.dim() != 2 or prefix_slots.size(0) != n:
             raise ValueError(f"prefix_slots must have shape [{n}, P], got {tuple(prefix_slots.shape)}")
+        if prefix_slots.is_meta:
+            raise ValueError("prefix_slots must hold values to read (any device but meta), got a tensor on meta")
         p = self.page_size
         width = prefix_slots.size(1)
         for i, (length, plen) in enumerate(zip(lens, prefix)):
@@ -2588,12 +2599,9 @@ class DraftCacheAllocator:
         self, rows: list[int], rows_t: torch.Tensor, keep: list[int], keep_t: torch.Tensor
     ) -> tuple[torch.Tensor, list[int]]:
         """Check keep_lens (as many as rows; ``keep_t`` on the device) against the committed lengths; returns (kept
-        slots, newly cached pages). Reads back the committed lengths and each kept page's first slot; the kept
-        slots are gathered on the device."""
+        slots, newly cached pages; their values were checked by the caller). Reads back the committed lengths and
+        each kept page's first slot; the kept slots are gathered on the device."""
         p = self.page_size
-        for i, length in enumerate(keep):
-            if length < 0 or length % p:
-                raise ValueError(f"keep_lens[{i}] must be a multiple of page_size = {p} and >= 0, got {length}")
         longest = max(keep)
         # One read-back: the committed lengths and the first slot of each page that may be kept. The kept slots
         # themselves stay on the device (a gather, in batch order).
@@ -2674,6 +2682,8 @@ class DraftCacheAllocator:
             return list(values)
         if isinstance(values, torch.Tensor):
             self._check_int_tensor(name, values, check_device=False)
+            if values.is_meta:
+                raise ValueError(f"{name} must hold values to read (any device but meta), got a tensor on meta")
             return values.tolist()
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
             raise TypeError(f"{name} must be a 1-D int tensor or a sequence of ints, got {_type_name(values)}")

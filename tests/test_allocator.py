@@ -795,6 +795,19 @@ BAD_CALLS = [
         ValueError,
         "kv_src must not share memory with accept_index",
     ),
+    (  # found by an audit of the request lifecycle, 2026-11-24: torch's unnamed overflow, no check, torch's meta error
+        "free-keep-past-int64",
+        lambda a, r: a.free_requests(r, keep_lens=[0, 2**64]),
+        ValueError,
+        r"keep_lens\[1\] must be <= max_context_len = 16, got 18446744073709551616",
+    ),
+    ("free-no-rows-keep", lambda a, r: a.free_requests([], keep_lens=[2]), ValueError, "keep_lens has 1 elements"),
+    (
+        "add-meta-lens",
+        lambda a, r: a.add_requests(torch.zeros(1, dtype=torch.int64, device="meta")),
+        ValueError,
+        r"prompt_lens must hold values to read \(any device but meta\), got a tensor on meta",
+    ),
     (  # named as numpy's, not to be read as torch.int64
         "draft-numpy-n",
         lambda a, r: a.alloc_draft(r, np.int64(2)),
