@@ -2799,7 +2799,7 @@ class DraftStepWrapper:
     dtype and strides (about 0.3 us a tensor), and, for rows given as a list, that they are still rows in use once
     rows were added or freed since; otherwise it plans again with the same arguments, raising what plan() raises
     for them (a plan checks every argument it was given, so a call may raise about one that only another of the
-    plan's calls reads).
+    plan's calls reads). A plan() that raises changes nothing: the previous plan, if any, stays in force.
 
     Example::
 

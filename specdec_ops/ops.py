@@ -661,7 +661,8 @@ class CacheLocsWrapper:
     shape, dtype and strides (about 0.3 us a tensor); if one moved (``set_``, ``.data =``, a reallocating ``resize_``)
     or changed shape, dtype or strides, it plans again with the same arguments, which raises what the function would
     raise or goes on with the new tensors. Values are read on the device as by the function (``validate=False``: bad
-    values give wrong slots, never an access outside the tensors).
+    values give wrong slots, never an access outside the tensors). A plan() that raises changes nothing: the previous
+    plan, if any, stays in force.
 
     Example::
 
