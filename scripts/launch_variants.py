@@ -268,8 +268,13 @@ def exercise_allocator(rec: Recorder) -> tuple[list[str], list[str]]:
     from specdec_ops import DraftCacheAllocator
 
     present = [(name, call) for name, call in ALLOCATOR_METHODS if hasattr(DraftCacheAllocator, name)]
+    # Rows as tensors twice, the large batches below too: as they come (the host never learns that a tensor
+    # released branch pages, so the calls after a release launch their release variants) and with refresh() after
+    # each call (a sync: the host knows exactly which rows hold branch pages, so those calls take the variants
+    # without a release, as they do where no branch page was ever taken). Lists are known exactly either way.
+    runs = [(kind, exact) for kind in ROW_KINDS for exact in (False, True) if not exact or kind != "list"]
     for page_size in PAGE_SIZES:
-        for kind in ROW_KINDS:
+        for kind, exact in runs:
             for n in DRAFT_LENS:
                 alloc = DraftCacheAllocator(page_size * 4096, 8, 8192, page_size=page_size, device="cpu")
                 with rec.calling("add_requests"):
@@ -278,9 +283,11 @@ def exercise_allocator(rec: Recorder) -> tuple[list[str], list[str]]:
                 for name, call in present:
                     with rec.calling(name):
                         call(alloc, rows, n)
+                    if exact:
+                        alloc.refresh()
     for bs in LARGE_BATCHES:
         for page_size in PAGE_SIZES:
-            for n in LARGE_DRAFT_LENS:
+            for n, exact in [(n, exact) for n in LARGE_DRAFT_LENS for exact in (False, True)]:
                 # Room for each request's context and its old and new branch pages (4 branches of up to n tokens).
                 pages = 1024 // page_size + 8 * -(-(page_size - 1 + n) // page_size) + 8
                 alloc = DraftCacheAllocator(page_size * bs * pages, bs + 8, 1024, page_size=page_size, device="cpu")
@@ -289,6 +296,8 @@ def exercise_allocator(rec: Recorder) -> tuple[list[str], list[str]]:
                 for name, call in present:
                     with rec.calling(name):
                         call(alloc, rows, n)
+                    if exact:
+                        alloc.refresh()
     names = sorted({name for name, _ in present})
     public = {
         name for name, member in inspect.getmembers(DraftCacheAllocator, inspect.isfunction) if not name.startswith("_")
