@@ -510,8 +510,10 @@ class DraftCacheAllocator:
         # them) or a sync does (see _set_exact).
         self.branch_pages = torch.zeros(max_requests, 0, dtype=torch.int32, device=self.device)
         self.num_branch_pages = torch.zeros(max_requests, dtype=torch.int64, device=self.device)
-        # (branch_pages when found, the addresses of the memory of the allocator's own tensors): _owns_memory_of
-        self._own_storages: tuple[torch.Tensor | None, set[int]] = (None, set())
+        # The memory of the allocator's tensors that never change (branch_pages is widened: _owns_memory_of)
+        fixed = (self.req_to_token, self.seq_lens, self.alloc_lens, self.window_lens, self.prefix_lens)
+        fixed += (self.free_pages, self._counters, self._scratch, self.num_branch_pages)
+        self._own_addresses = {_storage_address(t) for t in fixed}
         self._branch_rows: dict[int, int] = {}
         self._branch_batch_pages = 0
         # Host lists on their way to a CUDA device: add_requests sends up to three values a request.
@@ -1536,7 +1538,9 @@ class DraftCacheAllocator:
     # ---------------------------------------------------------------------------------------------- internals
 
     def _capturing(self) -> bool:
-        """Whether a CUDA graph is being captured on the current stream (which cannot sync)."""
+        """Whether a CUDA graph is being captured on the current stream (which cannot sync). Not
+        ``backend.is_capturing``, which answers True on an NPU whose torch_npu cannot tell (where a sync must go
+        on)."""
         return self._cuda and torch.cuda.is_current_stream_capturing()
 
     def _sync_bounds(self) -> None:
@@ -2744,30 +2748,21 @@ class DraftCacheAllocator:
         if tensor.dim() != 1:
             raise ValueError(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
 
-    def _check_shared_memory(self, rows: torch.Tensor, written: dict[str, torch.Tensor], **read: torch.Tensor) -> None:
-        """No output (``written``) shares memory with another or with an input (the rows, ``read``): what
-        ``validate=True`` and DraftStepWrapper.plan() check (a few us), as the ops do with ``validate``."""
-        _check_disjoint(written, {"req_pool_indices": rows, **read})
+    def _check_shared_memory(
+        self, rows: torch.Tensor, written: dict[str, torch.Tensor | None], **read: torch.Tensor | None
+    ) -> None:
+        """No output (``written``) shares memory with another or with an input (the rows, ``read``; None: not
+        given): what ``validate=True`` and DraftStepWrapper.plan() check (a few us), as the ops do with
+        ``validate``."""
+        read["req_pool_indices"] = rows
+        _check_disjoint(
+            {k: v for k, v in written.items() if v is not None}, {k: v for k, v in read.items() if v is not None}
+        )
 
     def _owns_memory_of(self, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` is a view of one of the allocator's own tensors (no output buffer may be one)."""
-        branch_pages, addresses = self._own_storages
-        if branch_pages is not self.branch_pages:  # found again once alloc_branches widened branch_pages
-            own = (
-                self.req_to_token,
-                self.seq_lens,
-                self.alloc_lens,
-                self.window_lens,
-                self.prefix_lens,
-                self.free_pages,
-                self._counters,
-                self._scratch,
-                self.branch_pages,
-                self.num_branch_pages,
-            )
-            addresses = {_storage_address(t) for t in own} - {0}
-            self._own_storages = (self.branch_pages, addresses)
-        return _storage_address(tensor) in addresses
+        address = _storage_address(tensor)  # (0: no memory, as an empty tensor's)
+        return address != 0 and (address in self._own_addresses or address == _storage_address(self.branch_pages))
 
     def _check_buffer(self, name: str, out: torch.Tensor, length: int, *, exact: bool) -> None:
         self._check_int_tensor(name, out, check_device=True)
@@ -2930,16 +2925,13 @@ class DraftStepWrapper:
         # plan's own, re-checked once rows were taken or freed (_check).
         listed = not isinstance(req_pool_indices, torch.Tensor)
         user = None if listed else req_pool_indices
-        # No output shares memory with an input or another output (checked once here; the methods do not).
+        # No output shares memory with an input or another output (checked once here; the methods with validate).
         written = {"out_cache_loc": out, "last_loc": last}
         if tree_commit is not None:
             written.update(kv_src=tree_commit[1], kv_dst=tree_commit[2])
         if branches is not None:
             written.update(branch_slots=branches[2], copy_src=branches[3], copy_dst=branches[4])
-        read = {"req_pool_indices": user, "accept_lens": accept, "accept_index": accept_index}
-        _check_disjoint(
-            {k: v for k, v in written.items() if v is not None}, {k: v for k, v in read.items() if v is not None}
-        )
+        alloc._check_shared_memory(rows, written, accept_lens=accept, accept_index=accept_index)
         # Checked: now the plan. Each call re-checks only the tensors it reads.
         self._draft_bound = _bind(user, out, last)
         self._commit_bound = _bind(user, *commit_reads)
