@@ -266,14 +266,8 @@ def _validate_windows(
             end_offset > max_context_len,
             lambda i: f"{end_name(i)} must be <= max_context_len = {max_context_len}, got {int(end_offset[i])}",
         ),
-        (
-            lengths.clamp(min=0).sum() > num_tokens,
-            lambda _: (
-                f"the windows must hold at most num_tokens = {num_tokens} tokens, got {int(lengths.clamp(min=0).sum())}"
-            ),
-        ),
     ]
-    if window_len is not None:
+    if window_len is not None:  # (before the total: with window_len, num_tokens may be its default, bs * window_len)
         checks.append(
             (
                 lengths != window_len,
@@ -282,6 +276,14 @@ def _validate_windows(
                 ),
             )
         )
+    checks.append(
+        (
+            lengths.clamp(min=0).sum() > num_tokens,
+            lambda _: (
+                f"the windows must hold at most num_tokens = {num_tokens} tokens, got {int(lengths.clamp(min=0).sum())}"
+            ),
+        )
+    )
     _raise_first_violation(checks)
 
 
@@ -301,8 +303,8 @@ def get_last_loc(
         req_pool_indices: ``[bs]`` int32/int64, the table row of each request.
         prefix_lens: ``[bs]`` int32/int64, committed tokens of each request.
         last_loc: optional ``[bs]`` int32/int64 output buffer.
-        validate: also check values (rows in range, ``0 <= prefix_lens <= max_context_len``);
-            costs one device→host sync.
+        validate: also check values (rows in range, ``0 <= prefix_lens <= max_context_len``) and that a given
+            ``last_loc`` shares no memory with the inputs; costs one device→host sync.
         persistent: one program per core looping over tiles (default: only on Ascend).
 
     Returns:
@@ -330,6 +332,9 @@ def get_last_loc(
             check_vector("last_loc", last_loc, device, bs)
     if last_loc is None:
         last_loc = torch.empty(bs, dtype=prefix_lens.dtype, device=device)
+    elif validate:  # (as the window ops check their buffers)
+        inputs = {"req_to_token": req_to_token, "req_pool_indices": req_pool_indices, "prefix_lens": prefix_lens}
+        check_disjoint({"last_loc": last_loc}, inputs)
     if validate and bs:
         backend.check_device(device)  # (the checks read values: not on a device that holds none, such as meta)
         max_context_len = req_to_token.size(1)
@@ -563,7 +568,8 @@ def assign_extend_cache_locs(
         end_offset: ``[bs]`` int32/int64, one past the last position of each window; may be ``None`` with
             ``window_len`` (it is not read then).
         out_cache_loc: optional int32/int64 buffer of at least ``num_tokens`` elements; elements past
-            ``num_tokens``, and past the windows' total, are left untouched. Output buffers must not share memory
+            ``num_tokens``, and past the windows' total, are left untouched (so, without a buffer, the elements
+            of the result past the windows' total are uninitialised memory). Output buffers must not share memory
             with the inputs or with each other (the kernel reads other requests' offsets while it writes):
             ``validate=True`` and :meth:`CacheLocsWrapper.plan` check it (a few us a call, so not on the hot path).
         num_tokens: elements of ``out_cache_loc`` the call may write, at least the windows' total.

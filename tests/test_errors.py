@@ -184,6 +184,11 @@ VALUE_ERRORS = [
         {"window_len": 1, "num_tokens": 6},
         "end_offset[0] - start_offset[0] must equal window_len = 1, got 2",
     ),
+    (  # num_tokens defaults to bs * window_len: the broken promise is named, not that default
+        "window-promise-no-num_tokens",
+        {"window_len": 1, "num_tokens": None},
+        "end_offset[0] - start_offset[0] must equal window_len = 1, got 2",
+    ),
 ]
 
 
@@ -275,6 +280,30 @@ def test_get_last_loc_errors():
         specdec_ops.get_last_loc(
             args["req_to_token"], torch.tensor([7, 0, 0, 0]), torch.ones(4, dtype=torch.int64), validate=True
         )
+
+
+@pytest.mark.parametrize("case", ["in-prefix-lens", "in-table", "in-rows", "apart"])
+def test_get_last_loc_validate_refuses_a_last_loc_that_shares_memory_with_an_input(case):
+    """As the window ops: with validate=True a last_loc sharing memory with an input raises before anything is
+    written (the kernel's programs read prefix lengths that another program would be overwriting)."""
+    args = good_args()
+    table = args["req_to_token"].clone()
+    lens = torch.arange(1, 11, dtype=torch.int64)  # two of them the batch's, the rest room for a last_loc
+    rows = args["req_pool_indices"].clone()
+    last, name = {
+        "in-prefix-lens": (lens[1:5], "prefix_lens"),
+        "in-table": (table.view(-1)[20:24], "req_to_token"),
+        "in-rows": (rows, "req_pool_indices"),
+        "apart": (sentinel_like(4, torch.int32, "cpu"), None),
+    }[case]
+    before = [t.clone() for t in (table, lens, rows, last)]
+    call = lambda: specdec_ops.get_last_loc(table, rows, lens[:4], last_loc=last, validate=True)  # noqa: E731
+    if name is None:
+        assert call().tolist() == [int(table[r, p - 1]) for r, p in zip(rows.tolist(), lens[:4].tolist())]
+        return
+    with pytest.raises(ValueError, match=re.escape(f"last_loc must not share memory with {name}")):
+        call()
+    assert all(torch.equal(a, b) for a, b in zip((table, lens, rows, last), before))
 
 
 def test_assign_extend_cache_locs_errors():
