@@ -333,6 +333,11 @@ def _check_size(name: str, value: int, minimum: int, limit: int = _INT32_LIMIT) 
         raise ValueError(f"{name} must be in [{minimum}, 2**{limit.bit_length() - 1}), got {value}")
 
 
+def _check_flag(name: str, value: bool) -> None:
+    if type(value) is not bool:
+        raise TypeError(f"{name} must be a bool, got {_type_name(value)}")
+
+
 def _storage_address(tensor: torch.Tensor) -> int:
     """The address of the memory ``tensor`` is a view of (0 for none)."""
     return tensor.untyped_storage().data_ptr()
@@ -934,9 +939,9 @@ class DraftCacheAllocator:
             which happens only when the host bound says the call might not fit.
         """
         rows, host_rows, n = self._check_draft(req_pool_indices, num_draft_tokens, validate)
-        accept = self._check_accept(rows, host_rows, accept_lens)
         bs = rows.size(0)
         src, dst, pairs = self._check_tree_commit(accept_index, bs, kv_src, kv_dst)
+        accept = self._check_accept(rows, host_rows, accept_lens, accept_index.size(1))
         out_cache_loc, last_loc = self._draft_buffers(bs, n, out_cache_loc, last_loc)
         slots, copy_from, copy_to = self._check_branches(
             rows, topk, num_steps, branch_slots, copy_src, copy_dst, False, "branch_slots"
@@ -1165,9 +1170,11 @@ class DraftCacheAllocator:
         Returns:
             ``(kv_src[:bs * T], kv_dst[:bs * T])``, int64 unless given.
         """
-        rows, host_rows, accept = self._check_commit(req_pool_indices, accept_lens, validate)
+        _check_flag("keep_branches", keep_branches)
+        rows, host_rows = self._check_commit_rows(req_pool_indices, validate)
         bs = rows.size(0)
         src, dst, n = self._check_tree_commit(accept_index, bs, kv_src, kv_dst)
+        accept = self._check_accept(rows, host_rows, accept_lens, accept_index.size(1))
         if validate:
             written = dict(kv_src=src, kv_dst=dst)
             self._check_shared_memory(rows, written, accept_lens=accept, accept_index=accept_index)
@@ -1314,6 +1321,14 @@ class DraftCacheAllocator:
             return branch_slots, src[: bs * copy_width], dst[: bs * copy_width]
         return branch_slots
 
+    def _check_batch_fits_scratch(self, rows: torch.Tensor) -> None:
+        """The kernels of drafts and branches keep per-entry and per-tile values in max_requests-long scratch: no
+        more entries (rows in use, without duplicates, never are)."""
+        if rows.size(0) > self.max_requests:
+            raise ValueError(
+                f"req_pool_indices must have at most max_requests ({self.max_requests}) entries, got {rows.size(0)}"
+            )
+
     def _check_branches(
         self,
         req_pool_indices: IntVector,
@@ -1329,6 +1344,7 @@ class DraftCacheAllocator:
         device, rows on the host or None, the branch slots' buffer, copy_src, copy_dst), new int64 buffers where
         none was given."""
         rows, host_rows = self._device_rows(req_pool_indices)
+        self._check_batch_fits_scratch(rows)
         bs = rows.size(0)
         _check_size("topk", topk, 1)
         _check_size("num_steps", num_steps, 1)
@@ -1585,10 +1601,7 @@ class DraftCacheAllocator:
         """Check the arguments of a draft; returns (rows on the device, rows on the host or None, N)."""
         rows, host_rows = self._device_rows(req_pool_indices)
         _check_size("num_draft_tokens", num_draft_tokens, 0)
-        if rows.size(0) > self.max_requests:  # the kernel keeps per-entry values in max_requests-long scratch
-            raise ValueError(
-                f"req_pool_indices must have at most max_requests ({self.max_requests}) entries, got {rows.size(0)}"
-            )
+        self._check_batch_fits_scratch(rows)
         if rows.size(0) * num_draft_tokens >= _INT32_LIMIT:
             raise ValueError(f"bs * num_draft_tokens must be below 2**31, got {rows.size(0)} * {num_draft_tokens}")
         if validate and host_rows is None:
@@ -1848,18 +1861,18 @@ class DraftCacheAllocator:
             self._check_rows_in_use(host_rows)
         if longest > self.max_context_len:
             raise ContextLengthError(
-                f"alloc_draft: request {i} (row {host_rows[i]}) has {longest - n} committed tokens; a window of "
+                f"request {i} (row {host_rows[i]}) has {longest - n} committed tokens; a draft window of "
                 f"{n} needs {longest} positions but max_context_len is {self.max_context_len}"
             )
         if branches is not None and need + branch_pops > free:
             raise OutOfSlotsError(
-                f"alloc_tree_draft: {bs} requests with {n} draft tokens and {branches[0]} branches of {branches[1]} "
-                f"steps need {need} + {branch_pops} new pages ({(need + branch_pops) * p} slots) but "
+                f"a tree draft of {bs} requests with {n} draft tokens and {branches[0]} branches of {branches[1]} "
+                f"steps needs {need} + {branch_pops} new pages ({(need + branch_pops) * p} slots) but "
                 f"{free} pages ({free * p} slots) are free"
             )
         if need > free:
             raise OutOfSlotsError(
-                f"alloc_draft: {bs} requests with {n} draft tokens need {need} new pages ({need * p} slots) but "
+                f"a draft of {bs} requests with {n} draft tokens needs {need} new pages ({need * p} slots) but "
                 f"{free} pages ({free * p} slots) are free"
             )
         # Exact now: the next bounds restart from these numbers.
@@ -1998,7 +2011,12 @@ class DraftCacheAllocator:
     def _tree_buffer(self, name: str, buffer: torch.Tensor | None, length: int) -> torch.Tensor:
         if buffer is None:
             return torch.empty(length, dtype=torch.int64, device=self.device)
-        if isinstance(buffer, torch.Tensor) and buffer.dim() != 1 and buffer.is_contiguous():
+        if isinstance(buffer, torch.Tensor) and buffer.dim() != 1:
+            if not buffer.is_contiguous():
+                raise ValueError(
+                    f"{name} must be 1-D, or contiguous (it is flattened), got shape {tuple(buffer.shape)} with "
+                    f"strides {buffer.stride()}"
+                )
             buffer = buffer.view(-1)
         self._check_buffer(name, buffer, length, exact=False)
         return buffer
@@ -2635,28 +2653,39 @@ class DraftCacheAllocator:
     ) -> tuple[torch.Tensor, list[int] | None, torch.Tensor]:
         """The checks commit and commit_tree share; returns (rows on the device, rows on the host or None, accept
         lengths on the device)."""
+        rows, host_rows = self._check_commit_rows(req_pool_indices, validate)
+        return rows, host_rows, self._check_accept(rows, host_rows, accept_lens)
+
+    def _check_commit_rows(self, req_pool_indices: IntVector, validate: bool) -> tuple[torch.Tensor, list[int] | None]:
+        """The rows of a commit: (on the device, on the host or None), checked where the host has them."""
         rows, host_rows = self._device_rows(req_pool_indices)
         if validate and host_rows is None:
             host_rows = rows.tolist()
         if host_rows is not None:
             self._check_rows_in_use(host_rows)
-        return rows, host_rows, self._check_accept(rows, host_rows, accept_lens)
+        return rows, host_rows
 
-    def _check_accept(self, rows: torch.Tensor, host_rows: list[int] | None, accept_lens: IntVector) -> torch.Tensor:
-        """Accept lengths of checked rows: their number, and as a list their values; returns them on the device."""
+    def _check_accept(
+        self, rows: torch.Tensor, host_rows: list[int] | None, accept_lens: IntVector, nodes: int | None = None
+    ) -> torch.Tensor:
+        """Accept lengths of checked rows: their number, and as a list their values (``nodes``: the ``T`` of a tree
+        commit, which bounds them too); returns them on the device."""
         accept, host_accept = self._device_ints("accept_lens", accept_lens)
         if accept.size(0) != rows.size(0):
             raise ValueError(f"accept_lens has {accept.size(0)} elements but req_pool_indices has {rows.size(0)}")
         if host_accept is not None:
-            self._check_host_accept(host_rows, host_accept)
+            self._check_host_accept(host_rows, host_accept, nodes)
         return accept
 
-    def _check_host_accept(self, host_rows: list[int] | None, accept: list[int]) -> None:
-        """Accept lengths given as a list: each in [0, the row's window], as far as the host knows the window."""
+    def _check_host_accept(self, host_rows: list[int] | None, accept: list[int], nodes: int | None = None) -> None:
+        """Accept lengths given as a list: each in [0, the row's window], as far as the host knows the window, and
+        in [0, ``nodes``] for a tree commit of ``nodes`` (T) nodes."""
         widest = max([self._unknown_window_bound, *self._known_windows.values()])
         for i, value in enumerate(accept):
             row = None if host_rows is None else host_rows[i]
             window = widest if row is None else self._known_windows.get(row, self._unknown_window_bound)
+            if nodes is not None and not 0 <= value <= nodes:
+                raise ValueError(f"accept_lens[{i}] must be in [0, {nodes}] (T, the tree's nodes), got {value}")
             if not 0 <= value <= window:
                 raise ValueError(
                     f"accept_lens[{i}] must be in [0, {window}] (the draft window"
@@ -2883,6 +2912,8 @@ class DraftStepWrapper:
                 method's ``out``), ``copy_src``, ``copy_dst``: its optional buffers.
         """
         alloc = self._allocator
+        _check_flag("emit", emit)
+        _check_flag("keep_branches", keep_branches)
         rows, host_rows, n = alloc._check_draft(req_pool_indices, num_draft_tokens, validate)
         bs = rows.size(0)
         if emit:

@@ -691,7 +691,7 @@ def test_out_of_slots_on_draft_is_all_or_nothing(page_size):
     # 3 pages free; a window of 2 pages for each request needs 4.
     before = snapshot(alloc)
     n = 2 * page_size
-    with pytest.raises(OutOfSlotsError, match=rf"2 requests with {n} draft tokens need 4 new pages .* 3 pages"):
+    with pytest.raises(OutOfSlotsError, match=rf"2 requests with {n} draft tokens needs 4 new pages .* 3 pages"):
         alloc.alloc_draft(rows, n)
     assert_unchanged(alloc, before)
     with pytest.raises(OutOfSlotsError):
@@ -712,7 +712,7 @@ def test_draft_past_the_context_is_all_or_nothing():
     rows = alloc.add_requests([3, 17, 5])
     before = snapshot(alloc)
     with pytest.raises(
-        ContextLengthError, match=r"request 1 \(row 1\) has 17 committed tokens; a window of 4 needs 21"
+        ContextLengthError, match=r"request 1 \(row 1\) has 17 committed tokens; a draft window of 4 needs 21"
     ):
         alloc.alloc_draft(rows, 4)
     assert_unchanged(alloc, before)
@@ -939,7 +939,8 @@ BAD_CALLS = [
         "commit-and-draft-past-the-context",
         lambda a, r: a.commit_and_draft(r, torch.tensor([2, 2]), 12),
         ContextLengthError,
-        r"request 1 \(row 1\) has 6 committed tokens; a window of 12 needs 18 positions but max_context_len is 16",
+        r"request 1 \(row 1\) has 6 committed tokens; a draft window of 12 needs 18 positions but max_context_len "
+        r"is 16",
     ),
     ("free-unused", lambda a, r: a.free_requests([0, 3]), ValueError, r"req_pool_indices\[1\] = 3 is not a row in use"),
     ("free-twice", lambda a, r: a.free_requests(torch.tensor([1, 1])), ValueError, "appears twice"),

@@ -220,8 +220,43 @@ def test_bad_paths_never_corrupt_the_pool(page_size):
         (lambda a, r: a.alloc_branches(r, 2, 3, out=torch.empty(11, dtype=torch.int64)), ValueError, "at least 12"),
         (lambda a, r: a.alloc_branches([0, 3], 2, 3), ValueError, "is not a row in use"),
         (lambda a, r: a.release_branches([2]), ValueError, "is not a row in use"),
+        (  # (a tensor of rows is not read back: more entries than rows would publish past the kernel's scratch)
+            lambda a, r: a.alloc_branches(torch.tensor([0, 1, 0, 1, 0]), 2, 3),
+            ValueError,
+            r"req_pool_indices must have at most max_requests \(4\) entries, got 5",
+        ),
+        (  # a list is checked on the host: against the window (4 here) and against T
+            lambda a, r: a.commit_tree(r, torch.zeros(2, 2, dtype=torch.int64), [2, 3]),
+            ValueError,
+            r"accept_lens\[1\] must be in \[0, 2\] \(T, the tree's nodes\), got 3",
+        ),
+        (
+            lambda a, r: a.commit_tree(r, torch.zeros(2, 4, dtype=torch.int64), [0, 0], keep_branches="no"),
+            TypeError,
+            "keep_branches must be a bool, got str",
+        ),
+        (
+            lambda a, r: a.alloc_branches(r, 2, 3, out=torch.empty(4, 6, dtype=torch.int64).t()),
+            ValueError,
+            r"out must be 1-D, or contiguous \(it is flattened\), got shape \(6, 4\) with strides \(1, 6\)",
+        ),
     ],
-    ids=["shape", "float", "strided", "too-big", "lens", "node", "topk", "out", "rows", "release-rows"],
+    ids=[
+        "shape",
+        "float",
+        "strided",
+        "too-big",
+        "lens",
+        "node",
+        "topk",
+        "out",
+        "rows",
+        "release-rows",
+        "batch-past-max",
+        "list-lens-past-T",
+        "keep-not-bool",
+        "out-2d-strided",
+    ],
 )
 def test_bad_tree_arguments_change_nothing(call, error, message):
     alloc = DraftCacheAllocator(64, 4, 16, page_size=2, device="cpu")
@@ -478,7 +513,7 @@ def test_out_of_slots_for_commit_tree_and_draft_commits_nothing(rows_as):
     accept = [2, 2, 1] if rows_as == "list" else torch.tensor([2, 2, 1])
     # 12 free. Committed 16, 32, 47: windows of 16 need a page each; 4 branches of 1 step 4 pages a row.
     before = snapshot(alloc)
-    with pytest.raises(OutOfSlotsError, match="alloc_tree_draft: 3 requests with 16 draft tokens"):
+    with pytest.raises(OutOfSlotsError, match="a tree draft of 3 requests with 16 draft tokens"):
         alloc.commit_tree_and_draft(rows, index, accept, 16, 4, 1)  # 3 + 12 > 12 (the 6 released do not count)
     assert_unchanged(alloc, before)
     assert alloc.window_lens[rows_t].tolist() == [2, 2, 2], "nothing committed"
@@ -808,9 +843,7 @@ def test_out_of_slots_for_a_tree_draft_is_all_or_nothing(rows_as):
 
     before = snapshot(alloc)
     # 22 free: windows of 40 take 2 pages each (8), branches 4 each (16).
-    with pytest.raises(
-        OutOfSlotsError, match=r"alloc_tree_draft: 4 requests with 40 draft tokens and 4 branches of 5 "
-    ):
+    with pytest.raises(OutOfSlotsError, match=r"a tree draft of 4 requests with 40 draft tokens and 4 branches of 5 "):
         alloc.alloc_tree_draft(rows(), 40, 4, 5)
     assert_unchanged(alloc, before)
     alloc.alloc_tree_draft(rows(3), 40, 4, 5)  # 6 + 12 pages
@@ -899,7 +932,7 @@ def test_out_of_slots_after_branches_is_all_or_nothing(rows_as):
 
     alloc.alloc_branches(rows(), 4, 5)  # syncs: 16 pages of 22, the exact count recorded
     before = snapshot(alloc)
-    with pytest.raises(OutOfSlotsError, match=r"alloc_draft: 4 requests with 40 draft tokens need 8 new pages"):
+    with pytest.raises(OutOfSlotsError, match=r"a draft of 4 requests with 40 draft tokens needs 8 new pages"):
         alloc.alloc_draft(rows(), 40)  # 2 pages each, 6 free: the branch pages it releases are not free yet
     assert_unchanged(alloc, before)
     alloc.alloc_draft(rows(3), 40)  # the last 6 pages; releases 12 branch pages

@@ -458,6 +458,10 @@ def test_wrapper_misuse_is_an_error_too():
         step.plan(rows, 2, accept_lens=[1, 1])
     with pytest.raises(ValueError, match=r"out_cache_loc and last_loc go with emit=True"):
         step.plan(rows, 2, emit=False, last_loc=torch.empty(2, dtype=torch.int64))
+    with pytest.raises(TypeError, match=r"emit must be a bool, got str"):  # (a string would be taken as True)
+        step.plan(rows, 2, emit="no")
+    with pytest.raises(TypeError, match=r"keep_branches must be a bool, got int"):
+        step.plan(rows, 2, keep_branches=1)
     step.plan(rows, 2)
     with pytest.raises(ValueError, match=r"this plan has emit=True: call alloc_draft\(\)"):
         step.reserve_draft()
