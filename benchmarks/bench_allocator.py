@@ -8,11 +8,14 @@
   window: one launch up to 256 requests, two past them.
 
 Requests accept a fixed mix of 0..N tokens per step, so windows keep crossing page boundaries and new pages are
-taken from the pool inside the timed steps. Groups ``allocator step bs=256 N=4 page=64 | graph`` compare the three.
-The variants are checked against each other and against the reference, step by step, before timing. Graph groups
-are timed by pytest-benchmark's timer (the host clock once the device is done, over ``REPLAYS`` replays of
-``CALLS`` steps) and then by device events around more replays (``harness.record_device_time``), listed at the end
-of the run.
+taken from the pool inside the timed steps. Groups ``allocator step bs=256 N=4 page=64 | graph`` compare the three
+(on the CPU, where Triton's interpreter runs the kernels, the names end with ``| interpreter (CPU)``: those timings
+say nothing about a device). The variants are checked against each other and against the reference, step by step,
+before timing. Graph groups are timed by pytest-benchmark's timer (the host clock once the device is done, over
+``REPLAYS`` replays of ``CALLS`` steps) and then by device events around more replays (``harness.record_device_time``,
+not with ``--benchmark-disable``), listed at the end of the run. After the timing, ``CALLS`` more steps (one more
+replay in graph groups) run from poisoned buffers and are checked: the committed lengths, the last window against the
+table, and the pool's accounting (``harness.check_pool``).
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ def _step(bs: int, n: int, page_size: int, variant: str) -> harness.AllocatorSte
 
 
 def _label(benchmark, bs: int, n: int, page_size: int, mode: str, variant: str) -> None:
-    benchmark.group = f"allocator step bs={bs} N={n} page={page_size} | {mode}"
+    benchmark.group = f"allocator step bs={bs} N={n} page={page_size} | {mode}{harness.group_suffix(DEVICE)}"
     benchmark.name = variant
     benchmark.extra_info.update(bs=bs, window_len=n, page_size=page_size, mode=mode, variant=variant, calls=CALLS)
 
@@ -78,6 +81,7 @@ def test_allocator_step_eager(benchmark, bs, n, page_size, variant):
     _label(benchmark, bs, n, page_size, "eager", variant)
     benchmark.pedantic(harness.run_calls, args=([step] * CALLS,), rounds=ROUNDS, warmup_rounds=1)
     assert step.alloc.num_syncs == syncs, "a timed step synced with the host"
+    step.check_steps(lambda: harness.run_calls([step] * CALLS), CALLS)
 
 
 @GRAPH_MARK
@@ -92,6 +96,7 @@ def test_allocator_step_graph(benchmark, bs, n, page_size, variant):
     _label(benchmark, bs, n, page_size, "graph", variant)
     benchmark.pedantic(graph.replay, rounds=ROUNDS, warmup_rounds=1, iterations=REPLAYS)
     harness.record_device_time(benchmark, graph, CALLS, DEVICE)
+    step.check_steps(graph.replay, CALLS)  # one more replay, from poisoned buffers, checked
     step.alloc.refresh()  # the replays grew every request: the table must still read back exactly
     step.checked_call()
 
@@ -201,17 +206,67 @@ class TreeStep:
         self.kv[1].copy_(self.out)
         alloc.commit(rows, self.lens)
 
+    def check_window(self, label: str, start: torch.Tensor) -> None:
+        """Check ``out`` and ``last`` of the last step, whose window started at ``start``, against the table.
+
+        Where the step's tree commit re-points the window it drafted (page 1, ``fused`` and ``tree_draft``), the
+        table no longer holds that window in order: there ``last_loc`` must be the slot before it, the table's window
+        must hold the window's slots in some order, and each committed position ``start + m`` (``m < accept_lens``)
+        the slot the window gave node ``accept_index[m]``. Elsewhere
+        (pages > 1, ``components``, and ``one_call``, whose window comes after its commit) both outputs must equal the
+        reference read of the table.
+        """
+        expected = reference.get_last_loc_and_assign_extend_cache_locs_torch(
+            self.alloc.req_to_token, self.rows, start, start + TREE_T
+        )
+        if self.alloc.page_size > 1 or self.variant in ("one_call", "components"):
+            harness.check_outputs(label, (self.out, self.last), expected)
+            return
+        if not torch.equal(self.last, expected[1]):
+            raise harness.OutputMismatch(f"{label}: last_loc is not the slot before the window")
+        window = self.out.view(-1, TREE_T)  # [bs, T]
+        table = self.alloc.req_to_token[self.rows[:, None], start[:, None] + self.m[None, :]].long()  # [bs, T]
+        if not torch.equal(table.sort(dim=1).values, window.sort(dim=1).values):
+            raise harness.OutputMismatch(f"{label}: the table's window does not hold the window's slots")
+        taken = self.m[None, :] < self.lens[:, None]
+        if not torch.equal(table[taken], window.gather(1, self.index)[taken]):
+            raise harness.OutputMismatch(f"{label}: a committed position does not hold its accepted node's slot")
+
     def checked_call(self) -> list[torch.Tensor]:
+        """One step from poisoned window buffers, its window checked (:meth:`check_window`), and, but for
+        ``one_call`` (whose first call commits nothing), the committed lengths it must leave."""
+        self.out.fill_(harness.SENTINEL)
+        self.last.fill_(harness.SENTINEL)
         seq_lens = self.seq_lens.clone()
         self()
+        label = f"tree step ({self.variant})"
         if self.variant == "one_call":  # its window starts at the lengths it committed
-            seq_lens = self.seq_lens.clone()
-        expected = reference.get_last_loc_and_assign_extend_cache_locs_torch(
-            self.alloc.req_to_token, self.rows, seq_lens, seq_lens + TREE_T
-        )
-        if self.alloc.page_size > 1:  # page 1 re-points the window in the fused step: compare the pages > 1 case
-            harness.check_outputs(f"tree step ({self.variant})", (self.out.clone(), self.last.clone()), expected)
+            self.check_window(label, self.seq_lens.clone())
+        else:
+            if not torch.equal(self.seq_lens, seq_lens + self.lens):
+                raise harness.OutputMismatch(f"{label}: the committed lengths are not the accepted paths' lengths")
+            self.check_window(label, seq_lens)
         return [t.clone() for t in (self.slots, *self.copies, *self.kv)]
+
+    def check_steps(self, run, calls: int) -> None:
+        """Check what ``run`` wrote, ``calls`` steps (a replay of a graph that captured them), run once more here
+        from poisoned window buffers: the committed lengths the accepted paths predict, the last step's window
+        (:meth:`check_window`) at the start the host predicts, and the pool's accounting (``harness.check_pool``).
+        Every row must hold an open window (as after any step), which ``one_call`` commits first. Outside any timed
+        region: it advances the state by ``calls`` steps."""
+        label = f"tree step ({self.variant}), {calls} steps checked after the timed ones"
+        seq_lens = self.seq_lens.clone()
+        self.out.fill_(harness.SENTINEL)
+        self.last.fill_(harness.SENTINEL)
+        run()
+        backend.synchronize(DEVICE)
+        committed = seq_lens + calls * self.lens
+        if not torch.equal(self.seq_lens, committed):
+            raise harness.OutputMismatch(
+                f"{label}: committed lengths {self.seq_lens.tolist()}, {committed.tolist()} due"
+            )
+        self.check_window(label, committed if self.variant == "one_call" else committed - self.lens)
+        harness.check_pool(self.alloc)
 
 
 TREE_VARIANTS = ("fused", "tree_draft", "one_call", "components")
@@ -240,7 +295,10 @@ def _tree_steps(bs: int, page_size: int) -> tuple[TreeStep, ...]:
 
 
 def _tree_label(benchmark, bs: int, page_size: int, mode: str, variant: str) -> None:
-    benchmark.group = f"tree step bs={bs} topk={TREE_TOPK} steps={TREE_STEPS} T={TREE_T} page={page_size} | {mode}"
+    benchmark.group = (
+        f"tree step bs={bs} topk={TREE_TOPK} steps={TREE_STEPS} T={TREE_T} page={page_size} | {mode}"
+        + harness.group_suffix(DEVICE)
+    )
     benchmark.name = variant
     benchmark.extra_info.update(
         bs=bs, topk=TREE_TOPK, num_steps=TREE_STEPS, tree=TREE_T, page_size=page_size, mode=mode, variant=variant
@@ -256,6 +314,7 @@ def test_tree_step_eager(benchmark, bs, page_size, variant):
     _tree_label(benchmark, bs, page_size, "eager", variant)
     benchmark.pedantic(harness.run_calls, args=([step] * CALLS,), rounds=ROUNDS, warmup_rounds=1)
     assert step.alloc.num_syncs == syncs, "a timed step synced with the host"
+    step.check_steps(lambda: harness.run_calls([step] * CALLS), CALLS)
 
 
 @GRAPH_MARK
@@ -270,5 +329,6 @@ def test_tree_step_graph(benchmark, bs, page_size, variant):
     _tree_label(benchmark, bs, page_size, "graph", variant)
     benchmark.pedantic(graph.replay, rounds=ROUNDS, warmup_rounds=1, iterations=REPLAYS)
     harness.record_device_time(benchmark, graph, CALLS, DEVICE)
+    step.check_steps(graph.replay, CALLS)  # one more replay, from poisoned buffers, checked
     step.alloc.refresh()
     step.checked_call()

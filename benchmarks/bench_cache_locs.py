@@ -15,9 +15,11 @@ How a round is timed (the numbers read in seconds per call):
   ``harness.record_device_time`` times more replays with device events (no launch or synchronize in them): the run
   ends with a list of those, and ``--benchmark-json`` carries them as ``extra_info``.
 
-On the CPU the sizes are tiny and the kernels run in Triton's interpreter. Typical uses::
+On the CPU the sizes are tiny and the kernels run in Triton's interpreter; the groups' names then end with
+``| interpreter (CPU)``: those timings say nothing about a device. Typical uses::
 
     pytest benchmarks --benchmark-disable                      # CI: every op and check runs once, nothing is timed
+                                                               # (record_device_time times no replay then either)
     pytest benchmarks --benchmark-only --benchmark-json=b.json # on a GPU
     pytest benchmarks --benchmark-only --benchmark-save=base   # then, after a change: --benchmark-compare=0001
     pytest benchmarks --benchmark-only -m gpu --benchmark-columns=median,iqr,min,rounds
@@ -84,7 +86,7 @@ def input_sets():
 
 
 def _label(benchmark, case: harness.Case, mode: str, variant: str) -> None:
-    benchmark.group = f"{case.windows} bs={case.batch_size} N={case.window_len} | {mode}"
+    benchmark.group = f"{case.windows} bs={case.batch_size} N={case.window_len} | {mode}{harness.group_suffix(DEVICE)}"
     benchmark.extra_info.update(
         variant=variant,
         mode=mode,

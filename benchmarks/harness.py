@@ -48,6 +48,7 @@ import specdec_ops
 from specdec_ops import backend, reference
 
 __all__ = [
+    "ALLOCATOR_VARIANTS",
     "SENTINEL",
     "DEVICE_TIMES",
     "AllocatorStep",
@@ -55,20 +56,24 @@ __all__ = [
     "WINDOWS",
     "Case",
     "OutputMismatch",
+    "PoolMismatch",
     "StepInputs",
     "Summary",
     "capture_graph",
     "check_graph",
     "check_outputs",
+    "check_pool",
     "check_variant",
     "eager_times",
     "empty_kernel",
     "environment",
     "format_environment",
     "graph_times",
+    "group_suffix",
     "make_input_sets",
     "make_table",
     "record_device_time",
+    "resolve_device",
     "rotating_calls",
     "run_calls",
     "summarize",
@@ -80,6 +85,7 @@ SENTINEL = -7777
 # Prompts of the allocator steps are uniform in [1, PROMPT_MAX].
 PROMPT_MAX = 64
 VARIANTS = ("fused", "unfused", "torch", "empty")
+ALLOCATOR_VARIANTS = ("fused", "unfused", "commit-and-draft")
 WINDOWS = ("uniform", "ragged")
 
 Outputs = tuple[torch.Tensor, torch.Tensor]
@@ -88,6 +94,10 @@ StepFn = Callable[["StepInputs"], Optional[Outputs]]
 
 class OutputMismatch(AssertionError):
     """A variant's output differs from the reference's."""
+
+
+class PoolMismatch(AssertionError):
+    """An allocator's pool does not account for its pages: a page owned twice, lost, or outside the pool."""
 
 
 @dataclass(frozen=True)
@@ -300,6 +310,63 @@ def check_graph(
             check_outputs(f"{name} replay, input set {i % num_sets}", outputs[i], expected[i % num_sets])
 
 
+def _require(ok: torch.Tensor | bool, what: str) -> None:
+    if not bool(ok):
+        raise PoolMismatch(what)
+
+
+def check_pool(alloc: specdec_ops.DraftCacheAllocator) -> None:
+    """Check that every page of ``alloc``'s pool is accounted for exactly once and that ``num_free_slots()`` agrees.
+
+    A page is free (in the free ring), owned by a row in use (the pages of its positions ``[0, alloc_len)``, its
+    cached prefix apart), a branch page of a row (tree drafts) or the prefix cache's. Each owned position's slot is
+    inside the pool with ``slot % page_size == position % page_size``, no page is split between pages of positions,
+    positions past ``alloc_len`` hold no slot, and a row's prefix pages are the cache's. Raises
+    :class:`PoolMismatch`. Reads the device state directly (rows in chunks) and syncs: call it outside timed regions.
+    """
+    p, num_pages, device = alloc.page_size, alloc.num_pages, alloc.device
+    counts = torch.zeros(num_pages + 1, dtype=torch.int64, device=device)
+
+    def count(pages: torch.Tensor, what: str) -> None:
+        pages = pages.long().flatten()
+        _require(((pages >= 1) & (pages <= num_pages)).all(), f"{what}: a page outside the pool [1, {num_pages}]")
+        counts.add_(torch.bincount(pages, minlength=num_pages + 1))
+
+    cache_pages = torch.tensor(alloc.cached_pages(), dtype=torch.int64, device=device)
+    rows = alloc.rows_in_use()
+    context_len = alloc.max_context_len
+    chunk = max(1, 2**24 // context_len)
+    pos = torch.arange(context_len, device=device)[None, :]
+    for first_row in range(0, len(rows), chunk):
+        index = torch.tensor(rows[first_row : first_row + chunk], dtype=torch.int64, device=device)
+        table = alloc.req_to_token[index].long()  # [rows, max_context_len]
+        owned = pos < alloc.alloc_lens[index].long()[:, None]
+        slots = table[owned]
+        _require(((slots >= p) & (slots < alloc.total_slots)).all(), "an owned position's slot is outside the pool")
+        _require((slots % p == pos.expand_as(table)[owned] % p).all(), "slot % page_size != position % page_size")
+        page_first = table.gather(1, (pos - pos % p).expand_as(table))
+        _require((page_first[owned] // p == slots // p).all(), "a page split between positions of different pages")
+        _require((table[~owned] == 0).all(), "a position past alloc_len holds a slot")
+        page_starts = owned & (pos % p == 0)
+        prefix = pos < alloc.prefix_lens[index].long()[:, None]
+        _require(torch.isin(table[page_starts & prefix] // p, cache_pages).all(), "a prefix page is not the cache's")
+        count(table[page_starts & ~prefix] // p, "pages of rows in use")
+    head, free = int(alloc.free_head[0]), int(alloc.num_free_pages[0])
+    count(alloc.free_pages[(head + torch.arange(free, device=device)) % num_pages], "the free ring")
+    held = torch.arange(alloc.branch_pages.size(1), device=device)[None, :] < alloc.num_branch_pages[:, None]
+    count(alloc.branch_pages[held], "branch pages")
+    count(cache_pages, "the prefix cache")
+    wrong = (counts[1:] != 1).nonzero()
+    if wrong.numel():
+        page = int(wrong[0, 0]) + 1
+        raise PoolMismatch(
+            f"page {page} is counted {int(counts[page])} times (free, rows' pages, branch pages and the cache must "
+            "account for every page once)"
+        )
+    free_slots = alloc.num_free_slots()
+    _require(free_slots == p * free, f"num_free_slots() is {free_slots}, the free ring holds {free} pages of {p}")
+
+
 # -------------------------------------------------------------------------------------------------------- timers
 
 
@@ -337,6 +404,29 @@ def eager_times(calls: list[Callable[[], object]], device: torch.device, repeats
         if gc_was_enabled:
             gc.enable()
     return samples
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The device ``--device name`` names (the default device when None), with its index, made the current one of
+    its kind (so that the launches of ``--device cuda:1`` go to GPU 1). Raises ValueError naming ``--device``."""
+    try:
+        device = backend.default_device() if name is None else torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device must be cpu, cuda or npu (with an index: cuda:1), got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: torch sees no CUDA GPU")
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+        torch.cuda.set_device(device)
+    elif device.type == "npu":
+        npu = getattr(torch, "npu", None)
+        if npu is None or not npu.is_available():
+            raise ValueError(f"--device {name}: torch_npu is missing or sees no NPU")
+        device = torch.device("npu", npu.current_device() if device.index is None else device.index)
+        npu.set_device(device)
+    elif device.type != "cpu":
+        raise ValueError(f"--device must be cpu, cuda or npu, got {name!r}")
+    return device
 
 
 def _accelerator(device: torch.device) -> ModuleType:
@@ -424,18 +514,29 @@ def summarize(seconds: list[float]) -> Summary:
     return Summary(median_us=median, p20_us=p20, p80_us=p80, samples=len(seconds))
 
 
+def group_suffix(device: torch.device) -> str:
+    """What a benchmark group's name ends with on ``device``: nothing where Triton compiles the kernels,
+    `` | interpreter (CPU)`` where its interpreter runs them (so that no table of such timings reads as a device's)."""
+    if not backend.is_interpreted(device):
+        return ""
+    return " | interpreter (CPU)" if device.type == "cpu" else f" | interpreter ({device.type}, TRITON_INTERPRET=1)"
+
+
 # (group, name, Summary) of every benchmark that recorded its device time, for the run's closing list.
 DEVICE_TIMES: list[tuple[str, str, Summary]] = []
 # Replays a benchmark's device time is taken over, after warm-up replays.
 DEVICE_TIME_REPEATS, DEVICE_TIME_WARMUP = 20, 3
 
 
-def record_device_time(benchmark, graph, calls_per_replay: int, device: torch.device) -> Summary:
+def record_device_time(benchmark, graph, calls_per_replay: int, device: torch.device) -> Summary | None:
     """Time ``DEVICE_TIME_REPEATS`` more replays of ``graph`` with device events (:func:`graph_times`), keep the
     median and p20/p80 per call in ``benchmark.extra_info`` (``--benchmark-json`` carries them) and in
     ``DEVICE_TIMES`` (under the benchmark's group and its ``variant`` extra_info, else its name), which
     ``benchmarks/conftest.py`` lists at the end of the run. Call it after the benchmark's timing, with the group set:
-    the replays advance whatever state the graph changes."""
+    the replays advance whatever state the graph changes. With ``--benchmark-disable`` it times nothing and returns
+    None, so that such a run times nothing at all."""
+    if getattr(benchmark, "disabled", False):
+        return None
     summary = summarize(graph_times(graph, calls_per_replay, device, DEVICE_TIME_REPEATS, DEVICE_TIME_WARMUP))
     benchmark.extra_info.update(
         device_median_us=summary.median_us, device_p20_us=summary.p20_us, device_p80_us=summary.p80_us
@@ -473,6 +574,8 @@ class AllocatorStep:
         prefix_pages: int = 0,
         context_len: int | None = None,
     ) -> None:
+        if variant not in ALLOCATOR_VARIANTS:
+            raise ValueError(f"variant must be one of {ALLOCATOR_VARIANTS}, got {variant!r}")
         prefix = prefix_pages * page_size
         needed = prefix + PROMPT_MAX + n * (steps + 1)
         num_slots = (bs * -(-needed // page_size) + 2 * prefix_pages) * page_size  # a partial page per request
@@ -525,6 +628,38 @@ class AllocatorStep:
         got = (self.out.clone(), self.last.clone())
         check_outputs(f"allocator step ({self.variant})", got, expected)
         return got
+
+    def check_steps(self, run: Callable[[], object], calls: int) -> None:
+        """Check what ``run`` wrote, ``calls`` steps of this step (a replay of a graph that captured them, or eager
+        calls), run once more here from poisoned buffers: the committed lengths that the accept lengths predict,
+        the last step's ``out_cache_loc`` and ``last_loc`` against the reference read of the table at the window
+        start the host predicts, each row's ``alloc_len``, and the pool's accounting (:func:`check_pool`). Call it
+        after the timed replays, outside any timed region: it advances the state by ``calls`` steps.
+
+        Every row must hold an open window of at least ``n`` tokens for ``commit-and-draft`` (its first commit
+        commits that window), as after any step.
+        """
+        label = f"allocator step ({self.variant}), {calls} steps checked after the timed ones"
+        seq_lens = self.seq_lens.clone()
+        alloc_lens = self.alloc.alloc_lens[: seq_lens.numel()].clone()
+        self.out.fill_(SENTINEL)
+        self.last.fill_(SENTINEL)
+        run()
+        backend.synchronize(self.alloc.device)
+        committed = seq_lens + calls * self.accept
+        if not torch.equal(self.seq_lens, committed):
+            i = int((self.seq_lens != committed).nonzero()[0, 0])
+            raise OutputMismatch(f"{label}: row {i} committed {int(self.seq_lens[i])} tokens, {int(committed[i])} due")
+        # The last window starts where the last commit left each row (commit-and-draft), else one commit before.
+        start = committed if self.variant == "commit-and-draft" else committed - self.accept
+        expected = reference.get_last_loc_and_assign_extend_cache_locs_torch(
+            self.alloc.req_to_token, self.rows, start, start + self.n
+        )
+        check_outputs(label, (self.out, self.last), expected)
+        due = torch.maximum(alloc_lens, start + self.n)
+        if not torch.equal(self.alloc.alloc_lens[: due.numel()].long(), due.long()):
+            raise OutputMismatch(f"{label}: alloc_lens are {self.alloc.alloc_lens.tolist()}, {due.tolist()} due")
+        check_pool(self.alloc)
 
 
 # --------------------------------------------------------------------------------------------------- environment

@@ -11,15 +11,16 @@ Every --check-every steps, and at the end, the state is checked: each draft's sl
 no slot owned twice, slots inside the pool, SGLang's page layout (slot % page_size == pos % page_size, no page
 split), owned positions that never change slot, the free-page stack, and, once every request is freed, the whole
 pool back. The summary reports steps, tokens, slot usage, the bookkeeping time per step (alloc_draft + commit, and
-the add_requests and free_requests calls of the step's arrivals and finishes, each timed alone: host wall-clock
-between synchronizations) and the allocator's single-launch step against the same step built from
-the unfused components (reserve_draft, then get_last_loc_and_assign_extend_cache_locs, or get_last_loc and
-assign_extend_cache_locs), after checking that all three give the same slots.
+the add_requests and free_requests calls of the step's arrivals, finishes and preemptions, each timed alone, over the
+steps that made any: host wall-clock between synchronizations) and the allocator's single-launch step against the
+same step built from the unfused components (reserve_draft, then get_last_loc_and_assign_extend_cache_locs, or
+get_last_loc and assign_extend_cache_locs), after checking that all three give the same slots.
 
 Tree mode (--topk > 1): every step first takes the draft model's branch slots (alloc_branches, its partial-page
-copies applied), then verifies a tree of N nodes and commits a random path of increasing nodes (commit_tree, its
-KV pairs applied). In both modes a simulated KV buffer holds a tag per written slot; every committed position must
-read the tag of the token it committed, checked with the other invariants and at the end.
+copies applied to the simulated KV outside the timed step), then verifies a tree of N nodes and commits a random
+path of increasing nodes (commit_tree, its KV pairs applied). In both modes a simulated KV buffer holds a tag per
+written slot; every committed position must read the tag of the token it committed, checked with the other
+invariants and at the end.
 
 Exit status: 0 when every check passed, 1 otherwise.
 
@@ -83,7 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help="pool size (rounded down to whole pages); default: a quarter of batch-size * max-context-len, so the pool "
-        "fills up and the loop has to preempt, plus in tree mode the branches' scratch pages of every request",
+        "fills up and the loop has to preempt, but at least one request of max-context-len (batch sizes below 4), "
+        "plus in tree mode the branches' scratch pages of every request",
     )
     parser.add_argument("--finish-prob", type=float, default=0.03, help="chance that a request finishes each step")
     parser.add_argument("--arrival-prob", type=float, default=0.5, help="chance that a free row gets a request")
@@ -100,9 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
-    for name in ("batch_size", "page_size", "steps", "max_context_len", "max_prompt_len", "check_every"):
+    for name in ("batch_size", "page_size", "steps", "max_context_len", "max_prompt_len", "check_every", "timing_reps"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.num_draft_tokens < 0:
         parser.error("--num-draft-tokens must be >= 0")
     if args.topk < 1 or args.num_steps < 1:
@@ -110,7 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.max_prompt_len + args.num_draft_tokens > args.max_context_len:
         parser.error("--max-prompt-len + --num-draft-tokens must fit in --max-context-len")
     if args.num_slots is None:
-        args.num_slots = args.batch_size * args.max_context_len // 4
+        one_request = args.page_size * triton.cdiv(args.max_context_len, args.page_size)
+        args.num_slots = max(args.batch_size * args.max_context_len // 4, one_request)
         if args.topk > 1:  # and the branches' scratch: each branch has pages of its own
             per_branch = triton.cdiv(args.page_size - 1 + args.num_steps, args.page_size) * args.page_size
             args.num_slots += args.batch_size * args.topk * per_branch
@@ -369,10 +372,12 @@ def run(args: argparse.Namespace) -> int:
             return
         if cache is None:
             request_seconds[0] += timed(lambda: alloc.free_requests(rows), alloc.device)
+            request_calls[0] += 1
         else:  # committed whole pages go to the cache
             keep = [seq[row] // p * p for row in rows]
             kept_t = []
             request_seconds[0] += timed(lambda: kept_t.append(alloc.free_requests(rows, keep_lens=keep)), alloc.device)
+            request_calls[0] += 1
             kept = kept_t[0].tolist()
             offset = 0
             for row, length in zip(rows, keep):
@@ -410,6 +415,7 @@ def run(args: argparse.Namespace) -> int:
         added = []
         try:
             request_seconds[0] += timed(lambda: added.append(alloc.add_requests(prompts, **kwargs)), alloc.device)
+            request_calls[0] += 1
             new_rows = added[0].tolist()
         except OutOfSlotsError:
             stats.refused_arrivals += len(prompts)
@@ -440,7 +446,6 @@ def run(args: argparse.Namespace) -> int:
             try:
                 if tree_mode:
                     _, copy_src, copy_dst = alloc.alloc_branches(rows_t, args.topk, args.num_steps, return_copies=True)
-                    kv.apply(copy_src, copy_dst)
                 out_cache_loc, last_loc = alloc.alloc_draft(rows_t, n, out_cache_loc=out, last_loc=last[: len(rows)])
             except OutOfSlotsError:  # nothing changed: evict from the cache, else preempt, and retry
                 if cache is not None:
@@ -455,6 +460,8 @@ def run(args: argparse.Namespace) -> int:
                 continue
             backend.synchronize(alloc.device)
             seconds = time.perf_counter() - t0
+            if tree_mode:  # the simulated KV copy of the branches' partial pages: not the allocator's, not timed
+                kv.apply(copy_src, copy_dst)
             for row in rows:
                 alloc_len[row] = max(alloc_len[row], seq[row] + n)
             return rows, rows_t, out_cache_loc, last_loc, seconds
@@ -462,16 +469,16 @@ def run(args: argparse.Namespace) -> int:
 
     # Seconds this step spent in add_requests and free_requests themselves (each timed alone, device work included;
     # the toy prefix cache and the KV simulation around them are not).
-    request_seconds = [0.0]
+    # Preemptions' free_requests count too; steps that made no such call are left out of the figures.
+    request_seconds, request_calls = [0.0], [0]
     for step in range(args.steps):
-        request_seconds[0] = 0.0
+        request_seconds[0], request_calls[0] = 0.0, 0
         # Finishes: at random, or when the next window would pass the context.
         done = [row for row in seq if rng.random() < args.finish_prob or seq[row] + n > args.max_context_len]
         free(done)
         stats.finished += len(done)
         # Arrivals into free rows, all in one call; if the pool cannot take them, they are refused.
         arrive(args.batch_size - len(seq))
-        stats.add_free_seconds.append(request_seconds[0])
         check = (step + 1) % args.check_every == 0
         starts = alloc.seq_lens.clone() if check else None
         drafted = draft(sorted(seq))
@@ -503,6 +510,8 @@ def run(args: argparse.Namespace) -> int:
             stats.steps += 1
             stats.drafted += len(rows) * n
             stats.accepted += sum(accepted)
+        if request_calls[0]:
+            stats.add_free_seconds.append(request_seconds[0])
         stats.peak_used_slots = max(stats.peak_used_slots, used_slots())
         if cache is not None:
             peak_cached = max(peak_cached, alloc.num_cached_slots())
@@ -569,7 +578,8 @@ def run(args: argparse.Namespace) -> int:
     step_calls = "alloc_branches + alloc_draft + commit_tree" if tree_mode else "alloc_draft + commit"
     print(f"bookkeeping/step   {label}{step_calls}: {quantiles(stats.step_seconds)}")
     print(
-        f"                   {label}add_requests + free_requests (the calls alone): {quantiles(stats.add_free_seconds)}"
+        f"                   {label}add_requests + free_requests (the calls alone, preemptions' included; per step "
+        f"that made any, {len(stats.add_free_seconds)} of {args.steps} steps): {quantiles(stats.add_free_seconds)}"
     )
     if comparison:
         base = statistics.median(comparison[0][1])

@@ -23,8 +23,13 @@ Calls (bs --batch-size, N --window-len, buffers given, num_tokens given: the hot
                    them, so it launches the release, as in an engine's tree step)
   commit_tree_and_draft
                    DraftCacheAllocator.commit_tree_and_draft(rows, accept_index, accept_lens, N, --topk,
-                   --num-steps, with every buffer): the tree commit and the next tree (one launch up to 8
-                   requests at page 1, else two), keeping the branch pages
+                   --num-steps, with every buffer): the tree commit and the next tree, keeping the branch
+                   pages. One launch where its tree draft is one program and its tree commit one tile; with
+                   this script's page 16: at most 256 // max(next_power_of_2(N), 2) requests (64 at N 4), and
+                   either at most 4 requests or at most 16 whose bs * --topk * 15 branch copy pairs are at
+                   most 2048 (called eagerly on a GPU) or 512 (in a graph, or through the interpreter); else
+                   two launches. At the defaults (bs 64, --topk 4, N 4): two launches; with --topk 4 and N 4,
+                   one up to bs 16 eagerly on a GPU, up to 8 through the interpreter
   ... (plan/run)   the same calls through CacheLocsWrapper.run() and DraftStepWrapper.alloc_draft()/commit()/
                    commit_and_draft()/alloc_branches()/commit_tree_and_draft(), planned once with the same
                    arguments (the plan/run form an engine's eager loop uses; the tree calls' wrapper is planned
@@ -65,6 +70,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import statistics
 import sys
 import time
@@ -104,7 +110,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=200, help="back-to-back calls per sample (default: 200)")
     parser.add_argument("--repeats", type=int, default=30, help="samples kept per call (default: 30)")
     parser.add_argument("--warmup", type=int, default=5, help="samples run and dropped first (default: 5)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "window_len", "topk", "num_steps", "iters", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be at least 0, got {args.warmup}")
+    try:
+        args.device = harness.resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
 
 
 class RequestPair:
@@ -269,17 +285,24 @@ def capacity_syncs(pools) -> int:
 
 
 def summarize(seconds: list[float]) -> tuple[float, float, float]:
+    """Median, p20 and p80 of ``seconds`` in µs. The quantiles interpolate between the samples ("inclusive"), so they
+    stay within [min, max] however few samples there are (the default, "exclusive", extrapolates past them)."""
+    if not seconds:
+        raise ValueError("no samples to summarize")
     us = sorted(s * 1e6 for s in seconds)
-    q = statistics.quantiles(us, n=5) if len(us) > 1 else [us[0]] * 4
+    q = statistics.quantiles(us, n=5, method="inclusive") if len(us) > 1 else [us[0]] * 4
     return statistics.median(us), q[0], q[3]
 
 
 def host_python_times(calls: dict[str, object], args: argparse.Namespace) -> dict[str, tuple[float, float, float]]:
     """The calls with backend.launch and backend.Launch's calls replaced by no-ops: the wrappers' Python alone, per
-    call."""
+    call. Python's garbage collector is off meanwhile, as in the eager table (``harness.eager_times``)."""
     real, real_prepared = backend.launch, backend.Launch.__call__
     backend.launch = lambda *a, **k: None
     backend.Launch.__call__ = lambda self: None
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
     try:
         results = {}
         for name, call in calls.items():
@@ -296,6 +319,8 @@ def host_python_times(calls: dict[str, object], args: argparse.Namespace) -> dic
         return results
     finally:
         backend.launch, backend.Launch.__call__ = real, real_prepared
+        if gc_was_enabled:
+            gc.enable()
 
 
 def label(name: str) -> str:
@@ -306,8 +331,7 @@ def label(name: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = backend.default_device() if args.device is None else torch.device(args.device)
-    device = torch.empty(0, device=device).device
+    device = args.device
     env = harness.environment(device)
     interpreted = backend.is_interpreted(device)
     if device.type == "cpu":
@@ -318,8 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.iters} back-to-back calls, {args.repeats} kept after {args.warmup}"
     )
     calls, pools = make_calls(device, args.batch_size, args.window_len, args.topk, args.num_steps)
-    syncs_before = capacity_syncs(pools)
     pair_syncs, pair_stream_syncs = calls[REQUEST_PAIR].syncs(10)
+    syncs_before = capacity_syncs(pools)  # from here on, only timed calls
     width = max(len(label(name)) for name in calls)
     if interpreted:
         print("\nTriton interpreter: timing the calls would time the interpreter, which says nothing about a device.")
@@ -341,9 +365,16 @@ def main(argv: list[str] | None = None) -> int:
     for name, (median, p20, p80) in host_python_times(calls, args).items():
         print(f"  {name:<{width}} {median:7.2f} [{p20:6.2f}, {p80:6.2f}]")
     stream = "not measured off cuda" if pair_stream_syncs is None else f"{pair_stream_syncs:g}"
+    syncs = capacity_syncs(pools) - syncs_before
+    # Through the interpreter only the second table (launch stubbed) was timed.
+    when = "while timing the host Python (launch stubbed)" if interpreted else "while timing (both tables)"
+    if syncs == 0:
+        room = " (the pools had room for every call)"
+    else:
+        room = " (some calls synced for capacity: their times include a host-device round trip)"
     print(
-        f"\ncapacity syncs of the allocators while timing: {capacity_syncs(pools) - syncs_before} (the pools have "
-        f"room for every timed call)\n{REQUEST_PAIR}, syncs per pair: num_syncs {pair_syncs:g} (capacity syncs), "
+        f"\ncapacity syncs of the allocators {when}: {syncs}{room}\n"
+        f"{REQUEST_PAIR}, syncs per pair: num_syncs {pair_syncs:g} (capacity syncs), "
         f"stream synchronizations {stream} (torch's sync debug mode).\nEach pair sends 2 host lists to the "
         "device (add_requests: rows and prompt_lens together, copied; free_requests: rows, which on cuda its kernel "
         "reads in place from pinned memory where the device can), without waiting for the stream."

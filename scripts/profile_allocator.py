@@ -8,8 +8,15 @@ window: one launch up to 256 requests, two past them).
 Each variant is checked first: three steps from poisoned buffers, each against the PyTorch reference read of the
 table and against the other variant. Then ``--calls`` steps are captured in one CUDA (or NPU) graph and replayed;
 device events around each replay give the device time per step (median, p20, p80 over ``--repeats`` replays after
-``--warmup``). After the replays the step is checked once more. Every replay takes new pages from the pool (requests
-accept ``i % (N + 1)`` tokens a step), so the allocation itself is timed, not a no-op.
+``--warmup``). After the timed replays, outside the timing, the graph is replayed once more from poisoned buffers
+and what that replay wrote is checked (``AllocatorStep.check_steps``): the committed lengths the accept lengths
+predict, the last step's window against the reference read of the table at the start the host predicts, each row's
+allocated length, and the pool's accounting (every page free, a row's, or the cache's, exactly once); then one eager
+step is checked. Every replay takes new pages from the pool (requests accept ``i % (N + 1)`` tokens a step), so the
+allocation itself is timed, not a no-op. Where a device has no graphs (eager mode) the same check runs ``--calls``
+eager steps, and the timed steps must not have synced.
+
+SGLang's figures, quoted (graph replays on an H200), are shown and compared only in graph mode.
 
 ``--prefix-pages K`` starts every request from ``K`` pages of a prefix cache (one shared system prompt).
 
@@ -32,10 +39,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import sys
 from pathlib import Path
-
-import torch
 
 _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:
@@ -62,6 +68,12 @@ def _cell(us: float | None) -> str:
     return "—" if us is None else f"{us:.2f}"
 
 
+def _mode_text(args: argparse.Namespace) -> str:
+    """What the run's figures are: the timing mode, then the backend where it is Triton's interpreter."""
+    mode = "graph replay, device time" if args.mode == "graph" else "eager, host wall-clock"
+    return mode + (", Triton interpreter" if args.interpreted else "")
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v]
@@ -79,16 +91,27 @@ def _positive_int(text: str) -> int:
     return values[0]
 
 
+def _variants(text: str) -> list[str]:
+    values = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [v for v in values if v not in harness.ALLOCATOR_VARIANTS]
+    if not values or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated subset of {','.join(harness.ALLOCATOR_VARIANTS)}, got {text!r}"
+            + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+        )
+    return list(dict.fromkeys(values))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", help="cuda, npu or cpu (default: npu, then cuda, then cpu)")
+    parser.add_argument("--device", help="cuda, cuda:1, npu, npu:0 or cpu (default: npu, then cuda, then cpu)")
     parser.add_argument("--batch-sizes", type=_int_list, help="default 1,16,64,256,1024,4096,16384 (cpu: 1,16,64)")
     parser.add_argument("--page-sizes", type=_int_list, default=[1, 16, 128], help="default 1,16,128")
     parser.add_argument("--num-draft-tokens", type=_int_list, default=[1, 4, 8], help="N; default 1,4,8")
     parser.add_argument(
         "--variants",
-        type=lambda t: t.split(","),
-        default=["fused", "unfused", "commit-and-draft"],
+        type=_variants,
+        default=list(harness.ALLOCATOR_VARIANTS),
         help="fused, unfused and/or commit-and-draft (default: all three)",
     )
     parser.add_argument("--prefix-pages", type=int, default=0, help="pages of a shared cached prefix (default 0)")
@@ -98,18 +121,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="rows of req_to_token at least this long, as an engine's max_context_len (default: what the run needs, "
         "about 64 + N * 1000 positions); the pool stays sized for the run",
     )
-    parser.add_argument("--calls", type=int, help="steps per graph (default 20; cpu 2)")
+    parser.add_argument("--calls", type=int, help="steps per graph (eager: per sample) (default 20; cpu 2)")
     parser.add_argument("--repeats", type=int, help="samples (default 20; cpu 3)")
     parser.add_argument("--warmup", type=int, default=3, help="samples dropped first (default 3)")
     parser.add_argument("--out-dir", type=Path, default=Path("out/allocator"), help="default out/allocator")
     parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG (no matplotlib needed)")
     args = parser.parse_args(argv)
-    args.device = torch.device(args.device) if args.device else backend.default_device()
+    for name in ("calls", "repeats"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be at least 0, got {args.warmup}")
+    if args.prefix_pages < 0:
+        parser.error(f"--prefix-pages must be at least 0, got {args.prefix_pages}")
+    try:
+        args.device = harness.resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     interpreted = backend.is_interpreted(args.device)
     args.mode = "graph" if harness.supports_graphs(args.device) and not interpreted else "eager"
     args.batch_sizes = args.batch_sizes or ([1, 16, 64] if interpreted else [1, 16, 64, 256, 1024, 4096, 16384])
-    args.calls = args.calls or (2 if interpreted else 20)
-    args.repeats = args.repeats or (3 if interpreted else 20)
+    if args.calls is None:
+        args.calls = 2 if interpreted else 20
+    if args.repeats is None:
+        args.repeats = 3 if interpreted else 20
     args.interpreted = interpreted
     return args
 
@@ -132,12 +167,18 @@ def measure(variant: str, bs: int, n: int, page_size: int, args: argparse.Namesp
     if args.mode == "graph":
         graph, _ = harness.capture_graph(calls, args.device)
         seconds = harness.graph_times(graph, args.calls, args.device, args.repeats, args.warmup)
+        run = graph.replay
     else:
         seconds = harness.eager_times(calls, args.device, args.repeats, args.warmup)
-    step.alloc.refresh()  # replays ran no host code: re-read the usage, then check the table still reads back
+        if step.alloc.num_syncs != syncs:
+            raise RuntimeError(f"a timed eager step of {variant} synced with the host: its times carry the sync")
+        run = functools.partial(harness.run_calls, calls)
+    # Untimed: one more replay (eager: --calls more steps) from poisoned buffers, its lengths, last window and the
+    # pool's accounting checked against what the host predicts; then re-read the usage (replays ran no host code)
+    # and check one eager step.
+    step.check_steps(run, args.calls)
+    step.alloc.refresh()
     step.checked_call()
-    if args.mode == "eager":
-        assert step.alloc.num_syncs == syncs, "a timed eager step synced with the host"
     return harness.summarize(seconds), step.alloc.max_context_len
 
 
@@ -152,8 +193,10 @@ def plot(rows: list[dict], args: argparse.Namespace, env: dict[str, str], path: 
     pages = args.page_sizes
     height = 4.6
     fig, axes = plt.subplots(1, len(pages), figsize=(5 * len(pages), height), sharey=True, squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, page in zip(axes[0], pages):
-        for n, color in zip(args.num_draft_tokens, ("tab:blue", "tab:orange", "tab:green", "tab:red")):
+        for i, n in enumerate(args.num_draft_tokens):
+            color = colors[i % len(colors)]
             for variant, style in (("fused", "-o"), ("unfused", "--s"), ("commit-and-draft", ":^")):
                 pts = [
                     (r["bs"], r["median_us"])
@@ -171,7 +214,7 @@ def plot(rows: list[dict], args: argparse.Namespace, env: dict[str, str], path: 
         ax.set_title(f"page size {page}")
         ax.set_xlabel("batch size")
         ax.grid(True, which="major", alpha=0.3)
-    axes[0][0].set_ylabel("µs per step" + (" (graph replay)" if args.mode == "graph" else " (interpreter, eager)"))
+    axes[0][0].set_ylabel(f"µs per step ({_mode_text(args)})")
     handles, labels = axes[0][0].get_legend_handles_labels()
     # One legend column per N (a row per variant), below the axes and their labels.
     ncol = len(args.num_draft_tokens)
@@ -234,11 +277,10 @@ def main(argv: list[str] | None = None) -> int:
             for bs in args.batch_sizes:
                 fused, unfused = by_key.get((page, n, bs, "fused")), by_key.get((page, n, bs, "unfused"))
                 quoted = SGLANG_QUOTED_US.get((bs, n, page))
-                quoted_cell = f"{quoted}" if quoted else ""
                 ratio = "—" if args.interpreted or not fused or not unfused else f"{unfused / fused:.2f}×"
-                vs = "—" if args.interpreted or not fused else (f"{quoted / fused:.2f}×" if quoted else "")
-                if args.interpreted:
-                    quoted_cell = "—"
+                # SGLang's figures are graph replays on an H200: they compare only with this run's graph replays.
+                quoted_cell = ("" if quoted is None else f"{quoted}") if args.mode == "graph" else "—"
+                vs = "—" if args.mode != "graph" or not fused else (f"{quoted / fused:.2f}×" if quoted else "")
                 lines.append(
                     f"| {page} | {n} | {bs} | {_cell(fused)} | {_cell(unfused)} | {ratio} | {quoted_cell} | {vs} |"
                     + (f" {_cell(by_key.get((page, n, bs, 'commit-and-draft')))} |" if one else "")
@@ -246,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = "\n".join(
         [
             "\n".join(harness.format_environment(env)),
-            f"mode: {args.mode}, prefix pages: {args.prefix_pages}, rows of req_to_token: "
+            f"mode: {_mode_text(args)}, prefix pages: {args.prefix_pages}, rows of req_to_token: "
             + (f"at least {args.context_len} positions" if args.context_len else "what the run needs"),
             "",
             *lines,

@@ -41,7 +41,8 @@ Files written to --out-dir:
                         N), each group under a named range: open it in ui.perfetto.dev or chrome://tracing to
                         see the launches; the device kernels per call are also counted in the report
   trace_npu/            (npu) torch_npu.profiler output of the same calls
-  targets.csv           with --targets: each target and its verdict
+  targets.csv           with --targets: each target and its verdict, with the device and the runtime (compiled
+                        Triton's CUDA or torch_npu, or "Triton interpreter (CPU)", where no verdict is given)
 
 Exit status: 0 when every output matched and every measurement ran (targets may miss), 1 otherwise.
 
@@ -101,6 +102,8 @@ DEFAULTS = {
 TARGETS = [(bs, 8, 2.0) for bs in (1, 16, 64, 256, 1024)] + [(4096, 8, 3.0), (16384, 4, 5.0), (65536, 4, 15.0)]
 TARGETS += [(256, 64, 2.5)]
 EAGER_TARGET_RATIO = 1.3
+# The verdict of every target where Triton's interpreter ran the kernels: its timings say nothing about a device.
+INTERPRETER_VERDICT = "n/a (interpreter)"
 TRACE_CALLS = 10
 MODE_TITLES = {
     "graph": "graph replay: device time per call (us), median [p20, p80]",
@@ -174,7 +177,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run exactly the target rows of issue 2 (fused op, graph: bs<=1024 N=8 <= 2.0 us, bs 4096 N=8 <= 3 us, "
         "bs 16384 N=4 <= 5 us, bs 65536 N=4 <= 15 us, bs 256 N=64 <= 2.5 us; eager <= 1.3x the empty kernel's) "
         "instead of the sweep (--batch-sizes, --window-lens and --max-tokens are then ignored), and print PASS/FAIL "
-        "for each",
+        "for each (through Triton's interpreter, on cpu, no ratio and no verdict: its timings say nothing about a "
+        "device)",
     )
     parser.add_argument(
         "--iters", type=int, help=f"calls per sample, captured in one graph in graph mode ({both('iters')})"
@@ -223,21 +227,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _resolve_device(parser: argparse.ArgumentParser, name: str | None) -> torch.device:
-    device = backend.default_device() if name is None else torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            parser.error("--device cuda: torch sees no CUDA GPU")
-        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
-        torch.cuda.set_device(device)
-    elif device.type == "npu":
-        npu = getattr(torch, "npu", None)
-        if npu is None or not npu.is_available():
-            parser.error("--device npu: torch_npu is missing or sees no NPU")
-        device = torch.device("npu", npu.current_device() if device.index is None else device.index)
-        npu.set_device(device)
-    elif device.type != "cpu":
-        parser.error(f"--device must be cpu, cuda or npu, got {name}")
-    return device
+    try:
+        return harness.resolve_device(name)
+    except ValueError as error:
+        parser.error(str(error))
 
 
 def _apply_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -415,41 +408,55 @@ def format_tables(rows: list[Row], args: argparse.Namespace) -> list[str]:
     return lines
 
 
-def evaluate_targets(rows: list[Row], args: argparse.Namespace) -> list[dict]:
+def evaluate_targets(rows: list[Row], args: argparse.Namespace, env: dict[str, str]) -> list[dict]:
+    """One dict per target row: the figures, the limits and the verdicts. Through Triton's interpreter there are no
+    ratios and no verdicts (its timings say nothing about a device): verdicts read ``n/a (interpreter)``."""
     found = {(row.key(), row.variant): row for row in rows if row.median_us is not None}
+    interpreted = backend.is_interpreted(args.device)
     results = []
     for windows in args.windows:
         for bs, n, limit in TARGETS:
             graph = found.get((("graph", windows, n, bs), "fused"))
             eager = found.get((("eager", windows, n, bs), "fused"))
             empty = found.get((("eager", windows, n, bs), "empty"))
-            ratio = eager.median_us / empty.median_us if eager and empty else None
+            ratio = eager.median_us / empty.median_us if eager and empty and not interpreted else None
+            graph_verdict = "n/a" if graph is None else "PASS" if graph.median_us <= limit else "FAIL"
+            eager_verdict = "n/a" if ratio is None else "PASS" if ratio <= EAGER_TARGET_RATIO else "FAIL"
+            if interpreted:
+                graph_verdict = eager_verdict = INTERPRETER_VERDICT
             results.append(
                 {
+                    "device": env["device_name"],
+                    "runtime": env["runtime"],
                     "windows": windows,
                     "window_len": n,
                     "batch_size": bs,
                     "graph_us": graph.median_us if graph else None,
                     "graph_limit_us": limit,
-                    "graph_verdict": "n/a" if graph is None else "PASS" if graph.median_us <= limit else "FAIL",
+                    "graph_verdict": graph_verdict,
                     "eager_us": eager.median_us if eager else None,
                     "eager_empty_us": empty.median_us if empty else None,
                     "eager_ratio": ratio,
                     "eager_limit_ratio": EAGER_TARGET_RATIO,
-                    "eager_verdict": "n/a" if ratio is None else "PASS" if ratio <= EAGER_TARGET_RATIO else "FAIL",
+                    "eager_verdict": eager_verdict,
                 }
             )
     return results
 
 
-def format_targets(targets: list[dict]) -> list[str]:
+def format_targets(targets: list[dict], interpreted: bool) -> list[str]:
     def num(value: float | None, spec: str = ".2f") -> str:
         return "-" if value is None else format(value, spec)
 
+    title = (
+        "targets of the fused op: graph = device us per call in graph replay; eager = fused over empty kernel, "
+        "both eager us per call"
+    )
+    if interpreted:
+        title = "TRITON INTERPRETER wall-clock (says nothing about device speed; no ratios, no verdicts): " + title
     lines = [
         "",
-        "targets of the fused op: graph = device us per call in graph replay; eager = fused over empty kernel, "
-        "both eager us per call",
+        title,
         f"{'windows':<8} {'N':>3} {'bs':>6} {'graph us':>9} {'limit':>6} {'verdict':>8}   "
         f"{'eager us':>9} {'empty us':>9} {'ratio':>6} {'limit':>6} {'verdict':>8}",
     ]
@@ -666,9 +673,9 @@ def main(argv: list[str] | None = None) -> int:
             errors.append(f"trace: {_error_text(error)}")
 
     report = header + format_tables(rows, args)
-    targets = evaluate_targets(rows, args) if args.targets else []
+    targets = evaluate_targets(rows, args, env) if args.targets else []
     if targets:
-        report += format_targets(targets)
+        report += format_targets(targets, backend.is_interpreted(args.device))
         files["targets"] = args.out_dir / "targets.csv"
         with files["targets"].open("w", newline="") as file:
             writer = csv.DictWriter(file, fieldnames=list(targets[0]))

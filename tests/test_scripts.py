@@ -1,0 +1,245 @@
+"""The measurement scripts and the benchmark harness's checks, on the CPU: what they refuse, what they print and what
+their checks catch. The smoke runs use each script's smallest options (a few seconds each through the interpreter)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import examples
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from benchmarks import harness
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+CPU = torch.device("cpu")
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` as a module (scripts/ is no package), registered in ``sys.modules`` under a name of its
+    own while it runs (its dataclasses look their module up there)."""
+    module_name = f"_specdec_script_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def eager_host_time():
+    return load_script("eager_host_time")
+
+
+@pytest.fixture(scope="module")
+def profile_allocator():
+    return load_script("profile_allocator")
+
+
+@pytest.fixture(scope="module")
+def profile_fused_vs_unfused():
+    return load_script("profile_fused_vs_unfused")
+
+
+@pytest.fixture(scope="module")
+def draft_loop():
+    return load_script("draft_loop")
+
+
+def refused(capsys, parse, argv: list[str]) -> str:
+    """What argparse printed when ``parse(argv)`` refused ``argv`` (exit status 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- eager_host_time
+
+
+@settings(deadline=None, max_examples=examples(300), suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.floats(min_value=0.0, max_value=1.0, allow_nan=False), min_size=1, max_size=7))
+def test_eager_host_time_summary_stays_within_its_samples(eager_host_time, seconds):
+    median, p20, p80 = eager_host_time.summarize(seconds)
+    low, high = min(seconds) * 1e6, max(seconds) * 1e6
+    slack = 1e-9 * max(1.0, high)
+    assert low - slack <= p20 <= median + slack
+    assert median - slack <= p80 <= high + slack
+
+
+def test_eager_host_time_summary_of_three_samples_is_not_extrapolated(eager_host_time):
+    # The audit's case: the default ("exclusive") quantiles put p20 below the smallest of three samples.
+    median, p20, p80 = eager_host_time.summarize([1e-6, 50e-6, 60e-6])
+    assert (median, round(p20, 9), round(p80, 9)) == (50.0, 20.6, 56.0)
+
+
+def test_eager_host_time_refuses_bad_counts(capsys, eager_host_time):
+    assert "--repeats must be at least 1" in refused(capsys, eager_host_time.parse_args, ["--repeats", "0"])
+    assert "--warmup must be at least 0" in refused(capsys, eager_host_time.parse_args, ["--warmup", "-1"])
+    assert "--device" in refused(capsys, eager_host_time.parse_args, ["--device", "tpu"])
+
+
+def test_eager_host_time_smoke(capsys, eager_host_time):
+    assert eager_host_time.main(["--device", "cpu", "--batch-size", "1", "--iters", "1", "--repeats", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "Triton interpreter: timing the calls would time the interpreter" in out
+    assert "PASS" not in out and "FAIL" not in out  # no verdicts from interpreter timings
+    assert "capacity syncs of the allocators while timing the host Python (launch stubbed): 0" in out
+    assert "(the pools had room for every call)" in out
+
+
+# ---------------------------------------------------------------------------------------- profile_allocator
+
+
+def test_profile_allocator_refuses_an_unknown_variant(capsys, profile_allocator):
+    err = refused(capsys, profile_allocator.parse_args, ["--device", "cpu", "--variants", "fused,fuse"])
+    assert "--variants" in err and "'fused,fuse'" in err and "unknown: fuse" in err
+    assert "fused,unfused,commit-and-draft" in err  # the names it takes
+
+
+@pytest.mark.parametrize("option", ["--calls", "--repeats"])
+def test_profile_allocator_refuses_counts_below_one(capsys, profile_allocator, option):
+    err = refused(capsys, profile_allocator.parse_args, ["--device", "cpu", option, "0"])
+    assert f"{option} must be at least 1, got 0" in err
+
+
+def test_profile_allocator_keeps_the_counts_given(profile_allocator):
+    args = profile_allocator.parse_args(["--device", "cpu", "--calls", "1", "--repeats", "1", "--warmup", "0"])
+    assert (args.calls, args.repeats, args.warmup, args.mode) == (1, 1, 0, "eager")
+    args = profile_allocator.parse_args(["--device", "cpu"])
+    assert (args.calls, args.repeats) == (2, 3)
+
+
+def test_profile_allocator_smoke(capsys, tmp_path, profile_allocator):
+    argv = ["--device", "cpu", "--batch-sizes", "2", "--page-sizes", "4", "--num-draft-tokens", "2"]
+    argv += ["--calls", "1", "--repeats", "1", "--warmup", "0", "--out-dir", str(tmp_path), "--no-plot"]
+    assert profile_allocator.main(argv) == 0
+    summary = (tmp_path / "allocator_summary.md").read_text()
+    assert "mode: eager, host wall-clock, Triton interpreter" in summary
+    assert "×" not in summary  # no ratios from interpreter timings, SGLang's least of all
+    with open(tmp_path / "allocator_sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["variant"] for r in rows) == sorted(harness.ALLOCATOR_VARIANTS)
+
+
+# ------------------------------------------------------------------------------------ profile_fused_vs_unfused
+
+
+def test_profile_fused_vs_unfused_targets_on_the_interpreter_give_no_verdict(
+    capsys, tmp_path, monkeypatch, profile_fused_vs_unfused
+):
+    monkeypatch.setattr(profile_fused_vs_unfused, "TARGETS", [(1, 2, 2.0), (2, 2, 2.0)])
+    argv = ["--device", "cpu", "--targets", "--variants", "fused,empty", "--iters", "1", "--repeats", "1"]
+    argv += ["--warmup", "0", "--no-plot", "--no-trace", "--no-progress", "--out-dir", str(tmp_path)]
+    assert profile_fused_vs_unfused.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "PASS" not in out and "FAIL" not in out
+    assert "TRITON INTERPRETER wall-clock (says nothing about device speed; no ratios, no verdicts)" in out
+    with open(tmp_path / "targets.csv") as f:
+        targets = list(csv.DictReader(f))
+    assert len(targets) == 2
+    for target in targets:
+        assert target["runtime"] == "Triton interpreter (CPU)"
+        assert target["graph_verdict"] == target["eager_verdict"] == "n/a (interpreter)"
+        assert target["eager_ratio"] == ""
+
+
+def test_profile_fused_vs_unfused_refuses_an_unknown_device(capsys, profile_fused_vs_unfused):
+    assert "--device" in refused(capsys, profile_fused_vs_unfused.parse_args, ["--device", "tpu"])
+
+
+# ----------------------------------------------------------------------------------------------- draft_loop
+
+
+def test_draft_loop_refuses_zero_timing_reps(capsys, draft_loop):
+    err = refused(capsys, draft_loop.parse_args, ["--timing-reps", "0"])
+    assert "--timing-reps must be at least 1, got 0" in err
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3])
+def test_draft_loop_default_pool_holds_small_batches(draft_loop, batch_size):
+    args = draft_loop.parse_args(["--batch-size", str(batch_size)])
+    assert args.num_slots == args.max_context_len  # one request of max_context_len, whole pages of 16
+    # From 4 requests on, the default is a quarter of batch_size * max_context_len, as before.
+    assert draft_loop.parse_args(["--batch-size", "16"]).num_slots == 16 * 512 // 4
+
+
+@pytest.mark.parametrize("extra", [[], ["--topk", "2", "--num-steps", "2", "--page-size", "4"]], ids=["chain", "tree"])
+def test_draft_loop_smoke(capsys, draft_loop, extra):
+    argv = ["--device", "cpu", "--batch-size", "1", "--steps", "4", "--check-every", "2", "--timing-reps", "1"]
+    assert draft_loop.main(argv + ["--quiet", *extra]) == 0
+    out = capsys.readouterr().out
+    assert "invariants         ok" in out
+    assert "per step that made any" in out
+
+
+# ---------------------------------------------------------------------------------- harness and benchmarks
+
+
+def test_allocator_step_refuses_an_unknown_variant():
+    with pytest.raises(ValueError, match="variant must be one of .*got 'fuse'"):
+        harness.AllocatorStep("fuse", 2, 2, 4, 4, CPU)
+
+
+@pytest.mark.parametrize("variant", harness.ALLOCATOR_VARIANTS)
+def test_allocator_step_check_steps_passes_and_catches(variant):
+    step = harness.AllocatorStep(variant, 3, 2, 4, 12, CPU, prefix_pages=1)
+    step.checked_call()
+    step.check_steps(lambda: harness.run_calls([step] * 2), 2)
+    # A run that leaves the window unwritten, one that makes a step too few, a pool that lost a page: all caught.
+    with pytest.raises(harness.OutputMismatch, match="out_cache_loc"):
+        step.check_steps(lambda: (step(), step.out.fill_(harness.SENTINEL)), 1)
+    with pytest.raises(harness.OutputMismatch, match="committed"):
+        step.check_steps(step, 2)
+    harness.check_pool(step.alloc)
+    step.alloc.req_to_token[1, 4:8] = step.alloc.req_to_token[0, 4:8]  # row 1's second page: row 0's
+    with pytest.raises(harness.PoolMismatch, match="counted"):
+        harness.check_pool(step.alloc)
+
+
+def test_check_pool_catches_a_slot_outside_the_pool_and_a_split_page():
+    step = harness.AllocatorStep("fused", 2, 2, 4, 8, CPU)
+    step.alloc.req_to_token[0, 0] = step.alloc.total_slots
+    with pytest.raises(harness.PoolMismatch, match="outside the pool"):
+        harness.check_pool(step.alloc)
+    step = harness.AllocatorStep("fused", 2, 2, 4, 8, CPU)
+    step.alloc.req_to_token[0, 1] += 4  # the next page's slot at the same offset
+    with pytest.raises(harness.PoolMismatch, match="split"):
+        harness.check_pool(step.alloc)
+
+
+def test_benchmark_groups_on_the_interpreter_say_so():
+    assert harness.group_suffix(CPU) == " | interpreter (CPU)"
+
+
+def test_record_device_time_times_nothing_when_disabled():
+    class Disabled:
+        disabled = True
+
+    recorded = len(harness.DEVICE_TIMES)
+    assert harness.record_device_time(Disabled(), None, 1, CPU) is None  # no graph is touched: None would raise
+    assert len(harness.DEVICE_TIMES) == recorded
+
+
+@pytest.mark.parametrize("variant", ["fused", "tree_draft", "one_call", "components"])
+def test_tree_step_check_at_page_1_can_fail(variant):
+    pytest.importorskip("pytest_benchmark")
+    from benchmarks import bench_allocator
+
+    step = bench_allocator.TreeStep(variant, 5, 1, 8)
+    step.checked_call()
+    step.check_steps(step, 1)
+    seq_lens = step.seq_lens.clone()
+    step()
+    start = step.seq_lens.clone() if variant == "one_call" else seq_lens
+    step.check_window("page 1", start)
+    step.out[step.out.numel() - 1] += 1  # the last request's last node: never accepted (paths take at most 4)
+    with pytest.raises(harness.OutputMismatch):
+        step.check_window("page 1", start)
