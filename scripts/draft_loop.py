@@ -49,6 +49,7 @@ if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))  # run from a checkout: specdec_ops if not installed
 
 import specdec_ops  # noqa: E402
+from benchmarks import harness  # noqa: E402
 from specdec_ops import DraftCacheAllocator, backend  # noqa: E402
 from specdec_ops.allocator import OutOfSlotsError  # noqa: E402
 from specdec_ops.reference import get_last_loc_and_assign_extend_cache_locs_torch  # noqa: E402
@@ -120,6 +121,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.num_slots -= args.num_slots % args.page_size
     if args.num_slots < args.page_size * triton.cdiv(args.max_context_len, args.page_size):
         parser.error("--num-slots must hold at least one request of --max-context-len tokens")
+    try:  # (cuda:1 made the current device, so that the timing's synchronizations wait for it)
+        args.device = harness.resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -338,7 +343,7 @@ class Stats:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = backend.default_device() if args.device is None else torch.device(args.device)
+    device = args.device
     rng = random.Random(args.seed)
     n, p = args.num_draft_tokens, args.page_size
     alloc = DraftCacheAllocator(args.num_slots, args.batch_size, args.max_context_len, page_size=p, device=device)
