@@ -1321,14 +1321,6 @@ class DraftCacheAllocator:
             return branch_slots, src[: bs * copy_width], dst[: bs * copy_width]
         return branch_slots
 
-    def _check_batch_fits_scratch(self, rows: torch.Tensor) -> None:
-        """The kernels of drafts and branches keep per-entry and per-tile values in max_requests-long scratch: no
-        more entries (rows in use, without duplicates, never are)."""
-        if rows.size(0) > self.max_requests:
-            raise ValueError(
-                f"req_pool_indices must have at most max_requests ({self.max_requests}) entries, got {rows.size(0)}"
-            )
-
     def _check_branches(
         self,
         req_pool_indices: IntVector,
@@ -1344,7 +1336,6 @@ class DraftCacheAllocator:
         device, rows on the host or None, the branch slots' buffer, copy_src, copy_dst), new int64 buffers where
         none was given."""
         rows, host_rows = self._device_rows(req_pool_indices)
-        self._check_batch_fits_scratch(rows)
         bs = rows.size(0)
         _check_size("topk", topk, 1)
         _check_size("num_steps", num_steps, 1)
@@ -1601,7 +1592,6 @@ class DraftCacheAllocator:
         """Check the arguments of a draft; returns (rows on the device, rows on the host or None, N)."""
         rows, host_rows = self._device_rows(req_pool_indices)
         _check_size("num_draft_tokens", num_draft_tokens, 0)
-        self._check_batch_fits_scratch(rows)
         if rows.size(0) * num_draft_tokens >= _INT32_LIMIT:
             raise ValueError(f"bs * num_draft_tokens must be below 2**31, got {rows.size(0)} * {num_draft_tokens}")
         if validate and host_rows is None:
@@ -2766,7 +2756,16 @@ class DraftCacheAllocator:
         return self._to_device(values)
 
     def _device_rows(self, req_pool_indices: IntVector) -> tuple[torch.Tensor, list[int] | None]:
-        return self._device_ints("req_pool_indices", req_pool_indices)
+        """Rows on the device, and on the host when they came as a list. At most max_requests of them (rows in use,
+        without duplicates, never are more): the kernels of drafts, commits and branches keep per-entry and per-tile
+        values in max_requests-long scratch, which a longer tensor of rows (out of range ones, which the device
+        skips) would overrun."""
+        rows, host_rows = self._device_ints("req_pool_indices", req_pool_indices)
+        if rows.size(0) > self.max_requests:
+            raise ValueError(
+                f"req_pool_indices must have at most max_requests ({self.max_requests}) entries, got {rows.size(0)}"
+            )
+        return rows, host_rows
 
     def _check_int_tensor(self, name: str, tensor: torch.Tensor, *, check_device: bool) -> None:
         if check_device:  # the ops' check: 1-D, int32/int64, contiguous, on the device of req_to_token

@@ -299,8 +299,9 @@ class EngineMachine(RuleBasedStateMachine):
                 a = c.accept[i]
                 if c.accept_kind == "list":
                     # Checked on the host against the window it knows, an upper bound of the row's (rows given as a
-                    # tensor leave it one): a negative length always raises, one past the window may.
-                    if a < 0:
+                    # tensor leave it one), and against a tree's T: a negative length or one past T always raises,
+                    # one past the window may.
+                    if a < 0 or (tree is not None and a > tree):
                         value_error = True
                     elif a > self.window_of(row):
                         maybe_value_error = True

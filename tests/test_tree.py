@@ -225,6 +225,16 @@ def test_bad_paths_never_corrupt_the_pool(page_size):
             ValueError,
             r"req_pool_indices must have at most max_requests \(4\) entries, got 5",
         ),
+        (  # (a commit that releases branch pages is the allocation kernel's, with the same scratch)
+            lambda a, r: a.commit(torch.tensor([0, 1, 9, 9, 9]), torch.zeros(5, dtype=torch.int64)),
+            ValueError,
+            r"req_pool_indices must have at most max_requests \(4\) entries, got 5",
+        ),
+        (
+            lambda a, r: a.release_branches(torch.tensor([0, 1, 9, 9, 9])),
+            ValueError,
+            r"req_pool_indices must have at most max_requests \(4\) entries, got 5",
+        ),
         (  # a list is checked on the host: against the window (4 here) and against T
             lambda a, r: a.commit_tree(r, torch.zeros(2, 2, dtype=torch.int64), [2, 3]),
             ValueError,
@@ -253,6 +263,8 @@ def test_bad_paths_never_corrupt_the_pool(page_size):
         "rows",
         "release-rows",
         "batch-past-max",
+        "commit-batch-past-max",
+        "release-batch-past-max",
         "list-lens-past-T",
         "keep-not-bool",
         "out-2d-strided",
@@ -2024,3 +2036,21 @@ def test_device_steps_match_the_cpu_call_for_call(device, page_size):
     assert len(on_device) == len(on_cpu)
     for i, (a, b) in enumerate(zip(on_device, on_cpu)):
         assert (a == b) if isinstance(a, list) else torch.equal(a, b), i
+
+
+def test_a_commit_that_releases_branch_pages_refuses_more_entries_than_max_requests():
+    """The chain commit of rows that may hold branch pages is the allocation kernel's commit and release, whose
+    last program keeps per-entry values in max_requests-long scratch: a longer tensor of rows (out-of-range rows,
+    which the device skips) wrote past it (found by an audit, 2026-11-24). It raises, and nothing changes."""
+    alloc = DraftCacheAllocator(64 * 16, 8, 256, page_size=16, device="cpu")
+    live = alloc.add_requests([3, 5, 6, 7, 9, 2, 1, 4])
+    alloc.alloc_branches(live, 2, 3)
+    alloc.alloc_draft(live, 4)
+    before = snapshot(alloc)
+    rows = torch.cat([live, torch.full((600,), 1000)])
+    with pytest.raises(ValueError, match=r"req_pool_indices must have at most max_requests \(8\) entries, got 608"):
+        alloc.commit(rows, torch.ones(608, dtype=torch.int64))
+    assert_unchanged(alloc, before)
+    alloc.commit(live, torch.ones(8, dtype=torch.int64))  # the batch itself commits and releases
+    alloc.free_requests(live)
+    assert alloc.num_free_slots() == alloc.num_slots
