@@ -189,11 +189,23 @@ def _tree_draft(alloc, rows, n: int) -> None:
     alloc.alloc_tree_draft(rows, _tree_size(alloc, n), 4, n)
 
 
-def _tree_step(alloc, rows, n: int, one_launch: bool = True, window: int | None = None, counts: bool = False) -> None:
+def _tree_step(
+    alloc,
+    rows,
+    n: int,
+    one_launch: bool = True,
+    window: int | None = None,
+    counts: bool = False,
+    topk: int = 4,
+    steps: int | None = None,
+    int32_buffers: bool = False,
+) -> None:
     """commit_tree_and_draft of trees of ``_tree_size`` nodes, then windows of as many (or ``window``): one launch for
-    3 rows (one program) where the NPU takes one, or as it runs past one program (two: the tree commit and the
+    3 rows (one program) where the target takes one, or as it runs past one program (two: the tree commit and the
     draft, or with ``counts`` as past one program of the draft, the tree commit with the draft's counts and the
-    draft from them)."""
+    draft from them); ``topk`` branches of ``steps`` (default ``n``) steps; ``int32_buffers``: an int32 ``kv_src`` and
+    ``out_cache_loc`` beside the int64 buffers the call makes (the on-chip buffer of a kernel depends on its mix of
+    dtypes, docs/design.md, "Ascend")."""
     t = _tree_size(alloc, n)
     index = torch.arange(t, dtype=torch.int64).expand(len(rows), t).contiguous()
     cls = type(alloc)
@@ -202,7 +214,10 @@ def _tree_step(alloc, rows, n: int, one_launch: bool = True, window: int | None 
         cls._tree_step_in_one_launch = lambda self, *args: False
         cls._tree_step_counts = lambda self, *args: counts
     try:
-        alloc.commit_tree_and_draft(rows, index, _int32(len(rows), t // 2), t if window is None else window, 4, n)
+        w = t if window is None else window
+        buffers = dict(kv_src=_int32(len(rows) * t), out_cache_loc=_int32(len(rows) * w)) if int32_buffers else {}
+        accept = _int32(len(rows), t // 2)
+        alloc.commit_tree_and_draft(rows, index, accept, w, topk, n if steps is None else steps, **buffers)
     finally:
         cls._tree_step_in_one_launch, cls._tree_step_counts = in_one, with_counts
 
@@ -245,6 +260,11 @@ ALLOCATOR_METHODS = [
     ("commit_tree_and_draft", lambda alloc, rows, n: _tree_step(alloc, rows, n, window=1)),  # a small window
     ("commit_tree_and_draft", lambda alloc, rows, n: _tree_step(alloc, rows, n, one_launch=False)),
     ("commit_tree_and_draft", lambda alloc, rows, n: _tree_step(alloc, rows, n, one_launch=False, counts=True)),
+    # One branch of one step, and int32 buffers beside int64 ones (an audit found the one-launch kernel's on-chip
+    # buffer past budget there on an NPU, where the workload above had not gone).
+    ("alloc_tree_draft", lambda alloc, rows, n: alloc.alloc_tree_draft(rows, _tree_size(alloc, n), 1, 1)),
+    ("commit_tree_and_draft", lambda alloc, rows, n: _tree_step(alloc, rows, n, topk=1, steps=1)),
+    ("commit_tree_and_draft", lambda alloc, rows, n: _tree_step(alloc, rows, n, int32_buffers=True)),
     ("commit_tree", _commit_tree),
     ("alloc_branches", _branches),
     ("commit", lambda alloc, rows, n: alloc.commit(rows, [0] * len(rows))),

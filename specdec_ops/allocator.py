@@ -220,12 +220,11 @@ _REPOINT_MASK_NODES = 64
 # as triton-adapter-opt rejects some one-request tiles).
 _NPU_MAX_TREE = 64
 _NPU_MAX_TREE_REPOINT = 32
-# commit_tree_and_draft in one launch on an NPU holds the tree commit's tiles and the tree draft's in one kernel: the
-# project's compile check keeps its on-chip buffer within budget for trees and windows of at most 8 nodes with page 1
-# (the commit's [TILE, T, T] re-pointing tiles; 139-142 KiB at 8) and 32 with larger pages (131-135 KiB; 64 nodes:
-# 181-185 KiB). Larger ones take two launches there.
-_NPU_TREE_STEP_MAX_NODES_REPOINT = 8
-_NPU_TREE_STEP_MAX_NODES = 32
+# On an NPU commit_tree_and_draft always makes two launches (the tree commit, then the tree draft): the one launch
+# holds the tree commit's tiles and the tree draft's in one kernel, and bishengir-compile 1.2.0 plans its on-chip
+# buffer anywhere from 60 to 178 KiB by topk, num_steps, tree size and the callers' dtypes, not monotonically (an
+# audit of 2026-11-24: trees of 4 nodes fit at topk 4 and need 170-178 KiB at topk 1, 8 nodes fit with int64 buffers
+# and need 146.5 KiB with an int32 kv_src), past the 144 KiB budget where the compile check's workload never went.
 # Off Ascend, commit_tree_and_draft in one launch commits the batch as one tile of at most _TREE_STEP_ELEMENTS
 # elements (_tree_commit_width: [bs, T] with page 1 since its mask re-pointing, [bs, T, T] past 64 nodes; larger
 # batches take two launches): its one program does the commit, then the draft, where two launches overlap nothing but
@@ -1672,9 +1671,7 @@ class DraftCacheAllocator:
         per_row = branches[0] * _pages(self.page_size - 1 + branches[1], self.page_size)
         bs = rows.shape[0]
         bound, drafted, needs = self._draft_bounds(rows, host_rows, n, branches[:2], tree=tree)
-        # On an NPU a tree step always takes its release variant, a no-op where no row holds branch pages: at page 1
-        # the one launch without it needs 164-175 KiB of the on-chip buffer, with it 69-138 (the compile check).
-        release = self._branches_may_exist() or (tree is not None and backend.is_npu(self.device))
+        release = self._branches_may_exist()
         narrow = self._widen_branch_pages(per_row)
         kind = "release tree draft" if release else "tree draft"
         try:
@@ -1744,17 +1741,12 @@ class DraftCacheAllocator:
         other program reading the rows' lengths (one program where the counted draft of the two launches would be,
         see ``_tree_step_counts``: there are no counts to take; a call outside graph capture on a device, eager, where
         the host's second launch costs more than it saves on the device, takes the one launch wherever the tree draft
-        alone would be one program); off Ascend also only where the tree commit is one tile (_TREE_STEP_ELEMENTS), on
-        an NPU only for trees and windows within _NPU_TREE_STEP_MAX_NODES(_REPOINT)."""
+        alone would be one program); also only where the tree commit is one tile (_TREE_STEP_ELEMENTS); never on an
+        NPU, where the one kernel's on-chip buffer is not within budget for every tree (see above)."""
         key = (bs, n, release, branches[0], branches[1], tree)
         one = self._tree_step_launches.get(key)
         if one is None:
-            device = self.device
-            if backend.is_npu(device):
-                limit = _NPU_TREE_STEP_MAX_NODES_REPOINT if self.page_size == 1 else _NPU_TREE_STEP_MAX_NODES
-                fits = max(n, tree) <= limit
-            else:
-                fits = bs <= self._tree_step_commit_tile(bs, tree)
+            fits = not backend.is_npu(self.device) and bs <= self._tree_step_commit_tile(bs, tree)
             # Eager, the draft's own one-program limit (a second launch costs the host more than it saves the device)
             config = self._alloc_launch_config
             # (in a graph the draft's tile is that of a counted draft, with sums; eager, that of the one launch)

@@ -554,21 +554,30 @@ def test_the_host_counts_what_a_tree_commit_accepts_as_the_kernel_does(page_size
 
 
 @pytest.mark.parametrize("page_size", [1, 16])
-def test_commit_tree_and_draft_on_ascend_takes_one_launch_for_small_trees_only(page_size, monkeypatch):
-    """On an NPU one launch holds the commit's tiles and the draft's in the on-chip buffer only for trees and windows
-    of at most 8 nodes (page 1) or 32 (larger pages): larger ones take two launches, as past one program."""
-    alloc = DraftCacheAllocator(page_size * 64, 4, 64, page_size=page_size, device="cpu")
+def test_commit_tree_and_draft_on_ascend_always_takes_two_launches(page_size, monkeypatch):
+    """On an NPU the one launch's on-chip buffer is not within budget for every tree (170-178 KiB for trees of 4 nodes
+    at topk 1, page 1; 146.5 KiB for 8 nodes with an int32 kv_src): the tree step always takes two launches there,
+    whose kernels the compile check covers, while off Ascend a small tree step is one launch."""
     branches = (2, 3, None, None, None)
-    limit = 8 if page_size == 1 else 32
-    assert alloc._tree_step_in_one_launch(1, limit + 1, False, branches, limit + 1), "off Ascend: one launch"
+    alloc = DraftCacheAllocator(page_size * 64, 4, 64, page_size=page_size, device="cpu")
+    assert alloc._tree_step_in_one_launch(3, 4, False, branches, 4), "off Ascend: one launch"
     monkeypatch.setattr(allocator_module.backend, "is_npu", lambda device: True)
     monkeypatch.setattr(allocator_module.backend, "num_cores", lambda device: 40)  # an Ascend 910B's vector cores
     alloc = DraftCacheAllocator(page_size * 64, 4, 64, page_size=page_size, device="cpu")  # (it caches the answers)
-    assert not alloc._tree_step_in_one_launch(1, limit + 1, False, branches, limit + 1)
-    assert alloc._tree_step_in_one_launch(3, limit, False, branches, limit)
-    assert not alloc._tree_step_in_one_launch(3, limit + 1, False, branches, 2)
-    assert not alloc._tree_step_in_one_launch(3, 2, False, branches, limit + 1)
-    assert not alloc._tree_step_in_one_launch(5, 2, False, branches, 2), "its tree draft tiles take 4 requests"
+    for bs, n, tree, topk in [(1, 1, 1, 1), (3, 4, 4, 1), (3, 8, 8, 4), (1, 2, 2, 2)]:
+        assert not alloc._tree_step_in_one_launch(bs, n, False, (topk, 1, None, None, None), tree)
+        assert not alloc._tree_step_in_one_launch(bs, n, True, (topk, 1, None, None, None), tree)
+    rows = alloc.add_requests([3, 5, 0])
+    alloc.alloc_tree_draft(rows, 4, 1, 1)
+    launched = []
+    real = allocator_module.backend.launch
+    monkeypatch.setattr(
+        allocator_module.backend, "launch", lambda kernel, *a: launched.append(kernel.fn.__name__) or real(kernel, *a)
+    )
+    index = torch.arange(4).expand(3, 4).contiguous()
+    alloc.commit_tree_and_draft(rows, index, torch.tensor([2, 1, 4]), 4, 1, 1)
+    assert "_commit_tree_draft_kernel" not in launched and len(launched) == 2, launched
+    check_layout(alloc, ask_free_slots=False)
 
 
 def test_commit_tree_and_draft_takes_one_launch_eagerly_wherever_its_draft_is_one_program(monkeypatch):
@@ -1839,7 +1848,7 @@ def test_ascend_launch_configs_give_the_same_tree_steps(monkeypatch, page_size):
             index, lens = random_paths(rng, len(live), 5)
             kv_src, kv_dst = alloc.commit_tree(live, index, lens)
             results += [t.clone() for t in (slots, src, dst, out, last, kv_src, kv_dst)]
-            # commit_tree_and_draft: one launch for 3 requests, two for all of them on an NPU's tiles.
+            # commit_tree_and_draft: off Ascend one launch for 3 requests and two for all of them; on an NPU two.
             for batch in (live[:3], live):
                 alloc.alloc_tree_draft(batch, 4, 2, 3)
                 index, lens = random_paths(rng, len(batch), 4)
