@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Compile every kernel variant that specdec_ops launches on an Ascend NPU through triton-ascend's real pipeline.
+"""Compile the kernel variants that specdec_ops launches on an Ascend NPU for a workload, through triton-ascend's real
+pipeline (not every mix of callers' dtypes, alignments and page sizes: docs/design.md, "Ascend").
 
 Offline: no NPU, no CANN. Run it in a virtual environment of its own (triton-ascend replaces triton):
 

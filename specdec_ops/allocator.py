@@ -912,10 +912,9 @@ class DraftCacheAllocator:
         elements: ``bs * T`` (32 requests of 8-node trees at ``page_size == 1``; ``bs * T * T`` past 64 nodes there);
         with larger pages the draft is one program up to 16 requests and 512 copy pairs
         (``bs * topk * (page_size - 1)``), or 4 requests, and in eager calls on a device (not capturing a graph) up to
-        16 requests and 2048 pairs. On Ascend,
-        up to 4 requests, with trees and windows of at most 8 nodes (``page_size == 1``) or 32 (larger pages), for its
-        on-chip buffer. Otherwise two launches: the tree commit's, then the draft's, compiled before the first runs,
-        so that once the commit has run only a launch could fail.
+        16 requests and 2048 pairs. On Ascend always two launches (the one kernel's on-chip buffer is not within
+        budget for every tree). Otherwise two launches: the tree commit's, then the draft's, compiled before the
+        first runs, so that once the commit has run only a launch could fail.
 
         Order of the engine's copies: ``kv[kv_dst] = kv[kv_src]`` (the accepted KV into place) **before**
         ``kv[copy_dst] = kv[copy_src]`` (the committed prefix into the branches' pages), as with the two calls.
