@@ -29,6 +29,7 @@ done, so each round also carries a share of one launch and one synchronize) and 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import platform
@@ -61,6 +62,7 @@ __all__ = [
     "Summary",
     "capture_graph",
     "check_graph",
+    "check_options",
     "check_outputs",
     "check_pool",
     "check_variant",
@@ -68,6 +70,7 @@ __all__ = [
     "empty_kernel",
     "environment",
     "format_environment",
+    "gc_off",
     "graph_times",
     "group_suffix",
     "make_input_sets",
@@ -321,7 +324,8 @@ def check_pool(alloc: specdec_ops.DraftCacheAllocator) -> None:
     A page is free (in the free ring), owned by a row in use (the pages of its positions ``[0, alloc_len)``, its
     cached prefix apart), a branch page of a row (tree drafts) or the prefix cache's. Each owned position's slot is
     inside the pool with ``slot % page_size == position % page_size``, no page is split between pages of positions,
-    positions past ``alloc_len`` hold no slot, and a row's prefix pages are the cache's. Raises
+    positions past ``alloc_len`` (every position of a row not in use) hold no slot, and a row's prefix pages are the
+    cache's. Raises
     :class:`PoolMismatch`. Reads the device state directly (rows in chunks) and syncs: call it outside timed regions.
     """
     p, num_pages, device = alloc.page_size, alloc.num_pages, alloc.device
@@ -333,8 +337,9 @@ def check_pool(alloc: specdec_ops.DraftCacheAllocator) -> None:
         counts.add_(torch.bincount(pages, minlength=num_pages + 1))
 
     cache_pages = torch.tensor(alloc.cached_pages(), dtype=torch.int64, device=device)
-    rows = alloc.rows_in_use()
+    rows = list(range(alloc.max_requests))  # (a row not in use has alloc_len -1: it owns nothing, and must be clear)
     context_len = alloc.max_context_len
+    _require((alloc.alloc_lens <= context_len).all(), "an alloc_len past max_context_len")
     chunk = max(1, 2**24 // context_len)
     pos = torch.arange(context_len, device=device)[None, :]
     for first_row in range(0, len(rows), chunk):
@@ -381,16 +386,26 @@ def run_calls(calls: list[Callable[[], object]]) -> None:
         call()
 
 
+@contextlib.contextmanager
+def gc_off():
+    """Python's garbage collector off (after one collection) for host timings, then as it was."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def eager_times(calls: list[Callable[[], object]], device: torch.device, repeats: int, warmup: int) -> list[float]:
     """Seconds per call: synchronize, host clock, the calls back to back, synchronize, host clock; over the count.
 
     One sample per repeat; the ``warmup`` first repeats are dropped. Python's garbage collector is off meanwhile.
     """
     samples = []
-    gc.collect()
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with gc_off():
         for r in range(warmup + repeats):
             backend.synchronize(device)
             start = time.perf_counter()
@@ -400,10 +415,21 @@ def eager_times(calls: list[Callable[[], object]], device: torch.device, repeats
             elapsed = time.perf_counter() - start
             if r >= warmup:
                 samples.append(elapsed / len(calls))
-    finally:
-        if gc_was_enabled:
-            gc.enable()
     return samples
+
+
+def check_options(parser, args, least: dict[str, int]) -> None:
+    """A script's option checks: ``parser.error`` for the first option of ``least`` (its ``dest`` -> the least value
+    it takes; ``None``, an option not given, passes) below its least value, then ``args.device`` resolved
+    (:func:`resolve_device`; an unknown device through ``parser.error`` too)."""
+    for name, minimum in least.items():
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            parser.error(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
+    try:
+        args.device = resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -103,13 +103,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
-    for name in ("batch_size", "page_size", "steps", "max_context_len", "max_prompt_len", "check_every", "timing_reps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.num_draft_tokens < 0:
-        parser.error("--num-draft-tokens must be >= 0")
-    if args.topk < 1 or args.num_steps < 1:
-        parser.error("--topk and --num-steps must be at least 1")
+    positive = ("batch_size", "page_size", "steps", "max_context_len", "max_prompt_len", "check_every", "timing_reps")
+    # (and args.device resolved: cuda:1 made the current device, so that the timing's synchronizations wait for it)
+    harness.check_options(
+        parser, args, {**dict.fromkeys(positive, 1), "num_draft_tokens": 0, "topk": 1, "num_steps": 1}
+    )
     if args.max_prompt_len + args.num_draft_tokens > args.max_context_len:
         parser.error("--max-prompt-len + --num-draft-tokens must fit in --max-context-len")
     if args.num_slots is None:
@@ -121,10 +119,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.num_slots -= args.num_slots % args.page_size
     if args.num_slots < args.page_size * triton.cdiv(args.max_context_len, args.page_size):
         parser.error("--num-slots must hold at least one request of --max-context-len tokens")
-    try:  # (cuda:1 made the current device, so that the timing's synchronizations wait for it)
-        args.device = harness.resolve_device(args.device)
-    except ValueError as error:
-        parser.error(str(error))
     return args
 
 
@@ -140,48 +134,25 @@ def check_state(
     with its previous owner; ``previous`` is what the last check returned. ``committed_only``: only committed
     positions must keep their slots (a tree commit with page 1 re-points the window's uncommitted ones).
     """
-    p = alloc.page_size
     table = alloc.req_to_token.long()
     seq_lens, alloc_lens = alloc.seq_lens, alloc.alloc_lens
     live = torch.zeros(alloc.max_requests, dtype=torch.bool, device=alloc.device)
     live[list(request_ids)] = True
-    pos = torch.arange(alloc.max_context_len, device=alloc.device)
-    owned = live[:, None] & (pos[None, :] < alloc_lens[:, None])  # [rows, positions]
-    cached_prefix = owned & (pos[None, :] < alloc.prefix_lens[:, None])  # on pages of the prefix cache
+    if not bool(((seq_lens <= alloc_lens) | ~live).all()):
+        raise InvariantError("seq_len > alloc_len for a live request")
+    if sorted(request_ids) != alloc.rows_in_use():
+        raise InvariantError("the allocator's rows in use are not the loop's requests")
+    try:  # every page free, a live row's, a branch page or the cache's, exactly once; slots within their pages
+        harness.check_pool(alloc)
+    except harness.PoolMismatch as error:
+        raise InvariantError(str(error)) from None
 
-    def require(ok: torch.Tensor | bool, what: str) -> None:
-        if not bool(ok):
-            raise InvariantError(what)
-
-    require(((seq_lens <= alloc_lens) | ~live).all(), "seq_len > alloc_len for a live request")
-    require((alloc_lens <= alloc.max_context_len).all(), "alloc_len past max_context_len")
-    require((table[~owned] == 0).all(), "a position without a slot holds a non-zero entry")
-    slots = table[owned]
-    require(((slots >= p) & (slots < alloc.total_slots)).all(), "a slot outside the pool")
-    require((slots % p == pos.expand_as(table)[owned] % p).all(), "slot % page_size != pos % page_size")
-    first = table.gather(1, (pos - pos % p).expand_as(table))
-    require((first[owned] // p == slots // p).all(), "a page split between positions of different pages")
-    page_starts = owned & (pos[None, :] % p == 0)
-    owned_pages = table[page_starts & ~cached_prefix] // p
-    cache_pages = torch.tensor(alloc.cached_pages(), dtype=torch.int64, device=alloc.device)
-    require(torch.isin(table[page_starts & cached_prefix] // p, cache_pages).all(), "a prefix page is not cached")
-    # The free ring: free_pages[(head + k) % num_pages] for k < count.
-    head, count = int(alloc.free_head[0]), int(alloc.num_free_pages[0])
-    ring = alloc.free_pages[(head + torch.arange(count, device=alloc.device)) % alloc.num_pages].long()
-    held = torch.arange(alloc.branch_pages.size(1), device=alloc.device)[None, :] < alloc.num_branch_pages[:, None]
-    branch_pages = alloc.branch_pages[held].long()  # tree mode's branch pages, owned by their rows
-    every = torch.cat([owned_pages, ring, cache_pages, branch_pages]).sort().values
-    expected = torch.arange(1, alloc.num_pages + 1, device=alloc.device)
-    require(
-        every.numel() == alloc.num_pages and torch.equal(every, expected),
-        "free, live, branch and cached pages do not account for the pool: a page owned twice, or lost",
-    )
-    require(alloc.num_free_slots() == p * count, "num_free_slots() is off")
     if previous is not None:
         for row, request in request_ids.items():
             if previous["request_ids"].get(row) == request:
                 n = previous["seq_lens" if committed_only else "alloc_lens"][row]
-                require(torch.equal(table[row, :n], previous["table"][row, :n]), f"row {row}: an owned slot moved")
+                if not torch.equal(table[row, :n], previous["table"][row, :n]):
+                    raise InvariantError(f"row {row}: an owned slot moved")
     return {
         "request_ids": dict(request_ids),
         "alloc_lens": alloc_lens.tolist(),

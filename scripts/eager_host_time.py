@@ -24,12 +24,7 @@ Calls (bs --batch-size, N --window-len, buffers given, num_tokens given: the hot
   commit_tree_and_draft
                    DraftCacheAllocator.commit_tree_and_draft(rows, accept_index, accept_lens, N, --topk,
                    --num-steps, with every buffer): the tree commit and the next tree, keeping the branch
-                   pages. One launch where its tree draft is one program and its tree commit one tile; with
-                   this script's page 16: at most 256 // max(next_power_of_2(N), 2) requests (64 at N 4), and
-                   either at most 4 requests or at most 16 whose bs * --topk * 15 branch copy pairs are at
-                   most 2048 (called eagerly on a GPU) or 512 (in a graph, or through the interpreter); else
-                   two launches. At the defaults (bs 64, --topk 4, N 4): two launches; with --topk 4 and N 4,
-                   one up to bs 16 eagerly on a GPU, up to 8 through the interpreter
+                   pages: one launch or two, by the method's own rule (its docstring); two at the defaults
   ... (plan/run)   the same calls through CacheLocsWrapper.run() and DraftStepWrapper.alloc_draft()/commit()/
                    commit_and_draft()/alloc_branches()/commit_tree_and_draft(), planned once with the same
                    arguments (the plan/run form an engine's eager loop uses; the tree calls' wrapper is planned
@@ -70,8 +65,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
-import statistics
 import sys
 import time
 import warnings
@@ -111,15 +104,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=30, help="samples kept per call (default: 30)")
     parser.add_argument("--warmup", type=int, default=5, help="samples run and dropped first (default: 5)")
     args = parser.parse_args(argv)
-    for name in ("batch_size", "window_len", "topk", "num_steps", "iters", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        parser.error(f"--warmup must be at least 0, got {args.warmup}")
-    try:
-        args.device = harness.resolve_device(args.device)
-    except ValueError as error:
-        parser.error(str(error))
+    least = dict.fromkeys(("batch_size", "window_len", "topk", "num_steps", "iters", "repeats"), 1)
+    harness.check_options(parser, args, {**least, "warmup": 0})
     return args
 
 
@@ -285,13 +271,10 @@ def capacity_syncs(pools) -> int:
 
 
 def summarize(seconds: list[float]) -> tuple[float, float, float]:
-    """Median, p20 and p80 of ``seconds`` in µs. The quantiles interpolate between the samples ("inclusive"), so they
-    stay within [min, max] however few samples there are (the default, "exclusive", extrapolates past them)."""
-    if not seconds:
-        raise ValueError("no samples to summarize")
-    us = sorted(s * 1e6 for s in seconds)
-    q = statistics.quantiles(us, n=5, method="inclusive") if len(us) > 1 else [us[0]] * 4
-    return statistics.median(us), q[0], q[3]
+    """Median, p20 and p80 of ``seconds`` in µs (``harness.summarize``: quantiles interpolated between the samples,
+    so within [min, max] however few there are)."""
+    summary = harness.summarize(seconds)
+    return summary.median_us, summary.p20_us, summary.p80_us
 
 
 def host_python_times(calls: dict[str, object], args: argparse.Namespace) -> dict[str, tuple[float, float, float]]:
@@ -300,27 +283,23 @@ def host_python_times(calls: dict[str, object], args: argparse.Namespace) -> dic
     real, real_prepared = backend.launch, backend.Launch.__call__
     backend.launch = lambda *a, **k: None
     backend.Launch.__call__ = lambda self: None
-    gc.collect()
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
     try:
         results = {}
-        for name, call in calls.items():
-            if name == "empty launch":
-                continue
-            samples = []
-            for i in range(args.warmup + args.repeats):
-                began = time.perf_counter_ns()
-                for _ in range(args.iters):
-                    call()
-                if i >= args.warmup:
-                    samples.append((time.perf_counter_ns() - began) / args.iters / 1e9)
-            results[name] = summarize(samples)
+        with harness.gc_off():
+            for name, call in calls.items():
+                if name == "empty launch":
+                    continue
+                samples = []
+                for i in range(args.warmup + args.repeats):
+                    began = time.perf_counter_ns()
+                    for _ in range(args.iters):
+                        call()
+                    if i >= args.warmup:
+                        samples.append((time.perf_counter_ns() - began) / args.iters / 1e9)
+                results[name] = summarize(samples)
         return results
     finally:
         backend.launch, backend.Launch.__call__ = real, real_prepared
-        if gc_was_enabled:
-            gc.enable()
 
 
 def label(name: str) -> str:

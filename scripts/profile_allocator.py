@@ -127,17 +127,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out-dir", type=Path, default=Path("out/allocator"), help="default out/allocator")
     parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG (no matplotlib needed)")
     args = parser.parse_args(argv)
-    for name in ("calls", "repeats"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        parser.error(f"--warmup must be at least 0, got {args.warmup}")
-    if args.prefix_pages < 0:
-        parser.error(f"--prefix-pages must be at least 0, got {args.prefix_pages}")
-    try:
-        args.device = harness.resolve_device(args.device)
-    except ValueError as error:
-        parser.error(str(error))
+    harness.check_options(parser, args, {"calls": 1, "repeats": 1, "warmup": 0, "prefix_pages": 0})
     interpreted = backend.is_interpreted(args.device)
     args.mode = "graph" if harness.supports_graphs(args.device) and not interpreted else "eager"
     args.batch_sizes = args.batch_sizes or ([1, 16, 64] if interpreted else [1, 16, 64, 256, 1024, 4096, 16384])

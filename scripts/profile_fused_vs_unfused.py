@@ -221,16 +221,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG (no matplotlib needed)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    args.device = _resolve_device(parser, args.device)
+    harness.check_options(parser, args, {})
     _apply_defaults(parser, args)
     return args
-
-
-def _resolve_device(parser: argparse.ArgumentParser, name: str | None) -> torch.device:
-    try:
-        return harness.resolve_device(name)
-    except ValueError as error:
-        parser.error(str(error))
 
 
 def _apply_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -1493,9 +1493,9 @@ class DraftCacheAllocator:
         capped (``counted``: a tree draft that reads its counts from the launch before it)."""
         p = self.page_size
         if backend.is_npu(self.device):
-            if p > 1:  # one block for every tree: with [TILE, 4] windows a 16-wide block needs 179-188 KiB of UB
-                return _NPU_BRANCH_BLOCK
             block = _NPU_BRANCH_BLOCK
+            if p > 1:  # one block for every tree: with [TILE, 4] windows a 16-wide block needs 179-188 KiB of UB
+                return block
         elif p > 1:
             block = _COPY_COUNTED_BLOCK if counted else _COPY_BRANCH_BLOCK
         else:
