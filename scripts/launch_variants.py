@@ -29,7 +29,7 @@ PROFILES = {
     "mix": ("int64", "int32", "int64", "int32", "int64"),
 }
 WINDOWS = [None, *range(0, 65)]  # None: ragged
-PAGE_SIZES = [1, 16, 64, 128]
+PAGE_SIZES = [1, 16, 64, 128]  # every size an NPU takes (allocator.NPU_PAGE_SIZES): tested against it
 DRAFT_LENS = range(1, 65)
 ROW_KINDS = ("int64", "int32", "list")
 # Batches past one program, exercised again with int64 rows and these draft lengths where a target's launch
@@ -43,7 +43,8 @@ LARGE_DRAFT_LENS = (1, 2, 4, 8, 16, 33, 64)
 class Launch:
     module: str  # specdec_ops.kernels.<module>
     kernel: str
-    tensors: tuple[tuple[str, bool], ...]  # (dtype, 16-byte aligned) per tensor argument
+    # (dtype, 16-byte aligned) per tensor argument; aligned is None where the kernel does not specialise on it (NPU)
+    tensors: tuple[tuple[str, bool | None], ...]
     scalars: tuple[int, ...]
     constexprs: tuple[tuple[str, object], ...]
     num_warps: int
@@ -55,7 +56,7 @@ class Launch:
     @property
     def label(self) -> str:
         short = {"int32": "i32", "int64": "i64"}
-        dtypes = "/".join(short.get(d, d) + ("" if aligned else "~") for d, aligned in self.tensors)
+        dtypes = "/".join(short.get(d, d) + ("~" if aligned is False else "") for d, aligned in self.tensors)
         cx = ",".join(f"{k}={v}" for k, v in self.constexprs)
         return f"{self.kernel}[{dtypes},{cx}]"
 
@@ -63,7 +64,8 @@ class Launch:
 class Recorder:
     """Stands in for backend.launch: records each launch and the public method that made it, runs nothing."""
 
-    def __init__(self, real_launch):
+    def __init__(self, real_launch, backend):
+        self.backend = backend  # specdec_ops.backend, whose is_npu answers as the recording's target
         self.signature = inspect.signature(real_launch)
         self.launches: dict[tuple, Launch] = {}
         self.by_method: dict[str, int] = {}
@@ -74,10 +76,14 @@ class Recorder:
         bound.apply_defaults()
         a = bound.arguments
         fn = getattr(a["kernel"], "fn", a["kernel"])
+        # On an NPU the kernels do not specialise on alignment (backend.unspecialised_function): one variant.
+        npu = self.backend.is_npu(a["device"])
         launch = Launch(
             module=fn.__module__,
             kernel=fn.__name__,
-            tensors=tuple((str(t.dtype).replace("torch.", ""), t.data_ptr() % 16 == 0) for t in a["tensors"]),
+            tensors=tuple(
+                (str(t.dtype).replace("torch.", ""), None if npu else t.data_ptr() % 16 == 0) for t in a["tensors"]
+            ),
             scalars=tuple(int(s) for s in a["scalars"]),
             constexprs=tuple((k, v) for k, v in a["constexprs"]),
             num_warps=int(a.get("num_warps") or 0),
@@ -371,7 +377,7 @@ def record_launches(*backends: dict) -> tuple[list[Launch], Recorder, list[str],
     sys.path.insert(0, str(REPO))
     from specdec_ops import backend
 
-    rec = Recorder(backend.launch)
+    rec = Recorder(backend.launch, backend)
     for fakes in backends:
         with answering_as(rec, **fakes):
             exercise_ops(rec)
@@ -385,14 +391,24 @@ def init_worker(path: str) -> None:
     os.environ.pop("TRITON_INTERPRET", None)
 
 
-def kernel_and_tensors(launch: Launch):
-    """The jitted kernel of ``launch`` from its normal (not interpreted) module, and CPU tensors of its dtypes and
-    16-byte alignment (64 elements each) to bind it with: what a compile check needs instead of the real tensors."""
+def kernel_and_tensors(launch: Launch, npu: bool = False):
+    """The jitted kernel of ``launch``, from its normal (not interpreted) module or, with ``npu``, from the module as
+    an NPU runs it (backend.npu_kernels), and CPU tensors of its dtypes and 16-byte alignment (64 elements each) to
+    bind it with: what a compile check needs instead of the real tensors."""
     import importlib
 
-    fn = getattr(importlib.import_module(launch.module), launch.kernel)
+    from specdec_ops import backend
+
+    prefix = "specdec_ops.kernels."
+    if npu:
+        if not launch.module.startswith(prefix):
+            raise ValueError(f"launch.module must be a module of {prefix}*, got {launch.module}")
+        module = backend.npu_kernels(launch.module[len(prefix) :])
+    else:
+        module = importlib.import_module(launch.module)
+    fn = getattr(module, launch.kernel)
     tensors = []
     for dtype, aligned in launch.tensors:
         buf = torch.zeros(80, dtype=getattr(torch, dtype))
-        tensors.append(buf[:64] if aligned else buf[1:65])
+        tensors.append(buf[1:65] if aligned is False else buf[:64])
     return fn, tensors

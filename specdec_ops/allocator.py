@@ -60,9 +60,11 @@ __all__ = [
 
 # Pools and contexts stay below 2**30 so that ring offsets and window ends stay exact int32 sums in the kernels.
 _SIZE_LIMIT = 2**30
-# bishengir lowers vector int32 `//` through float32: exact below 2**24. Page sizes that are not powers of two
-# divide, so on an NPU their pools and contexts must stay below this.
-_NPU_EXACT_DIV_LIMIT = 2**24
+# The page sizes an NPU takes: those whose kernel variants the offline Ascend compile check compiles
+# (scripts/ascend_compile_check.py exercises exactly these). PAGE_SIZE is a constexpr, so another size would run
+# kernels no check compiled. All are powers of two, so page numbers are shifts: bishengir lowers vector int32 `//`
+# through float32, exact only below 2**24.
+NPU_PAGE_SIZES = (1, 16, 64, 128)
 # Launch configuration of the allocation kernel: [TILE, BLOCK_N] window tiles of at most _ALLOC_ELEMENTS slots and
 # at most _MAX_TILE requests per program; every program sums the page needs of earlier requests _SCAN_BLOCK at a
 # time. Tests shrink them to span many programs with few requests. Ascend takes smaller tiles (its on-chip buffer,
@@ -426,14 +428,11 @@ class DraftCacheAllocator:
         # took 0.5-1.9 us more at 4096-16384 requests (H200, docs/performance.md).
         self._pdl = backend.pdl_level(self.device)
         self._pdl_branches = backend.pdl_level(self.device, next_early=False)
-        if backend.is_npu(self.device) and self._page_shift < 0:
-            # Slots and positions are divided by the page size on the vector unit: exact only below 2**24 there.
-            if num_slots + page_size >= _NPU_EXACT_DIV_LIMIT or max_context_len >= _NPU_EXACT_DIV_LIMIT:
-                raise ValueError(
-                    f"on an NPU, a page_size that is not a power of two needs num_slots + page_size and "
-                    f"max_context_len below 2**24 (exact division there), got page_size = {page_size}, "
-                    f"num_slots + page_size = {num_slots + page_size}, max_context_len = {max_context_len}"
-                )
+        if backend.is_npu(self.device) and page_size not in NPU_PAGE_SIZES:
+            raise ValueError(
+                f"on an NPU, page_size must be one of {', '.join(map(str, NPU_PAGE_SIZES))} (the sizes the offline "
+                f"Ascend compile check compiles), got {page_size}"
+            )
         self.page_size = page_size
         self._context_pages = _pages(max_context_len, page_size)  # pages of a full context
         self.num_slots = num_slots

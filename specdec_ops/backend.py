@@ -93,40 +93,71 @@ def kernels(module_name: str, device: torch.device) -> ModuleType:
     module = _modules.get((module_name, device))
     if module is None:
         check_device(device)
+        kind = "interpreted" if is_interpreted(device) else "npu" if is_npu(device) else "compiled"
         with _modules_lock:
-            module = _modules_by_type.get((module_name, device.type))
+            module = _modules_by_type.get((module_name, kind))
             if module is None:
-                module = _kernel_module(module_name, is_interpreted(device))
-                _modules_by_type[(module_name, device.type)] = module
+                module = _modules_by_type[(module_name, kind)] = _kernel_module(module_name, kind)
             _modules[(module_name, device)] = module
+    return module
+
+
+def npu_kernels(module_name: str) -> ModuleType:
+    """The kernel module ``specdec_ops.kernels.<module_name>`` as an NPU runs it: each kernel a function of its
+    tensors' dtypes and its constexprs only (``unspecialised_function``). The offline Ascend compile check compiles
+    these very functions."""
+    with _modules_lock:
+        module = _modules_by_type.get((module_name, "npu"))
+        if module is None:
+            module = _modules_by_type[(module_name, "npu")] = _kernel_module(module_name, "npu")
     return module
 
 
 # Keyed by device as well as by its type: torch.device.type costs more than a dict lookup on the device.
 _modules: dict[tuple[str, torch.device], ModuleType] = {}
-_modules_by_type: dict[tuple[str, str], ModuleType] = {}
+_modules_by_type: dict[tuple[str, str], ModuleType] = {}  # by (module, kind of _kernel_module)
 _modules_lock = threading.Lock()
 
 
-def _kernel_module(module_name: str, interpreted: bool) -> ModuleType:
+def _kernel_module(module_name: str, kind: str) -> ModuleType:
+    """``specdec_ops.kernels.<module_name>`` as ``kind`` runs it: "compiled" (the module itself), "interpreted" or
+    "npu" (private copies)."""
     name = f"{__package__}.kernels.{module_name}"
-    if not interpreted:
+    if kind == "compiled":
         return importlib.import_module(name)
-    # A private copy of the module whose @triton.jit functions run in Triton's interpreter. It is built without
-    # setting TRITON_INTERPRET (a process-wide variable that Triton reads whenever any function is decorated, in
-    # any thread): the copy is executed as usual, then each of its own jit functions is replaced by an interpreted
-    # one. Calls between them go through the copy's namespace, so nested kernel calls interpret too.
+    if kind not in ("interpreted", "npu"):
+        raise ValueError(f"kind must be 'compiled', 'interpreted' or 'npu', got {kind!r}")
+    # A private copy of the module: it is executed as usual, then each of its own jit functions is replaced by its
+    # twin. Calls between them go through the copy's namespace, so nested kernel calls take the twins too. The
+    # interpreted copy is built without setting TRITON_INTERPRET (a process-wide variable that Triton reads whenever
+    # any function is decorated, in any thread).
     spec = importlib.util.find_spec(name)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     namespace = vars(module)
+    twin = interpreted_function if kind == "interpreted" else unspecialised_function
     for key, value in list(namespace.items()):
         if isinstance(value, JITFunction) and value.fn.__globals__ is namespace:
-            namespace[key] = interpreted_function(value)
-    # Triton 3.6's interpreter turns a loop bound into an int with int() of a 1-element array, which NumPy >= 2.4
-    # refuses ("only 0-dimensional arrays can be converted to Python scalars"). The copy's `range` converts it.
-    namespace["range"] = _interpreter_range
+            namespace[key] = twin(value)
+    if kind == "interpreted":
+        # Triton 3.6's interpreter turns a loop bound into an int with int() of a 1-element array, which NumPy >= 2.4
+        # refuses ("only 0-dimensional arrays can be converted to Python scalars"). The copy's `range` converts it.
+        namespace["range"] = _interpreter_range
     return module
+
+
+def unspecialised_function(fn: JITFunction) -> JITFunction:
+    """The twin of the jit function ``fn`` that specialises on no argument's value: neither a tensor's 16-byte
+    alignment nor a scalar's divisibility by 16 or equality to 1. What it compiles to is then a function of its
+    tensors' dtypes and its constexprs alone, so a compile check that covers those covers every launch. Used on
+    NPUs, where the 16-byte alignment only ever changed an argument attribute of the compiled module (the
+    HIVM module bishengir plans was otherwise the same: docs/design.md, "Ascend")."""
+    names = [p.name for p in fn.params if not p.is_constexpr]
+    options = ("version", "debug", "noinline", "launch_metadata", "bishengir_option")  # the last: triton-ascend's
+    kwargs = {name: getattr(fn, name) for name in options if hasattr(fn, name)}
+    return JITFunction(
+        fn.fn, do_not_specialize=names, do_not_specialize_on_alignment=names, repr=getattr(fn, "_repr", None), **kwargs
+    )
 
 
 def interpreted_function(fn: JITFunction) -> InterpretedFunction:
@@ -239,10 +270,10 @@ def launch(
 
     The kernel's parameters must be the tensors, then the scalars, then the constexprs, in that order,
     and every scalar must be ``do_not_specialize`` and below 2**31 (Triton then specialises only on the
-    tensors' dtypes and 16-byte alignment, and the constexprs). On CUDA the first launch of each such
-    specialisation goes through Triton, which compiles it; later ones call the compiled kernel's
-    launcher directly, skipping Triton's argument binding and cache lookup (about 6 us of Python per
-    launch on an H200 host). Other backends always go through Triton. Safe to call from several threads.
+    tensors' dtypes and 16-byte alignment, and the constexprs; on an NPU not on alignment either, ``npu_kernels``).
+    On CUDA the first launch of each such specialisation goes through Triton, which compiles it; later ones call
+    the compiled kernel's launcher directly, skipping Triton's argument binding and cache lookup (about 6 us of
+    Python per launch on an H200 host). Other backends always go through Triton. Safe to call from several threads.
     """
     fast = _fast_devices.get(device)
     if fast is None:

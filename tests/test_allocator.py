@@ -1675,15 +1675,17 @@ def test_power_of_two_pages_shift_and_others_divide():
     assert [allocator_module._page_shift(p) for p in (1, 2, 16, 64, 128, 3, 12, 96)] == [0, 1, 4, 6, 7, -1, -1, -1]
 
 
-def test_npu_refuses_pools_that_its_division_cannot_handle(monkeypatch):
-    """On an NPU a page size that is not a power of two divides in float32: exact only below 2**24."""
+def test_npu_takes_only_the_page_sizes_its_compile_check_compiles(monkeypatch):
+    """PAGE_SIZE is a constexpr: on an NPU another size would run kernels no check compiled (and a size that is not a
+    power of two would divide in float32, exact only below 2**24)."""
     monkeypatch.setattr(backend, "is_npu", lambda device: True)
-    with pytest.raises(ValueError, match=r"on an NPU, a page_size that is not a power of two needs .* below 2\*\*24"):
-        DraftCacheAllocator(3 * 2**23, 2, 16, page_size=3, device="cpu")
-    with pytest.raises(ValueError, match=r"max_context_len = 16777216"):
-        DraftCacheAllocator(3 * 16, 1, 2**24, page_size=3, device="meta")
-    DraftCacheAllocator(3 * 1000, 2, 16, page_size=3, device="cpu")  # small pools are exact
-    DraftCacheAllocator(64, 2, 2**24, page_size=64, device="meta")  # powers of two shift: any size
+    for page_size in (2, 3, 32, 256):
+        with pytest.raises(ValueError, match=rf"on an NPU, page_size must be one of 1, 16, 64, 128 .*got {page_size}$"):
+            DraftCacheAllocator(page_size * 64, 2, 16, page_size=page_size, device="cpu")
+    for page_size in allocator_module.NPU_PAGE_SIZES:
+        DraftCacheAllocator(page_size * 64, 2, 2**24, page_size=page_size, device="meta")  # shifts: any size
+    monkeypatch.setattr(backend, "is_npu", lambda device: False)
+    DraftCacheAllocator(3 * 64, 2, 16, page_size=3, device="cpu")  # elsewhere any size
 
 
 def test_pool_limits():

@@ -120,7 +120,7 @@ def test_building_the_cpu_kernels_leaves_other_threads_jit_compiled(monkeypatch)
             monkeypatch.setattr(backend, "_modules", {})
             monkeypatch.setattr(backend, "_modules_by_type", {})
             cpu = backend.kernels("cache_locs", torch.device("cpu"))
-            compiled = backend._kernel_module("cache_locs", interpreted=False)
+            compiled = backend._kernel_module("cache_locs", "compiled")
             assert isinstance(cpu._get_last_loc_and_assign_extend_cache_locs_kernel, InterpretedFunction)
             assert isinstance(cpu._cache_locs_program, InterpretedFunction)
             assert isinstance(compiled._get_last_loc_and_assign_extend_cache_locs_kernel, JITFunction)
@@ -301,3 +301,40 @@ def test_gpu_host_staging_leaves_what_it_cannot_take_to_the_caller():
         assert staging.stage([1, 2]) is None
     assert staging.stage([1] * 5) is None
     assert staging.stage([2**63]) is None
+
+
+@pytest.mark.parametrize("module_name", ["cache_locs", "allocator"])
+def test_npu_kernels_specialise_on_no_argument_value(module_name):
+    # What an NPU compiles is then a function of dtypes and constexprs alone, the key of the offline Ascend check.
+    npu = backend.npu_kernels(module_name)
+    compiled = backend._kernel_module(module_name, "compiled")
+    assert backend.npu_kernels(module_name) is npu
+    kernels = [
+        name
+        for name, value in vars(npu).items()
+        if isinstance(value, JITFunction) and value.fn.__globals__ is vars(npu) and name.endswith("_kernel")
+    ]
+    assert len(kernels) >= 3
+    for name in kernels:
+        fn, original = getattr(npu, name), getattr(compiled, name)
+        assert fn is not original and fn.src == original.src
+        values = [p for p in fn.params if not p.is_constexpr]
+        assert values, name
+        assert all(p.do_not_specialize and p.do_not_specialize_on_alignment for p in values), name
+        # The CUDA module keeps its specialisation on 16-byte alignment.
+        assert not all(p.do_not_specialize_on_alignment for p in original.params if not p.is_constexpr), name
+    # Helpers called from a kernel are the copy's own, so nested calls stay in the NPU build.
+    helpers = [v for k, v in vars(npu).items() if isinstance(v, JITFunction) and not k.endswith("_kernel")]
+    assert any(v.fn.__globals__ is vars(npu) for v in helpers)
+
+
+def test_an_npu_device_gets_the_npu_kernels(monkeypatch):
+    monkeypatch.setattr(backend, "_modules", {})
+    monkeypatch.setattr(backend, "_modules_by_type", {})
+    monkeypatch.setattr(backend, "is_npu", lambda device: device.type == "meta")
+    monkeypatch.setattr(backend, "_DEVICE_TYPES", (*backend._DEVICE_TYPES, "meta"))
+    npu = backend.kernels("cache_locs", torch.device("meta"))
+    assert npu is backend.npu_kernels("cache_locs")
+    kernel = npu._get_last_loc_kernel
+    assert all(p.do_not_specialize_on_alignment for p in kernel.params if not p.is_constexpr)
+    assert backend.kernels("cache_locs", torch.device("cpu")) is not npu

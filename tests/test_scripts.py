@@ -14,6 +14,7 @@ from conftest import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import specdec_ops
 from benchmarks import harness
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -243,3 +244,33 @@ def test_tree_step_check_at_page_1_can_fail(variant):
     step.out[step.out.numel() - 1] += 1  # the last request's last node: never accepted (paths take at most 4)
     with pytest.raises(harness.OutputMismatch):
         step.check_window("page 1", start)
+
+
+def test_the_variant_workload_exercises_every_page_size_an_npu_takes():
+    from specdec_ops.allocator import NPU_PAGE_SIZES
+
+    launch_variants = load_script("launch_variants")
+    assert set(NPU_PAGE_SIZES) <= set(launch_variants.PAGE_SIZES)
+
+
+def test_npu_variants_leave_alignment_out_and_compile_from_the_npu_build():
+    from specdec_ops import backend
+
+    launch_variants = load_script("launch_variants")
+    npu = {"is_npu": lambda device: True, "prefers_persistent_grid": lambda device: True, "num_cores": lambda d: 40}
+    rec = launch_variants.Recorder(backend.launch, backend)
+    table = torch.arange(40, dtype=torch.int32).reshape(4, 10)
+    rows = torch.zeros(3, dtype=torch.int64)
+    lens = torch.full((4,), 2, dtype=torch.int64)[1:]  # not 16-byte aligned
+    with launch_variants.answering_as(rec, **npu):
+        specdec_ops.get_last_loc(table, rows, lens)
+    (launch,) = rec.launches.values()
+    assert [aligned for _, aligned in launch.tensors] == [None] * len(launch.tensors)
+    assert "~" not in launch.label
+    fn, tensors = launch_variants.kernel_and_tensors(launch, npu=True)
+    assert fn is backend.npu_kernels("cache_locs")._get_last_loc_kernel
+    assert [str(t.dtype)[6:] for t in tensors] == [d for d, _ in launch.tensors]
+    with launch_variants.answering_as(rec, is_npu=lambda device: False):
+        specdec_ops.get_last_loc(table, rows, lens)
+    cuda = [v for v in rec.launches.values() if v is not launch]
+    assert len(cuda) == 1 and False in [aligned for _, aligned in cuda[0].tensors]

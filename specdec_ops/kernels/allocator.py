@@ -49,7 +49,7 @@ two lets the second start at either level.
 Ascend rules (shared/ASCEND.md): lengths, positions, page numbers and ring offsets are int32 (the host keeps pools
 below 2**30 pages and contexts below 2**30); table addresses are int64. Page arithmetic uses shifts when
 ``PAGE_SIZE`` is a power of two (``PAGE_SHIFT >= 0``), as bishengir lowers vector int32 ``//`` through float32,
-exact only below 2**24 (the host refuses, on an NPU, pools where a non-power-of-two page size would need more).
+exact only below 2**24 (an NPU takes only power-of-two page sizes, allocator.NPU_PAGE_SIZES).
 Every access is masked, so rows out of range are skipped and garbage values never lead outside a tensor.
 
 Sums and scans call ``tl.reduce``/``tl.associative_scan`` with Triton's own combine functions: the wrappers
