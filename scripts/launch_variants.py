@@ -114,6 +114,8 @@ def exercise_ops(rec: Recorder) -> None:
 
     bs, rows_n, ctx = 70, 9, 200  # two ragged tiles, several uniform ones
     for pname, (tab, idx, off, out, last) in PROFILES.items():
+        if _recording_npu() and "int32" in (idx, off, out, last):
+            continue  # an NPU takes int64 index tensors only, beside an int32 or int64 table (check_npu_dtypes)
         for misalign in (False, True) if pname == "sglang" else (False,):
             table = _tensor(torch.arange(rows_n * ctx).reshape(rows_n, ctx), tab, misalign)
             rows = _tensor(torch.arange(bs) % rows_n, idx, misalign)
@@ -136,8 +138,16 @@ def exercise_ops(rec: Recorder) -> None:
                     specdec_ops.get_last_loc_and_assign_extend_cache_locs(table, rows, start, end, **kw)
 
 
+def _recording_npu() -> bool:
+    from specdec_ops import backend
+
+    return backend.is_npu(torch.device("cpu"))  # (answering_as makes it answer for the target)
+
+
 def _int32(n: int, fill: int = 0) -> torch.Tensor:
-    return torch.full((n,), fill, dtype=torch.int32)
+    """A caller's int32 tensor, or int64 when recording as an NPU, which takes int64 index tensors only
+    (checks.check_npu_dtypes)."""
+    return torch.full((n,), fill, dtype=torch.int64 if _recording_npu() else torch.int32)
 
 
 # The allocator's public methods and how to call them: (name, call(alloc, rows, n)). Add new methods here; a name
@@ -176,13 +186,10 @@ def _in_two_launches(alloc, rows, n: int) -> None:
         module._COMMIT_DRAFT_MAX_BATCH = limit
 
 
-def _npu_trial(alloc, rows) -> bool:
-    """Whether to make the trials for an NPU's on-chip buffer below: recording as an NPU, with rows that reach the
-    kernels as int64 (a list, copied as int64, or an int64 tensor; int32 rows would double their variants, and CI's
-    check has a time budget)."""
-    from specdec_ops import backend
-
-    return backend.is_npu(alloc.device) and (isinstance(rows, list) or rows.dtype == torch.int64)
+def _npu_trial(alloc) -> bool:
+    """Whether to make the trials for an NPU's on-chip buffer below: recording as an NPU (CI's CUDA check has a time
+    budget)."""
+    return _recording_npu()
 
 
 def _tree_size(alloc, n: int) -> int:
@@ -213,14 +220,11 @@ def _tree_step(
     counts: bool = False,
     topk: int = 4,
     steps: int | None = None,
-    int32_buffers: bool = False,
 ) -> None:
     """commit_tree_and_draft of trees of ``_tree_size`` nodes, then windows of as many (or ``window``): one launch for
     3 rows (one program) where the target takes one, or as it runs past one program (two: the tree commit and the
     draft, or with ``counts`` as past one program of the draft, the tree commit with the draft's counts and the
-    draft from them); ``topk`` branches of ``steps`` (default ``n``) steps; ``int32_buffers``: an int32 ``kv_src`` and
-    ``out_cache_loc`` beside the int64 buffers the call makes (the on-chip buffer of a kernel depends on its mix of
-    dtypes, docs/design.md, "Ascend")."""
+    draft from them); ``topk`` branches of ``steps`` (default ``n``) steps."""
     t = _tree_size(alloc, n)
     index = torch.arange(t, dtype=torch.int64).expand(len(rows), t).contiguous()
     cls = type(alloc)
@@ -230,9 +234,8 @@ def _tree_step(
         cls._tree_step_counts = lambda self, *args: counts
     try:
         w = t if window is None else window
-        buffers = dict(kv_src=_int32(len(rows) * t), out_cache_loc=_int32(len(rows) * w)) if int32_buffers else {}
         accept = _int32(len(rows), t // 2)
-        alloc.commit_tree_and_draft(rows, index, accept, w, topk, n if steps is None else steps, **buffers)
+        alloc.commit_tree_and_draft(rows, index, accept, w, topk, n if steps is None else steps)
     finally:
         cls._tree_step_in_one_launch, cls._tree_step_counts = in_one, with_counts
 
@@ -275,19 +278,15 @@ ALLOCATOR_METHODS = [
     ("commit_tree_and_draft", lambda alloc, rows, n: _tree_step(alloc, rows, n, window=1)),  # a small window
     ("commit_tree_and_draft", lambda alloc, rows, n: _tree_step(alloc, rows, n, one_launch=False)),
     ("commit_tree_and_draft", lambda alloc, rows, n: _tree_step(alloc, rows, n, one_launch=False, counts=True)),
-    # One branch of one step, and int32 buffers beside int64 ones (an audit found the one-launch kernel's on-chip
-    # buffer past budget there on an NPU, where the workload above had not gone).
+    # One branch of one step (an audit found a kernel's on-chip buffer past budget there on an NPU, where the workload
+    # above had not gone).
     (
         "alloc_tree_draft",
-        lambda alloc, rows, n: _npu_trial(alloc, rows) and alloc.alloc_tree_draft(rows, _tree_size(alloc, n), 1, 1),
+        lambda alloc, rows, n: _npu_trial(alloc) and alloc.alloc_tree_draft(rows, _tree_size(alloc, n), 1, 1),
     ),
     (
         "commit_tree_and_draft",
-        lambda alloc, rows, n: _npu_trial(alloc, rows) and _tree_step(alloc, rows, n, topk=1, steps=1),
-    ),
-    (
-        "commit_tree_and_draft",
-        lambda alloc, rows, n: _npu_trial(alloc, rows) and _tree_step(alloc, rows, n, int32_buffers=True),
+        lambda alloc, rows, n: _npu_trial(alloc) and _tree_step(alloc, rows, n, topk=1, steps=1),
     ),
     ("commit_tree", _commit_tree),
     ("alloc_branches", _branches),
@@ -316,7 +315,8 @@ def exercise_allocator(rec: Recorder) -> tuple[list[str], list[str]]:
     # released branch pages, so the calls after a release launch their release variants) and with refresh() after
     # each call (a sync: the host knows exactly which rows hold branch pages, so those calls take the variants
     # without a release, as they do where no branch page was ever taken). Lists are known exactly either way.
-    runs = [(kind, exact) for kind in ROW_KINDS for exact in (False, True) if not exact or kind != "list"]
+    kinds = [kind for kind in ROW_KINDS if kind != "int32" or not _recording_npu()]  # (NPU: int64 only)
+    runs = [(kind, exact) for kind in kinds for exact in (False, True) if not exact or kind != "list"]
     for page_size in PAGE_SIZES:
         for kind, exact in runs:
             for n in DRAFT_LENS:

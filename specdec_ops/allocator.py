@@ -45,6 +45,7 @@ from .checks import INDEX_DTYPES as _INDEX_DTYPES
 from .checks import INT32_LIMIT as _INT32_LIMIT
 from .checks import UNPLANNED, BoundTensors
 from .checks import check_disjoint as _check_disjoint
+from .checks import check_npu_dtypes as _check_npu_dtypes
 from .checks import check_vector as _check_vector
 from .checks import type_name as _type_name
 from .staging import HostStaging
@@ -614,7 +615,9 @@ class DraftCacheAllocator:
                 if prefix is None:
                     self._launch_alloc(rows_t, 0, None, ends, None, None, None, wide=wide)
                 else:
-                    slots = prefix_slots.to(self.device)
+                    # (on an NPU as int64, the dtype its kernels are compiled for: check_npu_dtypes)
+                    dtype = torch.int64 if backend.is_npu(self.device) else prefix_slots.dtype
+                    slots = prefix_slots.to(self.device, dtype)
                     if slots.stride(-1) != 1:
                         slots = slots.contiguous()
                     self._launch_alloc(rows_t, 0, values[2 * n :], ends, slots, None, None, wide=wide)
@@ -1970,6 +1973,8 @@ class DraftCacheAllocator:
             raise ValueError(f"accept_index must have shape [{bs}, T], got {tuple(accept_index.shape)}")
         if accept_index.device != self.device:
             raise ValueError(f"accept_index must be on {self.device}, got {accept_index.device}")
+        if backend.is_npu(self.device):
+            _check_npu_dtypes({"accept_index": accept_index})
         tree = accept_index.size(1)
         if tree > 1 and accept_index.stride(1) != 1:
             raise ValueError(f"accept_index must have unit stride along T, got strides {accept_index.stride()}")
@@ -2762,6 +2767,8 @@ class DraftCacheAllocator:
     def _check_int_tensor(self, name: str, tensor: torch.Tensor, *, check_device: bool) -> None:
         if check_device:  # the ops' check: 1-D, int32/int64, contiguous, on the device of req_to_token
             _check_vector(name, tensor, self.device, None)
+            if backend.is_npu(self.device):
+                _check_npu_dtypes({name: tensor})
             return
         if tensor.dtype not in _INDEX_DTYPES:
             raise TypeError(f"{name} must be int32 or int64, got {tensor.dtype}")

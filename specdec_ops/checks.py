@@ -19,6 +19,7 @@ __all__ = [
     "BoundTensors",
     "check_count",
     "check_disjoint",
+    "check_npu_dtypes",
     "check_out",
     "check_table",
     "check_vector",
@@ -28,6 +29,19 @@ __all__ = [
 INDEX_DTYPES = (torch.int32, torch.int64)
 # Lengths, positions, offsets and table dimensions are int32 inside the kernels.
 INT32_LIMIT = 2**31
+
+
+def check_npu_dtypes(tensors: dict[str, torch.Tensor | None]) -> None:
+    """On an NPU: every index tensor passed (``None``: not given) is int64, ``req_to_token`` (not passed here) aside.
+    Kernel variants are their dtypes and constexprs there (``backend.npu_kernels``), and the offline Ascend compile
+    check compiles int64 index tensors beside an int32 or int64 table: another dtype would launch a variant no check
+    compiled. ``TypeError`` naming the first that is not int64."""
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.dtype is not torch.int64:
+            raise TypeError(
+                f"on an NPU, {name} must be int64 (the dtype whose kernels the offline Ascend compile check compiles; "
+                f"convert with .long()), got {tensor.dtype}"
+            )
 
 
 def check_table(req_to_token: torch.Tensor) -> None:

@@ -19,6 +19,7 @@ from .checks import (
     BoundTensors,
     check_count,
     check_disjoint,
+    check_npu_dtypes,
     check_out,
     check_table,
     check_vector,
@@ -330,6 +331,8 @@ def get_last_loc(
         check_vector("prefix_lens", prefix_lens, device, bs)
         if last_loc is not None:
             check_vector("last_loc", last_loc, device, bs)
+    if backend.is_npu(device):
+        check_npu_dtypes({"req_pool_indices": req_pool_indices, "prefix_lens": prefix_lens, "last_loc": last_loc})
     if last_loc is None:
         last_loc = torch.empty(bs, dtype=prefix_lens.dtype, device=device)
     elif validate:  # (as the window ops check their buffers)
@@ -413,6 +416,9 @@ def _prepare_windows(
         check_vector("end_offset", end_offset, device, bs)
         if last_loc is not None:
             check_vector("last_loc", last_loc, device, bs)
+    if backend.is_npu(device):
+        given = {"req_pool_indices": req_pool_indices, "start_offset": start_offset, "end_offset": end_offset}
+        check_npu_dtypes({**given, "out_cache_loc": out_cache_loc, "last_loc": last_loc})
     num_tokens = check_count("num_tokens", num_tokens)
     window_len = check_count("window_len", window_len)
     if window_len is not None:

@@ -56,6 +56,13 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.write_line(f"{count:5d} skipped: {reason}")
 
 
+def device_index_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+    """``dtype`` for an index tensor given to the library on ``device``: int64 on an NPU, which takes no other
+    (checks.check_npu_dtypes)."""
+    return torch.int64 if torch.device(device).type == "npu" else dtype
+
+
 def sentinel_like(n: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """An output buffer poisoned with SENTINEL, so an element the kernel never wrote shows up."""
-    return torch.full((n,), SENTINEL, dtype=dtype, device=device)
+    """An output buffer poisoned with SENTINEL, so an element the kernel never wrote shows up (int64 on an NPU:
+    ``device_index_dtype``)."""
+    return torch.full((n,), SENTINEL, dtype=device_index_dtype(dtype, device), device=device)

@@ -45,6 +45,7 @@ from test_prefix_cache import ToyRadixCache
 from test_tree import TREE_MANY_PROGRAMS, KVModel, check_branches, random_paths
 
 import specdec_ops
+from specdec_ops import backend
 from specdec_ops.allocator import (
     ContextLengthError,
     DraftCacheAllocator,
@@ -141,12 +142,29 @@ class EngineMachine(RuleBasedStateMachine):
     # prefix lengths, prefix and released slots, output buffers) is made there; the host model (the KV model, the
     # lists) stays on the cpu and reads the device through .tolist()/.cpu().
     DEVICE = "cpu"
+    # The index dtypes the machine draws for the allocator's tensors and uses for output buffers: an NPU takes int64
+    # only (checks.check_npu_dtypes).
+    INDEX_DTYPES: tuple[torch.dtype, ...] = (torch.int32, torch.int64)
+
+    @property
+    def buffer_dtype(self) -> torch.dtype:
+        return self.INDEX_DTYPES[0]
+
+    def kinds(self, kinds: list[str]) -> list[str]:
+        """``kinds`` of rows or accept lengths, without the int32 tensors of a device that takes none."""
+        return [kind for kind in kinds if kind != "int32" or torch.int32 in self.INDEX_DTYPES]
 
     # -- setup ------------------------------------------------------------------------------------
+
+    # Whether the CPU allocator answers as an NPU (backend.is_npu): its launch configurations, its dtype and page rules.
+    AS_NPU = False
 
     @initialize(data=st.data())
     def start(self, data):
         self._saved_tiles = patch_tiles(self.TILES)
+        if self.AS_NPU:
+            self._is_npu = backend.is_npu
+            backend.is_npu = lambda device: True
         p = self.PAGE_SIZE
         self.alloc = DraftCacheAllocator(
             self.NUM_PAGES * p, self.MAX_REQUESTS, self.MAX_CONTEXT_LEN, page_size=p, device=self.DEVICE
@@ -236,7 +254,7 @@ class EngineMachine(RuleBasedStateMachine):
         return torch.tensor(batch, dtype=getattr(torch, kind), device=self.DEVICE)
 
     def draw_kind(self, data, label: str) -> str:
-        return data.draw(st.sampled_from(["list", "int64", "int32", "inference"]), label=label)
+        return data.draw(st.sampled_from(self.kinds(["list", "int64", "int32", "inference"])), label=label)
 
     def draw_validate(self, data) -> bool:
         return data.draw(st.sampled_from([False, False, False, True]), label="validate")
@@ -274,7 +292,7 @@ class EngineMachine(RuleBasedStateMachine):
                 index[i, m] = index[i, m - 1]
             else:
                 lens[i] = rng.choice([-1, 2**31 - 1, windows[i] + 1])
-        dtype = data.draw(st.sampled_from([torch.int32, torch.int64]), label="index dtype")
+        dtype = data.draw(st.sampled_from(self.INDEX_DTYPES), label="index dtype")
         return index.to(device=self.DEVICE, dtype=dtype), lens
 
     def draw_branches(self, data) -> tuple[int, int]:
@@ -455,8 +473,8 @@ class EngineMachine(RuleBasedStateMachine):
     # -- calls through the methods ----------------------------------------------------------------
 
     def method(self, c: Call, buffers: bool):
-        """The thunk of ``c`` through the allocator's method (``buffers``: int32 output buffers with a sentinel
-        tail, which must stay untouched)."""
+        """The thunk of ``c`` through the allocator's method (``buffers``: output buffers of ``buffer_dtype`` with a
+        sentinel tail, which must stay untouched)."""
         alloc, p = self.alloc, self.PAGE_SIZE
         bs = len(c.batch)
         rows = self.rows_arg(c.batch, c.rows_kind)
@@ -469,18 +487,18 @@ class EngineMachine(RuleBasedStateMachine):
         bufs: dict[str, torch.Tensor] = {}
         if buffers:
             if c.n is not None and not c.reserve:
-                bufs["out_cache_loc"] = sentinel_like(bs * c.n + TAIL, torch.int32, self.DEVICE)
-                bufs["last_loc"] = sentinel_like(bs, torch.int32, self.DEVICE)
+                bufs["out_cache_loc"] = sentinel_like(bs * c.n + TAIL, self.buffer_dtype, self.DEVICE)
+                bufs["last_loc"] = sentinel_like(bs, self.buffer_dtype, self.DEVICE)
             if c.branches is not None:
                 topk, steps = c.branches
                 name = "out" if c.name == "alloc_branches" else "branch_slots"
-                bufs[name] = sentinel_like(bs * topk * steps + TAIL, torch.int32, self.DEVICE)
+                bufs[name] = sentinel_like(bs * topk * steps + TAIL, self.buffer_dtype, self.DEVICE)
                 if p > 1:
-                    bufs["copy_src"] = sentinel_like(bs * topk * (p - 1) + TAIL, torch.int32, self.DEVICE)
-                    bufs["copy_dst"] = sentinel_like(bs * topk * (p - 1) + TAIL, torch.int32, self.DEVICE)
+                    bufs["copy_src"] = sentinel_like(bs * topk * (p - 1) + TAIL, self.buffer_dtype, self.DEVICE)
+                    bufs["copy_dst"] = sentinel_like(bs * topk * (p - 1) + TAIL, self.buffer_dtype, self.DEVICE)
             if c.index is not None:
-                bufs["kv_src"] = sentinel_like(bs * c.index.size(1) + TAIL, torch.int32, self.DEVICE)
-                bufs["kv_dst"] = sentinel_like(bs * c.index.size(1) + TAIL, torch.int32, self.DEVICE)
+                bufs["kv_src"] = sentinel_like(bs * c.index.size(1) + TAIL, self.buffer_dtype, self.DEVICE)
+                bufs["kv_dst"] = sentinel_like(bs * c.index.size(1) + TAIL, self.buffer_dtype, self.DEVICE)
         v = c.validate
 
         def call():
@@ -520,9 +538,9 @@ class EngineMachine(RuleBasedStateMachine):
     def call(self, data, name: str, batch: list[int], **kwargs) -> dict | None:
         c = Call(name, batch, kwargs.pop("rows_kind", None) or self.draw_kind(data, "rows as"), **kwargs)
         if c.accept is not None and c.index is None and "accept_kind" not in kwargs:
-            c.accept_kind = data.draw(st.sampled_from(["list", "int64", "int32"]), label="accept as")
+            c.accept_kind = data.draw(st.sampled_from(self.kinds(["list", "int64", "int32"])), label="accept as")
         if c.accept is not None and c.index is not None and "accept_kind" not in kwargs:
-            c.accept_kind = data.draw(st.sampled_from(["int64", "int32", "list"]), label="accept as")
+            c.accept_kind = data.draw(st.sampled_from(self.kinds(["int64", "int32", "list"])), label="accept as")
         buffers = data.draw(st.booleans(), label="buffers")
         return self.execute(c, self.method(c, buffers))
 
@@ -554,7 +572,7 @@ class EngineMachine(RuleBasedStateMachine):
         for i, hit in enumerate(hits):
             for m, page in enumerate(hit):
                 prefix_slots[i, m * p : (m + 1) * p] = torch.arange(page * p, (page + 1) * p, device=self.DEVICE)
-        prefix_slots = prefix_slots.to(data.draw(st.sampled_from([torch.int32, torch.int64]), label="slots dtype"))
+        prefix_slots = prefix_slots.to(data.draw(st.sampled_from(self.INDEX_DTYPES), label="slots dtype"))
         prefix_lens = [len(h) * p for h in hits]
         as_list = data.draw(st.booleans(), label="lens as list")
 
@@ -850,22 +868,28 @@ class EngineMachine(RuleBasedStateMachine):
         branches = self.draw_branches(data) if tree or data.draw(st.booleans(), label="branches") else None
         keep = tree and data.draw(st.booleans(), label="plan keep_branches")
         emit = tree or data.draw(st.sampled_from([True, True, False]), label="emit")  # emit=False: reserve_draft()
-        accept_dtype = data.draw(st.sampled_from([torch.int32, torch.int64]), label="accept dtype")
+        accept_dtype = data.draw(st.sampled_from(self.INDEX_DTYPES), label="accept dtype")
         accept = torch.zeros(bs, dtype=accept_dtype, device=self.DEVICE)
         index = torch.zeros(bs, n, dtype=torch.int64, device=self.DEVICE) if tree else None
         buffers: dict[str, torch.Tensor] = {}
         if data.draw(st.booleans(), label="plan buffers"):
             if emit:
-                buffers["out_cache_loc"] = sentinel_like(bs * n + TAIL, torch.int32, self.DEVICE)
-                buffers["last_loc"] = sentinel_like(bs, torch.int32, self.DEVICE)
+                buffers["out_cache_loc"] = sentinel_like(bs * n + TAIL, self.buffer_dtype, self.DEVICE)
+                buffers["last_loc"] = sentinel_like(bs, self.buffer_dtype, self.DEVICE)
             if tree:
-                buffers["kv_src"] = sentinel_like(bs * n + TAIL, torch.int32, self.DEVICE)
-                buffers["kv_dst"] = sentinel_like(bs * n + TAIL, torch.int32, self.DEVICE)
+                buffers["kv_src"] = sentinel_like(bs * n + TAIL, self.buffer_dtype, self.DEVICE)
+                buffers["kv_dst"] = sentinel_like(bs * n + TAIL, self.buffer_dtype, self.DEVICE)
             if branches is not None:
-                buffers["branch_slots"] = sentinel_like(bs * branches[0] * branches[1] + TAIL, torch.int32, self.DEVICE)
+                buffers["branch_slots"] = sentinel_like(
+                    bs * branches[0] * branches[1] + TAIL, self.buffer_dtype, self.DEVICE
+                )
                 if p > 1:
-                    buffers["copy_src"] = sentinel_like(bs * branches[0] * (p - 1) + TAIL, torch.int32, self.DEVICE)
-                    buffers["copy_dst"] = sentinel_like(bs * branches[0] * (p - 1) + TAIL, torch.int32, self.DEVICE)
+                    buffers["copy_src"] = sentinel_like(
+                        bs * branches[0] * (p - 1) + TAIL, self.buffer_dtype, self.DEVICE
+                    )
+                    buffers["copy_dst"] = sentinel_like(
+                        bs * branches[0] * (p - 1) + TAIL, self.buffer_dtype, self.DEVICE
+                    )
         validate = data.draw(st.sampled_from([False] * 5 + [True]), label="plan validate")
         step = DraftStepWrapper(self.alloc)
         before = snapshot(self.alloc)
@@ -1079,6 +1103,8 @@ class EngineMachine(RuleBasedStateMachine):
                 check_layout(alloc)
         finally:
             restore_tiles(getattr(self, "_saved_tiles", {}))
+            if hasattr(self, "_is_npu"):
+                backend.is_npu = self._is_npu
 
 
 class EnginePage1(EngineMachine):
@@ -1116,12 +1142,19 @@ class EngineOnGpuManyPrograms(EngineManyPrograms):
     DEVICE = "cuda"
 
 
-class EngineOnNpu(EnginePage4):
-    DEVICE = "npu"
+# An NPU takes page sizes 1, 16, 64 and 128 and int64 index tensors only (allocator.NPU_PAGE_SIZES,
+# checks.check_npu_dtypes).
+class EngineOnNpu(EnginePage1):
+    DEVICE, INDEX_DTYPES = "npu", (torch.int64,)
 
 
 class EngineOnNpuPage16(EnginePage16):
-    DEVICE = "npu"
+    DEVICE, INDEX_DTYPES = "npu", (torch.int64,)
+
+
+# The CPU allocator answering as an NPU: what EngineOnNpuPage16 runs, through the interpreter, in CI.
+class EngineAsNpuPage16(EnginePage16):
+    AS_NPU, INDEX_DTYPES = True, (torch.int64,)
 
 
 ENGINE_SETTINGS = settings(
@@ -1134,6 +1167,7 @@ TestEnginePage1 = EnginePage1.TestCase
 TestEnginePage4 = EnginePage4.TestCase
 TestEnginePage16 = EnginePage16.TestCase
 TestEngineManyPrograms = EngineManyPrograms.TestCase
+TestEngineAsNpuPage16 = EngineAsNpuPage16.TestCase
 TestEngineOnGpu = pytest.mark.gpu(EngineOnGpu.TestCase)
 TestEngineOnGpuPage16 = pytest.mark.gpu(EngineOnGpuPage16.TestCase)
 TestEngineOnGpuManyPrograms = pytest.mark.gpu(EngineOnGpuManyPrograms.TestCase)
@@ -1141,6 +1175,7 @@ TestEngineOnNpu = pytest.mark.npu(EngineOnNpu.TestCase)
 TestEngineOnNpuPage16 = pytest.mark.npu(EngineOnNpuPage16.TestCase)
 for _case in (TestEnginePage1, TestEnginePage4, TestEnginePage16, TestEngineManyPrograms):
     _case.settings = ENGINE_SETTINGS
+TestEngineAsNpuPage16.settings = settings(ENGINE_SETTINGS, max_examples=examples(4))
 # Fewer examples on a device (each of its launches costs a host round trip there: about 9 s an example on an H200).
 for _case in (
     TestEngineOnGpu,

@@ -399,7 +399,8 @@ def test_memcheck_finds_no_error_with_adversarial_values():
 def test_adversarial_allocator_steps_past_capacity_stay_inside_the_tensors(device):
     """What graph replays past capacity do: the step's kernels without the host checks, 20 steps into a pool
     and contexts that hold 4. Wrong slots are allowed then; memory outside the allocator's tensors is not."""
-    alloc = DraftCacheAllocator(32, 3, 24, page_size=4, device=device)
+    page_size = 16 if device == "npu" else 4  # (an NPU takes page sizes 1, 16, 64, 128)
+    alloc = DraftCacheAllocator(8 * page_size, 3, 24, page_size=page_size, device=device)
     rows = alloc.add_requests([2, 5, 1])
     out_buf, out = guarded(3 * 4, torch.int64, device)
     last_buf, last = guarded(3, torch.int64, device)
@@ -427,3 +428,76 @@ def test_validate_names_the_window_end_past_the_table_not_a_wrapped_one():
             table, torch.tensor([0]), start, None, num_tokens=5, window_len=5, validate=True
         )
     assert str(caught.value) == "start_offset[0] + window_len must be <= max_context_len = 8, got 2147483650"
+
+
+def _npu_error(name: str, dtype: torch.dtype = torch.int32) -> str:
+    return rf"^on an NPU, {name} must be int64 \(.*offline Ascend compile check.*\), got {dtype}$"
+
+
+def _i32(*values: int) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32)
+
+
+def _i64(*values: int) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def _check_npu_ops(table: torch.Tensor) -> None:
+    rows, start, end = _i64(1, 0), _i64(2, 0), _i64(4, 3)
+    assert specdec_ops.get_last_loc(table, rows, start).tolist() == [11, -1]
+    out, last = specdec_ops.get_last_loc_and_assign_extend_cache_locs(table, rows, start, end)
+    assert out.tolist() == [12, 13, 0, 1, 2] and last.tolist() == [11, -1]
+    cases = [
+        ("req_pool_indices", lambda: specdec_ops.get_last_loc(table, _i32(1, 0), start)),
+        ("prefix_lens", lambda: specdec_ops.get_last_loc(table, rows, _i32(2, 0))),
+        ("last_loc", lambda: specdec_ops.get_last_loc(table, rows, start, last_loc=_i32(0, 0))),
+        ("start_offset", lambda: specdec_ops.assign_extend_cache_locs(table, rows, _i32(2, 0), end)),
+        ("end_offset", lambda: specdec_ops.assign_extend_cache_locs(table, rows, start, _i32(4, 3))),
+        ("out_cache_loc", lambda: specdec_ops.assign_extend_cache_locs(table, rows, start, end, _i32(*[7] * 5))),
+        (
+            "last_loc",
+            lambda: specdec_ops.get_last_loc_and_assign_extend_cache_locs(
+                table, rows, start, end, _i64(*[7] * 5), _i32(7, 7)
+            ),
+        ),
+        ("start_offset", lambda: specdec_ops.CacheLocsWrapper(table).plan(rows, _i32(2, 0), window_len=2)),
+    ]
+    for name, call in cases:
+        with pytest.raises(TypeError, match=_npu_error(name)):
+            call()
+
+
+def test_an_npu_takes_int64_index_tensors_beside_an_int32_or_int64_table(monkeypatch):
+    """Its kernels are their dtypes and constexprs (backend.npu_kernels) and the Ascend check compiles int64 index
+    tensors: another dtype is refused before anything runs, naming the tensor."""
+    from specdec_ops import backend
+
+    monkeypatch.setattr(backend, "is_npu", lambda device: True)
+    i32 = _i32
+    for table in (torch.arange(20, dtype=torch.int32).reshape(2, 10), torch.arange(20).reshape(2, 10)):
+        _check_npu_ops(table)
+
+    alloc = DraftCacheAllocator(128, 4, 32, page_size=16)
+    rows = alloc.add_requests([3, 17])
+    before = alloc.num_free_slots()
+    state = [t.clone() for t in (alloc.req_to_token, alloc.seq_lens, alloc.alloc_lens)]
+    cases = [
+        ("req_pool_indices", lambda: alloc.alloc_draft(rows.int(), 2)),
+        ("out_cache_loc", lambda: alloc.alloc_draft(rows, 2, out_cache_loc=i32(*[0] * 4))),
+        ("last_loc", lambda: alloc.alloc_draft(rows, 2, last_loc=i32(0, 0))),
+        ("accept_lens", lambda: alloc.commit(rows, i32(1, 1))),
+        ("accept_index", lambda: alloc.commit_tree(rows, torch.zeros(2, 2, dtype=torch.int32), [1, 1])),
+        ("req_pool_indices", lambda: alloc.commit_and_draft(rows.int(), [1, 1], 2)),
+    ]
+    for name, call in cases:
+        with pytest.raises(TypeError, match=_npu_error(name)):
+            call()
+    assert alloc.num_free_slots() == before
+    assert all(torch.equal(a, b) for a, b in zip(state, (alloc.req_to_token, alloc.seq_lens, alloc.alloc_lens)))
+    out, last = alloc.alloc_draft(rows.tolist(), 2)  # lists and int64 tensors run
+    assert out.dtype == last.dtype == torch.int64 and last.tolist() == alloc.req_to_token[rows, [2, 16]].tolist()
+    alloc.commit(rows, [1, 2])
+    # Tensors read on the host may be int32: free_requests' rows, and prefix_slots (copied to the device as int64).
+    kept = alloc.free_requests(rows.int(), keep_lens=[0, 16])
+    (row,) = alloc.add_requests([20], prefix_slots=kept.int().view(1, 16), prefix_lens=[16]).tolist()
+    assert alloc.req_to_token[row, :16].tolist() == kept.tolist()
