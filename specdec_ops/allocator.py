@@ -29,6 +29,10 @@ A replayed graph runs no host code, so nothing checks capacity during replays: s
 ``max_context_len`` for every step you replay, and call :meth:`~DraftCacheAllocator.refresh` afterwards. Past
 capacity the kernels still touch no memory outside the allocator's tensors, but hand out the padding page and
 stop windows at ``max_context_len``.
+
+On an NPU (the kernels the offline Ascend compile check compiles): ``page_size`` is one of ``NPU_PAGE_SIZES``, and
+every tensor the kernels read or write (rows, accept lengths, ``accept_index``, output buffers) is int64; lists and
+tensors read on the host (``free_requests``' rows) may be any int type.
 """
 
 from __future__ import annotations

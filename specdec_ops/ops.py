@@ -2,6 +2,9 @@
 
 Names and semantics follow SGLang's ``get_last_loc`` and ``assign_extend_cache_locs``; the fused op
 ``get_last_loc_and_assign_extend_cache_locs`` returns both from a single kernel launch.
+
+On an NPU every index tensor but ``req_to_token`` (int32 or int64) must be int64, buffers included
+(``checks.check_npu_dtypes``: the dtypes whose kernels the offline Ascend compile check compiles).
 """
 
 from __future__ import annotations
