@@ -192,6 +192,21 @@ def _npu_trial(alloc) -> bool:
     return _recording_npu()
 
 
+def _in_two_launches_past_a_large_batch(alloc, rows, n: int) -> None:
+    """commit_and_draft in two launches as past _LARGE_BATCH requests (more warps a program there); the allocator's
+    cached launch configurations are dropped before and after, as they are keyed by what the call asks, not by the
+    constants patched here."""
+    module = sys.modules[type(alloc).__module__]
+    saved = module._COMMIT_DRAFT_MAX_BATCH, module._LARGE_BATCH
+    module._COMMIT_DRAFT_MAX_BATCH = module._LARGE_BATCH = 1
+    alloc._launch_configs.clear()
+    try:
+        alloc.commit_and_draft(rows, _int32(len(rows), n // 2), n)
+    finally:
+        module._COMMIT_DRAFT_MAX_BATCH, module._LARGE_BATCH = saved
+        alloc._launch_configs.clear()
+
+
 def _tree_size(alloc, n: int) -> int:
     """The verified tree's node count for draft length ``n``, within what commit_tree takes on an NPU."""
     return min(n, 32 if alloc.page_size == 1 else 64)
@@ -220,12 +235,13 @@ def _tree_step(
     counts: bool = False,
     topk: int = 4,
     steps: int | None = None,
+    tree: int | None = None,
 ) -> None:
     """commit_tree_and_draft of trees of ``_tree_size`` nodes, then windows of as many (or ``window``): one launch for
     3 rows (one program) where the target takes one, or as it runs past one program (two: the tree commit and the
     draft, or with ``counts`` as past one program of the draft, the tree commit with the draft's counts and the
-    draft from them); ``topk`` branches of ``steps`` (default ``n``) steps."""
-    t = _tree_size(alloc, n)
+    draft from them); ``topk`` branches of ``steps`` (default ``n``) steps; ``tree`` nodes (default ``_tree_size``)."""
+    t = _tree_size(alloc, n) if tree is None else tree
     index = torch.arange(t, dtype=torch.int64).expand(len(rows), t).contiguous()
     cls = type(alloc)
     in_one, with_counts = cls._tree_step_in_one_launch, cls._tree_step_counts
@@ -288,8 +304,28 @@ ALLOCATOR_METHODS = [
         "commit_tree_and_draft",
         lambda alloc, rows, n: _npu_trial(alloc) and _tree_step(alloc, rows, n, topk=1, steps=1),
     ),
+    # Counted tree steps with a tree on the other side of the draft's 16-node sums limit from its window (SUMS 2 with
+    # narrow windows, SUMS 1 with wide ones), as an NPU only (a fuzz of the public API found them missing).
+    (
+        "commit_tree_and_draft",
+        lambda alloc, rows, n: (
+            _npu_trial(alloc)
+            and _tree_step(alloc, rows, n, one_launch=False, window=n, counts=True, tree=32 if n <= 16 else 16)
+        ),
+    ),
     ("commit_tree", _commit_tree),
     ("alloc_branches", _branches),
+    ("commit", lambda alloc, rows, n: alloc.commit(rows, [0] * len(rows))),
+    # Drafts while branch pages are held: reserve_draft, and alloc_draft of the whole N (above, a tree's window).
+    ("alloc_branches", lambda alloc, rows, n: _npu_trial(alloc) and _branches(alloc, rows, n)),
+    ("reserve_draft", lambda alloc, rows, n: _npu_trial(alloc) and alloc.reserve_draft(rows, n)),
+    ("alloc_branches", lambda alloc, rows, n: _npu_trial(alloc) and _branches(alloc, rows, n)),
+    ("alloc_draft", lambda alloc, rows, n: _npu_trial(alloc) and alloc.alloc_draft(rows, n)),
+    ("commit", lambda alloc, rows, n: alloc.commit(rows, [0] * len(rows))),
+    (
+        "commit_and_draft",
+        lambda alloc, rows, n: _npu_trial(alloc) and _in_two_launches_past_a_large_batch(alloc, rows, n),
+    ),
     ("commit", lambda alloc, rows, n: alloc.commit(rows, [0] * len(rows))),
     ("alloc_branches", _branches),
     ("commit_and_draft", lambda alloc, rows, n: alloc.commit_and_draft(rows, _int32(len(rows)), n)),  # releases them

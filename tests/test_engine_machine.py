@@ -1152,7 +1152,11 @@ class EngineOnNpuPage16(EnginePage16):
     DEVICE, INDEX_DTYPES = "npu", (torch.int64,)
 
 
-# The CPU allocator answering as an NPU: what EngineOnNpuPage16 runs, through the interpreter, in CI.
+# The CPU allocator answering as an NPU: what EngineOnNpu and EngineOnNpuPage16 run, through the interpreter, in CI.
+class EngineAsNpuPage1(EnginePage1):
+    AS_NPU, INDEX_DTYPES = True, (torch.int64,)
+
+
 class EngineAsNpuPage16(EnginePage16):
     AS_NPU, INDEX_DTYPES = True, (torch.int64,)
 
@@ -1167,6 +1171,7 @@ TestEnginePage1 = EnginePage1.TestCase
 TestEnginePage4 = EnginePage4.TestCase
 TestEnginePage16 = EnginePage16.TestCase
 TestEngineManyPrograms = EngineManyPrograms.TestCase
+TestEngineAsNpuPage1 = EngineAsNpuPage1.TestCase
 TestEngineAsNpuPage16 = EngineAsNpuPage16.TestCase
 TestEngineOnGpu = pytest.mark.gpu(EngineOnGpu.TestCase)
 TestEngineOnGpuPage16 = pytest.mark.gpu(EngineOnGpuPage16.TestCase)
@@ -1175,7 +1180,8 @@ TestEngineOnNpu = pytest.mark.npu(EngineOnNpu.TestCase)
 TestEngineOnNpuPage16 = pytest.mark.npu(EngineOnNpuPage16.TestCase)
 for _case in (TestEnginePage1, TestEnginePage4, TestEnginePage16, TestEngineManyPrograms):
     _case.settings = ENGINE_SETTINGS
-TestEngineAsNpuPage16.settings = settings(ENGINE_SETTINGS, max_examples=examples(4))
+for _case in (TestEngineAsNpuPage1, TestEngineAsNpuPage16):
+    _case.settings = settings(ENGINE_SETTINGS, max_examples=examples(4))
 # Fewer examples on a device (each of its launches costs a host round trip there: about 9 s an example on an H200).
 for _case in (
     TestEngineOnGpu,
