@@ -316,6 +316,9 @@ ALLOCATOR_METHODS = [
     ("commit_tree", _commit_tree),
     ("alloc_branches", _branches),
     ("commit", lambda alloc, rows, n: alloc.commit(rows, [0] * len(rows))),
+    # A tree draft of N nodes (above, at most as many as commit_tree takes), closed by a chain commit.
+    ("alloc_tree_draft", lambda alloc, rows, n: _npu_trial(alloc) and alloc.alloc_tree_draft(rows, n, 4, 4)),
+    ("commit", lambda alloc, rows, n: alloc.commit(rows, [0] * len(rows))),
     # Drafts while branch pages are held: reserve_draft, and alloc_draft of the whole N (above, a tree's window).
     ("alloc_branches", lambda alloc, rows, n: _npu_trial(alloc) and _branches(alloc, rows, n)),
     ("reserve_draft", lambda alloc, rows, n: _npu_trial(alloc) and alloc.reserve_draft(rows, n)),

@@ -175,7 +175,8 @@ _COPY_BRANCH_BLOCK = 64
 _COPY_BRANCH_ONE_PROGRAM = 4096
 _COPY_BRANCH_ONE_PROGRAM_BS = 32
 _NPU_BRANCH_TILE = 8
-_NPU_BRANCH_BLOCK = 32  # every BLOCK_E on Ascend (_branch_block)
+_NPU_BRANCH_BLOCK = 32  # every BLOCK_E on Ascend with pages > 1 (_branch_block) ...
+_NPU_PAGE1_BRANCH_BLOCK = 16  # ... and at page 1
 # A draft that also gives branches (alloc_tree_draft) with page_size > 1 writes topk * (page_size - 1) copy pairs a
 # request: at most _COPY_TREE_DRAFT_TILE requests a tile (H200 profiler, page 64, topk 4, 5 steps, T 8, caps 4 / 8 /
 # 16 / 32 / none: bs 4 3.5 / 4.0 / 4.8 / 6.6 / 6.6 us, bs 64 5.7 / 6.0 / 7.1 / 9.7 / 15.9, bs 1024 7.0 / 7.1 / 8.1 /
@@ -1499,9 +1500,10 @@ class DraftCacheAllocator:
         capped (``counted``: a tree draft that reads its counts from the launch before it)."""
         p = self.page_size
         if backend.is_npu(self.device):
-            # One block for every tree: fewer variants for the Ascend check to compile (a page-1 tree draft's BLOCK_E
-            # multiplied its variants by 5), and with [TILE, 4] windows a 16-wide block needed 179-188 KiB of UB.
-            return _NPU_BRANCH_BLOCK
+            # One block for every tree of a page size: fewer variants for the Ascend check to compile (a page-1 tree
+            # draft's BLOCK_E multiplied its variants by 5). UB decides which: with pages > 1 and [TILE, 4] windows a
+            # 16-wide block needed 179-188 KiB, and at page 1 a 32-wide one beside [TILE, 4] windows 170 KiB.
+            return _NPU_BRANCH_BLOCK if p > 1 else _NPU_PAGE1_BRANCH_BLOCK
         if p > 1:
             block = _COPY_COUNTED_BLOCK if counted else _COPY_BRANCH_BLOCK
         else:
