@@ -305,12 +305,21 @@ ALLOCATOR_METHODS = [
         lambda alloc, rows, n: _npu_trial(alloc) and _tree_step(alloc, rows, n, topk=1, steps=1),
     ),
     # Counted tree steps with a tree on the other side of the draft's 16-node sums limit from its window (SUMS 2 with
-    # narrow windows, SUMS 1 with wide ones), as an NPU only (a fuzz of the public API found them missing).
+    # narrow windows, SUMS 1 with wide ones), and trees past it with windows past 32 (SUMS 2 with the widest), as an
+    # NPU only (fuzzes of the public API found them missing).
     (
         "commit_tree_and_draft",
         lambda alloc, rows, n: (
             _npu_trial(alloc)
             and _tree_step(alloc, rows, n, one_launch=False, window=n, counts=True, tree=32 if n <= 16 else 16)
+        ),
+    ),
+    (
+        "commit_tree_and_draft",
+        lambda alloc, rows, n: (
+            _npu_trial(alloc)
+            and n > 32
+            and _tree_step(alloc, rows, n, one_launch=False, window=n, counts=True, tree=32)
         ),
     ),
     ("commit_tree", _commit_tree),
