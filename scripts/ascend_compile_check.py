@@ -18,18 +18,20 @@ the alignment or the scalars: the check compiles those very functions, and fails
 still carries a value's attribute (`tt.divisibility`). So the constexprs are those the launching code picks, and the
 check cannot drift from it. Exercised:
 
-  ops        get_last_loc, assign_extend_cache_locs, get_last_loc_and_assign_extend_cache_locs: every dtype
-             profile of PROFILES, windows 0..64 uniform (window_len=) and ragged
+  ops        get_last_loc, assign_extend_cache_locs, get_last_loc_and_assign_extend_cache_locs: the dtype
+             profiles of PROFILES an NPU takes (int32 and int64 tables beside int64 index tensors: an NPU refuses
+             other index dtypes, checks.check_npu_dtypes), windows 0..64 uniform (window_len=) and ragged
   allocator  every method of ALLOCATOR_METHODS (the one table to extend) that DraftCacheAllocator has, over
-             page sizes 1, 16, 64, 128, rows as int32/int64 tensors and lists, N in 1..64: prefill
-             (add_requests), draft with read-back (alloc_draft: emit on, int64 and int32 buffers), draft
+             page sizes 1, 16, 64, 128 (every size an NPU takes), rows as int64 tensors and lists, N in 1..64:
+             prefill (add_requests), draft with read-back (alloc_draft: emit on, given and new buffers), draft
              without (reserve_draft: emit off), commit, commit_and_draft (in one launch, in the two it makes
              past its one-launch limit, and releasing branch pages),
              free_requests (with and without keep_lens),
              prefixes from a prefix cache (add_requests with prefix_slots), release_slots, and a tree step
              (alloc_branches, alloc_draft releasing them, commit_tree; alloc_tree_draft, commit_tree releasing
              them; commit_tree_and_draft in one launch and in two, with and without the draft's counts; release by
-             commit, release_branches, free)
+             commit, release_branches, free), and, as an NPU only, the calls fuzzes of the public API found
+             reaching other constexpr combinations (docs/design.md, "Ascend")
 
 Each distinct variant (kernel, dtypes, constexprs) is compiled from the module as an NPU runs it
 (`backend.npu_kernels`), through these stages; the line printed per variant names the last one

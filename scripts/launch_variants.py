@@ -31,10 +31,10 @@ PROFILES = {
 WINDOWS = [None, *range(0, 65)]  # None: ragged
 PAGE_SIZES = [1, 16, 64, 128]  # every size an NPU takes (allocator.NPU_PAGE_SIZES): tested against it
 DRAFT_LENS = range(1, 65)
-ROW_KINDS = ("int64", "int32", "list")
+ROW_KINDS = ("int64", "int32", "list")  # (int32 not as an NPU, which refuses it: checks.check_npu_dtypes)
 # Batches past one program, exercised again with int64 rows and these draft lengths where a target's launch
 # configuration depends on the batch size (a GPU's: tiles, scan blocks, warps, one launch or two). Empty for Ascend,
-# whose tiles and scan block do not depend on it.
+# whose tiles and scan block do not depend on it (its warps past _LARGE_BATCH: _in_two_launches_past_a_large_batch).
 LARGE_BATCHES: tuple[int, ...] = ()
 LARGE_DRAFT_LENS = (1, 2, 4, 8, 16, 33, 64)
 
