@@ -139,12 +139,14 @@ def exercise_ops(rec: Recorder) -> None:
 
 
 def _recording_npu() -> bool:
+    """Whether the launches are recorded as an NPU makes them; the NPU-only entries of ALLOCATOR_METHODS run only
+    then (CI's CUDA check has a time budget)."""
     from specdec_ops import backend
 
     return backend.is_npu(torch.device("cpu"))  # (answering_as makes it answer for the target)
 
 
-def _int32(n: int, fill: int = 0) -> torch.Tensor:
+def _caller_ints(n: int, fill: int = 0) -> torch.Tensor:
     """A caller's int32 tensor, or int64 when recording as an NPU, which takes int64 index tensors only
     (checks.check_npu_dtypes)."""
     return torch.full((n,), fill, dtype=torch.int64 if _recording_npu() else torch.int32)
@@ -181,15 +183,9 @@ def _in_two_launches(alloc, rows, n: int) -> None:
     limit = module._COMMIT_DRAFT_MAX_BATCH
     module._COMMIT_DRAFT_MAX_BATCH = 1
     try:
-        alloc.commit_and_draft(rows, _int32(len(rows), n // 2), n)
+        alloc.commit_and_draft(rows, _caller_ints(len(rows), n // 2), n)
     finally:
         module._COMMIT_DRAFT_MAX_BATCH = limit
-
-
-def _npu_trial(alloc) -> bool:
-    """Whether to make the trials for an NPU's on-chip buffer below: recording as an NPU (CI's CUDA check has a time
-    budget)."""
-    return _recording_npu()
 
 
 def _in_two_launches_past_a_large_batch(alloc, rows, n: int) -> None:
@@ -201,7 +197,7 @@ def _in_two_launches_past_a_large_batch(alloc, rows, n: int) -> None:
     module._COMMIT_DRAFT_MAX_BATCH = module._LARGE_BATCH = 1
     alloc._launch_configs.clear()
     try:
-        alloc.commit_and_draft(rows, _int32(len(rows), n // 2), n)
+        alloc.commit_and_draft(rows, _caller_ints(len(rows), n // 2), n)
     finally:
         module._COMMIT_DRAFT_MAX_BATCH, module._LARGE_BATCH = saved
         alloc._launch_configs.clear()
@@ -250,7 +246,7 @@ def _tree_step(
         cls._tree_step_counts = lambda self, *args: counts
     try:
         w = t if window is None else window
-        accept = _int32(len(rows), t // 2)
+        accept = _caller_ints(len(rows), t // 2)
         alloc.commit_tree_and_draft(rows, index, accept, w, topk, n if steps is None else steps)
     finally:
         cls._tree_step_in_one_launch, cls._tree_step_counts = in_one, with_counts
@@ -262,20 +258,20 @@ ALLOCATOR_METHODS = [
     (
         "alloc_draft",
         lambda alloc, rows, n: alloc.alloc_draft(
-            rows, n, out_cache_loc=_int32(len(rows) * n), last_loc=_int32(len(rows))
+            rows, n, out_cache_loc=_caller_ints(len(rows) * n), last_loc=_caller_ints(len(rows))
         ),
     ),
     ("reserve_draft", lambda alloc, rows, n: alloc.reserve_draft(rows, n)),
-    ("commit_and_draft", lambda alloc, rows, n: alloc.commit_and_draft(rows, _int32(len(rows), n // 2), n)),
+    ("commit_and_draft", lambda alloc, rows, n: alloc.commit_and_draft(rows, _caller_ints(len(rows), n // 2), n)),
     (
         "commit_and_draft",
         lambda alloc, rows, n: alloc.commit_and_draft(
-            rows, [n // 2] * len(rows), n, out_cache_loc=_int32(len(rows) * n), last_loc=_int32(len(rows))
+            rows, [n // 2] * len(rows), n, out_cache_loc=_caller_ints(len(rows) * n), last_loc=_caller_ints(len(rows))
         ),
     ),
     ("commit_and_draft", _in_two_launches),
     ("commit", lambda alloc, rows, n: alloc.commit(rows, [n // 2] * len(rows))),
-    ("commit", lambda alloc, rows, n: alloc.commit(rows, _int32(len(rows), n // 2))),
+    ("commit", lambda alloc, rows, n: alloc.commit(rows, _caller_ints(len(rows), n // 2))),
     # A tree step: branches, the verify window (which releases them in its own launch), the tree commit; then
     # branches released by commit, by release_branches, and by free_requests below.
     ("alloc_branches", _branches),
@@ -298,11 +294,11 @@ ALLOCATOR_METHODS = [
     # above had not gone).
     (
         "alloc_tree_draft",
-        lambda alloc, rows, n: _npu_trial(alloc) and alloc.alloc_tree_draft(rows, _tree_size(alloc, n), 1, 1),
+        lambda alloc, rows, n: _recording_npu() and alloc.alloc_tree_draft(rows, _tree_size(alloc, n), 1, 1),
     ),
     (
         "commit_tree_and_draft",
-        lambda alloc, rows, n: _npu_trial(alloc) and _tree_step(alloc, rows, n, topk=1, steps=1),
+        lambda alloc, rows, n: _recording_npu() and _tree_step(alloc, rows, n, topk=1, steps=1),
     ),
     # Counted tree steps with a tree on the other side of the draft's 16-node sums limit from its window (SUMS 2 with
     # narrow windows, SUMS 1 with wide ones), and trees past it with windows past 32 (SUMS 2 with the widest), as an
@@ -310,37 +306,36 @@ ALLOCATOR_METHODS = [
     (
         "commit_tree_and_draft",
         lambda alloc, rows, n: (
-            _npu_trial(alloc)
+            _recording_npu()
             and _tree_step(alloc, rows, n, one_launch=False, window=n, counts=True, tree=32 if n <= 16 else 16)
         ),
     ),
     (
         "commit_tree_and_draft",
         lambda alloc, rows, n: (
-            _npu_trial(alloc)
-            and n > 32
-            and _tree_step(alloc, rows, n, one_launch=False, window=n, counts=True, tree=32)
+            _recording_npu() and n > 32 and _tree_step(alloc, rows, n, one_launch=False, window=n, counts=True, tree=32)
         ),
     ),
     ("commit_tree", _commit_tree),
     ("alloc_branches", _branches),
     ("commit", lambda alloc, rows, n: alloc.commit(rows, [0] * len(rows))),
     # A tree draft of N nodes (above, at most as many as commit_tree takes), closed by a chain commit.
-    ("alloc_tree_draft", lambda alloc, rows, n: _npu_trial(alloc) and alloc.alloc_tree_draft(rows, n, 4, 4)),
+    ("alloc_tree_draft", lambda alloc, rows, n: _recording_npu() and alloc.alloc_tree_draft(rows, n, 4, 4)),
     ("commit", lambda alloc, rows, n: alloc.commit(rows, [0] * len(rows))),
     # Drafts while branch pages are held: reserve_draft, and alloc_draft of the whole N (above, a tree's window).
-    ("alloc_branches", lambda alloc, rows, n: _npu_trial(alloc) and _branches(alloc, rows, n)),
-    ("reserve_draft", lambda alloc, rows, n: _npu_trial(alloc) and alloc.reserve_draft(rows, n)),
-    ("alloc_branches", lambda alloc, rows, n: _npu_trial(alloc) and _branches(alloc, rows, n)),
-    ("alloc_draft", lambda alloc, rows, n: _npu_trial(alloc) and alloc.alloc_draft(rows, n)),
+    ("alloc_branches", lambda alloc, rows, n: _recording_npu() and _branches(alloc, rows, n)),
+    ("reserve_draft", lambda alloc, rows, n: _recording_npu() and alloc.reserve_draft(rows, n)),
+    ("alloc_branches", lambda alloc, rows, n: _recording_npu() and _branches(alloc, rows, n)),
+    ("alloc_draft", lambda alloc, rows, n: _recording_npu() and alloc.alloc_draft(rows, n)),
     ("commit", lambda alloc, rows, n: alloc.commit(rows, [0] * len(rows))),
     (
         "commit_and_draft",
-        lambda alloc, rows, n: _npu_trial(alloc) and _in_two_launches_past_a_large_batch(alloc, rows, n),
+        lambda alloc, rows, n: _recording_npu() and _in_two_launches_past_a_large_batch(alloc, rows, n),
     ),
     ("commit", lambda alloc, rows, n: alloc.commit(rows, [0] * len(rows))),
     ("alloc_branches", _branches),
-    ("commit_and_draft", lambda alloc, rows, n: alloc.commit_and_draft(rows, _int32(len(rows)), n)),  # releases them
+    # commit_and_draft releasing them
+    ("commit_and_draft", lambda alloc, rows, n: alloc.commit_and_draft(rows, _caller_ints(len(rows)), n)),
     ("alloc_branches", _branches),
     ("release_branches", lambda alloc, rows, n: alloc.release_branches(rows)),
     ("alloc_branches", _branches),

@@ -915,13 +915,13 @@ class DraftCacheAllocator:
         nothing is committed either. The branch pages the rows hold are kept for the new branches when they take as
         many, else released in the same launch.
 
-        One launch where the tree draft is one program and, off Ascend, the tree commit one tile of at most 256
+        Off Ascend, one launch where the tree draft is one program and the tree commit one tile of at most 256
         elements: ``bs * T`` (32 requests of 8-node trees at ``page_size == 1``; ``bs * T * T`` past 64 nodes there);
         with larger pages the draft is one program up to 16 requests and 512 copy pairs
         (``bs * topk * (page_size - 1)``), or 4 requests, and in eager calls on a device (not capturing a graph) up to
-        16 requests and 2048 pairs. On Ascend always two launches (the one kernel's on-chip buffer is not within
-        budget for every tree). Otherwise two launches: the tree commit's, then the draft's, compiled before the
-        first runs, so that once the commit has run only a launch could fail.
+        16 requests and 2048 pairs. Otherwise, and always on Ascend (the one kernel's on-chip buffer is not within
+        budget for every tree there), two launches: the tree commit's, then the draft's, compiled before the first
+        runs, so that once the commit has run only a launch could fail.
 
         Order of the engine's copies: ``kv[kv_dst] = kv[kv_src]`` (the accepted KV into place) **before**
         ``kv[copy_dst] = kv[copy_src]`` (the committed prefix into the branches' pages), as with the two calls.

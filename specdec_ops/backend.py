@@ -95,10 +95,7 @@ def kernels(module_name: str, device: torch.device) -> ModuleType:
         check_device(device)
         kind = "interpreted" if is_interpreted(device) else "npu" if is_npu(device) else "compiled"
         with _modules_lock:
-            module = _modules_by_type.get((module_name, kind))
-            if module is None:
-                module = _modules_by_type[(module_name, kind)] = _kernel_module(module_name, kind)
-            _modules[(module_name, device)] = module
+            module = _modules[(module_name, device)] = _built_module(module_name, kind)
     return module
 
 
@@ -107,9 +104,14 @@ def npu_kernels(module_name: str) -> ModuleType:
     tensors' dtypes and its constexprs only (``unspecialised_function``). The offline Ascend compile check compiles
     these very functions."""
     with _modules_lock:
-        module = _modules_by_type.get((module_name, "npu"))
-        if module is None:
-            module = _modules_by_type[(module_name, "npu")] = _kernel_module(module_name, "npu")
+        return _built_module(module_name, "npu")
+
+
+def _built_module(module_name: str, kind: str) -> ModuleType:
+    """``_kernel_module(module_name, kind)``, built once per process (the caller holds _modules_lock)."""
+    module = _modules_by_type.get((module_name, kind))
+    if module is None:
+        module = _modules_by_type[(module_name, kind)] = _kernel_module(module_name, kind)
     return module
 
 
