@@ -178,23 +178,30 @@ def plot(rows: list[dict], args: argparse.Namespace, env: dict[str, str], path: 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import FormatStrFormatter, LogLocator
 
     pages = args.page_sizes
-    height = 4.6
-    fig, axes = plt.subplots(1, len(pages), figsize=(5 * len(pages), height), sharey=True, squeeze=False)
+    ns = args.num_draft_tokens
+    styles = {"fused": "-o", "unfused": "--s", "commit-and-draft": ":^"}
+    variants = [v for v in styles if v in args.variants]
+    # The legend: a column of the variants (their line styles, in grey), then the N (their colours), so that it stays a
+    # few rows below the axes however many N and page sizes the run has.
+    width = max(5.0 * len(pages), 8.0)
+    legend_rows = max(len(variants), -(-len(ns) // max(1, int(width // 1.9) - 1)))
+    height = 4.4 + 0.25 * legend_rows
+    fig, axes = plt.subplots(1, len(pages), figsize=(width, height), sharey=True, squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, page in zip(axes[0], pages):
-        for i, n in enumerate(args.num_draft_tokens):
-            color = colors[i % len(colors)]
-            for variant, style in (("fused", "-o"), ("unfused", "--s"), ("commit-and-draft", ":^")):
+        for i, n in enumerate(ns):
+            for variant in variants:
                 pts = [
                     (r["bs"], r["median_us"])
                     for r in rows
                     if r["page_size"] == page and r["N"] == n and r["variant"] == variant
                 ]
                 if pts:
-                    ax.plot(*zip(*pts), style, color=color, label=f"{variant} N={n}", markersize=4)
+                    ax.plot(*zip(*pts), styles[variant], color=colors[i % len(colors)], markersize=4)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(args.batch_sizes, [str(b) for b in args.batch_sizes])
@@ -204,18 +211,20 @@ def plot(rows: list[dict], args: argparse.Namespace, env: dict[str, str], path: 
         ax.set_title(f"page size {page}")
         ax.set_xlabel("batch size")
         ax.grid(True, which="major", alpha=0.3)
-    axes[0][0].set_ylabel(f"µs per step ({_mode_text(args)})")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    # One legend column per N (a row per variant), below the axes and their labels.
-    ncol = len(args.num_draft_tokens)
-    legend_rows = -(-len(labels) // ncol)
+    axes[0][0].set_ylabel(f"µs per step\n({_mode_text(args)})")
+    blank = legend_rows - len(variants)  # (the variants' column filled up, so that the N start a column)
+    handles = [Line2D([], [], linestyle=styles[v][:-1], marker=styles[v][-1], color="0.35") for v in variants]
+    handles += [Line2D([], [], linestyle="none")] * blank
+    handles += [Line2D([], [], color=colors[i % len(colors)], linewidth=3) for i in range(len(ns))]
+    labels = variants + [""] * blank + [f"N={n}" for n in ns]
+    ncol = 1 + -(-len(ns) // legend_rows)
     fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=ncol, frameon=False)
     what = "Triton interpreter on CPU: says nothing about device speed" if args.interpreted else env_line
-    title = "DraftCacheAllocator step: alloc_draft + commit (fused) vs 5 launches (unfused)"
+    steps = "alloc_draft + commit (fused) vs 5 launches (unfused)"
     if "commit-and-draft" in args.variants:
-        title += " vs commit_and_draft"
-    fig.suptitle(f"{title}\n{what}")
-    fig.tight_layout(rect=(0, (0.25 * legend_rows + 0.1) / height, 1, 1))
+        steps += " vs commit_and_draft"
+    fig.suptitle(f"DraftCacheAllocator step: {steps}\n{what}", fontsize=10 if width < 10 else 12)
+    fig.tight_layout(rect=(0, (0.25 * legend_rows + 0.05) / height, 1, 1))
     fig.savefig(path, dpi=110)
 
 

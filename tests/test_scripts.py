@@ -130,6 +130,50 @@ def test_profile_allocator_smoke(capsys, tmp_path, profile_allocator):
     assert sorted(r["variant"] for r in rows) == sorted(harness.ALLOCATOR_VARIANTS)
 
 
+@pytest.mark.parametrize(
+    "pages, ns, variants",
+    [
+        ([16], [1, 2, 4, 8, 16], "fused,unfused,commit-and-draft"),
+        ([1, 16, 128], [1, 4, 8], "fused,unfused"),
+        ([1], list(range(1, 13)), "fused"),
+    ],
+)
+def test_profile_allocator_plot_keeps_its_text_inside_the_figure(tmp_path, profile_allocator, pages, ns, variants):
+    """The legend, title and axis labels of the sweep's plot lie inside the figure and the legend below the axes'
+    labels, however many N and page sizes (five N on one page size used to clip the legend, title and y label)."""
+    plt = pytest.importorskip("matplotlib.pyplot")  # (the bench extra's)
+    argv = ["--device", "cpu", "--page-sizes", ",".join(map(str, pages)), "--num-draft-tokens"]
+    args = profile_allocator.parse_args(
+        argv + [",".join(map(str, ns)), "--batch-sizes", "1,16,256", "--variants", variants]
+    )
+    rows = [
+        dict(bs=bs, N=n, page_size=page, variant=variant, median_us=1.0 + bs / 100 + n)
+        for page in pages
+        for n in ns
+        for bs in args.batch_sizes
+        for variant in args.variants
+    ]
+    profile_allocator.plot(rows, args, harness.environment(args.device), tmp_path / "plot.png")
+    fig = plt.gcf()
+    try:
+        assert (tmp_path / "plot.png").stat().st_size > 0
+        renderer = fig.canvas.get_renderer()
+        (legend,) = fig.legends
+        assert sorted(t.get_text() for t in legend.get_texts() if t.get_text()) == sorted(
+            list(args.variants) + [f"N={n}" for n in ns]
+        )
+        axes = fig.axes
+        texts = [legend, fig._suptitle, axes[0].yaxis.label] + [ax.xaxis.label for ax in axes]
+        width, height = fig.bbox.width, fig.bbox.height
+        for artist in texts:
+            box = artist.get_window_extent(renderer)
+            assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= width and box.y1 <= height, artist
+        lowest_label = min(ax.xaxis.label.get_window_extent(renderer).y0 for ax in axes)
+        assert legend.get_window_extent(renderer).y1 <= lowest_label
+    finally:
+        plt.close(fig)
+
+
 # ------------------------------------------------------------------------------------ profile_fused_vs_unfused
 
 
