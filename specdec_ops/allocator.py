@@ -1642,7 +1642,7 @@ class DraftCacheAllocator:
         if branches is not None:
             self._tree_draft(rows, host_rows, n, out_cache_loc, last_loc, step, branches, tree)
             return
-        bound, drafted, _ = self._draft_bounds(rows, host_rows, n, accept=accept)
+        bound, drafted, _, base_max = self._draft_bounds(rows, host_rows, n, accept=accept)
         release = self._branches_may_exist()
         if accept is not None and self._in_two_launches(rows.size(0), n, release):
             # The first launch writes only scratch: if the second raises, nothing has changed.
@@ -1660,7 +1660,7 @@ class DraftCacheAllocator:
             self._forget_branches(host_rows, rows.size(0))
         if accept is not None:
             self._close_windows(host_rows)
-        self._pages_bound, self._drafted_since_sync = bound, drafted
+        self._pages_bound, self._drafted_since_sync, self._seq_base_max = bound, drafted, base_max
         self._open_windows(host_rows, n)
 
     def _tree_draft(
@@ -1679,7 +1679,7 @@ class DraftCacheAllocator:
         before it."""
         per_row = branches[0] * _pages(self.page_size - 1 + branches[1], self.page_size)
         bs = rows.shape[0]
-        bound, drafted, needs = self._draft_bounds(rows, host_rows, n, branches[:2], tree=tree)
+        bound, drafted, needs, base_max = self._draft_bounds(rows, host_rows, n, branches[:2], tree=tree)
         release = self._branches_may_exist()
         narrow = self._widen_branch_pages(per_row)
         kind = "release tree draft" if release else "tree draft"
@@ -1722,7 +1722,7 @@ class DraftCacheAllocator:
         if tree is not None:
             self._close_windows(host_rows)
         self._hold_branches(rows, host_rows, per_row, needs, bs, released=release)
-        self._pages_bound, self._drafted_since_sync = bound, drafted
+        self._pages_bound, self._drafted_since_sync, self._seq_base_max = bound, drafted, base_max
         self._open_windows(host_rows, n)
 
     def _in_two_launches(self, bs: int, n: int, release: bool) -> bool:
@@ -1805,13 +1805,16 @@ class DraftCacheAllocator:
         branches: tuple[int, int] | None = None,
         accept: torch.Tensor | None = None,
         tree: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[int, int, list[int] | None]:
+    ) -> tuple[int, int, list[int] | None, int]:
         """The host bounds after the draft (pages, tokens drafted since the last sync), syncing only if the bound
         says it might not fit; raises if it does not. ``branches``: ``(topk, num_steps)`` of a tree draft, whose
         branch pages must fit too; then the third value is each request's branch pages when it synced (else
-        None). ``accept``: the accept lengths of a commit in the same launch (the window starts where it leaves
-        the row; the bounds need no change, as a commit never passes what was drafted); ``tree``: ``(accept_lens,
-        accept_index, kv_src, kv_dst)`` of a tree commit in the same step (likewise)."""
+        None). The fourth is the bound of the rows' committed lengths (``_seq_base_max``), looked at again where
+        rows freed may have left it high: the caller keeps it once its launch went through, so that a launch that
+        raises leaves every host bound as it was (but those of a sync). ``accept``: the accept lengths of a commit
+        in the same launch (the window starts where it leaves the row; the bounds need no change, as a commit never
+        passes what was drafted); ``tree``: ``(accept_lens, accept_index, kv_src, kv_dst)`` of a tree commit in the
+        same step (likewise)."""
         bs = rows.shape[0]
         p = self.page_size
         drafted = self._drafted_since_sync + n
@@ -1820,13 +1823,14 @@ class DraftCacheAllocator:
             self._used_at_sync + self._net_pages_since_sync + self.num_requests * _pages(drafted, p),
             self._most_pages(),
         )
-        if self._seq_base_max + drafted > self.max_context_len:  # the longest rows may be gone: look again
-            self._seq_base_max = max((self._seq_base[row] for row in self.rows_in_use()), default=0)
+        base_max = self._seq_base_max
+        if base_max + drafted > self.max_context_len:  # the longest rows may be gone: look again
+            base_max = max((self._seq_base[row] for row in self.rows_in_use()), default=0)
         held = self._branch_bound() if self._branch_rows or self._branch_batch_pages else 0
         if branches is not None:  # the pops never see the pages the call releases
             held += bs * branches[0] * _pages(p - 1 + branches[1], p)
-        if bound + held <= self.num_pages and self._seq_base_max + drafted <= self.max_context_len:
-            return bound, drafted, None
+        if bound + held <= self.num_pages and base_max + drafted <= self.max_context_len:
+            return bound, drafted, None, base_max
         # Near capacity: one sync for the exact numbers, then go on or raise with nothing changed.
         self.num_syncs += 1
         # Clamped, so that rows out of range cannot fault before the host has checked them.
@@ -1868,7 +1872,7 @@ class DraftCacheAllocator:
             )
         # Exact now: the next bounds restart from these numbers.
         self._set_exact(usage)
-        return self._pages_bound + need, n, branch_needs
+        return self._pages_bound + need, n, branch_needs, self._seq_base_max
 
     def _tree_accepted(
         self, rows64: torch.Tensor, seqs: torch.Tensor, accept: torch.Tensor, accept_index: torch.Tensor

@@ -485,6 +485,30 @@ def _failing_launch(*args, **kwargs):
     raise LaunchFailed("launch failed")
 
 
+@pytest.mark.parametrize("via", ["method", "wrapper"])
+def test_a_launch_that_raises_keeps_the_bound_of_committed_lengths(via, monkeypatch):
+    """A draft looks again at the longest committed length once freed rows may have left its bound high (here the
+    row of 30 tokens went, and 30 + 12 drafted passes max_context_len 40): where its launch then raises, the bound
+    stays as it was, with every other host bound (found by an audit: it used to keep the tighter one)."""
+    a = DraftCacheAllocator(64, 4, 40, page_size=1, device="cpu")
+    a.add_requests([30, 5])
+    a.free_requests([0])  # a row stays in use: no sync, the bound stays at 30
+    assert a._seq_base_max == 30
+    step = DraftStepWrapper(a)
+    step.plan([1], 12)
+    draft = (lambda: a.alloc_draft([1], 12)) if via == "method" else step.alloc_draft
+    before, host = snapshot(a), _host_state(a)
+    monkeypatch.setattr(backend, "launch", _failing_launch)
+    with pytest.raises(LaunchFailed):
+        draft()
+    monkeypatch.undo()
+    assert_unchanged(a, before)
+    assert _host_state(a) == host
+    draft()
+    assert a._seq_base_max == 5 and a.num_syncs == 0  # looked at again, kept once the launch went through
+    check_layout(a)
+
+
 @pytest.mark.parametrize("branches", [False, True], ids=["chain", "branches"])
 @pytest.mark.parametrize("call", ["alloc_draft", "reserve_draft", "commit", "commit_and_draft", "commit_and_draft-two"])
 def test_a_launch_that_raises_in_a_run_changes_nothing(call, branches, monkeypatch):
