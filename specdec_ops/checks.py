@@ -165,16 +165,20 @@ class BoundTensors:
 
     ``changed()`` is the cheap re-check of a plan's run: True once any tensor has moved (``set_``, ``.data =``, a
     ``resize_`` that reallocated), been resized, re-typed or re-strided (``set_`` or ``as_strided_`` in place) since,
-    so the caller plans again. Values written in place (the point of binding) change nothing here.
+    so the caller plans again. Values written in place (the point of binding) change nothing here. A tensor that was
+    empty (address 0 on every device) also has its device compared: moved to another device and still empty, it
+    keeps address, shape, dtype and strides.
     """
 
-    __slots__ = ("tensors", "_pointers", "_layouts", "_strides")
+    __slots__ = ("tensors", "_pointers", "_layouts", "_strides", "_empty", "_empty_devices")
 
     def __init__(self, tensors: tuple[torch.Tensor, ...]) -> None:
         self.tensors = tensors
         self._pointers = list(map(_data_ptr, tensors))
         self._layouts = list(map(_layout, tensors))
         self._strides = list(map(_strides, tensors))
+        self._empty = tuple(t for t in tensors if t.numel() == 0)
+        self._empty_devices = [t.device for t in self._empty]
 
     def changed(self) -> bool:
         tensors = self.tensors
@@ -182,6 +186,7 @@ class BoundTensors:
             list(map(_data_ptr, tensors)) != self._pointers
             or list(map(_strides, tensors)) != self._strides
             or list(map(_layout, tensors)) != self._layouts
+            or (bool(self._empty) and [t.device for t in self._empty] != self._empty_devices)
         )
 
 

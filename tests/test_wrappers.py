@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from conftest import SENTINEL, sentinel_like
+from conftest import ACCELERATORS, SENTINEL, sentinel_like
 from test_allocator import assert_unchanged, check_layout, snapshot
 from test_tree import random_paths
 
@@ -483,6 +483,36 @@ class LaunchFailed(RuntimeError):
 
 def _failing_launch(*args, **kwargs):
     raise LaunchFailed("launch failed")
+
+
+@pytest.mark.parametrize("device", ACCELERATORS)
+def test_an_empty_bound_tensor_moved_to_another_device_plans_again(device):
+    """An empty tensor has address 0 on every device, so a run compares the device of the tensors that were empty at
+    plan() too: moved to the CPU (``.data =``) and still empty, a bound tensor makes the run plan again and raise what
+    the function or method raises (found by an audit of the wrappers)."""
+    alloc = DraftCacheAllocator(64, 4, 32, page_size=4, device=device)
+    rows = torch.empty(0, dtype=torch.int64, device=device)
+    step = DraftStepWrapper(alloc)
+    step.plan(rows, 2, accept_lens=torch.empty(0, dtype=torch.int64, device=device))
+    step.alloc_draft()
+    rows.data = torch.empty(0, dtype=torch.int64)
+    with pytest.raises(ValueError, match="req_pool_indices") as wrapper_error:
+        step.alloc_draft()
+    with pytest.raises(ValueError, match="req_pool_indices") as method_error:
+        alloc.alloc_draft(rows, 2)
+    assert str(wrapper_error.value) == str(method_error.value)
+    table = torch.zeros(2, 2, dtype=torch.int32, device=device)
+    empty = torch.empty(0, dtype=torch.int64, device=device)
+    starts = empty.clone()
+    locs = CacheLocsWrapper(table)
+    locs.plan(empty, starts, empty, num_tokens=0)
+    locs.run()
+    starts.data = torch.empty(0, dtype=torch.int64)
+    with pytest.raises(ValueError, match="start_offset") as wrapper_error:
+        locs.run()
+    with pytest.raises(ValueError, match="start_offset") as function_error:
+        get_last_loc_and_assign_extend_cache_locs(table, empty, starts, empty, num_tokens=0)
+    assert str(wrapper_error.value) == str(function_error.value)
 
 
 @pytest.mark.parametrize("via", ["method", "wrapper"])
