@@ -37,6 +37,7 @@ tensors read on the host (``free_requests``' rows) may be any int type.
 
 from __future__ import annotations
 
+import bisect
 import functools
 from collections import Counter
 from collections.abc import Sequence
@@ -51,6 +52,7 @@ from .checks import UNPLANNED, BoundTensors
 from .checks import check_disjoint as _check_disjoint
 from .checks import check_npu_dtypes as _check_npu_dtypes
 from .checks import check_vector as _check_vector
+from .checks import memory_span as _memory_span
 from .checks import type_name as _type_name
 from .staging import HostStaging
 
@@ -345,9 +347,11 @@ def _check_flag(name: str, value: bool) -> None:
         raise TypeError(f"{name} must be a bool, got {_type_name(value)}")
 
 
-def _storage_address(tensor: torch.Tensor) -> int:
-    """The address of the memory ``tensor`` is a view of (0 for none)."""
-    return tensor.untyped_storage().data_ptr()
+def _storage_span(tensor: torch.Tensor) -> tuple[int, int]:
+    """The bytes ``[start, end)`` of the storage ``tensor`` is a view of."""
+    storage = tensor.untyped_storage()
+    start = storage.data_ptr()
+    return start, start + storage.nbytes()
 
 
 def _pages(length: int, page_size: int) -> int:
@@ -522,7 +526,9 @@ class DraftCacheAllocator:
         # The memory of the allocator's tensors that never change (branch_pages is widened: _owns_memory_of)
         fixed = (self.req_to_token, self.seq_lens, self.alloc_lens, self.window_lens, self.prefix_lens)
         fixed += (self.free_pages, self._counters, self._scratch, self.num_branch_pages)
-        self._own_addresses = {_storage_address(t) for t in fixed}
+        spans = sorted(_storage_span(t) for t in fixed)
+        self._own_starts, self._own_ends = [start for start, _ in spans], [end for _, end in spans]
+        self._branch_span = (self.branch_pages, *_storage_span(self.branch_pages))  # (the tensor, then its span)
         self._branch_rows: dict[int, int] = {}
         self._branch_batch_pages = 0
         # Host lists on their way to a CUDA device: add_requests sends up to three values a request.
@@ -2797,9 +2803,19 @@ class DraftCacheAllocator:
         )
 
     def _owns_memory_of(self, tensor: torch.Tensor) -> bool:
-        """Whether ``tensor`` is a view of one of the allocator's own tensors (no output buffer may be one)."""
-        address = _storage_address(tensor)  # (0: no memory, as an empty tensor's)
-        return address != 0 and (address in self._own_addresses or address == _storage_address(self.branch_pages))
+        """Whether ``tensor`` reads memory of one of the allocator's own tensors (no output buffer may): compared as
+        byte ranges, so a view made through numpy or DLPack, which has a storage object of its own, counts too."""
+        start, end = _memory_span(tensor)
+        if start == end:  # no memory, as an empty tensor's
+            return False
+        starts = self._own_starts  # (disjoint storages, sorted)
+        i = bisect.bisect_right(starts, start) - 1
+        if (i >= 0 and start < self._own_ends[i]) or (i + 1 < len(starts) and starts[i + 1] < end):
+            return True
+        if self._branch_span[0] is not self.branch_pages:  # (tree calls widen it: a new tensor)
+            self._branch_span = (self.branch_pages, *_storage_span(self.branch_pages))
+        _, branch_start, branch_end = self._branch_span
+        return branch_start < end and start < branch_end
 
     def _check_buffer(self, name: str, out: torch.Tensor, length: int, *, exact: bool) -> None:
         self._check_int_tensor(name, out, check_device=True)

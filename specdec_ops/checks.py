@@ -23,6 +23,7 @@ __all__ = [
     "check_out",
     "check_table",
     "check_vector",
+    "memory_span",
     "type_name",
 ]
 
@@ -126,6 +127,20 @@ def check_disjoint(outputs: dict[str, torch.Tensor], inputs: dict[str, torch.Ten
                 raise ValueError(
                     f"{first} must not share memory with {second} (outputs are written while inputs are read)"
                 )
+
+
+def memory_span(tensor: torch.Tensor) -> tuple[int, int]:
+    """The bytes ``[start, end)`` that ``tensor``'s elements lie in (``(0, 0)`` for an empty tensor): whatever storage
+    object holds them, so that a view made through numpy, DLPack or ``torch.frombuffer`` counts as the memory it
+    reads."""
+    n = tensor.numel()
+    if n == 0:
+        return 0, 0
+    start = tensor.data_ptr()
+    if tensor.is_contiguous():  # (every output buffer: checked before)
+        return start, start + n * tensor.element_size()
+    extent = sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride()))
+    return start, start + (extent + 1) * tensor.element_size()
 
 
 def check_out(name: str, out: torch.Tensor, device: torch.device, min_len: int) -> None:

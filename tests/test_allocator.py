@@ -781,6 +781,30 @@ BAD_CALLS = [
         ValueError,
         "out_cache_loc must not share memory with the allocator's own tensors",
     ),
+    (  # the same memory through a storage object of its own (numpy, DLPack): compared as byte ranges
+        "draft-last-is-state-through-numpy",
+        lambda a, r: a.alloc_draft(r, 2, last_loc=torch.from_numpy(a.seq_lens.numpy()[2:4])),
+        ValueError,
+        "last_loc must not share memory with the allocator's own tensors",
+    ),
+    (
+        "draft-last-is-state-through-dlpack",
+        lambda a, r: a.alloc_draft(r, 2, last_loc=torch.from_dlpack(a.alloc_lens[2:4].__dlpack__())),
+        ValueError,
+        "last_loc must not share memory with the allocator's own tensors",
+    ),
+    (
+        "tree-kv-in-table-through-numpy",
+        lambda a, r: a.commit_tree(
+            r,
+            torch.tensor([[0, 1], [0, 1]]),
+            [1, 1],
+            kv_src=torch.from_numpy(a.req_to_token.numpy()[1, :8].view(np.int64)),
+            validate=True,
+        ),
+        ValueError,
+        "kv_src must not share memory with the allocator's own tensors",
+    ),
     (  # with validate, as the ops: no output shares memory with an input
         "draft-validate-last-is-rows",
         lambda a, r: a.alloc_draft(r, 2, last_loc=r, validate=True),
