@@ -50,6 +50,7 @@ from .checks import INDEX_DTYPES as _INDEX_DTYPES
 from .checks import INT32_LIMIT as _INT32_LIMIT
 from .checks import UNPLANNED, BoundTensors
 from .checks import check_disjoint as _check_disjoint
+from .checks import check_flag as _check_flag
 from .checks import check_npu_dtypes as _check_npu_dtypes
 from .checks import check_vector as _check_vector
 from .checks import memory_span as _memory_span
@@ -340,11 +341,6 @@ def _check_size(name: str, value: int, minimum: int, limit: int = _INT32_LIMIT) 
         raise TypeError(f"{name} must be an int, got {_type_name(value)}")
     if not minimum <= value < limit:
         raise ValueError(f"{name} must be in [{minimum}, 2**{limit.bit_length() - 1}), got {value}")
-
-
-def _check_flag(name: str, value: bool) -> None:
-    if type(value) is not bool:
-        raise TypeError(f"{name} must be a bool, got {_type_name(value)}")
 
 
 def _storage_span(tensor: torch.Tensor) -> tuple[int, int]:
@@ -1318,6 +1314,7 @@ class DraftCacheAllocator:
             OutOfSlotsError: nothing changed. Only after a sync, which happens only when the host bound says the
             call might not fit.
         """
+        _check_flag("return_copies", return_copies)
         rows, host_rows, slots, src, dst = self._check_branches(
             req_pool_indices, topk, num_steps, out, copy_src, copy_dst, validate
         )
@@ -1346,6 +1343,7 @@ class DraftCacheAllocator:
         """Check the arguments of alloc_branches (``out`` named ``out_name`` in errors); returns (rows on the
         device, rows on the host or None, the branch slots' buffer, copy_src, copy_dst), new int64 buffers where
         none was given."""
+        _check_flag("validate", validate)
         rows, host_rows = self._device_rows(req_pool_indices)
         bs = rows.size(0)
         _check_size("topk", topk, 1)
@@ -1518,6 +1516,7 @@ class DraftCacheAllocator:
 
     def release_branches(self, req_pool_indices: IntVector, *, validate: bool = False) -> None:
         """Return the branch pages of the rows (:meth:`alloc_branches`) to the pool: one launch, no sync."""
+        _check_flag("validate", validate)
         rows, host_rows = self._device_rows(req_pool_indices)
         if validate and host_rows is None:
             host_rows = rows.tolist()
@@ -1604,6 +1603,7 @@ class DraftCacheAllocator:
 
     def _check_draft(self, req_pool_indices: IntVector, num_draft_tokens: int, validate: bool):
         """Check the arguments of a draft; returns (rows on the device, rows on the host or None, N)."""
+        _check_flag("validate", validate)
         rows, host_rows = self._device_rows(req_pool_indices)
         _check_size("num_draft_tokens", num_draft_tokens, 0)
         if rows.size(0) * num_draft_tokens >= _INT32_LIMIT:
@@ -2661,6 +2661,7 @@ class DraftCacheAllocator:
 
     def _check_commit_rows(self, req_pool_indices: IntVector, validate: bool) -> tuple[torch.Tensor, list[int] | None]:
         """The rows of a commit: (on the device, on the host or None), checked where the host has them."""
+        _check_flag("validate", validate)
         rows, host_rows = self._device_rows(req_pool_indices)
         if validate and host_rows is None:
             host_rows = rows.tolist()
@@ -2894,6 +2895,8 @@ class DraftStepWrapper:
     """
 
     def __init__(self, allocator: DraftCacheAllocator) -> None:
+        if not isinstance(allocator, DraftCacheAllocator):
+            raise TypeError(f"allocator must be a DraftCacheAllocator, got {_type_name(allocator)}")
         self._allocator = allocator
         self._draft_bound = self._commit_bound = self._branches_bound = UNPLANNED
         self._commit_draft_bound = self._tree_draft_bound = self._tree_step_bound = UNPLANNED

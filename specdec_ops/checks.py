@@ -19,6 +19,7 @@ __all__ = [
     "BoundTensors",
     "check_count",
     "check_disjoint",
+    "check_flag",
     "check_npu_dtypes",
     "check_out",
     "check_table",
@@ -148,6 +149,13 @@ def check_out(name: str, out: torch.Tensor, device: torch.device, min_len: int) 
     check_vector(name, out, device, None)
     if out.size(0) < min_len:
         raise ValueError(f"{name} has {out.size(0)} elements but the call needs at least {min_len}")
+
+
+def check_flag(name: str, value: bool) -> None:
+    """``value``: a bool (``TypeError`` naming ``name`` and the type given: a tensor, an array or a string is no
+    flag, whatever its truth)."""
+    if type(value) is not bool:
+        raise TypeError(f"{name} must be a bool, got {type_name(value)}")
 
 
 def check_count(name: str, value: int | None) -> int | None:

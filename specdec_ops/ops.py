@@ -22,6 +22,7 @@ from .checks import (
     BoundTensors,
     check_count,
     check_disjoint,
+    check_flag,
     check_npu_dtypes,
     check_out,
     check_table,
@@ -314,6 +315,8 @@ def get_last_loc(
     Returns:
         ``last_loc`` (``prefix_lens.dtype`` unless given): the slot, or -1 where ``prefix_lens <= 0``.
     """
+    if validate is not False and validate is not True:
+        check_flag("validate", validate)
     try:  # Hot path: every metadata condition in one expression.
         device = req_to_token.device
         bs = req_pool_indices.numel()
@@ -391,6 +394,8 @@ def _prepare_windows(
     ``end_offset`` is ``start_offset`` when the caller passed ``None`` with ``window_len`` (the uniform kernels
     never read it).
     """
+    if validate is not False and validate is not True:
+        check_flag("validate", validate)
     no_end = end_offset is None
     buffers = out_cache_loc is not None or last_loc is not None
     if no_end and window_len is not None:
@@ -694,6 +699,7 @@ class CacheLocsWrapper:
     """
 
     def __init__(self, req_to_token: torch.Tensor, *, with_last_loc: bool = True) -> None:
+        check_flag("with_last_loc", with_last_loc)
         self._req_to_token = req_to_token
         self._with_last_loc = with_last_loc
         self._bound = UNPLANNED

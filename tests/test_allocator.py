@@ -805,6 +805,28 @@ BAD_CALLS = [
         ValueError,
         "kv_src must not share memory with the allocator's own tensors",
     ),
+    # flags are bools: a tensor raised torch's RuntimeError, a string turned validation on; return_copies was read
+    # after the branches had been taken
+    ("draft-validate-str", lambda a, r: a.alloc_draft(r, 2, validate="no"), TypeError, "validate must be a bool"),
+    (
+        "commit-validate-tensor",
+        lambda a, r: a.commit(r, torch.tensor([1, 1]), validate=torch.tensor([True, False])),
+        TypeError,
+        "validate must be a bool, got torch.Tensor",
+    ),
+    (
+        "branches-validate-array",
+        lambda a, r: a.alloc_branches(r, 2, 2, validate=np.array([1, 2])),
+        TypeError,
+        "validate must be a bool, got numpy.ndarray",
+    ),
+    (
+        "branches-return-copies-tensor",
+        lambda a, r: a.alloc_branches(r, 2, 2, return_copies=torch.tensor([True, False])),
+        TypeError,
+        "return_copies must be a bool, got torch.Tensor",
+    ),
+    ("release-validate-int", lambda a, r: a.release_branches(r, validate=1), TypeError, "validate must be a bool"),
     (  # with validate, as the ops: no output shares memory with an input
         "draft-validate-last-is-rows",
         lambda a, r: a.alloc_draft(r, 2, last_loc=r, validate=True),

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from conftest import DEVICES, SENTINEL, sentinel_like
@@ -139,6 +140,14 @@ METADATA_ERRORS = [
     ("num-tokens-bool", {"num_tokens": True}, TypeError, "num_tokens must be an int or None, got bool"),
     ("window-negative", {"window_len": -2}, ValueError, "window_len must be in [0, 2**31), got -2"),
     ("persistent-str", {"persistent": "yes"}, TypeError, "persistent must be a bool or None, got str"),
+    # validate is a flag: "no" used to turn it on, a tensor to raise torch's RuntimeError
+    ("validate-str", {"validate": "no"}, TypeError, "validate must be a bool, got str"),
+    (
+        "validate-tensor",
+        {"validate": torch.tensor([True, False])},
+        TypeError,
+        "validate must be a bool, got torch.Tensor",
+    ),
     ("window-too-many", {"window_len": 2}, ValueError, "num_tokens must be at least bs * window_len = 8, got 6"),
 ]
 
@@ -264,6 +273,17 @@ def test_validate_passes_good_input():
     out, last, _, call = call_fused(validate=True)
     call()
     assert out.tolist() == [1, 2, 54, 55, 56, 30] and last.tolist() == [-1, 53, 29, 24]
+
+
+def test_flags_must_be_bools():
+    """``validate`` of get_last_loc and ``with_last_loc`` of CacheLocsWrapper are flags (found by an audit: a string
+    was taken for its truth, a tensor raised torch's RuntimeError)."""
+    table = torch.zeros(4, 8, dtype=torch.int32)
+    rows = torch.tensor([0, 1])
+    with pytest.raises(TypeError, match="validate must be a bool, got numpy.ndarray"):
+        specdec_ops.get_last_loc(table, rows, rows, validate=np.array([1, 2]))
+    with pytest.raises(TypeError, match="with_last_loc must be a bool, got str"):
+        specdec_ops.CacheLocsWrapper(table, with_last_loc="no")
 
 
 def test_get_last_loc_errors():

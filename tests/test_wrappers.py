@@ -485,6 +485,11 @@ def _failing_launch(*args, **kwargs):
     raise LaunchFailed("launch failed")
 
 
+def test_the_step_wrapper_takes_an_allocator():
+    with pytest.raises(TypeError, match="allocator must be a DraftCacheAllocator, got NoneType"):
+        DraftStepWrapper(None)
+
+
 @pytest.mark.parametrize("device", ACCELERATORS)
 def test_an_empty_bound_tensor_moved_to_another_device_plans_again(device):
     """An empty tensor has address 0 on every device, so a run compares the device of the tensors that were empty at
