@@ -343,6 +343,24 @@ def _check_size(name: str, value: int, minimum: int, limit: int = _INT32_LIMIT) 
         raise ValueError(f"{name} must be in [{minimum}, 2**{limit.bit_length() - 1}), got {value}")
 
 
+def _resolve_device(device: torch.device | str | None) -> torch.device:
+    """``device`` (None: ``backend.default_device()``) with its index ("cuda" -> "cuda:0"): one that is present,
+    else ``ValueError`` naming it (torch raised RuntimeError, or AssertionError for a CUDA device on a build or
+    machine without one)."""
+    if device is None:
+        device = backend.default_device()
+    elif isinstance(device, bool) or not isinstance(device, (torch.device, str, int)):
+        raise TypeError(f"device must be a torch.device, a str, an int or None, got {_type_name(device)}")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device must name a torch device (cpu, cuda, npu), got {device!r}") from None
+    try:
+        return torch.empty(0, device=device).device  # "cuda" -> "cuda:0"
+    except (AssertionError, RuntimeError) as error:
+        raise ValueError(f"device {device} is not available here: {str(error).splitlines()[0]}") from None
+
+
 def _storage_span(tensor: torch.Tensor) -> tuple[int, int]:
     """The bytes ``[start, end)`` of the storage ``tensor`` is a view of."""
     storage = tensor.untyped_storage()
@@ -425,8 +443,7 @@ class DraftCacheAllocator:
             raise ValueError(f"num_slots + page_size must be below 2**31 (int32 slots), got {num_slots + page_size}")
         if num_slots // page_size >= _SIZE_LIMIT:
             raise ValueError(f"num_slots // page_size must be below 2**30 pages, got {num_slots // page_size}")
-        device = backend.default_device() if device is None else torch.device(device)
-        self.device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0"
+        self.device = _resolve_device(device)
         self._page_shift = _page_shift(page_size)
         # Every launch a programmatic dependent launch where the device has them: each kernel waits for the one
         # before it at its start, then lets the next one start (backend.pdl_level). The launches that give branches

@@ -740,8 +740,26 @@ def test_freeing_everything_restores_the_pool():
         ({"num_slots": 8.0}, TypeError, "num_slots must be an int, got float"),
         ({"max_requests": 0}, ValueError, "max_requests must be in"),
         ({"max_context_len": True}, TypeError, "max_context_len must be an int, got bool"),
+        # devices that torch cannot name or that are not here: torch raised RuntimeError or AssertionError
+        ({"device": "garbage"}, ValueError, "device must name a torch device .*, got 'garbage'"),
+        ({"device": 1.5}, TypeError, "device must be a torch.device, a str, an int or None, got float"),
+        pytest.param(
+            {"device": "cuda"},
+            ValueError,
+            "device cuda is not available here",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here"),
+        ),
     ],
-    ids=["slots-not-pages", "page-0", "slots-float", "no-rows", "context-bool"],
+    ids=[
+        "slots-not-pages",
+        "page-0",
+        "slots-float",
+        "no-rows",
+        "context-bool",
+        "device-garbage",
+        "device-float",
+        "no-cuda",
+    ],
 )
 def test_bad_constructor_arguments(kwargs, error, message):
     args = {"num_slots": 16, "max_requests": 2, "max_context_len": 8, "device": "cpu", **kwargs}
