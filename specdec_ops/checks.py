@@ -112,12 +112,9 @@ def check_disjoint(outputs: dict[str, torch.Tensor], inputs: dict[str, torch.Ten
     spans = []
     for written, tensors in ((True, outputs), (False, inputs)):
         for name, tensor in tensors.items():
-            size = tensor.nbytes
-            if size:
-                start = tensor.data_ptr()
-                if tensor.dim() == 2:
-                    size = ((tensor.size(0) - 1) * tensor.stride(0) + tensor.size(1)) * tensor.element_size()
-                spans.append((start, start + size, written, name))
+            start, end = memory_span(tensor)
+            if start != end:
+                spans.append((start, end, written, name))
     spans.sort()
     for i, (_, end, written, name) in enumerate(spans):
         for other_start, _, other_written, other in spans[i + 1 :]:
