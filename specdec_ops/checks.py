@@ -155,6 +155,12 @@ def check_flag(name: str, value: bool) -> None:
         raise TypeError(f"{name} must be a bool, got {type_name(value)}")
 
 
+def check_optional_flag(name: str, value: bool | None) -> None:
+    """``value``: ``None`` or a bool (``TypeError`` naming ``name`` and the type given), as ``check_flag``."""
+    if value is not None and type(value) is not bool:
+        raise TypeError(f"{name} must be a bool or None, got {type_name(value)}")
+
+
 def check_count(name: str, value: int | None) -> int | None:
     """``value``: ``None`` or an integer (any ``numbers.Integral``, e.g. ``numpy.int64``, but not ``bool``) in
     ``[0, 2**31)``; returned as a Python ``int``."""

@@ -24,10 +24,10 @@ from .checks import (
     check_disjoint,
     check_flag,
     check_npu_dtypes,
+    check_optional_flag,
     check_out,
     check_table,
     check_vector,
-    type_name,
 )
 
 __all__ = [
@@ -153,10 +153,8 @@ def _out_ok(tensor: torch.Tensor, device: torch.device, min_len: int) -> bool:
 
 
 def _launch_grid(num_tiles: int, device: torch.device, persistent: bool | None) -> tuple[int]:
-    if persistent is None:
+    if persistent is None:  # (a bool otherwise: the public calls check it first, whatever the batch)
         persistent = backend.prefers_persistent_grid(device)
-    elif type(persistent) is not bool:
-        raise TypeError(f"persistent must be a bool or None, got {type_name(persistent)}")
     if persistent:
         return (max(1, min(num_tiles, backend.num_cores(device))),)
     return (num_tiles,)
@@ -317,6 +315,8 @@ def get_last_loc(
     """
     if validate is not False and validate is not True:
         check_flag("validate", validate)
+    if persistent is not None:
+        check_optional_flag("persistent", persistent)
     try:  # Hot path: every metadata condition in one expression.
         device = req_to_token.device
         bs = req_pool_indices.numel()
@@ -600,6 +600,8 @@ def assign_extend_cache_locs(
     Returns:
         ``out_cache_loc[:num_tokens]``: int64 unless the caller passed ``out_cache_loc``.
     """
+    if persistent is not None:
+        check_optional_flag("persistent", persistent)
     out_cache_loc, end_offset, num_tokens, window_len, bs, device = _prepare_windows(
         req_to_token, req_pool_indices, start_offset, end_offset, out_cache_loc, None, num_tokens, window_len, validate
     )
@@ -640,6 +642,8 @@ def get_last_loc_and_assign_extend_cache_locs(
     Returns:
         ``(out_cache_loc[:num_tokens], last_loc)``; ``last_loc`` has ``start_offset.dtype`` unless given.
     """
+    if persistent is not None:
+        check_optional_flag("persistent", persistent)
     out_cache_loc, end_offset, num_tokens, window_len, bs, device = _prepare_windows(
         req_to_token,
         req_pool_indices,
@@ -731,6 +735,8 @@ class CacheLocsWrapper:
         """
         if last_loc is not None and not self._with_last_loc:
             raise ValueError("last_loc is given but the wrapper was made with with_last_loc=False")
+        if persistent is not None:
+            check_optional_flag("persistent", persistent)
         req_to_token = self._req_to_token
         out, end, count, window, bs, device = _prepare_windows(
             req_to_token,

@@ -286,6 +286,35 @@ def test_flags_must_be_bools():
         specdec_ops.CacheLocsWrapper(table, with_last_loc="no")
 
 
+@pytest.mark.parametrize("bs", [0, 2])
+def test_persistent_is_checked_whatever_the_batch(bs):
+    """``persistent`` is None or a bool for every op and the wrapper, also for a batch of no requests, which launches
+    nothing (it used to be checked only where the grid was made: ``persistent="x"`` passed with an empty batch)."""
+    table = torch.zeros(4, 8, dtype=torch.int32)
+    rows = torch.arange(bs)
+    start, end = torch.ones(bs, dtype=torch.int64), torch.full((bs,), 3, dtype=torch.int64)
+    out = torch.full((2 * bs,), SENTINEL, dtype=torch.int64)
+    calls = {
+        "get_last_loc": lambda p: specdec_ops.get_last_loc(table, rows, start, persistent=p),
+        "assign_extend_cache_locs": lambda p: specdec_ops.assign_extend_cache_locs(
+            table, rows, start, end, out, num_tokens=2 * bs, persistent=p
+        ),
+        "fused": lambda p: specdec_ops.get_last_loc_and_assign_extend_cache_locs(
+            table, rows, start, end, out, num_tokens=2 * bs, persistent=p
+        ),
+        "CacheLocsWrapper.plan": lambda p: specdec_ops.CacheLocsWrapper(table).plan(
+            rows, start, end, out, num_tokens=2 * bs, persistent=p
+        ),
+    }
+    for name, call in calls.items():
+        out.fill_(SENTINEL)
+        with pytest.raises(TypeError, match="persistent must be a bool or None, got str"):
+            call("x")
+        assert (out == SENTINEL).all(), name
+        for good in (None, False, True):
+            call(good)
+
+
 def test_get_last_loc_errors():
     args = good_args()
     with pytest.raises(ValueError, match=r"prefix_lens has 2 elements but req_pool_indices has 4"):
