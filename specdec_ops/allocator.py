@@ -368,6 +368,20 @@ def _storage_span(tensor: torch.Tensor) -> tuple[int, int]:
     return start, start + storage.nbytes()
 
 
+def _entries(values: object) -> int:
+    """How many values a vector argument holds, found without reading them: a lazy sequence such as ``range(10**7)``
+    is measured before it is expanded (that took seconds before the error its length calls for). -1 for what is no
+    1-D tensor or sequence (the checks that read it say what it must be)."""
+    if isinstance(values, torch.Tensor):
+        return values.size(0) if values.dim() == 1 else -1
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        return -1
+    try:
+        return len(values)
+    except OverflowError:  # a range past sys.maxsize
+        return _INT64_LIMIT
+
+
 def _pages(length: int, page_size: int) -> int:
     return -(-length // page_size)
 
@@ -401,7 +415,8 @@ class DraftCacheAllocator:
     releases them, :meth:`free_requests` included, or a sync counts them exactly. Accept lengths are clamped on the
     device to the row's open
     draft window, so no value corrupts the pool. After replaying a captured step, call :meth:`refresh` before the
-    next eager call.
+    next eager call. A table the device cannot hold (``max_requests * max_context_len`` int32 entries) raises
+    ``ValueError`` naming those sizes at construction.
 
     Attributes (device tensors, read them freely, change them only through the methods):
         req_to_token: ``[max_requests, max_context_len]`` int32, the slot of every position; 0 (padding) where
@@ -462,25 +477,33 @@ class DraftCacheAllocator:
         self.num_pages = num_slots // page_size
         self.max_requests = max_requests
         self.max_context_len = max_context_len
-        self.req_to_token = torch.zeros(max_requests, max_context_len, dtype=torch.int32, device=self.device)
-        # -1 in seq_lens and alloc_lens: the row is not in use (add_requests sets them, free_requests puts -1 back);
-        # the kernels skip such rows.
-        self.seq_lens = torch.full((max_requests,), -1, dtype=torch.int64, device=self.device)
-        self.alloc_lens = torch.full((max_requests,), -1, dtype=torch.int64, device=self.device)
-        self.window_lens = torch.zeros(max_requests, dtype=torch.int64, device=self.device)
-        self.prefix_lens = torch.zeros(max_requests, dtype=torch.int64, device=self.device)
-        # Handed out from the head: page 1 first, then 2, ...
-        self.free_pages = torch.arange(1, self.num_pages + 1, dtype=torch.int32, device=self.device)
-        # [head, count, ticket, epoch, tiles, push epoch, push tiles]: the ticket is the kernels' last-program
-        # counter, 0 between launches; the epoch counts the drafts that looked back (its parity picks their bank in
-        # scratch), tiles is the number of tiles of the last of them; the push epoch and push tiles the same for
-        # those of them that released branch pages (_look_back_programs).
-        self._counters = torch.tensor([0, self.num_pages, 0, 0, 0, 0, 0], dtype=torch.int32, device=self.device)
-        # Per batch entry, a request's new alloc_len, its page need, the branch pages it gives back and the branch
-        # pages it takes, for the last program of a launch; then two banks of max_requests: per tile of a draft
-        # that looks back, the pops its program published, and two more: the pushes of one that releases branch
-        # pages (the bank of the next such draft is 0: each clears the other one; see _look_back_programs).
-        self._scratch = torch.zeros(8 * max_requests, dtype=torch.int32, device=self.device)
+        try:
+            self.req_to_token = torch.zeros(max_requests, max_context_len, dtype=torch.int32, device=self.device)
+            # -1 in seq_lens and alloc_lens: the row is not in use (add_requests sets them, free_requests puts -1 back);
+            # the kernels skip such rows.
+            self.seq_lens = torch.full((max_requests,), -1, dtype=torch.int64, device=self.device)
+            self.alloc_lens = torch.full((max_requests,), -1, dtype=torch.int64, device=self.device)
+            self.window_lens = torch.zeros(max_requests, dtype=torch.int64, device=self.device)
+            self.prefix_lens = torch.zeros(max_requests, dtype=torch.int64, device=self.device)
+            # Handed out from the head: page 1 first, then 2, ...
+            self.free_pages = torch.arange(1, self.num_pages + 1, dtype=torch.int32, device=self.device)
+            # [head, count, ticket, epoch, tiles, push epoch, push tiles]: the ticket is the kernels' last-program
+            # counter, 0 between launches; the epoch counts the drafts that looked back (its parity picks their bank in
+            # scratch), tiles is the number of tiles of the last of them; the push epoch and push tiles the same for
+            # those of them that released branch pages (_look_back_programs).
+            self._counters = torch.tensor([0, self.num_pages, 0, 0, 0, 0, 0], dtype=torch.int32, device=self.device)
+            # Per batch entry, a request's new alloc_len, its page need, the branch pages it gives back and the branch
+            # pages it takes, for the last program of a launch; then two banks of max_requests: per tile of a draft
+            # that looks back, the pops its program published, and two more: the pushes of one that releases branch
+            # pages (the bank of the next such draft is 0: each clears the other one; see _look_back_programs).
+            self._scratch = torch.zeros(8 * max_requests, dtype=torch.int32, device=self.device)
+        except RuntimeError as error:  # (torch.OutOfMemoryError too): name the sizes asked for, not an allocator line
+            entries = max_requests * max_context_len
+            raise ValueError(
+                f"req_to_token of max_requests * max_context_len = {max_requests} * {max_context_len} = {entries} "
+                f"int32 entries ({entries * 4 / 2**30:.1f} GiB), with {self.num_pages} pages and {max_requests} rows "
+                f"of bookkeeping, cannot be allocated on {self.device}: {str(error).splitlines()[0][:200]}"
+            ) from error
         self.free_head = self._counters[0:1]
         self.num_free_pages = self._counters[1:2]
         self.num_syncs = 0
@@ -590,6 +613,11 @@ class DraftCacheAllocator:
         Raises:
             OutOfRowsError, ContextLengthError, OutOfSlotsError, ValueError: nothing changed.
         """
+        if _entries(prompt_lens) > self.max_requests:  # (before reading them)
+            raise OutOfRowsError(
+                f"add_requests: asked for {_entries(prompt_lens)} rows but {len(self._free_rows)} of "
+                f"{self.max_requests} are free"
+            )
         lens = self._host_ints("prompt_lens", prompt_lens)
         n = len(lens)
         if n and min(lens) < 0:
@@ -681,13 +709,14 @@ class DraftCacheAllocator:
             (int64 on the device; empty without ``keep_lens``). Pages that came in as ``prefix_slots`` stay with
             the cache whether kept or not; they are never returned to the pool by the allocator.
         """
+        self._check_entries(req_pool_indices)
         rows = self._host_ints("req_pool_indices", req_pool_indices)
         self._check_rows_in_use(rows)
-        keep = None if keep_lens is None else self._host_ints("keep_lens", keep_lens)
         n = len(rows)
+        if keep_lens is not None and _entries(keep_lens) not in (-1, n):  # (before reading them)
+            raise ValueError(f"keep_lens has {_entries(keep_lens)} elements but req_pool_indices has {n}")
+        keep = None if keep_lens is None else self._host_ints("keep_lens", keep_lens)
         if keep is not None:  # (also for no rows: the same errors whatever the batch)
-            if len(keep) != n:
-                raise ValueError(f"keep_lens has {len(keep)} elements but req_pool_indices has {n}")
             p, most = self.page_size, self.max_context_len
             for i, length in enumerate(keep):
                 if length < 0 or length % p:
@@ -2582,9 +2611,9 @@ class DraftCacheAllocator:
             return None, []
         if prefix_slots is None or prefix_lens is None:
             raise ValueError("prefix_slots and prefix_lens must be given together")
+        if _entries(prefix_lens) not in (-1, n):  # (before reading them)
+            raise ValueError(f"prefix_lens has {_entries(prefix_lens)} elements but prompt_lens has {n}")
         prefix = self._host_ints("prefix_lens", prefix_lens)
-        if len(prefix) != n:
-            raise ValueError(f"prefix_lens has {len(prefix)} elements but prompt_lens has {n}")
         if not isinstance(prefix_slots, torch.Tensor):
             raise TypeError(f"prefix_slots must be a torch.Tensor, got {type(prefix_slots).__name__}")
         if prefix_slots.dtype not in _INDEX_DTYPES:
@@ -2691,6 +2720,9 @@ class DraftCacheAllocator:
     ) -> torch.Tensor:
         """Accept lengths of checked rows: their number, and as a list their values (``nodes``: the ``T`` of a tree
         commit, which bounds them too); returns them on the device."""
+        bs = rows.size(0)
+        if not isinstance(accept_lens, torch.Tensor) and _entries(accept_lens) not in (-1, bs):  # (before reading)
+            raise ValueError(f"accept_lens has {_entries(accept_lens)} elements but req_pool_indices has {bs}")
         accept, host_accept = self._device_ints("accept_lens", accept_lens)
         if accept.size(0) != rows.size(0):
             raise ValueError(f"accept_lens has {accept.size(0)} elements but req_pool_indices has {rows.size(0)}")
@@ -2791,12 +2823,22 @@ class DraftCacheAllocator:
         without duplicates, never are more): the kernels of drafts, commits and branches keep per-entry and per-tile
         values in max_requests-long scratch, which a longer tensor of rows (out of range ones, which the device
         skips) would overrun."""
+        if not isinstance(req_pool_indices, torch.Tensor):  # (a tensor's length is read below, at no cost)
+            self._check_entries(req_pool_indices)
         rows, host_rows = self._device_ints("req_pool_indices", req_pool_indices)
         if rows.size(0) > self.max_requests:
             raise ValueError(
                 f"req_pool_indices must have at most max_requests ({self.max_requests}) entries, got {rows.size(0)}"
             )
         return rows, host_rows
+
+    def _check_entries(self, req_pool_indices: IntVector) -> None:
+        """At most max_requests rows, counted before they are read (``_entries``)."""
+        if _entries(req_pool_indices) > self.max_requests:
+            raise ValueError(
+                f"req_pool_indices must have at most max_requests ({self.max_requests}) entries, got "
+                f"{_entries(req_pool_indices)}"
+            )
 
     def _check_int_tensor(self, name: str, tensor: torch.Tensor, *, check_device: bool) -> None:
         if check_device:  # the ops' check: 1-D, int32/int64, contiguous, on the device of req_to_token

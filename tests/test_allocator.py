@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -749,6 +750,13 @@ def test_freeing_everything_restores_the_pool():
             "device cuda is not available here",
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here"),
         ),
+        # a table no device can hold (2**61 bytes, past any address space): torch's RuntimeError named no argument
+        (
+            {"max_requests": 2**30, "max_context_len": 2**29},
+            ValueError,
+            r"req_to_token of max_requests \* max_context_len = 1073741824 \* 536870912 = 576460752303423488 int32 "
+            r"entries \(2147483648.0 GiB\).* cannot be allocated on cpu",
+        ),
     ],
     ids=[
         "slots-not-pages",
@@ -759,12 +767,26 @@ def test_freeing_everything_restores_the_pool():
         "device-garbage",
         "device-float",
         "no-cuda",
+        "table-too-large",
     ],
 )
 def test_bad_constructor_arguments(kwargs, error, message):
     args = {"num_slots": 16, "max_requests": 2, "max_context_len": 8, "device": "cpu", **kwargs}
     with pytest.raises(error, match=message):
         DraftCacheAllocator(**args)
+
+
+HUGE = 10**12
+
+
+class Huge(Sequence):
+    """A lazy sequence of HUGE ints that fails the test if anything reads its values (or would take hours)."""
+
+    def __len__(self):
+        return HUGE
+
+    def __getitem__(self, i):
+        raise AssertionError("a lazy sequence was read before its length was checked")
 
 
 def live_allocator():
@@ -1019,6 +1041,35 @@ BAD_CALLS = [
         lambda a, r: a.free_requests([0, 1], keep_lens=[0]),
         ValueError,
         "keep_lens has 1 elements but req_pool_indices has 2",
+    ),
+    # Lazy sequences are measured before they are read: range(10**7) used to be expanded first (about 2 s)
+    ("add-huge-lazy", lambda a, r: a.add_requests(Huge()), OutOfRowsError, f"asked for {HUGE} rows but 2 of 4"),
+    ("add-range", lambda a, r: a.add_requests(range(10**30)), OutOfRowsError, f"asked for {2**63} rows"),
+    (
+        "free-huge-lazy",
+        lambda a, r: a.free_requests(Huge()),
+        ValueError,
+        rf"at most max_requests \(4\) entries, got {HUGE}",
+    ),
+    ("free-huge-tensor", lambda a, r: a.free_requests(torch.zeros(5, dtype=torch.int64)), ValueError, "got 5"),
+    (
+        "free-keep-huge-lazy",
+        lambda a, r: a.free_requests([0, 1], keep_lens=Huge()),
+        ValueError,
+        f"keep_lens has {HUGE} elements but req_pool_indices has 2",
+    ),
+    ("draft-huge-lazy", lambda a, r: a.alloc_draft(Huge(), 2), ValueError, r"at most max_requests \(4\) entries"),
+    (
+        "commit-huge-lazy",
+        lambda a, r: a.commit([0, 1], Huge()),
+        ValueError,
+        f"accept_lens has {HUGE} elements but req_pool_indices has 2",
+    ),
+    (
+        "prefix-huge-lazy",
+        lambda a, r: a.add_requests([4], prefix_slots=torch.zeros(1, 4, dtype=torch.int64), prefix_lens=Huge()),
+        ValueError,
+        f"prefix_lens has {HUGE} elements but prompt_lens has 1",
     ),
 ]
 
