@@ -372,6 +372,8 @@ def _entries(values: object) -> int:
     """How many values a vector argument holds, found without reading them: a lazy sequence such as ``range(10**7)``
     is measured before it is expanded (that took seconds before the error its length calls for). -1 for what is no
     1-D tensor or sequence (the checks that read it say what it must be)."""
+    if type(values) is list:  # (the common case, before the slower ABC check below)
+        return len(values)
     if isinstance(values, torch.Tensor):
         return values.size(0) if values.dim() == 1 else -1
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
@@ -2720,9 +2722,10 @@ class DraftCacheAllocator:
     ) -> torch.Tensor:
         """Accept lengths of checked rows: their number, and as a list their values (``nodes``: the ``T`` of a tree
         commit, which bounds them too); returns them on the device."""
-        bs = rows.size(0)
-        if not isinstance(accept_lens, torch.Tensor) and _entries(accept_lens) not in (-1, bs):  # (before reading)
-            raise ValueError(f"accept_lens has {_entries(accept_lens)} elements but req_pool_indices has {bs}")
+        if not isinstance(accept_lens, torch.Tensor) and _entries(accept_lens) not in (-1, rows.size(0)):
+            raise ValueError(  # (before reading them)
+                f"accept_lens has {_entries(accept_lens)} elements but req_pool_indices has {rows.size(0)}"
+            )
         accept, host_accept = self._device_ints("accept_lens", accept_lens)
         if accept.size(0) != rows.size(0):
             raise ValueError(f"accept_lens has {accept.size(0)} elements but req_pool_indices has {rows.size(0)}")
