@@ -573,6 +573,15 @@ class DraftCacheAllocator:
         self._staging = HostStaging(self.device, 3 * max_requests)
         self._cuda = self.device.type == "cuda"  # (torch.device.type costs more than this attribute)
 
+    def __repr__(self) -> str:
+        """The constructor's arguments, the rows in use and the slots cached: host state, no sync (so no free
+        count: :meth:`num_free_slots` syncs)."""
+        return (
+            f"DraftCacheAllocator(num_slots={self.num_slots}, max_requests={self.max_requests}, "
+            f"max_context_len={self.max_context_len}, page_size={self.page_size}, device={str(self.device)!r}; "
+            f"num_requests={self.num_requests}, num_cached_slots={self.num_cached_slots()})"
+        )
+
     @property
     def total_slots(self) -> int:
         """Slots the KV buffer needs: the padding page plus the pool."""

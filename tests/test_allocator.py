@@ -555,6 +555,16 @@ def test_no_sync_needed_while_the_pool_has_headroom():
     check_layout(alloc)
 
 
+def test_repr_names_the_sizes_and_reads_only_the_host():
+    alloc = DraftCacheAllocator(64, 4, 16, page_size=2, device="cpu")
+    alloc.free_requests(alloc.add_requests([4, 3, 2])[1:].tolist(), keep_lens=[2, 0])
+    assert repr(alloc) == (
+        "DraftCacheAllocator(num_slots=64, max_requests=4, max_context_len=16, page_size=2, device='cpu'; "
+        "num_requests=1, num_cached_slots=2)"
+    )
+    assert alloc.num_syncs == 0
+
+
 def test_windows_shorter_than_pages_need_no_sync():
     # A page per request per step would pass 64 pages after 5 steps; a window of 4 crosses a page of 64 only
     # every 16 tokens, and the bound knows it.
