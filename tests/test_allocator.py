@@ -1845,6 +1845,16 @@ def test_slots_near_2_31_and_a_wrapping_ring_are_exact(page_size):
 
 
 @pytest.mark.gpu
+def test_gpu_a_table_the_device_cannot_hold_raises_value_error():
+    """torch.OutOfMemoryError named no argument: the sizes are named, and the device works on after it."""
+    with pytest.raises(ValueError, match=r"max_requests \* max_context_len = .* cannot be allocated on cuda:0"):
+        DraftCacheAllocator(16, 2**30, 2**29, device="cuda")
+    alloc = DraftCacheAllocator(16, 4, 16, page_size=2, device="cuda")
+    alloc.add_requests([3])
+    check_layout(alloc)
+
+
+@pytest.mark.gpu
 def test_gpu_a_capture_that_needs_a_sync_raises_and_changes_nothing():
     """A call whose capacity check needs an exact count from the device (a sync) cannot make it inside CUDA graph
     capture: it says so, and changes nothing (it used to fail in torch's copy, with no word of why)."""
