@@ -29,6 +29,9 @@ Calls (bs --batch-size, N --window-len, buffers given, num_tokens given: the hot
                    commit_and_draft()/alloc_branches()/commit_tree_and_draft(), planned once with the same
                    arguments (the plan/run form an engine's eager loop uses; the tree calls' wrapper is planned
                    with topk=, num_steps= and accept_index=)
+  ... (plan/run, own buffers)
+                   fused uniform, alloc_draft and commit_tree_and_draft planned without output buffers: plan()
+                   makes them and each call re-checks them by address only (it returns views of them)
 
 The chain calls (alloc_draft, commit, commit_and_draft) run on an allocator of their own that never takes branch
 pages, as a chain engine's (topk 1); the tree calls on another.
@@ -188,6 +191,10 @@ def make_calls(device: torch.device, bs: int, n: int, topk: int, num_steps: int)
     ragged.plan(rows, start, ragged_end, out, last, num_tokens=ragged_tokens)
     step = specdec_ops.DraftStepWrapper(alloc)
     step.plan(alloc_rows, n, accept_lens=accept, out_cache_loc=alloc_out, last_loc=alloc_last)
+    uniform_own = ops.CacheLocsWrapper(table)
+    uniform_own.plan(rows, start, end, num_tokens=bs * n, window_len=n)
+    step_own = specdec_ops.DraftStepWrapper(alloc)
+    step_own.plan(alloc_rows, n, accept_lens=accept)
     # The tree calls' own allocator: once they have taken branch pages through a tensor of rows, the host keeps them
     # on its books, and every draft and commit would launch their release (a chain engine never takes any).
     tree_alloc = specdec_ops.DraftCacheAllocator(num_slots, bs, max_context_len, page_size=16, device=device)
@@ -214,6 +221,8 @@ def make_calls(device: torch.device, bs: int, n: int, topk: int, num_steps: int)
         num_steps=num_steps,
         **tree,
     )
+    tree_step_own = specdec_ops.DraftStepWrapper(tree_alloc)
+    tree_step_own.plan(tree_rows, n, accept_lens=accept, accept_index=accept_index, topk=topk, num_steps=num_steps)
 
     calls = {
         "empty launch": lambda: empty[(1,)](out),
@@ -257,6 +266,9 @@ def make_calls(device: torch.device, bs: int, n: int, topk: int, num_steps: int)
         "alloc_branches (plan/run)": tree_step.alloc_branches,
         "commit_tree (plan/run)": tree_step.commit,
         "commit_tree_and_draft (plan/run)": tree_step.commit_tree_and_draft,
+        "fused uniform (plan/run, own buffers)": uniform_own.run,
+        "alloc_draft (plan/run, own buffers)": step_own.alloc_draft,
+        "commit_tree_and_draft (plan/run, own buffers)": tree_step_own.commit_tree_and_draft,
         REQUEST_PAIR: RequestPair(device, bs, bs * (4 * n + 8) * 64, 4 * n + 8 * 64, alloc.page_size),
     }
     for call in calls.values():

@@ -568,6 +568,7 @@ class DraftCacheAllocator:
         self._own_starts, self._own_ends = [start for start, _ in spans], [end for _, end in spans]
         self._branch_span = (self.branch_pages, *_storage_span(self.branch_pages))  # (the tensor, then its span)
         self._branch_rows: dict[int, int] = {}
+        self._branch_rows_sum: int | None = 0  # sum(_branch_rows.values()), None once it changed (_branch_bound)
         self._branch_batch_pages = 0
         # Host lists on their way to a CUDA device: add_requests sends up to three values a request.
         self._staging = HostStaging(self.device, 3 * max_requests)
@@ -1478,6 +1479,7 @@ class DraftCacheAllocator:
             self._branch_rows.update(dict.fromkeys(host_rows, per_row))
         else:
             self._branch_rows.update(zip(host_rows, needs))
+        self._branch_rows_sum = None
 
     def _launch_branches(
         self,
@@ -1651,7 +1653,8 @@ class DraftCacheAllocator:
         # The branch pages of each row, exactly (none: no release to launch until the next alloc_branches); any
         # held by rows not in use (freeing a row returns them, so none) stay on the books as a batch's.
         self._branch_rows = {row: held for row, held in zip(usage.rows, usage.branch_pages) if held}
-        self._branch_batch_pages = usage.held - sum(self._branch_rows.values())
+        self._branch_rows_sum = sum(self._branch_rows.values())
+        self._branch_batch_pages = usage.held - self._branch_rows_sum
         self._net_pages_since_sync = self._drafted_since_sync = 0
         for row, alloc, end in zip(usage.rows, usage.alloc_lens, usage.ends):
             self._min_pages[row] = _pages(alloc, self.page_size) - len(self._prefix_pages[row])
@@ -1855,8 +1858,11 @@ class DraftCacheAllocator:
         """Record the windows of ``n`` positions a draft opened (host state). Rows not known: any row may be among
         them, so the windows known so far join the bound of the windows not known."""
         if host_rows is None:
-            self._unknown_window_bound = max(self._unknown_window_bound, n, *self._known_windows.values())
-            self._known_windows.clear()
+            if self._known_windows:
+                self._unknown_window_bound = max(self._unknown_window_bound, n, *self._known_windows.values())
+                self._known_windows.clear()
+            elif n > self._unknown_window_bound:
+                self._unknown_window_bound = n
         else:
             self._known_windows.update(dict.fromkeys(host_rows, n))
 
@@ -1881,10 +1887,11 @@ class DraftCacheAllocator:
         bs = rows.shape[0]
         p = self.page_size
         drafted = self._drafted_since_sync + n
+        live = self.max_requests - len(self._free_rows)  # (num_requests, and _most_pages, inline: the hot path)
         bound = min(
             self._pages_bound + bs * _pages(n, p),
-            self._used_at_sync + self._net_pages_since_sync + self.num_requests * _pages(drafted, p),
-            self._most_pages(),
+            self._used_at_sync + self._net_pages_since_sync + live * _pages(drafted, p),
+            len(self._cache_pages) + live * self._context_pages,
         )
         base_max = self._seq_base_max
         if base_max + drafted > self.max_context_len:  # the longest rows may be gone: look again
@@ -1961,7 +1968,10 @@ class DraftCacheAllocator:
         """An upper bound of the branch pages held (host state)."""
         if not (self._branch_rows or self._branch_batch_pages):
             return 0
-        held = sum(self._branch_rows.values()) + self._branch_batch_pages
+        rows_sum = self._branch_rows_sum
+        if rows_sum is None:
+            rows_sum = self._branch_rows_sum = sum(self._branch_rows.values())
+        held = rows_sum + self._branch_batch_pages
         return min(held, self.num_requests * self.branch_pages.shape[1])
 
     def _branches_may_exist(self) -> bool:
@@ -1977,10 +1987,11 @@ class DraftCacheAllocator:
             return
         if bs == self.num_requests:
             self._branch_rows.clear()
-            self._branch_batch_pages = 0
+            self._branch_rows_sum = self._branch_batch_pages = 0
             return
         for row in host_rows:
             self._branch_rows.pop(row, None)
+        self._branch_rows_sum = None
 
     def _launch_release(self, rows: torch.Tensor, host_rows: list[int] | None) -> None:
         """Return the rows' branch pages, then forget them."""
@@ -2918,7 +2929,9 @@ class DraftStepWrapper:
     commit (:meth:`~DraftCacheAllocator.commit_tree`) of the ``N`` drafted nodes.
 
     Each call re-checks only that each bound tensor it reads is still where plan() saw it, with the same shape,
-    dtype and strides (about 0.3 us a tensor), and, for rows given as a list, that they are still rows in use once
+    dtype and strides (about 0.3 us a tensor; an output buffer that plan() made itself, as it does for each one not
+    given, only by its address, about 0.07 us: the calls hand out views of such a buffer, never the buffer, so only
+    its storage can change), and, for rows given as a list, that they are still rows in use once
     rows were added or freed since; otherwise it plans again with the same arguments, raising what plan() raises
     for them (a plan checks every argument it was given, so a call may raise about one that only another of the
     plan's calls reads). A plan() that raises changes nothing: the previous plan, if any, stays in force.
@@ -3025,17 +3038,20 @@ class DraftStepWrapper:
             if not isinstance(accept_lens, torch.Tensor):
                 raise TypeError(f"accept_lens must be a torch.Tensor, got {type(accept_lens).__name__}")
             accept = alloc._check_commit(rows, accept_lens, validate)[2]
-        commit_reads = [accept]  # what each call reads: the caller's tensors as given, else the buffers made here
+        # What each call reads, as (the caller's tensor or None, the tensor the launch reads): a call re-checks the
+        # caller's tensors in full, and the buffers made here (never handed out: the calls return views of them) by
+        # address only (_bind).
+        commit_reads = [(accept_lens, accept)]
         tree_commit = tree_result = None
         if accept_index is not None:
             if accept is None:
                 raise ValueError("accept_index goes with accept_lens (commit_tree reads both)")
             src, dst, tree_n = alloc._check_tree_commit(accept_index, bs, kv_src, kv_dst)
             tree_commit, tree_result = (accept_index, src, dst), (src[:tree_n], dst[:tree_n])
-            commit_reads += [accept_index, _given(kv_src, src), _given(kv_dst, dst)]
+            commit_reads += [(accept_index, accept_index), (kv_src, src), (kv_dst, dst)]
         elif kv_src is not None or kv_dst is not None or keep_branches:
             raise ValueError("kv_src, kv_dst and keep_branches go with accept_index (arguments of commit_tree)")
-        branch_reads = []
+        branch_reads: list[tuple] = []
         branches = branch_result = None
         if topk is not None or num_steps is not None:
             if topk is None or num_steps is None:
@@ -3046,7 +3062,7 @@ class DraftStepWrapper:
             copy_n = bs * topk * (alloc.page_size - 1)
             branches = (topk, num_steps, slots, src, dst)
             branch_result = slots[: bs * topk * num_steps].view(bs, topk, num_steps), src[:copy_n], dst[:copy_n]
-            branch_reads = [_given(branch_slots, slots), _given(copy_src, src), _given(copy_dst, dst)]
+            branch_reads = [(branch_slots, slots), (copy_src, src), (copy_dst, dst)]
         elif branch_slots is not None or copy_src is not None or copy_dst is not None:
             raise ValueError("branch_slots, copy_src and copy_dst go with topk and num_steps (alloc_branches)")
         # A tensor of rows is bound even where validate=True read it back: each call then reads it again (the method
@@ -3062,13 +3078,14 @@ class DraftStepWrapper:
             written.update(branch_slots=branches[2], copy_src=branches[3], copy_dst=branches[4])
         alloc._check_shared_memory(rows, written, accept_lens=accept, accept_index=accept_index)
         # Checked: now the plan. Each call re-checks only the tensors it reads.
-        self._draft_bound = _bind(user, out, last)
+        draft_reads = [(out_cache_loc, out), (last_loc, last)]
+        self._draft_bound = _bind(user, *draft_reads)
         self._commit_bound = _bind(user, *commit_reads)
         self._branches_bound = _bind(user, *branch_reads)
         # The calls that read two of those sets check them as one.
-        self._commit_draft_bound = _bind(user, out, last, *commit_reads)
-        self._tree_draft_bound = _bind(user, out, last, *branch_reads)
-        self._tree_step_bound = _bind(user, out, last, *commit_reads, *branch_reads)
+        self._commit_draft_bound = _bind(user, *draft_reads, *commit_reads)
+        self._tree_draft_bound = _bind(user, *draft_reads, *branch_reads)
+        self._tree_step_bound = _bind(user, *draft_reads, *commit_reads, *branch_reads)
         self._plan_args = dict(
             req_pool_indices=host_rows if listed else req_pool_indices,  # the plan's own copy of a list
             num_draft_tokens=num_draft_tokens,
@@ -3095,7 +3112,12 @@ class DraftStepWrapper:
         self._emit, self._validate, self._keep_branches = emit, validate, keep_branches
         self._rows_version = alloc._rows_version
         self._launches: dict[str, tuple[backend.Launch, torch.Tensor]] = {}
-        self._result = (out if out is None or out.size(0) == bs * n else out[: bs * n]), last
+        # The given buffers as the methods return them; views of those made here (see above)
+        if out is None:
+            self._result = (None, None)
+        else:
+            exact = out_cache_loc is not None and out.size(0) == bs * n
+            self._result = (out if exact else out[: bs * n]), (last if last_loc is not None else last[:])
         # commit_tree_and_draft's tree argument and results, made once
         self._tree = None if tree_commit is None else (accept, *tree_commit)
         self._tree_step_result = (tree_result or ()) + self._result + (branch_result or ())
@@ -3106,15 +3128,15 @@ class DraftStepWrapper:
         self._check(self._draft_bound)
         if not self._emit:
             raise ValueError("this plan has emit=False: call reserve_draft()")
-        if self._validate:
-            return self._allocator.alloc_draft(
+        if self._validate:  # (the method's checks; its results are those below: the plan's buffers never leave it)
+            self._allocator.alloc_draft(
                 self._plan_args["req_pool_indices"],
                 self._n,
                 out_cache_loc=self._out,
                 last_loc=self._last,
                 validate=True,
             )
-        if self._bs:
+        elif self._bs:
             self._allocator._draft(self._rows, self._host_rows, self._n, self._out, self._last, self)
         return self._result
 
@@ -3139,12 +3161,13 @@ class DraftStepWrapper:
         if self._validate:
             rows = self._plan_args["req_pool_indices"]
             if tree is None:
-                return self._allocator.commit(rows, self._accept, validate=True)
-            index, src, dst = tree
-            return self._allocator.commit_tree(
-                rows, index, self._accept, kv_src=src, kv_dst=dst, keep_branches=self._keep_branches, validate=True
-            )
-        if self._bs:
+                self._allocator.commit(rows, self._accept, validate=True)
+            else:
+                index, src, dst = tree
+                self._allocator.commit_tree(
+                    rows, index, self._accept, kv_src=src, kv_dst=dst, keep_branches=self._keep_branches, validate=True
+                )
+        elif self._bs:
             self._allocator._commit(self._rows, self._host_rows, self._accept, tree, self, self._keep_branches)
         return self._tree_result
 
@@ -3160,7 +3183,7 @@ class DraftStepWrapper:
         if not self._emit:
             raise ValueError("this plan has emit=False: commit_and_draft() returns the slots")
         if self._validate:
-            return self._allocator.commit_and_draft(
+            self._allocator.commit_and_draft(
                 self._plan_args["req_pool_indices"],
                 self._accept,
                 self._n,
@@ -3168,7 +3191,7 @@ class DraftStepWrapper:
                 last_loc=self._last,
                 validate=True,
             )
-        if self._bs:
+        elif self._bs:
             alloc = self._allocator
             alloc._draft(self._rows, self._host_rows, self._n, self._out, self._last, self, accept=self._accept)
         return self._result
@@ -3183,10 +3206,8 @@ class DraftStepWrapper:
         topk, num_steps, slots, src, dst = self._branches
         if self._validate:
             rows = self._plan_args["req_pool_indices"]
-            return self._allocator.alloc_branches(
-                rows, topk, num_steps, out=slots, copy_src=src, copy_dst=dst, validate=True
-            )
-        if self._bs:
+            self._allocator.alloc_branches(rows, topk, num_steps, out=slots, copy_src=src, copy_dst=dst, validate=True)
+        elif self._bs:
             self._allocator._branches(self._rows, self._host_rows, topk, num_steps, slots, src, dst, self)
         return self._branch_result
 
@@ -3201,7 +3222,7 @@ class DraftStepWrapper:
             raise ValueError("this plan has emit=False: alloc_tree_draft() returns the slots")
         topk, num_steps, slots, src, dst = self._branches
         if self._validate:
-            return self._allocator.alloc_tree_draft(
+            self._allocator.alloc_tree_draft(
                 self._plan_args["req_pool_indices"],
                 self._n,
                 topk,
@@ -3213,7 +3234,7 @@ class DraftStepWrapper:
                 copy_dst=dst,
                 validate=True,
             )
-        if self._bs:
+        elif self._bs:
             self._allocator._draft(self._rows, self._host_rows, self._n, self._out, self._last, self, self._branches)
         return self._result + self._branch_result
 
@@ -3230,7 +3251,7 @@ class DraftStepWrapper:
         index, kv_src, kv_dst = self._tree_commit
         topk, num_steps, slots, src, dst = self._branches
         if self._validate:
-            return self._allocator.commit_tree_and_draft(
+            self._allocator.commit_tree_and_draft(
                 self._plan_args["req_pool_indices"],
                 index,
                 self._accept,
@@ -3246,7 +3267,7 @@ class DraftStepWrapper:
                 copy_dst=dst,
                 validate=True,
             )
-        if self._bs:
+        elif self._bs:
             self._allocator._draft(
                 self._rows, self._host_rows, self._n, self._out, self._last, self, self._branches, tree=self._tree
             )
@@ -3328,10 +3349,11 @@ class DraftStepWrapper:
         return entry[0]
 
 
-def _given(given: torch.Tensor | None, made: torch.Tensor) -> torch.Tensor:
-    return made if given is None else given
-
-
-def _bind(*tensors: torch.Tensor | None) -> BoundTensors:
-    """The tensors a plan's call reads, None left out."""
-    return BoundTensors(tuple(t for t in tensors if t is not None))
+def _bind(user: torch.Tensor | None, *reads: tuple[torch.Tensor | None, torch.Tensor | None]) -> BoundTensors:
+    """What a plan's call reads: the tensor of rows (``user``, None for rows given as a list) and ``(given, made)``
+    pairs, the caller's tensor or None, and the tensor the launch reads (None: nothing). The caller's tensors are
+    re-checked in full; a buffer made by the plan (``given`` None) by its address only: nobody else holds it (the
+    calls hand out views of it), so only its storage can change (resized or freed through such a view)."""
+    given = tuple(t for t in (user, *(g for g, _ in reads)) if t is not None)
+    owned = tuple(made for g, made in reads if g is None and made is not None)
+    return BoundTensors(given, owned)

@@ -194,17 +194,22 @@ class BoundTensors:
     so the caller plans again. Values written in place (the point of binding) change nothing here. A tensor that was
     empty (address 0 on every device) also has its device compared: moved to another device and still empty, it
     keeps address, shape, dtype and strides.
+
+    ``owned``: tensors that only the plan holds (buffers it made, handed out only as views): their shape, dtype and
+    strides cannot change, so only their address is compared (a view can still resize or free their storage).
     """
 
-    __slots__ = ("tensors", "_pointers", "_layouts", "_strides", "_empty", "_empty_devices")
+    __slots__ = ("tensors", "owned", "_pointers", "_layouts", "_strides", "_empty", "_empty_devices", "_owned_pointers")
 
-    def __init__(self, tensors: tuple[torch.Tensor, ...]) -> None:
+    def __init__(self, tensors: tuple[torch.Tensor, ...], owned: tuple[torch.Tensor, ...] = ()) -> None:
         self.tensors = tensors
+        self.owned = owned
         self._pointers = list(map(_data_ptr, tensors))
         self._layouts = list(map(_layout, tensors))
         self._strides = list(map(_strides, tensors))
         self._empty = tuple(t for t in tensors if t.numel() == 0)
         self._empty_devices = [t.device for t in self._empty]
+        self._owned_pointers = list(map(_data_ptr, owned))
 
     def changed(self) -> bool:
         tensors = self.tensors
@@ -213,6 +218,7 @@ class BoundTensors:
             or list(map(_strides, tensors)) != self._strides
             or list(map(_layout, tensors)) != self._layouts
             or (bool(self._empty) and [t.device for t in self._empty] != self._empty_devices)
+            or (bool(self.owned) and list(map(_data_ptr, self.owned)) != self._owned_pointers)
         )
 
 

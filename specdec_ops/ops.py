@@ -762,9 +762,17 @@ class CacheLocsWrapper:
             # may capture a wrapper planned eagerly). The scratch stays the plan's.
             if _ragged_may_take_two_launches(bs, window, device):
                 two_launches = _launch_windows(*args, tile_sums=_new_tile_sums(bs, device))
-        result = out if out.numel() == count else out[:count]
+        # The buffers plan() makes are its own: handed out as views only, so only their address is re-checked (a
+        # view can move or free their storage, nothing else of them: see DraftStepWrapper).
+        made_out = out_cache_loc is None
+        result = out if out.numel() == count and not made_out else out[:count]
         # Checked: now the plan. end_offset None (uniform windows) is the start tensor, bound once.
-        self._bound = BoundTensors(tensors if end is not start_offset else tensors[:3] + tensors[4:])
+        given = tensors[:3] + ((end,) if end is not start_offset else ()) + (() if made_out else (out,))
+        owned = () if not made_out else (out,)
+        if self._with_last_loc:
+            given, owned = (given, owned + (last,)) if last_loc is None else (given + (last,), owned)
+            last = last if last_loc is not None else last[:]
+        self._bound = BoundTensors(given, owned)
         self._plan_args = dict(
             req_pool_indices=req_pool_indices,
             start_offset=start_offset,
@@ -780,14 +788,15 @@ class CacheLocsWrapper:
         self._launch = launch
         self._two_launches = two_launches
         self._bs, self._device = bs, device
-        self._result = (result, tensors[5]) if self._with_last_loc else result
+        self._result = (result, last) if self._with_last_loc else result
 
     def run(self) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
         """Launch on the bound tensors' current values.
 
         Returns:
             What the function returns: ``(out_cache_loc[:num_tokens], last_loc)``, or ``out_cache_loc[:num_tokens]``
-            with ``with_last_loc=False``; the same tensors every run (the buffers plan() was given or made), except
+            with ``with_last_loc=False``; the same tensors every run (the buffers plan() was given, or views of those
+            it made: change their values, not what they are, as a ``set_`` reaches only the view), except
             where every run plans again (``validate=True``, or neither ``num_tokens`` nor ``window_len``) and
             plan() made the buffers: then each run makes new ones, as the function does.
         """

@@ -1084,6 +1084,9 @@ class EngineMachine(RuleBasedStateMachine):
             assert prefix[row] == len(req.prefix_pages) * p and held[row] == req.held, f"row {row}"
             assert owned[row][: len(req.slots)] == req.slots, f"row {row}: a committed position moved"
             assert owned[row][: prefix[row]] == [page * p + q for page in req.prefix_pages for q in range(p)]
+        # The host's bound of the branch pages held covers what the rows hold, and its cached sum is current
+        assert alloc._branch_rows_sum in (None, sum(alloc._branch_rows.values()))
+        assert alloc._branch_bound() >= sum(held), "the host's bound of branch pages is below what rows hold"
         self.kv.check()  # every committed position reads the KV of its token
         for key, page in self.cache.pages.items():  # and every cached page the KV of its tokens
             assert self.kv.kv[page * p : (page + 1) * p].tolist() == list(key[-p:]), f"cache page {page} was written"

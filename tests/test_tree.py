@@ -1561,6 +1561,10 @@ class TreeMachine(RuleBasedStateMachine):
         check_layout(self.alloc, ask_free_slots=False)
         self.model.check()
         assert {row: int(self.alloc.window_lens[row]) for row in self.window} == self.window
+        # The host's bound of the branch pages held covers what the rows hold, and its cached sum is current
+        alloc = self.alloc
+        assert alloc._branch_rows_sum in (None, sum(alloc._branch_rows.values()))
+        assert alloc._branch_bound() >= int(alloc.num_branch_pages.sum())
 
     def teardown(self):
         try:

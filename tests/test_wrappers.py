@@ -138,6 +138,28 @@ def test_a_bound_tensor_changed_in_place_plans_again(uniform):
     _same_error(wrapper.run, function)
 
 
+def test_the_outputs_a_plan_makes_leave_it_only_as_views():
+    """Outputs that plan() makes are re-checked by address only (the run hands out views of them): a view's metadata
+    changed by the caller never reaches the launch; its storage moved through a view plans again."""
+    table = torch.arange(8 * 16).reshape(8, 16)
+    req, start = torch.tensor([3, 1, 6]), torch.tensor([2, 0, 9])
+    wrapper = CacheLocsWrapper(table)
+    wrapper.plan(req, start, start + 2, num_tokens=6, window_len=2)
+    owned = wrapper._bound.owned
+    assert len(owned) == 2 and len(wrapper._bound.tensors) == 4  # table, rows, starts, ends; out and last owned
+    out, last = wrapper.run()
+    expected = ([50, 51, 16, 17, 105, 106], [49, -1, 104])
+    assert (out.tolist(), last.tolist()) == expected and out._base is owned[0] and last._base is owned[1]
+    out.set_(torch.zeros(2, dtype=torch.int64))
+    last.data = torch.zeros(3, dtype=torch.float64)
+    assert wrapper.run()[0] is out and not wrapper._bound.changed()  # the same views; the plan's buffers as made
+    assert (owned[0].tolist(), owned[1].tolist()) == expected
+    owned[0].untyped_storage().resize_(0)  # as a view can
+    assert wrapper._bound.changed()
+    out2, last2 = wrapper.run()  # planned again, with new buffers
+    assert (out2.tolist(), last2.tolist()) == expected and out2._base is not owned[0]
+
+
 def test_wrapper_misuse_is_an_error():
     table = torch.zeros(4, 8, dtype=torch.int32)
     with pytest.raises(RuntimeError, match=r"call plan\(\) before running the wrapper"):
@@ -788,6 +810,59 @@ def test_tree_bound_tensors_changed_in_place_plan_again_like_the_methods():
     assert dst.tolist() == a.req_to_token[[0, 0, 1, 1, 2, 2], [3, 4, 6, 7, 2, 3]].tolist()
     kv_dst.resize_(5)
     _same_error(step.commit, commit_tree)
+    check_layout(a)
+
+
+@pytest.mark.parametrize("validate", [False, True])
+def test_the_plans_own_buffers_leave_it_only_as_views(validate):
+    """Output buffers that plan() makes (none given) are re-checked by address only: the calls return views of them,
+    never the buffers, so a caller's changes to what a call returned (set_, .data =, as_strided_, resize_) reach
+    only those views (which every call returns again, as documented) and never the launches, and a view that moves
+    or frees the buffers' storage makes the next call plan again with new buffers."""
+    a = DraftCacheAllocator(4 * 64, 4, 32, page_size=4, device="cpu")
+    rows = a.add_requests([3, 6, 2])
+    accept, index = torch.zeros(3, dtype=torch.int64), torch.zeros(3, 3, dtype=torch.int64)
+    step = DraftStepWrapper(a)
+    step.plan(rows, 3, accept_lens=accept, accept_index=index, topk=2, num_steps=2, validate=validate)
+    assert not step._tree_step_bound.changed()
+    owned = step._tree_step_bound.owned
+    assert len(owned) == 7 and all(t._base is None for t in owned)  # out, last, kv_src/dst, slots, copy pairs
+    slots, src, dst = step.alloc_branches()
+    out, last = step.alloc_draft()
+    kv_src, kv_dst = step.commit()
+    for got in (slots, src, dst, out, last, kv_src, kv_dst):
+        assert not any(got is t for t in owned) and got._base is not None
+
+    def expected_draft():
+        seqs = a.seq_lens[rows]
+        return a.req_to_token[rows.repeat_interleave(3), seqs.repeat_interleave(3) + torch.arange(3).repeat(3)]
+
+    # Metadata changes of the views stay with the views: the calls run on the plan's buffers as they are.
+    out.set_(torch.full((2,), SENTINEL))
+    last.data = torch.zeros(3, dtype=torch.float64)
+    kv_src.as_strided_((1,), (1,))
+    slots.resize_(1)  # smaller: the storage is kept
+    step.alloc_branches()
+    assert step.alloc_draft()[0] is out  # the same view, as changed by the caller
+    plan_out, plan_last = step._out, step._last
+    assert plan_out.tolist() == expected_draft().tolist() and plan_out.dtype == torch.int64
+    assert plan_last.tolist() == a.req_to_token[rows, a.seq_lens[rows] - 1].tolist()
+    step.commit()
+    assert not step._tree_step_bound.changed() and step._tree_step_bound.owned == owned
+    # A view that reallocates the buffers' storage (a resize past it), or frees it: the next call plans again.
+    step.alloc_branches()
+    step.alloc_draft()
+    kv_dst.resize_(10_000)
+    assert step._tree_step_bound.changed() and step._commit_bound.changed() and not step._draft_bound.changed()
+    kv_src2, kv_dst2 = step.commit()  # planned again: new buffers, the window committed as before
+    assert not step._tree_step_bound.changed() and step._out is not plan_out and kv_dst2 is not kv_dst
+    assert kv_src2.shape == kv_dst2.shape == (9,) and not a.window_lens.any()
+    out2, last2 = step.alloc_draft()
+    assert out2.tolist() == expected_draft().tolist() and last2.dtype == torch.int64
+    step.commit()
+    step.alloc_branches()[0].untyped_storage().resize_(0)
+    assert step._branches_bound.changed()
+    assert step.alloc_branches()[0].shape == (3, 2, 2) and step._branches_bound.owned[0].data_ptr() != 0
     check_layout(a)
 
 
