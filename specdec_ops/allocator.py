@@ -1471,7 +1471,7 @@ class DraftCacheAllocator:
         (:meth:`_forget_branches`)."""
         if host_rows is None:  # added to the batches' pages, at most every row's worst case
             held = self._branch_batch_pages + (bs * per_row if needs is None else sum(needs))
-            self._branch_batch_pages = min(held, self.num_requests * self.branch_pages.shape[1])
+            self._branch_batch_pages = min(held, self.num_requests * self.branch_pages.size(1))
             return
         if released:
             self._forget_branches(host_rows, bs)
@@ -1743,8 +1743,8 @@ class DraftCacheAllocator:
         """``_draft`` of :meth:`alloc_tree_draft`: the draft and the branches in one launch; ``tree``: after the tree
         commit of :meth:`commit_tree_and_draft`, in the same launch where the draft is one program, else in a launch
         before it."""
-        per_row = branches[0] * _pages(self.page_size - 1 + branches[1], self.page_size)
-        bs = rows.shape[0]
+        per_row = branches[0] * -((1 - self.page_size - branches[1]) // self.page_size)  # (_pages inline, hot path)
+        bs = rows.size(0)
         bound, drafted, needs, base_max = self._draft_bounds(rows, host_rows, n, branches[:2], tree=tree)
         release = self._branches_may_exist()
         narrow = self._widen_branch_pages(per_row)
@@ -1884,13 +1884,13 @@ class DraftCacheAllocator:
         in the same launch (the window starts where it leaves the row; the bounds need no change, as a commit never
         passes what was drafted); ``tree``: ``(accept_lens, accept_index, kv_src, kv_dst)`` of a tree commit in the
         same step (likewise)."""
-        bs = rows.shape[0]
+        bs = rows.size(0)
         p = self.page_size
         drafted = self._drafted_since_sync + n
-        live = self.max_requests - len(self._free_rows)  # (num_requests, and _most_pages, inline: the hot path)
+        live = self.max_requests - len(self._free_rows)  # (num_requests, _most_pages and _pages inline: hot path)
         bound = min(
-            self._pages_bound + bs * _pages(n, p),
-            self._used_at_sync + self._net_pages_since_sync + live * _pages(drafted, p),
+            self._pages_bound - bs * (-n // p),
+            self._used_at_sync + self._net_pages_since_sync - live * (-drafted // p),
             len(self._cache_pages) + live * self._context_pages,
         )
         base_max = self._seq_base_max
@@ -1898,7 +1898,7 @@ class DraftCacheAllocator:
             base_max = max((self._seq_base[row] for row in self.rows_in_use()), default=0)
         held = self._branch_bound() if self._branch_rows or self._branch_batch_pages else 0
         if branches is not None:  # the pops never see the pages the call releases
-            held += bs * branches[0] * _pages(p - 1 + branches[1], p)
+            held -= bs * branches[0] * ((1 - p - branches[1]) // p)
         if bound + held <= self.num_pages and base_max + drafted <= self.max_context_len:
             return bound, drafted, None, base_max
         # Near capacity: one sync for the exact numbers, then go on or raise with nothing changed.
@@ -1972,7 +1972,7 @@ class DraftCacheAllocator:
         if rows_sum is None:
             rows_sum = self._branch_rows_sum = sum(self._branch_rows.values())
         held = rows_sum + self._branch_batch_pages
-        return min(held, self.num_requests * self.branch_pages.shape[1])
+        return min(held, self.num_requests * self.branch_pages.size(1))
 
     def _branches_may_exist(self) -> bool:
         return bool(self._branch_rows or self._branch_batch_pages)
@@ -3047,7 +3047,7 @@ class DraftStepWrapper:
             if accept is None:
                 raise ValueError("accept_index goes with accept_lens (commit_tree reads both)")
             src, dst, tree_n = alloc._check_tree_commit(accept_index, bs, kv_src, kv_dst)
-            tree_commit, tree_result = (accept_index, src, dst), (src[:tree_n], dst[:tree_n])
+            tree_commit = (accept_index, src, dst)
             commit_reads += [(accept_index, accept_index), (kv_src, src), (kv_dst, dst)]
         elif kv_src is not None or kv_dst is not None or keep_branches:
             raise ValueError("kv_src, kv_dst and keep_branches go with accept_index (arguments of commit_tree)")
@@ -3061,7 +3061,6 @@ class DraftStepWrapper:
             )[2:]
             copy_n = bs * topk * (alloc.page_size - 1)
             branches = (topk, num_steps, slots, src, dst)
-            branch_result = slots[: bs * topk * num_steps].view(bs, topk, num_steps), src[:copy_n], dst[:copy_n]
             branch_reads = [(branch_slots, slots), (copy_src, src), (copy_dst, dst)]
         elif branch_slots is not None or copy_src is not None or copy_dst is not None:
             raise ValueError("branch_slots, copy_src and copy_dst go with topk and num_steps (alloc_branches)")
@@ -3077,15 +3076,23 @@ class DraftStepWrapper:
         if branches is not None:
             written.update(branch_slots=branches[2], copy_src=branches[3], copy_dst=branches[4])
         alloc._check_shared_memory(rows, written, accept_lens=accept, accept_index=accept_index)
-        # Checked: now the plan. Each call re-checks only the tensors it reads.
+        # Checked: now the plan. The buffers made here move into one allocation (each call then re-checks one address
+        # for all of them), before any view of them is made.
         draft_reads = [(out_cache_loc, out), (last_loc, last)]
-        self._draft_bound = _bind(user, *draft_reads)
-        self._commit_bound = _bind(user, *commit_reads)
-        self._branches_bound = _bind(user, *branch_reads)
+        arena = _share_one_allocation([t for given, t in draft_reads + commit_reads + branch_reads if given is None])
+        if tree_commit is not None:
+            tree_result = (tree_commit[1][:tree_n], tree_commit[2][:tree_n])
+        if branches is not None:
+            slots, src, dst = branches[2:]
+            branch_result = slots[: bs * topk * num_steps].view(bs, topk, num_steps), src[:copy_n], dst[:copy_n]
+        # Each call re-checks only the tensors it reads.
+        self._draft_bound = _bind(user, arena, *draft_reads)
+        self._commit_bound = _bind(user, arena, *commit_reads)
+        self._branches_bound = _bind(user, arena, *branch_reads)
         # The calls that read two of those sets check them as one.
-        self._commit_draft_bound = _bind(user, *draft_reads, *commit_reads)
-        self._tree_draft_bound = _bind(user, *draft_reads, *branch_reads)
-        self._tree_step_bound = _bind(user, *draft_reads, *commit_reads, *branch_reads)
+        self._commit_draft_bound = _bind(user, arena, *draft_reads, *commit_reads)
+        self._tree_draft_bound = _bind(user, arena, *draft_reads, *branch_reads)
+        self._tree_step_bound = _bind(user, arena, *draft_reads, *commit_reads, *branch_reads)
         self._plan_args = dict(
             req_pool_indices=host_rows if listed else req_pool_indices,  # the plan's own copy of a list
             num_draft_tokens=num_draft_tokens,
@@ -3349,11 +3356,34 @@ class DraftStepWrapper:
         return entry[0]
 
 
-def _bind(user: torch.Tensor | None, *reads: tuple[torch.Tensor | None, torch.Tensor | None]) -> BoundTensors:
+def _bind(
+    user: torch.Tensor | None,
+    arena: torch.Tensor | None,
+    *reads: tuple[torch.Tensor | None, torch.Tensor | None],
+) -> BoundTensors:
     """What a plan's call reads: the tensor of rows (``user``, None for rows given as a list) and ``(given, made)``
     pairs, the caller's tensor or None, and the tensor the launch reads (None: nothing). The caller's tensors are
     re-checked in full; a buffer made by the plan (``given`` None) by its address only: nobody else holds it (the
-    calls hand out views of it), so only its storage can change (resized or freed through such a view)."""
+    calls hand out views of it), so only its storage can change (resized or freed through such a view). Buffers
+    that share one allocation (``arena``, see ``_share_one_allocation``) are checked as that allocation."""
     given = tuple(t for t in (user, *(g for g, _ in reads)) if t is not None)
     owned = tuple(made for g, made in reads if g is None and made is not None)
+    if arena is not None and owned:
+        owned = (arena,)
     return BoundTensors(given, owned)
+
+
+def _share_one_allocation(buffers: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """Move the 1-D int64 ``buffers`` (made by a plan, not yet viewed) into one new allocation, each at a 16-byte
+    aligned offset (the alignment Triton specialises on, as a buffer of its own has), in place (``set_``); returns
+    that allocation, or None for fewer than two buffers (nothing to share)."""
+    buffers = [t for t in buffers if t is not None]
+    if len(buffers) < 2:
+        return None
+    sizes = [t.numel() + (t.numel() & 1) for t in buffers]  # int64: 2 elements = 16 bytes
+    arena = torch.empty(sum(sizes), dtype=torch.int64, device=buffers[0].device)
+    storage, offset = arena.untyped_storage(), 0
+    for t, size in zip(buffers, sizes):
+        t.set_(storage, offset, t.size(), t.stride())
+        offset += size
+    return arena

@@ -826,12 +826,17 @@ def test_the_plans_own_buffers_leave_it_only_as_views(validate):
     step.plan(rows, 3, accept_lens=accept, accept_index=index, topk=2, num_steps=2, validate=validate)
     assert not step._tree_step_bound.changed()
     owned = step._tree_step_bound.owned
-    assert len(owned) == 7 and all(t._base is None for t in owned)  # out, last, kv_src/dst, slots, copy pairs
+    # out, last, kv_src/dst, slots and the copy pairs share one allocation: one address to re-check
+    assert len(owned) == 1 and owned[0]._base is None and len(step._draft_bound.owned) == 1
     slots, src, dst = step.alloc_branches()
     out, last = step.alloc_draft()
     kv_src, kv_dst = step.commit()
+    arena = owned[0].untyped_storage()
     for got in (slots, src, dst, out, last, kv_src, kv_dst):
-        assert not any(got is t for t in owned) and got._base is not None
+        assert got._base is not None and got.untyped_storage().data_ptr() == arena.data_ptr()
+        assert got.data_ptr() % 16 == 0, "each buffer 16-byte aligned, as one of its own"
+    made = (step._out, step._last, *step._tree_commit[1:], *step._branches[2:])
+    assert len({t.data_ptr() for t in made}) == 7 and not any(got is t for got in (out, last) for t in made)
 
     def expected_draft():
         seqs = a.seq_lens[rows]
@@ -853,7 +858,7 @@ def test_the_plans_own_buffers_leave_it_only_as_views(validate):
     step.alloc_branches()
     step.alloc_draft()
     kv_dst.resize_(10_000)
-    assert step._tree_step_bound.changed() and step._commit_bound.changed() and not step._draft_bound.changed()
+    assert step._tree_step_bound.changed() and step._commit_bound.changed() and step._draft_bound.changed()  # shared
     kv_src2, kv_dst2 = step.commit()  # planned again: new buffers, the window committed as before
     assert not step._tree_step_bound.changed() and step._out is not plan_out and kv_dst2 is not kv_dst
     assert kv_src2.shape == kv_dst2.shape == (9,) and not a.window_lens.any()
