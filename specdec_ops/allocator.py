@@ -49,6 +49,7 @@ from . import backend, tiles
 from .checks import INDEX_DTYPES as _INDEX_DTYPES
 from .checks import INT32_LIMIT as _INT32_LIMIT
 from .checks import UNPLANNED, BoundTensors
+from .checks import check_dense as _check_dense
 from .checks import check_disjoint as _check_disjoint
 from .checks import check_flag as _check_flag
 from .checks import check_npu_dtypes as _check_npu_dtypes
@@ -2638,6 +2639,7 @@ class DraftCacheAllocator:
         prefix = self._host_ints("prefix_lens", prefix_lens)
         if not isinstance(prefix_slots, torch.Tensor):
             raise TypeError(f"prefix_slots must be a torch.Tensor, got {type(prefix_slots).__name__}")
+        _check_dense("prefix_slots", prefix_slots)
         if prefix_slots.dtype not in _INDEX_DTYPES:
             raise TypeError(f"prefix_slots must be int32 or int64, got {prefix_slots.dtype}")
         if prefix_slots.dim() != 2 or prefix_slots.size(0) != n:
@@ -2869,6 +2871,7 @@ class DraftCacheAllocator:
             if backend.is_npu(self.device):
                 _check_npu_dtypes({name: tensor})
             return
+        _check_dense(name, tensor)  # (read back on the host: a sparse one has no values to read in place)
         if tensor.dtype not in _INDEX_DTYPES:
             raise TypeError(f"{name} must be int32 or int64, got {tensor.dtype}")
         if tensor.dim() != 1:

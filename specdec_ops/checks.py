@@ -50,7 +50,7 @@ def check_table(req_to_token: torch.Tensor) -> None:
     """``req_to_token``: a 2-D int32/int64 tensor with unit stride along positions, dimensions below 2**31."""
     if not isinstance(req_to_token, torch.Tensor):
         raise TypeError(f"req_to_token must be a torch.Tensor, got {type(req_to_token).__name__}")
-    _check_dense("req_to_token", req_to_token)
+    check_dense("req_to_token", req_to_token)
     if req_to_token.dtype not in INDEX_DTYPES:
         raise TypeError(f"req_to_token must be int32 or int64, got {req_to_token.dtype}")
     if req_to_token.dim() != 2:
@@ -84,7 +84,7 @@ def check_vector(name: str, tensor: torch.Tensor, device: torch.device, length: 
 def _raise_vector_error(name: str, tensor: torch.Tensor, device: torch.device, length: int | None) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    _check_dense(name, tensor)
+    check_dense(name, tensor)
     if tensor.dtype not in INDEX_DTYPES:
         raise TypeError(f"{name} must be int32 or int64, got {tensor.dtype}")
     if tensor.dim() != 1:
@@ -96,7 +96,7 @@ def _raise_vector_error(name: str, tensor: torch.Tensor, device: torch.device, l
     raise ValueError(f"{name} must have unit stride, got stride {tensor.stride(0)}")
 
 
-def _check_dense(name: str, tensor: torch.Tensor) -> None:
+def check_dense(name: str, tensor: torch.Tensor) -> None:
     """``tensor``: a dense tensor (strided layout, not nested)."""
     if tensor.is_nested or tensor.layout != torch.strided:
         kind = "a nested tensor" if tensor.is_nested else f"layout {tensor.layout}"

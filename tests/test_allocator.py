@@ -1052,6 +1052,47 @@ BAD_CALLS = [
         ValueError,
         "keep_lens has 1 elements but req_pool_indices has 2",
     ),
+    # Sparse tensors read back on the host: torch's RuntimeError or NotImplementedError named nothing (an audit)
+    (
+        "add-sparse",
+        lambda a, r: a.add_requests(torch.tensor([3]).to_sparse()),
+        ValueError,
+        "prompt_lens must be a dense",
+    ),
+    (
+        "free-sparse",
+        lambda a, r: a.free_requests(torch.tensor([0]).to_sparse()),
+        ValueError,
+        "req_pool_indices must be a dense",
+    ),
+    (
+        "free-keep-sparse",
+        lambda a, r: a.free_requests([0], keep_lens=torch.tensor([2]).to_sparse()),
+        ValueError,
+        "keep_lens must be a dense",
+    ),
+    (
+        "release-sparse",
+        lambda a, r: a.release_slots(torch.tensor([4]).to_sparse()),
+        ValueError,
+        "slots must be a dense",
+    ),
+    (
+        "prefix-slots-sparse",
+        lambda a, r: a.add_requests(
+            [4], prefix_slots=torch.zeros(1, 4, dtype=torch.int64).to_sparse(), prefix_lens=[2]
+        ),
+        ValueError,
+        "prefix_slots must be a dense",
+    ),
+    (
+        "prefix-lens-sparse",
+        lambda a, r: a.add_requests(
+            [4], prefix_slots=torch.zeros(1, 4, dtype=torch.int64), prefix_lens=torch.tensor([2]).to_sparse()
+        ),
+        ValueError,
+        "prefix_lens must be a dense",
+    ),
     # Lazy sequences are measured before they are read: range(10**7) used to be expanded first (about 2 s)
     ("add-huge-lazy", lambda a, r: a.add_requests(Huge()), OutOfRowsError, f"asked for {HUGE} rows but 2 of 4"),
     ("add-range", lambda a, r: a.add_requests(range(10**30)), OutOfRowsError, f"asked for {2**63} rows"),
