@@ -3258,9 +3258,9 @@ class DraftStepWrapper:
             raise ValueError("commit_tree_and_draft() needs a plan with accept_index, topk and num_steps")
         if not self._emit:
             raise ValueError("this plan has emit=False: commit_tree_and_draft() returns the slots")
-        index, kv_src, kv_dst = self._tree_commit
-        topk, num_steps, slots, src, dst = self._branches
         if self._validate:
+            index, kv_src, kv_dst = self._tree_commit
+            topk, num_steps, slots, src, dst = self._branches
             self._allocator.commit_tree_and_draft(
                 self._plan_args["req_pool_indices"],
                 index,
@@ -3277,9 +3277,9 @@ class DraftStepWrapper:
                 copy_dst=dst,
                 validate=True,
             )
-        elif self._bs:
-            self._allocator._draft(
-                self._rows, self._host_rows, self._n, self._out, self._last, self, self._branches, tree=self._tree
+        elif self._bs:  # (_draft's tree path, called directly)
+            self._allocator._tree_draft(
+                self._rows, self._host_rows, self._n, self._out, self._last, self, self._branches, self._tree
             )
         return self._tree_step_result
 
