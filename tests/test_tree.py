@@ -1821,6 +1821,65 @@ def test_gpu_graph_captures_commit_tree_and_draft(page_size, bs):
     assert graphed.num_free_slots() == graphed.num_slots
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("own", [False, True], ids=["buffers-given", "own-buffers"])
+def test_gpu_graph_captures_the_wrappers_tree_step(own):
+    """DraftStepWrapper.commit_tree_and_draft() captured once and replayed with new paths, its outputs given or made by
+    plan() (views of one allocation, re-checked by address): the same outputs, read through the views the call
+    returned, and the same state as commit_tree(keep_branches=True) + alloc_tree_draft run eagerly."""
+    page_size, bs, topk, steps, tree, replays = 16, 8, 4, 5, 8, 20
+    prompt_lens = [(13 * i) % 200 for i in range(bs)]
+    context = 256 + tree * (replays + 3)
+    num_slots = bs * (pages(context, page_size) + 2 * topk) * page_size
+    graphed, eager = (DraftCacheAllocator(num_slots, bs, context, page_size=page_size, device="cuda") for _ in "ge")
+    rows = graphed.add_requests(prompt_lens)
+    assert torch.equal(eager.add_requests(prompt_lens), rows)
+    index = torch.zeros(bs, tree, dtype=torch.int64, device="cuda")
+    lens = torch.zeros(bs, dtype=torch.int64, device="cuda")
+    sizes = (
+        bs * tree,
+        bs * tree,
+        bs * tree,
+        bs,
+        bs * topk * steps,
+        bs * topk * (page_size - 1),
+        bs * topk * (page_size - 1),
+    )
+    names = ("kv_src", "kv_dst", "out_cache_loc", "last_loc", "branch_slots", "copy_src", "copy_dst")
+    given = {} if own else {k: torch.empty(n, dtype=torch.int64, device="cuda") for k, n in zip(names, sizes)}
+    step = DraftStepWrapper(graphed)
+    step.plan(rows, tree, accept_lens=lens, accept_index=index, topk=topk, num_steps=steps, **given)
+    assert len(step._tree_step_bound.owned) == (1 if own else 0)
+    step.alloc_tree_draft()
+    eager.alloc_tree_draft(rows, tree, topk, steps)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        outputs = step.commit_tree_and_draft()  # compile and warm up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    eager.commit_tree(rows, index, lens, keep_branches=True)
+    eager.alloc_tree_draft(rows, tree, topk, steps)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step.commit_tree_and_draft()
+    assert all(a is b for a, b in zip(captured, outputs)), "the same views: no plan again in the capture"
+    rng = random.Random(7 + own)
+    for _ in range(replays):
+        host_index, host_lens = random_paths(rng, bs, tree)
+        index.copy_(host_index)
+        lens.copy_(torch.tensor(host_lens, dtype=torch.int64))
+        graph.replay()
+        expected = list(eager.commit_tree(rows, index, lens, keep_branches=True))
+        expected += eager.alloc_tree_draft(rows, tree, topk, steps)
+        for got, want in zip(outputs, expected):
+            assert torch.equal(got.reshape(-1), want.reshape(-1))
+    torch.cuda.synchronize()
+    graphed.refresh()
+    for name in STATE_TENSORS:
+        assert torch.equal(getattr(graphed, name), getattr(eager, name)), name
+    check_layout(graphed)
+
+
 @pytest.mark.parametrize("page_size", [1, 16], ids=lambda p: f"page{p}")
 def test_ascend_launch_configs_give_the_same_tree_steps(monkeypatch, page_size):
     """The launch configurations an NPU gets (its tiles, block sizes and scan blocks) run here through the
