@@ -626,10 +626,10 @@ class DraftCacheAllocator:
         Raises:
             OutOfRowsError, ContextLengthError, OutOfSlotsError, ValueError: nothing changed.
         """
-        if _entries(prompt_lens) > self.max_requests:  # (before reading them)
+        asked = _entries(prompt_lens)
+        if asked > len(self._free_rows):  # (before the values are read: a lazy sequence is not expanded)
             raise OutOfRowsError(
-                f"add_requests: asked for {_entries(prompt_lens)} rows but {len(self._free_rows)} of "
-                f"{self.max_requests} are free"
+                f"add_requests: asked for {asked} rows but {len(self._free_rows)} of {self.max_requests} are free"
             )
         lens = self._host_ints("prompt_lens", prompt_lens)
         n = len(lens)
@@ -637,10 +637,6 @@ class DraftCacheAllocator:
             i = next(i for i, length in enumerate(lens) if length < 0)
             raise ValueError(f"prompt_lens[{i}] must be >= 0, got {lens[i]}")
         prefix, prefix_pages = self._check_prefix(lens, prefix_slots, prefix_lens)
-        if n > len(self._free_rows):
-            raise OutOfRowsError(
-                f"add_requests: asked for {n} rows but {len(self._free_rows)} of {self.max_requests} are free"
-            )
         longest = max(lens) if n else 0
         if longest > self.max_context_len:
             i = next(i for i, length in enumerate(lens) if length > self.max_context_len)
@@ -722,7 +718,7 @@ class DraftCacheAllocator:
             (int64 on the device; empty without ``keep_lens``). Pages that came in as ``prefix_slots`` stay with
             the cache whether kept or not; they are never returned to the pool by the allocator.
         """
-        self._check_entries(req_pool_indices)
+        self._check_row_count(_entries(req_pool_indices))
         rows = self._host_ints("req_pool_indices", req_pool_indices)
         self._check_rows_in_use(rows)
         n = len(rows)
@@ -1744,7 +1740,7 @@ class DraftCacheAllocator:
         """``_draft`` of :meth:`alloc_tree_draft`: the draft and the branches in one launch; ``tree``: after the tree
         commit of :meth:`commit_tree_and_draft`, in the same launch where the draft is one program, else in a launch
         before it."""
-        per_row = branches[0] * -((1 - self.page_size - branches[1]) // self.page_size)  # (_pages inline, hot path)
+        per_row = branches[0] * _pages(self.page_size - 1 + branches[1], self.page_size)
         bs = rows.size(0)
         bound, drafted, needs, base_max = self._draft_bounds(rows, host_rows, n, branches[:2], tree=tree)
         release = self._branches_may_exist()
@@ -1888,18 +1884,17 @@ class DraftCacheAllocator:
         bs = rows.size(0)
         p = self.page_size
         drafted = self._drafted_since_sync + n
-        live = self.max_requests - len(self._free_rows)  # (num_requests, _most_pages and _pages inline: hot path)
         bound = min(
-            self._pages_bound - bs * (-n // p),
-            self._used_at_sync + self._net_pages_since_sync - live * (-drafted // p),
-            len(self._cache_pages) + live * self._context_pages,
+            self._pages_bound + bs * _pages(n, p),
+            self._used_at_sync + self._net_pages_since_sync + self.num_requests * _pages(drafted, p),
+            self._most_pages(),
         )
         base_max = self._seq_base_max
         if base_max + drafted > self.max_context_len:  # the longest rows may be gone: look again
             base_max = max((self._seq_base[row] for row in self.rows_in_use()), default=0)
         held = self._branch_bound() if self._branch_rows or self._branch_batch_pages else 0
         if branches is not None:  # the pops never see the pages the call releases
-            held -= bs * branches[0] * ((1 - p - branches[1]) // p)
+            held += bs * branches[0] * _pages(p - 1 + branches[1], p)
         if bound + held <= self.num_pages and base_max + drafted <= self.max_context_len:
             return bound, drafted, None, base_max
         # Near capacity: one sync for the exact numbers, then go on or raise with nothing changed.
@@ -2849,20 +2844,17 @@ class DraftCacheAllocator:
         values in max_requests-long scratch, which a longer tensor of rows (out of range ones, which the device
         skips) would overrun."""
         if not isinstance(req_pool_indices, torch.Tensor):  # (a tensor's length is read below, at no cost)
-            self._check_entries(req_pool_indices)
+            self._check_row_count(_entries(req_pool_indices))
         rows, host_rows = self._device_ints("req_pool_indices", req_pool_indices)
-        if rows.size(0) > self.max_requests:
-            raise ValueError(
-                f"req_pool_indices must have at most max_requests ({self.max_requests}) entries, got {rows.size(0)}"
-            )
+        self._check_row_count(rows.size(0))
         return rows, host_rows
 
-    def _check_entries(self, req_pool_indices: IntVector) -> None:
-        """At most max_requests rows, counted before they are read (``_entries``)."""
-        if _entries(req_pool_indices) > self.max_requests:
+    def _check_row_count(self, count: int) -> None:
+        """At most max_requests rows (a list's or lazy sequence's count is taken before its values are read,
+        ``_entries``)."""
+        if count > self.max_requests:
             raise ValueError(
-                f"req_pool_indices must have at most max_requests ({self.max_requests}) entries, got "
-                f"{_entries(req_pool_indices)}"
+                f"req_pool_indices must have at most max_requests ({self.max_requests}) entries, got {count}"
             )
 
     def _check_int_tensor(self, name: str, tensor: torch.Tensor, *, check_device: bool) -> None:
