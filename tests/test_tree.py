@@ -1760,6 +1760,46 @@ def test_gpu_tree_drafts_looking_back_match_summing(page_size, monkeypatch):
         assert_same_runs(run, runs[0])
 
 
+TREE_STEP_OUTPUTS = ("kv_src", "kv_dst", "out_cache_loc", "last_loc", "branch_slots", "copy_src", "copy_dst")
+
+
+def _twin_tree_allocators(page_size: int, bs: int, topk: int, steps: int, tree: int, replays: int):
+    """Two like allocators on the GPU (one to capture, one to run eagerly) with the same requests; the tree step's
+    accept_index and accept_lens buffers; and the lengths of its outputs (TREE_STEP_OUTPUTS) by name."""
+    prompt_lens = [(13 * i) % 200 for i in range(bs)]
+    context = 256 + tree * (replays + 3)
+    num_slots = bs * (pages(context, page_size) + 2 * topk) * page_size
+    graphed, eager = (DraftCacheAllocator(num_slots, bs, context, page_size=page_size, device="cuda") for _ in "ge")
+    rows = graphed.add_requests(prompt_lens)
+    assert torch.equal(eager.add_requests(prompt_lens), rows)
+    index = torch.zeros(bs, tree, dtype=torch.int64, device="cuda")
+    lens = torch.zeros(bs, dtype=torch.int64, device="cuda")
+    copies = bs * topk * (page_size - 1)
+    sizes = (bs * tree, bs * tree, bs * tree, bs, bs * topk * steps, copies, copies)
+    return graphed, eager, rows, index, lens, dict(zip(TREE_STEP_OUTPUTS, sizes))
+
+
+def _replay_against_eager(graph, outputs, graphed, eager, rows, index, lens, topk, steps, replays, seed):
+    """Replay ``graph`` (a captured commit_tree_and_draft writing ``outputs``) with new paths: each replay's outputs,
+    and the state after all of them, those of commit_tree(keep_branches=True) + alloc_tree_draft run eagerly."""
+    bs, tree = index.shape
+    rng = random.Random(seed)
+    for _ in range(replays):
+        host_index, host_lens = random_paths(rng, bs, tree)
+        index.copy_(host_index)
+        lens.copy_(torch.tensor(host_lens, dtype=torch.int64))
+        graph.replay()
+        expected = list(eager.commit_tree(rows, index, lens, keep_branches=True))
+        expected += eager.alloc_tree_draft(rows, tree, topk, steps)
+        for got, want in zip(outputs, expected):
+            assert torch.equal(got.reshape(-1), want.reshape(-1))
+    torch.cuda.synchronize()
+    graphed.refresh()
+    for name in STATE_TENSORS:
+        assert torch.equal(getattr(graphed, name), getattr(eager, name)), name
+    check_layout(graphed)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("page_size, bs", [(1, 8), (1, 48), (16, 8), (16, 16), (16, 48)], ids=lambda v: str(v))
 def test_gpu_graph_captures_commit_tree_and_draft(page_size, bs):
@@ -1767,30 +1807,13 @@ def test_gpu_graph_captures_commit_tree_and_draft(page_size, bs):
     two in the graph, whose kernels first compile during the capture) captured once and replayed with new paths: the
     same outputs and state as commit_tree(keep_branches=True) + alloc_tree_draft run eagerly."""
     topk, steps, tree, replays = 4, 5, 8, 40
-    prompt_lens = [(13 * i) % 200 for i in range(bs)]
-    context = 256 + tree * (replays + 3)
-    num_slots = bs * (pages(context, page_size) + 2 * topk) * page_size
-    graphed, eager = (DraftCacheAllocator(num_slots, bs, context, page_size=page_size, device="cuda") for _ in "ge")
-    rows = graphed.add_requests(prompt_lens)
-    assert torch.equal(eager.add_requests(prompt_lens), rows)
+    graphed, eager, rows, index, lens, sizes = _twin_tree_allocators(page_size, bs, topk, steps, tree, replays)
     for alloc in (graphed, eager):
         alloc.alloc_tree_draft(rows, tree, topk, steps)
-    index = torch.zeros(bs, tree, dtype=torch.int64, device="cuda")
-    lens = torch.zeros(bs, dtype=torch.int64, device="cuda")
-    sizes = (
-        bs * tree,
-        bs * tree,
-        bs * tree,
-        bs,
-        bs * topk * steps,
-        bs * topk * (page_size - 1),
-        bs * topk * (page_size - 1),
-    )
-    outputs = [torch.empty(n, dtype=torch.int64, device="cuda") for n in sizes]
-    names = ("kv_src", "kv_dst", "out_cache_loc", "last_loc", "branch_slots", "copy_src", "copy_dst")
+    outputs = [torch.empty(n, dtype=torch.int64, device="cuda") for n in sizes.values()]
 
     def step(outputs):
-        graphed.commit_tree_and_draft(rows, index, lens, tree, topk, steps, **dict(zip(names, outputs)))
+        graphed.commit_tree_and_draft(rows, index, lens, tree, topk, steps, **dict(zip(sizes, outputs)))
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -1802,21 +1825,7 @@ def test_gpu_graph_captures_commit_tree_and_draft(page_size, bs):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step(outputs)
-    rng = random.Random(page_size + bs)
-    for _ in range(replays):
-        host_index, host_lens = random_paths(rng, bs, tree)
-        index.copy_(host_index)
-        lens.copy_(torch.tensor(host_lens, dtype=torch.int64))
-        graph.replay()
-        expected = list(eager.commit_tree(rows, index, lens, keep_branches=True))
-        expected += eager.alloc_tree_draft(rows, tree, topk, steps)
-        for got, want in zip(outputs, expected):
-            assert torch.equal(got, want.reshape(-1))
-    torch.cuda.synchronize()
-    graphed.refresh()
-    for name in STATE_TENSORS:
-        assert torch.equal(getattr(graphed, name), getattr(eager, name)), name
-    check_layout(graphed)
+    _replay_against_eager(graph, outputs, graphed, eager, rows, index, lens, topk, steps, replays, page_size + bs)
     graphed.free_requests(rows)
     assert graphed.num_free_slots() == graphed.num_slots
 
@@ -1828,25 +1837,8 @@ def test_gpu_graph_captures_the_wrappers_tree_step(own):
     plan() (views of one allocation, re-checked by address): the same outputs, read through the views the call
     returned, and the same state as commit_tree(keep_branches=True) + alloc_tree_draft run eagerly."""
     page_size, bs, topk, steps, tree, replays = 16, 8, 4, 5, 8, 20
-    prompt_lens = [(13 * i) % 200 for i in range(bs)]
-    context = 256 + tree * (replays + 3)
-    num_slots = bs * (pages(context, page_size) + 2 * topk) * page_size
-    graphed, eager = (DraftCacheAllocator(num_slots, bs, context, page_size=page_size, device="cuda") for _ in "ge")
-    rows = graphed.add_requests(prompt_lens)
-    assert torch.equal(eager.add_requests(prompt_lens), rows)
-    index = torch.zeros(bs, tree, dtype=torch.int64, device="cuda")
-    lens = torch.zeros(bs, dtype=torch.int64, device="cuda")
-    sizes = (
-        bs * tree,
-        bs * tree,
-        bs * tree,
-        bs,
-        bs * topk * steps,
-        bs * topk * (page_size - 1),
-        bs * topk * (page_size - 1),
-    )
-    names = ("kv_src", "kv_dst", "out_cache_loc", "last_loc", "branch_slots", "copy_src", "copy_dst")
-    given = {} if own else {k: torch.empty(n, dtype=torch.int64, device="cuda") for k, n in zip(names, sizes)}
+    graphed, eager, rows, index, lens, sizes = _twin_tree_allocators(page_size, bs, topk, steps, tree, replays)
+    given = {} if own else {k: torch.empty(n, dtype=torch.int64, device="cuda") for k, n in sizes.items()}
     step = DraftStepWrapper(graphed)
     step.plan(rows, tree, accept_lens=lens, accept_index=index, topk=topk, num_steps=steps, **given)
     assert len(step._tree_step_bound.owned) == (1 if own else 0)
@@ -1863,21 +1855,7 @@ def test_gpu_graph_captures_the_wrappers_tree_step(own):
     with torch.cuda.graph(graph):
         captured = step.commit_tree_and_draft()
     assert all(a is b for a, b in zip(captured, outputs)), "the same views: no plan again in the capture"
-    rng = random.Random(7 + own)
-    for _ in range(replays):
-        host_index, host_lens = random_paths(rng, bs, tree)
-        index.copy_(host_index)
-        lens.copy_(torch.tensor(host_lens, dtype=torch.int64))
-        graph.replay()
-        expected = list(eager.commit_tree(rows, index, lens, keep_branches=True))
-        expected += eager.alloc_tree_draft(rows, tree, topk, steps)
-        for got, want in zip(outputs, expected):
-            assert torch.equal(got.reshape(-1), want.reshape(-1))
-    torch.cuda.synchronize()
-    graphed.refresh()
-    for name in STATE_TENSORS:
-        assert torch.equal(getattr(graphed, name), getattr(eager, name)), name
-    check_layout(graphed)
+    _replay_against_eager(graph, outputs, graphed, eager, rows, index, lens, topk, steps, replays, 7 + own)
 
 
 @pytest.mark.parametrize("page_size", [1, 16], ids=lambda p: f"page{p}")
