@@ -46,6 +46,7 @@ from typing import NamedTuple, Union
 import torch
 
 from . import backend, tiles
+from .buffers import share_one_allocation
 from .checks import INDEX_DTYPES as _INDEX_DTYPES
 from .checks import INT32_LIMIT as _INT32_LIMIT
 from .checks import UNPLANNED, BoundTensors
@@ -3074,7 +3075,7 @@ class DraftStepWrapper:
         # Checked: now the plan. The buffers made here move into one allocation (each call then re-checks one address
         # for all of them), before any view of them is made.
         draft_reads = [(out_cache_loc, out), (last_loc, last)]
-        arena = _share_one_allocation([t for given, t in draft_reads + commit_reads + branch_reads if given is None])
+        arena = share_one_allocation([t for given, t in draft_reads + commit_reads + branch_reads if given is None])
         if tree_commit is not None:
             tree_result = (tree_commit[1][:tree_n], tree_commit[2][:tree_n])
         if branches is not None:
@@ -3360,25 +3361,9 @@ def _bind(
     pairs, the caller's tensor or None, and the tensor the launch reads (None: nothing). The caller's tensors are
     re-checked in full; a buffer made by the plan (``given`` None) by its address only: nobody else holds it (the
     calls hand out views of it), so only its storage can change (resized or freed through such a view). Buffers
-    that share one allocation (``arena``, see ``_share_one_allocation``) are checked as that allocation."""
+    that share one allocation (``arena``, see ``buffers.share_one_allocation``) are checked as that allocation."""
     given = tuple(t for t in (user, *(g for g, _ in reads)) if t is not None)
     owned = tuple(made for g, made in reads if g is None and made is not None)
     if arena is not None and owned:
         owned = (arena,)
     return BoundTensors(given, owned)
-
-
-def _share_one_allocation(buffers: list[torch.Tensor | None]) -> torch.Tensor | None:
-    """Move the 1-D int64 ``buffers`` (made by a plan, not yet viewed) into one new allocation, each at a 16-byte
-    aligned offset (the alignment Triton specialises on, as a buffer of its own has), in place (``set_``); returns
-    that allocation, or None for fewer than two buffers (nothing to share)."""
-    buffers = [t for t in buffers if t is not None]
-    if len(buffers) < 2:
-        return None
-    sizes = [t.numel() + (t.numel() & 1) for t in buffers]  # int64: 2 elements = 16 bytes
-    arena = torch.empty(sum(sizes), dtype=torch.int64, device=buffers[0].device)
-    storage, offset = arena.untyped_storage(), 0
-    for t, size in zip(buffers, sizes):
-        t.set_(storage, offset, t.size(), t.stride())
-        offset += size
-    return arena

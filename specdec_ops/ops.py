@@ -15,6 +15,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from . import backend, tiles
+from .buffers import share_one_allocation
 from .checks import (
     INDEX_DTYPES,
     INT32_LIMIT,
@@ -750,9 +751,14 @@ class CacheLocsWrapper:
             validate,
             check_buffers=True,
         )
-        tensors = (req_to_token, req_pool_indices, start_offset, end, out)
+        made_out = out_cache_loc is None
+        last = None
         if self._with_last_loc:
             last = torch.empty(bs, dtype=start_offset.dtype, device=device) if last_loc is None else last_loc
+        # The buffers made here move into one allocation before anything views them or launches on them.
+        arena = share_one_allocation([out if made_out else None, last if last_loc is None else None])
+        tensors = (req_to_token, req_pool_indices, start_offset, end, out)
+        if self._with_last_loc:
             tensors += (last,)
         launch = two_launches = None
         if bs:
@@ -763,8 +769,7 @@ class CacheLocsWrapper:
             if _ragged_may_take_two_launches(bs, window, device):
                 two_launches = _launch_windows(*args, tile_sums=_new_tile_sums(bs, device))
         # The buffers plan() makes are its own: handed out as views only, so only their address is re-checked (a
-        # view can move or free their storage, nothing else of them: see DraftStepWrapper).
-        made_out = out_cache_loc is None
+        # view can move or free their storage, nothing else of them: see DraftStepWrapper), one address for both.
         result = out if out.numel() == count and not made_out else out[:count]
         # Checked: now the plan. end_offset None (uniform windows) is the start tensor, bound once.
         given = tensors[:3] + ((end,) if end is not start_offset else ()) + (() if made_out else (out,))
@@ -772,7 +777,7 @@ class CacheLocsWrapper:
         if self._with_last_loc:
             given, owned = (given, owned + (last,)) if last_loc is None else (given + (last,), owned)
             last = last if last_loc is not None else last[:]
-        self._bound = BoundTensors(given, owned)
+        self._bound = BoundTensors(given, owned if arena is None else (arena,))
         self._plan_args = dict(
             req_pool_indices=req_pool_indices,
             start_offset=start_offset,

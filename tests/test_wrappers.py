@@ -138,26 +138,36 @@ def test_a_bound_tensor_changed_in_place_plans_again(uniform):
     _same_error(wrapper.run, function)
 
 
-def test_the_outputs_a_plan_makes_leave_it_only_as_views():
-    """Outputs that plan() makes are re-checked by address only (the run hands out views of them): a view's metadata
-    changed by the caller never reaches the launch; its storage moved through a view plans again."""
+@pytest.mark.parametrize("start_dtype", [torch.int64, torch.int32])
+def test_the_outputs_a_plan_makes_leave_it_only_as_views(start_dtype):
+    """Outputs that plan() makes share one allocation, re-checked by address only (the run hands out views of them):
+    a view's metadata changed by the caller never reaches the launch; its storage moved through a view plans again.
+    ``last_loc`` takes the dtype of the start offsets, ``out_cache_loc`` int64: one allocation holds both."""
     table = torch.arange(8 * 16).reshape(8, 16)
-    req, start = torch.tensor([3, 1, 6]), torch.tensor([2, 0, 9])
+    req, start = torch.tensor([3, 1, 6]), torch.tensor([2, 0, 9], dtype=start_dtype)
     wrapper = CacheLocsWrapper(table)
     wrapper.plan(req, start, start + 2, num_tokens=6, window_len=2)
     owned = wrapper._bound.owned
-    assert len(owned) == 2 and len(wrapper._bound.tensors) == 4  # table, rows, starts, ends; out and last owned
+    assert len(owned) == 1 and len(wrapper._bound.tensors) == 4  # table, rows, starts, ends; out and last owned
     out, last = wrapper.run()
     expected = ([50, 51, 16, 17, 105, 106], [49, -1, 104])
-    assert (out.tolist(), last.tolist()) == expected and out._base is owned[0] and last._base is owned[1]
+    assert (out.tolist(), last.tolist()) == expected and (out.dtype, last.dtype) == (torch.int64, start_dtype)
+    plan_out, plan_last = out._base, last._base
+    assert plan_out is not None and plan_last is not None and plan_out.data_ptr() != plan_last.data_ptr()
+    for buffer in (plan_out, plan_last):
+        assert buffer.untyped_storage().data_ptr() == owned[0].data_ptr() and buffer.data_ptr() % 16 == 0
     out.set_(torch.zeros(2, dtype=torch.int64))
     last.data = torch.zeros(3, dtype=torch.float64)
     assert wrapper.run()[0] is out and not wrapper._bound.changed()  # the same views; the plan's buffers as made
-    assert (owned[0].tolist(), owned[1].tolist()) == expected
+    assert (plan_out.tolist(), plan_last.tolist()) == expected
+    plan_last.fill_(SENTINEL)
+    wrapper.run()
+    assert plan_last.tolist() == expected[1]
     owned[0].untyped_storage().resize_(0)  # as a view can
     assert wrapper._bound.changed()
     out2, last2 = wrapper.run()  # planned again, with new buffers
-    assert (out2.tolist(), last2.tolist()) == expected and out2._base is not owned[0]
+    assert (out2.tolist(), last2.tolist()) == expected and out2._base is not plan_out
+    assert wrapper._bound.owned[0] is not owned[0]
 
 
 def test_wrapper_misuse_is_an_error():
