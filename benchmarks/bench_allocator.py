@@ -5,7 +5,8 @@
 - ``unfused``: ``reserve_draft(rows, N)`` (the same allocation, no read-back), ``end = seq_lens + N``,
   ``get_last_loc``, ``assign_extend_cache_locs``, then ``commit``: five launches.
 - ``commit-and-draft``: ``commit_and_draft(rows, accept_lens, N)``, the commit of the previous window and the next
-  window: one launch up to 256 requests, two past them.
+  window: one launch up to 256 requests, two past them (past 128 with windows of 3 tokens or more on a GPU with
+  programmatic dependent launches).
 
 Requests accept a fixed mix of 0..N tokens per step, so windows keep crossing page boundaries and new pages are
 taken from the pool inside the timed steps. Groups ``allocator step bs=256 N=4 page=64 | graph`` compare the three

@@ -579,7 +579,8 @@ class AllocatorStep:
     - ``unfused``: ``reserve_draft``, ``end = seq_lens + n``, ``get_last_loc``, ``assign_extend_cache_locs``, then
       ``commit``;
     - ``commit-and-draft``: ``commit_and_draft``, the commit of the previous step's window and the next window
-      (one launch up to 256 requests, two past them; its first call commits nothing), so its windows are those of
+      (one launch up to 256 requests, two past them, past 128 with windows of 3 tokens or more on a GPU with
+      programmatic dependent launches; its first call commits nothing), so its windows are those of
       ``fused``, call for call.
 
     Requests accept ``i % (n + 1)`` tokens, so windows keep crossing pages. The pool and the context hold

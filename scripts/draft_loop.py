@@ -9,7 +9,7 @@ on the default device (npu, then cuda, then cpu through Triton's interpreter) un
 
 Every --check-every steps, and at the end, the state is checked: each draft's slots against the PyTorch reference,
 no slot owned twice, slots inside the pool, SGLang's page layout (slot % page_size == pos % page_size, no page
-split), owned positions that never change slot, the free-page stack, and, once every request is freed, the whole
+split), owned positions that never change slot, the free-page ring, and, once every request is freed, the whole
 pool back. The summary reports steps, tokens, slot usage, the bookkeeping time per step (alloc_draft + commit, and
 the add_requests and free_requests calls of the step's arrivals, finishes and preemptions, each timed alone, over the
 steps that made any: host wall-clock between synchronizations) and the allocator's single-launch step against the

@@ -3,7 +3,8 @@
 against the same step from the components (``reserve_draft``, ``seq_lens + N``, ``get_last_loc``,
 ``assign_extend_cache_locs``, ``commit``: 5 launches), over batch sizes, page sizes and draft lengths.
 ``commit-and-draft``: the same step as ``commit_and_draft`` (the commit of the previous window and the next
-window: one launch up to 256 requests, two past them).
+window: one launch up to 256 requests, two past them; on a GPU with programmatic dependent launches, compute
+capability 9.0 and up, two past 128 with windows of 3 tokens or more).
 
 Each variant is checked first: three steps from poisoned buffers, each against the PyTorch reference read of the
 table and against the other variant. Then ``--calls`` steps are captured in one CUDA (or NPU) graph and replayed;

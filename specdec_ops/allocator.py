@@ -19,8 +19,11 @@ are three disjoint sets that together make up the pool.
 
 Hot path: :meth:`~DraftCacheAllocator.alloc_draft` is one kernel launch (the page scan, the pops from the ring,
 the table update and the read-back of ``out_cache_loc`` and ``last_loc``) and :meth:`~DraftCacheAllocator.commit`
-one more. The allocation kernel runs on many programs, each recomputing the page needs of the requests before its
-tile; its last program updates the shared counters (see ``kernels/allocator.py``). Neither call reads anything back
+one more. The allocation kernel runs on many programs. On a GPU a draft past one program looks back: each program
+publishes its tile's pops and reads those of the tiles before it, and the program of the last tile moves the shared
+counters. Elsewhere (Ascend, prefills) each program recomputes the page needs of the requests before its tile and
+the program that draws the last ticket updates the shared counters; a draft that commits first may take two
+launches, the first counting each tile's pops (see ``kernels/allocator.py``). Neither call reads anything back
 to the host while a host-side upper bound of the pages in use and of the longest request says the call cannot fail;
 only when that bound reaches the capacity does the call sync once, take exact numbers, and either go on or raise.
 So a whole step can be captured in a CUDA/NPU graph.
@@ -1077,7 +1080,7 @@ class DraftCacheAllocator:
         The same results, guarantees and errors as the two calls (accept lengths clamped to the open windows on the
         device, or checked on the host when given as a list; rows that may hold branch pages release them in the
         same launch), but one launch instead of two, and all or nothing: if the draft cannot fit, nothing is
-        committed either. Past 256 requests (past 128 with windows of more than 4 tokens on a GPU that takes
+        committed either. Past 256 requests (past 128 with windows of 3 tokens or more on a GPU that takes
         programmatic dependent launches, compute capability 9.0 and up), with no branch pages to release, it makes
         two launches, which take less device time there: the first counts the pages each tile of requests takes,
         the second allocates; only the second changes the allocator's state. Called eagerly (not while a graph is

@@ -64,7 +64,7 @@ class _RaggedClass(NamedTuple):
 # pays up to 1024 requests; past 4096 the sum dominates and 256-request tiles halve it (H100 graph replay). Reading
 # the first block of earlier windows with the tile's own offsets (early_sum) took 0.1-0.7 us off 64-4096 requests,
 # and added 0.1-0.5 past them (H200). The column block is the one of the class's blocks nearest `span` mean
-# windows: 2049-4096 requests skip 32 columns (3.6-3.9 us there against 3.2-3.4 for 16 or 64), and past 4096 a
+# windows: 1025-4096 requests skip 32 columns (3.6-3.9 us at 2049-4096 against 3.2-3.4 for 16 or 64), and past 4096 a
 # block of one mean window beats two (N 8, 65536 requests: 17.5 against 23.8 us). docs/performance.md has the
 # measurements. A new batch size compiles nothing new once its class and block exist. Ascend keeps one class (one
 # program per core).

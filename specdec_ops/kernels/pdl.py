@@ -12,9 +12,9 @@ its wait, so the second launch may load what the kernels before the first wrote 
 the level: the allocator's launches that give branches (tree drafts, ``alloc_branches``) and the ops' past 4096
 requests only wait (docs/design.md, "Every launch a programmatic dependent one").
 
-Kernels default ``PDL`` to false (0) where it is their last parameter, so that callers that predate it (such as the
-reference Ascend checker in ``../shared/tools``) can still launch them; the library itself always passes it
-(``tests/test_pdl.py`` checks every launch).
+The kernels that callers predating ``PDL`` launch (such as the reference Ascend checker in ``../shared/tools``)
+default it to false (0), as their last parameter; the kernels of ragged windows in two launches, newer than it,
+take it without a default. The library itself always passes it (``tests/test_pdl.py`` checks every launch).
 """
 
 from __future__ import annotations
