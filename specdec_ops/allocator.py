@@ -2050,7 +2050,8 @@ class DraftCacheAllocator:
     def _check_accept_index(self, accept_index: torch.Tensor, bs: int) -> int:
         """Check accept_index's metadata; returns T."""
         if not isinstance(accept_index, torch.Tensor):
-            raise TypeError(f"accept_index must be a torch.Tensor, got {type(accept_index).__name__}")
+            raise TypeError(f"accept_index must be a torch.Tensor, got {_type_name(accept_index)}")
+        _check_dense("accept_index", accept_index)
         if accept_index.dtype not in _INDEX_DTYPES:
             raise TypeError(f"accept_index must be int32 or int64, got {accept_index.dtype}")
         if accept_index.dim() != 2 or accept_index.size(0) != bs:
@@ -2083,6 +2084,7 @@ class DraftCacheAllocator:
         if buffer is None:
             return torch.empty(length, dtype=torch.int64, device=self.device)
         if isinstance(buffer, torch.Tensor) and buffer.dim() != 1:
+            _check_dense(name, buffer)  # (a 1-D one is checked as a vector)
             if not buffer.is_contiguous():
                 raise ValueError(
                     f"{name} must be 1-D, or contiguous (it is flattened), got shape {tuple(buffer.shape)} with "
@@ -2637,7 +2639,7 @@ class DraftCacheAllocator:
             raise ValueError(f"prefix_lens has {_entries(prefix_lens)} elements but prompt_lens has {n}")
         prefix = self._host_ints("prefix_lens", prefix_lens)
         if not isinstance(prefix_slots, torch.Tensor):
-            raise TypeError(f"prefix_slots must be a torch.Tensor, got {type(prefix_slots).__name__}")
+            raise TypeError(f"prefix_slots must be a torch.Tensor, got {_type_name(prefix_slots)}")
         _check_dense("prefix_slots", prefix_slots)
         if prefix_slots.dtype not in _INDEX_DTYPES:
             raise TypeError(f"prefix_slots must be int32 or int64, got {prefix_slots.dtype}")
@@ -3035,7 +3037,7 @@ class DraftStepWrapper:
         accept = None
         if accept_lens is not None:
             if not isinstance(accept_lens, torch.Tensor):
-                raise TypeError(f"accept_lens must be a torch.Tensor, got {type(accept_lens).__name__}")
+                raise TypeError(f"accept_lens must be a torch.Tensor, got {_type_name(accept_lens)}")
             accept = alloc._check_commit(rows, accept_lens, validate)[2]
         # What each call reads, as (the caller's tensor or None, the tensor the launch reads): a call re-checks the
         # caller's tensors in full, and the buffers made here (never handed out: the calls return views of them) by

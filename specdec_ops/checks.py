@@ -39,9 +39,10 @@ def check_npu_dtypes(tensors: dict[str, torch.Tensor | None]) -> None:
     """On an NPU: every index tensor passed (``None``: not given) is int64, ``req_to_token`` (not passed here) aside.
     Kernel variants are their dtypes and constexprs there (``backend.npu_kernels``), and the offline Ascend compile
     check compiles int64 index tensors beside an int32 or int64 table: another dtype would launch a variant no check
-    compiled. ``TypeError`` naming the first that is not int64."""
+    compiled. ``TypeError`` naming the first that is not int64; what is no tensor is left to the checks that name
+    its type."""
     for name, tensor in tensors.items():
-        if tensor is not None and tensor.dtype is not torch.int64:
+        if isinstance(tensor, torch.Tensor) and tensor.dtype is not torch.int64:
             raise TypeError(
                 f"on an NPU, {name} must be int64 (the dtype whose kernels the offline Ascend compile check compiles; "
                 f"convert with .long()), got {tensor.dtype}"
@@ -51,7 +52,7 @@ def check_npu_dtypes(tensors: dict[str, torch.Tensor | None]) -> None:
 def check_table(req_to_token: torch.Tensor) -> None:
     """``req_to_token``: a 2-D int32/int64 tensor with unit stride along positions, dimensions below 2**31."""
     if not isinstance(req_to_token, torch.Tensor):
-        raise TypeError(f"req_to_token must be a torch.Tensor, got {type(req_to_token).__name__}")
+        raise TypeError(f"req_to_token must be a torch.Tensor, got {type_name(req_to_token)}")
     check_dense("req_to_token", req_to_token)
     if req_to_token.dtype not in INDEX_DTYPES:
         raise TypeError(f"req_to_token must be int32 or int64, got {req_to_token.dtype}")
@@ -85,7 +86,7 @@ def check_vector(name: str, tensor: torch.Tensor, device: torch.device, length: 
 
 def _raise_vector_error(name: str, tensor: torch.Tensor, device: torch.device, length: int | None) -> None:
     if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type_name(tensor)}")
     check_dense(name, tensor)
     if tensor.dtype not in INDEX_DTYPES:
         raise TypeError(f"{name} must be int32 or int64, got {tensor.dtype}")

@@ -445,8 +445,13 @@ def _prepare_windows(
         check_count("num_tokens (sum of end_offset - start_offset)", num_tokens)
     if out_cache_loc is None:
         out_cache_loc = torch.empty(num_tokens, dtype=torch.int64, device=device)
-    elif not _out_ok(out_cache_loc, device, num_tokens):
-        check_out("out_cache_loc", out_cache_loc, device, num_tokens)
+    else:
+        try:
+            ok = _out_ok(out_cache_loc, device, num_tokens)
+        except (AttributeError, TypeError, ValueError, RuntimeError):  # not a tensor: check_out names it
+            ok = False
+        if not ok:
+            check_out("out_cache_loc", out_cache_loc, device, num_tokens)
     if buffers and (validate or check_buffers):
         outputs = {"out_cache_loc": out_cache_loc}
         if last_loc is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -799,6 +800,13 @@ class Huge(Sequence):
         raise AssertionError("a lazy sequence was read before its length was checked")
 
 
+def _nested(component, layout=torch.strided):
+    """A nested tensor of two copies of ``component``, without torch's prototype warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.nested.nested_tensor([component, component.clone()], layout=layout)
+
+
 def live_allocator():
     alloc = DraftCacheAllocator(64, 4, 16, page_size=2, device="cpu")
     rows = alloc.add_requests([3, 4])
@@ -1092,6 +1100,39 @@ BAD_CALLS = [
         ),
         ValueError,
         "prefix_lens must be a dense",
+    ),
+    # Nested and sparse tree tensors: torch's RuntimeError, an indeterminate relation or a stride message (an audit)
+    (
+        "tree-index-nested",
+        lambda a, r: a.commit_tree(r, _nested(torch.zeros(2, dtype=torch.int64)), [0, 0]),
+        ValueError,
+        "accept_index must be a dense",
+    ),
+    (
+        "tree-index-jagged",
+        lambda a, r: a.commit_tree(r, _nested(torch.zeros(2, dtype=torch.int64), layout=torch.jagged), [0, 0]),
+        ValueError,
+        "accept_index must be a dense",
+    ),
+    (
+        "tree-index-sparse",
+        lambda a, r: a.commit_tree(r, torch.zeros(2, 2, dtype=torch.int64).to_sparse(), [0, 0]),
+        ValueError,
+        "accept_index must be a dense",
+    ),
+    (
+        "tree-kv-src-nested",
+        lambda a, r: a.commit_tree(
+            r, torch.zeros(2, 2, dtype=torch.int64), [0, 0], kv_src=_nested(torch.zeros(2, dtype=torch.int64))
+        ),
+        ValueError,
+        "kv_src must be a dense",
+    ),
+    (
+        "branches-out-nested",
+        lambda a, r: a.alloc_branches(r, 2, 2, out=_nested(torch.zeros(4, dtype=torch.int64))),
+        ValueError,
+        "out must be a dense",
     ),
     # Lazy sequences are measured before they are read: range(10**7) used to be expanded first (about 2 s)
     ("add-huge-lazy", lambda a, r: a.add_requests(Huge()), OutOfRowsError, f"asked for {HUGE} rows but 2 of 4"),

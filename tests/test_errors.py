@@ -15,7 +15,7 @@ import torch
 from conftest import DEVICES, SENTINEL, sentinel_like
 
 import specdec_ops
-from specdec_ops import DraftCacheAllocator, ops
+from specdec_ops import DraftCacheAllocator, checks, ops
 
 
 def good_args(device="cpu"):
@@ -150,6 +150,27 @@ METADATA_ERRORS = [
     ),
     ("window-too-many", {"window_len": 2}, ValueError, "num_tokens must be at least bs * window_len = 8, got 6"),
 ]
+
+
+@pytest.mark.parametrize("make", [list, tuple, np.array], ids=["list", "tuple", "ndarray"])
+def test_an_output_that_is_no_tensor_raises_type_error_naming_it(make):
+    """out_cache_loc as a list raised AttributeError (a new-user audit, 2026-11-25): the fused op, the gather alone and
+    the wrapper's plan now name it and its Python type, as they do last_loc's."""
+    out = make([SENTINEL] * 6)
+    message = f"out_cache_loc must be a torch.Tensor, got {checks.type_name(out)}"
+    args = good_args()
+    calls = [
+        lambda: specdec_ops.get_last_loc_and_assign_extend_cache_locs(**args, out_cache_loc=out, num_tokens=6),
+        lambda: specdec_ops.assign_extend_cache_locs(**args, out_cache_loc=out, num_tokens=6),
+        lambda: specdec_ops.CacheLocsWrapper(args["req_to_token"]).plan(
+            *list(args.values())[1:], out_cache_loc=out, num_tokens=6
+        ),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match=re.escape(message)):
+            call()
+    assert list(out) == [SENTINEL] * 6
+    checks.check_npu_dtypes({"out_cache_loc": out})  # (what is no tensor is left to the check that names its type)
 
 
 @pytest.mark.parametrize("overrides,exc,message", [c[1:] for c in METADATA_ERRORS], ids=[c[0] for c in METADATA_ERRORS])
