@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import bisect
 import functools
+import numbers
+import operator
 from collections import Counter
 from collections.abc import Sequence
 from typing import NamedTuple, Union
@@ -341,11 +343,16 @@ class ContextLengthError(AllocationError):
     """A request would grow past ``max_context_len``."""
 
 
-def _check_size(name: str, value: int, minimum: int, limit: int = _INT32_LIMIT) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {_type_name(value)}")
+def _check_size(name: str, value: int, minimum: int, limit: int = _INT32_LIMIT) -> int:
+    """``value``: an integer (any ``numbers.Integral``, e.g. ``numpy.int64``, but not ``bool``) in ``[minimum,
+    limit)``; returned as a Python ``int``."""
+    if type(value) is not int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {_type_name(value)}")
+        value = operator.index(value)
     if not minimum <= value < limit:
         raise ValueError(f"{name} must be in [{minimum}, 2**{limit.bit_length() - 1}), got {value}")
+    return value
 
 
 def _resolve_device(device: torch.device | str | None) -> torch.device:
@@ -440,8 +447,9 @@ class DraftCacheAllocator:
             ``k < num_free_pages``, handed out from the head (:meth:`free_page_list` lists them).
         free_head, num_free_pages: ``[1]`` int32 views of the ring's counters.
         page_size, num_slots, num_pages, max_requests, max_context_len, device.
-        num_syncs: device→host syncs that :meth:`alloc_draft`, :meth:`reserve_draft`, :meth:`alloc_branches`
-            and :meth:`add_requests` made because the host bound reached the capacity. A call that raises after such
+        num_syncs: device→host syncs that the calls that take pages (the drafts, :meth:`reserve_draft`,
+            :meth:`commit_and_draft`, the tree calls, :meth:`alloc_branches`, :meth:`add_requests`, and the wrappers'
+            forms of them) made because the host bound reached the capacity. A call that raises after such
             a sync (out of slots, a launch that fails) still counts it, and keeps the exact bounds it read: the one
             exception to "a call that raises changes nothing", which concerns the pool and its requests.
     """
@@ -455,10 +463,10 @@ class DraftCacheAllocator:
         page_size: int = 1,
         device: torch.device | str | None = None,
     ) -> None:
-        _check_size("page_size", page_size, 1)
-        _check_size("num_slots", num_slots, 0)
-        _check_size("max_requests", max_requests, 1)
-        _check_size("max_context_len", max_context_len, 1, _SIZE_LIMIT)
+        page_size = _check_size("page_size", page_size, 1)
+        num_slots = _check_size("num_slots", num_slots, 0)
+        max_requests = _check_size("max_requests", max_requests, 1)
+        max_context_len = _check_size("max_context_len", max_context_len, 1, _SIZE_LIMIT)
         if num_slots % page_size:
             raise ValueError(f"num_slots must be a multiple of page_size = {page_size}, got {num_slots}")
         if num_slots + page_size >= _INT32_LIMIT:
@@ -932,7 +940,7 @@ class DraftCacheAllocator:
         rows, host_rows, n = self._check_draft(req_pool_indices, num_draft_tokens, validate)
         bs = rows.size(0)
         out_cache_loc, last_loc = self._draft_buffers(bs, n, out_cache_loc, last_loc)
-        slots, src, dst = self._check_branches(
+        slots, src, dst, topk, num_steps = self._check_branches(
             rows, topk, num_steps, branch_slots, copy_src, copy_dst, False, "branch_slots"
         )[2:]
         if validate:
@@ -1009,7 +1017,7 @@ class DraftCacheAllocator:
         src, dst, pairs = self._check_tree_commit(accept_index, bs, kv_src, kv_dst)
         accept = self._check_accept(rows, host_rows, accept_lens, accept_index.size(1))
         out_cache_loc, last_loc = self._draft_buffers(bs, n, out_cache_loc, last_loc)
-        slots, copy_from, copy_to = self._check_branches(
+        slots, copy_from, copy_to, topk, num_steps = self._check_branches(
             rows, topk, num_steps, branch_slots, copy_src, copy_dst, False, "branch_slots"
         )[2:]
         if validate:
@@ -1374,7 +1382,7 @@ class DraftCacheAllocator:
             call might not fit.
         """
         _check_flag("return_copies", return_copies)
-        rows, host_rows, slots, src, dst = self._check_branches(
+        rows, host_rows, slots, src, dst, topk, num_steps = self._check_branches(
             req_pool_indices, topk, num_steps, out, copy_src, copy_dst, validate
         )
         if validate:
@@ -1398,15 +1406,15 @@ class DraftCacheAllocator:
         copy_dst: torch.Tensor | None,
         validate: bool,
         out_name: str = "out",
-    ) -> tuple[torch.Tensor, list[int] | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, list[int] | None, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
         """Check the arguments of alloc_branches (``out`` named ``out_name`` in errors); returns (rows on the
-        device, rows on the host or None, the branch slots' buffer, copy_src, copy_dst), new int64 buffers where
-        none was given."""
+        device, rows on the host or None, the branch slots' buffer, copy_src, copy_dst, topk, num_steps), new int64
+        buffers where none was given, the counts as Python ints."""
         _check_flag("validate", validate)
         rows, host_rows = self._device_rows(req_pool_indices)
         bs = rows.size(0)
-        _check_size("topk", topk, 1)
-        _check_size("num_steps", num_steps, 1)
+        topk = _check_size("topk", topk, 1)
+        num_steps = _check_size("num_steps", num_steps, 1)
         width = topk * num_steps
         copy_width = topk * (self.page_size - 1)
         if bs * max(width, copy_width) >= _INT32_LIMIT:
@@ -1418,7 +1426,7 @@ class DraftCacheAllocator:
         slots = self._tree_buffer(out_name, out, bs * width)
         src = self._tree_buffer("copy_src", copy_src, bs * copy_width)
         dst = self._tree_buffer("copy_dst", copy_dst, bs * copy_width)
-        return rows, host_rows, slots, src, dst
+        return rows, host_rows, slots, src, dst, topk, num_steps
 
     def _branches(
         self,
@@ -1603,8 +1611,7 @@ class DraftCacheAllocator:
 
     def free_page_list(self) -> list[int]:
         """The free pages in the order they will be handed out (one device→host copy)."""
-        head, count = self._counters[:2].tolist()
-        ring = self.free_pages.tolist()
+        head, count, *ring = torch.cat([self._counters[:2], self.free_pages]).tolist()
         return [ring[(head + k) % self.num_pages] for k in range(count)]
 
     def refresh(self) -> None:
@@ -1663,10 +1670,11 @@ class DraftCacheAllocator:
         self._seq_base_max = max(usage.ends, default=0)
 
     def _check_draft(self, req_pool_indices: IntVector, num_draft_tokens: int, validate: bool):
-        """Check the arguments of a draft; returns (rows on the device, rows on the host or None, N)."""
+        """Check the arguments of a draft; returns (rows on the device, rows on the host or None, N as a Python
+        int)."""
         _check_flag("validate", validate)
         rows, host_rows = self._device_rows(req_pool_indices)
-        _check_size("num_draft_tokens", num_draft_tokens, 0)
+        num_draft_tokens = _check_size("num_draft_tokens", num_draft_tokens, 0)
         if rows.size(0) * num_draft_tokens >= _INT32_LIMIT:
             raise ValueError(f"bs * num_draft_tokens must be below 2**31, got {rows.size(0)} * {num_draft_tokens}")
         if validate and host_rows is None:
@@ -2801,10 +2809,10 @@ class DraftCacheAllocator:
             return values.tolist()
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
             raise TypeError(f"{name} must be a 1-D int tensor or a sequence of ints, got {_type_name(values)}")
-        for i, value in enumerate(values):
-            if isinstance(value, bool) or not isinstance(value, int):
+        for i, value in enumerate(values):  # (any numbers.Integral, e.g. numpy.int64, but not bool)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"{name}[{i}] must be an int, got {_type_name(value)}")
-        return list(values)
+        return list(map(operator.index, values))
 
     def _device_ints(self, name: str, values: IntVector) -> tuple[torch.Tensor, list[int] | None]:
         """``values`` as a tensor on the device, and as a host list when they came as one (no sync)."""
@@ -3057,7 +3065,7 @@ class DraftStepWrapper:
         if topk is not None or num_steps is not None:
             if topk is None or num_steps is None:
                 raise ValueError("topk and num_steps must be given together")
-            slots, src, dst = alloc._check_branches(
+            slots, src, dst, topk, num_steps = alloc._check_branches(
                 rows, topk, num_steps, branch_slots, copy_src, copy_dst, validate, "branch_slots"
             )[2:]
             copy_n = bs * topk * (alloc.page_size - 1)
