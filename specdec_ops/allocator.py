@@ -367,6 +367,7 @@ def _resolve_device(device: torch.device | str | None) -> torch.device:
         device = torch.device(device)
     except RuntimeError:
         raise ValueError(f"device must name a torch device (cpu, cuda, npu), got {device!r}") from None
+    backend.check_device(device, "device (where the allocator's tensors live)")  # not meta, which holds no values
     try:
         return torch.empty(0, device=device).device  # "cuda" -> "cuda:0"
     except (AssertionError, RuntimeError) as error:

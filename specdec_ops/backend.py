@@ -82,17 +82,19 @@ def is_npu(device: torch.device) -> bool:
 _npu_devices: dict[torch.device, bool] = {}
 
 
-def check_device(device: torch.device) -> None:
-    """Raise ``ValueError`` unless ``device`` is one the kernels run on (cpu, cuda, npu)."""
+def check_device(device: torch.device, name: str = "tensors") -> None:
+    """Raise ``ValueError`` unless ``device`` is one the kernels run on (cpu, cuda, npu), naming ``name`` (what is
+    on that device) in the message."""
     if device.type not in _DEVICE_TYPES:
-        raise ValueError(f"tensors must be on cpu, cuda or npu, got device {device}")
+        raise ValueError(f"{name} must be on cpu, cuda or npu, got device {device}")
 
 
-def kernels(module_name: str, device: torch.device) -> ModuleType:
-    """The kernel module ``specdec_ops.kernels.<module_name>`` built for ``device``'s backend."""
+def kernels(module_name: str, device: torch.device, on_device: str = "tensors") -> ModuleType:
+    """The kernel module ``specdec_ops.kernels.<module_name>`` built for ``device``'s backend (``on_device``: what the
+    error names where the kernels do not run on ``device``, see :func:`check_device`)."""
     module = _modules.get((module_name, device))
     if module is None:
-        check_device(device)
+        check_device(device, on_device)
         kind = "interpreted" if is_interpreted(device) else "npu" if is_npu(device) else "compiled"
         with _modules_lock:
             module = _modules[(module_name, device)] = _built_module(module_name, kind)

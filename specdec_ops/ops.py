@@ -38,6 +38,8 @@ __all__ = [
     "get_last_loc_and_assign_extend_cache_locs",
 ]
 
+# What check_device names: every tensor of a call is on the device of req_to_token.
+_ON_DEVICE = "req_to_token (and every tensor of the call)"
 # Requests per program of get_last_loc.
 _LAST_LOC_TILE = 1024
 # Uniform windows: a [TILE, BLOCK_N] gather tile of _GATHER_ELEMENTS slots, BLOCK_N covering the window.
@@ -346,7 +348,7 @@ def get_last_loc(
         inputs = {"req_to_token": req_to_token, "req_pool_indices": req_pool_indices, "prefix_lens": prefix_lens}
         check_disjoint({"last_loc": last_loc}, inputs)
     if validate and bs:
-        backend.check_device(device)  # (the checks read values: not on a device that holds none, such as meta)
+        backend.check_device(device, _ON_DEVICE)  # (the checks read values: not on a device that holds none, meta)
         max_context_len = req_to_token.size(1)
         _raise_first_violation(
             [
@@ -364,7 +366,7 @@ def get_last_loc(
         return last_loc
     num_tiles = (bs + _LAST_LOC_TILE - 1) // _LAST_LOC_TILE
     backend.launch(
-        backend.kernels("cache_locs", device)._get_last_loc_kernel,
+        backend.kernels("cache_locs", device, _ON_DEVICE)._get_last_loc_kernel,
         _launch_grid(num_tiles, device, persistent),
         device,
         (req_to_token, req_pool_indices, prefix_lens, last_loc),
@@ -438,7 +440,7 @@ def _prepare_windows(
         elif num_tokens < bs * window_len:
             raise ValueError(f"num_tokens must be at least bs * window_len = {bs * window_len}, got {num_tokens}")
     if num_tokens is None or validate:  # (reads values: not on a device that holds none, such as meta)
-        backend.check_device(device)
+        backend.check_device(device, _ON_DEVICE)
     if num_tokens is None:
         # The one device→host sync of a call without num_tokens: the output's size.
         num_tokens = int((end_offset.long() - start_offset.long()).clamp_(min=0).sum()) if bs else 0
@@ -513,7 +515,7 @@ def _launch_windows(
     return the launch(es), made by calling it (``backend.prepare``)."""
     npu = backend.is_npu(device)
     pdl = backend.pdl_level(device, bs <= _NEXT_EARLY_MAX_BATCH)
-    kernels = backend.kernels("cache_locs", device)
+    kernels = backend.kernels("cache_locs", device, _ON_DEVICE)
     run = backend.prepare if prepare else backend.launch
     scalars = (bs, *_table_dims(req_to_token), num_tokens, window_len or 0)
     if tile_sums is not None:

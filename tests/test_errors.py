@@ -238,7 +238,7 @@ def test_tensors_on_a_device_that_holds_no_data_raise_value_error(validate, size
     size sync, validate) or launches."""
     args = {key: value.to("meta") for key, value in good_args().items()}
     kwargs = {"num_tokens": 6} if sized else {}
-    message = "tensors must be on cpu, cuda or npu, got device meta"
+    message = re.escape("req_to_token (and every tensor of the call) must be on cpu, cuda or npu, got device meta")
     with pytest.raises(ValueError, match=message):
         specdec_ops.get_last_loc_and_assign_extend_cache_locs(**args, validate=validate, **kwargs)
     with pytest.raises(ValueError, match=message):
