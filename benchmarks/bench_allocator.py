@@ -8,15 +8,15 @@
   window: one launch up to 256 requests, two past them (past 128 with windows of 3 tokens or more on a GPU with
   programmatic dependent launches).
 
-Requests accept a fixed mix of 0..N tokens per step, so windows keep crossing page boundaries and new pages are
-taken from the pool inside the timed steps. Groups ``allocator step bs=256 N=4 page=64 | graph`` compare the three
-(on the CPU, where Triton's interpreter runs the kernels, the names end with ``| interpreter (CPU)``: those timings
-say nothing about a device). The variants are checked against each other and against the reference, step by step,
-before timing. Graph groups are timed by pytest-benchmark's timer (the host clock once the device is done, over
+Requests accept a fixed mix of 0..N tokens per step, so windows keep crossing page boundaries and new pages are taken
+from the pool inside the timed steps. Groups ``allocator step bs=256 N=4 page=64 | graph`` compare the three (on the
+CPU, where Triton's interpreter runs the kernels, the names end with ``| interpreter (CPU), not device speed``: those
+timings say nothing about a device). The variants are checked against each other and against the reference, step by
+step, before timing. Graph groups are timed by pytest-benchmark's timer (the host clock once the device is done, over
 ``REPLAYS`` replays of ``CALLS`` steps) and then by device events around more replays (``harness.record_device_time``,
-not with ``--benchmark-disable``), listed at the end of the run. After the timing, ``CALLS`` more steps (one more
-replay in graph groups) run from poisoned buffers and are checked: the committed lengths, the last window against the
-table, and the pool's accounting (``harness.check_pool``).
+not with ``--benchmark-disable``), listed at the end of the run. After the timing, ``CALLS`` more steps (one more replay
+in graph groups) run from poisoned buffers and are checked: the committed lengths, the last window against the table,
+and the pool's accounting (``harness.check_pool``).
 """
 
 from __future__ import annotations

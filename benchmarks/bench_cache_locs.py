@@ -16,7 +16,7 @@ How a round is timed (the numbers read in seconds per call):
   ends with a list of those, and ``--benchmark-json`` carries them as ``extra_info``.
 
 On the CPU the sizes are tiny and the kernels run in Triton's interpreter; the groups' names then end with
-``| interpreter (CPU)``: those timings say nothing about a device. Typical uses::
+``| interpreter (CPU), not device speed``: those timings say nothing about a device. Typical uses::
 
     pytest benchmarks --benchmark-disable                      # CI: every op and check runs once, nothing is timed
                                                                # (record_device_time times no replay then either)

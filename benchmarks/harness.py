@@ -73,6 +73,7 @@ __all__ = [
     "gc_off",
     "graph_times",
     "group_suffix",
+    "log_y_ticks",
     "make_input_sets",
     "make_table",
     "record_device_time",
@@ -542,10 +543,12 @@ def summarize(seconds: list[float]) -> Summary:
 
 def group_suffix(device: torch.device) -> str:
     """What a benchmark group's name ends with on ``device``: nothing where Triton compiles the kernels,
-    `` | interpreter (CPU)`` where its interpreter runs them (so that no table of such timings reads as a device's)."""
+    `` | interpreter (CPU), not device speed`` where its interpreter runs them (so that no table of such timings,
+    nor the ratios pytest-benchmark prints beside them, reads as a device's)."""
     if not backend.is_interpreted(device):
         return ""
-    return " | interpreter (CPU)" if device.type == "cpu" else f" | interpreter ({device.type}, TRITON_INTERPRET=1)"
+    where = "CPU" if device.type == "cpu" else f"{device.type}, TRITON_INTERPRET=1"
+    return f" | interpreter ({where}), not device speed"
 
 
 # (group, name, Summary) of every benchmark that recorded its device time, for the run's closing list.
@@ -758,3 +761,17 @@ def format_environment(env: dict[str, str]) -> list[str]:
         f"device: {env['device_name']} ({env['device']}), driver {env['driver']}, {env['runtime']}",
         f"torch {env['torch']}, triton {env['triton']}, specdec_ops {env['specdec_ops']}, python {env['python']}",
     ]
+
+
+def log_y_ticks(ax, values: list[float]) -> None:
+    """Labelled ticks on a log y axis (matplotlib ``Axes``) for ``values``: 1, 2, 5 a decade where they span one or
+    more, every integer multiple (1-9) where they stay within one, so that the labels never vanish (a log axis labels
+    only powers of ten, and a range inside one decade may hold none) nor overlap; no minor ticks."""
+    from matplotlib.ticker import FormatStrFormatter, LogLocator
+
+    values = [v for v in values if v > 0]
+    narrow = bool(values) and max(values) < 10 * min(values)
+    ax.minorticks_off()
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=tuple(range(1, 10)) if narrow else (1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter(""))

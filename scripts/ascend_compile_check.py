@@ -332,8 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# DraftCacheAllocator methods exercised: {', '.join(allocator_methods)}")
     if unlisted:
         print(f"# DraftCacheAllocator public methods not in ALLOCATOR_METHODS (not exercised): {', '.join(unlisted)}")
-    if args.only:
-        launches = [v for v in launches if args.only in v.label]
+    launches = launch_variants.select(launches, args.only)
     if args.list:
         for v in launches:
             print(v.label)

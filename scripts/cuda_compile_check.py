@@ -109,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(launches)} distinct variants",
         flush=True,
     )
-    if args.only:
-        launches = [v for v in launches if args.only in v.label]
+    launches = launch_variants.select(launches, args.only)
     failed = 0
     ctx = multiprocessing.get_context("spawn")
     jobs = [(v, args.arch) for v in launches]

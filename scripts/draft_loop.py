@@ -79,7 +79,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--max-context-len", type=int, default=512)
-    parser.add_argument("--max-prompt-len", type=int, default=128, help="prompt lengths are uniform in [1, this]")
+    parser.add_argument(
+        "--max-prompt-len",
+        type=int,
+        default=128,
+        help="prompt lengths are uniform in [1, this]; with --prefix-sharing a prompt is one of the shared system "
+        "prompts (each of a quarter to a half of this, at least 1) and a random suffix, at most this in all",
+    )
     parser.add_argument(
         "--num-slots",
         type=int,
@@ -265,9 +271,13 @@ class PrefixCache:
                 break
             pages.append(self.pages[key])
             self.last_use[key] = self.clock
+        return pages
+
+    def count(self, tokens: list[int], pages: list[int]) -> None:
+        """A prompt of ``tokens`` arrived, with ``pages`` of it cached (``match``): the hit rate counts arrivals only,
+        not prompts refused for lack of room."""
         self.prompt_tokens += len(tokens)
         self.hit_tokens += len(pages) * self.p
-        return pages
 
     def lock(self, pages: list[int], delta: int) -> None:
         for page in pages:
@@ -334,7 +344,7 @@ def run(args: argparse.Namespace) -> int:
     out = torch.empty(args.batch_size * n, dtype=torch.int64, device=alloc.device)
     last = torch.empty(args.batch_size, dtype=torch.int64, device=alloc.device)
     # With --prefix-sharing: each row's tokens (prompt, then accepted drafts) and the cache pages it reads.
-    cache = PrefixCache(alloc, rng, 4, args.max_prompt_len // 2) if args.prefix_sharing else None
+    cache = PrefixCache(alloc, rng, 4, max(1, args.max_prompt_len // 2)) if args.prefix_sharing else None
     tokens: dict[int, list[int]] = {}
     prefix_pages: dict[int, list[int]] = {}
     peak_cached = 0
@@ -373,8 +383,8 @@ def run(args: argparse.Namespace) -> int:
             texts = []
             for i in range(len(prompts)):
                 system = rng.choice(cache.system_prompts)
-                suffix = max(1, args.max_prompt_len - len(system))
-                texts.append(system + [rng.randrange(10**6) for _ in range(rng.randint(1, suffix))])
+                room = args.max_prompt_len - len(system)  # (a system prompt is at most half of the longest prompt)
+                texts.append(system + [rng.randrange(10**6) for _ in range(rng.randint(min(1, room), room))])
                 prompts[i] = len(texts[-1])
             matched = [cache.match(text) for text in texts]
             for pages in matched:  # read from now on: eviction must not take them
@@ -403,6 +413,7 @@ def run(args: argparse.Namespace) -> int:
             seq[row], alloc_len[row], request_ids[row] = length, length, stats.arrived + i
             if cache is not None:
                 tokens[row], prefix_pages[row] = texts[i], matched[i]
+                cache.count(texts[i], matched[i])
         kv.prompt(new_rows, prompts, kwargs.get("prefix_lens"))
         stats.arrived += len(prompts)
 
@@ -543,7 +554,7 @@ def run(args: argparse.Namespace) -> int:
         hit = cache.hit_tokens / cache.prompt_tokens if cache.prompt_tokens else 0.0
         print(
             f"prefix cache       hit rate {hit:.1%} of prompt tokens ({cache.hit_tokens} of {cache.prompt_tokens}), "
-            f"cached slots peak {peak_cached} ({peak_cached / args.num_slots:.0%} of the pool), "
+            f"cached slots peak {peak_cached} during the loop ({peak_cached / args.num_slots:.0%} of the pool), "
             f"{cached_at_end} after the last requests finished; {cache.evicted_pages} pages evicted"
         )
     print(f"host syncs         {loop_syncs} calls synced because the host bound neared capacity")

@@ -32,9 +32,6 @@ Calls (bs --batch-size, N --window-len, buffers given, num_tokens given: the hot
   ... (plan/run, own buffers)
                    fused uniform, alloc_draft and commit_tree_and_draft planned without output buffers: plan()
                    makes them and each call re-checks them by address only (it returns views of them)
-
-The chain calls (alloc_draft, commit, commit_and_draft) run on an allocator of their own that never takes branch
-pages, as a chain engine's (topk 1); the tree calls on another.
   add_requests + free_requests
                    DraftCacheAllocator.add_requests(prompt_lens) of bs prompts of 7 tokens, then free_requests(rows)
                    of the rows it took, given as a host list, on an allocator of its own with 2 * bs rows of which
@@ -45,10 +42,13 @@ pages, as a chain engine's (topk 1); the tree calls on another.
                    from their slot in place where the device reads pinned memory at its host address (every
                    64-bit CUDA platform; else a copy), and clears the rows of req_to_token itself. It reads
                    nothing back from host rows (a device tensor of rows, keep_lens= or freeing the last rows in
-                   use would). After the tables: syncs per
-                   pair, the allocator's num_syncs (capacity syncs) and, on cuda, the stream synchronizations that
-                   torch's sync debug mode reports. The two calls are not timed apart: back-to-back add_requests
-                   need room for --iters batches, so they would time a pool sized for it
+                   use would). After the tables: syncs per pair, the allocator's num_syncs (capacity syncs) and,
+                   on cuda, the stream synchronizations that torch's sync debug mode reports. The two calls are
+                   not timed apart: back-to-back add_requests need room for --iters batches, so they would time a
+                   pool sized for it
+
+The chain calls (alloc_draft, commit, commit_and_draft) run on an allocator of their own that never takes branch
+pages, as a chain engine's (topk 1); the tree calls on another.
 
 A second table times the same calls with the launch replaced by a no-op (backend.launch and the prepared launches
 of plan/run, backend.Launch, stubbed): the Python of the wrappers alone (argument checks, launch configuration,

@@ -428,6 +428,19 @@ def record_launches(*backends: dict) -> tuple[list[Launch], Recorder, list[str],
     return sorted(rec.launches.values(), key=lambda v: v.label), rec, allocator_methods, unlisted
 
 
+def select(launches: list[Launch], only: str | None) -> list[Launch]:
+    """The launches whose label contains ``only`` (every launch for None). ``SystemExit`` (status 1, naming it) where
+    none does: a check that compiled nothing must not read as passed (a mistyped ``--only`` printed 0 passed, 0
+    failed and exited 0)."""
+    if only is None:
+        return launches
+    chosen = [v for v in launches if only in v.label]
+    if not chosen:
+        print(f"# FAIL: no variant's label contains --only {only!r}", flush=True)
+        raise SystemExit(1)
+    return chosen
+
+
 def init_worker(path: str) -> None:
     """A compile worker's start (spawned): the repository importable, kernels compiled, not interpreted."""
     sys.path.insert(0, path)
@@ -455,3 +468,10 @@ def kernel_and_tensors(launch: Launch, npu: bool = False):
         buf = torch.zeros(80, dtype=getattr(torch, dtype))
         tensors.append(buf[1:65] if aligned is False else buf[:64])
     return fn, tensors
+
+
+if __name__ == "__main__":  # a module of the compile checks, not a command: say so rather than exit 0 in silence
+    sys.exit(
+        "scripts/launch_variants.py is the compile checks' module; run scripts/cuda_compile_check.py or "
+        "scripts/ascend_compile_check.py"
+    )

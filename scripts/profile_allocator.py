@@ -21,7 +21,8 @@ SGLang's figures, quoted (graph replays on an H200), are shown and compared only
 
 ``--prefix-pages K`` starts every request from ``K`` pages of a prefix cache (one shared system prompt).
 
-Rows of ``req_to_token`` are as long as the run needs (about ``64 + 1000 N`` positions) unless ``--context-len``
+Rows of ``req_to_token`` are as long as the run needs (the prompt, the prefix and every step's window: about
+``64 + 1000 N`` positions at the GPU defaults, fewer with fewer --calls and --repeats) unless ``--context-len``
 asks for longer ones, as an engine's ``max_context_len`` would: the same step costs more on longer rows (up to
 0.6 µs a step at 256-1024 requests on an H200, docs/performance.md). The pool stays sized for the run.
 
@@ -120,7 +121,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--context-len",
         type=_positive_int,
         help="rows of req_to_token at least this long, as an engine's max_context_len (default: what the run needs, "
-        "about 64 + N * 1000 positions); the pool stays sized for the run",
+        "about 64 + N * 1000 positions at the GPU defaults); the pool stays sized for the run",
     )
     parser.add_argument("--calls", type=int, help="steps per graph (eager: per sample) (default 20; cpu 2)")
     parser.add_argument("--repeats", type=int, help="samples (default 20; cpu 3)")
@@ -180,7 +181,6 @@ def plot(rows: list[dict], args: argparse.Namespace, env: dict[str, str], path: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
-    from matplotlib.ticker import FormatStrFormatter, LogLocator
 
     pages = args.page_sizes
     ns = args.num_draft_tokens
@@ -207,8 +207,7 @@ def plot(rows: list[dict], args: argparse.Namespace, env: dict[str, str], path: 
         ax.set_yscale("log")
         ax.set_xticks(args.batch_sizes, [str(b) for b in args.batch_sizes])
         ax.minorticks_off()
-        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # labelled ticks 1, 2, 5, 10, 20, ...
-        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        harness.log_y_ticks(ax, [r["median_us"] for r in rows])  # (one y axis for all pages: sharey)
         ax.set_title(f"page size {page}")
         ax.set_xlabel("batch size")
         ax.grid(True, which="major", alpha=0.3)
@@ -221,9 +220,12 @@ def plot(rows: list[dict], args: argparse.Namespace, env: dict[str, str], path: 
     ncol = 1 + -(-len(ns) // legend_rows)
     fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=ncol, frameon=False)
     what = "Triton interpreter on CPU: says nothing about device speed" if args.interpreted else env_line
-    steps = "alloc_draft + commit (fused) vs 5 launches (unfused)"
-    if "commit-and-draft" in args.variants:
-        steps += " vs commit_and_draft"
+    names = {
+        "fused": "alloc_draft + commit (fused)",
+        "unfused": "5 launches (unfused)",
+        "commit-and-draft": "commit_and_draft",
+    }
+    steps = " vs ".join(names[v] for v in variants)  # (only the variants run)
     fig.suptitle(f"DraftCacheAllocator step: {steps}\n{what}", fontsize=10 if width < 10 else 12)
     fig.tight_layout(rect=(0, (0.25 * legend_rows + 0.05) / height, 1, 1))
     fig.savefig(path, dpi=110)
@@ -262,9 +264,11 @@ def main(argv: list[str] | None = None) -> int:
                     spread = f"(p20 {s.p20_us:.2f}, p80 {s.p80_us:.2f})"
                     print(f"page {page:4d} N {n} bs {bs:6d} {variant:8s} {s.median_us:9.2f} us  {spread}", flush=True)
     with open(args.out_dir / "allocator_sweep.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        # Each row carries the environment (device, driver, runtime: "Triton interpreter" on CPU), as results.csv of
+        # profile_fused_vs_unfused does: a row read alone still says where it was measured.
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) + list(env))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({**row, **env} for row in rows)
     one = "commit-and-draft" in args.variants
     lines = [
         "| page size | N | bs | fused µs | unfused µs | fused vs unfused | SGLang µs (quoted) | fused vs SGLang |"

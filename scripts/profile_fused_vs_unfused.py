@@ -215,7 +215,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--out-dir",
         type=Path,
         default=Path("out/profile_fused_vs_unfused"),
-        help="directory for the files listed above (default: out/profile_fused_vs_unfused)",
+        help="directory for the files listed below (default: out/profile_fused_vs_unfused)",
     )
     parser.add_argument("--no-trace", action="store_true", help="do not write the profiler trace")
     parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG (no matplotlib needed)")
@@ -497,6 +497,7 @@ def plot(rows: list[Row], env: dict[str, str], args: argparse.Namespace, path: P
     for i, mode in enumerate(args.modes):
         for j, (windows, n) in enumerate(panels):
             ax = axes[i][j]
+            plotted = []
             for variant in args.variants:
                 points = sorted(
                     (row.batch_size, row.median_us, row.p20_us, row.p80_us)
@@ -506,17 +507,19 @@ def plot(rows: list[Row], env: dict[str, str], args: argparse.Namespace, path: P
                 if not points:
                     continue
                 bs, median, p20, p80 = zip(*points)
+                plotted += [*median, *p20, *p80]
                 (line,) = ax.plot(bs, median, label=labels.get(variant, variant), markersize=4, **styles[variant])
                 if variant != "empty":
                     ax.fill_between(bs, p20, p80, color=styles[variant]["color"], alpha=0.2, linewidth=0)
                 legend.setdefault(line.get_label(), line)
             ax.set_xscale("log")
             ax.set_yscale("log")
-            # A tick at each measured batch size, no minor labels (on a small range they overlap).
+            # A tick at each measured batch size, no minor labels (on a small range they overlap); labelled y ticks
+            # however narrow the range.
             ax.set_xticks(batch_sizes, [str(bs) for bs in batch_sizes])
             ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.yaxis.set_minor_formatter(NullFormatter())
-            ax.grid(True, which="both", alpha=0.3)
+            harness.log_y_ticks(ax, plotted)
+            ax.grid(True, which="major", alpha=0.3)
             ax.set_title(f"{mode}: {windows}, N={n}", fontsize=9)
             ax.set_xlabel("batch size", fontsize=8)
             ax.set_ylabel("device us per call" if mode == "graph" else "eager us per call", fontsize=8)

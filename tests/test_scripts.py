@@ -128,6 +128,8 @@ def test_profile_allocator_smoke(capsys, tmp_path, profile_allocator):
     with open(tmp_path / "allocator_sweep.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["variant"] for r in rows) == sorted(harness.ALLOCATOR_VARIANTS)
+    # each row says where it was measured (it did not: interpreter timings saved unlabelled; a scripts audit)
+    assert {r["runtime"] for r in rows} == {"Triton interpreter (CPU)"} and {r["device"] for r in rows} == {"cpu"}
 
 
 @pytest.mark.parametrize(
@@ -216,13 +218,28 @@ def test_draft_loop_default_pool_holds_small_batches(draft_loop, batch_size):
     assert draft_loop.parse_args(["--batch-size", "16"]).num_slots == 16 * 512 // 4
 
 
-@pytest.mark.parametrize("extra", [[], ["--topk", "2", "--num-steps", "2", "--page-size", "4"]], ids=["chain", "tree"])
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--topk", "2", "--num-steps", "2", "--page-size", "4"], ["--prefix-sharing", "--max-prompt-len", "1"]],
+    ids=["chain", "tree", "prefix-one-token-prompts"],  # (the last crashed setting up its system prompts)
+)
 def test_draft_loop_smoke(capsys, draft_loop, extra):
     argv = ["--device", "cpu", "--batch-size", "1", "--steps", "4", "--check-every", "2", "--timing-reps", "1"]
     assert draft_loop.main(argv + ["--quiet", *extra]) == 0
     out = capsys.readouterr().out
     assert "invariants         ok" in out
     assert "per step that made any" in out
+
+
+def test_draft_loop_hit_rate_counts_only_the_prompts_that_arrived(capsys, draft_loop):
+    """A pool too small for any arrival: every prompt is refused, so the cache saw no prompt token (it counted the
+    refused ones, which gave more tokens than the prompts that arrived could hold; a scripts audit)."""
+    argv = ["--device", "cpu", "--batch-size", "4", "--steps", "6", "--check-every", "3", "--timing-reps", "1"]
+    argv += ["--max-prompt-len", "8", "--max-context-len", "16", "--num-slots", "24", "--page-size", "4"]
+    assert draft_loop.main(argv + ["--arrival-prob", "1", "--prefix-sharing", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "arrived 0," in out and "arrivals refused (pool full) 24" in out
+    assert "hit rate 0.0% of prompt tokens (0 of 0)" in out
 
 
 # ---------------------------------------------------------------------------------- harness and benchmarks
@@ -261,7 +278,7 @@ def test_check_pool_catches_a_slot_outside_the_pool_and_a_split_page():
 
 
 def test_benchmark_groups_on_the_interpreter_say_so():
-    assert harness.group_suffix(CPU) == " | interpreter (CPU)"
+    assert harness.group_suffix(CPU) == " | interpreter (CPU), not device speed"
 
 
 def test_record_device_time_times_nothing_when_disabled():
@@ -288,6 +305,64 @@ def test_tree_step_check_at_page_1_can_fail(variant):
     step.out[step.out.numel() - 1] += 1  # the last request's last node: never accepted (paths take at most 4)
     with pytest.raises(harness.OutputMismatch):
         step.check_window("page 1", start)
+
+
+def _labelled_y_ticks(ax, low: float, high: float) -> list[float]:
+    """The y ticks of ``ax`` that carry a label and lie in ``[low, high]``."""
+    ax.figure.canvas.draw()
+    return [t.get_loc() for t in ax.yaxis.get_major_ticks() if t.label1.get_text() and low <= t.get_loc() <= high]
+
+
+@pytest.mark.parametrize("span", [(1.5, 3.4), (5.6, 9.4), (1.2, 80.0), (900.0, 8000.0)])
+def test_the_plots_label_the_y_axis_however_narrow_its_range(
+    tmp_path, monkeypatch, profile_allocator, profile_fused_vs_unfused, span
+):
+    """A log y axis labels powers of ten only: values within one decade (1.5-3.4 µs, as a GPU gives) showed no y
+    label at all in profile_fused_vs_unfused's plot (a scripts audit, 2026-11-25). Both plots now label at least two
+    ticks inside the data's range, and the allocator's title names only the variants that ran."""
+    plt = pytest.importorskip("matplotlib.pyplot")  # (the bench extra's)
+    low, high = span
+    args = profile_fused_vs_unfused.parse_args(["--device", "cpu", "--batch-sizes", "64,256", "--window-lens", "4"])
+    args.modes, args.variants = ["graph"], ["fused", "unfused"]
+    row = profile_fused_vs_unfused.Row
+    rows = [
+        row("graph", "uniform", 4, bs, bs * 4, variant, value, value, value)
+        for bs, variant, value in [(64, "fused", low), (256, "fused", (low + high) / 2), (256, "unfused", high)]
+    ]
+    env = harness.environment(CPU)
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: None)  # (the script closes its figure once saved)
+    profile_fused_vs_unfused.plot(rows, env, args, tmp_path / "latency.png")
+    monkeypatch.setattr(plt, "close", close)
+    fig = plt.gcf()
+    try:
+        assert len(_labelled_y_ticks(fig.axes[0], low, high)) >= 2
+    finally:
+        plt.close(fig)
+    argv = ["--device", "cpu", "--batch-sizes", "64,256", "--page-sizes", "16", "--num-draft-tokens", "4"]
+    args = profile_allocator.parse_args(argv + ["--variants", "fused,commit-and-draft"])
+    rows = [
+        dict(bs=64, N=4, page_size=16, variant="fused", median_us=low),
+        dict(bs=256, N=4, page_size=16, variant="commit-and-draft", median_us=high),
+    ]
+    profile_allocator.plot(rows, args, env, tmp_path / "sweep.png")
+    fig = plt.gcf()
+    try:
+        assert len(_labelled_y_ticks(fig.axes[0], low, high)) >= 2
+        title = fig._suptitle.get_text()
+        assert "alloc_draft + commit (fused) vs commit_and_draft" in title and "unfused" not in title
+    finally:
+        plt.close(fig)
+
+
+def test_a_compile_check_that_would_compile_nothing_fails():
+    """``--only`` that matches no variant: both compile checks printed "0 passed, 0 failed" and exited 0."""
+    launch_variants = load_script("launch_variants")
+    fake = type("Fake", (), {"label": "_get_last_loc_kernel[i64]"})()
+    assert launch_variants.select([fake], None) == [fake] and launch_variants.select([fake], "last_loc") == [fake]
+    with pytest.raises(SystemExit) as exit_info:
+        launch_variants.select([fake], "no_such_kernel")
+    assert exit_info.value.code == 1
 
 
 def test_the_variant_workload_exercises_every_page_size_an_npu_takes():
