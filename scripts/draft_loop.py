@@ -383,7 +383,7 @@ def run(args: argparse.Namespace) -> int:
             texts = []
             for i in range(len(prompts)):
                 system = rng.choice(cache.system_prompts)
-                room = args.max_prompt_len - len(system)  # (a system prompt is at most half of the longest prompt)
+                room = args.max_prompt_len - len(system)  # (>= 0: a system prompt is at most max(1, half) of it)
                 texts.append(system + [rng.randrange(10**6) for _ in range(rng.randint(min(1, room), room))])
                 prompts[i] = len(texts[-1])
             matched = [cache.match(text) for text in texts]

@@ -429,14 +429,13 @@ def record_launches(*backends: dict) -> tuple[list[Launch], Recorder, list[str],
 
 
 def select(launches: list[Launch], only: str | None) -> list[Launch]:
-    """The launches whose label contains ``only`` (every launch for None). ``SystemExit`` (status 1, naming it) where
-    none does: a check that compiled nothing must not read as passed (a mistyped ``--only`` printed 0 passed, 0
-    failed and exited 0)."""
-    if only is None:
-        return launches
-    chosen = [v for v in launches if only in v.label]
+    """The launches whose label contains ``only`` (every launch for None). ``SystemExit`` (status 1, naming why)
+    where none is left: a check that compiled nothing must not read as passed (a mistyped ``--only`` printed 0
+    passed, 0 failed and exited 0)."""
+    chosen = launches if only is None else [v for v in launches if only in v.label]
     if not chosen:
-        print(f"# FAIL: no variant's label contains --only {only!r}", flush=True)
+        why = "no launch was recorded" if not launches else f"no variant's label contains --only {only!r}"
+        print(f"# FAIL: {why}", flush=True)
         raise SystemExit(1)
     return chosen
 

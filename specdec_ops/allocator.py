@@ -2810,10 +2810,13 @@ class DraftCacheAllocator:
             return values.tolist()
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
             raise TypeError(f"{name} must be a 1-D int tensor or a sequence of ints, got {_type_name(values)}")
+        exact = True  # (Python ints only: no conversion)
         for i, value in enumerate(values):  # (any numbers.Integral, e.g. numpy.int64, but not bool)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise TypeError(f"{name}[{i}] must be an int, got {_type_name(value)}")
-        return list(map(operator.index, values))
+            if type(value) is not int:
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                    raise TypeError(f"{name}[{i}] must be an int, got {_type_name(value)}")
+                exact = False
+        return list(values) if exact else list(map(operator.index, values))
 
     def _device_ints(self, name: str, values: IntVector) -> tuple[torch.Tensor, list[int] | None]:
         """``values`` as a tensor on the device, and as a host list when they came as one (no sync)."""

@@ -77,6 +77,7 @@ def check_vector(name: str, tensor: torch.Tensor, device: torch.device, length: 
             and tensor.device == device
             and (length is None or tensor.size(0) == length)
             and tensor.is_contiguous()
+            and not tensor.is_nested  # (a nested tensor of 0-d components is 1-D and contiguous)
         )
     except (AttributeError, RuntimeError):  # (RuntimeError: a sparse or nested tensor, worded below)
         ok = False

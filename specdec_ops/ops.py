@@ -762,8 +762,12 @@ class CacheLocsWrapper:
         last = None
         if self._with_last_loc:
             last = torch.empty(bs, dtype=start_offset.dtype, device=device) if last_loc is None else last_loc
-        # The buffers made here move into one allocation before anything views them or launches on them.
-        arena = share_one_allocation([out if made_out else None, last if last_loc is None else None])
+        # The buffers made here move into one allocation before anything views them or launches on them (not where
+        # every run plans again and makes new ones: no run re-checks them).
+        replan_each_run = validate or (num_tokens is None and window_len is None)
+        arena = None
+        if not replan_each_run:
+            arena = share_one_allocation([out if made_out else None, last if last_loc is None else None])
         tensors = (req_to_token, req_pool_indices, start_offset, end, out)
         if self._with_last_loc:
             tensors += (last,)
@@ -796,7 +800,7 @@ class CacheLocsWrapper:
             validate=validate,
             persistent=persistent,
         )
-        self._replan_each_run = validate or (num_tokens is None and window_len is None)
+        self._replan_each_run = replan_each_run
         self._launch = launch
         self._two_launches = two_launches
         self._bs, self._device = bs, device

@@ -1132,6 +1132,24 @@ BAD_CALLS = [
         ValueError,
         "kv_src must be a dense",
     ),
+    (  # 1-D and contiguous: it passed the fast check (a review, 2026-11-25)
+        "commit-rows-nested-1d",
+        lambda a, r: a.commit(_nested(torch.tensor(0)), [0, 0]),
+        ValueError,
+        "req_pool_indices must be a dense",
+    ),
+    (
+        "release-rows-nested-1d",
+        lambda a, r: a.release_branches(_nested(torch.tensor(0))),
+        ValueError,
+        "req_pool_indices must be a dense",
+    ),
+    (
+        "draft-out-nested-1d",
+        lambda a, r: a.alloc_draft(r, 2, out_cache_loc=_nested(torch.tensor(0))),
+        ValueError,
+        "out_cache_loc must be a dense",
+    ),
     (
         "branches-out-nested",
         lambda a, r: a.alloc_branches(r, 2, 2, out=_nested(torch.zeros(4, dtype=torch.int64))),

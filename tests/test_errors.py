@@ -135,6 +135,12 @@ METADATA_ERRORS = [
         ValueError,
         "start_offset must be a dense (strided) tensor, got a nested tensor",
     ),
+    (  # 1-D and contiguous: it passed the fast check and failed in the launch, naming nothing (a review)
+        "rows-nested-1d",
+        {"req_pool_indices": _quietly(lambda: torch.nested.nested_tensor([torch.tensor(v) for v in (0, 5, 2, 2)]))},
+        ValueError,
+        "req_pool_indices must be a dense (strided) tensor, got a nested tensor",
+    ),
     ("num-tokens-negative", {"num_tokens": -1}, ValueError, "num_tokens must be in [0, 2**31), got -1"),
     ("num-tokens-float", {"num_tokens": 6.0}, TypeError, "num_tokens must be an int or None, got float"),
     ("num-tokens-bool", {"num_tokens": True}, TypeError, "num_tokens must be an int or None, got bool"),

@@ -168,6 +168,11 @@ def test_the_outputs_a_plan_makes_leave_it_only_as_views(start_dtype):
     out2, last2 = wrapper.run()  # planned again, with new buffers
     assert (out2.tolist(), last2.tolist()) == expected and out2._base is not plan_out
     assert wrapper._bound.owned[0] is not owned[0]
+    # A plan whose every run plans again (validate=True) makes new buffers each run, as the function: none shared.
+    wrapper.plan(req, start, start + 2, num_tokens=6, window_len=2, validate=True)
+    out3, last3 = wrapper.run()
+    assert (out3.tolist(), last3.tolist()) == expected
+    assert out3.untyped_storage().data_ptr() != last3.untyped_storage().data_ptr()
 
 
 def test_wrapper_misuse_is_an_error():
