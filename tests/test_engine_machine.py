@@ -1045,7 +1045,8 @@ class EngineMachine(RuleBasedStateMachine):
             if held:
                 page = data.draw(st.sampled_from(held), label="page")
                 call = lambda: alloc.release_slots([page * p])  # noqa: E731
-        elif how == "prefix on a page the cache does not own":
+        elif how == "prefix on a page the cache does not own" and self.free_stack:
+            # (with every row in use add_requests raises OutOfRowsError first, before it reads any value)
             free = alloc.free_page_list()
             if free:
                 page = data.draw(st.sampled_from(free), label="page")
