@@ -361,8 +361,10 @@ def _resolve_device(device: torch.device | str | None) -> torch.device:
     machine without one)."""
     if device is None:
         device = backend.default_device()
-    elif isinstance(device, bool) or not isinstance(device, (torch.device, str, int)):
+    elif isinstance(device, bool) or not isinstance(device, (torch.device, str, numbers.Integral)):
         raise TypeError(f"device must be a torch.device, a str, an int or None, got {_type_name(device)}")
+    elif isinstance(device, numbers.Integral):  # (an index, e.g. numpy.int64: torch takes Python ints)
+        device = operator.index(device)
     try:
         device = torch.device(device)
     except RuntimeError:

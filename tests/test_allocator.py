@@ -1222,6 +1222,17 @@ def test_numpy_integers_count_as_ints():
         ), name
 
 
+def test_a_numpy_device_index_is_an_int_index():
+    """``device=numpy.int64(0)`` names what ``device=0`` names (a CUDA index; refused as a type before)."""
+    outcomes = []
+    for index in (0, np.int64(0)):
+        try:
+            outcomes.append(DraftCacheAllocator(16, 1, 8, device=index).device)
+        except ValueError as error:  # no CUDA device here: the same error for both
+            outcomes.append(str(error))
+    assert outcomes[0] == outcomes[1]
+
+
 def test_commit_after_commit_is_caught_by_validate():
     alloc, rows = live_allocator()
     alloc.commit(rows, torch.tensor([2, 1]), validate=True)
