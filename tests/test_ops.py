@@ -214,6 +214,21 @@ def test_dtype_mixes(device, table_dtype, index_dtype, offset_dtype, out_dtype):
     assert torch.equal(comp, torch.tensor(loop_last, device=device).to(offset_dtype))
 
 
+def test_sglang_argument_order_is_refused_and_keywords_work_in_either_order():
+    """README, "Where SGLang differs": SGLang's ``assign_extend_cache_locs`` takes the rows before the table; that
+    order raises here, naming the table, and keyword arguments (SGLang's names) give the same result either way."""
+    table = torch.arange(4 * 16).reshape(4, 16)
+    rows, start = torch.tensor([2, 0]), torch.tensor([5, 1])
+    end = start + 3
+    with pytest.raises(ValueError, match="req_to_token must be 2-D"):
+        specdec_ops.assign_extend_cache_locs(rows, table, start, end, num_tokens=6)
+    by_keyword = specdec_ops.assign_extend_cache_locs(
+        req_pool_indices=rows, req_to_token=table, start_offset=start, end_offset=end, num_tokens=6
+    )
+    assert by_keyword.tolist() == specdec_ops.assign_extend_cache_locs(table, rows, start, end, num_tokens=6).tolist()
+    assert by_keyword.tolist() == [37, 38, 39, 1, 2, 3]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_default_outputs_and_num_tokens_from_offsets(device):
     batch = make_batch(19, "ragged", 5, seed=11, device=device, offset_dtype=torch.int32)

@@ -151,6 +151,36 @@ def test_commit_tree_copies_only_what_moved():
     assert alloc.seq_lens[rows].tolist() == [8, 3] and alloc.window_lens[rows].tolist() == [0, 0]
 
 
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_sglang_accept_index_converted_as_the_readme_says(page_size):
+    """README, "Where SGLang differs": SGLang's verify gives ``accept_index`` of ``[bs, spec_steps + 1]`` batch-wide
+    indices (``i * T + node``, -1 padded) and ``accept_length`` without the root. Converted as the README says, it
+    commits what the request-local form does; unconverted, every request but the first commits nothing (its path
+    stops at its first node) and the pool stays whole."""
+    T, steps = 4, 2
+    sglang_index = torch.tensor([[0, 2, -1], [4, -1, -1], [8, 9, 11]])  # nodes [0, 2], [0], [0, 1, 3]
+    accept_length = torch.tensor([1, 0, 2])
+    local = torch.tensor([[0, 2, 0, 0], [0, 0, 0, 0], [0, 1, 3, 0]])
+    runs = []
+    for form in ("local", "converted", "unconverted"):
+        alloc = DraftCacheAllocator(128, 3, 32, page_size=page_size, device="cpu")
+        rows = alloc.add_requests([5, 2, 7])
+        alloc.alloc_draft(rows, T)
+        if form == "local":
+            got = alloc.commit_tree(rows, local, accept_length + 1)
+        elif form == "converted":
+            index = torch.zeros(3, T, dtype=torch.int64)
+            index[:, : steps + 1] = sglang_index - torch.arange(3)[:, None] * T
+            got = alloc.commit_tree(rows, index, accept_length + 1)
+        else:
+            got = alloc.commit_tree(rows, sglang_index, accept_length)
+        runs.append(([got], snapshot(alloc)))
+        check_layout(alloc)
+        if form == "unconverted":
+            assert alloc.seq_lens[rows].tolist() == [6, 2, 7]  # request 0 takes 1 position, the others none
+    assert_same_runs(runs[0], runs[1])
+
+
 def test_commit_tree_page1_repoints_the_window():
     alloc = DraftCacheAllocator(64, 2, 32, device="cpu")
     rows = alloc.add_requests([3])
