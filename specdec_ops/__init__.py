@@ -6,7 +6,7 @@ interpreter, chosen automatically for CPU tensors).
 
 from __future__ import annotations
 
-from . import reference
+from . import reference, sglang
 from .allocator import DraftCacheAllocator, DraftStepWrapper
 from .ops import CacheLocsWrapper, assign_extend_cache_locs, get_last_loc, get_last_loc_and_assign_extend_cache_locs
 
@@ -18,5 +18,6 @@ __all__ = [
     "get_last_loc",
     "get_last_loc_and_assign_extend_cache_locs",
     "reference",
+    "sglang",
 ]
 __version__ = "0.1.0"

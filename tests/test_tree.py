@@ -28,6 +28,7 @@ from test_allocator import (
     snapshot,
 )
 
+import specdec_ops
 import specdec_ops.allocator as allocator_module
 from specdec_ops.allocator import DraftCacheAllocator, DraftStepWrapper, OutOfSlotsError
 
@@ -162,7 +163,7 @@ def test_sglang_accept_index_converted_as_the_readme_says(page_size):
     accept_length = torch.tensor([1, 0, 2])
     local = torch.tensor([[0, 2, 0, 0], [0, 0, 0, 0], [0, 1, 3, 0]])
     runs = []
-    for form in ("local", "converted", "unconverted"):
+    for form in ("local", "converted", "helper", "unconverted"):
         alloc = DraftCacheAllocator(128, 3, 32, page_size=page_size, device="cpu")
         rows = alloc.add_requests([5, 2, 7])
         alloc.alloc_draft(rows, T)
@@ -172,6 +173,10 @@ def test_sglang_accept_index_converted_as_the_readme_says(page_size):
             index = torch.zeros(3, T, dtype=torch.int64)
             index[:, : steps + 1] = sglang_index - torch.arange(3)[:, None] * T
             got = alloc.commit_tree(rows, index, accept_length + 1)
+        elif form == "helper":
+            index, lens = specdec_ops.sglang.tree_accept_from_sglang(sglang_index, accept_length, T)
+            assert index.tolist() == [[0, 2, -1, -1], [0, -1, -1, -1], [0, 1, 3, -1]] and lens.tolist() == [2, 1, 3]
+            got = alloc.commit_tree(rows, index, lens)
         else:
             got = alloc.commit_tree(rows, sglang_index, accept_length)
         runs.append(([got], snapshot(alloc)))
@@ -179,6 +184,24 @@ def test_sglang_accept_index_converted_as_the_readme_says(page_size):
         if form == "unconverted":
             assert alloc.seq_lens[rows].tolist() == [6, 2, 7]  # request 0 takes 1 position, the others none
     assert_same_runs(runs[0], runs[1])
+    assert_same_runs(runs[0], runs[2])
+
+
+@pytest.mark.parametrize(
+    "args, error, message",
+    [
+        (([[0, 1]], [1], 4), TypeError, "accept_index must be a torch.Tensor, got list"),
+        ((torch.zeros(1, 2), torch.zeros(1, dtype=torch.int64), 4), TypeError, "accept_index must be int32 or int64"),
+        ((torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64), 4), ValueError, "must be 2-D"),
+        ((torch.zeros(2, 5, dtype=torch.int64), torch.zeros(2, dtype=torch.int64), 4), ValueError, "at most"),
+        ((torch.zeros(2, 2, dtype=torch.int64), torch.zeros(3, dtype=torch.int64), 4), ValueError, "3 elements"),
+        ((torch.zeros(2, 2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64), 4.0), TypeError, "draft_token_num"),
+    ],
+    ids=["index-list", "index-float", "index-1d", "too-wide", "lengths", "tree-float"],
+)
+def test_tree_accept_from_sglang_refuses_bad_arguments(args, error, message):
+    with pytest.raises(error, match=message):
+        specdec_ops.sglang.tree_accept_from_sglang(*args)
 
 
 def test_commit_tree_page1_repoints_the_window():
@@ -1665,6 +1688,34 @@ del _case
 
 
 # ------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+def test_gpu_tree_accept_from_sglang_neither_syncs_nor_escapes_a_graph():
+    """specdec_ops.sglang.tree_accept_from_sglang on CUDA: no synchronization (torch's sync debug mode), and captured
+    in a CUDA graph it converts the values the capture's inputs hold at each replay."""
+    sglang_index = torch.tensor([[0, 2, -1], [4, -1, -1], [8, 9, 11]], device="cuda")
+    accept_length = torch.tensor([1, 0, 2], device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        index, lens = specdec_ops.sglang.tree_accept_from_sglang(sglang_index, accept_length, 4)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert index.tolist() == [[0, 2, -1, -1], [0, -1, -1, -1], [0, 1, 3, -1]] and lens.tolist() == [2, 1, 3]
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        specdec_ops.sglang.tree_accept_from_sglang(sglang_index, accept_length, 4)  # (warm-up off the capture)
+        with torch.cuda.graph(graph, stream=stream):
+            index, lens = specdec_ops.sglang.tree_accept_from_sglang(sglang_index, accept_length, 4)
+    torch.cuda.current_stream().wait_stream(stream)
+    sglang_index.copy_(torch.tensor([[0, 1, 3], [4, 6, -1], [8, -1, -1]]))
+    accept_length.copy_(torch.tensor([2, 1, 0]))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert index.tolist() == [[0, 1, 3, -1], [0, 2, -1, -1], [0, -1, -1, -1]] and lens.tolist() == [3, 2, 1]
 
 
 @pytest.mark.gpu
