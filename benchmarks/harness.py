@@ -766,12 +766,12 @@ def format_environment(env: dict[str, str]) -> list[str]:
 def log_y_ticks(ax, values: list[float]) -> None:
     """Labelled ticks on a log y axis (matplotlib ``Axes``) for ``values``: 1, 2, 5 a decade where they span one or
     more, every integer multiple (1-9) where they stay within one, so that the labels never vanish (a log axis labels
-    only powers of ten, and a range inside one decade may hold none) nor overlap; no minor ticks."""
-    from matplotlib.ticker import FormatStrFormatter, LogLocator
+    only powers of ten, and a range inside one decade may hold none) nor overlap; no minor y ticks (the x axis is
+    left as it is)."""
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullLocator
 
     values = [v for v in values if v > 0]
     narrow = bool(values) and max(values) < 10 * min(values)
-    ax.minorticks_off()
+    ax.yaxis.set_minor_locator(NullLocator())
     ax.yaxis.set_major_locator(LogLocator(base=10, subs=tuple(range(1, 10)) if narrow else (1.0, 2.0, 5.0)))
     ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-    ax.yaxis.set_minor_formatter(FormatStrFormatter(""))

@@ -361,10 +361,10 @@ def _resolve_device(device: torch.device | str | None) -> torch.device:
     machine without one)."""
     if device is None:
         device = backend.default_device()
-    elif isinstance(device, bool) or not isinstance(device, (torch.device, str, numbers.Integral)):
+    elif isinstance(device, numbers.Integral) and not isinstance(device, bool):
+        device = operator.index(device)  # (an index, e.g. numpy.int64: torch takes Python ints)
+    elif not isinstance(device, (torch.device, str)):
         raise TypeError(f"device must be a torch.device, a str, an int or None, got {_type_name(device)}")
-    elif isinstance(device, numbers.Integral):  # (an index, e.g. numpy.int64: torch takes Python ints)
-        device = operator.index(device)
     try:
         device = torch.device(device)
     except RuntimeError:
