@@ -2711,13 +2711,19 @@ class DraftCacheAllocator:
         slots, newly cached pages; their values were checked by the caller). Reads back the committed lengths and
         each kept page's first slot; the kept slots are gathered on the device."""
         p = self.page_size
-        longest = max(keep)
-        # One read-back: the committed lengths and the first slot of each page that may be kept. The kept slots
-        # themselves stay on the device (a gather, in batch order).
         bs = len(rows)
-        table = self.req_to_token[rows_t, :longest]
-        heads = table[:, ::p]  # [bs, pages of the longest keep]
-        values = torch.cat([self.seq_lens[rows_t], heads.flatten().long()]).tolist()
+        # One read-back: the committed lengths and the first slot of each page newly kept (past the row's cache-owned
+        # prefix), gathered at their (row, position) alone: the [bs, longest keep] block of the table would cost time
+        # and memory with one long keep among short ones. The kept slots themselves stay on the device (a gather, in
+        # batch order).
+        head_rows, head_positions = [], []
+        for row, length in zip(rows, keep):
+            positions = range(len(self._prefix_pages[row]) * p, length, p)
+            head_rows += [row] * len(positions)
+            head_positions += positions
+        index = self._to_device(head_rows + head_positions)
+        heads = self.req_to_token[index[: len(head_rows)], index[len(head_rows) :]]
+        values = torch.cat([self.seq_lens[rows_t], heads.long()]).tolist()
         for i, (row, length, seq) in enumerate(zip(rows, keep, values[:bs])):
             if length > seq:
                 raise ValueError(f"keep_lens[{i}] must be <= the committed length {seq} of row {row}, got {length}")
@@ -2725,12 +2731,8 @@ class DraftCacheAllocator:
         total = sum(keep)
         owner = torch.repeat_interleave(torch.arange(bs, device=self.device), keep_t, output_size=total)
         pos = torch.arange(total, device=self.device) - (torch.cumsum(keep_t, 0) - keep_t)[owner]
-        kept = table[owner, pos].long()
-        width = heads.size(1)
-        new_pages: list[int] = []
-        for i, (row, length) in enumerate(zip(rows, keep)):
-            row_heads = values[bs + i * width : bs + i * width + length // p]
-            new_pages += [slot // p for slot in row_heads[len(self._prefix_pages[row]) :]]
+        kept = self.req_to_token[rows_t[owner], pos].long()
+        new_pages = [slot // p for slot in values[bs:]]
         return kept, new_pages
 
     def _check_commit(

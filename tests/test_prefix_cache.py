@@ -253,6 +253,9 @@ def test_keeping_pages_reads_back_once_and_keeps_the_bound(monkeypatch):
     monkeypatch.setattr(alloc, "_read_exact", lambda *a: pytest.fail("free_requests re-read the exact usage"))
     alloc.free_requests(finished, keep_lens=[8, 4])
     assert len(reads) == 1
+    # Two committed lengths and the first slot of each newly kept page (row 0's second, row 1's first), no more: not
+    # a [rows, longest keep] block of the table.
+    assert reads == [torch.Size([4])]
     monkeypatch.undo()
     check_layout(alloc)  # the bound still holds every page not free
     alloc.free_requests(other)
@@ -269,6 +272,20 @@ def test_kept_pages_past_a_cached_prefix_join_the_cache():
     assert expected[:4] == [4, 5, 6, 7]  # row 0's cached prefix, kept again: still the cache's
     assert alloc.cached_pages() == sorted({1, 2, expected[4] // 4, expected[8] // 4})
     assert alloc.num_free_slots() == 64 - 4 * len(alloc.cached_pages())
+    check_layout(alloc)
+
+
+def test_keeping_only_a_cached_prefix_keeps_the_host_bound_exact():
+    """A row that keeps no more than its cache-owned prefix hands the cache no new page: its own page leaves the host
+    bound of used pages, which stays exact (the kept pages are read past the prefix only, so the prefix page is not
+    counted as newly kept)."""
+    alloc, rows = cached_allocator()
+    alloc.add_requests([3])  # stays live
+    row0, row1 = rows.tolist()
+    alloc.free_requests([row0], keep_lens=[4])  # row 0's prefix page (slots 4..7), the cache's already
+    bound = alloc._pages_bound
+    assert alloc.cached_pages() == [1, 2]
+    assert bound == alloc.num_pages - alloc.num_free_slots() // alloc.page_size  # (the read syncs: after the bound)
     check_layout(alloc)
 
 
