@@ -2772,7 +2772,8 @@ class DraftCacheAllocator:
     def _check_host_accept(self, host_rows: list[int] | None, accept: list[int], nodes: int | None = None) -> None:
         """Accept lengths given as a list: each in [0, the row's window], as far as the host knows the window, and
         in [0, ``nodes``] for a tree commit of ``nodes`` (T) nodes."""
-        widest = max([self._unknown_window_bound, *self._known_windows.values()])
+        # (rows as a list: their own windows; the widest of all, a pass over every row in use, only without them)
+        widest = None if host_rows is not None else max([self._unknown_window_bound, *self._known_windows.values()])
         for i, value in enumerate(accept):
             row = None if host_rows is None else host_rows[i]
             window = widest if row is None else self._known_windows.get(row, self._unknown_window_bound)
