@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import itertools
 import numbers
 import operator
 from collections import Counter
@@ -584,7 +585,7 @@ class DraftCacheAllocator:
         self._own_starts, self._own_ends = [start for start, _ in spans], [end for _, end in spans]
         self._branch_span = (self.branch_pages, *_storage_span(self.branch_pages))  # (the tensor, then its span)
         self._branch_rows: dict[int, int] = {}
-        self._branch_rows_sum: int | None = 0  # sum(_branch_rows.values()), None once it changed (_branch_bound)
+        self._branch_rows_sum = 0  # sum(_branch_rows.values()), kept up to date by each call (no pass over them)
         self._branch_batch_pages = 0
         # Host lists on their way to a CUDA device: add_requests sends up to three values a request.
         self._staging = HostStaging(self.device, 3 * max_requests)
@@ -1487,11 +1488,10 @@ class DraftCacheAllocator:
             return
         if released:
             self._forget_branches(host_rows, bs)
-        if needs is None:
-            self._branch_rows.update(dict.fromkeys(host_rows, per_row))
-        else:
-            self._branch_rows.update(zip(host_rows, needs))
-        self._branch_rows_sum = None
+        held = dict.fromkeys(host_rows, per_row) if needs is None else dict(zip(host_rows, needs))
+        before = sum(map(self._branch_rows.get, held, itertools.repeat(0)))
+        self._branch_rows.update(held)
+        self._branch_rows_sum += sum(held.values()) - before
 
     def _launch_branches(
         self,
@@ -1979,10 +1979,7 @@ class DraftCacheAllocator:
         """An upper bound of the branch pages held (host state)."""
         if not (self._branch_rows or self._branch_batch_pages):
             return 0
-        rows_sum = self._branch_rows_sum
-        if rows_sum is None:
-            rows_sum = self._branch_rows_sum = sum(self._branch_rows.values())
-        held = rows_sum + self._branch_batch_pages
+        held = self._branch_rows_sum + self._branch_batch_pages
         return min(held, self.num_requests * self.branch_pages.size(1))
 
     def _branches_may_exist(self) -> bool:
@@ -2000,9 +1997,7 @@ class DraftCacheAllocator:
             self._branch_rows.clear()
             self._branch_rows_sum = self._branch_batch_pages = 0
             return
-        for row in host_rows:
-            self._branch_rows.pop(row, None)
-        self._branch_rows_sum = None
+        self._branch_rows_sum -= sum(map(self._branch_rows.pop, host_rows, itertools.repeat(0)))
 
     def _launch_release(self, rows: torch.Tensor, host_rows: list[int] | None) -> None:
         """Return the rows' branch pages, then forget them."""

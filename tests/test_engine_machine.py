@@ -1086,7 +1086,7 @@ class EngineMachine(RuleBasedStateMachine):
             assert owned[row][: len(req.slots)] == req.slots, f"row {row}: a committed position moved"
             assert owned[row][: prefix[row]] == [page * p + q for page in req.prefix_pages for q in range(p)]
         # The host's bound of the branch pages held covers what the rows hold, and its cached sum is current
-        assert alloc._branch_rows_sum in (None, sum(alloc._branch_rows.values()))
+        assert alloc._branch_rows_sum == sum(alloc._branch_rows.values())  # kept up to date by each call
         assert alloc._branch_bound() >= sum(held), "the host's bound of branch pages is below what rows hold"
         self.kv.check()  # every committed position reads the KV of its token
         for key, page in self.cache.pages.items():  # and every cached page the KV of its tokens

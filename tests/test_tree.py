@@ -1616,7 +1616,7 @@ class TreeMachine(RuleBasedStateMachine):
         assert {row: int(self.alloc.window_lens[row]) for row in self.window} == self.window
         # The host's bound of the branch pages held covers what the rows hold, and its cached sum is current
         alloc = self.alloc
-        assert alloc._branch_rows_sum in (None, sum(alloc._branch_rows.values()))
+        assert alloc._branch_rows_sum == sum(alloc._branch_rows.values())  # kept up to date by each call
         assert alloc._branch_bound() >= int(alloc.num_branch_pages.sum())
 
     def teardown(self):
