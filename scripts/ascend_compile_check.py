@@ -8,6 +8,7 @@ Offline: no NPU, no CANN. Run it in a virtual environment of its own (triton-asc
   .venv-ascend/bin/pip install torch==2.13.0 "numpy<2" pybind11 triton-ascend==3.2.0 ascendnpu-ir==1.2.0
   .venv-ascend/bin/pip install --no-deps -e .
   .venv-ascend/bin/python scripts/ascend_compile_check.py [--jobs 2] [--only SUBSTRING] [--ub-limit-kib 144]
+      [--reference ../shared/tools/ascend_compile_check.py]
 
 Which variants: the launches themselves, not a list kept here (scripts/launch_variants.py). The public API runs on
 CPU tensors while `backend` answers as an NPU would (`is_npu`, `prefers_persistent_grid`, `num_cores` = 40 vector
@@ -44,6 +45,10 @@ reached:
             insertion, with the options triton-ascend passes. It ends by handing the module to hivmc, which
             only CANN has: reaching that hand-off is a PASS.
 
+With --reference the same variants go to the reference checker's own compile_variant instead (its stages, its rule
+for a pass, its UB estimate, printed as its note), under this script's UB limit: the reference checker's own lists of
+variants predate the kernels' present arguments (docs/design.md, "Ascend").
+
 A line is `PASS|FAIL label stage=... ub-peak=N.NKiB [scalar: ops] [error]`: the UB peak is the highest UB
 address bishengir's planner used (read from its saved HIVM IR), above --ub-limit-kib a FAIL; `scalar:` lists
 ops bishengir warns will run on the scalar unit. Exit status 0 when every variant passes, 1 otherwise.
@@ -52,6 +57,7 @@ ops bishengir warns will run on the scalar unit. Exit status 0 when every varian
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import multiprocessing
 import os
 import re
@@ -266,6 +272,46 @@ def compile_variant(launch: Launch, ub_limit: int) -> tuple[bool, str, str]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+_references: dict[str, object] = {}
+
+
+def reference_checker(path: str):
+    """The reference checker at ``path`` (``../shared/tools/ascend_compile_check.py``) as a module, loaded once a
+    process: what ``--reference`` compiles through (its ``compile_variant``)."""
+    module = _references.get(path)
+    if module is None:
+        spec = importlib.util.spec_from_file_location("ascend_reference_checker", path)
+        if spec is None or spec.loader is None:
+            raise ValueError(f"--reference must name a Python file, got {path!r}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if not callable(getattr(module, "compile_variant", None)):
+            raise ValueError(f"the reference checker {path} has no compile_variant() to compile a variant with")
+        _references[path] = module
+    return module
+
+
+def compile_by_reference(launch: Launch, ub_limit: int, reference: str) -> tuple[bool, str, str]:
+    """(passed, last stage reached, note) of ``launch`` compiled by the reference checker's own
+    ``compile_variant(fn, args, kwargs, arch, bishengir, keep_dir, label)``: its stages, its rule for a pass (the
+    hand-off to hivmc) and its UB estimate, on this script's variant (the launch as recorded, from the NPU build of
+    its module), and this script's UB limit. Its crashes are worded as this script's, so that they are retried."""
+    fn, tensors = launch_variants.kernel_and_tensors(launch, npu=True)
+    kwargs = {**dict(launch.constexprs), "num_warps": launch.num_warps}
+    ok, stage, note = reference_checker(reference).compile_variant(
+        fn, (*tensors, *launch.scalars), kwargs, ARCH, find_bishengir(), None, launch.label
+    )
+    if not ok and " crashed: " not in note and ("PLEASE submit a bug report" in note or "Stack dump" in note):
+        note = f"a tool crashed: {note}"  # LLVM's crash banner, without an assertion to name
+    if ok and stage == "hivm":
+        peak = re.search(r"ub-peak~([\d.]+)KiB", note)
+        if peak is None:
+            return False, stage, note + " (the reference checker gave no UB estimate)"
+        if float(peak.group(1)) * 1024 > ub_limit:
+            return False, stage, note + f" above the limit of {ub_limit / 1024:.0f}KiB"
+    return ok, stage, note
+
+
 # triton-adapter-opt 3.2.0 sometimes crashes (an assertion, e.g. "Malformed type storage object") on an input it
 # compiles on every other run: the same TTIR and command passed 100 times in a row here. A crash, and only a crash
 # (never a compile error), is retried this many times; every crash is printed and counted, so a kernel that crashes
@@ -276,13 +322,17 @@ def compile_variant(launch: Launch, ub_limit: int) -> tuple[bool, str, str]:
 CRASH_RETRIES = 2
 
 
-def _compile_in_worker(args: tuple[Launch, int]) -> tuple[bool, str, str, int]:
-    """(passed, stage, note, crashes of a tool before the final answer)."""
-    launch, ub_limit = args
+def _compile_in_worker(args: tuple[Launch, int, str | None]) -> tuple[bool, str, str, int]:
+    """(passed, stage, note, crashes of a tool before the final answer); by the reference checker at ``args[2]``
+    where it names one."""
+    launch, ub_limit, reference = args
     crashes = []
     while True:
         try:
-            ok, stage, note = compile_variant(launch, ub_limit)
+            if reference is None:
+                ok, stage, note = compile_variant(launch, ub_limit)
+            else:
+                ok, stage, note = compile_by_reference(launch, ub_limit, reference)
         except Exception as e:  # noqa: BLE001
             ok, stage, note = False, "setup", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
         if ok or " crashed: " not in note or len(crashes) == CRASH_RETRIES:
@@ -300,6 +350,13 @@ def main(argv: list[str] | None = None) -> int:
         "--ub-limit-kib", type=float, default=144, help="UB peak above which a variant fails (default 144 KiB)"
     )
     parser.add_argument("--list", action="store_true", help="print the recorded variants, compile nothing")
+    parser.add_argument(
+        "--reference",
+        metavar="CHECKER",
+        help="compile each variant through the reference checker at CHECKER (e.g. ../shared/tools/"
+        "ascend_compile_check.py: its compile_variant(), its stages, pass rule and UB estimate) instead of this "
+        "script's pipeline; the variants and the UB limit stay this script's",
+    )
     args = parser.parse_args(argv)
     t0 = time.monotonic()
     os.environ.pop("TRITON_INTERPRET", None)
@@ -322,6 +379,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         bishengir_version = "not found"
     print(f"# triton-ascend {triton_ascend}; {bishengir_version}; target {ARCH}, {NPU_VECTOR_CORES} vector cores")
+    if args.reference is not None:
+        try:
+            reference_checker(args.reference)
+        except (OSError, ValueError) as e:
+            print(f"FAIL setup: {e}")
+            return 1
+        print(f"# compiled by the reference checker {args.reference} (its compile_variant)")
 
     launches, rec, allocator_methods, unlisted = record_launches()
     print(
@@ -340,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.flush()
 
     ub_limit = int(args.ub_limit_kib * 1024)
-    jobs = [(v, ub_limit) for v in launches]
+    jobs = [(v, ub_limit, args.reference) for v in launches]
     failed = flaky = 0
     ctx = multiprocessing.get_context("spawn")
     start = launch_variants.init_worker

@@ -394,3 +394,58 @@ def test_npu_variants_leave_alignment_out_and_compile_from_the_npu_build():
         specdec_ops.get_last_loc(table, rows, lens)
     cuda = [v for v in rec.launches.values() if v is not launch]
     assert len(cuda) == 1 and False in [aligned for _, aligned in cuda[0].tensors]
+
+
+def _reference(tmp_path: Path, name: str, body: str) -> str:
+    """A stand-in for the reference checker (``../shared/tools/ascend_compile_check.py``) whose compile_variant
+    records its arguments in ``CALLS`` and runs ``body``."""
+    path = tmp_path / f"{name}.py"
+    path.write_text(f"CALLS = []\n\n\ndef compile_variant(*args):\n    CALLS.append(args)\n    {body}\n")
+    return str(path)
+
+
+def test_the_reference_checker_compiles_the_recorded_variants_under_this_checks_limit(tmp_path, monkeypatch):
+    """``scripts/ascend_compile_check.py --reference``: each recorded variant goes to the reference checker's own
+    compile_variant (the NPU build's kernel, its tensors and scalars, its constexprs); a pass above the UB limit, or
+    without a UB estimate, fails; LLVM's crash banner is a crash, retried like this script's own."""
+    from specdec_ops import backend
+
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    check = load_script("ascend_compile_check")
+    rec = check.launch_variants.Recorder(backend.launch, backend)
+    table = torch.arange(40, dtype=torch.int32).reshape(4, 10)
+    with check.launch_variants.answering_as(rec, **check.NPU):
+        specdec_ops.get_last_loc(table, torch.zeros(3, dtype=torch.int64), torch.full((3,), 2, dtype=torch.int64))
+    (launch,) = rec.launches.values()
+    limit = 144 * 1024
+
+    passing = _reference(
+        tmp_path, "passing", "return True, 'hivm', 'stopped at hivmc (CANN only) ub-peak~100.0KiB/192KiB'"
+    )
+    handed_off = "stopped at hivmc (CANN only) ub-peak~100.0KiB/192KiB"
+    assert check.compile_by_reference(launch, limit, passing) == (True, "hivm", handed_off)
+    ((fn, args, kwargs, arch, _, keep, label),) = check.reference_checker(passing).CALLS
+    assert fn is backend.npu_kernels("cache_locs")._get_last_loc_kernel
+    assert [str(t.dtype)[6:] for t in args[: len(launch.tensors)]] == [d for d, _ in launch.tensors]
+    assert tuple(args[len(launch.tensors) :]) == launch.scalars
+    assert kwargs == {**dict(launch.constexprs), "num_warps": launch.num_warps}
+    assert (arch, keep, label) == (check.ARCH, None, launch.label)
+
+    over = _reference(tmp_path, "over", "return True, 'hivm', 'stopped at hivmc (CANN only) ub-peak~150.0KiB/192KiB'")
+    ok, stage, note = check.compile_by_reference(launch, limit, over)
+    assert not ok and stage == "hivm" and note.endswith("above the limit of 144KiB")
+    unplanned = _reference(tmp_path, "unplanned", "return True, 'hivm', 'stopped at hivmc (CANN only)'")
+    assert not check.compile_by_reference(launch, limit, unplanned)[0]
+
+    banner = (
+        "PLEASE submit a bug report to https://github.com/llvm/llvm-project/issues/ and include the crash backtrace."
+    )
+    crashing = _reference(tmp_path, "crashing", f"return False, 'linalg', {banner!r}")
+    ok, stage, note, crashes = check._compile_in_worker((launch, limit, crashing))
+    assert not ok and stage == "linalg" and " crashed: " in note and crashes == check.CRASH_RETRIES
+    assert len(check.reference_checker(crashing).CALLS) == 1 + check.CRASH_RETRIES
+
+    empty = tmp_path / "empty.py"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="has no compile_variant"):
+        check.reference_checker(str(empty))
