@@ -140,8 +140,19 @@ _LOOK_BACK_MIN_TILE = 16
 # 6.20-6.24 -> 4.21-4.31. Not for a batch within one tile, which stays one program: there looking back on small tiles
 # gained little or lost (N 16 bs 128 page 16: alloc_draft + commit 4.36 -> 4.08 us but commit_and_draft 3.65 -> 4.10;
 # page 1 N 8 at 96-256 requests -0.2 to +0.5 by row length) (docs/performance.md).
-# Launch configs kept by their arguments (DraftCacheAllocator._alloc_launch_config) before the cache starts over.
+# Entries a cache of launch configs or launch choices keyed by batch size keeps before it starts over (_remember).
 _MAX_LAUNCH_CONFIGS = 4096
+
+
+def _remember(cache: dict, key: object, value: object) -> object:
+    """``cache[key] = value``, the cache emptied first once it holds _MAX_LAUNCH_CONFIGS entries: batch sizes without
+    end must not grow it without end. Returns ``value``."""
+    if len(cache) >= _MAX_LAUNCH_CONFIGS:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
 _NPU_ALLOC_ELEMENTS = 128
 _NPU_MAX_TILE = 32
 # A draft that also releases branch pages (RELEASE) carries more per request: 16 requests, [16, 16] at most.
@@ -1838,7 +1849,9 @@ class DraftCacheAllocator:
             config = self._alloc_launch_config
             # (in a graph the draft's tile is that of a counted draft, with sums; eager, that of the one launch)
             tiles = [config(bs, n, False, False, True, release, branches, None, sums)[0] for sums in (True, False)]
-            one = self._tree_step_launches[key] = tuple(fits and self._grid(bs, tile) == (1,) for tile in tiles)
+            one = _remember(
+                self._tree_step_launches, key, tuple(fits and self._grid(bs, tile) == (1,) for tile in tiles)
+            )
         if one[0] == one[1]:  # the same either way: no need to ask whether this call is eager
             return one[0]
         device = self.device
@@ -1854,7 +1867,7 @@ class DraftCacheAllocator:
         counts = self._tree_step_counted.get(key)
         if counts is None:
             tile = self._tree_count_tiles(bs, n, release, branches, tree)[1]
-            counts = self._tree_step_counted[key] = self._grid(bs, tile) != (1,)
+            counts = _remember(self._tree_step_counted, key, self._grid(bs, tile) != (1,))
         return counts
 
     def _tree_step_commit_tile(self, bs: int, tree: int) -> int:
@@ -2148,7 +2161,7 @@ class DraftCacheAllocator:
                 ("PDL", self._pdl),
             )
             kernel = self._kernels()._free_pages_kernel
-            config = self._free_launches[bs, keep, branches] = (kernel, self._grid(bs, tile), constexprs)
+            config = _remember(self._free_launches, (bs, keep, branches), (kernel, self._grid(bs, tile), constexprs))
         return config
 
     def _free_config(self, bs: int) -> tuple[int, int, int]:
@@ -2526,10 +2539,7 @@ class DraftCacheAllocator:
         config = self._alloc_configs.get(key)
         if config is None:
             config = self._alloc_configs[key] = self._alloc_config(*key)
-        if len(self._launch_configs) >= _MAX_LAUNCH_CONFIGS:  # batch sizes without end: start over
-            self._launch_configs.clear()
-        self._launch_configs[asked] = config
-        return config
+        return _remember(self._launch_configs, asked, config)
 
     def _launch_count(
         self, rows: torch.Tensor, window_len: int, accept: torch.Tensor | None, prepare: bool = False

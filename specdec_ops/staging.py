@@ -20,7 +20,7 @@ __all__ = ["HostStaging"]
 # Slots in the ring, and calls between two events (half the ring).
 _NUM_SLOTS = 16
 _HALF = _NUM_SLOTS // 2
-# Slot views kept (a few batch sizes per slot).
+# Slot views kept (a few batch sizes per slot), and packing formats kept (by length).
 _MAX_VIEWS = 16 * _NUM_SLOTS
 # cuPointerGetAttribute's CU_POINTER_ATTRIBUTE_DEVICE_POINTER (the CUDA driver API).
 _DEVICE_POINTER = 3
@@ -92,6 +92,8 @@ class HostStaging:
             return None
         fmt = self._formats.get(n)
         if fmt is None:
+            if len(self._formats) >= _MAX_VIEWS:  # lengths without end: start over
+                self._formats.clear()
             fmt = self._formats[n] = struct.Struct(f"={n}q")
         if self._pinned is None:
             self._allocate()

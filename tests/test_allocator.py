@@ -2321,3 +2321,28 @@ def test_gpu_graph_captures_a_whole_step(page_size, one_launch, bs):
     assert int(graphed.seq_lens[rows].sum()) - sum(prompt_lens) > replays * bs  # about 2 accepted per replay
     graphed.free_requests(rows)
     assert graphed.num_free_slots() == graphed.num_slots
+
+
+def test_launch_choices_kept_by_batch_size_start_over_past_their_limit(monkeypatch):
+    """The caches of launch configs keyed by batch size (the drafts', the frees') start over once they hold
+    _MAX_LAUNCH_CONFIGS entries: an engine's batch sizes without end must not grow them without end (a scale audit
+    saw the frees' reach 234 MiB over every batch size up to 65536). The calls give what they give without a limit."""
+
+    def run(alloc: DraftCacheAllocator) -> list[tuple[int, int]]:
+        sizes = []
+        for bs in range(1, 7):
+            rows = alloc.add_requests([2] * bs)
+            alloc.alloc_draft(rows, 2)
+            alloc.commit(rows, [1] * bs)
+            alloc.free_requests(rows.tolist())
+            sizes.append((len(alloc._free_launches), len(alloc._launch_configs)))
+        return sizes
+
+    unlimited = DraftCacheAllocator(256, 16, 16, page_size=1, device="cpu")
+    assert max(run(unlimited)) == (6, 12)  # a free, and a draft and a commit, each batch size
+    monkeypatch.setattr(allocator_module, "_MAX_LAUNCH_CONFIGS", 3)
+    limited = DraftCacheAllocator(256, 16, 16, page_size=1, device="cpu")
+    assert max(max(pair) for pair in run(limited)) <= 3
+    for name in ("req_to_token", "seq_lens", "alloc_lens", "window_lens"):
+        assert torch.equal(getattr(limited, name), getattr(unlimited, name))
+    assert limited.free_page_list() == unlimited.free_page_list()
