@@ -7,13 +7,24 @@ interpreter, chosen automatically for CPU tensors).
 from __future__ import annotations
 
 from . import reference, sglang
-from .allocator import DraftCacheAllocator, DraftStepWrapper
+from .allocator import (
+    AllocationError,
+    ContextLengthError,
+    DraftCacheAllocator,
+    DraftStepWrapper,
+    OutOfRowsError,
+    OutOfSlotsError,
+)
 from .ops import CacheLocsWrapper, assign_extend_cache_locs, get_last_loc, get_last_loc_and_assign_extend_cache_locs
 
 __all__ = [
+    "AllocationError",
     "CacheLocsWrapper",
+    "ContextLengthError",
     "DraftCacheAllocator",
     "DraftStepWrapper",
+    "OutOfRowsError",
+    "OutOfSlotsError",
     "assign_extend_cache_locs",
     "get_last_loc",
     "get_last_loc_and_assign_extend_cache_locs",

@@ -2346,3 +2346,17 @@ def test_launch_choices_kept_by_batch_size_start_over_past_their_limit(monkeypat
     for name in ("req_to_token", "seq_lens", "alloc_lens", "window_lens"):
         assert torch.equal(getattr(limited, name), getattr(unlimited, name))
     assert limited.free_page_list() == unlimited.free_page_list()
+
+
+def test_capacity_errors_are_exported_at_the_top_level():
+    """What an engine catches to preempt or wait, without reaching into specdec_ops.allocator (README)."""
+    alloc = DraftCacheAllocator(8, 2, 8, page_size=1, device="cpu")
+    with pytest.raises(specdec_ops.OutOfRowsError):
+        alloc.add_requests([1, 1, 1])
+    with pytest.raises(specdec_ops.ContextLengthError):
+        alloc.add_requests([9])
+    with pytest.raises(specdec_ops.OutOfSlotsError):
+        alloc.add_requests([8, 8])
+    for error in (specdec_ops.OutOfRowsError, specdec_ops.ContextLengthError, specdec_ops.OutOfSlotsError):
+        assert issubclass(error, specdec_ops.AllocationError) and issubclass(error, RuntimeError)
+    assert alloc.num_requests == 0 and alloc.num_free_slots() == 8
