@@ -167,6 +167,10 @@ def check_layout(alloc: DraftCacheAllocator, *, ask_free_slots: bool = True) -> 
     if ask_free_slots:
         assert alloc.num_free_slots() == alloc.num_slots - p * (len(owned_pages) + len(cache))
         assert alloc.num_cached_slots() == p * len(cache)
+        for row in live:  # that read synced: each row's host bounds are exact now
+            assert alloc._min_pages[row] == pages(alloc_lens[row], p) - prefix_lens[row] // p
+            assert alloc._seq_base[row] == seq_lens[row] + window_lens[row]
+    assert alloc.rows_in_use() == [row for row, used in enumerate(alloc._in_use) if used]  # (kept by _rows_version)
     return owned
 
 
