@@ -2744,24 +2744,42 @@ class DraftCacheAllocator:
         # prefix), gathered at their (row, position) alone: the [bs, longest keep] block of the table would cost time
         # and memory with one long keep among short ones. The kept slots themselves stay on the device (a gather, in
         # batch order).
-        head_rows, head_positions = [], []
-        for row, length in zip(rows, keep):
-            positions = range(len(self._prefix_pages[row]) * p, length, p)
-            head_rows += [row] * len(positions)
-            head_positions += positions
-        index = self._to_device(head_rows + head_positions)
-        heads = self.req_to_token[index[: len(head_rows)], index[len(head_rows) :]]
+        firsts = [len(self._prefix_pages[row]) for row in rows]  # each row's first page not the cache's already
+        counts = [max(length // p - first, 0) for length, first in zip(keep, firsts)]
+        heads = self._gather_rows(rows_t, counts, p, firsts)
         values = torch.cat([self.seq_lens[rows_t], heads.long()]).tolist()
         for i, (row, length, seq) in enumerate(zip(rows, keep, values[:bs])):
             if length > seq:
                 raise ValueError(f"keep_lens[{i}] must be <= the committed length {seq} of row {row}, got {length}")
         # Each kept slot's row and position, on the device; the total comes from the host, so nothing syncs.
-        total = sum(keep)
-        owner = torch.repeat_interleave(torch.arange(bs, device=self.device), keep_t, output_size=total)
-        pos = torch.arange(total, device=self.device) - (torch.cumsum(keep_t, 0) - keep_t)[owner]
-        kept = self.req_to_token[rows_t[owner], pos].long()
+        kept = self._gather_rows(rows_t, keep, 1, counts_t=keep_t).long()
         new_pages = [slot // p for slot in values[bs:]]
         return kept, new_pages
+
+    def _gather_rows(
+        self,
+        rows_t: torch.Tensor,
+        counts: list[int],
+        step: int,
+        firsts: list[int] | None = None,
+        counts_t: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``req_to_token[rows_t[i], (firsts[i] + k) * step]`` for ``k < counts[i]`` (``firsts`` 0 when None), in
+        batch order, gathered on the device. The total comes from the host list ``counts``, so nothing syncs;
+        ``counts_t``: the same counts already on the device."""
+        bs = len(counts)
+        firsts = firsts if firsts and any(firsts) else None
+        if counts_t is None:
+            values = self._to_device(counts + (firsts or []))
+            counts_t, firsts_t = values[:bs], values[bs:]
+        else:
+            firsts_t = None if firsts is None else self._to_device(firsts)
+        total = sum(counts)
+        owner = torch.repeat_interleave(torch.arange(bs, device=self.device), counts_t, output_size=total)
+        k = torch.arange(total, device=self.device) - (torch.cumsum(counts_t, 0) - counts_t)[owner]
+        if firsts is not None:
+            k = k + firsts_t[owner]
+        return self.req_to_token[rows_t[owner], k * step]
 
     def _check_commit(
         self, req_pool_indices: IntVector, accept_lens: IntVector, validate: bool
