@@ -134,6 +134,7 @@ def check_layout(alloc: DraftCacheAllocator, *, ask_free_slots: bool = True) -> 
         n = alloc_lens[row]
         assert 0 <= seq_lens[row] <= seq_lens[row] + window_lens[row] <= n <= alloc.max_context_len
         assert 0 <= prefix_lens[row] <= n and prefix_lens[row] % p == 0
+        assert len(alloc._prefix_pages[row]) == prefix_lens[row] // p  # the host books of the prefix: what a sync reads
         assert not any(slots[n:]), f"row {row} has slots past alloc_len {n}"
         mine = slots[:n]
         for pos, slot in enumerate(mine):
