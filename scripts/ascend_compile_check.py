@@ -295,7 +295,8 @@ def compile_by_reference(launch: Launch, ub_limit: int, reference: str) -> tuple
     """(passed, last stage reached, note) of ``launch`` compiled by the reference checker's own
     ``compile_variant(fn, args, kwargs, arch, bishengir, keep_dir, label)``: its stages, its rule for a pass (the
     hand-off to hivmc) and its UB estimate, on this script's variant (the launch as recorded, from the NPU build of
-    its module), and this script's UB limit. Its crashes are worded as this script's, so that they are retried."""
+    its module), and this script's UB limit. A crash its note shows (a tool's assertion, or LLVM's crash banner) is
+    worded as this script's, so that it is retried; one its one-line note does not show is a plain failure."""
     fn, tensors = launch_variants.kernel_and_tensors(launch, npu=True)
     kwargs = {**dict(launch.constexprs), "num_warps": launch.num_warps}
     ok, stage, note = reference_checker(reference).compile_variant(

@@ -2737,7 +2737,8 @@ class DraftCacheAllocator:
     ) -> tuple[torch.Tensor, list[int]]:
         """Check keep_lens (as many as rows; ``keep_t`` on the device) against the committed lengths; returns (kept
         slots, newly cached pages; their values were checked by the caller). Reads back the committed lengths and
-        each kept page's first slot; the kept slots are gathered on the device."""
+        first slot of each page newly kept (past the row's cache-owned prefix); the kept slots are gathered on the
+        device."""
         p = self.page_size
         bs = len(rows)
         # One read-back: the committed lengths and the first slot of each page newly kept (past the row's cache-owned
@@ -2766,14 +2767,14 @@ class DraftCacheAllocator:
     ) -> torch.Tensor:
         """``req_to_token[rows_t[i], (firsts[i] + k) * step]`` for ``k < counts[i]`` (``firsts`` 0 when None), in
         batch order, gathered on the device. The total comes from the host list ``counts``, so nothing syncs;
-        ``counts_t``: the same counts already on the device."""
+        ``counts_t``: the same counts already on the device (then without ``firsts``)."""
         bs = len(counts)
         firsts = firsts if firsts and any(firsts) else None
-        if counts_t is None:
+        if counts_t is None:  # (one copy to the device for both lists)
             values = self._to_device(counts + (firsts or []))
             counts_t, firsts_t = values[:bs], values[bs:]
         else:
-            firsts_t = None if firsts is None else self._to_device(firsts)
+            assert firsts is None, "counts_t comes without firsts"
         total = sum(counts)
         owner = torch.repeat_interleave(torch.arange(bs, device=self.device), counts_t, output_size=total)
         k = torch.arange(total, device=self.device) - (torch.cumsum(counts_t, 0) - counts_t)[owner]
