@@ -2348,6 +2348,10 @@ def test_launch_choices_kept_by_batch_size_start_over_past_their_limit(monkeypat
     monkeypatch.setattr(allocator_module, "_MAX_LAUNCH_CONFIGS", 3)
     limited = DraftCacheAllocator(256, 16, 16, page_size=1, device="cpu")
     assert max(max(pair) for pair in run(limited)) <= 3
+    for bs in range(1, 7):  # the tree step's launch choices (asked of the host alone: nothing launches)
+        limited._tree_step_in_one_launch(bs, 2, False, (2, 2), 3)
+        limited._tree_step_counts(bs, 2, False, (2, 2), 3)
+        assert len(limited._tree_step_launches) <= 3 and len(limited._tree_step_counted) <= 3
     for name in ("req_to_token", "seq_lens", "alloc_lens", "window_lens"):
         assert torch.equal(getattr(limited, name), getattr(unlimited, name))
     assert limited.free_page_list() == unlimited.free_page_list()
