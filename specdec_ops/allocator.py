@@ -403,7 +403,7 @@ def _entries(values: object) -> int:
     if type(values) is list:  # (the common case, before the slower ABC check below)
         return len(values)
     if isinstance(values, torch.Tensor):
-        return values.size(0) if values.dim() == 1 else -1
+        return values.shape[0] if values.dim() == 1 else -1
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         return -1
     try:
@@ -726,7 +726,7 @@ class DraftCacheAllocator:
                     # (on an NPU as int64, the dtype its kernels are compiled for: check_npu_dtypes)
                     dtype = torch.int64 if backend.is_npu(self.device) else prefix_slots.dtype
                     slots = prefix_slots.to(self.device, dtype)
-                    if slots.stride(-1) != 1:
+                    if slots.stride()[-1] != 1:
                         slots = slots.contiguous()
                     self._launch_alloc(rows_t, 0, values[2 * n :], ends, slots, None, None, wide=wide)
         except BaseException:
@@ -813,9 +813,9 @@ class DraftCacheAllocator:
                 self.max_requests,
                 self.max_context_len,
                 self.num_pages,
-                self.req_to_token.stride(0),
-                self.branch_pages.stride(0),
-                self.branch_pages.size(1),
+                self.req_to_token.stride()[0],
+                self.branch_pages.stride()[0],
+                self.branch_pages.shape[1],
             ),
             constexprs,
             _NUM_WARPS,
@@ -925,13 +925,13 @@ class DraftCacheAllocator:
             when the host bound says the call might not fit.
         """
         rows, host_rows, n = self._check_draft(req_pool_indices, num_draft_tokens, validate)
-        bs = rows.size(0)
+        bs = rows.shape[0]
         out_cache_loc, last_loc = self._draft_buffers(bs, n, out_cache_loc, last_loc)
         if validate:
             self._check_shared_memory(rows, dict(out_cache_loc=out_cache_loc, last_loc=last_loc))
         if bs:
             self._draft(rows, host_rows, n, out_cache_loc, last_loc)
-        return (out_cache_loc if out_cache_loc.size(0) == bs * n else out_cache_loc[: bs * n]), last_loc
+        return (out_cache_loc if out_cache_loc.shape[0] == bs * n else out_cache_loc[: bs * n]), last_loc
 
     def alloc_tree_draft(
         self,
@@ -973,7 +973,7 @@ class DraftCacheAllocator:
             when the host bound says the call might not fit.
         """
         rows, host_rows, n = self._check_draft(req_pool_indices, num_draft_tokens, validate)
-        bs = rows.size(0)
+        bs = rows.shape[0]
         out_cache_loc, last_loc = self._draft_buffers(bs, n, out_cache_loc, last_loc)
         slots, src, dst, topk, num_steps = self._check_branches(
             rows, topk, num_steps, branch_slots, copy_src, copy_dst, False, "branch_slots"
@@ -985,7 +985,7 @@ class DraftCacheAllocator:
             self._draft(rows, host_rows, n, out_cache_loc, last_loc, branches=(topk, num_steps, slots, src, dst))
         copy_n = bs * topk * (self.page_size - 1)
         return (
-            out_cache_loc if out_cache_loc.size(0) == bs * n else out_cache_loc[: bs * n],
+            out_cache_loc if out_cache_loc.shape[0] == bs * n else out_cache_loc[: bs * n],
             last_loc,
             slots[: bs * topk * num_steps].view(bs, topk, num_steps),
             src[:copy_n],
@@ -1041,16 +1041,16 @@ class DraftCacheAllocator:
         Returns:
             ``(kv_src[:bs * T_commit], kv_dst[:...], out_cache_loc[:bs * T], last_loc, branch_slots,
             copy_src[:bs * topk * (page_size - 1)], copy_dst[:...])``: those of :meth:`commit_tree`, then those of
-            :meth:`alloc_tree_draft` from the committed lengths (``T_commit = accept_index.size(1)``).
+            :meth:`alloc_tree_draft` from the committed lengths (``T_commit = accept_index.shape[1]``).
 
         Raises:
             ContextLengthError, OutOfSlotsError: nothing changed (nothing committed). Only raised after a sync,
             which happens only when the host bound says the call might not fit.
         """
         rows, host_rows, n = self._check_draft(req_pool_indices, num_draft_tokens, validate)
-        bs = rows.size(0)
+        bs = rows.shape[0]
         src, dst, pairs = self._check_tree_commit(accept_index, bs, kv_src, kv_dst)
-        accept = self._check_accept(rows, host_rows, accept_lens, accept_index.size(1))
+        accept = self._check_accept(rows, host_rows, accept_lens, accept_index.shape[1])
         out_cache_loc, last_loc = self._draft_buffers(bs, n, out_cache_loc, last_loc)
         slots, copy_from, copy_to, topk, num_steps = self._check_branches(
             rows, topk, num_steps, branch_slots, copy_src, copy_dst, False, "branch_slots"
@@ -1070,7 +1070,7 @@ class DraftCacheAllocator:
         return (
             src[:pairs],
             dst[:pairs],
-            out_cache_loc if out_cache_loc.size(0) == bs * n else out_cache_loc[: bs * n],
+            out_cache_loc if out_cache_loc.shape[0] == bs * n else out_cache_loc[: bs * n],
             last_loc,
             slots[: bs * topk * num_steps].view(bs, topk, num_steps),
             copy_from[:copy_n],
@@ -1083,7 +1083,7 @@ class DraftCacheAllocator:
         For callers that read the slots themselves (``get_last_loc_and_assign_extend_cache_locs``).
         """
         rows, host_rows, n = self._check_draft(req_pool_indices, num_draft_tokens, validate)
-        if rows.size(0):
+        if rows.shape[0]:
             self._draft(rows, host_rows, n, None, None)
 
     def commit(self, req_pool_indices: IntVector, accept_lens: IntVector, *, validate: bool = False) -> None:
@@ -1104,7 +1104,7 @@ class DraftCacheAllocator:
         rows, host_rows, accept = self._check_commit(req_pool_indices, accept_lens, validate)
         if validate:
             self._validate_accept(rows, accept)
-        if rows.size(0):
+        if rows.shape[0]:
             self._commit(rows, host_rows, accept)
 
     def commit_and_draft(
@@ -1146,17 +1146,17 @@ class DraftCacheAllocator:
         accept = self._check_accept(rows, host_rows, accept_lens)
         if validate:
             self._validate_accept(rows, accept)
-        bs = rows.size(0)
+        bs = rows.shape[0]
         out_cache_loc, last_loc = self._draft_buffers(bs, n, out_cache_loc, last_loc)
         if validate:
             self._check_shared_memory(rows, dict(out_cache_loc=out_cache_loc, last_loc=last_loc), accept_lens=accept)
         if bs:
             self._draft(rows, host_rows, n, out_cache_loc, last_loc, accept=accept)
-        return (out_cache_loc if out_cache_loc.size(0) == bs * n else out_cache_loc[: bs * n]), last_loc
+        return (out_cache_loc if out_cache_loc.shape[0] == bs * n else out_cache_loc[: bs * n]), last_loc
 
     def _validate_accept(self, rows: torch.Tensor, accept: torch.Tensor) -> None:
         """``validate=True`` of a commit: ``0 <= accept_lens <= window_lens[rows]`` (one sync)."""
-        if not rows.size(0):
+        if not rows.shape[0]:
             return
         window = self.window_lens[rows]
         bad = (accept < 0) | (accept > window)
@@ -1193,7 +1193,7 @@ class DraftCacheAllocator:
                     self._launch_alloc(rows, 0, None, None, None, None, None, True, accept=accept)
                 else:
                     step._prepared("release commit")()
-                self._forget_branches(host_rows, rows.size(0))
+                self._forget_branches(host_rows, rows.shape[0])
         else:
             release = release and not keep_branches
             if step is None:
@@ -1201,7 +1201,7 @@ class DraftCacheAllocator:
             else:
                 step._prepared("release commit tree" if release else "commit tree")()
             if release:
-                self._forget_branches(host_rows, rows.size(0))
+                self._forget_branches(host_rows, rows.shape[0])
         self._close_windows(host_rows)
 
     def _close_windows(self, host_rows: list[int] | None) -> None:
@@ -1217,7 +1217,7 @@ class DraftCacheAllocator:
 
     def _launch_commit(self, rows: torch.Tensor, accept: torch.Tensor, prepare: bool = False) -> backend.Launch | None:
         """Launch the commit kernel; ``prepare=True``: return the launch, made by calling it."""
-        bs = rows.size(0)
+        bs = rows.shape[0]
         return (backend.prepare if prepare else backend.launch)(
             self._kernels()._commit_kernel,
             self._grid(bs, _COMMIT_TILE),
@@ -1281,9 +1281,9 @@ class DraftCacheAllocator:
         """
         _check_flag("keep_branches", keep_branches)
         rows, host_rows = self._check_commit_rows(req_pool_indices, validate)
-        bs = rows.size(0)
+        bs = rows.shape[0]
         src, dst, n = self._check_tree_commit(accept_index, bs, kv_src, kv_dst)
-        accept = self._check_accept(rows, host_rows, accept_lens, accept_index.size(1))
+        accept = self._check_accept(rows, host_rows, accept_lens, accept_index.shape[1])
         if validate:
             written = dict(kv_src=src, kv_dst=dst)
             self._check_shared_memory(rows, written, accept_lens=accept, accept_index=accept_index)
@@ -1329,12 +1329,12 @@ class DraftCacheAllocator:
                 bs,
                 self.max_requests,
                 self.max_context_len,
-                self.req_to_token.stride(0),
+                self.req_to_token.stride()[0],
                 tree,
-                accept_index.stride(0),
+                accept_index.stride()[0],
                 self.num_pages,
-                self.branch_pages.stride(0),
-                self.branch_pages.size(1),
+                self.branch_pages.stride()[0],
+                self.branch_pages.shape[1],
             ),
             (
                 ("TILE", tile),
@@ -1422,7 +1422,7 @@ class DraftCacheAllocator:
         )
         if validate:
             self._check_shared_memory(rows, dict(out=slots, copy_src=src, copy_dst=dst))
-        bs = rows.size(0)
+        bs = rows.shape[0]
         if bs:
             self._branches(rows, host_rows, topk, num_steps, slots, src, dst)
         branch_slots = slots[: bs * topk * num_steps].view(bs, topk, num_steps)
@@ -1447,7 +1447,7 @@ class DraftCacheAllocator:
         buffers where none was given, the counts as Python ints."""
         _check_flag("validate", validate)
         rows, host_rows = self._device_rows(req_pool_indices)
-        bs = rows.size(0)
+        bs = rows.shape[0]
         topk = _check_size("topk", topk, 1)
         num_steps = _check_size("num_steps", num_steps, 1)
         width = topk * num_steps
@@ -1477,7 +1477,7 @@ class DraftCacheAllocator:
         """Check the capacity, launch the branch allocation (which first returns the rows' previous branch pages),
         then record the branch pages the host knows the rows may hold (nothing changes if anything raises).
         ``step``: the launches a DraftStepWrapper prepared."""
-        bs = rows.size(0)
+        bs = rows.shape[0]
         p = self.page_size
         per_row = topk * _pages(p - 1 + num_steps, p)  # the most pages a row's branches take
         needs = self._branch_capacity(rows, host_rows, topk, num_steps, bs * per_row)
@@ -1515,7 +1515,7 @@ class DraftCacheAllocator:
         (:meth:`_forget_branches`)."""
         if host_rows is None:  # added to the batches' pages, at most every row's worst case
             held = self._branch_batch_pages + (bs * per_row if needs is None else sum(needs))
-            self._branch_batch_pages = min(held, self.num_requests * self.branch_pages.size(1))
+            self._branch_batch_pages = min(held, self.num_requests * self.branch_pages.shape[1])
             return
         if released:
             self._forget_branches(host_rows, bs)
@@ -1535,7 +1535,7 @@ class DraftCacheAllocator:
         prepare: bool = False,
     ) -> backend.Launch | None:
         """Launch the branch allocation kernel; ``prepare=True``: return the launch, made by calling it."""
-        bs = rows.size(0)
+        bs = rows.shape[0]
         p = self.page_size
         if backend.is_npu(self.device):
             tile = _NPU_BRANCH_TILE
@@ -1574,10 +1574,10 @@ class DraftCacheAllocator:
                 bs,
                 self.max_requests,
                 self.max_context_len,
-                self.req_to_token.stride(0),
+                self.req_to_token.stride()[0],
                 self.num_pages,
-                self.branch_pages.stride(0),
-                self.branch_pages.size(1),
+                self.branch_pages.stride()[0],
+                self.branch_pages.shape[1],
                 topk,
                 num_steps,
             ),
@@ -1624,7 +1624,7 @@ class DraftCacheAllocator:
             host_rows = rows.tolist()
         if host_rows is not None:
             self._check_rows_in_use(host_rows)
-        if rows.size(0) and self.branch_pages.size(1):
+        if rows.shape[0] and self.branch_pages.shape[1]:
             self._launch_release(rows, host_rows)
 
     # ------------------------------------------------------------------------------------------------- pool
@@ -1712,8 +1712,8 @@ class DraftCacheAllocator:
         _check_flag("validate", validate)
         rows, host_rows = self._device_rows(req_pool_indices)
         num_draft_tokens = _check_size("num_draft_tokens", num_draft_tokens, 0)
-        if rows.size(0) * num_draft_tokens >= _INT32_LIMIT:
-            raise ValueError(f"bs * num_draft_tokens must be below 2**31, got {rows.size(0)} * {num_draft_tokens}")
+        if rows.shape[0] * num_draft_tokens >= _INT32_LIMIT:
+            raise ValueError(f"bs * num_draft_tokens must be below 2**31, got {rows.shape[0]} * {num_draft_tokens}")
         if validate and host_rows is None:
             host_rows = rows.tolist()
         if host_rows is not None:
@@ -1756,7 +1756,7 @@ class DraftCacheAllocator:
             return
         bound, drafted, _, base_max = self._draft_bounds(rows, host_rows, n, accept=accept)
         release = self._branches_may_exist()
-        if accept is not None and self._in_two_launches(rows.size(0), n, release):
+        if accept is not None and self._in_two_launches(rows.shape[0], n, release):
             # The first launch writes only scratch: if the second raises, nothing has changed.
             if step is None:
                 self._launch_count(rows, n, accept)
@@ -1769,7 +1769,7 @@ class DraftCacheAllocator:
         else:
             step._prepared(("release " if release else "") + ("commit draft" if accept is not None else "draft"))()
         if release:
-            self._forget_branches(host_rows, rows.size(0))
+            self._forget_branches(host_rows, rows.shape[0])
         if accept is not None:
             self._close_windows(host_rows)
         self._pages_bound, self._drafted_since_sync, self._seq_base_max = bound, drafted, base_max
@@ -1790,7 +1790,7 @@ class DraftCacheAllocator:
         commit of :meth:`commit_tree_and_draft`, in the same launch where the draft is one program, else in a launch
         before it."""
         per_row = branches[0] * _pages(self.page_size - 1 + branches[1], self.page_size)
-        bs = rows.size(0)
+        bs = rows.shape[0]
         bound, drafted, needs, base_max = self._draft_bounds(rows, host_rows, n, branches[:2], tree=tree)
         release = self._branches_may_exist()
         narrow = self._widen_branch_pages(per_row)
@@ -1801,7 +1801,7 @@ class DraftCacheAllocator:
                     self._launch_alloc(rows, n, None, None, None, out_cache_loc, last_loc, release, branches=branches)
                 else:
                     step._prepared(kind)()
-            elif self._tree_step_in_one_launch(bs, n, release, branches, tree[1].size(1)):
+            elif self._tree_step_in_one_launch(bs, n, release, branches, tree[1].shape[1]):
                 if step is None:
                     self._launch_alloc(
                         rows, n, None, None, None, out_cache_loc, last_loc, release, branches=branches, tree=tree
@@ -1813,10 +1813,10 @@ class DraftCacheAllocator:
                 # counts each tile's pops and pushes of the draft, which then reads those counts (no sums over
                 # earlier requests, no ticket, no pass over the batch). The commit changes state: the draft is
                 # compiled before it runs, so that only a launch can fail after.
-                counts = self._tree_step_counts(bs, n, release, branches, tree[1].size(1))
+                counts = self._tree_step_counts(bs, n, release, branches, tree[1].shape[1])
                 if step is None:
                     args = (rows, n, None, None, None, out_cache_loc, last_loc, release)
-                    count_tile = self._tree_commit_config(tree[1].size(1))[0] if counts else 0
+                    count_tile = self._tree_commit_config(tree[1].shape[1])[0] if counts else 0
                     self._launch_alloc(*args, branches=branches, sums=counts, count_tile=count_tile, compile_only=True)
                     if counts:
                         self._launch_commit_tree_count(rows, n, release, branches, tree)
@@ -1932,7 +1932,7 @@ class DraftCacheAllocator:
         in the same launch (the window starts where it leaves the row; the bounds need no change, as a commit never
         passes what was drafted); ``tree``: ``(accept_lens, accept_index, kv_src, kv_dst)`` of a tree commit in the
         same step (likewise)."""
-        bs = rows.size(0)
+        bs = rows.shape[0]
         p = self.page_size
         drafted = self._drafted_since_sync + n
         bound = min(
@@ -1996,7 +1996,7 @@ class DraftCacheAllocator:
     ) -> torch.Tensor:
         """The positions a tree commit of ``rows64`` (committed lengths ``seqs``) accepts, on the device, exactly as
         the kernel counts them (``_commit_tree_tile``): for the capacity check after a sync."""
-        tree = accept_index.size(1)
+        tree = accept_index.shape[1]
         seq = seqs.clamp(0, self.max_context_len)
         window = torch.minimum(self.window_lens[rows64].clamp(min=0), self.max_context_len - seq).clamp(max=tree)
         accepted = torch.minimum(accept.long().clamp(0, tree), window)
@@ -2016,7 +2016,7 @@ class DraftCacheAllocator:
         if not (self._branch_rows or self._branch_batch_pages):
             return 0
         held = self._branch_rows_sum + self._branch_batch_pages
-        return min(held, self.num_requests * self.branch_pages.size(1))
+        return min(held, self.num_requests * self.branch_pages.shape[1])
 
     def _branches_may_exist(self) -> bool:
         return bool(self._branch_rows or self._branch_batch_pages)
@@ -2038,17 +2038,23 @@ class DraftCacheAllocator:
     def _launch_release(self, rows: torch.Tensor, host_rows: list[int] | None) -> None:
         """Return the rows' branch pages, then forget them."""
         self._release(rows)
-        self._forget_branches(host_rows, rows.size(0))
+        self._forget_branches(host_rows, rows.shape[0])
 
     def _release(self, rows: torch.Tensor) -> None:
         """Launch the kernel that returns branch pages."""
         tile, block_p = self._release_tiles()
         backend.launch(
             self._kernels()._release_branches_kernel,
-            self._grid(rows.size(0), tile),
+            self._grid(rows.shape[0], tile),
             self.device,
             (rows, self.branch_pages, self.num_branch_pages, self.free_pages, self._counters),
-            (rows.size(0), self.max_requests, self.num_pages, self.branch_pages.stride(0), self.branch_pages.size(1)),
+            (
+                rows.shape[0],
+                self.max_requests,
+                self.num_pages,
+                self.branch_pages.stride()[0],
+                self.branch_pages.shape[1],
+            ),
             (("TILE", tile), ("BLOCK_R", block_p), ("SCAN_BLOCK", self._scan_block()), ("PDL", self._pdl)),
             _NUM_WARPS,
         )
@@ -2063,7 +2069,7 @@ class DraftCacheAllocator:
             return None
         self.num_syncs += 1
         p = self.page_size
-        bs = rows.size(0)
+        bs = rows.shape[0]
         rows64 = rows.long().clamp(0, self.max_requests - 1)
         usage, values = self._read_exact(
             *self._branch_pops(rows64, self.seq_lens[rows64], topk, num_steps), rows.long()
@@ -2096,14 +2102,14 @@ class DraftCacheAllocator:
         _check_dense("accept_index", accept_index)
         if accept_index.dtype not in _INDEX_DTYPES:
             raise TypeError(f"accept_index must be int32 or int64, got {accept_index.dtype}")
-        if accept_index.dim() != 2 or accept_index.size(0) != bs:
+        if accept_index.dim() != 2 or accept_index.shape[0] != bs:
             raise ValueError(f"accept_index must have shape [{bs}, T], got {tuple(accept_index.shape)}")
         if accept_index.device != self.device:
             raise ValueError(f"accept_index must be on {self.device}, got {accept_index.device}")
         if backend.is_npu(self.device):
             _check_npu_dtypes({"accept_index": accept_index})
-        tree = accept_index.size(1)
-        if tree > 1 and accept_index.stride(1) != 1:
+        tree = accept_index.shape[1]
+        if tree > 1 and accept_index.stride()[1] != 1:
             raise ValueError(f"accept_index must have unit stride along T, got strides {accept_index.stride()}")
         limit = _MAX_TREE
         if backend.is_npu(self.device):
@@ -2138,10 +2144,10 @@ class DraftCacheAllocator:
 
     def _validate_tree(self, rows: torch.Tensor, accept_index: torch.Tensor, accept: torch.Tensor) -> None:
         """validate=True of commit_tree: one read-back of the windows, the lengths and the paths."""
-        tree = accept_index.size(1)
+        tree = accept_index.shape[1]
         windows = self.window_lens[rows.long()].clamp(max=tree)
         values = torch.cat([windows, accept.long(), accept_index.long().reshape(-1)]).tolist()
-        bs = rows.size(0)
+        bs = rows.shape[0]
         windows, lens, paths = values[:bs], values[bs : 2 * bs], values[2 * bs :]
         for i in range(bs):
             if not 0 <= lens[i] <= windows[i]:
@@ -2435,7 +2441,7 @@ class DraftCacheAllocator:
         prefill = window_ends is not None
         emit = out_cache_loc is not None
         tile, constexprs, num_warps, max_programs = self._alloc_launch_config(
-            rows.size(0),
+            rows.shape[0],
             window_len,
             prefill,
             prefix_slots is not None,
@@ -2478,29 +2484,29 @@ class DraftCacheAllocator:
             copy_dst if self.page_size > 1 else slots,
         )
         scalars = (
-            rows.size(0),
+            rows.shape[0],
             window_len,
             self.max_requests,
             self.max_context_len,
-            self.req_to_token.stride(0),
+            self.req_to_token.stride()[0],
             self.num_pages,
-            0 if prefix_slots is None else prefix_slots.stride(0),
-            self.branch_pages.stride(0) if branch else 0,
-            self.branch_pages.size(1) if branch else 0,
+            0 if prefix_slots is None else prefix_slots.stride()[0],
+            self.branch_pages.stride()[0] if branch else 0,
+            self.branch_pages.shape[1] if branch else 0,
             topk,
             num_steps,
         )
         # (a draft that looks back: at most max_programs programs, each looping over its tiles)
-        kernel, grid = self._kernels()._alloc_windows_kernel, self._grid(rows.size(0), tile, max_programs)
+        kernel, grid = self._kernels()._alloc_windows_kernel, self._grid(rows.shape[0], tile, max_programs)
         if tree is not None:
             if grid != (1,):
                 raise RuntimeError(f"a tree commit and draft in one launch needs one program, got a grid of {grid}")
             accept_index = tree[1]
-            _, block_t, repoint = self._tree_commit_config(accept_index.size(1))
-            tree_tile = self._tree_step_commit_tile(rows.size(0), accept_index.size(1))
+            _, block_t, repoint = self._tree_commit_config(accept_index.shape[1])
+            tree_tile = self._tree_step_commit_tile(rows.shape[0], accept_index.shape[1])
             kernel = self._kernels()._commit_tree_draft_kernel
             tensors += (accept_index, tree[2], tree[3])
-            scalars += (accept_index.size(1), accept_index.stride(0))
+            scalars += (accept_index.shape[1], accept_index.stride()[0])
             constexprs += (("TREE_TILE", tree_tile), ("BLOCK_T", block_t), ("REPOINT", repoint))
         run = backend.ensure_compiled if compile_only else backend.prepare if prepare else backend.launch
         return run(kernel, grid, self.device, tensors, scalars, constexprs, num_warps)
@@ -2570,7 +2576,7 @@ class DraftCacheAllocator:
         """Launch the first of a draft's two launches (``_count_pops_kernel``): each tile's pops and the ring's
         counters to scratch, with the tile and grid of the second (``_launch_alloc(..., sums=True)``) for the same
         arguments; ``prepare=True``: return the launch, made by calling it."""
-        bs = rows.size(0)
+        bs = rows.shape[0]
         tile = self._alloc_launch_config(bs, window_len, False, False, True, False, None, accept, True)[0]
         placeholder = self.seq_lens
         return (backend.prepare if prepare else backend.launch)(
@@ -2646,10 +2652,10 @@ class DraftCacheAllocator:
                 n,
                 self.max_requests,
                 self.max_context_len,
-                self.req_to_token.stride(0),
+                self.req_to_token.stride()[0],
                 nodes,
-                accept_index.stride(0),
-                self.branch_pages.size(1),
+                accept_index.stride()[0],
+                self.branch_pages.shape[1],
                 branches[0],
                 branches[1],
             ),
@@ -2682,12 +2688,12 @@ class DraftCacheAllocator:
         _check_dense("prefix_slots", prefix_slots)
         if prefix_slots.dtype not in _INDEX_DTYPES:
             raise TypeError(f"prefix_slots must be int32 or int64, got {prefix_slots.dtype}")
-        if prefix_slots.dim() != 2 or prefix_slots.size(0) != n:
+        if prefix_slots.dim() != 2 or prefix_slots.shape[0] != n:
             raise ValueError(f"prefix_slots must have shape [{n}, P], got {tuple(prefix_slots.shape)}")
         if prefix_slots.is_meta:
             raise ValueError("prefix_slots must hold values to read (any device but meta), got a tensor on meta")
         p = self.page_size
-        width = prefix_slots.size(1)
+        width = prefix_slots.shape[1]
         for i, (length, plen) in enumerate(zip(lens, prefix)):
             if plen < 0 or plen % p:
                 raise ValueError(f"prefix_lens[{i}] must be a multiple of page_size = {p} and >= 0, got {plen}")
@@ -2805,13 +2811,13 @@ class DraftCacheAllocator:
     ) -> torch.Tensor:
         """Accept lengths of checked rows: their number, and as a list their values (``nodes``: the ``T`` of a tree
         commit, which bounds them too); returns them on the device."""
-        if not isinstance(accept_lens, torch.Tensor) and _entries(accept_lens) not in (-1, rows.size(0)):
+        if not isinstance(accept_lens, torch.Tensor) and _entries(accept_lens) not in (-1, rows.shape[0]):
             raise ValueError(  # (before reading them)
-                f"accept_lens has {_entries(accept_lens)} elements but req_pool_indices has {rows.size(0)}"
+                f"accept_lens has {_entries(accept_lens)} elements but req_pool_indices has {rows.shape[0]}"
             )
         accept, host_accept = self._device_ints("accept_lens", accept_lens)
-        if accept.size(0) != rows.size(0):
-            raise ValueError(f"accept_lens has {accept.size(0)} elements but req_pool_indices has {rows.size(0)}")
+        if accept.shape[0] != rows.shape[0]:
+            raise ValueError(f"accept_lens has {accept.shape[0]} elements but req_pool_indices has {rows.shape[0]}")
         if host_accept is not None:
             self._check_host_accept(host_rows, host_accept, nodes)
         return accept
@@ -2916,7 +2922,7 @@ class DraftCacheAllocator:
         if not isinstance(req_pool_indices, torch.Tensor):  # (a tensor's length is read below, at no cost)
             self._check_row_count(_entries(req_pool_indices))
         rows, host_rows = self._device_ints("req_pool_indices", req_pool_indices)
-        self._check_row_count(rows.size(0))
+        self._check_row_count(rows.shape[0])
         return rows, host_rows
 
     def _check_row_count(self, count: int) -> None:
@@ -2967,9 +2973,9 @@ class DraftCacheAllocator:
 
     def _check_buffer(self, name: str, out: torch.Tensor, length: int, *, exact: bool) -> None:
         self._check_int_tensor(name, out, check_device=True)
-        if (out.size(0) != length) if exact else (out.size(0) < length):
+        if (out.shape[0] != length) if exact else (out.shape[0] < length):
             expected = f"{length}" if exact else f"at least {length}"
-            raise ValueError(f"{name} must have {expected} elements, got {out.size(0)}")
+            raise ValueError(f"{name} must have {expected} elements, got {out.shape[0]}")
         if self._owns_memory_of(out):
             raise ValueError(
                 f"{name} must not share memory with the allocator's own tensors (req_to_token, seq_lens, free_pages, "
@@ -3091,7 +3097,7 @@ class DraftStepWrapper:
         _check_flag("emit", emit)
         _check_flag("keep_branches", keep_branches)
         rows, host_rows, n = alloc._check_draft(req_pool_indices, num_draft_tokens, validate)
-        bs = rows.size(0)
+        bs = rows.shape[0]
         if emit:
             out, last = alloc._draft_buffers(bs, n, out_cache_loc, last_loc)
         elif out_cache_loc is not None or last_loc is not None:
@@ -3188,7 +3194,7 @@ class DraftStepWrapper:
         if out is None:
             self._result = (None, None)
         else:
-            exact = out_cache_loc is not None and out.size(0) == bs * n
+            exact = out_cache_loc is not None and out.shape[0] == bs * n
             self._result = (out if exact else out[: bs * n]), (last if last_loc is not None else last[:])
         # commit_tree_and_draft's tree argument and results, made once
         self._tree = None if tree_commit is None else (accept, *tree_commit)
@@ -3401,7 +3407,7 @@ class DraftStepWrapper:
                 release, tree = kind.startswith("release"), "tree draft" in kind
                 accept = self._accept if "commit draft" in kind else None
                 sums = kind.endswith("from counts")
-                count_tile = alloc._tree_commit_config(self._tree_commit[0].size(1))[0] if sums and tree else 0
+                count_tile = alloc._tree_commit_config(self._tree_commit[0].shape[1])[0] if sums and tree else 0
                 launch = alloc._launch_alloc(
                     rows,
                     self._n,

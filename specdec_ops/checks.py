@@ -59,9 +59,9 @@ def check_table(req_to_token: torch.Tensor) -> None:
     if req_to_token.dim() != 2:
         shape = tuple(req_to_token.shape)
         raise ValueError(f"req_to_token must be 2-D [max_requests, max_context_len], got shape {shape}")
-    if req_to_token.stride(1) != 1 and req_to_token.size(1) > 1:
+    if req_to_token.stride()[1] != 1 and req_to_token.shape[1] > 1:
         raise ValueError(f"req_to_token must have unit stride along positions, got strides {req_to_token.stride()}")
-    if max(req_to_token.shape) >= INT32_LIMIT or req_to_token.stride(0) >= INT32_LIMIT:
+    if max(req_to_token.shape) >= INT32_LIMIT or req_to_token.stride()[0] >= INT32_LIMIT:
         raise ValueError(
             f"req_to_token dimensions and row stride must be below 2**31, "
             f"got shape {tuple(req_to_token.shape)} and strides {req_to_token.stride()}"
@@ -75,7 +75,7 @@ def check_vector(name: str, tensor: torch.Tensor, device: torch.device, length: 
             tensor.dtype in INDEX_DTYPES
             and tensor.dim() == 1
             and tensor.device == device
-            and (length is None or tensor.size(0) == length)
+            and (length is None or tensor.shape[0] == length)
             and tensor.is_contiguous()
             and not tensor.is_nested  # (a nested tensor of 0-d components is 1-D and contiguous)
         )
@@ -95,9 +95,9 @@ def _raise_vector_error(name: str, tensor: torch.Tensor, device: torch.device, l
         raise ValueError(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
     if tensor.device != device:
         raise ValueError(f"{name} must be on the device of req_to_token ({device}), got {tensor.device}")
-    if length is not None and tensor.size(0) != length:
-        raise ValueError(f"{name} has {tensor.size(0)} elements but req_pool_indices has {length}")
-    raise ValueError(f"{name} must have unit stride, got stride {tensor.stride(0)}")
+    if length is not None and tensor.shape[0] != length:
+        raise ValueError(f"{name} has {tensor.shape[0]} elements but req_pool_indices has {length}")
+    raise ValueError(f"{name} must have unit stride, got stride {tensor.stride()[0]}")
 
 
 def check_dense(name: str, tensor: torch.Tensor) -> None:
@@ -148,8 +148,8 @@ def memory_span(tensor: torch.Tensor) -> tuple[int, int]:
 def check_out(name: str, out: torch.Tensor, device: torch.device, min_len: int) -> None:
     """``out``: a vector as for :func:`check_vector`, of at least ``min_len`` elements."""
     check_vector(name, out, device, None)
-    if out.size(0) < min_len:
-        raise ValueError(f"{name} has {out.size(0)} elements but the call needs at least {min_len}")
+    if out.shape[0] < min_len:
+        raise ValueError(f"{name} has {out.shape[0]} elements but the call needs at least {min_len}")
 
 
 def check_flag(name: str, value: bool) -> None:

@@ -111,7 +111,7 @@ _block_n = tiles.block_n
 
 
 def _batch_size(req_pool_indices: torch.Tensor) -> int:
-    bs = req_pool_indices.size(0)
+    bs = req_pool_indices.shape[0]
     if bs >= INT32_LIMIT:
         raise ValueError(f"req_pool_indices must have fewer than 2**31 elements, got {bs}")
     return bs
@@ -225,7 +225,7 @@ def _ragged_shape(bs: int, num_tokens: int, sums: bool = False) -> tuple[int, in
 def _table_dims(req_to_token: torch.Tensor) -> tuple[int, int, int]:
     """(num_rows, max_context_len, row_stride) as the kernels take them."""
     num_rows, max_context_len = req_to_token.shape
-    return num_rows, max_context_len, req_to_token.stride(0)
+    return num_rows, max_context_len, req_to_token.stride()[0]
 
 
 def _raise_first_violation(checks: list[tuple[torch.Tensor, Callable[[int], str]]]) -> None:
@@ -259,10 +259,10 @@ def _validate_windows(
 ) -> None:
     """Raise ValueError for the first bad value; ``end_name(i)`` names the end of window ``i`` in the message (the
     caller's ``start_offset[i] + window_len`` where it passed no ``end_offset``)."""
-    max_context_len = req_to_token.size(1)
+    max_context_len = req_to_token.shape[1]
     lengths = end_offset.long() - start_offset.long()
     checks = [
-        _row_check(req_pool_indices, req_to_token.size(0)),
+        _row_check(req_pool_indices, req_to_token.shape[0]),
         (start_offset < 0, lambda i: f"start_offset[{i}] must be >= 0, got {int(start_offset[i])}"),
         (
             lengths < 0,
@@ -349,10 +349,10 @@ def get_last_loc(
         check_disjoint({"last_loc": last_loc}, inputs)
     if validate and bs:
         backend.check_device(device, _ON_DEVICE)  # (the checks read values: not on a device that holds none, meta)
-        max_context_len = req_to_token.size(1)
+        max_context_len = req_to_token.shape[1]
         _raise_first_violation(
             [
-                _row_check(req_pool_indices, req_to_token.size(0)),
+                _row_check(req_pool_indices, req_to_token.shape[0]),
                 (
                     (prefix_lens < 0) | (prefix_lens > max_context_len),
                     lambda i: (

@@ -44,8 +44,8 @@ def tree_accept_from_sglang(
         if tensor.dim() != dims:
             raise ValueError(f"{name} must be {dims}-D, got shape {tuple(tensor.shape)}")
     bs, width = accept_index.shape
-    if accept_length.size(0) != bs:
-        raise ValueError(f"accept_length has {accept_length.size(0)} elements but accept_index has {bs} rows")
+    if accept_length.shape[0] != bs:
+        raise ValueError(f"accept_length has {accept_length.shape[0]} elements but accept_index has {bs} rows")
     if accept_length.device != accept_index.device:
         raise ValueError(
             f"accept_length must be on the device of accept_index ({accept_index.device}), got {accept_length.device}"
