@@ -1515,7 +1515,8 @@ class DraftCacheAllocator:
         (:meth:`_forget_branches`)."""
         if host_rows is None:  # added to the batches' pages, at most every row's worst case
             held = self._branch_batch_pages + (bs * per_row if needs is None else sum(needs))
-            self._branch_batch_pages = min(held, self.num_requests * self.branch_pages.shape[1])
+            cap = (self.max_requests - len(self._free_rows)) * self.branch_pages.shape[1]  # num_requests * width
+            self._branch_batch_pages = held if held < cap else cap
             return
         if released:
             self._forget_branches(host_rows, bs)
@@ -1791,8 +1792,8 @@ class DraftCacheAllocator:
         before it."""
         per_row = branches[0] * _pages(self.page_size - 1 + branches[1], self.page_size)
         bs = rows.shape[0]
-        bound, drafted, needs, base_max = self._draft_bounds(rows, host_rows, n, branches[:2], tree=tree)
-        release = self._branches_may_exist()
+        bound, drafted, needs, base_max = self._draft_bounds(rows, host_rows, n, branches[:2], tree=tree, bs=bs)
+        release = bool(self._branch_rows or self._branch_batch_pages)  # (_branches_may_exist)
         narrow = self._widen_branch_pages(per_row)
         kind = "release tree draft" if release else "tree draft"
         try:
@@ -1801,7 +1802,11 @@ class DraftCacheAllocator:
                     self._launch_alloc(rows, n, None, None, None, out_cache_loc, last_loc, release, branches=branches)
                 else:
                     step._prepared(kind)()
-            elif self._tree_step_in_one_launch(bs, n, release, branches, tree[1].shape[1]):
+            elif (
+                self._tree_step_in_one_launch(bs, n, release, branches, tree[1].shape[1])
+                if step is None
+                else step._tree_step_in_one_launch(release)
+            ):
                 if step is None:
                     self._launch_alloc(
                         rows, n, None, None, None, out_cache_loc, last_loc, release, branches=branches, tree=tree
@@ -1864,6 +1869,11 @@ class DraftCacheAllocator:
         the host's second launch costs more than it saves on the device, takes the one launch wherever the tree draft
         alone would be one program); also only where the tree commit is one tile (_TREE_STEP_ELEMENTS); never on an
         NPU, where the one kernel's on-chip buffer is not within budget for every tree (see above)."""
+        return self._eager_or_not(self._tree_step_launch_choice(bs, n, release, branches, tree))
+
+    def _tree_step_launch_choice(self, bs: int, n: int, release: bool, branches: tuple, tree: int) -> tuple[bool, bool]:
+        """:meth:`_tree_step_in_one_launch`'s answers ``(in a graph or interpreted, eager on a device)``, which depend
+        only on the arguments (kept, see :meth:`_eager_or_not`)."""
         key = (bs, n, release, branches[0], branches[1], tree)
         one = self._tree_step_launches.get(key)
         if one is None:
@@ -1875,10 +1885,14 @@ class DraftCacheAllocator:
             one = _remember(
                 self._tree_step_launches, key, tuple(fits and self._grid(bs, tile) == (1,) for tile in tiles)
             )
-        if one[0] == one[1]:  # the same either way: no need to ask whether this call is eager
-            return one[0]
+        return one
+
+    def _eager_or_not(self, choice: tuple[bool, bool]) -> bool:
+        """``choice[1]`` for a call outside graph capture on a device (eager), else ``choice[0]``."""
+        if choice[0] == choice[1]:  # the same either way: no need to ask whether this call is eager
+            return choice[0]
         device = self.device
-        return one[not backend.is_interpreted(device) and not backend.is_capturing(device)]
+        return choice[not backend.is_interpreted(device) and not backend.is_capturing(device)]
 
     def _tree_step_counts(self, bs: int, n: int, release: bool, branches: tuple, tree: int) -> bool:
         """Whether commit_tree_and_draft in two launches counts the draft's pops and pushes in its tree commit
@@ -1922,6 +1936,7 @@ class DraftCacheAllocator:
         branches: tuple[int, int] | None = None,
         accept: torch.Tensor | None = None,
         tree: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        bs: int | None = None,
     ) -> tuple[int, int, list[int] | None, int]:
         """The host bounds after the draft (pages, tokens drafted since the last sync), syncing only if the bound
         says it might not fit; raises if it does not. ``branches``: ``(topk, num_steps)`` of a tree draft, whose
@@ -1931,19 +1946,21 @@ class DraftCacheAllocator:
         raises leaves every host bound as it was (but those of a sync). ``accept``: the accept lengths of a commit
         in the same launch (the window starts where it leaves the row; the bounds need no change, as a commit never
         passes what was drafted); ``tree``: ``(accept_lens, accept_index, kv_src, kv_dst)`` of a tree commit in the
-        same step (likewise)."""
-        bs = rows.shape[0]
+        same step (likewise). ``bs``: ``rows.shape[0]``, if the caller has it."""
+        if bs is None:
+            bs = rows.shape[0]
         p = self.page_size
         drafted = self._drafted_since_sync + n
+        in_use = self.max_requests - len(self._free_rows)  # (num_requests, read once: this is every draft's path)
         bound = min(
             self._pages_bound + bs * _pages(n, p),
-            self._used_at_sync + self._net_pages_since_sync + self.num_requests * _pages(drafted, p),
-            self._most_pages(),
+            self._used_at_sync + self._net_pages_since_sync + in_use * _pages(drafted, p),
+            self._most_pages(in_use),
         )
         base_max = self._seq_base_max
         if base_max + drafted > self.max_context_len:  # the longest rows may be gone: look again
             base_max = max(map(self._seq_base.__getitem__, self._live_rows()), default=0)
-        held = self._branch_bound() if self._branch_rows or self._branch_batch_pages else 0
+        held = self._branch_bound(in_use)
         if branches is not None:  # the pops never see the pages the call releases
             held += bs * branches[0] * _pages(p - 1 + branches[1], p)
         if bound + held <= self.num_pages and base_max + drafted <= self.max_context_len:
@@ -2006,17 +2023,22 @@ class DraftCacheAllocator:
         ok = (m < accepted[:, None]) & (node >= 0) & (node < window[:, None]) & (node > prev)
         return ok.long().cumprod(1).sum(1)
 
-    def _most_pages(self) -> int:
+    def _most_pages(self, in_use: int | None = None) -> int:
         """Pages the rows in use and the prefix cache own at most, whatever was drafted: a full context each (its
-        cache-owned prefix included). Caps the pages bound (host state)."""
-        return len(self._cache_pages) + self.num_requests * self._context_pages
+        cache-owned prefix included). Caps the pages bound (host state). ``in_use``: :attr:`num_requests`, if the
+        caller has it."""
+        if in_use is None:
+            in_use = self.num_requests
+        return len(self._cache_pages) + in_use * self._context_pages
 
-    def _branch_bound(self) -> int:
-        """An upper bound of the branch pages held (host state)."""
+    def _branch_bound(self, in_use: int | None = None) -> int:
+        """An upper bound of the branch pages held (host state). ``in_use``: :attr:`num_requests`, if the caller
+        has it."""
         if not (self._branch_rows or self._branch_batch_pages):
             return 0
-        held = self._branch_rows_sum + self._branch_batch_pages
-        return min(held, self.num_requests * self.branch_pages.shape[1])
+        if in_use is None:
+            in_use = self.num_requests
+        return min(self._branch_rows_sum + self._branch_batch_pages, in_use * self.branch_pages.shape[1])
 
     def _branches_may_exist(self) -> bool:
         return bool(self._branch_rows or self._branch_batch_pages)
@@ -3190,6 +3212,7 @@ class DraftStepWrapper:
         self._emit, self._validate, self._keep_branches = emit, validate, keep_branches
         self._rows_version = alloc._rows_version
         self._launches: dict[str, tuple[backend.Launch, torch.Tensor]] = {}
+        self._tree_step_choices: dict[bool, tuple[bool, bool]] = {}  # see _tree_step_in_one_launch
         # The given buffers as the methods return them; views of those made here (see above)
         if out is None:
             self._result = (None, None)
@@ -3350,6 +3373,17 @@ class DraftStepWrapper:
                 self._rows, self._host_rows, self._n, self._out, self._last, self, self._branches, self._tree
             )
         return self._tree_step_result
+
+    def _tree_step_in_one_launch(self, release: bool) -> bool:
+        """The allocator's ``_tree_step_in_one_launch`` for the planned step, its answers kept by the plan."""
+        alloc = self._allocator
+        choice = self._tree_step_choices.get(release)
+        if choice is None:
+            tree = self._tree[1].shape[1]
+            choice = self._tree_step_choices[release] = alloc._tree_step_launch_choice(
+                self._bs, self._n, release, self._branches, tree
+            )
+        return choice[0] if choice[0] == choice[1] else alloc._eager_or_not(choice)
 
     def _check(self, bound: BoundTensors) -> None:
         """Plan again if a tensor of ``bound`` changed; check host rows again if rows were taken or freed since."""

@@ -76,11 +76,11 @@ def exercise(device: str, monkeypatch) -> tuple[list[torch.Tensor], dict]:
     outputs += alloc.commit_tree(reqs, index, accept, keep_branches=True)
     outputs += alloc.alloc_tree_draft(reqs, tree, topk, steps)
     with monkeypatch.context() as m:  # the tree step in one launch (one program: 4 requests)
-        m.setattr(allocator_module.DraftCacheAllocator, "_tree_step_in_one_launch", lambda self, *a: True)
+        m.setattr(allocator_module.DraftCacheAllocator, "_tree_step_launch_choice", lambda self, *a: (True, True))
         outputs += alloc.commit_tree_and_draft(reqs[:4], index[:4], accept[:4], tree, topk, steps)
     for counts in (False, True):  # past one launch: the commit, then the draft; or the counted commit first
         with monkeypatch.context() as m:
-            m.setattr(allocator_module.DraftCacheAllocator, "_tree_step_in_one_launch", lambda self, *a: False)
+            m.setattr(allocator_module.DraftCacheAllocator, "_tree_step_launch_choice", lambda self, *a: (False, False))
             m.setattr(allocator_module.DraftCacheAllocator, "_tree_step_counts", lambda self, *a, c=counts: c)
             outputs += alloc.commit_tree_and_draft(reqs, index, accept, tree, topk, steps)
     alloc.release_branches(reqs)
@@ -329,7 +329,7 @@ def test_gpu_two_launches_wait_for_the_kernel_before_the_first(path, monkeypatch
     if path == "chain":
         monkeypatch.setattr(cls, "_in_two_launches", lambda self, *a: True)
     else:
-        monkeypatch.setattr(cls, "_tree_step_in_one_launch", lambda self, *a: False)
+        monkeypatch.setattr(cls, "_tree_step_launch_choice", lambda self, *a: (False, False))
         monkeypatch.setattr(cls, "_tree_step_counts", lambda self, *a: True)
     made = record_launches(monkeypatch)
     for alloc, r in zip(twins, rows):

@@ -662,7 +662,7 @@ def test_commit_tree_and_draft_in_two_launches_compiles_the_draft_first(wrapper,
     two programs, whose counts the commit's launch writes."""
     from specdec_ops import DraftStepWrapper
 
-    monkeypatch.setattr(DraftCacheAllocator, "_tree_step_in_one_launch", lambda self, *a: False)
+    monkeypatch.setattr(DraftCacheAllocator, "_tree_step_launch_choice", lambda self, *a: (False, False))
     monkeypatch.setattr(allocator_module, "_COPY_ONE_PROGRAM_BS", 0)  # 4-request tiles
     alloc = DraftCacheAllocator(4 * 100, 6, 64, page_size=4, device="cpu")
     rows = alloc.add_requests([5, 9] + [3, 4, 6] * counts)
@@ -1207,7 +1207,7 @@ def test_commit_tree_and_draft_in_two_launches_on_many_programs(page_size, monke
         return tree_steps(alloc, rows, rng, 4, tree, topk, num_steps, one_call), snapshot(alloc)
 
     two_calls, two_state = run(False)
-    monkeypatch.setattr(DraftCacheAllocator, "_tree_step_in_one_launch", lambda self, *a: False)
+    monkeypatch.setattr(DraftCacheAllocator, "_tree_step_launch_choice", lambda self, *a: (False, False))
     for name, value in [
         ("_MIN_TILE", 4),
         ("_RELEASE_ONE_PROGRAM", 0),

@@ -733,7 +733,7 @@ def test_the_wrapper_commits_the_tree_and_drafts_like_the_method(page_size, host
     outputs (into the plan's buffers), errors and state after every call; after a failure both commit with
     commit_tree and the loop goes on (``launches="two"``: the tree commit's launch, then the draft's)."""
     if launches == "two":
-        monkeypatch.setattr(DraftCacheAllocator, "_tree_step_in_one_launch", lambda self, *args: False)
+        monkeypatch.setattr(DraftCacheAllocator, "_tree_step_launch_choice", lambda self, *args: (False, False))
     rng = random.Random(page_size * 4 + host_rows * 2 + (launches == "two"))
     bs, topk, steps, tree = 3, 2, 2, 3
     num_slots = 50 if page_size == 1 else 24 * page_size
@@ -774,6 +774,31 @@ def test_the_wrapper_commits_the_tree_and_drafts_like_the_method(page_size, host
             _assert_same(a, b)
     assert {"NoneType", "OutOfSlotsError"} <= set(errors), "the loop must step and reach the capacity"
     check_layout(a)
+
+
+def test_the_wrapper_keeps_the_tree_steps_launch_choice_per_release(monkeypatch):
+    """A plan asks the allocator's rule (``_tree_step_launch_choice``) once for each value of ``release`` and then
+    answers as the allocator would; a new plan asks again (its rows, windows or trees may differ)."""
+    asked = []
+
+    def choice(self, bs, n, release, branches, tree):
+        asked.append((bs, n, release, branches[:2], tree))
+        return (release, not release)  # eager on a device would differ: the CPU interpreter takes the first
+
+    monkeypatch.setattr(DraftCacheAllocator, "_tree_step_launch_choice", choice)
+    alloc = DraftCacheAllocator(64, 4, 40, device="cpu")
+    rows = alloc.add_requests([5, 2, 7])
+    accept, index = torch.zeros(3, dtype=torch.int64), torch.zeros(3, 4, dtype=torch.int64)
+    step = DraftStepWrapper(alloc)
+    step.plan(rows, 3, accept_lens=accept, accept_index=index, topk=2, num_steps=2)
+    for _ in range(3):
+        assert [step._tree_step_in_one_launch(r) for r in (True, False)] == [True, False]
+    assert asked == [(3, 3, True, (2, 2), 4), (3, 3, False, (2, 2), 4)]
+    assert [alloc._tree_step_in_one_launch(3, 3, r, (2, 2), 4) for r in (True, False)] == [True, False]
+    asked.clear()
+    step.plan(rows[:2], 2, accept_lens=accept[:2], accept_index=index[:2, :3], topk=2, num_steps=1)
+    assert step._tree_step_in_one_launch(False) is False
+    assert asked == [(2, 2, False, (2, 1), 3)]
 
 
 def test_tree_bound_tensors_changed_in_place_plan_again_like_the_methods():
