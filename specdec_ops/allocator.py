@@ -53,6 +53,7 @@ from typing import NamedTuple, Union
 import torch
 
 from . import backend, tiles
+from .bounded import remember
 from .buffers import share_one_allocation
 from .checks import INDEX_DTYPES as _INDEX_DTYPES
 from .checks import INT32_LIMIT as _INT32_LIMIT
@@ -146,12 +147,9 @@ _MAX_LAUNCH_CONFIGS = 4096
 
 
 def _remember(cache: dict, key: object, value: object) -> object:
-    """``cache[key] = value``, the cache emptied first once it holds _MAX_LAUNCH_CONFIGS entries: batch sizes without
-    end must not grow it without end. Returns ``value``."""
-    if len(cache) >= _MAX_LAUNCH_CONFIGS:
-        cache.clear()
-    cache[key] = value
-    return value
+    """``cache[key] = value`` in a cache of at most _MAX_LAUNCH_CONFIGS entries (``bounded.remember``); returns
+    ``value``."""
+    return remember(cache, key, value, _MAX_LAUNCH_CONFIGS)
 
 
 _NPU_ALLOC_ELEMENTS = 128

@@ -15,6 +15,8 @@ import struct
 
 import torch
 
+from .bounded import remember
+
 __all__ = ["HostStaging"]
 
 # Slots in the ring, and calls between two events (half the ring).
@@ -92,9 +94,7 @@ class HostStaging:
             return None
         fmt = self._formats.get(n)
         if fmt is None:
-            if len(self._formats) >= _MAX_VIEWS:  # lengths without end: start over
-                self._formats.clear()
-            fmt = self._formats[n] = struct.Struct(f"={n}q")
+            fmt = remember(self._formats, n, struct.Struct(f"={n}q"), _MAX_VIEWS)
         if self._pinned is None:
             self._allocate()
         k = self._next
@@ -107,9 +107,7 @@ class HostStaging:
         self._next = (k + 1) % _NUM_SLOTS
         view = self._views.get((k, n))
         if view is None:
-            if len(self._views) >= _MAX_VIEWS:
-                self._views.clear()
-            view = self._views[k, n] = self._slots[k][:n]
+            view = remember(self._views, (k, n), self._slots[k][:n], _MAX_VIEWS)
         return view
 
     def _allocate(self) -> None:

@@ -17,6 +17,7 @@ from triton.runtime.jit import JITFunction
 import specdec_ops
 from specdec_ops import DraftCacheAllocator, backend
 from specdec_ops import staging as staging_module
+from specdec_ops.bounded import remember
 from specdec_ops.reference import get_last_loc_and_assign_extend_cache_locs_torch, get_last_loc_torch
 from specdec_ops.staging import HostStaging
 
@@ -229,6 +230,15 @@ def test_get_last_loc_gives_minus_one_for_negative_prefix_lens():
     assert specdec_ops.get_last_loc(table, rows, prefix).tolist() == [-1, -1, 24]
 
 
+def test_a_bounded_cache_starts_over_at_its_limit():
+    cache: dict = {}
+    assert [remember(cache, key, key * 10, 3) for key in range(3)] == [0, 10, 20]
+    assert cache == {0: 0, 1: 10, 2: 20}
+    assert remember(cache, 1, 11, 3) == 11 and cache == {1: 11}, "a full cache is emptied before the new entry"
+    remember(cache, 5, 50, 3)
+    assert cache == {1: 11, 5: 50}
+
+
 # ------------------------------------------------------------------------------------------------- GPU
 
 
@@ -244,6 +254,15 @@ def test_gpu_host_staging_never_overwrites_a_queued_copy():
     torch.cuda.synchronize()
     assert [t.tolist() for t in got] == sent
     assert all(t.device.type == "cuda" and t.dtype == torch.int64 for t in got)
+
+
+@pytest.mark.gpu
+def test_gpu_host_staging_keeps_its_formats_and_views_bounded():
+    """Lengths without end must not grow the ring's caches of packing formats and slot views without end."""
+    staging = HostStaging(torch.device("cuda", 0), 2 * staging_module._MAX_VIEWS)
+    for n in range(1, 2 * staging_module._MAX_VIEWS):
+        assert staging.to_device(list(range(n))).tolist() == list(range(n))
+    assert len(staging._formats) <= staging_module._MAX_VIEWS and len(staging._views) <= staging_module._MAX_VIEWS
 
 
 @pytest.mark.gpu
