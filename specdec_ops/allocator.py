@@ -401,7 +401,7 @@ def _entries(values: object) -> int:
     if type(values) is list:  # (the common case, before the slower ABC check below)
         return len(values)
     if isinstance(values, torch.Tensor):
-        return values.shape[0] if values.dim() == 1 else -1
+        return values.size(0) if values.dim() == 1 else -1  # (not .shape: a nested tensor has none; checks name it)
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         return -1
     try:
@@ -1871,7 +1871,7 @@ class DraftCacheAllocator:
 
     def _tree_step_launch_choice(self, bs: int, n: int, release: bool, branches: tuple, tree: int) -> tuple[bool, bool]:
         """:meth:`_tree_step_in_one_launch`'s answers ``(in a graph or interpreted, eager on a device)``, which depend
-        only on the arguments (kept, see :meth:`_eager_or_not`)."""
+        only on the arguments, the device and the module's constants (kept; :meth:`_eager_or_not` picks one)."""
         key = (bs, n, release, branches[0], branches[1], tree)
         one = self._tree_step_launches.get(key)
         if one is None:

@@ -1102,6 +1102,32 @@ BAD_CALLS = [
         ValueError,
         "prefix_slots must be a dense",
     ),
+    (  # (the count of a host vector is taken before its values: that must not trip on a nested tensor)
+        "add-lens-nested",
+        lambda a, r: a.add_requests(_nested(torch.tensor(3))),
+        ValueError,
+        "prompt_lens must be a dense",
+    ),
+    (
+        "free-rows-nested",
+        lambda a, r: a.free_requests(_nested(torch.tensor(0))),
+        ValueError,
+        "req_pool_indices must be a dense",
+    ),
+    (
+        "free-keep-nested",
+        lambda a, r: a.free_requests([0, 1], keep_lens=_nested(torch.tensor(0))),
+        ValueError,
+        "keep_lens must be a dense",
+    ),
+    (
+        "prefix-lens-nested",
+        lambda a, r: a.add_requests(
+            [4, 4], prefix_slots=torch.zeros(2, 4, dtype=torch.int64), prefix_lens=_nested(torch.tensor(4))
+        ),
+        ValueError,
+        "prefix_lens must be a dense",
+    ),
     (
         "prefix-lens-sparse",
         lambda a, r: a.add_requests(
@@ -1761,12 +1787,12 @@ def _two_launches(call, *args):
 
 def _tree_two_launches(alloc, *args):
     """commit_tree_and_draft past one program: the tree commit's launch, then the draft's."""
-    one_launch = DraftCacheAllocator._tree_step_in_one_launch
-    DraftCacheAllocator._tree_step_in_one_launch = lambda self, *a: False
+    choice = DraftCacheAllocator._tree_step_launch_choice
+    DraftCacheAllocator._tree_step_launch_choice = lambda self, *a: (False, False)
     try:
         return alloc.commit_tree_and_draft(*args)
     finally:
-        DraftCacheAllocator._tree_step_in_one_launch = one_launch
+        DraftCacheAllocator._tree_step_launch_choice = choice
 
 
 LAUNCHING_CALLS = [
