@@ -144,6 +144,8 @@ _LOOK_BACK_MIN_TILE = 16
 # page 1 N 8 at 96-256 requests -0.2 to +0.5 by row length) (docs/performance.md).
 # Entries a cache of launch configs or launch choices keyed by batch size keeps before it starts over (_remember).
 _MAX_LAUNCH_CONFIGS = 4096
+# Output buffers whose checks a DraftCacheAllocator keeps (_check_buffer): an engine's few, and then some.
+_MAX_CHECKED_BUFFERS = 64
 
 
 def _remember(cache: dict, key: object, value: object) -> object:
@@ -595,6 +597,9 @@ class DraftCacheAllocator:
         spans = sorted(_storage_span(t) for t in fixed)
         self._own_starts, self._own_ends = [start for start, _ in spans], [end for _, end in spans]
         self._branch_span = (self.branch_pages, *_storage_span(self.branch_pages))  # (the tensor, then its span)
+        # Output buffers that passed _check_buffer, and the branch_pages they were checked against
+        self._checked_buffers: dict[tuple, None] = {}
+        self._checked_for = self.branch_pages
         self._branch_rows: dict[int, int] = {}
         self._branch_rows_sum = 0  # sum(_branch_rows.values()), kept up to date by each call (no pass over them)
         self._branch_batch_pages = 0
@@ -2991,15 +2996,37 @@ class DraftCacheAllocator:
         return branch_start < end and start < branch_end
 
     def _check_buffer(self, name: str, out: torch.Tensor, length: int, *, exact: bool) -> None:
-        self._check_int_tensor(name, out, check_device=True)
+        """``out``: an output vector as the calls take it (:meth:`_check_int_tensor`), of ``length`` elements
+        (``exact``) or at least that many, sharing no memory with the allocator's own tensors.
+
+        What does not depend on ``length`` is kept for the buffers that passed it, by what it depends on: address,
+        strides, shape, dtype and device give the same answers (dtype, layout, device, contiguity, and the bytes the
+        buffer spans, which the allocator's own memory does not meet) for as long as that memory stays the same;
+        ``branch_pages`` is the one own tensor that changes (widened by tree calls), and the kept answers go with it.
+        An engine passes the same buffers every step: about 1 us of Python less a buffer on the development machine.
+        """
+        try:
+            key = (out.data_ptr(), out.stride(), out.shape, out.dtype, out.device)
+        except (AttributeError, RuntimeError, TypeError):  # not a tensor, sparse, nested: the checks below word it
+            key = None
+        if self._checked_for is not self.branch_pages:
+            self._checked_buffers.clear()
+            self._checked_for = self.branch_pages
+        known = key is not None and key in self._checked_buffers
+        if not known:
+            self._check_int_tensor(name, out, check_device=True)
         if (out.shape[0] != length) if exact else (out.shape[0] < length):
             expected = f"{length}" if exact else f"at least {length}"
             raise ValueError(f"{name} must have {expected} elements, got {out.shape[0]}")
+        if known:
+            return
         if self._owns_memory_of(out):
             raise ValueError(
                 f"{name} must not share memory with the allocator's own tensors (req_to_token, seq_lens, free_pages, "
                 "...): the call would write its results into the allocator's state"
             )
+        if key is not None:
+            remember(self._checked_buffers, key, None, _MAX_CHECKED_BUFFERS)
 
 
 class DraftStepWrapper:

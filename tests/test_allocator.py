@@ -1228,6 +1228,47 @@ def test_bad_arguments_change_nothing(call, error, message):
     assert_unchanged(alloc, before)
 
 
+def test_a_buffer_that_passed_is_checked_again_once_it_changes():
+    """An allocator keeps what it found of output buffers that passed its checks (an engine passes the same ones every
+    step), by address, strides, shape, dtype and device: a buffer made too short for the call, moved onto the
+    allocator's memory, re-typed, re-strided, or met by a new ``branch_pages`` is refused as a new buffer would be,
+    and nothing changes."""
+    alloc = DraftCacheAllocator(256, 4, 32, page_size=4, device="cpu")
+    rows = alloc.add_requests([3, 6])
+    out, last = torch.empty(16, dtype=torch.int64)[:8], torch.empty(2, dtype=torch.int64)
+
+    def draft(n=2):
+        return alloc.alloc_draft(rows, n, out_cache_loc=out, last_loc=last)
+
+    for _ in range(2):  # passed, then kept
+        draft()
+        alloc.commit(rows, [0, 0])
+    assert len(alloc._checked_buffers) == 2
+
+    def refused(message, error=ValueError, n=2):
+        before = snapshot(alloc)
+        with pytest.raises(error, match=message):
+            draft(n)
+        assert_unchanged(alloc, before)
+
+    refused("out_cache_loc must have at least 10 elements, got 8", n=5)
+    saved = out.data
+    out.data = out.view(torch.float64)  # same address, shape and strides
+    refused("out_cache_loc must be int32 or int64, got torch.float64", TypeError)
+    out.data = saved
+    out.as_strided_((8,), (2,))  # same address, shape and dtype
+    refused("out_cache_loc must have unit stride")
+    out.as_strided_((8,), (1,))
+    last.set_(alloc.seq_lens.untyped_storage(), 0, (2,), (1,))
+    refused("last_loc must not share memory with the allocator's own tensors")
+    last = torch.empty(2, dtype=torch.int64)
+    draft()  # the buffers pass again
+    alloc.commit(rows, [0, 0])
+    # As if tree calls had widened branch_pages into memory a freed buffer held, at an address a kept buffer has
+    alloc.branch_pages = out.view(torch.int32).view(4, 4)  # (the first 8 int64 of out's 16)
+    refused("out_cache_loc must not share memory with the allocator's own tensors")
+
+
 def test_numpy_integers_count_as_ints():
     """Counts and the entries of host lists may be any integer type (numbers.Integral, e.g. numpy.int64), as the
     ops' counts: the same calls with numpy's integers leave the allocator exactly as with Python's (they were
