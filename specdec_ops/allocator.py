@@ -3005,10 +3005,12 @@ class DraftCacheAllocator:
         ``branch_pages`` is the one own tensor that changes (widened by tree calls), and the kept answers go with it.
         An engine passes the same buffers every step: about 1 us of Python less a buffer on the development machine.
         """
-        try:
-            key = (out.data_ptr(), out.stride(), out.shape, out.dtype, out.device)
-        except (AttributeError, RuntimeError, TypeError):  # not a tensor, sparse, nested: the checks below word it
-            key = None
+        key = None  # (not a tensor, sparse, nested: the checks below word it)
+        if isinstance(out, torch.Tensor):  # (an object that only looks like a kept buffer is no tensor)
+            try:
+                key = (out.data_ptr(), out.stride(), out.shape, out.dtype, out.device)
+            except RuntimeError:
+                pass
         if self._checked_for is not self.branch_pages:
             self._checked_buffers.clear()
             self._checked_for = self.branch_pages

@@ -1252,6 +1252,17 @@ def test_a_buffer_that_passed_is_checked_again_once_it_changes():
         assert_unchanged(alloc, before)
 
     refused("out_cache_loc must have at least 10 elements, got 8", n=5)
+
+    class LooksLikeOut:  # the kept buffer's five facts, and nothing else (an audit found it taken as the buffer)
+        def __getattr__(self, name):
+            if name not in ("data_ptr", "stride", "shape", "dtype", "device"):
+                raise AttributeError(name)
+            return getattr(out, name)
+
+    before = snapshot(alloc)
+    with pytest.raises(TypeError, match="out_cache_loc must be a torch.Tensor, got .*LooksLikeOut"):
+        alloc.alloc_draft(rows, 2, out_cache_loc=LooksLikeOut(), last_loc=last)
+    assert_unchanged(alloc, before)
     saved = out.data
     out.data = out.view(torch.float64)  # same address, shape and strides
     refused("out_cache_loc must be int32 or int64, got torch.float64", TypeError)
