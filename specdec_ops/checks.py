@@ -72,7 +72,8 @@ def check_vector(name: str, tensor: torch.Tensor, device: torch.device, length: 
     """``tensor``: a 1-D int32/int64 tensor with unit stride on ``device``, of ``length`` elements when given."""
     try:
         ok = (
-            tensor.dtype in INDEX_DTYPES
+            isinstance(tensor, torch.Tensor)  # (an object that forwards a tensor's attributes is not one)
+            and tensor.dtype in INDEX_DTYPES
             and tensor.dim() == 1
             and tensor.device == device
             and (length is None or tensor.shape[0] == length)

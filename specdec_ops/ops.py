@@ -138,7 +138,8 @@ def _vector_ok(tensor: torch.Tensor, device: torch.device, length: int) -> bool:
     AttributeError on a non-tensor). False for a few tensors that check_vector accepts (a 1-element one with
     another stride): those take the full check."""
     return (
-        tensor.dtype in INDEX_DTYPES
+        isinstance(tensor, torch.Tensor)
+        and tensor.dtype in INDEX_DTYPES
         and tensor.stride() == _UNIT_STRIDE
         and tensor.numel() == length
         and tensor.device == device
@@ -148,7 +149,8 @@ def _vector_ok(tensor: torch.Tensor, device: torch.device, length: int) -> bool:
 def _out_ok(tensor: torch.Tensor, device: torch.device, min_len: int) -> bool:
     """The conditions of ``check_out``, for the hot path."""
     return (
-        tensor.dtype in INDEX_DTYPES
+        isinstance(tensor, torch.Tensor)
+        and tensor.dtype in INDEX_DTYPES
         and tensor.stride() == _UNIT_STRIDE
         and tensor.numel() >= min_len
         and tensor.device == device

@@ -815,6 +815,16 @@ def _nested(component, layout=torch.strided):
         return torch.nested.nested_tensor([component, component.clone()], layout=layout)
 
 
+class _Forwarding:
+    """Every attribute of a tensor, forwarded: no tensor."""
+
+    def __init__(self, tensor):
+        self._tensor = tensor
+
+    def __getattr__(self, name):
+        return getattr(self._tensor, name)
+
+
 def live_allocator():
     alloc = DraftCacheAllocator(64, 4, 16, page_size=2, device="cpu")
     rows = alloc.add_requests([3, 4])
@@ -1127,6 +1137,18 @@ BAD_CALLS = [
         ),
         ValueError,
         "prefix_lens must be a dense",
+    ),
+    (  # an object that forwards a tensor's attributes is no buffer: the launch wrote through it, then a step raised
+        "draft-out-forwarding",
+        lambda a, r: a.alloc_draft(r, 2, out_cache_loc=_Forwarding(torch.empty(8, dtype=torch.int64))),
+        TypeError,
+        "out_cache_loc must be a torch.Tensor, got .*_Forwarding",
+    ),
+    (
+        "branches-out-forwarding",
+        lambda a, r: a.alloc_branches(r, 2, 2, out=_Forwarding(torch.empty(8, dtype=torch.int64))),
+        TypeError,
+        "out must be a torch.Tensor, got .*_Forwarding",
     ),
     (
         "prefix-lens-sparse",

@@ -158,7 +158,25 @@ METADATA_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("make", [list, tuple, np.array], ids=["list", "tuple", "ndarray"])
+class Forwarding:
+    """An object that forwards every attribute to a tensor: no tensor (a probe of 2026-11-25 found it taken for one,
+    written through, and an allocator changed before a later step raised)."""
+
+    def __init__(self, tensor):
+        self._tensor = tensor
+
+    def __getattr__(self, name):
+        return getattr(self._tensor, name)
+
+    def __iter__(self):
+        return iter(self._tensor.tolist())
+
+
+@pytest.mark.parametrize(
+    "make",
+    [list, tuple, np.array, lambda values: Forwarding(torch.tensor(values))],
+    ids=["list", "tuple", "ndarray", "forwarding"],
+)
 def test_an_output_that_is_no_tensor_raises_type_error_naming_it(make):
     """out_cache_loc as a list raised AttributeError (a new-user audit, 2026-11-25): the fused op, the gather alone and
     the wrapper's plan now name it and its Python type, as they do last_loc's."""
