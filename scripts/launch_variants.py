@@ -240,7 +240,7 @@ def _tree_step(
     t = _tree_size(alloc, n) if tree is None else tree
     index = torch.arange(t, dtype=torch.int64).expand(len(rows), t).contiguous()
     cls = type(alloc)
-    in_one, with_counts = cls._tree_step_launch_choice, cls._tree_step_counts
+    choice, with_counts = cls._tree_step_launch_choice, cls._tree_step_counts
     if not one_launch:
         cls._tree_step_launch_choice = lambda self, *args: (False, False)
         cls._tree_step_counts = lambda self, *args: counts
@@ -249,7 +249,7 @@ def _tree_step(
         accept = _caller_ints(len(rows), t // 2)
         alloc.commit_tree_and_draft(rows, index, accept, w, topk, n if steps is None else steps)
     finally:
-        cls._tree_step_launch_choice, cls._tree_step_counts = in_one, with_counts
+        cls._tree_step_launch_choice, cls._tree_step_counts = choice, with_counts
 
 
 ALLOCATOR_METHODS = [

@@ -597,9 +597,8 @@ class DraftCacheAllocator:
         spans = sorted(_storage_span(t) for t in fixed)
         self._own_starts, self._own_ends = [start for start, _ in spans], [end for _, end in spans]
         self._branch_span = (self.branch_pages, *_storage_span(self.branch_pages))  # (the tensor, then its span)
-        # Output buffers that passed _check_buffer, and the branch_pages they were checked against
+        # Output buffers that passed _check_buffer, against the branch_pages of _branch_span
         self._checked_buffers: dict[tuple, None] = {}
-        self._checked_for = self.branch_pages
         self._branch_rows: dict[int, int] = {}
         self._branch_rows_sum = 0  # sum(_branch_rows.values()), kept up to date by each call (no pass over them)
         self._branch_batch_pages = 0
@@ -1517,7 +1516,8 @@ class DraftCacheAllocator:
         (:meth:`_forget_branches`)."""
         if host_rows is None:  # added to the batches' pages, at most every row's worst case
             held = self._branch_batch_pages + (bs * per_row if needs is None else sum(needs))
-            cap = (self.max_requests - len(self._free_rows)) * self.branch_pages.shape[1]  # num_requests * width
+            # num_requests * width, without the property's call (the tree step's hot path: measured 2026-11-25)
+            cap = (self.max_requests - len(self._free_rows)) * self.branch_pages.shape[1]
             self._branch_batch_pages = held if held < cap else cap
             return
         if released:
@@ -2982,7 +2982,9 @@ class DraftCacheAllocator:
 
     def _owns_memory_of(self, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` reads memory of one of the allocator's own tensors (no output buffer may): compared as
-        byte ranges, so a view made through numpy or DLPack, which has a storage object of its own, counts too."""
+        byte ranges, so a view made through numpy or DLPack, which has a storage object of its own, counts too.
+        ``_branch_span`` must be that of the current ``branch_pages`` (:meth:`_check_buffer`, the caller, sees to
+        it)."""
         start, end = _memory_span(tensor)
         if start == end:  # no memory, as an empty tensor's
             return False
@@ -2990,8 +2992,6 @@ class DraftCacheAllocator:
         i = bisect.bisect_right(starts, start) - 1
         if (i >= 0 and start < self._own_ends[i]) or (i + 1 < len(starts) and starts[i + 1] < end):
             return True
-        if self._branch_span[0] is not self.branch_pages:  # (tree calls widen it: a new tensor)
-            self._branch_span = (self.branch_pages, *_storage_span(self.branch_pages))
         _, branch_start, branch_end = self._branch_span
         return branch_start < end and start < branch_end
 
@@ -3011,9 +3011,9 @@ class DraftCacheAllocator:
                 key = (out.data_ptr(), out.stride(), out.shape, out.dtype, out.device)
             except RuntimeError:
                 pass
-        if self._checked_for is not self.branch_pages:
+        if self._branch_span[0] is not self.branch_pages:  # (tree calls widen it: a new tensor, other memory)
+            self._branch_span = (self.branch_pages, *_storage_span(self.branch_pages))
             self._checked_buffers.clear()
-            self._checked_for = self.branch_pages
         known = key is not None and key in self._checked_buffers
         if not known:
             self._check_int_tensor(name, out, check_device=True)
@@ -3409,6 +3409,7 @@ class DraftStepWrapper:
             choice = self._tree_step_choices[release] = alloc._tree_step_launch_choice(
                 self._bs, self._n, release, self._branches, tree
             )
+        # (_eager_or_not's own shortcut, without its call: this is every tree step of the plan)
         return choice[0] if choice[0] == choice[1] else alloc._eager_or_not(choice)
 
     def _check(self, bound: BoundTensors) -> None:
