@@ -251,10 +251,11 @@ _launch_lock = threading.Lock()
 # CUDA launches skip Triton's per-call argument binding once a specialisation is compiled (see launch()).
 # SPECDEC_OPS_FAST_LAUNCH=0 turns this off.
 _fast_launch = os.environ.get("SPECDEC_OPS_FAST_LAUNCH", "1") != "0"
-# Specialisation key -> the compiled kernel (see launch()).
-_compiled: dict[tuple, object] = {}
-# Specialisation key -> (launcher, function, packed metadata, compiled kernel, current-stream getter, device index,
-# the launcher's flags when it is Triton 3.6's C launch function, called directly: see _direct_launch).
+# Specialisation key (_specialisation) -> (kernel, the compiled kernel) (see launch()).
+_compiled: dict[tuple, tuple] = {}
+# Specialisation key -> (kernel, the constexprs' values, launcher, function, packed metadata, compiled kernel,
+# current-stream getter, device index, the launcher's flags when it is Triton 3.6's C launch function, called
+# directly: see _direct_launch).
 _launchers: dict[tuple, tuple] = {}
 # device -> whether launch() may take the CUDA fast path there (torch.device.type costs more than this lookup).
 _fast_devices: dict[torch.device, bool] = {}
@@ -289,22 +290,31 @@ def launch(
     pointers = [t.data_ptr() for t in tensors]
     key = _specialisation(kernel, device, tensors, pointers, constexprs, num_warps)
     launcher = _launchers.get(key)
-    if launcher is None:
+    if launcher is None or launcher[0] is not kernel:
         _first_launch(key, kernel, grid, device, tensors, scalars, constexprs, num_warps)
         return
     # The launcher takes a pointer as an int as well as a tensor; ints save it a data_ptr() call each.
-    if not _run_launcher(launcher, grid, (*pointers, *scalars, *[value for _, value in constexprs])):
+    if not _run_launcher(launcher, grid, (*pointers, *scalars, *launcher[1])):
         launch(kernel, grid, device, tensors, scalars, constexprs, num_warps)
 
 
 def _specialisation(kernel, device, tensors, pointers, constexprs, num_warps) -> tuple:
-    """The key of a compiled kernel in _launchers: what Triton specialises on (dtypes, 16-byte alignment)."""
-    return (kernel, device, constexprs, num_warps, *[t.dtype for t in tensors], *[p & 15 == 0 for p in pointers])
+    """The key of a compiled kernel in _compiled and _launchers: what Triton specialises on (dtypes, 16-byte
+    alignment).
+
+    The kernel goes in by ``id``: a JITFunction hashes its cache key in Python (about 0.3 us on the development
+    machine), so both dicts keep the kernel with what they hold, and a hit counts only for that kernel. Where every
+    pointer is 16-byte aligned, the usual case, one flag stands for their alignment.
+    """
+    dtypes = [t.dtype for t in tensors]
+    if functools.reduce(operator.or_, pointers, 0) & 15:
+        return (id(kernel), device, constexprs, num_warps, False, *dtypes, *[p & 15 == 0 for p in pointers])
+    return (id(kernel), device, constexprs, num_warps, True, *dtypes)
 
 
 def _run_launcher(launcher: tuple, grid: tuple[int], args: tuple) -> bool:
     """Launch through a kept launcher (see launch()); False, with the fast path turned off, if it refused."""
-    run, function, packed_metadata, compiled, get_stream, index, flags = launcher
+    _, _, run, function, packed_metadata, compiled, get_stream, index, flags = launcher
     stream = get_stream(index)
     hooks = triton.knobs.runtime
     enter_hook = hooks.launch_enter_hook
@@ -387,8 +397,8 @@ class Launch:
         launch(kernel, grid, device, tensors, scalars, constexprs, num_warps)
         if self._launcher is None and _fast_launch and _fast_devices.get(device):
             pointers = [t.data_ptr() for t in tensors]
-            key = _specialisation(kernel, device, tensors, pointers, constexprs, num_warps)
-            self._launcher = _launchers.get(key)
+            launcher = _launchers.get(_specialisation(kernel, device, tensors, pointers, constexprs, num_warps))
+            self._launcher = launcher if launcher is not None and launcher[0] is kernel else None
             self._args = (*pointers, *scalars, *[value for _, value in constexprs])
         elif not _fast_launch:
             self._launcher = None
@@ -408,8 +418,9 @@ def ensure_compiled(
     the specialisation has run, or on interpreted devices."""
     if is_interpreted(device):
         return
-    key = _specialisation(kernel, device, tensors, [t.data_ptr() for t in tensors], constexprs, num_warps)
-    if key in _compiled:
+    pointers = [t.data_ptr() for t in tensors]
+    kept = _compiled.get(_specialisation(kernel, device, tensors, pointers, constexprs, num_warps))
+    if kept is not None and kept[0] is kernel:
         return
     with _launch_lock:
         kernel.warmup(*tensors, *scalars, grid=grid, **_options(constexprs), num_warps=num_warps)
@@ -439,11 +450,14 @@ def _disable_fast_launch() -> None:
 def _first_launch(key: tuple, kernel, grid, device, tensors, scalars, constexprs, num_warps) -> None:
     """Launch through Triton (compiling if need be) and keep the compiled kernel's launcher for ``key``."""
     with _launch_lock:
-        compiled = _compiled[key] = _run_triton(kernel, grid, tensors, scalars, constexprs, num_warps)
+        compiled = _run_triton(kernel, grid, tensors, scalars, constexprs, num_warps)
+    _compiled[key] = (kernel, compiled)
     try:
         get_stream = triton.runtime.driver.active.get_current_stream
         direct = _direct_launch(compiled.run)
         _launchers[key] = (
+            kernel,
+            tuple(value for _, value in constexprs),
             compiled.run if direct is None else direct[0],
             compiled.function,
             compiled.packed_metadata,

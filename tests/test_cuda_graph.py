@@ -108,7 +108,8 @@ def test_fast_launch_respects_alignment_and_dtypes(window_len):
         assert out_buf[:shift].tolist() == [SENTINEL] * shift
         assert out_buf[shift + n :].tolist() == [SENTINEL] * (8 - shift)
     assert backend._fast_launch, "the fast launch path fell back to Triton's launcher"
-    assert any(key[0].fn.__name__ == "_get_last_loc_and_assign_extend_cache_locs_kernel" for key in backend._compiled)
+    kernels = [kernel.fn.__name__ for kernel, _ in backend._compiled.values()]
+    assert "_get_last_loc_and_assign_extend_cache_locs_kernel" in kernels
     if triton.__version__.startswith("3.6."):  # the stock stack of torch 2.11: the C launch function is called
         assert all(launcher[-1] is not None for launcher in backend._launchers.values())
 

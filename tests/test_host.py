@@ -239,6 +239,37 @@ def test_a_bounded_cache_starts_over_at_its_limit():
     assert cache == {1: 11, 5: 50}
 
 
+def test_a_kept_launcher_serves_its_own_kernel_and_specialisation_only(monkeypatch):
+    """backend.launch's CUDA fast path keys its kept launchers by the kernel's id (a JITFunction hashes in Python):
+    an entry that another kernel left under the key is not used, and dtypes and 16-byte alignment key apart. No GPU
+    needed: the launches are stubbed."""
+    device = torch.device("cuda", 0)
+    monkeypatch.setattr(backend, "_fast_launch", True)
+    monkeypatch.setitem(backend._fast_devices, device, True)
+    firsts, runs = [], []
+    monkeypatch.setattr(backend, "_first_launch", lambda key, kernel, *args: firsts.append(kernel))
+    monkeypatch.setattr(backend, "_run_launcher", lambda launcher, grid, args: runs.append((launcher[0], args)) or 1)
+    kernel, other = object(), object()
+    t = torch.zeros(8, dtype=torch.int64)
+    constexprs = (("TILE", 4),)
+    key = backend._specialisation(kernel, device, (t,), [t.data_ptr()], constexprs, 4)
+    monkeypatch.setitem(backend._launchers, key, (other, (4,), *[None] * 7))
+    backend.launch(kernel, (1,), device, (t,), (3,), constexprs, 4)
+    assert firsts == [kernel] and runs == []
+    monkeypatch.setitem(backend._launchers, key, (kernel, (4,), *[None] * 7))
+    backend.launch(kernel, (1,), device, (t,), (3,), constexprs, 4)
+    assert firsts == [kernel] and runs == [(kernel, (t.data_ptr(), 3, 4))]
+    shifted = torch.zeros(9, dtype=torch.int64)[1:]  # 8 bytes past an aligned address
+    narrow = torch.zeros(8, dtype=torch.int32)
+    pair = (t, narrow)
+    keys = {
+        backend._specialisation(kernel, device, tensors, [x.data_ptr() for x in tensors], constexprs, 4)
+        for tensors in ((t,), (shifted,), (narrow,), pair, (narrow, t), (t, shifted[:4].view(torch.int32)))
+    }
+    assert len(keys) == 6
+    assert backend._specialisation(other, device, (t,), [t.data_ptr()], constexprs, 4) != key
+
+
 # ------------------------------------------------------------------------------------------------- GPU
 
 

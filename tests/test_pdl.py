@@ -159,8 +159,8 @@ def test_gpu_every_launch_is_programmatic_on_hopper_and_gives_what_it_gives_with
         branches = bool(constexprs.get("BRANCH")) or name in GIVE_BRANCHES
         assert constexprs["PDL"] == ((1 if branches else 2) if pdl else 0), name
     checked = set()
-    for key, compiled in backend._compiled.items():
-        name, constexprs = key[0].__name__, dict(key[2])
+    for key, (kernel, compiled) in backend._compiled.items():
+        name, constexprs = kernel.__name__, dict(key[2])
         if name not in KERNELS:
             continue
         assert compiled.metadata.launch_pdl == bool(constexprs["PDL"]), name
