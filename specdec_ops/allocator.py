@@ -1773,10 +1773,10 @@ class DraftCacheAllocator:
             step._prepared(("release " if release else "") + ("commit draft" if accept is not None else "draft"))()
         if release:
             self._forget_branches(host_rows, rows.shape[0])
-        if accept is not None:
-            self._close_windows(host_rows)
+        if accept is not None and host_rows is None:  # (a list's rows: the windows opened below replace theirs)
+            self._close_windows(None)
         self._pages_bound, self._drafted_since_sync, self._seq_base_max = bound, drafted, base_max
-        self._open_windows(host_rows, n)
+        self._open_windows(host_rows, n, None if step is None else step._opened)
 
     def _tree_draft(
         self,
@@ -1838,11 +1838,11 @@ class DraftCacheAllocator:
         except BaseException:
             self.branch_pages = narrow  # the wider copy holds nothing yet
             raise
-        if tree is not None:
-            self._close_windows(host_rows)
+        if tree is not None and host_rows is None:  # (a list's rows: the windows opened below replace theirs)
+            self._close_windows(None)
         self._hold_branches(rows, host_rows, per_row, needs, bs, released=release)
         self._pages_bound, self._drafted_since_sync, self._seq_base_max = bound, drafted, base_max
-        self._open_windows(host_rows, n)
+        self._open_windows(host_rows, n, None if step is None else step._opened)
 
     def _in_two_launches(self, bs: int, n: int, release: bool) -> bool:
         """Whether commit_and_draft counts each tile's pops in a launch of its own first (``_launch_count``), so that
@@ -1918,9 +1918,10 @@ class DraftCacheAllocator:
         cap = max(_TREE_STEP_ELEMENTS // _tree_commit_width(block_t, repoint), 1)
         return min(1 << max(bs - 1, 0).bit_length(), 1 << (cap.bit_length() - 1))
 
-    def _open_windows(self, host_rows: list[int] | None, n: int) -> None:
+    def _open_windows(self, host_rows: list[int] | None, n: int, opened: dict[int, int] | None = None) -> None:
         """Record the windows of ``n`` positions a draft opened (host state). Rows not known: any row may be among
-        them, so the windows known so far join the bound of the windows not known."""
+        them, so the windows known so far join the bound of the windows not known. ``opened``: ``{row: n}`` of the
+        rows listed, made once by a plan (a dict made afresh cost about 45 ns a row; one copied, 10)."""
         if host_rows is None:
             if self._known_windows:
                 self._unknown_window_bound = max(self._unknown_window_bound, n, *self._known_windows.values())
@@ -1928,7 +1929,7 @@ class DraftCacheAllocator:
             elif n > self._unknown_window_bound:
                 self._unknown_window_bound = n
         else:
-            self._known_windows.update(dict.fromkeys(host_rows, n))
+            self._known_windows.update(dict.fromkeys(host_rows, n) if opened is None else opened)
 
     def _draft_bounds(
         self,
@@ -3232,6 +3233,7 @@ class DraftStepWrapper:
         )
         self._rows, self._host_rows, self._n, self._bs = rows, host_rows, n, bs
         self._listed_rows = host_rows if listed else None
+        self._opened = dict.fromkeys(host_rows, n) if listed else None  # the windows each draft opens (_open_windows)
         self._out, self._last, self._accept = out, last, accept
         self._tree_commit, self._tree_result = tree_commit, tree_result
         self._branches, self._branch_result = branches, branch_result

@@ -335,6 +335,42 @@ def test_the_wrapper_commits_and_drafts_like_the_method(page_size, host_rows, br
     check_layout(a)
 
 
+def test_listed_rows_windows_are_those_the_last_draft_opened():
+    """The host's books of open windows, which check accept lengths given as a list: after each draft of listed rows,
+    each row's window is the draft's N, whether the draft came alone, after a commit in the same call (whose closed
+    windows the new ones replace) or from a plan (which hands the allocator the ``{row: N}`` it made once). A row not
+    listed keeps its window; a listed commit then refuses more than the window, and closes the windows."""
+    for tree in (False, True):
+        alloc = DraftCacheAllocator(256, 4, 64, page_size=4, device="cpu")
+        rows = alloc.add_requests([5, 2, 7, 3]).tolist()
+        listed, other = rows[:3], rows[3]
+        alloc.alloc_draft([other], 5)
+        alloc.alloc_draft(listed, 2)
+        assert alloc._known_windows == {other: 5, **dict.fromkeys(listed, 2)}
+        accept = torch.tensor([1, 0, 2])
+        if tree:
+            index = torch.zeros(3, 3, dtype=torch.int64)
+            alloc.commit_tree_and_draft(listed, index, accept, 3, 2, 2)
+            assert alloc._known_windows == {other: 5, **dict.fromkeys(listed, 3)}
+            step = DraftStepWrapper(alloc)
+            step.plan(listed, 3, accept_lens=accept, accept_index=index, keep_branches=True, topk=2, num_steps=2)
+            step.commit_tree_and_draft()
+            n = 3
+        else:
+            alloc.commit_and_draft(listed, accept, 3)
+            assert alloc._known_windows == {other: 5, **dict.fromkeys(listed, 3)}
+            step = DraftStepWrapper(alloc)
+            step.plan(listed, 4, accept_lens=accept)
+            step.commit_and_draft()
+            n = 4
+        assert alloc._known_windows == {other: 5, **dict.fromkeys(listed, n)}
+        with pytest.raises(ValueError, match=rf"accept_lens\[2\] must be in \[0, {n}\]"):
+            alloc.commit(listed, [0, 0, n + 1])
+        alloc.commit(listed + [other], [0, 0, n, 5])
+        assert alloc._known_windows == {}
+        check_layout(alloc)
+
+
 def test_rows_freed_after_a_host_list_plan_raise_like_the_method():
     a, b = (DraftCacheAllocator(64, 3, 32, page_size=4, device="cpu") for _ in range(2))
     a.add_requests([3, 6])
