@@ -3,8 +3,11 @@
 
 Engines run the KV-cache bookkeeping eagerly on the scheduler, so the host's time per call is what they pay. Each
 measurement is a sample of --iters back-to-back calls: synchronize, read the clock, the calls, synchronize, read
-the clock, over --iters (the harness's eager timing); the report gives the median and p20/p80 over --repeats
-samples after --warmup dropped ones, and each call's ratio to the empty launch's median (target: <= 1.2).
+the clock, over --iters. Samples are taken in rounds, one of every call a round (--warmup rounds dropped, then
+--repeats kept), so a slow phase of the host, which can last seconds, falls on every call alike instead of on the
+calls timed then. The report gives each call's median and p20/p80 over its samples, and its ratio to the empty
+launch (target: <= 1.2): the median over rounds of the call's sample over the empty launch's sample of the same
+round.
 
 Calls (bs --batch-size, N --window-len, buffers given, num_tokens given: the hot path of an engine):
 
@@ -68,6 +71,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import sys
 import time
 import warnings
@@ -289,27 +293,47 @@ def summarize(seconds: list[float]) -> tuple[float, float, float]:
     return summary.median_us, summary.p20_us, summary.p80_us
 
 
+def round_samples(
+    calls: dict[str, object], device: torch.device | None, iters: int, repeats: int, warmup: int
+) -> dict[str, list[float]]:
+    """Seconds per call of each of ``calls``, one sample of ``iters`` back-to-back calls of every call a round:
+    ``warmup`` rounds dropped, then ``repeats`` kept, so that each call's samples spread over the whole run.
+    A sample is: synchronize ``device`` (None: nothing to wait for), read the clock, the calls, synchronize, read
+    the clock. Python's garbage collector is off meanwhile."""
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    with harness.gc_off():
+        for r in range(warmup + repeats):
+            for name, call in calls.items():
+                if device is not None:
+                    backend.synchronize(device)
+                began = time.perf_counter_ns()
+                for _ in range(iters):
+                    call()
+                if device is not None:
+                    backend.synchronize(device)
+                if r >= warmup:
+                    samples[name].append((time.perf_counter_ns() - began) / iters / 1e9)
+    return samples
+
+
+def paired_ratio(samples: list[float], base: list[float], launches: int = 1) -> float:
+    """The median over rounds of ``samples[r] / (launches * base[r])``: a call against the empty launch of the same
+    round."""
+    if len(samples) != len(base):
+        raise ValueError(f"{len(samples)} samples but {len(base)} of the empty launch")
+    return float(statistics.median(s / (launches * b) for s, b in zip(samples, base)))
+
+
 def host_python_times(calls: dict[str, object], args: argparse.Namespace) -> dict[str, tuple[float, float, float]]:
     """The calls with backend.launch and backend.Launch's calls replaced by no-ops: the wrappers' Python alone, per
-    call. Python's garbage collector is off meanwhile, as in the eager table (``harness.eager_times``)."""
+    call, in rounds as the eager table (``round_samples``)."""
     real, real_prepared = backend.launch, backend.Launch.__call__
     backend.launch = lambda *a, **k: None
     backend.Launch.__call__ = lambda self: None
     try:
-        results = {}
-        with harness.gc_off():
-            for name, call in calls.items():
-                if name == "empty launch":
-                    continue
-                samples = []
-                for i in range(args.warmup + args.repeats):
-                    began = time.perf_counter_ns()
-                    for _ in range(args.iters):
-                        call()
-                    if i >= args.warmup:
-                        samples.append((time.perf_counter_ns() - began) / args.iters / 1e9)
-                results[name] = summarize(samples)
-        return results
+        timed = {name: call for name, call in calls.items() if name != "empty launch"}
+        samples = round_samples(timed, None, args.iters, args.repeats, args.warmup)
+        return {name: summarize(seconds) for name, seconds in samples.items()}
     finally:
         backend.launch, backend.Launch.__call__ = real, real_prepared
 
@@ -339,17 +363,15 @@ def main(argv: list[str] | None = None) -> int:
     if interpreted:
         print("\nTriton interpreter: timing the calls would time the interpreter, which says nothing about a device.")
     else:
-        times = {
-            name: summarize(harness.eager_times([call] * args.iters, device, args.repeats, args.warmup))
-            for name, call in calls.items()
-        }
-        base = times["empty launch"][0]
+        samples = round_samples(calls, device, args.iters, args.repeats, args.warmup)
+        base = samples["empty launch"]
         print(
-            f"\neager host time per call (us), median [p20, p80], and the ratio to the empty launch "
-            f"(target <= {TARGET_RATIO})"
+            f"\neager host time per call (us), median [p20, p80], and the ratio to the empty launch of the same "
+            f"round, median over rounds (target <= {TARGET_RATIO})"
         )
-        for name, (median, p20, p80) in times.items():
-            ratio = median / (LAUNCHES.get(name, 1) * base)
+        for name, seconds in samples.items():
+            median, p20, p80 = summarize(seconds)
+            ratio = paired_ratio(seconds, base, LAUNCHES.get(name, 1))
             verdict = "" if name == "empty launch" else ("PASS" if ratio <= TARGET_RATIO else "FAIL")
             print(f"  {label(name):<{width}} {median:7.2f} [{p20:6.2f}, {p80:6.2f}]  x{ratio:5.2f}  {verdict}")
     print("\nhost Python of the wrappers alone, launch stubbed out (us per call), median [p20, p80]")

@@ -81,6 +81,24 @@ def test_eager_host_time_summary_of_three_samples_is_not_extrapolated(eager_host
     assert (median, round(p20, 9), round(p80, 9)) == (50.0, 20.6, 56.0)
 
 
+def test_eager_host_time_samples_every_call_in_each_round(eager_host_time):
+    """One sample of every call a round, the warm-up rounds first: a slow phase of the host falls on every call."""
+    order = []
+    calls = {name: (lambda name=name: order.append(name)) for name in ("empty launch", "a", "b")}
+    samples = eager_host_time.round_samples(calls, torch.device("cpu"), iters=2, repeats=3, warmup=1)
+    assert order == ["empty launch", "empty launch", "a", "a", "b", "b"] * 4
+    assert {name: len(seconds) for name, seconds in samples.items()} == {"empty launch": 3, "a": 3, "b": 3}
+    assert all(s > 0 for seconds in samples.values() for s in seconds)
+
+
+def test_eager_host_time_ratio_pairs_each_sample_with_its_rounds_empty_launch(eager_host_time):
+    # Rounds whose empty launch was slow (a slow phase of the host) give the same ratio as the others.
+    assert eager_host_time.paired_ratio([2e-6, 4e-6, 9e-6], [1e-6, 4e-6, 3e-6]) == 2.0
+    assert eager_host_time.paired_ratio([2e-6, 4e-6, 9e-6], [1e-6, 4e-6, 3e-6], launches=2) == 1.0
+    with pytest.raises(ValueError):
+        eager_host_time.paired_ratio([1e-6], [1e-6, 2e-6])
+
+
 def test_eager_host_time_refuses_bad_counts(capsys, eager_host_time):
     assert "--repeats must be at least 1" in refused(capsys, eager_host_time.parse_args, ["--repeats", "0"])
     assert "--warmup must be at least 0" in refused(capsys, eager_host_time.parse_args, ["--warmup", "-1"])
