@@ -14,11 +14,11 @@ Uniform windows pass ``window_len=N`` (the ops' fast path); ragged windows (leng
 
 Timers, each returning seconds per call, one sample per batch of ``K`` calls:
 
-- :func:`eager_times`: wait for the device, read the host clock, make ``K`` back-to-back eager calls, wait for the
-  device again, read the clock; divide by ``K``. This is the steady-state cost of a call made back to back: the
-  larger of the host's time per call (Python wrapper, argument checks, Triton launcher, driver) and the device's,
-  plus ``1/K`` of one launch latency and one synchronize. On the CPU (Triton's interpreter) the calls are
-  synchronous and this is plain wall-clock time.
+- :func:`eager_times`: samples of :func:`eager_sample`: wait for the device, read the host clock, make ``K``
+  back-to-back eager calls, wait for the device again, read the clock; divide by ``K``. This is the steady-state
+  cost of a call made back to back: the larger of the host's time per call (Python wrapper, argument checks, Triton
+  launcher, driver) and the device's, plus ``1/K`` of one launch latency and one synchronize. On the CPU (Triton's
+  interpreter) the calls are synchronous and this is plain wall-clock time.
 - :func:`graph_times`: ``K`` calls captured in one CUDA (or NPU) graph; device events around each replay; divide
   by ``K``. This is the device time per call, launch gaps inside a graph included, with no host in the way.
 
@@ -66,6 +66,7 @@ __all__ = [
     "check_outputs",
     "check_pool",
     "check_variant",
+    "eager_sample",
     "eager_times",
     "empty_kernel",
     "environment",
@@ -400,22 +401,28 @@ def gc_off():
             gc.enable()
 
 
-def eager_times(calls: list[Callable[[], object]], device: torch.device, repeats: int, warmup: int) -> list[float]:
-    """Seconds per call: synchronize, host clock, the calls back to back, synchronize, host clock; over the count.
+def eager_sample(calls: list[Callable[[], object]], device: torch.device | None) -> float:
+    """One sample, in seconds per call: synchronize, host clock, the calls back to back, synchronize, host clock;
+    over the count. ``device`` None: nothing to wait for (host work alone)."""
+    if device is not None:
+        backend.synchronize(device)
+    start = time.perf_counter()
+    for call in calls:
+        call()
+    if device is not None:
+        backend.synchronize(device)
+    return (time.perf_counter() - start) / len(calls)
 
-    One sample per repeat; the ``warmup`` first repeats are dropped. Python's garbage collector is off meanwhile.
-    """
+
+def eager_times(calls: list[Callable[[], object]], device: torch.device, repeats: int, warmup: int) -> list[float]:
+    """:func:`eager_sample` once per repeat; the ``warmup`` first repeats are dropped. Python's garbage collector is
+    off meanwhile."""
     samples = []
     with gc_off():
         for r in range(warmup + repeats):
-            backend.synchronize(device)
-            start = time.perf_counter()
-            for call in calls:
-                call()
-            backend.synchronize(device)
-            elapsed = time.perf_counter() - start
+            seconds = eager_sample(calls, device)
             if r >= warmup:
-                samples.append(elapsed / len(calls))
+                samples.append(seconds)
     return samples
 
 

@@ -73,7 +73,6 @@ import argparse
 import contextlib
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -296,23 +295,16 @@ def summarize(seconds: list[float]) -> tuple[float, float, float]:
 def round_samples(
     calls: dict[str, object], device: torch.device | None, iters: int, repeats: int, warmup: int
 ) -> dict[str, list[float]]:
-    """Seconds per call of each of ``calls``, one sample of ``iters`` back-to-back calls of every call a round:
-    ``warmup`` rounds dropped, then ``repeats`` kept, so that each call's samples spread over the whole run.
-    A sample is: synchronize ``device`` (None: nothing to wait for), read the clock, the calls, synchronize, read
-    the clock. Python's garbage collector is off meanwhile."""
+    """Seconds per call of each of ``calls``, one sample (``harness.eager_sample``, ``device`` None: nothing to wait
+    for) of ``iters`` back-to-back calls of every call a round: ``warmup`` rounds dropped, then ``repeats`` kept, so
+    that each call's samples spread over the whole run. Python's garbage collector is off meanwhile."""
     samples: dict[str, list[float]] = {name: [] for name in calls}
     with harness.gc_off():
         for r in range(warmup + repeats):
             for name, call in calls.items():
-                if device is not None:
-                    backend.synchronize(device)
-                began = time.perf_counter_ns()
-                for _ in range(iters):
-                    call()
-                if device is not None:
-                    backend.synchronize(device)
+                seconds = harness.eager_sample([call] * iters, device)
                 if r >= warmup:
-                    samples[name].append((time.perf_counter_ns() - began) / iters / 1e9)
+                    samples[name].append(seconds)
     return samples
 
 

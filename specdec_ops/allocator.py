@@ -591,7 +591,7 @@ class DraftCacheAllocator:
         # them) or a sync does (see _set_exact).
         self.branch_pages = torch.zeros(max_requests, 0, dtype=torch.int32, device=self.device)
         self.num_branch_pages = torch.zeros(max_requests, dtype=torch.int64, device=self.device)
-        # The memory of the allocator's tensors that never change (branch_pages is widened: _owns_memory_of)
+        # The memory of the allocator's tensors that never change (branch_pages is widened: _check_buffer)
         fixed = (self.req_to_token, self.seq_lens, self.alloc_lens, self.window_lens, self.prefix_lens)
         fixed += (self.free_pages, self._counters, self._scratch, self.num_branch_pages)
         spans = sorted(_storage_span(t) for t in fixed)
@@ -1773,9 +1773,8 @@ class DraftCacheAllocator:
             step._prepared(("release " if release else "") + ("commit draft" if accept is not None else "draft"))()
         if release:
             self._forget_branches(host_rows, rows.shape[0])
-        if accept is not None and host_rows is None:  # (a list's rows: the windows opened below replace theirs)
-            self._close_windows(None)
         self._pages_bound, self._drafted_since_sync, self._seq_base_max = bound, drafted, base_max
+        # (a commit made first needs no _close_windows: the windows opened here replace those it closed)
         self._open_windows(host_rows, n, None if step is None else step._opened)
 
     def _tree_draft(
@@ -1838,10 +1837,9 @@ class DraftCacheAllocator:
         except BaseException:
             self.branch_pages = narrow  # the wider copy holds nothing yet
             raise
-        if tree is not None and host_rows is None:  # (a list's rows: the windows opened below replace theirs)
-            self._close_windows(None)
         self._hold_branches(rows, host_rows, per_row, needs, bs, released=release)
         self._pages_bound, self._drafted_since_sync, self._seq_base_max = bound, drafted, base_max
+        # (a tree commit made first needs no _close_windows: the windows opened here replace those it closed)
         self._open_windows(host_rows, n, None if step is None else step._opened)
 
     def _in_two_launches(self, bs: int, n: int, release: bool) -> bool:
@@ -1921,7 +1919,9 @@ class DraftCacheAllocator:
     def _open_windows(self, host_rows: list[int] | None, n: int, opened: dict[int, int] | None = None) -> None:
         """Record the windows of ``n`` positions a draft opened (host state). Rows not known: any row may be among
         them, so the windows known so far join the bound of the windows not known. ``opened``: ``{row: n}`` of the
-        rows listed, made once by a plan (a dict made afresh cost about 45 ns a row; one copied, 10)."""
+        rows listed, made once by a plan (a dict made afresh cost about 45 ns a row; one copied, 10). Whatever
+        windows of these rows a commit in the same call closed, this replaces (listed rows) or folds into the bound
+        and forgets (rows not known), as :meth:`_close_windows` would have first."""
         if host_rows is None:
             if self._known_windows:
                 self._unknown_window_bound = max(self._unknown_window_bound, n, *self._known_windows.values())

@@ -398,8 +398,8 @@ class Launch:
         if self._launcher is None and _fast_launch and _fast_devices.get(device):
             pointers = [t.data_ptr() for t in tensors]
             launcher = _launchers.get(_specialisation(kernel, device, tensors, pointers, constexprs, num_warps))
-            self._launcher = launcher if launcher is not None and launcher[0] is kernel else None
-            self._args = (*pointers, *scalars, *[value for _, value in constexprs])
+            if launcher is not None and launcher[0] is kernel:
+                self._launcher, self._args = launcher, (*pointers, *scalars, *launcher[1])
         elif not _fast_launch:
             self._launcher = None
 
