@@ -395,13 +395,60 @@ class Launch:
     def _launch(self) -> None:
         kernel, grid, device, tensors, scalars, constexprs, num_warps = self._arguments
         launch(kernel, grid, device, tensors, scalars, constexprs, num_warps)
-        if self._launcher is None and _fast_launch and _fast_devices.get(device):
-            pointers = [t.data_ptr() for t in tensors]
-            launcher = _launchers.get(_specialisation(kernel, device, tensors, pointers, constexprs, num_warps))
-            if launcher is not None and launcher[0] is kernel:
-                self._launcher, self._args = launcher, (*pointers, *scalars, *launcher[1])
+        if self._launcher is None:
+            self._launcher, self._args = _kept_launcher(kernel, device, tensors, scalars, constexprs, num_warps)
         elif not _fast_launch:
             self._launcher = None
+
+
+class KeptLaunch:
+    """A launch that :func:`launch` has made, kept to be made again on tensors at the same addresses, without
+    holding the tensors (:func:`launch_and_keep`).
+
+    Calling it with tensors launches the kernel on them as :func:`launch` would with the arguments it was made
+    with. On CUDA that is only the kept launcher with the addresses, scalars and constexprs of that launch: the
+    caller must make sure that the tensors it passes are at those addresses, with those dtypes (and so alive), as
+    the launch cannot see them. Elsewhere it goes through :func:`launch` with the tensors passed.
+    """
+
+    __slots__ = ("_kernel", "_grid", "_device", "_scalars", "_constexprs", "_num_warps", "_launcher", "_args")
+
+    def __init__(self, kernel, grid, device, tensors, scalars, constexprs, num_warps) -> None:
+        self._kernel, self._grid, self._device = kernel, grid, device
+        self._scalars, self._constexprs, self._num_warps = scalars, constexprs, num_warps
+        self._launcher, self._args = _kept_launcher(kernel, device, tensors, scalars, constexprs, num_warps)
+
+    def __call__(self, tensors: tuple[torch.Tensor, ...]) -> None:
+        launcher = self._launcher
+        if launcher is None or not _run_launcher(launcher, self._grid, self._args):
+            launch(self._kernel, self._grid, self._device, tensors, self._scalars, self._constexprs, self._num_warps)
+
+
+def launch_and_keep(
+    kernel,
+    grid: tuple[int],
+    device: torch.device,
+    tensors: tuple[torch.Tensor, ...],
+    scalars: tuple[int, ...],
+    constexprs: tuple[tuple[str, object], ...],
+    num_warps: int,
+) -> KeptLaunch:
+    """:func:`launch`, and the launch kept (:class:`KeptLaunch`)."""
+    launch(kernel, grid, device, tensors, scalars, constexprs, num_warps)
+    return KeptLaunch(kernel, grid, device, tensors, scalars, constexprs, num_warps)
+
+
+def _kept_launcher(kernel, device, tensors, scalars, constexprs, num_warps) -> tuple[tuple | None, tuple | None]:
+    """``(launcher, its arguments)`` for the launch of these arguments, which has run: the launcher :func:`launch`
+    keeps for its specialisation, and the tensors' addresses as ints, the scalars and the constexprs' values; or
+    ``(None, None)`` where launches do not take the fast path."""
+    if not (_fast_launch and _fast_devices.get(device)):
+        return None, None
+    pointers = [t.data_ptr() for t in tensors]
+    launcher = _launchers.get(_specialisation(kernel, device, tensors, pointers, constexprs, num_warps))
+    if launcher is None or launcher[0] is not kernel:
+        return None, None
+    return launcher, (*pointers, *scalars, *launcher[1])
 
 
 def ensure_compiled(

@@ -15,6 +15,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from . import backend, tiles
+from .bounded import remember
 from .buffers import share_one_allocation
 from .checks import (
     INDEX_DTYPES,
@@ -105,6 +106,16 @@ _NUM_WARPS = 8
 # requests 0.33 us slower and the unfused pair of uniform windows at 65536 requests, N 8, 9.3 -> 16.7 us
 # (docs/performance.md).
 _NEXT_EARLY_MAX_BATCH = 4096
+# Calls of the window ops kept for calls with the same tensors (an engine's persistent buffers): the identity key of
+# a call (_recent_key) -> (what the call's checks and launch read of its tensors, _facts; its launch, kept; the
+# elements of out_cache_loc it returns, -1: all). A call whose key is kept and whose tensors still have those facts
+# skips the checks, whose outcome the facts and the key decide, and launches the kept launch. Identity keys seen
+# once wait in _seen_calls. No tensor is held.
+_recent_calls: dict[tuple, tuple] = {}
+_seen_calls: dict[tuple, None] = {}
+_MAX_RECENT_CALLS = 64
+_data_ptr = torch.Tensor.data_ptr
+_strides = torch.Tensor.stride
 # The names under which the project's reference Ascend checker (../shared/tools/ascend_compile_check.py) reads the
 # block-size rule; the rule itself lives in specdec_ops.tiles.
 _block_n = tiles.block_n
@@ -511,14 +522,16 @@ def _launch_windows(
     persistent: bool | None,
     prepare: bool = False,
     tile_sums: torch.Tensor | None = None,
-) -> backend.Launch | _TwoLaunches | None:
+    keep: bool = False,
+) -> backend.Launch | backend.KeptLaunch | _TwoLaunches | None:
     """Launch the window kernel (``with_last_loc``: the fused one); with ``tile_sums`` (int32, at least one element a
     tile of _RAGGED_SUMS_CLASS), ragged windows in two launches, the first writing those sums. ``prepare=True``:
-    return the launch(es), made by calling it (``backend.prepare``)."""
+    return the launch(es), made by calling it (``backend.prepare``); ``keep=True`` (one launch): launch, and return
+    the launch kept (``backend.launch_and_keep``)."""
     npu = backend.is_npu(device)
     pdl = backend.pdl_level(device, bs <= _NEXT_EARLY_MAX_BATCH)
     kernels = backend.kernels("cache_locs", device, _ON_DEVICE)
-    run = backend.prepare if prepare else backend.launch
+    run = backend.prepare if prepare else backend.launch_and_keep if keep else backend.launch
     scalars = (bs, *_table_dims(req_to_token), num_tokens, window_len or 0)
     if tile_sums is not None:
         constexprs = _window_constexprs(None, False, *_ragged_shape(bs, num_tokens, sums=True), pdl, True)
@@ -559,6 +572,72 @@ def _launch_windows(
         constexprs,
         _NUM_WARPS,
     )
+
+
+def _recent_key(
+    with_last_loc: bool,
+    tensors: tuple[torch.Tensor | None, ...],
+    num_tokens: int | None,
+    window_len: int | None,
+    validate: bool,
+    persistent: bool | None,
+) -> tuple | None:
+    """The key under which a call of a window op is kept (``_recent_calls``): the identities of its ``tensors``
+    (table, rows, start and end offsets, output buffers, as the kernel takes them: the start tensor in place of an
+    end_offset of None with ``window_len``) and its other arguments. None for calls that are not kept: all but the
+    hot path's (``validate=False``, every tensor and buffer given, the counts as ints, and ``num_tokens`` or
+    ``window_len``: no sync)."""
+    if (
+        validate is False
+        and tensors[3] is not None
+        and tensors[4] is not None
+        and tensors[-1] is not None
+        and (type(num_tokens) is int or (num_tokens is None and type(window_len) is int))
+        and (window_len is None or type(window_len) is int)
+        and (persistent is None or persistent is True or persistent is False)
+    ):
+        return (with_last_loc, num_tokens, window_len, persistent, *map(id, tensors))
+    return None
+
+
+def _facts(tensors: tuple[torch.Tensor, ...]) -> list[tuple]:
+    """What the window ops' checks and launch read of each tensor: address, strides, shape and dtype. The device
+    follows from the address for a tensor with elements (no two devices share an address: CUDA's unified
+    addressing), so calls with an empty tensor are not kept (``_keep_call``). Raises TypeError for anything but a
+    tensor (the unbound methods check), RuntimeError for one without strides (sparse, nested)."""
+    return [(_data_ptr(t), _strides(t), t.shape, t.dtype) for t in tensors]
+
+
+def _run_recent(key: tuple, tensors: tuple[torch.Tensor, ...]) -> int | None:
+    """Launch the call kept under ``key`` if ``tensors`` have the facts its tensors had; returns the elements of
+    ``out_cache_loc`` the call returns (-1: all), or None (not kept, or not those facts: the caller checks)."""
+    kept = _recent_calls.get(key)
+    if kept is None:
+        return None
+    try:
+        facts = _facts(tensors)
+    except (TypeError, RuntimeError):
+        return None
+    if facts != kept[0]:
+        return None
+    kept[1](tensors)
+    return kept[2]
+
+
+def _keep_call(
+    key: tuple | None, tensors: tuple[torch.Tensor, ...], bs: int, window_len: int | None, device: torch.device
+) -> bool:
+    """Whether a call whose checks passed keeps its launch under ``key`` (``_recent_calls``): on the second call
+    with that key (calls with other tensors each time only pay for the key), with one launch whatever the stream
+    (not ``_ragged_may_take_two_launches``) and no empty tensor (``_facts``). The first call is remembered."""
+    if key is None or not bs or _ragged_may_take_two_launches(bs, window_len, device):
+        return False
+    if not all(t.numel() for t in tensors):
+        return False
+    if key in _seen_calls:
+        return True
+    remember(_seen_calls, key, None, _MAX_RECENT_CALLS)
+    return False
 
 
 def _new_tile_sums(bs: int, device: torch.device) -> torch.Tensor:
@@ -612,11 +691,20 @@ def assign_extend_cache_locs(
     """
     if persistent is not None:
         check_optional_flag("persistent", persistent)
+    end = start_offset if end_offset is None and window_len is not None else end_offset
+    tensors = (req_to_token, req_pool_indices, start_offset, end, out_cache_loc)
+    key = _recent_key(False, tensors, num_tokens, window_len, validate, persistent)
+    if key is not None:
+        count = _run_recent(key, tensors)
+        if count is not None:
+            return out_cache_loc if count < 0 else out_cache_loc[:count]
     out_cache_loc, end_offset, num_tokens, window_len, bs, device = _prepare_windows(
         req_to_token, req_pool_indices, start_offset, end_offset, out_cache_loc, None, num_tokens, window_len, validate
     )
+    whole = out_cache_loc.numel() == num_tokens
     if bs:
-        _launch_windows(
+        keep = _keep_call(key, tensors, bs, window_len, device)
+        launch = _launch_windows(
             False,
             device,
             (req_to_token, req_pool_indices, start_offset, end_offset, out_cache_loc),
@@ -626,8 +714,11 @@ def assign_extend_cache_locs(
             window_len,
             persistent,
             tile_sums=_new_tile_sums(bs, device) if _ragged_in_two_launches(bs, window_len, device) else None,
+            keep=keep,
         )
-    return out_cache_loc if out_cache_loc.numel() == num_tokens else out_cache_loc[:num_tokens]
+        if keep:
+            remember(_recent_calls, key, (_facts(tensors), launch, -1 if whole else num_tokens), _MAX_RECENT_CALLS)
+    return out_cache_loc if whole else out_cache_loc[:num_tokens]
 
 
 def get_last_loc_and_assign_extend_cache_locs(
@@ -654,6 +745,13 @@ def get_last_loc_and_assign_extend_cache_locs(
     """
     if persistent is not None:
         check_optional_flag("persistent", persistent)
+    end = start_offset if end_offset is None and window_len is not None else end_offset
+    tensors = (req_to_token, req_pool_indices, start_offset, end, out_cache_loc, last_loc)
+    key = _recent_key(True, tensors, num_tokens, window_len, validate, persistent)
+    if key is not None:
+        count = _run_recent(key, tensors)
+        if count is not None:
+            return (out_cache_loc if count < 0 else out_cache_loc[:count]), last_loc
     out_cache_loc, end_offset, num_tokens, window_len, bs, device = _prepare_windows(
         req_to_token,
         req_pool_indices,
@@ -667,8 +765,10 @@ def get_last_loc_and_assign_extend_cache_locs(
     )
     if last_loc is None:
         last_loc = torch.empty(bs, dtype=start_offset.dtype, device=device)
+    whole = out_cache_loc.numel() == num_tokens
     if bs:
-        _launch_windows(
+        keep = _keep_call(key, tensors, bs, window_len, device)
+        launch = _launch_windows(
             True,
             device,
             (req_to_token, req_pool_indices, start_offset, end_offset, out_cache_loc, last_loc),
@@ -678,10 +778,11 @@ def get_last_loc_and_assign_extend_cache_locs(
             window_len,
             persistent,
             tile_sums=_new_tile_sums(bs, device) if _ragged_in_two_launches(bs, window_len, device) else None,
+            keep=keep,
         )
-    if out_cache_loc.numel() != num_tokens:
-        out_cache_loc = out_cache_loc[:num_tokens]
-    return out_cache_loc, last_loc
+        if keep:
+            remember(_recent_calls, key, (_facts(tensors), launch, -1 if whole else num_tokens), _MAX_RECENT_CALLS)
+    return (out_cache_loc if whole else out_cache_loc[:num_tokens]), last_loc
 
 
 class CacheLocsWrapper:

@@ -16,6 +16,7 @@ from triton.runtime.jit import JITFunction
 
 import specdec_ops
 from specdec_ops import DraftCacheAllocator, backend
+from specdec_ops import ops as ops_module
 from specdec_ops import staging as staging_module
 from specdec_ops.bounded import remember
 from specdec_ops.reference import get_last_loc_and_assign_extend_cache_locs_torch, get_last_loc_torch
@@ -270,7 +271,232 @@ def test_a_kept_launcher_serves_its_own_kernel_and_specialisation_only(monkeypat
     assert backend._specialisation(other, device, (t,), [t.data_ptr()], constexprs, 4) != key
 
 
+# ------------------------------------------------------------------------------ calls kept by their tensors
+
+
+def kept_call_args(device="cpu"):
+    """A fused call of 3 requests, windows of 3, into buffers of the caller's (out_cache_loc one element long)."""
+    table = torch.arange(6 * 10, dtype=torch.int32, device=device).reshape(6, 10)
+    rows = torch.tensor([4, 0, 2], device=device)
+    start = torch.tensor([0, 3, 6], device=device)
+    out = torch.full((10,), -7, dtype=torch.int64, device=device)
+    last = torch.full((3,), -7, dtype=torch.int64, device=device)
+    return table, rows, start, start + 3, out, last
+
+
+def fused(table, rows, start, end, out, last, **kwargs):
+    kwargs = {"num_tokens": 9, "window_len": 3, **kwargs}
+    return specdec_ops.get_last_loc_and_assign_extend_cache_locs(table, rows, start, end, out, last, **kwargs)
+
+
+def expected(table, rows, start, end):
+    return get_last_loc_and_assign_extend_cache_locs_torch(table, rows, start, end)
+
+
+def test_a_kept_call_with_the_tensors_of_an_earlier_one_skips_the_checks_and_reads_the_current_values(monkeypatch):
+    """The second call with the same tensors keeps its launch; a third with them, new values written in place,
+    launches it without the checks (here made to raise) and gets the exact slots of those values. Another function
+    given the same tensors is another call."""
+    monkeypatch.setattr(ops_module, "_recent_calls", {})
+    monkeypatch.setattr(ops_module, "_seen_calls", {})
+    args = kept_call_args()
+    table, rows, start, end, out, last = args
+    fused(*args)
+    fused(*args)
+    assert len(ops_module._recent_calls) == 1
+
+    def no_checks(*a, **k):
+        raise AssertionError("a kept call was checked again")
+
+    monkeypatch.setattr(ops_module, "_prepare_windows", no_checks)
+    for values in ([1, 5, 3], [5, 4, 0]):
+        rows.copy_(torch.tensor(values))
+        start.copy_(torch.tensor([2, 0, 7]))
+        end.copy_(start + 3)
+        out.fill_(-7)
+        last.fill_(-7)
+        got_out, got_last = fused(*args)
+        want_out, want_last = expected(table, rows, start, end)
+        assert torch.equal(got_out, want_out) and torch.equal(got_last, want_last)
+        assert got_out._base is out and got_last is last
+        assert out[9].item() == -7, "past num_tokens nothing is written"
+    with pytest.raises(AssertionError, match="checked again"):  # (its first call)
+        specdec_ops.assign_extend_cache_locs(table, rows, start, None, out, num_tokens=9, window_len=3)
+
+
+def _rebind(tensor, other):
+    tensor.data = other
+
+
+@pytest.mark.parametrize(
+    "position,change,error",
+    [
+        (1, lambda t: _rebind(t, t.to(torch.float32)), "req_pool_indices must be int32 or int64, got torch.float32"),
+        (2, lambda t: t.resize_(2), "start_offset has 2 elements but req_pool_indices has 3"),
+        (4, lambda t: t.resize_(8), "out_cache_loc has 8 elements but the call needs at least 9"),
+        (5, lambda t: t.set_(torch.zeros(6, dtype=torch.int64)[::2]), "last_loc must have unit stride, got stride 2"),
+        (4, lambda t: t.as_strided_((9,), (1,), 1), None),
+        (4, lambda t: t.as_strided_((4,), (2,)), "out_cache_loc must have unit stride, got stride 2"),
+        (0, lambda t: _rebind(t, t.reshape(60)), "req_to_token must be 2-D"),
+    ],
+    ids=["dtype", "resize", "short-out", "set-strided", "offset", "as-strided", "table-1d"],
+)
+def test_a_kept_call_whose_tensor_changed_is_checked_again(monkeypatch, position, change, error):
+    """A tensor of a kept call moved, resized, re-typed or re-strided in place (the same object) since: the call
+    raises what it would raise had it never been kept, and launches nothing; or, where the change leaves valid
+    arguments (``error`` None: out_cache_loc one element further on), writes where the tensor now is."""
+    monkeypatch.setattr(ops_module, "_recent_calls", {})
+    monkeypatch.setattr(ops_module, "_seen_calls", {})
+    args = kept_call_args()
+    fused(*args)
+    fused(*args)
+    change(args[position])
+    if error is None:
+        args[4].fill_(-7)
+        before = bytes(args[4].untyped_storage())
+        got_out, _ = fused(*args)
+        assert torch.equal(got_out, expected(*args[:4])[0])
+        assert bytes(args[4].untyped_storage())[:8] == before[:8], "the element before the new start is not written"
+        return
+    launches = []
+    monkeypatch.setattr(backend, "launch", lambda *a: launches.append(a))
+    with pytest.raises((TypeError, ValueError), match=re.escape(error)) as kept:
+        fused(*args)
+    assert launches == []
+    ops_module._recent_calls.clear()
+    ops_module._seen_calls.clear()
+    with pytest.raises(kept.type) as fresh:
+        fused(*args)
+    assert str(kept.value) == str(fresh.value)
+
+
+def test_a_kept_call_whose_tensor_moved_launches_on_the_new_memory(monkeypatch):
+    """``.data =`` with another valid tensor: the call is checked and resolved again, and writes the new buffer."""
+    monkeypatch.setattr(ops_module, "_recent_calls", {})
+    monkeypatch.setattr(ops_module, "_seen_calls", {})
+    args = kept_call_args()
+    table, rows, start, end, out, last = args
+    fused(*args)
+    fused(*args)
+    old_out, old_last = out.data, last.data
+    out.data = torch.full((9,), -7, dtype=torch.int64)
+    last.data = torch.full((3,), -7, dtype=torch.int32)  # another dtype, another specialisation
+    old_out.fill_(-7)
+    old_last.fill_(-7)
+    got_out, got_last = fused(*args)
+    want_out, want_last = expected(table, rows, start, end)
+    assert got_out is out and got_last is last
+    assert torch.equal(out, want_out) and torch.equal(last, want_last.int())
+    assert (old_out == -7).all() and (old_last == -7).all(), "the old buffers are not written"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"validate": True},
+        {"num_tokens": None, "window_len": None},
+        {"num_tokens": np.int64(9)},
+        {"window_len": np.int64(3)},
+        {"persistent": True},
+    ],
+    ids=["validate", "sync", "numpy-num-tokens", "numpy-window", "persistent"],
+)
+def test_only_the_hot_paths_calls_are_kept(monkeypatch, kwargs):
+    """Calls that sync, validate or take counts of other types than int are never kept (each is checked in full);
+    persistent=True is kept under its own key."""
+    monkeypatch.setattr(ops_module, "_recent_calls", {})
+    monkeypatch.setattr(ops_module, "_seen_calls", {})
+    args = kept_call_args()
+    for _ in range(3):
+        fused(*args, **kwargs)
+    assert len(ops_module._recent_calls) == (1 if "persistent" in kwargs else 0)
+    fused(*args[:4], None, args[5])
+    fused(*args[:4], None, args[5])
+    fused(*args[:4], args[4], None)
+    fused(*args[:4], args[4], None)
+    assert len(ops_module._recent_calls) == (1 if "persistent" in kwargs else 0), "calls that make buffers"
+
+
+def test_a_kept_call_holds_no_tensor(monkeypatch):
+    import gc
+    import weakref
+
+    monkeypatch.setattr(ops_module, "_recent_calls", {})
+    monkeypatch.setattr(ops_module, "_seen_calls", {})
+    args = list(kept_call_args())
+    fused(*args)
+    fused(*args)
+    assert len(ops_module._recent_calls) == 1
+    refs = [weakref.ref(t) for t in args]
+    del args
+    gc.collect()
+    assert all(ref() is None for ref in refs)
+
+
+def test_a_kept_call_takes_no_object_but_a_tensor(monkeypatch):
+    """The facts of a kept call are read through torch.Tensor's own methods: an object that forwards a tensor's
+    attributes, under the identity key of a kept call, is not taken for it."""
+    monkeypatch.setattr(ops_module, "_recent_calls", {})
+    monkeypatch.setattr(ops_module, "_seen_calls", {})
+    args = kept_call_args()
+    fused(*args)
+    fused(*args)
+    (key,) = ops_module._recent_calls
+
+    class Forwarding:
+        def __init__(self, tensor):
+            self._tensor = tensor
+
+        def __getattr__(self, name):
+            return getattr(self._tensor, name)
+
+    forged = (*args[:5], Forwarding(args[5]))
+    assert ops_module._run_recent(key, forged) is None
+    assert ops_module._run_recent(key, args) is not None
+
+
 # ------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window_len", [3, None], ids=["uniform", "ragged"])
+def test_gpu_kept_calls_get_exact_results_eagerly_and_in_a_graph(monkeypatch, window_len):
+    """Calls kept by their tensors launch through the kept launcher (the CUDA fast path) on the tensors' current
+    values; a buffer moved by ``.data =`` (another dtype too) is written where it now is; a kept call captured in a
+    graph replays on the values written before each replay."""
+    monkeypatch.setattr(ops_module, "_recent_calls", {})
+    monkeypatch.setattr(ops_module, "_seen_calls", {})
+    args = kept_call_args("cuda")
+    table, rows, start, end, out, last = args
+    gen = torch.Generator().manual_seed(7)
+
+    def new_values():
+        rows.copy_(torch.randperm(6, generator=gen)[:3])
+        start.copy_(torch.randint(0, 7, (3,), generator=gen))
+        end.copy_(start + (3 if window_len else torch.randint(0, 4, (3,), generator=gen).cuda()))
+        out.fill_(-7)
+        last.fill_(-7)
+
+    def check(got_out, got_last):
+        want_out, want_last = expected(table, rows, start, end)
+        assert torch.equal(got_out[: want_out.numel()], want_out) and torch.equal(got_last.long(), want_last)
+        assert (out[want_out.numel() :] == -7).all()
+
+    for step in range(6):
+        if step == 3:
+            out.data = torch.empty(12, dtype=torch.int64, device="cuda")
+            last.data = torch.empty(3, dtype=torch.int32, device="cuda")
+        new_values()
+        check(*fused(*args, window_len=window_len))
+    (kept,) = ops_module._recent_calls.values()  # (one identity key: the moved buffers' call took its place)
+    assert kept[0][4][0] == out.data_ptr() and kept[0][5][0] == last.data_ptr() and kept[1]._launcher is not None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = fused(*args, window_len=window_len)
+    for _ in range(3):
+        new_values()
+        graph.replay()
+        check(*result)
 
 
 @pytest.mark.gpu
