@@ -53,9 +53,10 @@ Calls (bs --batch-size, N --window-len, buffers given, num_tokens given: the hot
 The chain calls (alloc_draft, commit, commit_and_draft) run on an allocator of their own that never takes branch
 pages, as a chain engine's (topk 1); the tree calls on another.
 
-A second table times the same calls with the launch replaced by a no-op (backend.launch and the prepared launches
-of plan/run, backend.Launch, stubbed): the Python of the wrappers alone (argument checks, launch configuration,
-host bookkeeping), i.e. where host time goes besides Triton's launcher.
+A second table times the same calls with the launch replaced by a no-op (backend.launch, the prepared launches of
+plan/run, backend.Launch, and the kept launches of calls given the tensors of an earlier call, backend.KeptLaunch,
+stubbed): the Python of the wrappers alone (argument checks, launch configuration, host bookkeeping), i.e. where
+host time goes besides Triton's launcher.
 
 On cpu the kernels run in Triton's interpreter: the first table would time the interpreter, which says nothing
 about a device, so only the second (host Python) table is printed there, with torch on one thread: the calls' own
@@ -317,17 +318,19 @@ def paired_ratio(samples: list[float], base: list[float], launches: int = 1) -> 
 
 
 def host_python_times(calls: dict[str, object], args: argparse.Namespace) -> dict[str, tuple[float, float, float]]:
-    """The calls with backend.launch and backend.Launch's calls replaced by no-ops: the wrappers' Python alone, per
-    call, in rounds as the eager table (``round_samples``)."""
-    real, real_prepared = backend.launch, backend.Launch.__call__
+    """The calls with backend.launch and the calls of backend.Launch and backend.KeptLaunch (prepared and kept
+    launches) replaced by no-ops: the wrappers' Python alone, per call, in rounds as the eager table
+    (``round_samples``)."""
+    real, real_prepared, real_kept = backend.launch, backend.Launch.__call__, backend.KeptLaunch.__call__
     backend.launch = lambda *a, **k: None
     backend.Launch.__call__ = lambda self: None
+    backend.KeptLaunch.__call__ = lambda self, tensors: None
     try:
         timed = {name: call for name, call in calls.items() if name != "empty launch"}
         samples = round_samples(timed, None, args.iters, args.repeats, args.warmup)
         return {name: summarize(seconds) for name, seconds in samples.items()}
     finally:
-        backend.launch, backend.Launch.__call__ = real, real_prepared
+        backend.launch, backend.Launch.__call__, backend.KeptLaunch.__call__ = real, real_prepared, real_kept
 
 
 def label(name: str) -> str:
