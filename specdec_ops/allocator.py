@@ -146,6 +146,8 @@ _LOOK_BACK_MIN_TILE = 16
 _MAX_LAUNCH_CONFIGS = 4096
 # Output buffers whose checks a DraftCacheAllocator keeps (_check_buffer): an engine's few, and then some.
 _MAX_CHECKED_BUFFERS = 64
+# Calls given the tensors of an earlier call (_kept_step): plans a DraftCacheAllocator keeps, and keys it has seen.
+_MAX_KEPT_STEPS = 16
 
 
 def _remember(cache: dict, key: object, value: object) -> object:
@@ -599,6 +601,9 @@ class DraftCacheAllocator:
         self._branch_span = (self.branch_pages, *_storage_span(self.branch_pages))  # (the tensor, then its span)
         # Output buffers that passed _check_buffer, against the branch_pages of _branch_span
         self._checked_buffers: dict[tuple, None] = {}
+        # Method calls kept by the identity of their tensors (_kept_step): key -> its plan; keys seen once
+        self._kept_steps: dict[tuple, DraftStepWrapper] = {}
+        self._seen_steps: dict[tuple, None] = {}
         self._branch_rows: dict[int, int] = {}
         self._branch_rows_sum = 0  # sum(_branch_rows.values()), kept up to date by each call (no pass over them)
         self._branch_batch_pages = 0
@@ -926,6 +931,13 @@ class DraftCacheAllocator:
             ContextLengthError, OutOfSlotsError: nothing changed. Only raised after a sync, which happens only
             when the host bound says the call might not fit.
         """
+        key = None
+        if validate is False:
+            key = _step_key("alloc_draft", req_pool_indices, (num_draft_tokens,), (), out_cache_loc, last_loc)
+            step = self._kept_step(key)
+            if step is not None:
+                self._draft(req_pool_indices, None, num_draft_tokens, out_cache_loc, last_loc, step)
+                return step._fresh_draft_result()
         rows, host_rows, n = self._check_draft(req_pool_indices, num_draft_tokens, validate)
         bs = rows.shape[0]
         out_cache_loc, last_loc = self._draft_buffers(bs, n, out_cache_loc, last_loc)
@@ -933,6 +945,7 @@ class DraftCacheAllocator:
             self._check_shared_memory(rows, dict(out_cache_loc=out_cache_loc, last_loc=last_loc))
         if bs:
             self._draft(rows, host_rows, n, out_cache_loc, last_loc)
+            self._keep_step(key, rows, n, out_cache_loc=out_cache_loc, last_loc=last_loc)
         return (out_cache_loc if out_cache_loc.shape[0] == bs * n else out_cache_loc[: bs * n]), last_loc
 
     def alloc_tree_draft(
@@ -1049,6 +1062,18 @@ class DraftCacheAllocator:
             ContextLengthError, OutOfSlotsError: nothing changed (nothing committed). Only raised after a sync,
             which happens only when the host bound says the call might not fit.
         """
+        key = None
+        buffers = (kv_src, kv_dst, out_cache_loc, last_loc, branch_slots, copy_src, copy_dst)
+        if validate is False:
+            counts = (num_draft_tokens, topk, num_steps)
+            key = _step_key("commit_tree_and_draft", req_pool_indices, counts, (), accept_index, accept_lens, *buffers)
+            step = self._kept_step(key)
+            if step is not None:
+                branches, tree = step._branches, step._tree
+                self._tree_draft(
+                    req_pool_indices, None, num_draft_tokens, out_cache_loc, last_loc, step, branches, tree
+                )
+                return step._fresh_tree_step_result()
         rows, host_rows, n = self._check_draft(req_pool_indices, num_draft_tokens, validate)
         bs = rows.shape[0]
         src, dst, pairs = self._check_tree_commit(accept_index, bs, kv_src, kv_dst)
@@ -1068,6 +1093,9 @@ class DraftCacheAllocator:
             self._draft(
                 rows, host_rows, n, out_cache_loc, last_loc, branches=branches, tree=(accept, accept_index, src, dst)
             )
+            plan = dict(accept_lens=accept, accept_index=accept_index, kv_src=src, kv_dst=dst, topk=topk)
+            plan.update(num_steps=num_steps, branch_slots=slots, copy_src=copy_from, copy_dst=copy_to)
+            self._keep_step(key, rows, n, out_cache_loc=out_cache_loc, last_loc=last_loc, **plan)
         copy_n = bs * topk * (self.page_size - 1)
         return (
             src[:pairs],
@@ -1144,6 +1172,15 @@ class DraftCacheAllocator:
             ContextLengthError, OutOfSlotsError: nothing changed (nothing committed). Only raised after a sync,
             which happens only when the host bound says the call might not fit.
         """
+        key = None
+        if validate is False:
+            key = _step_key(
+                "commit_and_draft", req_pool_indices, (num_draft_tokens,), (), accept_lens, out_cache_loc, last_loc
+            )
+            step = self._kept_step(key)
+            if step is not None:
+                self._draft(req_pool_indices, None, num_draft_tokens, out_cache_loc, last_loc, step, accept=accept_lens)
+                return step._fresh_draft_result()
         rows, host_rows, n = self._check_draft(req_pool_indices, num_draft_tokens, validate)
         accept = self._check_accept(rows, host_rows, accept_lens)
         if validate:
@@ -1154,6 +1191,7 @@ class DraftCacheAllocator:
             self._check_shared_memory(rows, dict(out_cache_loc=out_cache_loc, last_loc=last_loc), accept_lens=accept)
         if bs:
             self._draft(rows, host_rows, n, out_cache_loc, last_loc, accept=accept)
+            self._keep_step(key, rows, n, accept_lens=accept, out_cache_loc=out_cache_loc, last_loc=last_loc)
         return (out_cache_loc if out_cache_loc.shape[0] == bs * n else out_cache_loc[: bs * n]), last_loc
 
     def _validate_accept(self, rows: torch.Tensor, accept: torch.Tensor) -> None:
@@ -1280,6 +1318,15 @@ class DraftCacheAllocator:
         Returns:
             ``(kv_src[:bs * T], kv_dst[:bs * T])``, int64 unless given.
         """
+        key = None
+        if validate is False:
+            key = _step_key(
+                "commit_tree", req_pool_indices, (), (keep_branches,), accept_index, accept_lens, kv_src, kv_dst
+            )
+            step = self._kept_step(key)
+            if step is not None:
+                self._commit(req_pool_indices, None, accept_lens, step._tree_commit, step, keep_branches)
+                return step._fresh_tree_commit_result()
         _check_flag("keep_branches", keep_branches)
         rows, host_rows = self._check_commit_rows(req_pool_indices, validate)
         bs = rows.shape[0]
@@ -1292,6 +1339,8 @@ class DraftCacheAllocator:
             self._validate_tree(rows, accept_index, accept)
         if bs:
             self._commit(rows, host_rows, accept, (accept_index, src, dst), keep_branches=keep_branches)
+            plan = dict(accept_lens=accept, accept_index=accept_index, kv_src=src, kv_dst=dst, emit=False)
+            self._keep_step(key, rows, 1, keep_branches=keep_branches, **plan)
         return src[:n], dst[:n]
 
     def _launch_commit_tree(
@@ -1417,6 +1466,14 @@ class DraftCacheAllocator:
             OutOfSlotsError: nothing changed. Only after a sync, which happens only when the host bound says the
             call might not fit.
         """
+        key = None
+        if validate is False:
+            flags = (return_copies,)
+            key = _step_key("alloc_branches", req_pool_indices, (topk, num_steps), flags, out, copy_src, copy_dst)
+            step = self._kept_step(key)
+            if step is not None:
+                self._branches(req_pool_indices, None, topk, num_steps, out, copy_src, copy_dst, step)
+                return step._fresh_branch_result()
         _check_flag("return_copies", return_copies)
         rows, host_rows, slots, src, dst, topk, num_steps = self._check_branches(
             req_pool_indices, topk, num_steps, out, copy_src, copy_dst, validate
@@ -1426,6 +1483,8 @@ class DraftCacheAllocator:
         bs = rows.shape[0]
         if bs:
             self._branches(rows, host_rows, topk, num_steps, slots, src, dst)
+            branches = dict(topk=topk, num_steps=num_steps, branch_slots=slots, copy_src=src, copy_dst=dst)
+            self._keep_step(key, rows, 1, emit=False, **branches)
         branch_slots = slots[: bs * topk * num_steps].view(bs, topk, num_steps)
         if return_copies or copy_src is not None or copy_dst is not None:
             copy_width = topk * (self.page_size - 1)
@@ -2958,6 +3017,40 @@ class DraftCacheAllocator:
                 f"req_pool_indices must have at most max_requests ({self.max_requests}) entries, got {count}"
             )
 
+    def _kept_step(self, key: tuple | None) -> DraftStepWrapper | None:
+        """The plan kept for method calls under ``key`` (:meth:`_keep_step`), if no tensor it was given has moved,
+        been resized, re-typed or re-strided since (``BoundTensors``); else None, and the call is checked in full.
+
+        A call given the very tensors (the same objects, which the plan holds) and counts of an earlier call that
+        passed its checks passes them again while the tensors are unchanged: every check of a method call with
+        ``validate=False`` and a tensor of rows reads only what the plan re-checks, the counts and the allocator's
+        own memory, which a caller's tensor cannot come to share while the plan holds it. So such a call takes the
+        plan's path, as its DraftStepWrapper would: the same host bounds, books and launches, without the checks and
+        with the launches prepared once."""
+        if key is None:
+            return None
+        step = self._kept_steps.get(key)
+        if step is None or step._tree_step_bound.changed():
+            return None
+        return step
+
+    def _keep_step(self, key: tuple | None, rows: torch.Tensor, n: int, **plan) -> None:
+        """After a method call under ``key`` (``_step_key``) passed its checks and launched: on the second such call,
+        plan its arguments (``rows``, ``n`` and ``plan``, as DraftStepWrapper.plan takes them) and keep the plan for
+        the next calls under ``key`` (:meth:`_kept_step`); on the first, remember the key, so that calls with new
+        tensors each time pay only for their key."""
+        if key is None:
+            return
+        if key not in self._seen_steps:
+            remember(self._seen_steps, key, None, _MAX_KEPT_STEPS)
+            return
+        step = DraftStepWrapper(self)
+        try:
+            step.plan(rows, n, **plan)
+        except ValueError:  # an output sharing memory with an input, which only validate=True checks in a call
+            return
+        remember(self._kept_steps, key, step, _MAX_KEPT_STEPS)
+
     def _check_int_tensor(self, name: str, tensor: torch.Tensor, *, check_device: bool) -> None:
         if check_device:  # the ops' check: 1-D, int32/int64, contiguous, on the device of req_to_token
             _check_vector(name, tensor, self.device, None)
@@ -3402,6 +3495,27 @@ class DraftStepWrapper:
             )
         return self._tree_step_result
 
+    # The methods' results, for a plan kept for their calls (DraftCacheAllocator._kept_step), which was given every
+    # buffer: views made afresh, as the methods make them, of the buffers as the methods' checks take them.
+
+    def _fresh_draft_result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        out, tokens = self._out, self._bs * self._n
+        return (out if out.shape[0] == tokens else out[:tokens]), self._last
+
+    def _fresh_tree_commit_result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        _, kv_src, kv_dst = self._tree_commit
+        pairs = self._tree_result[0].shape[0]
+        return kv_src[:pairs], kv_dst[:pairs]
+
+    def _fresh_branch_result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        topk, num_steps, slots, copy_src, copy_dst = self._branches
+        bs = self._bs
+        copies = bs * topk * (self._allocator.page_size - 1)
+        return slots[: bs * topk * num_steps].view(bs, topk, num_steps), copy_src[:copies], copy_dst[:copies]
+
+    def _fresh_tree_step_result(self) -> tuple:
+        return (*self._fresh_tree_commit_result(), *self._fresh_draft_result(), *self._fresh_branch_result())
+
     def _tree_step_in_one_launch(self, release: bool) -> bool:
         """The allocator's ``_tree_step_in_one_launch`` for the planned step, its answers kept by the plan."""
         alloc = self._allocator
@@ -3488,6 +3602,25 @@ class DraftStepWrapper:
                 )
             entry = self._launches[kind] = (launch, alloc.branch_pages)
         return entry[0]
+
+
+def _step_key(kind: str, rows: IntVector, ints: tuple, flags: tuple, *tensors: object) -> tuple | None:
+    """The key under which a method call is kept (DraftCacheAllocator._kept_step): its kind, counts and flags, and
+    the identities of its rows and tensors. None where the call is not kept: rows or a tensor argument that is not a
+    plain torch.Tensor (a list, None: a buffer the call makes), a count that is not an int or a flag not a bool (the
+    key compares values: 1 == 1.0 == True)."""
+    if type(rows) is not torch.Tensor:
+        return None
+    for value in ints:
+        if type(value) is not int:
+            return None
+    for flag in flags:
+        if type(flag) is not bool:
+            return None
+    for tensor in tensors:
+        if type(tensor) is not torch.Tensor:
+            return None
+    return (kind, ints, flags, id(rows), *map(id, tensors))
 
 
 def _bind(

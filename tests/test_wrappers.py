@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from conftest import ACCELERATORS, SENTINEL, sentinel_like
+from conftest import ACCELERATORS, DEVICES, SENTINEL, device_index_dtype, sentinel_like
 from test_allocator import assert_unchanged, check_layout, snapshot
 from test_tree import random_paths
 
@@ -1071,3 +1071,132 @@ def test_a_tensor_of_rows_is_read_at_each_call_even_with_validate(validate):
         expected = twin.alloc_draft(rows, 2, validate=validate)
         assert torch.equal(out, expected[0]) and torch.equal(last, expected[1]), change
         assert_unchanged(wrapped, snapshot(twin))
+
+
+# ------------------------------------------------------------------ method calls given the tensors of an earlier call
+
+
+def _counting_kept_steps(alloc: DraftCacheAllocator, monkeypatch) -> list:
+    """The plans ``alloc``'s method calls find kept (DraftCacheAllocator._kept_step), one entry a call."""
+    found = []
+    kept_step = alloc._kept_step
+    monkeypatch.setattr(alloc, "_kept_step", lambda key: found.append(kept_step(key)) or found[-1])
+    return found
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("page_size", [1, 4], ids=lambda p: f"page{p}")
+@pytest.mark.parametrize("flow", ["chain", "tree"])
+def test_method_calls_given_the_same_tensors_drive_the_allocator_like_calls_given_new_ones(
+    flow, page_size, device, monkeypatch
+):
+    """Two allocators into their capacity: one given the same tensors every call (values rewritten in place, as an
+    engine does: from the third call on its calls take the plan kept for them), one given new tensors every call
+    (each checked in full). The same results, the same errors, the same state (device and host) after every call."""
+    rng = random.Random(page_size + (flow == "tree"))
+    bs, n, topk, steps = 3, 3, 2, 2
+    num_slots = 60 if page_size == 1 else 18 * page_size
+    a, b = (DraftCacheAllocator(num_slots, 4, 40, page_size=page_size, device=device) for _ in range(2))
+    rows, rows_b = a.add_requests([5, 2, 7]), b.add_requests([5, 2, 7])
+    found = _counting_kept_steps(a, monkeypatch)
+    accept = torch.zeros(bs, dtype=torch.int64, device=device)
+    accept_index = torch.zeros(bs, n, dtype=torch.int64, device=device)
+    draft = dict(
+        out_cache_loc=sentinel_like(bs * n + 2, torch.int64, device), last_loc=sentinel_like(bs, torch.int32, device)
+    )
+    tree = {
+        name: t.to(device, device_index_dtype(t.dtype, device))
+        for name, t in _tree_buffers(bs, topk, steps, n, page_size).items()
+    }
+    branches = {k: tree[k] for k in ("copy_src", "copy_dst")}
+    tree_commit = {k: tree[k] for k in ("kv_src", "kv_dst")}
+
+    def fresh(buffers: dict) -> dict:
+        return {name: sentinel_like(t.numel(), t.dtype, device).view(t.shape) for name, t in buffers.items()}
+
+    def both(name: str, *args, **buffers):
+        """The call on a with the kept tensors (buffers reset to the sentinel) and on b with new ones."""
+        for t in buffers.values():
+            t.fill_(SENTINEL)
+        copies = fresh(buffers)
+        args_b = [x.clone() if isinstance(x, torch.Tensor) else x for x in args]
+        got = _call(getattr(a, name), rows, *args, **buffers)
+        expected = _call(getattr(b, name), rows_b.clone(), *args_b, **copies)
+        assert repr(got[1]) == repr(expected[1])
+        if got[0] is not None:
+            results = got[0] if isinstance(got[0], tuple) else (got[0],)
+            results_b = expected[0] if isinstance(expected[0], tuple) else (expected[0],)
+            for x, y in zip(results, results_b):
+                assert x.shape == y.shape and torch.equal(x, y)
+        for t, u in zip(buffers.values(), copies.values()):
+            assert torch.equal(t, u)
+        _assert_same(a, b)
+        return got[1] is not None
+
+    errors = 0
+    for i in range(24):
+        if flow == "chain":
+            accept.copy_(torch.tensor([rng.randint(0, n) for _ in range(bs)]))
+            if i % 3 == 2:
+                errors += both("alloc_draft", n, **draft)
+                both("commit", accept)
+            else:
+                errors += both("commit_and_draft", accept, n, **draft)
+        else:
+            index, lens = random_paths(rng, bs, n)
+            accept_index.copy_(index)
+            accept.copy_(torch.tensor(lens))
+            if i % 2:
+                errors += both("alloc_branches", topk, steps, out=tree["branch_slots"], **branches)
+                errors += both("alloc_draft", n, **draft)
+                both("commit_tree", accept_index, accept, **tree_commit)
+            else:
+                errors += both("commit_tree_and_draft", accept_index, accept, n, topk, steps, **draft, **tree)
+    assert errors, "the loop must reach the capacity"
+    assert sum(step is not None for step in found) >= 10, "calls took the kept plans"
+    check_layout(a)
+
+
+def test_a_kept_method_call_whose_tensor_changed_is_checked_again(monkeypatch):
+    """A tensor of a kept call moved, resized or re-typed in place since: the call raises what a call given new
+    tensors raises, and changes nothing; a valid move is checked and followed (the call writes the new memory)."""
+    a = DraftCacheAllocator(64, 4, 32, page_size=4, device="cpu")
+    rows = a.add_requests([5, 6])
+    found = _counting_kept_steps(a, monkeypatch)
+    out, last = torch.empty(8, dtype=torch.int64), torch.empty(2, dtype=torch.int64)
+    for _ in range(3):
+        a.alloc_draft(rows, 2, out_cache_loc=out, last_loc=last)
+        a.commit(rows, torch.zeros(2, dtype=torch.int64))
+    assert found[-1] is not None
+    last.resize_(3)
+    before = snapshot(a)
+    with pytest.raises(ValueError, match="last_loc must have 2 elements, got 3"):
+        a.alloc_draft(rows, 2, out_cache_loc=out, last_loc=last)
+    assert_unchanged(a, before)
+    last.resize_(2)
+    rows.data = rows.data.float()
+    with pytest.raises(TypeError, match="req_pool_indices must be int32 or int64, got torch.float32"):
+        a.alloc_draft(rows, 2, out_cache_loc=out, last_loc=last)
+    assert_unchanged(a, before)
+    rows.data = rows.data.long()
+    old = out.data
+    out.data = torch.full((4,), SENTINEL, dtype=torch.int64)
+    old.fill_(SENTINEL)
+    got, _ = a.alloc_draft(rows, 2, out_cache_loc=out, last_loc=last)
+    assert got is out and (out != SENTINEL).all() and (old == SENTINEL).all()
+
+
+def test_a_method_call_whose_outputs_share_memory_with_its_inputs_is_not_kept():
+    """validate=False does not check that outputs share no memory with inputs (a plan does): such calls run as
+    before, checked in full each time, and are never kept."""
+    a = DraftCacheAllocator(64, 4, 32, page_size=4, device="cpu")
+    rows = a.add_requests([5, 6])
+    buffer = torch.zeros(6, dtype=torch.int64)
+    accept = buffer[4:]
+    for _ in range(3):
+        a.commit_and_draft(rows, accept, 2, out_cache_loc=buffer[:4], last_loc=buffer[4:])
+    assert not a._kept_steps
+    fresh = buffer[:4]
+    for _ in range(3):
+        a.commit_and_draft(rows, accept, 2, out_cache_loc=fresh, last_loc=buffer[4:])
+    assert not a._kept_steps
