@@ -50,7 +50,9 @@ Calls (bs --batch-size, N --window-len, buffers given, num_tokens given: the hot
                    not timed apart: back-to-back add_requests need room for --iters batches, so they would time a
                    pool sized for it
 
-The chain calls (alloc_draft, commit, commit_and_draft) run on an allocator of their own that never takes branch
+Every call is given the same tensors each time, as an engine's persistent buffers: from their second call the
+function and method forms take the launch kept for them (docs/design.md, "Calls given the tensors of an earlier
+call"). The chain calls (alloc_draft, commit, commit_and_draft) run on an allocator of their own that never takes branch
 pages, as a chain engine's (topk 1); the tree calls on another.
 
 A second table times the same calls with the launch replaced by a no-op (backend.launch, the prepared launches of

@@ -450,6 +450,13 @@ class DraftCacheAllocator:
     next eager call. A table the device cannot hold (``max_requests * max_context_len`` int32 entries) raises
     ``ValueError`` naming those sizes at construction.
 
+    Eager calls given the tensors of an earlier call: from the second call of :meth:`alloc_draft`,
+    :meth:`commit_and_draft`, :meth:`alloc_branches`, :meth:`commit_tree` or :meth:`commit_tree_and_draft` with the
+    same tensor objects (rows as a tensor, every output buffer given, ``validate=False``, counts as ``int``), the
+    allocator keeps a :class:`DraftStepWrapper` planned with them (it holds those tensors) and later such calls take
+    its path: the same results, errors and state, without the checks while no tensor has moved, been resized,
+    re-typed or re-strided (docs/design.md, "Calls given the tensors of an earlier call").
+
     Attributes (device tensors, read them freely, change them only through the methods):
         req_to_token: ``[max_requests, max_context_len]`` int32, the slot of every position; 0 (padding) where
             a position owns no slot.

@@ -5,6 +5,11 @@ Names and semantics follow SGLang's ``get_last_loc`` and ``assign_extend_cache_l
 
 On an NPU every index tensor but ``req_to_token`` (int32 or int64) must be int64, buffers included
 (``checks.check_npu_dtypes``: the dtypes whose kernels the offline Ascend compile check compiles).
+
+A call of ``assign_extend_cache_locs`` or the fused op given the very tensors of an earlier call (values rewritten in
+place, every buffer given, ``validate=False``, counts as ``int``) launches the launch kept for them without the
+checks while no tensor has moved, been resized, re-typed or re-strided (``_recent_calls``; docs/design.md, "Calls
+given the tensors of an earlier call"). No tensor is held for it.
 """
 
 from __future__ import annotations
