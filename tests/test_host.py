@@ -284,6 +284,18 @@ def kept_call_args(device="cpu"):
     return table, rows, start, start + 3, out, last
 
 
+@pytest.fixture
+def kept_call(monkeypatch):
+    """The arguments of a fused call made twice (so kept), the ops' kept calls emptied first and restored after."""
+    monkeypatch.setattr(ops_module, "_recent_calls", {})
+    monkeypatch.setattr(ops_module, "_seen_calls", {})
+    args = kept_call_args()
+    fused(*args)
+    fused(*args)
+    assert len(ops_module._recent_calls) == 1
+    return args
+
+
 def fused(table, rows, start, end, out, last, **kwargs):
     kwargs = {"num_tokens": 9, "window_len": 3, **kwargs}
     return specdec_ops.get_last_loc_and_assign_extend_cache_locs(table, rows, start, end, out, last, **kwargs)
@@ -293,17 +305,14 @@ def expected(table, rows, start, end):
     return get_last_loc_and_assign_extend_cache_locs_torch(table, rows, start, end)
 
 
-def test_a_kept_call_with_the_tensors_of_an_earlier_one_skips_the_checks_and_reads_the_current_values(monkeypatch):
+def test_a_kept_call_with_the_tensors_of_an_earlier_one_skips_the_checks_and_reads_the_current_values(
+    kept_call, monkeypatch
+):
     """The second call with the same tensors keeps its launch; a third with them, new values written in place,
     launches it without the checks (here made to raise) and gets the exact slots of those values. Another function
     given the same tensors is another call."""
-    monkeypatch.setattr(ops_module, "_recent_calls", {})
-    monkeypatch.setattr(ops_module, "_seen_calls", {})
-    args = kept_call_args()
+    args = kept_call
     table, rows, start, end, out, last = args
-    fused(*args)
-    fused(*args)
-    assert len(ops_module._recent_calls) == 1
 
     def no_checks(*a, **k):
         raise AssertionError("a kept call was checked again")
@@ -341,15 +350,11 @@ def _rebind(tensor, other):
     ],
     ids=["dtype", "resize", "short-out", "set-strided", "offset", "as-strided", "table-1d"],
 )
-def test_a_kept_call_whose_tensor_changed_is_checked_again(monkeypatch, position, change, error):
+def test_a_kept_call_whose_tensor_changed_is_checked_again(kept_call, monkeypatch, position, change, error):
     """A tensor of a kept call moved, resized, re-typed or re-strided in place (the same object) since: the call
     raises what it would raise had it never been kept, and launches nothing; or, where the change leaves valid
     arguments (``error`` None: out_cache_loc one element further on), writes where the tensor now is."""
-    monkeypatch.setattr(ops_module, "_recent_calls", {})
-    monkeypatch.setattr(ops_module, "_seen_calls", {})
-    args = kept_call_args()
-    fused(*args)
-    fused(*args)
+    args = kept_call
     change(args[position])
     if error is None:
         args[4].fill_(-7)
@@ -370,14 +375,10 @@ def test_a_kept_call_whose_tensor_changed_is_checked_again(monkeypatch, position
     assert str(kept.value) == str(fresh.value)
 
 
-def test_a_kept_call_whose_tensor_moved_launches_on_the_new_memory(monkeypatch):
+def test_a_kept_call_whose_tensor_moved_launches_on_the_new_memory(kept_call):
     """``.data =`` with another valid tensor: the call is checked and resolved again, and writes the new buffer."""
-    monkeypatch.setattr(ops_module, "_recent_calls", {})
-    monkeypatch.setattr(ops_module, "_seen_calls", {})
-    args = kept_call_args()
+    args = kept_call
     table, rows, start, end, out, last = args
-    fused(*args)
-    fused(*args)
     old_out, old_last = out.data, last.data
     out.data = torch.full((9,), -7, dtype=torch.int64)
     last.data = torch.full((3,), -7, dtype=torch.int32)  # another dtype, another specialisation
@@ -433,14 +434,10 @@ def test_a_kept_call_holds_no_tensor(monkeypatch):
     assert all(ref() is None for ref in refs)
 
 
-def test_a_kept_call_takes_no_object_but_a_tensor(monkeypatch):
+def test_a_kept_call_takes_no_object_but_a_tensor(kept_call):
     """The facts of a kept call are read through torch.Tensor's own methods: an object that forwards a tensor's
     attributes, under the identity key of a kept call, is not taken for it."""
-    monkeypatch.setattr(ops_module, "_recent_calls", {})
-    monkeypatch.setattr(ops_module, "_seen_calls", {})
-    args = kept_call_args()
-    fused(*args)
-    fused(*args)
+    args = kept_call
     (key,) = ops_module._recent_calls
 
     class Forwarding:
