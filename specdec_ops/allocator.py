@@ -46,6 +46,7 @@ import functools
 import itertools
 import numbers
 import operator
+import weakref
 from collections import Counter
 from collections.abc import Sequence
 from typing import NamedTuple, Union
@@ -3045,13 +3046,14 @@ class DraftCacheAllocator:
         """After a method call under ``key`` (``_step_key``) passed its checks and launched: on the second such call,
         plan its arguments (``rows``, ``n`` and ``plan``, as DraftStepWrapper.plan takes them) and keep the plan for
         the next calls under ``key`` (:meth:`_kept_step`); on the first, remember the key, so that calls with new
-        tensors each time pay only for their key."""
+        tensors each time pay only for their key. The plan reaches the allocator through a weak proxy: the allocator
+        holding a plan that held it would keep its memory until Python's cyclic collector ran."""
         if key is None:
             return
         if key not in self._seen_steps:
             remember(self._seen_steps, key, None, _MAX_KEPT_STEPS)
             return
-        step = DraftStepWrapper(self)
+        step = DraftStepWrapper(weakref.proxy(self))  # (not the allocator: a cycle would outlive its last reference)
         try:
             step.plan(rows, n, **plan)
         except ValueError:  # an output sharing memory with an input, which only validate=True checks in a call

@@ -1200,3 +1200,25 @@ def test_a_method_call_whose_outputs_share_memory_with_its_inputs_is_not_kept():
     for _ in range(3):
         a.commit_and_draft(rows, accept, 2, out_cache_loc=fresh, last_loc=buffer[4:])
     assert not a._kept_steps
+
+
+def test_an_allocator_with_kept_plans_is_freed_with_its_last_reference():
+    """The plans an allocator keeps for its method calls reach it through a weak proxy: dropping the last reference
+    frees it (and its device memory) at once, without Python's cyclic collector."""
+    import gc
+    import weakref
+
+    a = DraftCacheAllocator(64, 4, 32, page_size=4, device="cpu")
+    rows = a.add_requests([5, 6])
+    out, last = torch.empty(8, dtype=torch.int64), torch.empty(2, dtype=torch.int64)
+    for _ in range(3):
+        a.alloc_draft(rows, 2, out_cache_loc=out, last_loc=last)
+        a.commit(rows, torch.zeros(2, dtype=torch.int64))
+    assert a._kept_steps
+    ref = weakref.ref(a)
+    gc.disable()
+    try:
+        del a
+        assert ref() is None
+    finally:
+        gc.enable()
