@@ -611,7 +611,7 @@ class DraftCacheAllocator:
         self._checked_buffers: dict[tuple, None] = {}
         # Method calls kept by the identity of their tensors (_kept_step): key -> its plan; keys seen once
         self._kept_steps: dict[tuple, DraftStepWrapper] = {}
-        self._seen_steps: dict[tuple, None] = {}
+        self._seen_steps: dict[tuple, list] = {}  # key -> weak references to its tensors
         self._branch_rows: dict[int, int] = {}
         self._branch_rows_sum = 0  # sum(_branch_rows.values()), kept up to date by each call (no pass over them)
         self._branch_batch_pages = 0
@@ -939,9 +939,9 @@ class DraftCacheAllocator:
             ContextLengthError, OutOfSlotsError: nothing changed. Only raised after a sync, which happens only
             when the host bound says the call might not fit.
         """
-        key = None
+        key = given = None
         if validate is False:
-            key = _step_key("alloc_draft", req_pool_indices, (num_draft_tokens,), (), out_cache_loc, last_loc)
+            key, given = _step_key("alloc_draft", req_pool_indices, (num_draft_tokens,), (), out_cache_loc, last_loc)
             step = self._kept_step(key)
             if step is not None:
                 self._draft(req_pool_indices, None, num_draft_tokens, out_cache_loc, last_loc, step)
@@ -953,7 +953,7 @@ class DraftCacheAllocator:
             self._check_shared_memory(rows, dict(out_cache_loc=out_cache_loc, last_loc=last_loc))
         if bs:
             self._draft(rows, host_rows, n, out_cache_loc, last_loc)
-            self._keep_step(key, rows, n, out_cache_loc=out_cache_loc, last_loc=last_loc)
+            self._keep_step(key, given, rows, n, out_cache_loc=out_cache_loc, last_loc=last_loc)
         return (out_cache_loc if out_cache_loc.shape[0] == bs * n else out_cache_loc[: bs * n]), last_loc
 
     def alloc_tree_draft(
@@ -1070,11 +1070,13 @@ class DraftCacheAllocator:
             ContextLengthError, OutOfSlotsError: nothing changed (nothing committed). Only raised after a sync,
             which happens only when the host bound says the call might not fit.
         """
-        key = None
+        key = given = None
         buffers = (kv_src, kv_dst, out_cache_loc, last_loc, branch_slots, copy_src, copy_dst)
         if validate is False:
             counts = (num_draft_tokens, topk, num_steps)
-            key = _step_key("commit_tree_and_draft", req_pool_indices, counts, (), accept_index, accept_lens, *buffers)
+            key, given = _step_key(
+                "commit_tree_and_draft", req_pool_indices, counts, (), accept_index, accept_lens, *buffers
+            )
             step = self._kept_step(key)
             if step is not None:
                 branches, tree = step._branches, step._tree
@@ -1103,7 +1105,7 @@ class DraftCacheAllocator:
             )
             plan = dict(accept_lens=accept, accept_index=accept_index, kv_src=src, kv_dst=dst, topk=topk)
             plan.update(num_steps=num_steps, branch_slots=slots, copy_src=copy_from, copy_dst=copy_to)
-            self._keep_step(key, rows, n, out_cache_loc=out_cache_loc, last_loc=last_loc, **plan)
+            self._keep_step(key, given, rows, n, out_cache_loc=out_cache_loc, last_loc=last_loc, **plan)
         copy_n = bs * topk * (self.page_size - 1)
         return (
             src[:pairs],
@@ -1180,9 +1182,9 @@ class DraftCacheAllocator:
             ContextLengthError, OutOfSlotsError: nothing changed (nothing committed). Only raised after a sync,
             which happens only when the host bound says the call might not fit.
         """
-        key = None
+        key = given = None
         if validate is False:
-            key = _step_key(
+            key, given = _step_key(
                 "commit_and_draft", req_pool_indices, (num_draft_tokens,), (), accept_lens, out_cache_loc, last_loc
             )
             step = self._kept_step(key)
@@ -1199,7 +1201,7 @@ class DraftCacheAllocator:
             self._check_shared_memory(rows, dict(out_cache_loc=out_cache_loc, last_loc=last_loc), accept_lens=accept)
         if bs:
             self._draft(rows, host_rows, n, out_cache_loc, last_loc, accept=accept)
-            self._keep_step(key, rows, n, accept_lens=accept, out_cache_loc=out_cache_loc, last_loc=last_loc)
+            self._keep_step(key, given, rows, n, accept_lens=accept, out_cache_loc=out_cache_loc, last_loc=last_loc)
         return (out_cache_loc if out_cache_loc.shape[0] == bs * n else out_cache_loc[: bs * n]), last_loc
 
     def _validate_accept(self, rows: torch.Tensor, accept: torch.Tensor) -> None:
@@ -1326,9 +1328,9 @@ class DraftCacheAllocator:
         Returns:
             ``(kv_src[:bs * T], kv_dst[:bs * T])``, int64 unless given.
         """
-        key = None
+        key = given = None
         if validate is False:
-            key = _step_key(
+            key, given = _step_key(
                 "commit_tree", req_pool_indices, (), (keep_branches,), accept_index, accept_lens, kv_src, kv_dst
             )
             step = self._kept_step(key)
@@ -1348,7 +1350,7 @@ class DraftCacheAllocator:
         if bs:
             self._commit(rows, host_rows, accept, (accept_index, src, dst), keep_branches=keep_branches)
             plan = dict(accept_lens=accept, accept_index=accept_index, kv_src=src, kv_dst=dst, emit=False)
-            self._keep_step(key, rows, 1, keep_branches=keep_branches, **plan)
+            self._keep_step(key, given, rows, 1, keep_branches=keep_branches, **plan)
         return src[:n], dst[:n]
 
     def _launch_commit_tree(
@@ -1474,10 +1476,12 @@ class DraftCacheAllocator:
             OutOfSlotsError: nothing changed. Only after a sync, which happens only when the host bound says the
             call might not fit.
         """
-        key = None
+        key = given = None
         if validate is False:
             flags = (return_copies,)
-            key = _step_key("alloc_branches", req_pool_indices, (topk, num_steps), flags, out, copy_src, copy_dst)
+            key, given = _step_key(
+                "alloc_branches", req_pool_indices, (topk, num_steps), flags, out, copy_src, copy_dst
+            )
             step = self._kept_step(key)
             if step is not None:
                 self._branches(req_pool_indices, None, topk, num_steps, out, copy_src, copy_dst, step)
@@ -1492,7 +1496,7 @@ class DraftCacheAllocator:
         if bs:
             self._branches(rows, host_rows, topk, num_steps, slots, src, dst)
             branches = dict(topk=topk, num_steps=num_steps, branch_slots=slots, copy_src=src, copy_dst=dst)
-            self._keep_step(key, rows, 1, emit=False, **branches)
+            self._keep_step(key, given, rows, 1, emit=False, **branches)
         branch_slots = slots[: bs * topk * num_steps].view(bs, topk, num_steps)
         if return_copies or copy_src is not None or copy_dst is not None:
             copy_width = topk * (self.page_size - 1)
@@ -3038,20 +3042,26 @@ class DraftCacheAllocator:
         if key is None:
             return None
         step = self._kept_steps.get(key)
-        if step is None or step._tree_step_bound.changed():
+        if step is None:
+            return None
+        if step._tree_step_bound.changed():
+            del self._kept_steps[key]  # (then this key is kept again only from two calls with the same tensors)
             return None
         return step
 
-    def _keep_step(self, key: tuple | None, rows: torch.Tensor, n: int, **plan) -> None:
-        """After a method call under ``key`` (``_step_key``) passed its checks and launched: on the second such call,
-        plan its arguments (``rows``, ``n`` and ``plan``, as DraftStepWrapper.plan takes them) and keep the plan for
-        the next calls under ``key`` (:meth:`_kept_step`); on the first, remember the key, so that calls with new
-        tensors each time pay only for their key. The plan reaches the allocator through a weak proxy: the allocator
-        holding a plan that held it would keep its memory until Python's cyclic collector ran."""
+    def _keep_step(self, key: tuple | None, given: tuple | None, rows: torch.Tensor, n: int, **plan) -> None:
+        """After a method call under ``key`` with the tensors ``given`` (``_step_key``) passed its checks and
+        launched: if the call before under ``key`` had those very tensors (not others that took their ids once they
+        were freed), plan its arguments (``rows``, ``n`` and ``plan``, as DraftStepWrapper.plan takes them) and keep
+        the plan for the next calls under ``key`` (:meth:`_kept_step`); else remember the tensors, weakly, so that
+        calls given new tensors each time pay only for their key and these weak references. The plan reaches the
+        allocator through a weak proxy: the allocator holding a plan that held it would keep its memory until
+        Python's cyclic collector ran."""
         if key is None:
             return
-        if key not in self._seen_steps:
-            remember(self._seen_steps, key, None, _MAX_KEPT_STEPS)
+        seen = self._seen_steps.get(key)
+        if seen is None or not all(ref() is tensor for ref, tensor in zip(seen, given)):
+            remember(self._seen_steps, key, [weakref.ref(tensor) for tensor in given], _MAX_KEPT_STEPS)
             return
         step = DraftStepWrapper(weakref.proxy(self))  # (not the allocator: a cycle would outlive its last reference)
         try:
@@ -3613,23 +3623,25 @@ class DraftStepWrapper:
         return entry[0]
 
 
-def _step_key(kind: str, rows: IntVector, ints: tuple, flags: tuple, *tensors: object) -> tuple | None:
-    """The key under which a method call is kept (DraftCacheAllocator._kept_step): its kind, counts and flags, and
-    the identities of its rows and tensors. None where the call is not kept: rows or a tensor argument that is not a
-    plain torch.Tensor (a list, None: a buffer the call makes), a count that is not an int or a flag not a bool (the
-    key compares values: 1 == 1.0 == True)."""
+def _step_key(
+    kind: str, rows: IntVector, ints: tuple, flags: tuple, *tensors: object
+) -> tuple[tuple | None, tuple | None]:
+    """``(key, tensors)``: the key under which a method call is kept (DraftCacheAllocator._kept_step), its kind,
+    counts and flags and the identities of its rows and tensors, and those tensors. ``(None, None)`` where the call
+    is not kept: rows or a tensor argument that is not a plain torch.Tensor (a list, None: a buffer the call makes),
+    a count that is not an int or a flag not a bool (the key compares values: 1 == 1.0 == True)."""
     if type(rows) is not torch.Tensor:
-        return None
+        return None, None
     for value in ints:
         if type(value) is not int:
-            return None
+            return None, None
     for flag in flags:
         if type(flag) is not bool:
-            return None
+            return None, None
     for tensor in tensors:
         if type(tensor) is not torch.Tensor:
-            return None
-    return (kind, ints, flags, id(rows), *map(id, tensors))
+            return None, None
+    return (kind, ints, flags, id(rows), *map(id, tensors)), (rows, *tensors)
 
 
 def _bind(

@@ -15,6 +15,7 @@ given the tensors of an earlier call"). No tensor is held for it.
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Callable, NamedTuple
 
 import torch
@@ -115,9 +116,9 @@ _NEXT_EARLY_MAX_BATCH = 4096
 # a call (_recent_key) -> (what the call's checks and launch read of its tensors, _facts; its launch, kept; the
 # elements of out_cache_loc it returns, -1: all). A call whose key is kept and whose tensors still have those facts
 # skips the checks, whose outcome the facts and the key decide, and launches the kept launch. Identity keys seen
-# once wait in _seen_calls. No tensor is held.
+# once wait in _seen_calls, with weak references to their tensors. No tensor is held.
 _recent_calls: dict[tuple, tuple] = {}
-_seen_calls: dict[tuple, None] = {}
+_seen_calls: dict[tuple, list] = {}
 _MAX_RECENT_CALLS = 64
 _data_ptr = torch.Tensor.data_ptr
 _strides = torch.Tensor.stride
@@ -624,6 +625,7 @@ def _run_recent(key: tuple, tensors: tuple[torch.Tensor, ...]) -> int | None:
     except (TypeError, RuntimeError):
         return None
     if facts != kept[0]:
+        _recent_calls.pop(key, None)  # (then this key is kept again only from two calls with the same tensors)
         return None
     kept[1](tensors)
     return kept[2]
@@ -632,17 +634,18 @@ def _run_recent(key: tuple, tensors: tuple[torch.Tensor, ...]) -> int | None:
 def _keep_call(
     key: tuple | None, tensors: tuple[torch.Tensor, ...], bs: int, window_len: int | None, device: torch.device
 ) -> bool:
-    """Whether a call whose checks passed keeps its launch under ``key`` (``_recent_calls``): on the second call
-    with that key (calls with other tensors each time only pay for the key), with one launch whatever the stream
-    (not ``_ragged_may_take_two_launches``) and no empty tensor (``_facts``). The first call is remembered."""
+    """Whether a call whose checks passed keeps its launch under ``key`` (``_recent_calls``): when the call before
+    under ``key`` had these very ``tensors`` (not others that took their ids once they were freed), with one launch
+    whatever the stream (not ``_ragged_may_take_two_launches``) and no empty tensor (``_facts``). Otherwise the
+    tensors are remembered, weakly: calls given new tensors each time pay only for their key and these weak
+    references."""
     if key is None or not bs or _ragged_may_take_two_launches(bs, window_len, device):
         return False
-    if not all(t.numel() for t in tensors):
+    seen = _seen_calls.get(key)
+    if seen is None or not all(ref() is tensor for ref, tensor in zip(seen, tensors)):
+        remember(_seen_calls, key, [weakref.ref(tensor) for tensor in tensors], _MAX_RECENT_CALLS)
         return False
-    if key in _seen_calls:
-        return True
-    remember(_seen_calls, key, None, _MAX_RECENT_CALLS)
-    return False
+    return all(t.numel() for t in tensors)
 
 
 def _new_tile_sums(bs: int, device: torch.device) -> torch.Tensor:

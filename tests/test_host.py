@@ -418,6 +418,26 @@ def test_only_the_hot_paths_calls_are_kept(monkeypatch, kwargs):
     assert len(ops_module._recent_calls) == (1 if "persistent" in kwargs else 0), "calls that make buffers"
 
 
+def test_calls_given_new_tensors_each_time_keep_nothing(monkeypatch):
+    """Calls given new tensors every time, which take the ids of the last call's tensors once those are freed,
+    keep no launch (no launch is resolved for keeping): a call is kept after two calls with the very same tensors."""
+    monkeypatch.setattr(ops_module, "_recent_calls", {})
+    monkeypatch.setattr(ops_module, "_seen_calls", {})
+    kept = []
+    real = backend.launch_and_keep
+    monkeypatch.setattr(backend, "launch_and_keep", lambda *a: kept.append(1) or real(*a))
+    real_key = ops_module._recent_key
+    # Every call's tensors under one key, as when each takes the ids of the last call's (not reliably so by itself)
+    monkeypatch.setattr(ops_module, "_recent_key", lambda *a: real_key(*a) and ("the same ids",))
+    for _ in range(8):
+        fused(*kept_call_args())  # (temporaries: freed after the call, their ids taken by the next call's)
+    assert kept == [] and not ops_module._recent_calls
+    args = kept_call_args()
+    for _ in range(3):
+        fused(*args)
+    assert kept == [1] and len(ops_module._recent_calls) == 1
+
+
 def test_a_kept_call_holds_no_tensor(monkeypatch):
     import gc
     import weakref

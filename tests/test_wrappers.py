@@ -1222,3 +1222,27 @@ def test_an_allocator_with_kept_plans_is_freed_with_its_last_reference():
         assert ref() is None
     finally:
         gc.enable()
+
+
+def test_method_calls_given_new_tensors_each_time_keep_no_plan(monkeypatch):
+    """Calls given new tensors every time (which take the ids of the last call's tensors once those are freed, as
+    CPython reuses memory) plan nothing: a plan is kept only after two calls with the very same tensors."""
+    a = DraftCacheAllocator(1024, 4, 512, page_size=4, device="cpu")
+    rows = a.add_requests([5, 6])
+    plans = []
+    real_plan = DraftStepWrapper.plan
+    monkeypatch.setattr(DraftStepWrapper, "plan", lambda self, *x, **k: plans.append(1) or real_plan(self, *x, **k))
+    real_key = allocator_module._step_key
+    # Every call's tensors under one key, as when each takes the ids of the last call's (not reliably so by itself)
+    monkeypatch.setattr(allocator_module, "_step_key", lambda *a: (("the same ids", a[0]), real_key(*a)[1]))
+    for _ in range(12):
+        a.alloc_draft(  # (temporaries: freed after the call, their ids taken by the next call's)
+            rows.clone(), 2, out_cache_loc=torch.empty(4, dtype=torch.int64), last_loc=torch.empty(2, dtype=torch.int64)
+        )
+        a.commit(rows, torch.zeros(2, dtype=torch.int64))
+    assert plans == [] and not a._kept_steps
+    out, last = torch.empty(4, dtype=torch.int64), torch.empty(2, dtype=torch.int64)
+    for _ in range(3):
+        a.alloc_draft(rows, 2, out_cache_loc=out, last_loc=last)
+        a.commit(rows, torch.zeros(2, dtype=torch.int64))
+    assert plans == [1] and len(a._kept_steps) == 1
