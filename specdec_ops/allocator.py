@@ -147,8 +147,10 @@ _LOOK_BACK_MIN_TILE = 16
 _MAX_LAUNCH_CONFIGS = 4096
 # Output buffers whose checks a DraftCacheAllocator keeps (_check_buffer): an engine's few, and then some.
 _MAX_CHECKED_BUFFERS = 64
-# Calls given the tensors of an earlier call (_kept_step): plans a DraftCacheAllocator keeps, and keys it has seen.
+# Calls given the tensors of an earlier call (_kept_step): plans a DraftCacheAllocator keeps, and calls that wait
+# with their tensors held for their next call (_keep_step).
 _MAX_KEPT_STEPS = 16
+_MAX_SEEN_STEPS = 8
 
 
 def _remember(cache: dict, key: object, value: object) -> object:
@@ -611,7 +613,7 @@ class DraftCacheAllocator:
         self._checked_buffers: dict[tuple, None] = {}
         # Method calls kept by the identity of their tensors (_kept_step): key -> its plan; keys seen once
         self._kept_steps: dict[tuple, DraftStepWrapper] = {}
-        self._seen_steps: dict[tuple, list] = {}  # key -> weak references to its tensors
+        self._seen_steps: dict[tuple, tuple] = {}  # key -> its tensors, held (their ids stay theirs)
         self._branch_rows: dict[int, int] = {}
         self._branch_rows_sum = 0  # sum(_branch_rows.values()), kept up to date by each call (no pass over them)
         self._branch_batch_pages = 0
@@ -3051,17 +3053,17 @@ class DraftCacheAllocator:
 
     def _keep_step(self, key: tuple | None, given: tuple | None, rows: torch.Tensor, n: int, **plan) -> None:
         """After a method call under ``key`` with the tensors ``given`` (``_step_key``) passed its checks and
-        launched: if the call before under ``key`` had those very tensors (not others that took their ids once they
-        were freed), plan its arguments (``rows``, ``n`` and ``plan``, as DraftStepWrapper.plan takes them) and keep
-        the plan for the next calls under ``key`` (:meth:`_kept_step`); else remember the tensors, weakly, so that
-        calls given new tensors each time pay only for their key and these weak references. The plan reaches the
-        allocator through a weak proxy: the allocator holding a plan that held it would keep its memory until
-        Python's cyclic collector ran."""
+        launched: if a call under ``key`` waits in ``_seen_steps``, which holds its tensors (so these are the very
+        same: new tensors each call take the ids of the last call's once those are freed, and a key alone would
+        keep at every other call), plan its arguments (``rows``, ``n`` and ``plan``, as DraftStepWrapper.plan takes
+        them) and keep the plan for the next calls under ``key`` (:meth:`_kept_step`); else the call waits there:
+        calls given new tensors each time pay for their key and that. The plan reaches the allocator through a weak
+        proxy: the allocator holding a plan that held it would keep its memory until Python's cyclic collector
+        ran."""
         if key is None:
             return
-        seen = self._seen_steps.get(key)
-        if seen is None or not all(ref() is tensor for ref, tensor in zip(seen, given)):
-            remember(self._seen_steps, key, [weakref.ref(tensor) for tensor in given], _MAX_KEPT_STEPS)
+        if self._seen_steps.pop(key, None) is None:
+            remember(self._seen_steps, key, given, _MAX_SEEN_STEPS)
             return
         step = DraftStepWrapper(weakref.proxy(self))  # (not the allocator: a cycle would outlive its last reference)
         try:

@@ -9,13 +9,13 @@ On an NPU every index tensor but ``req_to_token`` (int32 or int64) must be int64
 A call of ``assign_extend_cache_locs`` or the fused op given the very tensors of an earlier call (values rewritten in
 place, every buffer given, ``validate=False``, counts as ``int``) launches the launch kept for them without the
 checks while no tensor has moved, been resized, re-typed or re-strided (``_recent_calls``; docs/design.md, "Calls
-given the tensors of an earlier call"). No tensor is held for it.
+given the tensors of an earlier call"). The kept launch holds no tensor; a call not kept holds its tensors but the
+table until the next call under its key, or until a few others have come.
 """
 
 from __future__ import annotations
 
 import functools
-import weakref
 from typing import Callable, NamedTuple
 
 import torch
@@ -115,11 +115,13 @@ _NEXT_EARLY_MAX_BATCH = 4096
 # Calls of the window ops kept for calls with the same tensors (an engine's persistent buffers): the identity key of
 # a call (_recent_key) -> (what the call's checks and launch read of its tensors, _facts; its launch, kept; the
 # elements of out_cache_loc it returns, -1: all). A call whose key is kept and whose tensors still have those facts
-# skips the checks, whose outcome the facts and the key decide, and launches the kept launch. Identity keys seen
-# once wait in _seen_calls, with weak references to their tensors. No tensor is held.
+# skips the checks, whose outcome the facts and the key decide, and launches the kept launch; it holds no tensor.
+# A call not kept waits in _seen_calls with its tensors but the table, held (so their ids stay theirs), and is kept
+# at its next call under its key: the same tensors. A few wait at once (their buffers stay allocated meanwhile).
 _recent_calls: dict[tuple, tuple] = {}
-_seen_calls: dict[tuple, list] = {}
+_seen_calls: dict[tuple, tuple] = {}
 _MAX_RECENT_CALLS = 64
+_MAX_SEEN_CALLS = 8
 _data_ptr = torch.Tensor.data_ptr
 _strides = torch.Tensor.stride
 # The names under which the project's reference Ascend checker (../shared/tools/ascend_compile_check.py) reads the
@@ -634,16 +636,15 @@ def _run_recent(key: tuple, tensors: tuple[torch.Tensor, ...]) -> int | None:
 def _keep_call(
     key: tuple | None, tensors: tuple[torch.Tensor, ...], bs: int, window_len: int | None, device: torch.device
 ) -> bool:
-    """Whether a call whose checks passed keeps its launch under ``key`` (``_recent_calls``): when the call before
-    under ``key`` had these very ``tensors`` (not others that took their ids once they were freed), with one launch
-    whatever the stream (not ``_ragged_may_take_two_launches``) and no empty tensor (``_facts``). Otherwise the
-    tensors are remembered, weakly: calls given new tensors each time pay only for their key and these weak
-    references."""
+    """Whether a call whose checks passed keeps its launch under ``key`` (``_recent_calls``): when a call under
+    ``key`` waits in ``_seen_calls``, which holds its tensors but the table, so that these are the very same (new
+    tensors each call take the ids of the last call's once those are freed: a key alone would keep at every other
+    call), with one launch whatever the stream (not ``_ragged_may_take_two_launches``) and no empty tensor
+    (``_facts``). Otherwise the call waits there: calls given new tensors each time pay for their key and that."""
     if key is None or not bs or _ragged_may_take_two_launches(bs, window_len, device):
         return False
-    seen = _seen_calls.get(key)
-    if seen is None or not all(ref() is tensor for ref, tensor in zip(seen, tensors)):
-        remember(_seen_calls, key, [weakref.ref(tensor) for tensor in tensors], _MAX_RECENT_CALLS)
+    if _seen_calls.pop(key, None) is None:
+        remember(_seen_calls, key, tensors[1:], _MAX_SEEN_CALLS)
         return False
     return all(t.numel() for t in tensors)
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import threading
+import weakref
 
 import numpy as np
 import pytest
@@ -419,29 +421,32 @@ def test_only_the_hot_paths_calls_are_kept(monkeypatch, kwargs):
 
 
 def test_calls_given_new_tensors_each_time_keep_nothing(monkeypatch):
-    """Calls given new tensors every time, which take the ids of the last call's tensors once those are freed,
-    keep no launch (no launch is resolved for keeping): a call is kept after two calls with the very same tensors."""
+    """A call not kept waits with its tensors held but the table: a new tensor cannot take one of their ids, so a call
+    is kept only once the very same tensors come again. Calls given new tensors each time keep nothing, and hold
+    the tensors of a few calls at most."""
     monkeypatch.setattr(ops_module, "_recent_calls", {})
     monkeypatch.setattr(ops_module, "_seen_calls", {})
     kept = []
     real = backend.launch_and_keep
     monkeypatch.setattr(backend, "launch_and_keep", lambda *a: kept.append(1) or real(*a))
-    real_key = ops_module._recent_key
-    # Every call's tensors under one key, as when each takes the ids of the last call's (not reliably so by itself)
-    monkeypatch.setattr(ops_module, "_recent_key", lambda *a: real_key(*a) and ("the same ids",))
-    for _ in range(8):
-        fused(*kept_call_args())  # (temporaries: freed after the call, their ids taken by the next call's)
+    for _ in range(3 * ops_module._MAX_SEEN_CALLS):
+        fused(*kept_call_args())  # (temporaries: freed once no longer held)
     assert kept == [] and not ops_module._recent_calls
+    assert 0 < len(ops_module._seen_calls) <= ops_module._MAX_SEEN_CALLS
     args = kept_call_args()
-    for _ in range(3):
-        fused(*args)
+    fused(*args)
+    (waiting,) = [held for held in ops_module._seen_calls.values() if held[0] is args[1]]
+    assert all(x is y for x, y in zip(waiting, args[1:])), "the call's tensors but the table, held"
+    table = weakref.ref(args[0])
+    args = (kept_call_args()[0], *args[1:])
+    gc.collect()
+    assert table() is None, "the table is not held"
+    fused(*args)  # (another table: another key)
+    fused(*args)
     assert kept == [1] and len(ops_module._recent_calls) == 1
 
 
 def test_a_kept_call_holds_no_tensor(monkeypatch):
-    import gc
-    import weakref
-
     monkeypatch.setattr(ops_module, "_recent_calls", {})
     monkeypatch.setattr(ops_module, "_seen_calls", {})
     args = list(kept_call_args())

@@ -1225,24 +1225,26 @@ def test_an_allocator_with_kept_plans_is_freed_with_its_last_reference():
 
 
 def test_method_calls_given_new_tensors_each_time_keep_no_plan(monkeypatch):
-    """Calls given new tensors every time (which take the ids of the last call's tensors once those are freed, as
-    CPython reuses memory) plan nothing: a plan is kept only after two calls with the very same tensors."""
+    """A method call not kept waits with its tensors held: a new tensor cannot take one of their ids, so a plan is
+    kept only once the very same tensors come again. Calls given new tensors each time plan nothing, and hold the
+    tensors of a few calls at most."""
     a = DraftCacheAllocator(1024, 4, 512, page_size=4, device="cpu")
     rows = a.add_requests([5, 6])
     plans = []
     real_plan = DraftStepWrapper.plan
     monkeypatch.setattr(DraftStepWrapper, "plan", lambda self, *x, **k: plans.append(1) or real_plan(self, *x, **k))
-    real_key = allocator_module._step_key
-    # Every call's tensors under one key, as when each takes the ids of the last call's (not reliably so by itself)
-    monkeypatch.setattr(allocator_module, "_step_key", lambda *a: (("the same ids", a[0]), real_key(*a)[1]))
-    for _ in range(12):
-        a.alloc_draft(  # (temporaries: freed after the call, their ids taken by the next call's)
+    for _ in range(3 * allocator_module._MAX_SEEN_STEPS):
+        a.alloc_draft(  # (temporaries: freed once no longer held)
             rows.clone(), 2, out_cache_loc=torch.empty(4, dtype=torch.int64), last_loc=torch.empty(2, dtype=torch.int64)
         )
         a.commit(rows, torch.zeros(2, dtype=torch.int64))
     assert plans == [] and not a._kept_steps
+    assert 0 < len(a._seen_steps) <= allocator_module._MAX_SEEN_STEPS
     out, last = torch.empty(4, dtype=torch.int64), torch.empty(2, dtype=torch.int64)
-    for _ in range(3):
-        a.alloc_draft(rows, 2, out_cache_loc=out, last_loc=last)
+    a.alloc_draft(rows, 2, out_cache_loc=out, last_loc=last)
+    held = [entry for entry in a._seen_steps.values() if entry[0] is rows and entry[1] is out and entry[2] is last]
+    assert len(held) == 1, "the call's tensors, held"
+    for _ in range(2):
         a.commit(rows, torch.zeros(2, dtype=torch.int64))
+        a.alloc_draft(rows, 2, out_cache_loc=out, last_loc=last)
     assert plans == [1] and len(a._kept_steps) == 1
