@@ -611,9 +611,10 @@ class DraftCacheAllocator:
         self._branch_span = (self.branch_pages, *_storage_span(self.branch_pages))  # (the tensor, then its span)
         # Output buffers that passed _check_buffer, against the branch_pages of _branch_span
         self._checked_buffers: dict[tuple, None] = {}
-        # Method calls kept by the identity of their tensors (_kept_step): key -> its plan; keys seen once
+        # Method calls kept by the identity of their tensors (_kept_step): key -> its plan
         self._kept_steps: dict[tuple, DraftStepWrapper] = {}
-        self._seen_steps: dict[tuple, tuple] = {}  # key -> its tensors, held (their ids stay theirs)
+        # Calls waiting for the next call under their key (_keep_step): key -> its tensors, held (ids stay theirs)
+        self._seen_steps: dict[tuple, tuple] = {}
         self._branch_rows: dict[int, int] = {}
         self._branch_rows_sum = 0  # sum(_branch_rows.values()), kept up to date by each call (no pass over them)
         self._branch_batch_pages = 0
