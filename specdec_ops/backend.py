@@ -362,7 +362,28 @@ def _direct_launch(run) -> tuple | None:
         return None
 
 
-class Launch:
+class _Relaunch:
+    """What a launch keeps to be made again: :func:`launch`'s arguments but the tensors and, once it has run on
+    CUDA, the kept launcher with the tensors' addresses (:func:`_kept_launcher`). ``_launch(tensors)`` goes through
+    :func:`launch` (which compiles if need be) and keeps the launcher after the first time."""
+
+    __slots__ = ("_kernel", "_grid", "_device", "_scalars", "_constexprs", "_num_warps", "_launcher", "_args")
+
+    def __init__(self, kernel, grid, device, scalars, constexprs, num_warps) -> None:
+        self._kernel, self._grid, self._device = kernel, grid, device
+        self._scalars, self._constexprs, self._num_warps = scalars, constexprs, num_warps
+        self._launcher = self._args = None
+
+    def _launch(self, tensors: tuple[torch.Tensor, ...]) -> None:
+        arguments = (self._kernel, self._device, tensors, self._scalars, self._constexprs, self._num_warps)
+        launch(self._kernel, self._grid, *arguments[1:])
+        if self._launcher is None:
+            self._launcher, self._args = _kept_launcher(*arguments)
+        elif not _fast_launch:
+            self._launcher = None
+
+
+class Launch(_Relaunch):
     """A launch resolved once (:func:`prepare`); each call launches it again on the tensors' current values.
 
     The first call goes through :func:`launch` (which compiles if need be). After it, on CUDA, a call is only the
@@ -373,69 +394,48 @@ class Launch:
     prepared for (their addresses and shapes), as a launch cannot see that.
     """
 
-    __slots__ = ("_arguments", "_storages", "_launcher", "_grid", "_args")
+    __slots__ = ("_tensors", "_storages")
 
     def __init__(self, kernel, grid, device, tensors, scalars, constexprs, num_warps) -> None:
-        self._arguments = (kernel, grid, device, tensors, scalars, constexprs, num_warps)
+        super().__init__(kernel, grid, device, scalars, constexprs, num_warps)
+        self._tensors = tensors
         self._storages = tuple(t.untyped_storage() for t in tensors)
-        self._launcher = None
-        self._grid = grid
-        self._args = None
 
     def __call__(self) -> None:
         launcher = self._launcher
         if launcher is None or not _run_launcher(launcher, self._grid, self._args):
-            self._launch()
+            self._launch(self._tensors)
 
     def compile(self) -> None:
         """:func:`ensure_compiled` for this launch: nothing once it has run."""
         if self._launcher is None:
-            ensure_compiled(*self._arguments)
-
-    def _launch(self) -> None:
-        kernel, grid, device, tensors, scalars, constexprs, num_warps = self._arguments
-        launch(kernel, grid, device, tensors, scalars, constexprs, num_warps)
-        if self._launcher is None:
-            self._launcher, self._args = _kept_launcher(kernel, device, tensors, scalars, constexprs, num_warps)
-        elif not _fast_launch:
-            self._launcher = None
+            ensure_compiled(
+                self._kernel, self._grid, self._device, self._tensors, self._scalars, self._constexprs, self._num_warps
+            )
 
 
-class KeptLaunch:
-    """A launch that :func:`launch` has made, kept to be made again on tensors at the same addresses, without
-    holding the tensors (:func:`launch_and_keep`).
+class KeptLaunch(_Relaunch):
+    """A launch made again on tensors given at each call, without holding them (:func:`launch_and_keep`).
 
     Calling it with tensors launches the kernel on them as :func:`launch` would with the arguments it was made
-    with. On CUDA that is only the kept launcher with the addresses, scalars and constexprs of that launch: the
-    caller must make sure that the tensors it passes are at those addresses, with those dtypes (and so alive), as
-    the launch cannot see them. Elsewhere it goes through :func:`launch` with the tensors passed.
+    with. On CUDA, once it has run, that is only the kept launcher with the addresses, scalars and constexprs of its
+    first launch: the caller must make sure that the tensors it passes are at those addresses, with those dtypes
+    (and so alive), as the launch cannot see them. Elsewhere it goes through :func:`launch` with the tensors passed.
     """
 
-    __slots__ = ("_kernel", "_grid", "_device", "_scalars", "_constexprs", "_num_warps", "_launcher", "_args")
-
-    def __init__(self, kernel, grid, device, tensors, scalars, constexprs, num_warps) -> None:
-        self._kernel, self._grid, self._device = kernel, grid, device
-        self._scalars, self._constexprs, self._num_warps = scalars, constexprs, num_warps
-        self._launcher, self._args = _kept_launcher(kernel, device, tensors, scalars, constexprs, num_warps)
+    __slots__ = ()
 
     def __call__(self, tensors: tuple[torch.Tensor, ...]) -> None:
         launcher = self._launcher
         if launcher is None or not _run_launcher(launcher, self._grid, self._args):
-            launch(self._kernel, self._grid, self._device, tensors, self._scalars, self._constexprs, self._num_warps)
+            self._launch(tensors)
 
 
-def launch_and_keep(
-    kernel,
-    grid: tuple[int],
-    device: torch.device,
-    tensors: tuple[torch.Tensor, ...],
-    scalars: tuple[int, ...],
-    constexprs: tuple[tuple[str, object], ...],
-    num_warps: int,
-) -> KeptLaunch:
-    """:func:`launch`, and the launch kept (:class:`KeptLaunch`)."""
-    launch(kernel, grid, device, tensors, scalars, constexprs, num_warps)
-    return KeptLaunch(kernel, grid, device, tensors, scalars, constexprs, num_warps)
+def launch_and_keep(kernel, grid, device, tensors, scalars, constexprs, num_warps) -> KeptLaunch:
+    """:func:`launch` (same arguments), and the launch kept (:class:`KeptLaunch`)."""
+    kept = KeptLaunch(kernel, grid, device, scalars, constexprs, num_warps)
+    kept(tensors)
+    return kept
 
 
 def _kept_launcher(kernel, device, tensors, scalars, constexprs, num_warps) -> tuple[tuple | None, tuple | None]:
