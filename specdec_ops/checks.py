@@ -27,10 +27,13 @@ __all__ = [
     "check_table",
     "check_vector",
     "memory_span",
+    "tensor_facts",
     "type_name",
 ]
 
 INDEX_DTYPES = (torch.int32, torch.int64)
+_data_ptr = torch.Tensor.data_ptr
+_strides = torch.Tensor.stride
 # Lengths, positions, offsets and table dimensions are int32 inside the kernels.
 INT32_LIMIT = 2**31
 
@@ -186,6 +189,14 @@ def type_name(value: object) -> str:
     return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
+def tensor_facts(tensors: tuple[torch.Tensor, ...]) -> list[tuple]:
+    """What a launch and its checks read of each tensor but its values: address, strides, shape and dtype (the
+    device follows from the address for a tensor with elements: CUDA's unified addressing gives no two devices one
+    address). Raises TypeError for anything but a tensor (the unbound methods check), RuntimeError for one without
+    strides (sparse, nested)."""
+    return [(_data_ptr(t), _strides(t), t.shape, t.dtype) for t in tensors]
+
+
 class BoundTensors:
     """The tensors a plan was made for, and what the plan saw of them: address, strides, shape and dtype.
 
@@ -198,8 +209,8 @@ class BoundTensors:
     ``owned``: tensors that only the plan holds (buffers it made, handed out only as views): their shape, dtype and
     strides cannot change, so only their address is compared (a view can still resize or free their storage).
 
-    Each check is one list comprehension of the four facts of each tensor (about 0.3 us a tensor less than a pass
-    over the tensors for each fact, on the development machine).
+    Each check is one list comprehension of the four facts of each tensor (``tensor_facts``; about 0.3 us a tensor
+    less than a pass over the tensors for each fact, on the development machine).
     """
 
     __slots__ = ("tensors", "owned", "_keys", "_empty", "_empty_devices", "_owned_pointers")
@@ -207,14 +218,14 @@ class BoundTensors:
     def __init__(self, tensors: tuple[torch.Tensor, ...], owned: tuple[torch.Tensor, ...] = ()) -> None:
         self.tensors = tensors
         self.owned = owned
-        self._keys = [(t.data_ptr(), t.stride(), t.shape, t.dtype) for t in tensors]
+        self._keys = tensor_facts(tensors)
         self._empty = tuple(t for t in tensors if t.numel() == 0)
         self._empty_devices = [t.device for t in self._empty]
         self._owned_pointers = [t.data_ptr() for t in owned]
 
     def changed(self) -> bool:
         return (
-            [(t.data_ptr(), t.stride(), t.shape, t.dtype) for t in self.tensors] != self._keys
+            tensor_facts(self.tensors) != self._keys
             or (bool(self._empty) and [t.device for t in self._empty] != self._empty_devices)
             or [t.data_ptr() for t in self.owned] != self._owned_pointers
         )

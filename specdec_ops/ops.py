@@ -36,6 +36,7 @@ from .checks import (
     check_out,
     check_table,
     check_vector,
+    tensor_facts,
 )
 
 __all__ = [
@@ -113,7 +114,7 @@ _NUM_WARPS = 8
 # (docs/performance.md).
 _NEXT_EARLY_MAX_BATCH = 4096
 # Calls of the window ops kept for calls with the same tensors (an engine's persistent buffers): the identity key of
-# a call (_recent_key) -> (what the call's checks and launch read of its tensors, _facts; its launch, kept; the
+# a call (_recent_key) -> (what the call's checks and launch read of its tensors, tensor_facts; its launch, kept; the
 # elements of out_cache_loc it returns, -1: all). A call whose key is kept and whose tensors still have those facts
 # skips the checks, whose outcome the facts and the key decide, and launches the kept launch; it holds no tensor.
 # A call not kept waits in _seen_calls with its tensors but the table, held (so their ids stay theirs), and is kept
@@ -122,8 +123,6 @@ _recent_calls: dict[tuple, tuple] = {}
 _seen_calls: dict[tuple, tuple] = {}
 _MAX_RECENT_CALLS = 64
 _MAX_SEEN_CALLS = 8
-_data_ptr = torch.Tensor.data_ptr
-_strides = torch.Tensor.stride
 # The names under which the project's reference Ascend checker (../shared/tools/ascend_compile_check.py) reads the
 # block-size rule; the rule itself lives in specdec_ops.tiles.
 _block_n = tiles.block_n
@@ -608,12 +607,29 @@ def _recent_key(
     return None
 
 
-def _facts(tensors: tuple[torch.Tensor, ...]) -> list[tuple]:
-    """What the window ops' checks and launch read of each tensor: address, strides, shape and dtype. The device
-    follows from the address for a tensor with elements (no two devices share an address: CUDA's unified
-    addressing), so calls with an empty tensor are not kept (``_keep_call``). Raises TypeError for anything but a
-    tensor (the unbound methods check), RuntimeError for one without strides (sparse, nested)."""
-    return [(_data_ptr(t), _strides(t), t.shape, t.dtype) for t in tensors]
+def _recent_result(
+    with_last_loc: bool,
+    tensors: tuple[torch.Tensor | None, ...],
+    num_tokens: int | None,
+    window_len: int | None,
+    validate: bool,
+    persistent: bool | None,
+) -> tuple[tuple | None, torch.Tensor | None]:
+    """``(key, result)``: the call's key (``_recent_key``), and, where the call kept under it was launched again
+    (``_run_recent``), the ``out_cache_loc`` it returns (else None: the caller checks and launches)."""
+    key = _recent_key(with_last_loc, tensors, num_tokens, window_len, validate, persistent)
+    if key is not None:
+        count = _run_recent(key, tensors)
+        if count is not None:
+            out = tensors[4]
+            return key, (out if count < 0 else out[:count])
+    return key, None
+
+
+def _remember_call(key: tuple, tensors: tuple[torch.Tensor, ...], launch: backend.KeptLaunch, count: int) -> None:
+    """Keep the launch of a call under ``key``, with its tensors' facts and the elements of ``out_cache_loc`` it
+    returns (``count``, -1: all)."""
+    remember(_recent_calls, key, (tensor_facts(tensors), launch, count), _MAX_RECENT_CALLS)
 
 
 def _run_recent(key: tuple, tensors: tuple[torch.Tensor, ...]) -> int | None:
@@ -623,7 +639,7 @@ def _run_recent(key: tuple, tensors: tuple[torch.Tensor, ...]) -> int | None:
     if kept is None:
         return None
     try:
-        facts = _facts(tensors)
+        facts = tensor_facts(tensors)
     except (TypeError, RuntimeError):
         return None
     if facts != kept[0]:
@@ -640,7 +656,7 @@ def _keep_call(
     ``key`` waits in ``_seen_calls``, which holds its tensors but the table, so that these are the very same (new
     tensors each call take the ids of the last call's once those are freed: a key alone would keep at every other
     call), with one launch whatever the stream (not ``_ragged_may_take_two_launches``) and no empty tensor
-    (``_facts``). Otherwise the call waits there: calls given new tensors each time pay for their key and that."""
+    (``tensor_facts``). Otherwise the call waits there: calls given new tensors each time pay for their key and that."""
     if key is None or not bs or _ragged_may_take_two_launches(bs, window_len, device):
         return False
     if _seen_calls.pop(key, None) is None:
@@ -702,11 +718,9 @@ def assign_extend_cache_locs(
         check_optional_flag("persistent", persistent)
     end = start_offset if end_offset is None and window_len is not None else end_offset
     tensors = (req_to_token, req_pool_indices, start_offset, end, out_cache_loc)
-    key = _recent_key(False, tensors, num_tokens, window_len, validate, persistent)
-    if key is not None:
-        count = _run_recent(key, tensors)
-        if count is not None:
-            return out_cache_loc if count < 0 else out_cache_loc[:count]
+    key, kept = _recent_result(False, tensors, num_tokens, window_len, validate, persistent)
+    if kept is not None:
+        return kept
     out_cache_loc, end_offset, num_tokens, window_len, bs, device = _prepare_windows(
         req_to_token, req_pool_indices, start_offset, end_offset, out_cache_loc, None, num_tokens, window_len, validate
     )
@@ -726,7 +740,7 @@ def assign_extend_cache_locs(
             keep=keep,
         )
         if keep:
-            remember(_recent_calls, key, (_facts(tensors), launch, -1 if whole else num_tokens), _MAX_RECENT_CALLS)
+            _remember_call(key, tensors, launch, -1 if whole else num_tokens)
     return out_cache_loc if whole else out_cache_loc[:num_tokens]
 
 
@@ -756,11 +770,9 @@ def get_last_loc_and_assign_extend_cache_locs(
         check_optional_flag("persistent", persistent)
     end = start_offset if end_offset is None and window_len is not None else end_offset
     tensors = (req_to_token, req_pool_indices, start_offset, end, out_cache_loc, last_loc)
-    key = _recent_key(True, tensors, num_tokens, window_len, validate, persistent)
-    if key is not None:
-        count = _run_recent(key, tensors)
-        if count is not None:
-            return (out_cache_loc if count < 0 else out_cache_loc[:count]), last_loc
+    key, kept = _recent_result(True, tensors, num_tokens, window_len, validate, persistent)
+    if kept is not None:
+        return kept, last_loc
     out_cache_loc, end_offset, num_tokens, window_len, bs, device = _prepare_windows(
         req_to_token,
         req_pool_indices,
@@ -790,7 +802,7 @@ def get_last_loc_and_assign_extend_cache_locs(
             keep=keep,
         )
         if keep:
-            remember(_recent_calls, key, (_facts(tensors), launch, -1 if whole else num_tokens), _MAX_RECENT_CALLS)
+            _remember_call(key, tensors, launch, -1 if whole else num_tokens)
     return (out_cache_loc if whole else out_cache_loc[:num_tokens]), last_loc
 
 
