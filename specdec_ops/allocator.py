@@ -947,7 +947,7 @@ class DraftCacheAllocator:
             key, given = _step_key("alloc_draft", req_pool_indices, (num_draft_tokens,), (), out_cache_loc, last_loc)
             step = self._kept_step(key)
             if step is not None:
-                self._draft(req_pool_indices, None, num_draft_tokens, out_cache_loc, last_loc, step)
+                step._run_draft(self)
                 return step._fresh_draft_result()
         rows, host_rows, n = self._check_draft(req_pool_indices, num_draft_tokens, validate)
         bs = rows.shape[0]
@@ -1082,10 +1082,7 @@ class DraftCacheAllocator:
             )
             step = self._kept_step(key)
             if step is not None:
-                branches, tree = step._branches, step._tree
-                self._tree_draft(
-                    req_pool_indices, None, num_draft_tokens, out_cache_loc, last_loc, step, branches, tree
-                )
+                step._run_tree_step(self)
                 return step._fresh_tree_step_result()
         rows, host_rows, n = self._check_draft(req_pool_indices, num_draft_tokens, validate)
         bs = rows.shape[0]
@@ -1192,7 +1189,7 @@ class DraftCacheAllocator:
             )
             step = self._kept_step(key)
             if step is not None:
-                self._draft(req_pool_indices, None, num_draft_tokens, out_cache_loc, last_loc, step, accept=accept_lens)
+                step._run_commit_and_draft(self)
                 return step._fresh_draft_result()
         rows, host_rows, n = self._check_draft(req_pool_indices, num_draft_tokens, validate)
         accept = self._check_accept(rows, host_rows, accept_lens)
@@ -1338,7 +1335,7 @@ class DraftCacheAllocator:
             )
             step = self._kept_step(key)
             if step is not None:
-                self._commit(req_pool_indices, None, accept_lens, step._tree_commit, step, keep_branches)
+                step._run_commit(self)
                 return step._fresh_tree_commit_result()
         _check_flag("keep_branches", keep_branches)
         rows, host_rows = self._check_commit_rows(req_pool_indices, validate)
@@ -1487,7 +1484,7 @@ class DraftCacheAllocator:
             )
             step = self._kept_step(key)
             if step is not None:
-                self._branches(req_pool_indices, None, topk, num_steps, out, copy_src, copy_dst, step)
+                step._run_branches(self)
                 return step._fresh_branch_result()
         _check_flag("return_copies", return_copies)
         rows, host_rows, slots, src, dst, topk, num_steps = self._check_branches(
@@ -3381,7 +3378,7 @@ class DraftStepWrapper:
                 validate=True,
             )
         elif self._bs:
-            self._allocator._draft(self._rows, self._host_rows, self._n, self._out, self._last, self)
+            self._run_draft(self._allocator)
         return self._result
 
     def reserve_draft(self) -> None:
@@ -3392,7 +3389,7 @@ class DraftStepWrapper:
         if self._validate:
             self._allocator.reserve_draft(self._plan_args["req_pool_indices"], self._n, validate=True)
         elif self._bs:
-            self._allocator._draft(self._rows, self._host_rows, self._n, None, None, self)
+            self._run_draft(self._allocator)
 
     def commit(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """:meth:`DraftCacheAllocator.commit` of the planned rows with the current values of ``accept_lens``; with
@@ -3412,7 +3409,7 @@ class DraftStepWrapper:
                     rows, index, self._accept, kv_src=src, kv_dst=dst, keep_branches=self._keep_branches, validate=True
                 )
         elif self._bs:
-            self._allocator._commit(self._rows, self._host_rows, self._accept, tree, self, self._keep_branches)
+            self._run_commit(self._allocator)
         return self._tree_result
 
     def commit_and_draft(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -3436,8 +3433,7 @@ class DraftStepWrapper:
                 validate=True,
             )
         elif self._bs:
-            alloc = self._allocator
-            alloc._draft(self._rows, self._host_rows, self._n, self._out, self._last, self, accept=self._accept)
+            self._run_commit_and_draft(self._allocator)
         return self._result
 
     def alloc_branches(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -3452,7 +3448,7 @@ class DraftStepWrapper:
             rows = self._plan_args["req_pool_indices"]
             self._allocator.alloc_branches(rows, topk, num_steps, out=slots, copy_src=src, copy_dst=dst, validate=True)
         elif self._bs:
-            self._allocator._branches(self._rows, self._host_rows, topk, num_steps, slots, src, dst, self)
+            self._run_branches(self._allocator)
         return self._branch_result
 
     def alloc_tree_draft(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -3511,11 +3507,29 @@ class DraftStepWrapper:
                 copy_dst=dst,
                 validate=True,
             )
-        elif self._bs:  # (_draft's tree path, called directly)
-            self._allocator._tree_draft(
-                self._rows, self._host_rows, self._n, self._out, self._last, self, self._branches, self._tree
-            )
+        elif self._bs:
+            self._run_tree_step(self._allocator)
         return self._tree_step_result
+
+    # Each call's step without its checks, on ``alloc``: the allocator (the plan's own reference to it may be a weak
+    # proxy: DraftCacheAllocator._keep_step). The public calls above and the allocator's kept method calls
+    # (DraftCacheAllocator._kept_step) run them.
+
+    def _run_draft(self, alloc: DraftCacheAllocator) -> None:
+        alloc._draft(self._rows, self._host_rows, self._n, self._out, self._last, self)
+
+    def _run_commit_and_draft(self, alloc: DraftCacheAllocator) -> None:
+        alloc._draft(self._rows, self._host_rows, self._n, self._out, self._last, self, accept=self._accept)
+
+    def _run_commit(self, alloc: DraftCacheAllocator) -> None:
+        alloc._commit(self._rows, self._host_rows, self._accept, self._tree_commit, self, self._keep_branches)
+
+    def _run_branches(self, alloc: DraftCacheAllocator) -> None:
+        topk, num_steps, slots, src, dst = self._branches
+        alloc._branches(self._rows, self._host_rows, topk, num_steps, slots, src, dst, self)
+
+    def _run_tree_step(self, alloc: DraftCacheAllocator) -> None:  # (_draft's tree path, called directly)
+        alloc._tree_draft(self._rows, self._host_rows, self._n, self._out, self._last, self, self._branches, self._tree)
 
     # The methods' results, for a plan kept for their calls (DraftCacheAllocator._kept_step), which was given every
     # buffer: views made afresh, as the methods make them, of the buffers as the methods' checks take them.

@@ -607,34 +607,17 @@ def _recent_key(
     return None
 
 
-def _recent_result(
-    with_last_loc: bool,
-    tensors: tuple[torch.Tensor | None, ...],
-    num_tokens: int | None,
-    window_len: int | None,
-    validate: bool,
-    persistent: bool | None,
-) -> tuple[tuple | None, torch.Tensor | None]:
-    """``(key, result)``: the call's key (``_recent_key``), and, where the call kept under it was launched again
-    (``_run_recent``), the ``out_cache_loc`` it returns (else None: the caller checks and launches)."""
-    key = _recent_key(with_last_loc, tensors, num_tokens, window_len, validate, persistent)
-    if key is not None:
-        count = _run_recent(key, tensors)
-        if count is not None:
-            out = tensors[4]
-            return key, (out if count < 0 else out[:count])
-    return key, None
-
-
 def _remember_call(key: tuple, tensors: tuple[torch.Tensor, ...], launch: backend.KeptLaunch, count: int) -> None:
     """Keep the launch of a call under ``key``, with its tensors' facts and the elements of ``out_cache_loc`` it
     returns (``count``, -1: all)."""
     remember(_recent_calls, key, (tensor_facts(tensors), launch, count), _MAX_RECENT_CALLS)
 
 
-def _run_recent(key: tuple, tensors: tuple[torch.Tensor, ...]) -> int | None:
-    """Launch the call kept under ``key`` if ``tensors`` have the facts its tensors had; returns the elements of
-    ``out_cache_loc`` the call returns (-1: all), or None (not kept, or not those facts: the caller checks)."""
+def _run_recent(key: tuple | None, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    """Launch the call kept under ``key`` (``_recent_key``) if ``tensors`` have the facts its tensors had; returns
+    the ``out_cache_loc`` the call returns, or None (no key, not kept, or not those facts: the caller checks)."""
+    if key is None:
+        return None
     kept = _recent_calls.get(key)
     if kept is None:
         return None
@@ -646,7 +629,8 @@ def _run_recent(key: tuple, tensors: tuple[torch.Tensor, ...]) -> int | None:
         _recent_calls.pop(key, None)  # (then this key is kept again only from two calls with the same tensors)
         return None
     kept[1](tensors)
-    return kept[2]
+    out, count = tensors[4], kept[2]
+    return out if count < 0 else out[:count]
 
 
 def _keep_call(
@@ -718,7 +702,8 @@ def assign_extend_cache_locs(
         check_optional_flag("persistent", persistent)
     end = start_offset if end_offset is None and window_len is not None else end_offset
     tensors = (req_to_token, req_pool_indices, start_offset, end, out_cache_loc)
-    key, kept = _recent_result(False, tensors, num_tokens, window_len, validate, persistent)
+    key = _recent_key(False, tensors, num_tokens, window_len, validate, persistent)
+    kept = _run_recent(key, tensors)
     if kept is not None:
         return kept
     out_cache_loc, end_offset, num_tokens, window_len, bs, device = _prepare_windows(
@@ -770,7 +755,8 @@ def get_last_loc_and_assign_extend_cache_locs(
         check_optional_flag("persistent", persistent)
     end = start_offset if end_offset is None and window_len is not None else end_offset
     tensors = (req_to_token, req_pool_indices, start_offset, end, out_cache_loc, last_loc)
-    key, kept = _recent_result(True, tensors, num_tokens, window_len, validate, persistent)
+    key = _recent_key(True, tensors, num_tokens, window_len, validate, persistent)
+    kept = _run_recent(key, tensors)
     if kept is not None:
         return kept, last_loc
     out_cache_loc, end_offset, num_tokens, window_len, bs, device = _prepare_windows(
